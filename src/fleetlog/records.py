@@ -1,0 +1,57 @@
+"""The value objects that flow from the queue to the store and out again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRecord:
+    """One record as a worker takes it off the queue.
+
+    ``qid`` is unique per record in the queue (a stream entry id, or a legacy
+    batch position), which is what makes every store write idempotent.
+    ``data`` is the record's JSON exactly as queued.
+    """
+
+    qid: str
+    device_id: str
+    received_at: int  # milliseconds since the epoch, UTC
+    data: bytes
+    deliveries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One record as read back from a store."""
+
+    seq: int
+    qid: str
+    device_id: str
+    received_at: int
+    ts: int | None
+    level: str | None
+    message: str | None
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    """What the store knows of one device."""
+
+    device_id: str
+    records: int
+    first_seen: int
+    last_seen: int
+
+
+def iso_ms(ms: int) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``, the format every output uses."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def utc_day(ms: int) -> str:
+    """``YYYY-MM-DD`` of the UTC day a millisecond timestamp falls in."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")

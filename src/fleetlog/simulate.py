@@ -1,0 +1,214 @@
+"""``fleetlog simulate``: a fleet of legacy devices, a load generator, a reference client.
+
+Each simulated device holds one WebSocket connection and sends ``--messages``
+legacy frames, each after the previous one was answered (as real firmware
+does).  It behaves as a well-made device should: ``log_upload_response`` is
+the only proof a record is stored, so ``busy``/``unavailable`` errors and lost
+connections make it send the same record again, after a jittered exponential
+backoff.  The summary says what was sent, acked and refused, the rate, and the
+ack latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from fleetlog import protocol
+
+__all__ = ["SimulationSummary", "simulate"]
+
+_RETRYABLE = {"busy", "unavailable", "rate_limited"}
+
+
+class _ConnectionLost(Exception):
+    pass
+
+
+@dataclass
+class SimulationSummary:
+    devices: int
+    messages: int
+    sent: int = 0
+    acked: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    reconnects: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.acked / self.elapsed if self.elapsed else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Ack latency percentile in milliseconds."""
+        if not self.latencies:
+            return 0.0
+        if len(self.latencies) == 1:
+            return self.latencies[0] * 1000
+        return statistics.quantiles(self.latencies, n=1000, method="inclusive")[
+            min(998, max(0, round(q * 1000) - 1))
+        ] * 1000
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "devices": self.devices,
+            "messages_per_device": self.messages,
+            "sent": self.sent,
+            "acked": self.acked,
+            "errors": dict(self.errors),
+            "reconnects": self.reconnects,
+            "elapsed_s": round(self.elapsed, 3),
+            "records_per_s": round(self.rate, 1),
+            "ack_p50_ms": round(self.percentile(0.50), 3),
+            "ack_p99_ms": round(self.percentile(0.99), 3),
+        }
+
+
+class _Device(WSListener):
+    """Turns the gateway's replies into the outcome of the frame in flight."""
+
+    def __init__(self) -> None:
+        self.waiter: asyncio.Future[str | None] | None = None
+
+    def _resolve(self, outcome: str | BaseException | None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            transport.disconnect()
+            return
+        if frame.msg_type != WSMsgType.TEXT:
+            return
+        payload = frame.get_payload_as_bytes()
+        if payload == protocol.LOG_UPLOAD_RESPONSE:
+            self._resolve(None)
+        elif payload != protocol.SERVER_RECEIVED:
+            try:
+                self._resolve(str(orjson.loads(payload).get("code", "unknown")))
+            except (orjson.JSONDecodeError, AttributeError):
+                self._resolve("unexpected_reply")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._resolve(_ConnectionLost())
+
+
+def _record(device_id: str, index: int, pad: int) -> bytes:
+    data = {
+        "seq": index,
+        "ts": int(time.time() * 1000),
+        "level": "info",
+        "msg": f"simulated record {index} from {device_id}",
+    }
+    if pad:
+        data["pad"] = "x" * pad
+    return orjson.dumps({"deviceId": device_id, "type": 4, "data": data})
+
+
+async def _connect(url: str, summary: SimulationSummary, deadline: float) -> tuple[Any, _Device]:
+    delay = 0.05
+    while True:
+        try:
+            transport, listener = await ws_connect(_Device, url, websocket_handshake_timeout=10)
+            assert isinstance(listener, _Device)
+            return transport, listener
+        except (TimeoutError, OSError, Exception) as exc:  # refused, reset, handshake
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"could not connect to {url}: {exc}") from exc
+            summary.errors["connect_failed"] += 1
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 5.0)
+
+
+async def _run_device(
+    url: str,
+    device_id: str,
+    summary: SimulationSummary,
+    interval: float,
+    pad: int,
+    deadline: float,
+    progress: Any,
+) -> None:
+    index = 0
+    next_send = time.monotonic()
+    backoff = 0.05
+    while index < summary.messages:
+        transport, device = await _connect(url, summary, deadline)
+        try:
+            while index < summary.messages:
+                if interval:
+                    next_send += interval
+                    pause = next_send - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("simulation ran out of time")
+                device.waiter = asyncio.get_running_loop().create_future()
+                started = time.perf_counter()
+                transport.send(WSMsgType.TEXT, _record(device_id, index, pad))
+                summary.sent += 1
+                outcome = await asyncio.wait_for(device.waiter, timeout=30)
+                if outcome is None:
+                    summary.latencies.append(time.perf_counter() - started)
+                    summary.acked += 1
+                    index += 1
+                    backoff = 0.05
+                    if progress is not None:
+                        progress()
+                    continue
+                summary.errors[outcome] += 1
+                if outcome in _RETRYABLE:
+                    await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                    backoff = min(backoff * 2, 5.0)
+                else:
+                    index += 1  # refused for good: sending it again would not help
+        except (TimeoutError, _ConnectionLost):
+            summary.reconnects += 1
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, 5.0)
+        finally:
+            transport.disconnect()
+
+
+async def simulate(
+    url: str,
+    devices: int,
+    messages: int,
+    *,
+    rate: float = 0.0,
+    prefix: str = "sim-",
+    pad: int = 0,
+    timeout: float = 600.0,
+    progress: Any = None,
+) -> SimulationSummary:
+    """Run the fleet; ``rate`` is total records/s (0: as fast as acks come back)."""
+    summary = SimulationSummary(devices, messages)
+    interval = devices / rate if rate > 0 else 0.0
+    deadline = time.monotonic() + timeout
+    started = time.perf_counter()
+    width = max(4, len(str(devices)))
+    results = await asyncio.gather(
+        *(
+            _run_device(url, f"{prefix}{n:0{width}d}", summary, interval, pad, deadline, progress)
+            for n in range(1, devices + 1)
+        ),
+        return_exceptions=True,
+    )
+    summary.elapsed = time.perf_counter() - started
+    for result in results:
+        if isinstance(result, BaseException):
+            summary.errors[type(result).__name__] += 1
+    return summary

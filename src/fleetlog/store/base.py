@@ -1,0 +1,67 @@
+"""The store contract every backend implements.
+
+A worker calls :meth:`Store.write_batch` once per queue batch: one
+transaction, idempotent on ``qid``, so a redelivered record is never kept
+twice.  Readers (``fleetlog logs``, ``fleetlog devices``) use the query
+methods.  A backend raises :class:`StoreUnavailable` for a fault of the store
+itself (locked, disk full, gone), which the worker retries, and lets any other
+exception escape for a record the store rejects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from fleetlog.errors import FleetlogError
+from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
+
+
+class StoreUnavailable(FleetlogError):
+    """Raised when the store cannot take writes right now; retrying may succeed."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """A read of one device's records (``fleetlog logs``)."""
+
+    device_id: str
+    since: int | None = None  # received_at >= since (ms)
+    until: int | None = None  # received_at < until (ms)
+    grep: str | None = None
+    level: str | None = None
+    limit: int = 100
+    after_seq: int | None = None  # only records stored after this one (--follow)
+
+
+class Store(Protocol):
+    def write_batch(self, records: Sequence[QueuedRecord]) -> int:
+        """Store ``records`` in one transaction; return how many were new."""
+
+    def query(self, query: LogQuery) -> list[StoredRecord]:
+        """The newest ``query.limit`` matching records, oldest first."""
+
+    def after(self, seq: int, limit: int) -> list[StoredRecord]:
+        """Every record stored after ``seq``, in store order (all devices)."""
+
+    def max_seq(self) -> int:
+        """The ``seq`` of the newest stored record (0 when empty)."""
+
+    def devices(self) -> list[DeviceStats]:
+        """Every device the store has records of."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str, *, readonly: bool = False) -> Store:
+    """Open the store a URL names.
+
+    ``sqlite:///PATH`` is relative to the working directory and
+    ``sqlite:////PATH`` absolute, as in SQLAlchemy.
+    """
+    if url.startswith("sqlite:///"):
+        from fleetlog.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url.removeprefix("sqlite:///"), readonly=readonly)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH")

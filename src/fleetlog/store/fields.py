@@ -1,0 +1,70 @@
+"""Pull the searchable fields out of a record, with no I/O.
+
+Devices send any JSON.  When a record is an object with a time
+(``ts``/``time``/``timestamp``), a ``level`` or a message
+(``msg``/``message``), the store keeps those in their own columns so that
+reads can filter and sort on them; the full record is always kept too.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final, NamedTuple
+
+__all__ = ["LEVELS", "Fields", "extract", "normalise_level"]
+
+_TIME_KEYS: Final = ("ts", "time", "timestamp")
+_MESSAGE_KEYS: Final = ("msg", "message")
+
+#: Severity order used by ``--level`` (a level shows itself and everything above).
+LEVELS: Final = ("trace", "debug", "info", "warn", "error", "fatal")
+_ALIASES: Final = {"warning": "warn", "err": "error", "critical": "fatal", "crit": "fatal"}
+
+
+class Fields(NamedTuple):
+    ts: int | None
+    level: str | None
+    message: str | None
+
+
+def normalise_level(level: str) -> str:
+    lowered = level.strip().lower()
+    return _ALIASES.get(lowered, lowered)
+
+
+def _epoch_ms(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        # Seconds or milliseconds: 1e11 s is the year 5138, 1e11 ms is 1973.
+        ms = value if abs(value) >= 1e11 else value * 1000
+        return int(ms) if abs(ms) < 1e15 else None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            return None  # a wall-clock time in an unknown zone is not a point in time
+        return int(moment.timestamp() * 1000)
+    return None
+
+
+def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if key in record:
+            return record[key]
+    return None
+
+
+def extract(record: Any) -> Fields:
+    """The record's own time (ms), level and message, where it has them."""
+    if not isinstance(record, dict):
+        return Fields(None, None, record if isinstance(record, str) else None)
+    level = record.get("level")
+    message = _first(record, _MESSAGE_KEYS)
+    return Fields(
+        _epoch_ms(_first(record, _TIME_KEYS)),
+        normalise_level(level) if isinstance(level, str) else None,
+        message if isinstance(message, str) else None,
+    )

@@ -1,0 +1,242 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+WAL lets ``fleetlog logs`` read while a worker writes.  ``synchronous=FULL``
+makes every committed batch survive a power cut, which matters because the
+worker acknowledges the queue right after the commit: a batch lost here after
+its XACK would be lost for good.
+
+The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` only
+ever grows, and opening a store brings it up to date.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
+from fleetlog.store.base import LogQuery, StoreUnavailable
+from fleetlog.store.fields import LEVELS, extract, normalise_level
+
+__all__ = ["MIGRATIONS", "SQLiteStore"]
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: records, per-device stats, full-text search on the record's JSON.
+    """
+    CREATE TABLE records (
+        seq         INTEGER PRIMARY KEY,
+        qid         TEXT    NOT NULL UNIQUE,
+        device_id   TEXT    NOT NULL,
+        received_at INTEGER NOT NULL,
+        ts          INTEGER,
+        level       TEXT,
+        message     TEXT,
+        data        TEXT    NOT NULL
+    );
+    CREATE INDEX records_device_seq ON records (device_id, seq);
+    CREATE INDEX records_device_received ON records (device_id, received_at);
+    CREATE TABLE devices (
+        device_id  TEXT PRIMARY KEY,
+        records    INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- trigram: substring search that also works for text without spaces (Chinese).
+    CREATE VIRTUAL TABLE records_fts USING fts5 (
+        data, content='records', content_rowid='seq', tokenize='trigram'
+    );
+    CREATE TRIGGER records_fts_insert AFTER INSERT ON records BEGIN
+        INSERT INTO records_fts (rowid, data) VALUES (new.seq, new.data);
+    END;
+    CREATE TRIGGER records_fts_delete AFTER DELETE ON records BEGIN
+        INSERT INTO records_fts (records_fts, rowid, data) VALUES ('delete', old.seq, old.data);
+    END;
+    """,
+)
+
+_COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
+_INSERT: Final = (
+    "INSERT INTO records (qid, device_id, received_at, ts, level, message, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_DEVICE: Final = """
+    INSERT INTO devices (device_id, records, first_seen, last_seen) VALUES (?, ?, ?, ?)
+    ON CONFLICT (device_id) DO UPDATE SET
+        records = records + excluded.records,
+        first_seen = min(first_seen, excluded.first_seen),
+        last_seen = max(last_seen, excluded.last_seen)
+"""
+#: The shortest text the trigram index can find; shorter ``--grep`` scans.
+_TRIGRAM: Final = 3
+
+
+def _row(values: tuple[Any, ...]) -> StoredRecord:
+    return StoredRecord(*values)
+
+
+def _fts_phrase(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements (``executescript`` would commit on its own)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return statements
+
+
+class SQLiteStore:
+    """:class:`~fleetlog.store.base.Store` on one SQLite file."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            if not readonly:
+                self._migrate()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+
+    # -- schema ---------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+    def _migrate(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.schema_version
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in _statements(script):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    # -- writes ---------------------------------------------------------------
+
+    def write_batch(self, records: Sequence[QueuedRecord]) -> int:
+        if not records:
+            return 0
+        try:
+            return self._write(records)
+        except sqlite3.OperationalError as exc:
+            # Locked past busy_timeout, disk full, I/O error: the store's fault,
+            # not the records'.  The transaction was rolled back.
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+
+    def _write(self, records: Sequence[QueuedRecord]) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            qids = [record.qid for record in records]
+            known = {
+                qid
+                for (qid,) in db.execute(
+                    f"SELECT qid FROM records WHERE qid IN ({','.join('?' * len(qids))})", qids
+                )
+            }
+            rows = []
+            seen: Counter[str] = Counter()
+            first: dict[str, int] = {}
+            last: dict[str, int] = {}
+            for record in records:
+                if record.qid in known:
+                    continue
+                known.add(record.qid)  # the same entry twice in one batch
+                fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
+                ts, level, message = fields if fields is not None else (None, None, None)
+                rows.append(
+                    (record.qid, record.device_id, record.received_at, ts, level, message,
+                     record.data.decode())
+                )
+                device = record.device_id
+                seen[device] += 1
+                first[device] = min(first.get(device, record.received_at), record.received_at)
+                last[device] = max(last.get(device, 0), record.received_at)
+            db.executemany(_INSERT, rows)
+            db.executemany(
+                _UPSERT_DEVICE,
+                [(device, count, first[device], last[device]) for device, count in seen.items()],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    # -- reads ----------------------------------------------------------------
+
+    def query(self, query: LogQuery) -> list[StoredRecord]:
+        where = ["device_id = ?"]
+        params: list[Any] = [query.device_id]
+        if query.since is not None:
+            where.append("received_at >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("received_at < ?")
+            params.append(query.until)
+        if query.after_seq is not None:
+            where.append("seq > ?")
+            params.append(query.after_seq)
+        if query.level:
+            level = normalise_level(query.level)
+            if level in LEVELS:
+                wanted = LEVELS[LEVELS.index(level):]
+                where.append(f"level IN ({','.join('?' * len(wanted))})")
+                params.extend(wanted)
+            else:
+                where.append("level = ?")
+                params.append(level)
+        if query.grep:
+            if len(query.grep) >= _TRIGRAM:
+                where.append("seq IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?)")
+                params.append(_fts_phrase(query.grep))
+            else:
+                where.append("instr(lower(data), lower(?)) > 0")
+                params.append(query.grep)
+        sql = (
+            f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)}"
+            " ORDER BY seq DESC LIMIT ?"
+        )
+        params.append(query.limit)
+        rows = [_row(values) for values in self._db.execute(sql, params)]
+        rows.reverse()
+        return rows
+
+    def after(self, seq: int, limit: int) -> list[StoredRecord]:
+        cursor = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+        )
+        return [_row(values) for values in cursor]
+
+    def max_seq(self) -> int:
+        seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+        return seq
+
+    def devices(self) -> list[DeviceStats]:
+        cursor = self._db.execute(
+            "SELECT device_id, records, first_seen, last_seen FROM devices ORDER BY device_id"
+        )
+        return [DeviceStats(*values) for values in cursor]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,186 @@
+"""``fleetlog up``: the whole system on the embedded default, in one command.
+
+Start order: the embedded Valkey/Redis (unless ``--redis-url`` is given), then
+the gateway and the worker as child processes.  A child that exits is started
+again (the worker exits on purpose after ``--max-runtime``).  SIGINT or SIGTERM
+runs the one shutdown path: SIGTERM to every child, wait, SIGKILL what is left,
+then stop Redis (which writes its AOF), and exit 0.  Children also get
+PR_SET_PDEATHSIG, so even a SIGKILLed ``up`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from fleetlog.config import Settings
+from fleetlog.embedded import RedisServer
+
+__all__ = ["run_up"]
+
+log = logging.getLogger("fleetlog.up")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when ``up`` dies, however it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the signal path still stops children
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def _wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
+    data_dir = settings.data_dir
+    ws = f"ws://{settings.host}:{settings.ws_port}"
+    flag = f" --data-dir {data_dir}" if data_dir != Path("fleetlog-data") else ""
+    files = "off" if settings.no_files else str(data_dir / "logs" / "device" / "log")
+    return "\n".join([
+        "fleetlog is up.",
+        f"  devices connect to   {ws}   (health: http://{settings.host}:{settings.ws_port}/healthz)",
+        f"  queue                {redis_url}{'  (embedded, AOF on)' if embedded else ''}",
+        f"  store                {settings.store_url}",
+        f"  daily files          {files}",
+        "",
+        "Try, in another terminal:",
+        f"  fleetlog simulate --url {ws} --devices 5 --messages 100",
+        f"  fleetlog devices{flag}",
+        f"  fleetlog logs sim-0001{flag} --follow",
+        "",
+        "Ctrl-C stops everything.",
+    ])
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, config_file: str | None) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.stopping = threading.Event()
+        self.redis: RedisServer | None = None
+        self.children: list[Child] = []
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self.stopping.set()
+
+    def _argv(self, command: str, *extra: str) -> list[str]:
+        argv = [sys.executable, "-m", "fleetlog", command, "--data-dir", str(self.settings.data_dir)]
+        if self.config_file:
+            argv += ["--config", self.config_file]
+        return [*argv, *extra]
+
+    def run(self) -> int:
+        settings = self.settings
+        redis_url = settings.redis_url
+        if redis_url is None:
+            self.redis = RedisServer(
+                settings.data_dir / "redis", appendfsync=settings.redis_appendfsync
+            )
+            self.redis.start()
+            self.redis.write_up_file()
+            redis_url = self.redis.url
+        try:
+            worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}"]
+            if not settings.no_files:
+                worker_extra += ["--files", str(settings.data_dir / "logs")]
+            self.children = [
+                Child("gateway", self._argv(
+                    "gateway", "--redis-url", redis_url, "--host", settings.host,
+                    "--port", str(settings.ws_port), "--auth", settings.auth,
+                    "--node-id", settings.node_id,
+                )),
+                Child("worker", self._argv("worker", *worker_extra)),
+            ]
+            for child in self.children:
+                child.start()
+            if _wait_for_port(settings.host, settings.ws_port, 15):
+                print(_banner(settings, redis_url, self.redis is not None), flush=True)
+            else:
+                log.error("the gateway did not start listening on port %d", settings.ws_port)
+            self._watch()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.2):
+            now = time.monotonic()
+            for child in self.children:
+                if child.alive() or now < child.next_start:
+                    continue
+                if child.process is not None and child.next_start <= child.started_at:
+                    code = child.process.returncode
+                    ran = now - child.started_at
+                    # A crash loop backs off; a planned exit after a long run does not.
+                    delay = 0.0 if code == 0 and ran > 5 else min(30.0, 0.5 * 2**child.restarts)
+                    child.restarts = 0 if ran > 60 else child.restarts + 1
+                    log.warning("%s exited with %s after %.0fs; restarting in %.1fs",
+                                child.name, code, ran, delay)
+                    child.next_start = now + delay
+                    continue
+                child.start()
+
+    def _shutdown(self) -> None:
+        for child in self.children:
+            if child.alive():
+                assert child.process is not None
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", child.name)
+                child.process.kill()
+                child.process.wait()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis.remove_up_file()
+        print("fleetlog stopped.", flush=True)
+
+
+def run_up(settings: Settings, config_file: str | None = None) -> int:
+    """Entry point of ``fleetlog up``: run until SIGINT/SIGTERM, return 0."""
+    supervisor = Supervisor(settings, config_file)
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    return supervisor.run()

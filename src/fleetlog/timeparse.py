@@ -1,0 +1,35 @@
+"""Parse the times users type (``--since 1h``, ``--until 2026-11-26T10:00Z``)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Final
+
+__all__ = ["parse_time"]
+
+_RELATIVE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+                   "w": 604_800_000}
+
+
+def parse_time(text: str, now_ms: int) -> int:
+    """Milliseconds since the epoch for ``text``.
+
+    ``text`` is either a duration ago (``90s``, ``15m``, ``1h``, ``2d``, ``1w``)
+    or an ISO 8601 date or time; one without a zone is taken as UTC.
+    Raises :class:`ValueError` with a message fit for the user.
+    """
+    match = _RELATIVE.match(text)
+    if match:
+        amount, unit = match.groups()
+        return now_ms - int(float(amount) * _UNIT_MS[unit])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30s, 15m, 1h, 2d, 1w) nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)

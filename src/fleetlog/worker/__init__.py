@@ -1,0 +1,1 @@
+"""Workers drain the queue into the store in batches."""

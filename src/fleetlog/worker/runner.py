@@ -1,0 +1,253 @@
+"""The worker: queue -> batch -> one store transaction -> files -> ack.
+
+A record is acknowledged only after it is committed to the store and, when the
+files sink is on, fsynced into its daily file.  Everything between the read and
+the ack is idempotent (the store keys on the queue id, the files sink resumes
+from its own last line), so a crash anywhere redelivers records and stores
+none twice.
+
+How each kind of trouble is met:
+
+* Redis down: back off (capped, jittered) and reconnect; nothing is lost, the
+  records are still pending in Redis.
+* The store or the disk failing (locked, full): keep the batch, say why in the
+  log, retry with backoff, never acknowledge meanwhile.
+* A record the store rejects while others go through: it stays pending and is
+  retried on redelivery; after ``max_deliveries`` it goes to the dead-letter
+  stream with the error, and the rest keep flowing.
+* SIGTERM/SIGINT, ``max_runtime``, ``max_messages``: finish the batch, ack,
+  exit 0 (planned).
+* Anything else: a fatal-error record with the traceback in
+  ``DATA_DIR/logs/device/fatal_error/<day>.log``, exit 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from types import FrameType
+
+import orjson
+
+from fleetlog.config import Settings
+from fleetlog.queue.connection import REDIS_DOWN, connect
+from fleetlog.queue.consumer import Consumer, ListConsumer, StreamConsumer
+from fleetlog.records import QueuedRecord, iso_ms, utc_day
+from fleetlog.store import Store, StoreUnavailable, open_store
+from fleetlog.store.files import FilesSink
+
+__all__ = ["Backoff", "Worker", "run_worker"]
+
+log = logging.getLogger("fleetlog.worker")
+
+EXIT_PLANNED = 0
+EXIT_FATAL = 1
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; :meth:`reset` after a success."""
+
+    def __init__(self, initial: float = 0.1, cap: float = 5.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2**self._attempt)
+        self._attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class Worker:
+    """Drains one consumer into one store; :meth:`run` returns the exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: Consumer,
+        store: Store,
+        files: FilesSink | None,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.store = store
+        self.files = files
+        self.stopping = threading.Event()
+        self.stored = 0
+        self.dead_lettered = 0
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        """Signal handler: stop taking new batches; the current one finishes."""
+        self.stopping.set()
+
+    def run(self) -> int:
+        started = time.monotonic()
+        limit = self.settings.max_messages
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            runtime = self.settings.max_runtime
+            if runtime is not None and time.monotonic() - started >= runtime:
+                log.info("max runtime of %ss reached: planned exit", runtime)
+                break
+            if limit is not None and self.stored + self.dead_lettered >= limit:
+                log.info("max messages (%d) reached: planned exit", limit)
+                break
+            count = self.settings.batch
+            if limit is not None:
+                count = min(count, limit - self.stored - self.dead_lettered)
+            try:
+                records = self.consumer.fetch(count, self.settings.block_ms)
+                backoff.reset()
+                if records:
+                    self._handle(records)
+            except REDIS_DOWN as exc:
+                # Whatever was taken stays pending in Redis and comes back.
+                delay = backoff.next_delay()
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                self.stopping.wait(delay)
+        log.info("worker stopped: %d stored, %d dead-lettered", self.stored, self.dead_lettered)
+        return EXIT_PLANNED
+
+    def _handle(self, records: Sequence[QueuedRecord]) -> None:
+        done = self._store(records)
+        if done is None:
+            return  # stopping while the store is down: the records stay pending
+        backoff = Backoff()
+        while True:
+            try:
+                self.consumer.ack(done)
+                return
+            except REDIS_DOWN as exc:
+                if self.stopping.is_set():
+                    return  # stored already; redelivery will find them and not store twice
+                delay = backoff.next_delay()
+                log.warning("ack failed, Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                self.stopping.wait(delay)
+
+    def _store(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord] | None:
+        """Store (and file) ``records``; return those that may be acknowledged."""
+        backoff = Backoff(initial=0.2, cap=10.0)
+        while True:
+            try:
+                try:
+                    self.store.write_batch(records)
+                    done = list(records)
+                    self.stored += len(records)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    log.warning("batch rejected (%s); storing its records one by one", exc)
+                    done = self._store_one_by_one(records)
+                if self.files is not None:
+                    self.files.export(self.store)
+                return done
+            except StoreUnavailable as exc:
+                delay = backoff.next_delay()
+                log.error("store unavailable, not acknowledging %d records: %s; retrying in %.1fs",
+                          len(records), exc, delay)
+                if self.stopping.wait(delay):
+                    return None
+
+    def _store_one_by_one(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord]:
+        done = []
+        for record in records:
+            try:
+                self.store.write_batch([record])
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if record.deliveries >= self.settings.max_deliveries:
+                    log.error("record %s dead-lettered after %d deliveries: %s",
+                              record.qid, record.deliveries, reason)
+                    self.consumer.dead_letter(record, reason)
+                    self.dead_lettered += 1
+                    done.append(record)
+                else:
+                    log.warning("record %s rejected (delivery %d of %d): %s",
+                                record.qid, record.deliveries, self.settings.max_deliveries, reason)
+                continue
+            self.stored += 1
+            done.append(record)
+        return done
+
+
+def write_fatal_error(settings: Settings, exc: BaseException) -> None:
+    """Append a fatal-error record, as the original's ``device/fatal_error`` channel did."""
+    now = int(time.time() * 1000)
+    directory = settings.fatal_error_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    line = orjson.dumps(
+        {
+            "time": iso_ms(now),
+            "process": "worker",
+            "pid": os.getpid(),
+            "error": f"{type(exc).__name__}: {exc}",
+            "stack_trace": "".join(traceback.format_exception(exc)),
+        }
+    )
+    with (directory / f"{utc_day(now)}.log").open("ab") as handle:
+        handle.write(line + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def run_worker(settings: Settings, redis_url: str) -> int:
+    """Entry point of ``fleetlog worker``: returns the process exit code."""
+    try:
+        client = connect(redis_url, timeout=max(settings.redis_timeout, settings.block_ms / 1000 + 2))
+        consumer: Consumer
+        if settings.queue == "list":
+            consumer = ListConsumer(
+                client, dead_letter_stream=settings.dead_letter_stream,
+                claim_idle=settings.claim_idle,
+            )
+        else:
+            stream_consumer = StreamConsumer(
+                client,
+                stream=settings.stream,
+                group=settings.group,
+                consumer=settings.consumer or f"{socket.gethostname()}-{os.getpid()}",
+                dead_letter_stream=settings.dead_letter_stream,
+                claim_idle=settings.claim_idle,
+            )
+            _ensure_group(stream_consumer)
+            consumer = stream_consumer
+        store = open_store(settings.store_url)
+        files = FilesSink(settings.files) if settings.files is not None else None
+        worker = Worker(settings, consumer, store, files)
+        signal.signal(signal.SIGTERM, worker.request_stop)
+        signal.signal(signal.SIGINT, worker.request_stop)
+        log.info("worker draining %s into %s%s", settings.queue, settings.store_url,
+                 f" and {settings.files}" if files else "")
+        try:
+            return worker.run()
+        finally:
+            store.close()
+            client.close()
+    except Exception as exc:
+        log.exception("fatal error")
+        write_fatal_error(settings, exc)
+        return EXIT_FATAL
+
+
+def _ensure_group(consumer: StreamConsumer) -> None:
+    backoff = Backoff()
+    while True:
+        try:
+            consumer.ensure_group()
+            return
+        except REDIS_DOWN as exc:
+            delay = backoff.next_delay()
+            log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
