@@ -22,6 +22,7 @@ import orjson
 import redis
 
 from fleetlog.errors import ConfigError
+from fleetlog.process import die_with_parent
 
 __all__ = ["RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
 
@@ -95,7 +96,8 @@ class RedisServer:
         """Start the server and wait until it answers PING (and has loaded its data)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
         deadline = time.monotonic() + timeout

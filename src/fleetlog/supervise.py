@@ -10,7 +10,6 @@ PR_SET_PDEATHSIG, so even a SIGKILLed ``up`` leaves no process behind.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import socket
@@ -24,21 +23,11 @@ from types import FrameType
 
 from fleetlog.config import Settings
 from fleetlog.embedded import RedisServer
+from fleetlog.process import die_with_parent
 
 __all__ = ["run_up"]
 
 log = logging.getLogger("fleetlog.up")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when ``up`` dies, however it dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the signal path still stops children
-
 
 @dataclass
 class Child:
@@ -50,7 +39,7 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self.argv, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:

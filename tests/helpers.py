@@ -1,0 +1,70 @@
+"""Small helpers shared by the end-to-end tests: a legacy device and store readers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+RECEIVED = "server receive a message!"
+STORED = "log_upload_response"
+
+
+def legacy_frame(device_id: str, seq: int, **data: Any) -> str:
+    return json.dumps({"deviceId": device_id, "type": 4, "data": {"seq": seq, **data}})
+
+
+async def send_legacy(ws: Any, frame: str, timeout: float = 10) -> list[Any]:
+    """Send one legacy frame; return its replies: RECEIVED then STORED or an error dict."""
+    await ws.send(frame)
+    first = await asyncio.wait_for(ws.recv(), timeout)
+    second = await asyncio.wait_for(ws.recv(), timeout)
+    return [first, second if second in (STORED, RECEIVED) else json.loads(second)]
+
+
+async def legacy_device(url: str, device_id: str, count: int) -> list[int]:
+    """Send ``count`` records one after the other; return the seqs that were acked."""
+    acked = []
+    async with websockets.connect(url, max_size=None) as ws:
+        for seq in range(count):
+            replies = await send_legacy(ws, legacy_frame(device_id, seq, msg=f"record {seq}"))
+            assert replies[0] == RECEIVED
+            if replies[1] == STORED:
+                acked.append(seq)
+    return acked
+
+
+def stored_rows(data_dir: Path) -> list[tuple[str, str, int, str]]:
+    """(qid, device_id, seq, data) of every stored record, in store order."""
+    path = data_dir / "fleetlog.db"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT qid, device_id, data FROM records ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+    return [(qid, device, json.loads(data).get("seq", -1), data) for qid, device, data in rows]
+
+
+def file_lines(data_dir: Path) -> list[dict[str, Any]]:
+    lines = []
+    for path in sorted((data_dir / "logs" / "device" / "log").glob("*.log")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return lines
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

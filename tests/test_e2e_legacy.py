@@ -1,0 +1,158 @@
+"""End to end over real processes: legacy devices -> gateway -> Redis -> worker -> SQLite + files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import redis
+import websockets
+
+from tests.conftest import Processes
+from tests.helpers import (
+    RECEIVED,
+    STORED,
+    file_lines,
+    legacy_device,
+    legacy_frame,
+    send_legacy,
+    stored_rows,
+    wait_until,
+)
+
+DEVICES = 20
+FRAMES = 500
+
+
+async def test_twenty_devices_five_hundred_frames_each(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_url, data_dir)
+    processes.worker(redis_url, data_dir, "--files", str(data_dir / "logs"))
+    url = f"ws://127.0.0.1:{port}"
+
+    results = await asyncio.gather(
+        *(legacy_device(url, f"dev-{n:02d}", FRAMES) for n in range(DEVICES))
+    )
+    assert all(acked == list(range(FRAMES)) for acked in results), "every frame acked"
+
+    total = DEVICES * FRAMES
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= total, timeout=60)
+    assert wait_until(lambda: len(file_lines(data_dir)) >= total, timeout=30)
+    rows = stored_rows(data_dir)
+    lines = file_lines(data_dir)
+    assert len(rows) == total and len(lines) == total, "exactly once in store and files"
+
+    per_device: dict[str, list[int]] = defaultdict(list)
+    for _, device, seq, _ in rows:
+        per_device[device].append(seq)
+    assert per_device == {f"dev-{n:02d}": list(range(FRAMES)) for n in range(DEVICES)}
+
+    per_device_file: dict[str, list[int]] = defaultdict(list)
+    for line in lines:
+        assert {"device_id", "received_at", "data"} <= line.keys()
+        per_device_file[line["device_id"]].append(line["data"]["seq"])
+    assert per_device_file == per_device
+
+
+async def test_replies_bad_input_and_links(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port = processes.gateway(redis_url, tmp_path, "--max-frame-bytes", "4096")
+    client = redis.Redis.from_url(redis_url)
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        # A frame without a record: only the first reply; the device is linked.
+        await ws.send(json.dumps({"deviceId": 42, "type": 1}))
+        assert await ws.recv() == RECEIVED
+        link = json.loads(client.hget("device:links", "42"))
+        assert set(link) == {"node", "conn", "since"}
+        assert client.exists(f"fleetlog:node:{link['node']}")
+
+        # Bad JSON: an error frame, and the connection stays open.
+        await ws.send("{not json")
+        assert await ws.recv() == RECEIVED
+        error = json.loads(await ws.recv())
+        assert error["type"] == "error" and error["code"] == "bad_json"
+
+        # type "4" as a string, Unicode data kept as text.
+        replies = await send_legacy(ws, json.dumps({"deviceId": 42, "type": "4", "data": "门已打开"}))
+        assert replies == [RECEIVED, STORED]
+        entry = client.xrange("fleetlog:records")[-1][1]
+        assert entry[b"d"] == b"42" and entry[b"r"] == '"门已打开"'.encode()
+
+        # Empty data is refused with a clear error, nothing queued.
+        replies = await send_legacy(ws, json.dumps({"deviceId": 42, "type": 4, "data": ""}))
+        assert replies[1]["code"] == "bad_frame"
+        assert client.xlen("fleetlog:records") == 1
+
+    # Disconnected: the link is removed (it still pointed at this connection).
+    assert wait_until(lambda: not client.hexists("device:links", "42"), timeout=5)
+
+    # Oversized frame: closed with 1009.
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        await ws.send(legacy_frame("big", 0, blob="x" * 10_000))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            for _ in range(3):
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    client.close()
+
+
+async def test_newer_connection_keeps_its_link(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port = processes.gateway(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    url = f"ws://127.0.0.1:{port}"
+    async with websockets.connect(url) as old:
+        await send_legacy(old, legacy_frame("D1", 0))
+        first = json.loads(client.hget("device:links", "D1"))["conn"]
+        async with websockets.connect(url) as new:
+            await send_legacy(new, legacy_frame("D1", 1))
+            second = json.loads(client.hget("device:links", "D1"))["conn"]
+            assert second != first
+            await old.close()
+            await asyncio.sleep(0.5)
+            # The old connection's disconnect must not remove the new link.
+            assert json.loads(client.hget("device:links", "D1"))["conn"] == second
+    client.close()
+
+
+async def test_backlog_limit_answers_busy(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port = processes.gateway(redis_url, tmp_path, "--max-backlog", "5")
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        codes = []
+        for seq in range(8):
+            replies = await send_legacy(ws, legacy_frame("D", seq))
+            codes.append(replies[1] if replies[1] == STORED else replies[1]["code"])
+    assert codes == [STORED] * 5 + ["busy"] * 3
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen("fleetlog:records") == 5
+    client.close()
+
+
+async def test_legacy_list_mode_end_to_end(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_url, data_dir, "--queue", "list")
+    url = f"ws://127.0.0.1:{port}"
+    async with websockets.connect(url) as ws:
+        for seq in range(50):
+            frame = json.dumps({"deviceId": "L1", "type": 4, "data": {"deviceId": "L1", "seq": seq}})
+            assert (await send_legacy(ws, frame))[1] == STORED
+    client = redis.Redis.from_url(redis_url)
+    # Exactly the original's write: the record's JSON, LPUSHed (newest first).
+    assert json.loads(client.lindex("device:log:list", 0)) == {"deviceId": "L1", "seq": 49}
+    client.close()
+    processes.worker(redis_url, data_dir, "--queue", "list", "--batch", "7")
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 50, timeout=30)
+    rows = stored_rows(data_dir)
+    assert [seq for _, _, seq, _ in rows] == list(range(50))
+    assert {device for _, device, _, _ in rows} == {"L1"}

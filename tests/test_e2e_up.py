@@ -1,0 +1,133 @@
+"""`fleetlog up` as a user runs it, and the reading commands against what it stored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from fleetlog.embedded import free_port
+from tests.conftest import wait_for_port
+from tests.helpers import legacy_device, stored_rows, wait_until
+
+
+def _fleetlog(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetlog", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, timeout=30, process=process)
+    assert wait_until(lambda: "fleetlog is up." in log.read_text(), timeout=30)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    tree = psutil.Process(process.pid).children(recursive=True)
+    assert {p.name() for p in tree} >= {"valkey-server"} or any("server" in p.name() for p in tree)
+    assert len(tree) >= 3, "embedded Redis, gateway and worker"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    return tree
+
+
+def test_up_runs_everything_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    log = tmp_path / "up.log"
+    up = _start_up(data_dir, port, log)
+    try:
+        acked = asyncio.run(legacy_device(f"ws://127.0.0.1:{port}", "kiosk-1", 100))
+        assert acked == list(range(100))
+        assert wait_until(lambda: len(stored_rows(data_dir)) == 100, timeout=30)
+
+        # Another command finds the running instance's Redis from the data dir alone.
+        devices = _fleetlog("devices", "--json", "--data-dir", str(data_dir))
+        assert devices.returncode == 0, devices.stderr
+        [row] = json.loads(devices.stdout)
+        assert row["device_id"] == "kiosk-1" and row["records"] == 100
+
+        logs = _fleetlog("logs", "kiosk-1", "--json", "--limit", "5", "--data-dir", str(data_dir))
+        lines = [json.loads(line) for line in logs.stdout.splitlines()]
+        assert [line["data"]["seq"] for line in lines] == [95, 96, 97, 98, 99]
+        day_files = list((data_dir / "logs" / "device" / "log").glob("*.log"))
+        assert len(day_files) == 1
+    finally:
+        tree = _stop(up)
+    time.sleep(0.5)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "no orphans"
+    assert "fleetlog stopped." in log.read_text()
+
+    # Restart on the same data dir: everything is still there, and ingest goes on.
+    up = _start_up(data_dir, port, log)
+    try:
+        acked = asyncio.run(legacy_device(f"ws://127.0.0.1:{port}", "kiosk-1", 10))
+        assert acked == list(range(10))
+        assert wait_until(lambda: len(stored_rows(data_dir)) == 110, timeout=30)
+    finally:
+        _stop(up)
+
+
+def test_up_leaves_no_process_when_killed(tmp_path: Path) -> None:
+    """Even SIGKILL on `up` takes its children down (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    up = _start_up(tmp_path / "data", port, tmp_path / "up.log")
+    tree = psutil.Process(up.pid).children(recursive=True)
+    os.kill(up.pid, signal.SIGKILL)
+    up.wait(10)
+    _gone, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+
+def test_logs_follow_grep_since_and_unicode(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    up = _start_up(data_dir, port, tmp_path / "up.log")
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "fleetlog", "logs", "door-7", "--follow", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, text=True, encoding="utf-8",
+    )
+    try:
+        async def send() -> None:
+            import websockets
+
+            from tests.helpers import send_legacy
+
+            async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+                for n, msg in enumerate(["门已打开", "door closed", "门已关闭"]):
+                    level = "error" if n == 1 else "info"
+                    frame = {"deviceId": "door-7", "type": 4, "data": {"msg": msg, "level": level}}
+                    await send_legacy(ws, json.dumps(frame, ensure_ascii=False))
+
+        time.sleep(0.5)
+        asyncio.run(send())
+        assert follow.stdout is not None
+        got = [follow.stdout.readline() for _ in range(3)]
+        assert "门已打开" in got[0] and "door closed" in got[1] and "门已关闭" in got[2]
+
+        grep = _fleetlog("logs", "door-7", "--grep", "已关", "--data-dir", str(data_dir))
+        assert grep.stdout.count("\n") == 1 and "门已关闭" in grep.stdout
+        errors = _fleetlog("logs", "door-7", "--level", "error", "--data-dir", str(data_dir))
+        assert errors.stdout.count("\n") == 1 and "door closed" in errors.stdout
+        future = _fleetlog("logs", "door-7", "--since", "2999-01-01", "--data-dir", str(data_dir))
+        assert future.stdout == ""
+        raw = _fleetlog("logs", "door-7", "--json", "--data-dir", str(data_dir))
+        assert "\\u" not in raw.stdout and "门已打开" in raw.stdout
+        bad = _fleetlog("logs", "door-7", "--since", "yesterday-ish", "--data-dir", str(data_dir))
+        assert bad.returncode == 2 and "neither a duration" in bad.stderr
+    finally:
+        follow.terminate()
+        follow.wait(10)
+        _stop(up)
