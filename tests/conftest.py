@@ -80,10 +80,12 @@ class Processes:
         self.started.append(process)
         return process
 
-    def gateway(self, redis_url: str, data_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    def gateway(self, redis_url: str, data_dir: Path, *extra: str, auth: str = "none"
+                ) -> tuple[subprocess.Popen[bytes], int]:
+        """A gateway on a free port; legacy tests run it with ``--auth none``, like old fleets."""
         port = free_port()
         process = self.start("gateway", "--redis-url", redis_url, "--data-dir", str(data_dir),
-                             "--port", str(port), *extra)
+                             "--port", str(port), "--auth", auth, *extra)
         wait_for_port(port, process=process)
         return process, port
 

@@ -24,6 +24,13 @@ def _fleetlog(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[st
     )
 
 
+def _token(data_dir: Path, device: str) -> str:
+    added = _fleetlog("device", "add", device, "--data-dir", str(data_dir))
+    assert added.returncode == 0, added.stderr
+    time.sleep(1.0)  # gateways pick up credential changes within half a second
+    return added.stdout.strip()
+
+
 def _start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port)],
@@ -49,7 +56,10 @@ def test_up_runs_everything_stops_cleanly_and_keeps_data(tmp_path: Path) -> None
     log = tmp_path / "up.log"
     up = _start_up(data_dir, port, log)
     try:
-        acked = asyncio.run(legacy_device(f"ws://127.0.0.1:{port}", "kiosk-1", 100))
+        token = _token(data_dir, "kiosk-1")
+        assert len(token) > 40
+        url = f"ws://127.0.0.1:{port}/?token={token}"
+        acked = asyncio.run(legacy_device(url, "kiosk-1", 100))
         assert acked == list(range(100))
         assert wait_until(lambda: len(stored_rows(data_dir)) == 100, timeout=30)
 
@@ -73,7 +83,7 @@ def test_up_runs_everything_stops_cleanly_and_keeps_data(tmp_path: Path) -> None
     # Restart on the same data dir: everything is still there, and ingest goes on.
     up = _start_up(data_dir, port, log)
     try:
-        acked = asyncio.run(legacy_device(f"ws://127.0.0.1:{port}", "kiosk-1", 10))
+        acked = asyncio.run(legacy_device(url, "kiosk-1", 10))  # the token survived too
         assert acked == list(range(10))
         assert wait_until(lambda: len(stored_rows(data_dir)) == 110, timeout=30)
     finally:
@@ -95,6 +105,7 @@ def test_logs_follow_grep_since_and_unicode(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
     up = _start_up(data_dir, port, tmp_path / "up.log")
+    token = _token(data_dir, "door-7")
     follow = subprocess.Popen(
         [sys.executable, "-m", "fleetlog", "logs", "door-7", "--follow", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE, text=True, encoding="utf-8",
@@ -105,7 +116,8 @@ def test_logs_follow_grep_since_and_unicode(tmp_path: Path) -> None:
 
             from tests.helpers import send_legacy
 
-            async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with websockets.connect(f"ws://127.0.0.1:{port}", additional_headers=headers) as ws:
                 for n, msg in enumerate(["门已打开", "door closed", "门已关闭"]):
                     level = "error" if n == 1 else "info"
                     frame = {"deviceId": "door-7", "type": 4, "data": {"msg": msg, "level": level}}

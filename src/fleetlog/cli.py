@@ -55,6 +55,34 @@ def _common(function: F) -> F:
     return function
 
 
+def _gateway_options(function: F) -> F:
+    """Flags shared by ``gateway`` and ``up`` (device-facing settings)."""
+    options = [
+        click.option("--auth", type=click.Choice(["none", "token", "jwt"]), default=None,
+                     help="Device authentication (default token; none only for legacy fleets)."),
+        click.option("--jwt-secret", default=None, help="HS256 secret for --auth jwt."),
+        click.option("--jwt-public-key", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="RS256 public key (PEM) for --auth jwt."),
+        click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Serve wss:// with this certificate chain (PEM)."),
+        click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Private key (PEM) for --tls-cert."),
+        click.option("--node-id", default=None, help="This gateway node's id (default HOST-PID)."),
+        click.option("--max-frame-bytes", type=int, default=None, help="Frame size limit (1 MiB)."),
+        click.option("--max-records-per-frame", type=int, default=None,
+                     help="Records per v2 frame (500)."),
+        click.option("--max-backlog", type=int, default=None, help="Answer busy above this backlog."),
+        click.option("--rate-records", type=float, default=None,
+                     help="Per-device records/s (2000)."),
+        click.option("--rate-bytes", type=float, default=None, help="Per-device bytes/s (2 MiB)."),
+        click.option("--max-connections-per-ip", type=int, default=None,
+                     help="Connections per client address (10000)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -104,9 +132,8 @@ def main() -> None:
 @click.option("--ws-port", type=int, default=None, help="Device WebSocket port (default 8765).")
 @click.option("--http-port", type=int, default=None, help="HTTP API port (default 8080).")
 @click.option("--redis-url", default=None, help="Use this Redis instead of an embedded one.")
-@click.option("--auth", type=click.Choice(["none"]), default=None, help="Device authentication.")
 @click.option("--no-files", is_flag=True, default=None, help="Do not write the daily files.")
-@click.option("--node-id", default=None, help="This gateway node's id.")
+@_gateway_options
 @_exit_code
 def up(config: str | None, **flags: Any) -> int:
     """Run everything: embedded Redis, gateway and worker."""
@@ -122,12 +149,9 @@ def up(config: str | None, **flags: Any) -> int:
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", "ws_port", type=int, default=None, help="Port (default 8765).")
 @click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
-@click.option("--auth", type=click.Choice(["none"]), default=None, help="Device authentication.")
 @click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
               help="stream (default) or list: LPUSH device:log:list like the original.")
-@click.option("--node-id", default=None, help="This node's id (default HOST-PID).")
-@click.option("--max-frame-bytes", type=int, default=None, help="Frame size limit (1 MiB).")
-@click.option("--max-backlog", type=int, default=None, help="Answer busy above this backlog.")
+@_gateway_options
 @_exit_code
 def gateway(config: str | None, **flags: Any) -> int:
     """The device-facing WebSocket server."""
@@ -270,24 +294,38 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.option("--rate", type=float, default=0.0, help="Total records/s (0: as fast as acks).")
 @click.option("--prefix", default="sim-", show_default=True, help="Device id prefix.")
 @click.option("--pad", type=click.IntRange(min=0), default=0, help="Extra bytes per record.")
+@click.option("--batch", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: legacy frames; N: v2 log frames of N records.")
+@click.option("--provision", is_flag=True,
+              help="Create (or rotate) a token for each simulated device; needs Redis.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --provision: the data dir of a running `fleetlog up`.")
+@click.option("--redis-url", default=None, help="With --provision: Redis URL.")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
 @_exit_code
 def simulate(url: str, device_count: int, messages: int, rate: float, prefix: str, pad: int,
+             batch: int, provision: bool, data_dir: Path | None, redis_url: str | None,
              timeout: float, as_json: bool) -> int:
-    """Simulate a fleet of legacy devices (load generator and reference client)."""
+    """Simulate a fleet of devices (load generator and reference client)."""
     import uvloop
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from fleetlog.simulate import device_ids
     from fleetlog.simulate import simulate as run_simulation
 
     total = device_count * messages
+    tokens = None
+    if provision:
+        settings = _settings(None, data_dir=data_dir, redis_url=redis_url)
+        tokens = _provision(_redis_url(settings), device_ids(prefix, device_count))
 
     async def main_async(advance: Any) -> Any:
         return await run_simulation(url, device_count, messages, rate=rate, prefix=prefix,
-                                    pad=pad, timeout=timeout, progress=advance)
+                                    pad=pad, batch=batch, tokens=tokens, timeout=timeout,
+                                    progress=advance)
 
     if as_json:
         summary = uvloop.run(main_async(None))
@@ -297,11 +335,88 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("acked", total=total)
-            summary = uvloop.run(main_async(lambda: progress.advance(task)))
+            summary = uvloop.run(main_async(lambda n: progress.advance(task, n)))
         result = summary.as_dict()
         for key, value in result.items():
             click.echo(f"{key:>20}: {value}")
     return 0 if summary.acked == total else 1
+
+
+def _provision(redis_url: str, devices: list[str]) -> dict[str, str]:
+    from fleetlog.credentials import Credentials
+    from fleetlog.queue.connection import connect
+
+    client = connect(redis_url)
+    try:
+        credentials = Credentials(client)
+        known = {credential.device_id for credential in credentials.list()}
+        return {
+            device: credentials.rotate(device) if device in known else credentials.add(device)
+            for device in devices
+        }
+    finally:
+        client.close()
+
+
+@cli.group()
+def device() -> None:
+    """Device credentials: add, list, revoke, rotate."""
+
+
+def _credentials(config: str | None, flags: dict[str, Any]) -> Any:
+    from fleetlog.credentials import Credentials
+    from fleetlog.queue.connection import connect
+
+    settings = _settings(config, **flags)
+    return Credentials(connect(_redis_url(settings), timeout=settings.redis_timeout))
+
+
+def _credential_command(function: F) -> F:
+    function = click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")(
+        function)
+    return _common(function)
+
+
+@device.command("add")
+@_credential_command
+@click.argument("device_id")
+def device_add(config: str | None, device_id: str, **flags: Any) -> None:
+    """Create DEVICE_ID's token and print it (alone, once: it is stored only as a hash)."""
+    click.echo(_credentials(config, flags).add(device_id))
+
+
+@device.command("rotate")
+@_credential_command
+@click.argument("device_id")
+def device_rotate(config: str | None, device_id: str, **flags: Any) -> None:
+    """Replace DEVICE_ID's token and print the new one; open connections are closed (4401)."""
+    click.echo(_credentials(config, flags).rotate(device_id))
+
+
+@device.command("revoke")
+@_credential_command
+@click.argument("device_id")
+def device_revoke(config: str | None, device_id: str, **flags: Any) -> None:
+    """Delete DEVICE_ID's token; its open connections are closed (4401) within a second."""
+    _credentials(config, flags).revoke(device_id)
+    click.echo(f"revoked {device_id}", err=True)
+
+
+@device.command("list")
+@_credential_command
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+def device_list(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Every device with a token (never the token itself)."""
+    rows = [
+        {"device_id": c.device_id, "created_at": c.created_at, "rotated_at": c.rotated_at}
+        for c in _credentials(config, flags).list()
+    ]
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(rows) + b"\n")
+        return
+    for row in rows:
+        click.echo(f"{row['device_id']}\tcreated {row['created_at']}"
+                   + (f"\trotated {row['rotated_at']}" if row["rotated_at"] else ""))
 
 
 @cli.command("config")

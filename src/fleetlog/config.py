@@ -52,12 +52,24 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     ws_port: int = Field(default=8765, ge=0, le=65535)
     http_port: int = Field(default=8080, ge=0, le=65535)
-    auth: Literal["none"] = "none"
+    auth: Literal["none", "token", "jwt"] = "token"
+    jwt_secret: str | None = None
+    jwt_public_key: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     max_frame_bytes: int = Field(default=1 * MiB, ge=64)
     idle_timeout: float = Field(default=300.0, gt=0)
     ping_interval: float = Field(default=20.0, gt=0)
     heartbeat_ttl: float = Field(default=15.0, gt=0)
+    handshake_timeout: float = Field(default=10.0, gt=0)
+    max_connections_per_ip: int = Field(default=10_000, ge=1)
+    max_records_per_frame: int = Field(default=500, ge=1)
+    dedupe_window: float = Field(default=86_400.0, ge=1)
+    rate_records: float = Field(default=2_000.0, gt=0)
+    rate_bytes: float = Field(default=2 * MiB, gt=0)
+    rate_burst: float = Field(default=10.0, gt=0)
+    rate_max_delay: float = Field(default=5.0, ge=0)
     redis_timeout: float = Field(default=5.0, gt=0)
 
     # Worker.
@@ -82,6 +94,21 @@ class Settings(BaseSettings):
     @property
     def fatal_error_dir(self) -> Path:
         return self.data_dir / "logs" / "device" / "fatal_error"
+
+    def as_env(self) -> dict[str, str]:
+        """The values set other than by default, as ``FLEETLOG_*`` variables.
+
+        ``fleetlog up`` hands its effective settings to its children this way,
+        so a flag given to ``up`` reaches the gateway and the worker.
+        """
+        env = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                value = str(value).lower()
+            if value is not None:
+                env[f"FLEETLOG_{name.upper()}"] = str(value)
+        return env
 
     @classmethod
     def settings_customise_sources(

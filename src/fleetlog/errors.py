@@ -34,10 +34,11 @@ class FleetlogError(Exception):
 class FrameError(FleetlogError):
     """Raised when a device's frame cannot be accepted; ``code`` goes on the wire."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, frame_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.frame_id = frame_id
 
 
 class QueueUnavailable(FleetlogError):

@@ -31,3 +31,39 @@ def node_heartbeat(node_id: str) -> str:
 
 #: Hash: legacy batch id -> how many times it was claimed after its first take.
 LEGACY_DELIVERIES = "fleetlog:list:deliveries"
+
+#: Hash: SHA-256 of a device token -> device id.
+TOKENS = "fleetlog:tokens"
+
+#: Counter bumped on every credential change; gateways reload when it moves.
+TOKENS_VERSION = "fleetlog:tokens:version"
+
+
+def device_credential(device_id: str) -> str:
+    """Hash: ``token_hash``, ``created_at``, ``rotated_at`` of one device."""
+    return f"fleetlog:device:{device_id}"
+
+
+def node_control(node_id: str) -> str:
+    """Pub/sub channel a gateway node listens on (take-overs, commands)."""
+    return f"fleetlog:control:{node_id}"
+
+
+def frame_seen(device_id: str, frame_id: str) -> str:
+    """Marker that a v2 frame id was queued, kept for the dedupe window."""
+    return f"fleetlog:frame:{device_id}:{frame_id}"
+
+
+def seq_state(device_id: str, session: str) -> str:
+    """Hash with the device's ``through`` watermark (v2 ``seq``), per session."""
+    return f"fleetlog:seq:{device_id}:{session}"
+
+
+def seq_above(device_id: str, session: str) -> str:
+    """Sorted set of seqs received above the watermark (the gaps' far side)."""
+    return f"fleetlog:seq-above:{device_id}:{session}"
+
+
+def refusals(device_id: str) -> str:
+    """Hash: reason -> how many frames or handshakes of this device were refused."""
+    return f"fleetlog:refusals:{device_id}"

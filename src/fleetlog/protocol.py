@@ -12,6 +12,12 @@ The legacy protocol is the original PHP server's, kept exactly:
 * a frame with ``deviceId`` (string or number) names the connection's device;
 * ``type`` 4 (or ``"4"``) with non-empty ``data`` carries one record, answered
   with ``log_upload_response`` once it is durably queued.
+
+The v2 protocol (``{"type": "log", "id": ..., "records": [...]}``) carries
+many records per frame, each optionally with a per-device ``seq``, and is
+answered with one JSON ack that says exactly what was kept
+(:func:`ack_frame`).  Both share one endpoint: :func:`parse_frame` tells them
+apart by ``type``.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ __all__ = [
     "LOG_UPLOAD_RESPONSE",
     "SERVER_RECEIVED",
     "LegacyFrame",
+    "LogBatch",
+    "ack_frame",
     "decode_json",
     "encode_json",
     "error_frame",
+    "parse_frame",
     "parse_legacy",
     "server_text_frame",
 ]
@@ -58,6 +67,21 @@ class LegacyFrame:
 
     device_id: str | None
     record: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LogBatch:
+    """A v2 ``log`` frame: records to queue together, acked together.
+
+    ``seqs[i]`` is record ``i``'s ``seq`` or ``None``; ``session`` scopes the
+    seq counter (firmware that restarts counting must start a new session).
+    """
+
+    id: str
+    device_id: str | None
+    session: str
+    records: list[bytes]
+    seqs: list[int | None]
 
 
 def _reject_constant(name: str) -> Any:
@@ -103,20 +127,78 @@ def _device_id(value: Any) -> str | None:
     return device_id
 
 
-def parse_legacy(payload: bytes) -> LegacyFrame:
-    """Parse one legacy text message.
-
-    Raises :class:`FrameError` with ``bad_json`` when the payload is not JSON
-    (or not UTF-8) and ``bad_frame`` when it is JSON of the wrong shape.  The
-    caller must still send :data:`SERVER_RECEIVED` first, as the original did
-    for every frame.
-    """
+def _decode_object(payload: bytes) -> dict[str, Any]:
     try:
         message = decode_json(payload)
     except (ValueError, RecursionError) as exc:
         raise FrameError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise FrameError(ErrorCode.BAD_FRAME, "frame must be a JSON object")
+    return message
+
+
+def parse_frame(payload: bytes, max_records: int) -> LegacyFrame | LogBatch:
+    """Parse one text message of either protocol.
+
+    Raises :class:`FrameError` with ``bad_json`` when the payload is not JSON
+    (or not UTF-8), ``bad_frame`` when it is JSON of the wrong shape, and
+    ``too_large`` for a v2 frame with more than ``max_records`` records; for a
+    v2 frame the error carries the frame's ``id`` when it had one.  For a
+    legacy frame the caller must still send :data:`SERVER_RECEIVED` first, as
+    the original did for every frame.
+    """
+    message = _decode_object(payload)
+    if message.get("type") == "log":
+        return _log_batch(message, max_records)
+    return _legacy(message)
+
+
+def parse_legacy(payload: bytes) -> LegacyFrame:
+    """Parse one legacy text message (see :func:`parse_frame`)."""
+    return _legacy(_decode_object(payload))
+
+
+def _frame_id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise FrameError(ErrorCode.BAD_FRAME, "a log frame needs an id (string or integer)")
+    frame_id = str(value)
+    if len(frame_id) > 128:
+        raise FrameError(ErrorCode.BAD_FRAME, "id is longer than 128 characters")
+    return frame_id
+
+
+def _log_batch(message: dict[str, Any], max_records: int) -> LogBatch:
+    frame_id = _frame_id(message.get("id"))
+    try:
+        records = message.get("records")
+        if not isinstance(records, list) or not records:
+            raise FrameError(ErrorCode.BAD_FRAME, "records must be a non-empty array")
+        if len(records) > max_records:
+            raise FrameError(
+                ErrorCode.TOO_LARGE, f"{len(records)} records in one frame; the limit is {max_records}"
+            )
+        session = message.get("session", "")
+        if not isinstance(session, str) or len(session) > 64:
+            raise FrameError(ErrorCode.BAD_FRAME, "session must be a string of up to 64 characters")
+        seqs: list[int | None] = []
+        for index, record in enumerate(records):
+            if _is_empty(record):
+                raise FrameError(ErrorCode.BAD_FRAME, f"record {index} is empty")
+            seq = record.get("seq") if isinstance(record, dict) else None
+            if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0
+                                    or seq >= 1 << 53):
+                raise FrameError(ErrorCode.BAD_FRAME, f"record {index}: seq must be an integer in [0, 2**53)")
+            seqs.append(seq)
+        return LogBatch(
+            frame_id, _device_id(message.get("deviceId")), session,
+            [encode_json(record) for record in records], seqs,
+        )
+    except FrameError as exc:
+        exc.frame_id = frame_id
+        raise
+
+
+def _legacy(message: dict[str, Any]) -> LegacyFrame:
     device_id = _device_id(message.get("deviceId"))
     if message.get("type") not in _LOG_TYPES:
         return LegacyFrame(device_id, None)
@@ -127,8 +209,36 @@ def parse_legacy(payload: bytes) -> LegacyFrame:
 
 
 def error_frame(code: ErrorCode, message: str, **extra: Any) -> bytes:
-    """The JSON error frame sent to a device (CONTRACT.md)."""
+    """The JSON error frame sent to a device (CONTRACT.md); ``extra`` may hold ``id``."""
     return orjson.dumps({"type": "error", "code": str(code), "message": message, **extra})
+
+
+def ack_frame(
+    frame_id: str,
+    *,
+    stored: int,
+    duplicates: list[int],
+    stored_through: int | None,
+    missing: list[tuple[int, int]],
+    duplicate_frame: bool,
+) -> bytes:
+    """The v2 ack: what of the frame's records is now durably queued.
+
+    ``stored`` counts the records queued by this frame; ``duplicates`` lists
+    seqs that were already stored (not stored again); ``stored_through`` is the
+    highest seq below which every seq of the device's session was received, and
+    ``missing`` the gaps above it the device should resend.  ``duplicate`` is
+    true when this frame id had been queued before (nothing was stored again).
+    """
+    ack: dict[str, Any] = {"type": "ack", "id": frame_id, "stored": stored}
+    if duplicate_frame:
+        ack["duplicate"] = True
+    if duplicates:
+        ack["duplicates"] = duplicates
+    if stored_through is not None:
+        ack["stored_through"] = stored_through
+        ack["missing"] = [list(gap) for gap in missing]
+    return orjson.dumps(ack)
 
 
 def server_text_frame(payload: bytes) -> bytes:

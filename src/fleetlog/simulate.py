@@ -1,8 +1,9 @@
 """``fleetlog simulate``: a fleet of legacy devices, a load generator, a reference client.
 
 Each simulated device holds one WebSocket connection and sends ``--messages``
-legacy frames, each after the previous one was answered (as real firmware
-does).  It behaves as a well-made device should: ``log_upload_response`` is
+records, each frame after the previous one was answered (as real firmware
+does): one record per legacy frame, or ``--batch`` records per v2 ``log``
+frame, each with its ``seq``.  It behaves as a well-made device should: ``log_upload_response`` is
 the only proof a record is stored, so ``busy``/``unavailable`` errors and lost
 connections make it send the same record again, after a jittered exponential
 backoff.  The summary says what was sent, acked and refused, the rate, and the
@@ -18,13 +19,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from fleetlog import protocol
 
-__all__ = ["SimulationSummary", "simulate"]
+__all__ = ["SimulationSummary", "device_ids", "simulate"]
 
 _RETRYABLE = {"busy", "unavailable", "rate_limited"}
 
@@ -78,6 +80,7 @@ class _Device(WSListener):
 
     def __init__(self) -> None:
         self.waiter: asyncio.Future[str | None] | None = None
+        self.v2 = False
 
     def _resolve(self, outcome: str | BaseException | None) -> None:
         waiter = self.waiter
@@ -98,7 +101,8 @@ class _Device(WSListener):
             self._resolve(None)
         elif payload != protocol.SERVER_RECEIVED:
             try:
-                self._resolve(str(orjson.loads(payload).get("code", "unknown")))
+                reply = orjson.loads(payload)
+                self._resolve(None if reply.get("type") == "ack" else str(reply.get("code", "?")))
             except (orjson.JSONDecodeError, AttributeError):
                 self._resolve("unexpected_reply")
 
@@ -106,8 +110,8 @@ class _Device(WSListener):
         self._resolve(_ConnectionLost())
 
 
-def _record(device_id: str, index: int, pad: int) -> bytes:
-    data = {
+def _record(device_id: str, index: int, pad: int) -> dict[str, Any]:
+    data: dict[str, Any] = {
         "seq": index,
         "ts": int(time.time() * 1000),
         "level": "info",
@@ -115,7 +119,16 @@ def _record(device_id: str, index: int, pad: int) -> bytes:
     }
     if pad:
         data["pad"] = "x" * pad
-    return orjson.dumps({"deviceId": device_id, "type": 4, "data": data})
+    return data
+
+
+def _frame(device_id: str, index: int, count: int, pad: int) -> bytes:
+    """A legacy frame (``count`` 0) or a v2 log frame of ``count`` records from ``index``."""
+    if count == 0:
+        return orjson.dumps({"deviceId": device_id, "type": 4, "data": _record(device_id, index, pad)})
+    records = [_record(device_id, index + n, pad) for n in range(count)]
+    return orjson.dumps({"type": "log", "id": f"{device_id}-{index}", "deviceId": device_id,
+                         "records": records})
 
 
 async def _connect(url: str, summary: SimulationSummary, deadline: float) -> tuple[Any, _Device]:
@@ -139,6 +152,7 @@ async def _run_device(
     summary: SimulationSummary,
     interval: float,
     pad: int,
+    batch: int,
     deadline: float,
     progress: Any,
 ) -> None:
@@ -157,30 +171,36 @@ async def _run_device(
                 if time.monotonic() > deadline:
                     raise TimeoutError("simulation ran out of time")
                 device.waiter = asyncio.get_running_loop().create_future()
+                count = min(batch, summary.messages - index) if batch else 0
                 started = time.perf_counter()
-                transport.send(WSMsgType.TEXT, _record(device_id, index, pad))
-                summary.sent += 1
+                transport.send(WSMsgType.TEXT, _frame(device_id, index, count, pad))
+                summary.sent += count or 1
                 outcome = await asyncio.wait_for(device.waiter, timeout=30)
                 if outcome is None:
                     summary.latencies.append(time.perf_counter() - started)
-                    summary.acked += 1
-                    index += 1
+                    summary.acked += count or 1
+                    index += count or 1
                     backoff = 0.05
                     if progress is not None:
-                        progress()
+                        progress(count or 1)
                     continue
                 summary.errors[outcome] += 1
                 if outcome in _RETRYABLE:
                     await asyncio.sleep(random.uniform(backoff / 2, backoff))
                     backoff = min(backoff * 2, 5.0)
                 else:
-                    index += 1  # refused for good: sending it again would not help
+                    index += count or 1  # refused for good: sending it again would not help
         except (TimeoutError, _ConnectionLost):
             summary.reconnects += 1
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, 5.0)
         finally:
             transport.disconnect()
+
+
+def device_ids(prefix: str, devices: int) -> list[str]:
+    width = max(4, len(str(devices)))
+    return [f"{prefix}{n:0{width}d}" for n in range(1, devices + 1)]
 
 
 async def simulate(
@@ -191,19 +211,32 @@ async def simulate(
     rate: float = 0.0,
     prefix: str = "sim-",
     pad: int = 0,
+    batch: int = 0,
+    tokens: dict[str, str] | None = None,
     timeout: float = 600.0,
     progress: Any = None,
 ) -> SimulationSummary:
-    """Run the fleet; ``rate`` is total records/s (0: as fast as acks come back)."""
+    """Run the fleet; ``rate`` is total records/s (0: as fast as acks come back).
+
+    ``batch`` 0 speaks the legacy protocol, N > 0 sends v2 frames of N records.
+    ``tokens`` maps device ids to their tokens (sent as ``?token=``).
+    """
     summary = SimulationSummary(devices, messages)
-    interval = devices / rate if rate > 0 else 0.0
+    interval = devices * max(batch, 1) / rate if rate > 0 else 0.0
     deadline = time.monotonic() + timeout
     started = time.perf_counter()
-    width = max(4, len(str(devices)))
+    ids = device_ids(prefix, devices)
+
+    def device_url(device_id: str) -> str:
+        if not tokens:
+            return url
+        return f"{url}{'&' if '?' in url else '?'}token={quote(tokens[device_id])}"
+
     results = await asyncio.gather(
         *(
-            _run_device(url, f"{prefix}{n:0{width}d}", summary, interval, pad, deadline, progress)
-            for n in range(1, devices + 1)
+            _run_device(device_url(device_id), device_id, summary, interval, pad, batch, deadline,
+                        progress)
+            for device_id in ids
         ),
         return_exceptions=True,
     )

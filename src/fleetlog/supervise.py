@@ -11,6 +11,7 @@ PR_SET_PDEATHSIG, so even a SIGKILLed ``up`` leaves no process behind.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -38,8 +39,10 @@ class Child:
     next_start: float = 0.0
     started_at: float = field(default=0.0)
 
+    env: dict[str, str] = field(default_factory=dict)
+
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -59,7 +62,7 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
 
 def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
     data_dir = settings.data_dir
-    ws = f"ws://{settings.host}:{settings.ws_port}"
+    ws = f"{'wss' if settings.tls_cert else 'ws'}://{settings.host}:{settings.ws_port}"
     flag = f" --data-dir {data_dir}" if data_dir != Path("fleetlog-data") else ""
     files = "off" if settings.no_files else str(data_dir / "logs" / "device" / "log")
     return "\n".join([
@@ -69,8 +72,13 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
         f"  store                {settings.store_url}",
         f"  daily files          {files}",
         "",
+        f"  device auth          {settings.auth}",
+        "",
         "Try, in another terminal:",
-        f"  fleetlog simulate --url {ws} --devices 5 --messages 100",
+        *([f"  fleetlog device add door-1{flag}        # prints door-1's token, once",
+           f"  fleetlog simulate --url {ws} --devices 5 --messages 100 --provision{flag}"]
+          if settings.auth == "token" else
+          [f"  fleetlog simulate --url {ws} --devices 5 --messages 100"]),
         f"  fleetlog devices{flag}",
         f"  fleetlog logs sim-0001{flag} --follow",
         "",
@@ -109,13 +117,13 @@ class Supervisor:
             worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}"]
             if not settings.no_files:
                 worker_extra += ["--files", str(settings.data_dir / "logs")]
+            env = {**os.environ, **settings.as_env()}
             self.children = [
                 Child("gateway", self._argv(
-                    "gateway", "--redis-url", redis_url, "--host", settings.host,
-                    "--port", str(settings.ws_port), "--auth", settings.auth,
+                    "gateway", "--redis-url", redis_url, "--port", str(settings.ws_port),
                     "--node-id", settings.node_id,
-                )),
-                Child("worker", self._argv("worker", *worker_extra)),
+                ), env=env),
+                Child("worker", self._argv("worker", *worker_extra), env=env),
             ]
             for child in self.children:
                 child.start()

@@ -1,18 +1,20 @@
 """Which device is on which connection of which node, kept in Redis.
 
 ``device:links`` (the original's hash) maps a device id to JSON
-``{"node", "conn", "since"}``.  A gateway sets the field on a connection's
-first frame naming the device, and deletes it on disconnect only if it still
-names that connection (atomically, in Lua), so a device that reconnected to
-another node is never unlinked by the old one.
+``{"node", "conn", "since"}``.  A gateway sets the field when a connection
+names its device, and deletes it on disconnect only if it still names that
+connection (atomically, in Lua), so a device that reconnected elsewhere is
+never unlinked by its old connection.  With authentication on, a new link
+takes over: the node holding the device's previous connection is told, on its
+control channel, to close it (4409).
 
-Each node also keeps ``fleetlog:node:<id>`` alive with a TTL.  A node that
-dies without cleaning up leaves links behind, but they point at a node whose
+Each node keeps ``fleetlog:node:<id>`` alive with a TTL.  A node that dies
+without cleaning up leaves links behind, but they point at a node whose
 heartbeat key is gone: readers report them offline (:func:`is_online`).
 
-Link changes are queued and written by one task, in order, so a quick
-connect/disconnect can never be applied backwards; while Redis is down they
-wait and are written once it is back.
+Link changes and refusal counts are queued and written by one task, in order,
+so a quick connect/disconnect can never be applied backwards; while Redis is
+down they wait, and are written once it is back.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -33,6 +37,9 @@ from fleetlog.records import iso_ms
 __all__ = ["LinkRegistry", "is_online", "parse_link"]
 
 log = logging.getLogger("fleetlog.gateway")
+
+#: Called with each message a node receives on its control channel.
+ControlHandler = Callable[[dict[str, Any]], None]
 
 
 def parse_link(raw: bytes | str) -> dict[str, Any]:
@@ -51,25 +58,34 @@ def is_online(link: dict[str, Any], live_nodes: set[str]) -> bool:
 
 
 class LinkRegistry:
-    """Writes link changes and the node heartbeat; see the module docstring."""
+    """Writes links, refusal counts and the heartbeat; listens for control messages."""
 
     def __init__(
-        self, client: redis.asyncio.Redis, *, node_id: str, heartbeat_ttl: float, info: dict[str, Any]
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        node_id: str,
+        heartbeat_ttl: float,
+        info: dict[str, Any],
+        take_over: bool,
     ) -> None:
         self._client = client
         self.node_id = node_id
         self._ttl_ms = int(heartbeat_ttl * 1000)
         self._info = orjson.dumps({"node": node_id, **info})
+        self._take_over = "1" if take_over else "0"
         self._ops: list[tuple[str, str, str]] = []
+        self._refusals: Counter[tuple[str, str]] = Counter()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
-    def start(self) -> None:
+    def start(self, on_control: ControlHandler) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._write_links(), name="links"),
+            loop.create_task(self._write(), name="links"),
             loop.create_task(self._heartbeat(), name="heartbeat"),
+            loop.create_task(self._listen(on_control), name="control"),
         ]
 
     def link(self, device_id: str, conn_id: str) -> None:
@@ -80,29 +96,38 @@ class LinkRegistry:
         self._ops.append(("unlink", device_id, conn_id))
         self._wakeup.set()
 
-    async def _write_links(self) -> None:
+    def count_refusal(self, device_id: str | None, reason: str) -> None:
+        """Count a refused frame or handshake; ``None`` for an unknown device."""
+        self._refusals[(device_id or "-", reason)] += 1
+        self._wakeup.set()
+
+    async def _write(self) -> None:
         delay = 0.1
         while True:
-            if not self._ops:
+            if not self._ops and not self._refusals:
                 if self._closing:
                     return
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
             ops = self._ops[:]
+            refusals = self._refusals.copy()
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for action, device_id, conn_id in ops:
                         if action == "link":
-                            value = orjson.dumps(
-                                {"node": self.node_id, "conn": conn_id,
-                                 "since": iso_ms(int(time.time() * 1000))}
-                            )
-                            pipe.hset(keys.DEVICE_LINKS, device_id, value)
+                            value = orjson.dumps({"node": self.node_id, "conn": conn_id,
+                                                  "since": iso_ms(int(time.time() * 1000))})
+                            pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value,
+                                      self.node_id, conn_id, keys.node_control(""), self._take_over)
                         else:
                             pipe.eval(scripts.UNLINK, 1, keys.DEVICE_LINKS, device_id, conn_id)
+                    for (device_id, reason), count in refusals.items():
+                        pipe.hincrby(keys.refusals(device_id), reason, count)
                     await pipe.execute()
                 del self._ops[: len(ops)]
+                self._refusals.subtract(refusals)
+                self._refusals = +self._refusals
                 delay = 0.1
             except REDIS_DOWN as exc:
                 if self._closing:
@@ -120,13 +145,32 @@ class LinkRegistry:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self._ttl_ms / 3000)
 
+    async def _listen(self, on_control: ControlHandler) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.node_control(self.node_id))
+                delay = 0.1
+                async for message in pubsub.listen():
+                    try:
+                        on_control(orjson.loads(message["data"]))
+                    except Exception:
+                        log.exception("bad control message %r", message.get("data"))
+            except REDIS_DOWN:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     async def close(self) -> None:
         """Write the pending link changes, then drop the heartbeat."""
         self._closing = True
         self._wakeup.set()
-        writer, heartbeat = self._tasks
-        heartbeat.cancel()
-        _, unfinished = await asyncio.wait([writer, heartbeat], timeout=5)
+        writer, *others = self._tasks
+        for task in others:
+            task.cancel()
+        _, unfinished = await asyncio.wait(self._tasks, timeout=5)
         if writer in unfinished:
             log.warning("link updates not written within 5 s of shutdown")
         for task in unfinished:

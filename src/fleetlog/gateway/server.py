@@ -1,14 +1,17 @@
 """The device-facing WebSocket server: picows glue around the pure protocol.
 
-Everything a connection does happens in :class:`DeviceConnection`'s
-callbacks, synchronously: a frame is reassembled (:mod:`.messages`), parsed
-(:mod:`fleetlog.protocol`), its record handed to the :class:`Producer`, and
-its replies put in the connection's reply queue.  Replies leave in the order
-the frames came, each frame's replies together in one write, and
-``log_upload_response`` only once Redis acknowledged the record.
+A handshake is authenticated in :meth:`Gateway._accept` (no I/O: the token
+table is in memory), so a bad credential gets HTTP 401 before the upgrade.
+Everything a connection does then happens in :class:`DeviceConnection`'s
+callbacks, synchronously: a frame is reassembled (:mod:`.messages`), rate
+limited (:mod:`.limits`), parsed (:mod:`fleetlog.protocol`), its records
+handed to the :class:`~fleetlog.queue.producer.Producer`, and its replies put
+in the connection's reply queue.  Replies leave in the order the frames came,
+each frame's replies in one write, and an ack only once Redis acknowledged
+the records.
 
 The WebSocket library is picows (chosen by measurement, see ``bench/``); it
-is used only in this module and behind :class:`Gateway`, so it can be swapped.
+is used only in this module, so it can be swapped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import signal
+import ssl
 import time
 from collections import deque
 from typing import Any, Final
@@ -37,11 +41,14 @@ from picows import (
 
 from fleetlog import protocol
 from fleetlog.config import Settings
+from fleetlog.credentials import TokenTable
 from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull
+from fleetlog.gateway.auth import Authenticator, Identity, Refused
+from fleetlog.gateway.limits import DeviceLimiter
 from fleetlog.gateway.messages import CloseCode, MessageError, Reassembler
 from fleetlog.gateway.registry import LinkRegistry
-from fleetlog.queue.connection import connect_async
-from fleetlog.queue.producer import Producer
+from fleetlog.queue.connection import REDIS_DOWN, connect_async
+from fleetlog.queue.producer import IngestResult, Producer
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -52,14 +59,20 @@ _RECEIVED_AND_STORED: Final = _RECEIVED + protocol.server_text_frame(protocol.LO
 #: Frames a device may have in flight before the gateway stops reading from it.
 _MAX_IN_FLIGHT: Final = 256
 
+CLOSE_REVOKED: Final = 4401
+CLOSE_TAKEN_OVER: Final = 4409
+CLOSE_POLICY: Final = 1008
 
-def _error(code: ErrorCode, message: str) -> bytes:
-    return protocol.server_text_frame(protocol.error_frame(code, message))
+
+def _error(code: ErrorCode, message: str, frame_id: str | None = None, **extra: Any) -> bytes:
+    if frame_id is not None:
+        extra["id"] = frame_id
+    return protocol.server_text_frame(protocol.error_frame(code, message, **extra))
 
 
-def _queue_error(exc: FleetlogError) -> bytes:
+def _queue_error(exc: FleetlogError, frame_id: str | None = None) -> bytes:
     code = ErrorCode.BUSY if isinstance(exc, QueueFull) else ErrorCode.UNAVAILABLE
-    return _error(code, f"{exc}; not stored, send it again later")
+    return _error(code, f"{exc}; not stored, send it again later", frame_id)
 
 
 class _Reply:
@@ -74,26 +87,33 @@ class _Reply:
 class DeviceConnection(WSListener):
     """One device's WebSocket connection; see the module docstring."""
 
-    def __init__(self, gateway: Gateway, conn_id: str) -> None:
+    def __init__(self, gateway: Gateway, conn_id: str, identity: Identity | None) -> None:
         self.gateway = gateway
         self.conn_id = conn_id
-        self.device_id: str | None = None
+        self.identity = identity
+        self.device_id: str | None = identity.device_id if identity else None
         self.last_activity = time.monotonic()
         self._reassembler = Reassembler(gateway.settings.max_frame_bytes)
         self._replies: deque[_Reply] = deque()
+        self._inbox: deque[bytes] = deque()  # messages waiting out a rate-limit delay
+        self._delayed = False
         self._transport: WSTransport | None = None
         self._paused = False
+        self._peer: str | None = None
 
     # -- picows callbacks -------------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._transport = transport
-        self.gateway.connections.add(self)
+        gateway = self.gateway
+        peer = transport.underlying_transport.get_extra_info("peername")
+        self._peer = peer[0] if peer else None
+        if not gateway.connect(self):
+            gateway.registry.count_refusal(self.device_id, "too_many_connections")
+            self.close(CLOSE_POLICY, "too many connections from this address")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.gateway.connections.discard(self)
-        if self.device_id is not None:
-            self.gateway.registry.unlink(self.device_id, self.conn_id)
+        self.gateway.release(self)
         self._transport = None
 
     def pause_writing(self) -> None:
@@ -115,44 +135,118 @@ class DeviceConnection(WSListener):
             message = self._reassembler.feed(msg_type.value, frame.fin, frame.get_payload_as_bytes())
         except MessageError as exc:
             if exc.code == CloseCode.MESSAGE_TOO_BIG:
+                self.gateway.registry.count_refusal(self.device_id, ErrorCode.TOO_LARGE)
                 self._send(_error(ErrorCode.TOO_LARGE, exc.reason))
             self.close(exc.code, exc.reason)
             return
         if message is None:
             return
         if message.binary:
-            self._reply(_RECEIVED + _error(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
+            self._refuse(ErrorCode.BAD_FRAME, "binary frames are not accepted", legacy=True)
             return
-        self.receive(message.payload)
+        if self._delayed:
+            self._inbox.append(message.payload)
+        else:
+            self.receive(message.payload)
 
     # -- protocol ---------------------------------------------------------------
 
     def receive(self, payload: bytes) -> None:
-        """Handle one complete text message of the legacy protocol."""
+        """Handle one complete text message of either protocol."""
+        gateway = self.gateway
         try:
-            frame = protocol.parse_legacy(payload)
+            frame = protocol.parse_frame(payload, gateway.settings.max_records_per_frame)
         except FrameError as exc:
-            self._reply(_RECEIVED + _error(exc.code, exc.message))
+            legacy = exc.frame_id is None
+            self._refuse(exc.code, exc.message, exc.frame_id, legacy=legacy)
             return
-        if frame.device_id is not None and frame.device_id != self.device_id:
-            if self.device_id is not None:
-                self.gateway.registry.unlink(self.device_id, self.conn_id)
-            self.device_id = frame.device_id
-            self.gateway.registry.link(frame.device_id, self.conn_id)
-        if frame.record is None:
+        if isinstance(frame, protocol.LegacyFrame):
+            legacy, frame_id = True, None
+            records = [frame.record] if frame.record is not None else []
+        else:
+            legacy, frame_id, records = False, frame.id, frame.records
+        device_id = self._device_for(frame.device_id, frame_id, legacy)
+        if device_id is None:
+            return
+        if not records:
             self._reply(_RECEIVED)
             return
+        decision = gateway.limiter(device_id).admit(len(records), len(payload), time.monotonic())
+        if decision.refused:
+            self._refuse(ErrorCode.RATE_LIMITED, "over this device's rate limit", frame_id,
+                         legacy=legacy, retry_after_ms=int(decision.retry_after * 1000) + 1)
+            return
+        if decision.delay:
+            self._delay(decision.delay)
         reply = _Reply()
         self._replies.append(reply)
         if len(self._replies) >= _MAX_IN_FLIGHT:
             self._pause_reading()
 
-        def done(error: FleetlogError | None) -> None:
-            reply.wire = _RECEIVED_AND_STORED if error is None else _RECEIVED + _queue_error(error)
+        if isinstance(frame, protocol.LegacyFrame):
+            def done_legacy(outcome: IngestResult | FleetlogError) -> None:
+                if isinstance(outcome, FleetlogError):
+                    reply.wire = _RECEIVED + _queue_error(outcome)
+                else:
+                    reply.wire = _RECEIVED_AND_STORED
+                self._flush_replies()
+
+            gateway.producer.submit(device_id, records, done_legacy)
+            return
+
+        batch = frame
+
+        def done_v2(outcome: IngestResult | FleetlogError) -> None:
+            if isinstance(outcome, FleetlogError):
+                reply.wire = _queue_error(outcome, batch.id)
+            else:
+                stored = 0 if outcome.duplicate_frame else len(records) - len(outcome.duplicates)
+                reply.wire = protocol.server_text_frame(protocol.ack_frame(
+                    batch.id, stored=stored, duplicates=outcome.duplicates,
+                    stored_through=outcome.stored_through, missing=outcome.missing,
+                    duplicate_frame=outcome.duplicate_frame,
+                ))
             self._flush_replies()
 
-        device_id = self.device_id if self.device_id is not None else "unknown"
-        self.gateway.producer.submit(((device_id, frame.record),), done)
+        gateway.producer.submit(device_id, records, done_v2, seqs=batch.seqs,
+                                session=batch.session, frame_id=batch.id)
+
+    def _device_for(self, claimed: str | None, frame_id: str | None, legacy: bool) -> str | None:
+        """The device a frame is for, linking it on first sight; ``None`` if refused."""
+        if self.identity is not None:
+            if claimed is not None and claimed != self.identity.device_id:
+                self._refuse(ErrorCode.FORBIDDEN, "this connection is authenticated as another device",
+                             frame_id, legacy=legacy)
+                return None
+            return self.identity.device_id
+        if claimed is not None and claimed != self.device_id:
+            if self.device_id is not None:
+                self.gateway.registry.unlink(self.device_id, self.conn_id)
+            self.device_id = claimed
+            self.gateway.registry.link(claimed, self.conn_id)
+        if self.device_id is None and not legacy:
+            self._refuse(ErrorCode.BAD_FRAME, "a log frame needs deviceId when auth is none", frame_id)
+            return None
+        return self.device_id if self.device_id is not None else "unknown"
+
+    def _refuse(self, code: ErrorCode, message: str, frame_id: str | None = None, *,
+                legacy: bool = False, **extra: Any) -> None:
+        self.gateway.registry.count_refusal(self.device_id, code)
+        wire = _error(code, message, frame_id, **extra)
+        self._reply(_RECEIVED + wire if legacy else wire)
+
+    def _delay(self, seconds: float) -> None:
+        """Hold this device's next messages for ``seconds`` (rate limit: slowed, not refused)."""
+        self._delayed = True
+        self._pause_reading()
+        asyncio.get_running_loop().call_later(seconds, self._end_delay)
+
+    def _end_delay(self) -> None:
+        self._delayed = False
+        while self._inbox and not self._delayed:
+            self.receive(self._inbox.popleft())
+        if not self._delayed and len(self._replies) < _MAX_IN_FLIGHT:
+            self._resume_reading()
 
     def _reply(self, wire: bytes) -> None:
         if self._replies:
@@ -167,7 +261,7 @@ class DeviceConnection(WSListener):
             chunks.append(replies.popleft().wire)
         if chunks:
             self._send(b"".join(chunks))  # type: ignore[arg-type]
-        if self._paused and len(replies) < _MAX_IN_FLIGHT // 2:
+        if self._paused and not self._delayed and len(replies) < _MAX_IN_FLIGHT // 2:
             self._resume_reading()
 
     def _send(self, wire: bytes) -> None:
@@ -185,6 +279,10 @@ class DeviceConnection(WSListener):
             self._paused = False
             self._transport.underlying_transport.resume_reading()
 
+    @property
+    def peer(self) -> str | None:
+        return self._peer
+
     def close(self, code: int, reason: str) -> None:
         transport = self._transport
         if transport is not None and not transport.is_close_frame_sent:
@@ -193,25 +291,36 @@ class DeviceConnection(WSListener):
 
 
 class Gateway:
-    """A gateway node: WebSocket server, producer, link registry."""
+    """A gateway node: WebSocket server, producer, link registry, credentials."""
 
     def __init__(self, settings: Settings, redis_url: str) -> None:
         self.settings = settings
         self.redis_url = redis_url
         self.connections: set[DeviceConnection] = set()
+        self._by_device: dict[str, DeviceConnection] = {}
+        self._by_conn: dict[str, DeviceConnection] = {}
+        self._per_peer: dict[str, int] = {}
+        self._limiters: dict[str, DeviceLimiter] = {}
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         client = connect_async(redis_url, timeout=settings.redis_timeout)
         self._client = client
+        self.tokens = TokenTable()
+        self.auth = Authenticator(
+            settings.auth, self.tokens, jwt_secret=settings.jwt_secret,
+            jwt_public_key=settings.jwt_public_key,
+        )
         self.producer = Producer(
-            client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog
+            client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
+            dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(
             client,
             node_id=settings.node_id,
             heartbeat_ttl=settings.heartbeat_ttl,
             info={"host": settings.host, "port": settings.ws_port},
+            take_over=settings.auth != "none",
         )
 
     @property
@@ -220,51 +329,161 @@ class Gateway:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    # -- connections ----------------------------------------------------------------
+
     def _accept(self, request: WSUpgradeRequest) -> Any:
         if request.path.split(b"?")[0] == b"/healthz":
-            body = orjson.dumps(
-                {"status": "ok", "node": self.settings.node_id, "connections": len(self.connections)}
-            )
-            response = WSUpgradeResponse.create_ok_response(
-                body, extra_headers={"Content-Type": "application/json"}
-            )
+            return self._health()
+        try:
+            identity = self.auth.identify(request.headers.get("Authorization"), request.path)
+        except Refused as exc:
+            self.registry.count_refusal(None, ErrorCode.UNAUTHORIZED)
+            body = protocol.error_frame(ErrorCode.UNAUTHORIZED, str(exc))
+            response = WSUpgradeResponse.create_error_response(
+                401, body, extra_headers={"WWW-Authenticate": "Bearer",
+                                          "Content-Type": "application/json"})
             return WSUpgradeResponseWithListener(response, None)
-        return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}")
+        return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
+
+    def _health(self) -> Any:
+        body = orjson.dumps({"status": "ok", "node": self.settings.node_id,
+                             "connections": len(self.connections)})
+        response = WSUpgradeResponse.create_ok_response(
+            body, extra_headers={"Content-Type": "application/json"})
+        return WSUpgradeResponseWithListener(response, None)
+
+    def connect(self, connection: DeviceConnection) -> bool:
+        """Register a new connection; ``False`` if its address has too many already.
+
+        An authenticated device is linked at once and takes over its older
+        connection, on this node or (through the registry) on another.
+        """
+        peer = connection.peer
+        if peer is not None:
+            count = self._per_peer.get(peer, 0)
+            if count >= self.settings.max_connections_per_ip:
+                return False
+            self._per_peer[peer] = count + 1
+        self.connections.add(connection)
+        self._by_conn[connection.conn_id] = connection
+        device_id = connection.device_id
+        if connection.identity is not None and device_id is not None:
+            previous = self._by_device.get(device_id)
+            self._by_device[device_id] = connection
+            if previous is not None:
+                previous.close(CLOSE_TAKEN_OVER, "replaced by a newer connection of this device")
+            self.registry.link(device_id, connection.conn_id)
+        return True
+
+    def release(self, connection: DeviceConnection) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        self._by_conn.pop(connection.conn_id, None)
+        peer = connection.peer
+        if peer is not None:
+            left = self._per_peer.get(peer, 1) - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
+        device_id = connection.device_id
+        if device_id is not None:
+            if self._by_device.get(device_id) is connection:
+                del self._by_device[device_id]
+            self.registry.unlink(device_id, connection.conn_id)
+
+    def limiter(self, device_id: str) -> DeviceLimiter:
+        limiter = self._limiters.get(device_id)
+        if limiter is None:
+            settings = self.settings
+            limiter = self._limiters[device_id] = DeviceLimiter(
+                records_per_s=settings.rate_records, bytes_per_s=settings.rate_bytes,
+                burst=settings.rate_burst, max_delay=settings.rate_max_delay,
+                now=time.monotonic(),
+            )
+        return limiter
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        """A message on this node's control channel (another node's take-over)."""
+        if message.get("op") == "takeover":
+            connection = self._by_conn.get(str(message.get("conn")))
+            if connection is not None:
+                connection.close(CLOSE_TAKEN_OVER, "replaced by a newer connection of this device")
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        settings = self.settings
+        if settings.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        return context
 
     async def start(self) -> None:
-        self.producer.start()
-        self.registry.start()
         settings = self.settings
+        if settings.auth == "none":
+            log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
+                        "Use --auth token unless this is a legacy fleet on a closed network.")
+        elif settings.auth == "token":
+            await self._refresh_tokens()
+        self.producer.start()
+        self.registry.start(self.on_control)
         self._server = await ws_create_server(
             self._accept,
             settings.host,
             settings.ws_port,
+            ssl=self._ssl_context(),
             max_frame_size=settings.max_frame_bytes,
             enable_auto_ping=True,
             auto_ping_idle_timeout=settings.ping_interval,
             auto_ping_reply_timeout=settings.ping_interval,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            websocket_handshake_timeout=10,
+            websocket_handshake_timeout=settings.handshake_timeout,
             reuse_address=True,
         )
-        self._sweeper = asyncio.get_running_loop().create_task(self._close_idle())
-        log.info("gateway %s listening on ws://%s:%d (queue: %s, auth: %s)",
-                 settings.node_id, settings.host, self.port, settings.queue, settings.auth)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping")]
+        if settings.auth == "token":
+            self._tasks.append(loop.create_task(self._watch_tokens(), name="tokens"))
+        scheme = "wss" if settings.tls_cert else "ws"
+        log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
+                 settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
 
-    async def _close_idle(self) -> None:
+    async def _refresh_tokens(self) -> None:
+        try:
+            if await self.tokens.refresh(self._client):
+                for connection in list(self.connections):
+                    identity = connection.identity
+                    if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
+                        connection.close(CLOSE_REVOKED, "credentials revoked or rotated")
+        except REDIS_DOWN as exc:
+            log.warning("cannot refresh device tokens: %s", exc)
+
+    async def _watch_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self._refresh_tokens()
+
+    async def _housekeeping(self) -> None:
+        """Close idle connections; forget rate limiters with nothing to remember."""
         timeout = self.settings.idle_timeout
         while True:
             await asyncio.sleep(min(timeout / 4, 5.0))
-            deadline = time.monotonic() - timeout
+            now = time.monotonic()
+            deadline = now - timeout
             for connection in [c for c in self.connections if c.last_activity < deadline]:
                 connection.close(CloseCode.NORMAL, "idle timeout")
+            for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
+                del self._limiters[device_id]
 
     async def stop(self) -> None:
         """Stop accepting, send the acks in flight, close devices with 1001, clean up."""
         if self._server is not None:
             self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.producer.close()
         for connection in list(self.connections):
             connection.close(CloseCode.GOING_AWAY, "gateway shutting down")
@@ -273,6 +492,7 @@ class Gateway:
                 break
             await asyncio.sleep(0.02)
         await self.registry.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
 

@@ -95,6 +95,7 @@ class StreamConsumer:
         self._own_pending_checked = False
         self._trim_interval = trim_interval
         self._next_trim = 0.0
+        self._untrimmed = False
 
     def ensure_group(self) -> None:
         """Create the group (reading from the very first entry) if it is missing."""
@@ -141,7 +142,10 @@ class StreamConsumer:
             mine = self._read("0", count, None)
             if mine:
                 return mine
-        return self._read(">", count, block_ms)
+        records = self._read(">", count, block_ms)
+        if not records and self._untrimmed:
+            self.trim()  # idle now: catch up on the trims skipped while busy
+        return records
 
     def _read(self, start: str, count: int, block_ms: int | None) -> list[QueuedRecord]:
         reply = self._client.xreadgroup(
@@ -173,12 +177,14 @@ class StreamConsumer:
     def ack(self, records: Sequence[QueuedRecord]) -> None:
         if records:
             self._client.xack(self.stream, self.group, *[record.qid for record in records])
+            self._untrimmed = True
         if time.monotonic() >= self._next_trim:
-            self._next_trim = time.monotonic() + self._trim_interval
             self.trim()
 
     def trim(self) -> int:
         """Delete the entries every group has acknowledged; return how many."""
+        self._next_trim = time.monotonic() + self._trim_interval
+        self._untrimmed = False
         safe: tuple[int, int] | None = None
         for info in self._client.xinfo_groups(self.stream):
             pending = self._client.xpending(self.stream, info["name"])

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Final, Literal
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 import redis.asyncio
 import redis.exceptions
@@ -27,16 +28,41 @@ from fleetlog.errors import FleetlogError, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN
 
-__all__ = ["Done", "Producer"]
+__all__ = ["Done", "IngestResult", "Producer"]
 
 log = logging.getLogger(__name__)
 
-#: Called once per submission with ``None`` (queued) or the reason it was not.
-Done = Callable[[FleetlogError | None], None]
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What Redis did with one submission (see :func:`fleetlog.protocol.ack_frame`)."""
+
+    duplicate_frame: bool = False
+    duplicates: list[int] = field(default_factory=list)
+    stored_through: int | None = None
+    missing: list[tuple[int, int]] = field(default_factory=list)
+
+
+_QUEUED: Final = IngestResult()
+
+#: Called once per submission with its result, or the reason nothing was queued.
+Done = Callable[[IngestResult | FleetlogError], None]
 
 #: Records per Lua call: big enough to amortise the round trip, small enough
 #: that one call does not stall Redis for other clients.
 _MAX_PER_CALL: Final = 2000
+
+
+def _result(raw: Any) -> IngestResult:
+    duplicate_frame, duplicates, through, missing = raw
+    if not duplicate_frame and not duplicates and through == -1:
+        return _QUEUED
+    return IngestResult(
+        bool(duplicate_frame),
+        [int(seq) for seq in duplicates],
+        None if through == -1 else int(through),
+        [(int(missing[n]), int(missing[n + 1])) for n in range(0, len(missing), 2)],
+    )
 
 
 class Producer:
@@ -49,15 +75,13 @@ class Producer:
         mode: Literal["stream", "list"],
         stream: str,
         max_backlog: int,
+        dedupe_window: int = 86_400,
     ) -> None:
-        self._client = client
         self._key = stream if mode == "stream" else keys.LEGACY_LIST
-        self._script = client.register_script(
-            scripts.STREAM_INGEST if mode == "stream" else scripts.LIST_INGEST
-        )
-        self._max_backlog = max_backlog
-        self._records: list[bytes | str] = []
-        self._waiting: list[tuple[Done, int]] = []
+        self._script = client.register_script(scripts.INGEST)
+        self._head = [max_backlog, dedupe_window, mode]
+        self._args: list[bytes | str | int] = []
+        self._waiting: list[tuple[Done, int, int]] = []  # callback, records, args
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -66,13 +90,40 @@ class Producer:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="producer")
 
-    def submit(self, records: Sequence[tuple[str, bytes]], done: Done) -> None:
-        """Queue ``(device_id, record_json)`` pairs; ``done`` is called once for all."""
-        append = self._records.append
-        for device_id, record in records:
-            append(device_id)
-            append(record)
-        self._waiting.append((done, len(records)))
+    def submit(
+        self,
+        device_id: str,
+        records: Sequence[bytes],
+        done: Done,
+        *,
+        seqs: Sequence[int | None] | None = None,
+        session: str = "",
+        frame_id: str | None = None,
+    ) -> None:
+        """Queue one device's records together; ``done`` is called once for all.
+
+        With ``frame_id``, a second submission of the same id within the dedupe
+        window queues nothing and reports ``duplicate_frame``.  With ``seqs``,
+        records whose seq was already queued are skipped and reported.
+        """
+        args = self._args
+        before = len(args)
+        tracked = seqs is not None and any(seq is not None for seq in seqs)
+        args += (
+            keys.frame_seen(device_id, frame_id) if frame_id is not None else "",
+            device_id,
+            keys.seq_state(device_id, session) if tracked else "",
+            keys.seq_above(device_id, session) if tracked else "",
+            len(records),
+        )
+        if tracked:
+            assert seqs is not None
+            for seq, record in zip(seqs, records, strict=True):
+                args += ("" if seq is None else str(seq), record)
+        else:
+            for record in records:
+                args += ("", record)
+        self._waiting.append((done, len(records), len(args) - before))
         self._wakeup.set()
 
     async def _run(self) -> None:
@@ -85,34 +136,39 @@ class Producer:
                 await self._wakeup.wait()
                 self._wakeup.clear()
 
-    def _take(self) -> tuple[list[bytes | str], list[Done]]:
+    def _take(self) -> tuple[list[bytes | str | int], list[Done]]:
         """Take whole submissions, up to about ``_MAX_PER_CALL`` records."""
-        count = 0
+        records = 0
         cut = 0
-        for _done, size in self._waiting:
-            if cut and count + size > _MAX_PER_CALL:
+        width = 0
+        for _, size, arg_count in self._waiting:
+            if cut and records + size > _MAX_PER_CALL:
                 break
-            count += size
+            records += size
+            width += arg_count
             cut += 1
-        taken = [done for done, _ in self._waiting[:cut]]
+        taken = [done for done, _, _ in self._waiting[:cut]]
         del self._waiting[:cut]
-        args = self._records[: 2 * count]
-        del self._records[: 2 * count]
+        args = self._args[:width]
+        del self._args[:width]
         return args, taken
 
     async def _flush(self) -> None:
         args, callbacks = self._take()
-        outcome: FleetlogError | None = None
+        outcomes: list[IngestResult | FleetlogError]
         try:
             self.calls += 1
-            result = await self._script(keys=[self._key], args=[self._max_backlog, *args])
-            if isinstance(result, int):
-                outcome = QueueFull(f"queue backlog is {result} records, over its limit")
+            reply = await self._script(keys=[self._key], args=[*self._head, *args])
+            if isinstance(reply, int):
+                full = QueueFull(f"queue backlog is {reply} records, over its limit")
+                outcomes = [full] * len(callbacks)
+            else:
+                outcomes = [_result(raw) for raw in reply]
         except REDIS_DOWN as exc:
-            outcome = QueueUnavailable(f"Redis unavailable: {exc}")
+            outcomes = [QueueUnavailable(f"Redis unavailable: {exc}")] * len(callbacks)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
-            outcome = QueueUnavailable(f"Redis refused the write: {exc}")
-        for done in callbacks:
+            outcomes = [QueueUnavailable(f"Redis refused the write: {exc}")] * len(callbacks)
+        for done, outcome in zip(callbacks, outcomes, strict=True):
             try:
                 done(outcome)
             except Exception:  # one connection's bug must not stall the others

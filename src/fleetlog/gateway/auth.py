@@ -1,0 +1,99 @@
+"""Who is connecting: the handshake's credentials checked, with no I/O.
+
+Firmware often cannot set headers, so a token is taken from
+``Authorization: Bearer TOKEN`` or, failing that, the ``token`` query
+parameter.  Three modes:
+
+* ``none``: anyone may connect and claim any ``deviceId`` (the original's
+  behaviour, for legacy fleets; the gateway warns loudly at start);
+* ``token``: the token must be in the :class:`~fleetlog.credentials.TokenTable`,
+  and names the device;
+* ``jwt``: an HS256 or RS256 JSON Web Token whose ``sub`` names the device and
+  whose ``exp`` has not passed, for fleets that mint their own credentials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+
+from fleetlog.credentials import TokenTable
+from fleetlog.errors import ConfigError
+
+__all__ = ["Authenticator", "Identity", "Refused", "token_from"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated device; ``token_hash`` lets a revocation find its connections."""
+
+    device_id: str
+    token_hash: str | None = None
+
+
+class Refused(Exception):
+    """Raised when a handshake's credentials are missing or wrong (HTTP 401)."""
+
+
+def token_from(authorization: str | None, path: bytes) -> str | None:
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    query = urlsplit(path.decode("latin-1")).query
+    values = parse_qs(query).get("token")
+    return values[0] if values else None
+
+
+class Authenticator:
+    def __init__(
+        self,
+        mode: str,
+        tokens: TokenTable,
+        *,
+        jwt_secret: str | None = None,
+        jwt_public_key: Path | None = None,
+    ) -> None:
+        self.mode = mode
+        self.tokens = tokens
+        self._jwt_key: str | None = None
+        self._jwt_algorithms: list[str] = []
+        if mode == "jwt":
+            if jwt_public_key is not None:
+                self._jwt_key = jwt_public_key.read_text()
+                self._jwt_algorithms = ["RS256"]
+            elif jwt_secret:
+                self._jwt_key = jwt_secret
+                self._jwt_algorithms = ["HS256"]
+            else:
+                raise ConfigError("--auth jwt needs --jwt-secret (HS256) or --jwt-public-key (RS256)")
+
+    def identify(self, authorization: str | None, path: bytes) -> Identity | None:
+        """The device a handshake authenticates as (``None`` in mode ``none``).
+
+        Raises :class:`Refused` with the reason when credentials are missing or bad.
+        """
+        if self.mode == "none":
+            return None
+        token = token_from(authorization, path)
+        if not token:
+            raise Refused("missing credentials: send Authorization: Bearer TOKEN or ?token=TOKEN")
+        if self.mode == "token":
+            found = self.tokens.device_for(token)
+            if found is None:
+                raise Refused("unknown or revoked token")
+            return Identity(*found)
+        try:
+            claims = jwt.decode(
+                token, self._jwt_key, algorithms=self._jwt_algorithms,  # type: ignore[arg-type]
+                options={"require": ["sub", "exp"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise Refused(f"invalid token: {exc}") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject or len(subject) > 128:
+            raise Refused("invalid token: sub must name the device")
+        return Identity(subject)

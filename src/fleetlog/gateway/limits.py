@@ -1,0 +1,83 @@
+"""Per-device rate limits, with no I/O: token buckets that slow before they refuse.
+
+Each device has two buckets, records/s and bytes/s, each holding ``burst``
+seconds' worth.  A frame that fits goes through.  A frame that does not fit
+but would within ``max_delay`` is *slowed*: its cost is taken as debt and the
+gateway waits that long before handling it (and stops reading from the
+device meanwhile).  That is the catch-up allowance: a device flushing its
+backlog after a reconnect is paced at its rate instead of being refused.
+Only a frame that would wait longer is refused with ``rate_limited`` and a
+``retry_after_ms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Decision", "DeviceLimiter", "TokenBucket"]
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``capacity`` saved up; may go into debt."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` tokens are available (0 if they are now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= cost else (cost - self.tokens) / self.rate
+
+    def take(self, cost: float) -> None:
+        self.tokens -= cost
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.capacity
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``delay`` seconds to wait before handling the frame, or a refusal."""
+
+    delay: float = 0.0
+    refused: bool = False
+    retry_after: float = 0.0
+
+
+_GO = Decision()
+
+
+class DeviceLimiter:
+    """Both buckets of one device; :meth:`admit` decides for each frame."""
+
+    __slots__ = ("bytes", "max_delay", "records")
+
+    def __init__(
+        self, *, records_per_s: float, bytes_per_s: float, burst: float, max_delay: float,
+        now: float,
+    ) -> None:
+        self.records = TokenBucket(records_per_s, records_per_s * burst, now)
+        self.bytes = TokenBucket(bytes_per_s, bytes_per_s * burst, now)
+        self.max_delay = max_delay
+
+    def admit(self, records: int, size: int, now: float) -> Decision:
+        wait = max(self.records.wait_for(records, now), self.bytes.wait_for(size, now))
+        if wait > self.max_delay:
+            return Decision(refused=True, retry_after=wait)
+        self.records.take(records)
+        self.bytes.take(size)
+        return _GO if wait == 0.0 else Decision(delay=wait)
+
+    def idle(self, now: float) -> bool:
+        """True when both buckets are full: forgetting this limiter changes nothing."""
+        return self.records.full(now) and self.bytes.full(now)
