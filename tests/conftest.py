@@ -80,12 +80,13 @@ class Processes:
         self.started.append(process)
         return process
 
-    def gateway(self, redis_url: str, data_dir: Path, *extra: str, auth: str = "none"
+    def gateway(self, redis_url: str, data_dir: Path, *extra: str, auth: str = "none",
+                log_name: str | None = None, env: dict[str, str] | None = None,
                 ) -> tuple[subprocess.Popen[bytes], int]:
         """A gateway on a free port; legacy tests run it with ``--auth none``, like old fleets."""
         port = free_port()
         process = self.start("gateway", "--redis-url", redis_url, "--data-dir", str(data_dir),
-                             "--port", str(port), "--auth", auth, *extra)
+                             "--port", str(port), "--auth", auth, *extra, log_name=log_name, env=env)
         wait_for_port(port, process=process)
         return process, port
 

@@ -130,6 +130,8 @@ def _config_path(config_file: str | Path | None) -> Path | None:
         return path
     env = os.environ.get("FLEETLOG_CONFIG")
     if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"config file not found: {env} (from FLEETLOG_CONFIG)")
         return Path(env)
     default = Path("fleetlog.toml")
     return default if default.is_file() else None

@@ -19,9 +19,19 @@ def _live_nodes(client: Any) -> set[str]:
     return {key.decode()[len(prefix):] for key in client.scan_iter(match=f"{prefix}*", count=1000)}
 
 
+def _refusals(client: Any) -> dict[str, dict[str, int]]:
+    prefix = keys.refusals("")
+    result = {}
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        counts = client.hgetall(key)
+        result[key.decode()[len(prefix):]] = {k.decode(): int(v) for k, v in counts.items()}
+    return result
+
+
 def list_devices(settings: Settings, redis_url: str | None) -> tuple[list[dict[str, Any]], str]:
-    """One row per device (CONTRACT.md's fields), and a warning ('' if none)."""
+    """One row per device (CONTRACT.md's fields plus ``refused`` counts by reason), and a warning."""
     links: dict[str, dict[str, Any]] = {}
+    refused: dict[str, dict[str, int]] = {}
     live: set[str] = set()
     warning = ""
     if redis_url is not None:
@@ -32,6 +42,7 @@ def list_devices(settings: Settings, redis_url: str | None) -> tuple[list[dict[s
                 for device, raw in client.hgetall(keys.DEVICE_LINKS).items()
             }
             live = _live_nodes(client)
+            refused = _refusals(client)
         except REDIS_DOWN as exc:
             warning = f"Redis unavailable ({exc}); online state unknown (shown as offline)"
         finally:
@@ -42,7 +53,7 @@ def list_devices(settings: Settings, redis_url: str | None) -> tuple[list[dict[s
     finally:
         store.close()
     rows = []
-    for device_id in sorted(stats.keys() | links.keys()):
+    for device_id in sorted(stats.keys() | links.keys() | (refused.keys() - {"-"})):
         link = links.get(device_id)
         online = link is not None and is_online(link, live)
         stat = stats.get(device_id)
@@ -53,5 +64,6 @@ def list_devices(settings: Settings, redis_url: str | None) -> tuple[list[dict[s
             "connected_since": link.get("since") if link and online else None,
             "last_seen": iso_ms(stat.last_seen) if stat else None,
             "records": stat.records if stat else 0,
+            "refused": refused.get(device_id, {}),
         })
     return rows, warning

@@ -39,6 +39,9 @@ class FrameError(FleetlogError):
         self.code = code
         self.message = message
         self.frame_id = frame_id
+        #: True when the frame was a v2 ``log`` frame (its error is not preceded
+        #: by the legacy ``server receive a message!``).
+        self.v2 = False
 
 
 class QueueUnavailable(FleetlogError):

@@ -23,6 +23,7 @@ apart by ``type``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -88,6 +89,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def decode_json(payload: bytes) -> Any:
     """Decode JSON exactly: fast with orjson, exact for integers beyond 64 bits.
 
@@ -96,15 +104,26 @@ def decode_json(payload: bytes) -> Any:
     """
     if _LONG_INTEGER.search(payload) is None:
         return orjson.loads(payload)
-    return json.loads(payload, parse_constant=_reject_constant)
+    return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def encode_json(value: Any) -> bytes:
-    """Encode JSON compactly with Unicode unescaped, as the original did."""
+    """Encode JSON compactly with Unicode unescaped, as the original did.
+
+    Raises :class:`ValueError` for what has no UTF-8 form (a lone surrogate
+    that the stdlib decoder let through).
+    """
     try:
         return orjson.dumps(value)
     except TypeError:  # an integer beyond 64 bits, decoded by the stdlib
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _encode_record(value: Any) -> bytes:
+    try:
+        return encode_json(value)
+    except ValueError as exc:  # UnicodeEncodeError: a lone surrogate
+        raise FrameError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
 
 
 def _is_empty(data: Any) -> bool:
@@ -149,7 +168,11 @@ def parse_frame(payload: bytes, max_records: int) -> LegacyFrame | LogBatch:
     """
     message = _decode_object(payload)
     if message.get("type") == "log":
-        return _log_batch(message, max_records)
+        try:
+            return _log_batch(message, max_records)
+        except FrameError as exc:
+            exc.v2 = True
+            raise
     return _legacy(message)
 
 
@@ -191,7 +214,7 @@ def _log_batch(message: dict[str, Any], max_records: int) -> LogBatch:
             seqs.append(seq)
         return LogBatch(
             frame_id, _device_id(message.get("deviceId")), session,
-            [encode_json(record) for record in records], seqs,
+            [_encode_record(record) for record in records], seqs,
         )
     except FrameError as exc:
         exc.frame_id = frame_id
@@ -205,7 +228,7 @@ def _legacy(message: dict[str, Any]) -> LegacyFrame:
     data = message.get("data")
     if _is_empty(data):
         raise FrameError(ErrorCode.BAD_FRAME, "type 4 frame without data: nothing stored")
-    return LegacyFrame(device_id, encode_json(data))
+    return LegacyFrame(device_id, _encode_record(data))
 
 
 def error_frame(code: ErrorCode, message: str, **extra: Any) -> bytes:

@@ -17,12 +17,14 @@ is used only in this module, so it can be swapped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import signal
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -95,7 +97,7 @@ class DeviceConnection(WSListener):
         self.last_activity = time.monotonic()
         self._reassembler = Reassembler(gateway.settings.max_frame_bytes)
         self._replies: deque[_Reply] = deque()
-        self._inbox: deque[bytes] = deque()  # messages waiting out a rate-limit delay
+        self._inbox: deque[Callable[[], None]] = deque()  # work waiting out a rate-limit delay
         self._delayed = False
         self._transport: WSTransport | None = None
         self._paused = False
@@ -145,7 +147,7 @@ class DeviceConnection(WSListener):
             self._refuse(ErrorCode.BAD_FRAME, "binary frames are not accepted", legacy=True)
             return
         if self._delayed:
-            self._inbox.append(message.payload)
+            self._inbox.append(functools.partial(self.receive, message.payload))
         else:
             self.receive(message.payload)
 
@@ -157,8 +159,7 @@ class DeviceConnection(WSListener):
         try:
             frame = protocol.parse_frame(payload, gateway.settings.max_records_per_frame)
         except FrameError as exc:
-            legacy = exc.frame_id is None
-            self._refuse(exc.code, exc.message, exc.frame_id, legacy=legacy)
+            self._refuse(exc.code, exc.message, exc.frame_id, legacy=not exc.v2)
             return
         if isinstance(frame, protocol.LegacyFrame):
             legacy, frame_id = True, None
@@ -177,7 +178,14 @@ class DeviceConnection(WSListener):
                          legacy=legacy, retry_after_ms=int(decision.retry_after * 1000) + 1)
             return
         if decision.delay:
-            self._delay(decision.delay)
+            self._delay(decision.delay, functools.partial(self._queue, frame, device_id, records))
+        else:
+            self._queue(frame, device_id, records)
+
+    def _queue(self, frame: protocol.LegacyFrame | protocol.LogBatch, device_id: str,
+               records: list[bytes]) -> None:
+        """Hand an admitted frame's records to the producer; its reply waits in order."""
+        gateway = self.gateway
         reply = _Reply()
         self._replies.append(reply)
         if len(self._replies) >= _MAX_IN_FLIGHT:
@@ -235,16 +243,17 @@ class DeviceConnection(WSListener):
         wire = _error(code, message, frame_id, **extra)
         self._reply(_RECEIVED + wire if legacy else wire)
 
-    def _delay(self, seconds: float) -> None:
-        """Hold this device's next messages for ``seconds`` (rate limit: slowed, not refused)."""
+    def _delay(self, seconds: float, action: Callable[[], None]) -> None:
+        """Run ``action`` (and every message after it) in ``seconds``: slowed, not refused."""
         self._delayed = True
+        self._inbox.appendleft(action)
         self._pause_reading()
         asyncio.get_running_loop().call_later(seconds, self._end_delay)
 
     def _end_delay(self) -> None:
         self._delayed = False
         while self._inbox and not self._delayed:
-            self.receive(self._inbox.popleft())
+            self._inbox.popleft()()
         if not self._delayed and len(self._replies) < _MAX_IN_FLIGHT:
             self._resume_reading()
 

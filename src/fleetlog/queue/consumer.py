@@ -198,7 +198,7 @@ class StreamConsumer:
                 safe = _id_key(low)
         if safe is None or safe == (0, 1):
             return 0
-        trimmed: int = self._client.xtrim(self.stream, minid=f"{safe[0]}-{safe[1]}")
+        trimmed: int = self._client.xtrim(self.stream, minid=f"{safe[0]}-{safe[1]}", approximate=False)
         return trimmed
 
     def dead_letter(self, record: QueuedRecord, reason: str) -> None:
@@ -227,7 +227,10 @@ class ListConsumer:
         batch = int(client.incr(keys.LEGACY_BATCH_SEQ))
         processing = keys.legacy_processing(batch)
         client.zadd(keys.LEGACY_INFLIGHT, {str(batch): _now_ms()})
-        first = client.blmove(keys.LEGACY_LIST, processing, block_ms / 1000, "RIGHT", "LEFT")
+        # Never block for as long as a batch may sit before others claim it: an
+        # empty batch claimed while we block would strand the record we then take.
+        block = max(10, min(block_ms, self._claim_idle_ms // 2)) / 1000
+        first = client.blmove(keys.LEGACY_LIST, processing, block, "RIGHT", "LEFT")
         if first is None:
             self._forget(batch)
             return []

@@ -33,11 +33,18 @@ _CHUNK: Final = 5000
 
 
 def format_line(record: StoredRecord) -> bytes:
-    """One line of a daily file; ``data`` is spliced in as stored, not re-encoded."""
+    """One line of a daily file; ``data`` is spliced in as stored, not re-encoded.
+
+    Only JSON with line breaks between its tokens (pretty-printed by some other
+    producer) is compacted, since a line must stay a line.
+    """
+    data = record.data.encode()
+    if b"\n" in data or b"\r" in data:
+        data = orjson.dumps(orjson.loads(data))
     head = orjson.dumps(
         {"seq": record.seq, "device_id": record.device_id, "received_at": iso_ms(record.received_at)}
     )
-    return head[:-1] + b',"data":' + record.data.encode() + b"}\n"
+    return head[:-1] + b',"data":' + data + b"}\n"
 
 
 def _last_seq(path: Path) -> int:

@@ -207,12 +207,15 @@ class SQLiteStore:
                 where.append("level = ?")
                 params.append(level)
         if query.grep:
-            if len(query.grep) >= _TRIGRAM:
+            # Records are kept as JSON: find the text as typed (a JSON fragment,
+            # say) or as JSON writes it inside a string (quotes, backslashes escaped).
+            needles = list(dict.fromkeys([query.grep, orjson.dumps(query.grep).decode()[1:-1]]))
+            if min(len(needle) for needle in needles) >= _TRIGRAM:
                 where.append("seq IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?)")
-                params.append(_fts_phrase(query.grep))
+                params.append(" OR ".join(_fts_phrase(needle) for needle in needles))
             else:
-                where.append("instr(lower(data), lower(?)) > 0")
-                params.append(query.grep)
+                where.append("(" + " OR ".join(["instr(lower(data), lower(?)) > 0"] * len(needles)) + ")")
+                params.extend(needles)
         sql = (
             f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)}"
             " ORDER BY seq DESC LIMIT ?"

@@ -1,0 +1,245 @@
+"""fleetlog.queue.producer.Producer against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Literal
+
+import pytest
+import redis
+
+from fleetlog import keys
+from fleetlog.embedded import RedisServer, free_port
+from fleetlog.errors import FleetlogError, QueueFull, QueueUnavailable
+from fleetlog.queue.connection import connect_async
+from fleetlog.queue.producer import IngestResult, Producer
+
+STREAM = "fleetlog:records"
+
+
+Outcome = IngestResult | FleetlogError
+
+#: What a plain submission (no frame id, no seqs) is answered with once queued.
+QUEUED = IngestResult()
+
+
+class Outcomes:
+    """Collects every callback a producer makes, one future per submission."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[Outcome]] = []
+        self.calls = 0
+
+    def callback(self) -> Callable[[Outcome], None]:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+
+        def done(outcome: Outcome) -> None:
+            self.calls += 1
+            future.set_result(outcome)  # a second call would raise InvalidStateError
+
+        return done
+
+    async def results(self) -> list[Outcome]:
+        return list(await asyncio.wait_for(asyncio.gather(*self.futures), timeout=10))
+
+
+async def make_producer(
+    url: str, mode: Literal["stream", "list"] = "stream", max_backlog: int = 1_000_000, timeout: float = 5.0
+) -> Producer:
+    client = connect_async(url, timeout=timeout)
+    producer = Producer(client, mode=mode, stream=STREAM, max_backlog=max_backlog)
+    producer.start()
+    return producer
+
+
+async def submit(
+    producer: Producer, device: str, records: Sequence[bytes], frame_id: str | None = None
+) -> Outcome:
+    outcomes = Outcomes()
+    producer.submit(device, records, outcomes.callback(), frame_id=frame_id)
+    (result,) = await outcomes.results()
+    return result
+
+
+@pytest.fixture
+def sync_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+async def producer(redis_url: str) -> AsyncIterator[Producer]:
+    made = await make_producer(redis_url)
+    yield made
+    await made.close()
+
+
+def stream_entries(client: redis.Redis) -> list[tuple[bytes, bytes]]:
+    return [(fields[b"d"], fields[b"r"]) for _, fields in client.xrange(STREAM)]
+
+
+async def test_submissions_are_queued_in_order_with_one_callback_each(
+    producer: Producer, sync_client: redis.Redis
+) -> None:
+    outcomes = Outcomes()
+    expected = []
+    for n in range(200):
+        device = f"D{n % 3}"
+        record = f'{{"n":{n},"msg":"门 {n}"}}'.encode()
+        producer.submit(device, [record], outcomes.callback())
+        expected.append((device.encode(), record))
+    assert await outcomes.results() == [QUEUED] * 200
+    assert outcomes.calls == 200
+    assert stream_entries(sync_client) == expected
+    assert producer.calls == 1, "submissions of one loop turn go out in one Redis call"
+
+
+async def test_one_submission_of_several_records_has_one_callback(
+    producer: Producer, sync_client: redis.Redis
+) -> None:
+    outcomes = Outcomes()
+    producer.submit("A", [b"1", b"2", b"3"], outcomes.callback())
+    producer.submit("C", [b"4"], outcomes.callback())
+    assert await outcomes.results() == [QUEUED, QUEUED]
+    assert outcomes.calls == 2
+    assert stream_entries(sync_client) == [(b"A", b"1"), (b"A", b"2"), (b"A", b"3"), (b"C", b"4")]
+
+
+async def test_order_holds_across_many_calls(producer: Producer, sync_client: redis.Redis) -> None:
+    outcomes = Outcomes()
+    for n in range(3000):  # more than one Lua call's worth, over several loop turns
+        producer.submit("D", [str(n).encode()], outcomes.callback())
+        if n % 500 == 0:
+            await asyncio.sleep(0)
+    assert await outcomes.results() == [QUEUED] * 3000
+    assert [int(record) for _, record in stream_entries(sync_client)] == list(range(3000))
+    assert producer.calls >= 2
+
+
+async def test_callback_comes_only_after_redis_has_the_record(
+    producer: Producer, sync_client: redis.Redis
+) -> None:
+    seen: list[int] = []
+    finished = asyncio.Event()
+
+    def done(outcome: Outcome) -> None:
+        seen.append(sync_client.xlen(STREAM))
+        finished.set()
+
+    producer.submit("D", [b'{"x":1}'], done)
+    await asyncio.wait_for(finished.wait(), 10)
+    assert seen == [1]
+
+
+async def test_queue_full_at_max_backlog(redis_url: str, sync_client: redis.Redis) -> None:
+    producer = await make_producer(redis_url, max_backlog=3)
+    try:
+        for n in range(3):
+            assert await submit(producer, "D", [str(n).encode()]) == QUEUED
+        outcome = await submit(producer, "D", [b"3"])
+        assert isinstance(outcome, QueueFull)
+        assert "3" in str(outcome)
+        assert sync_client.xlen(STREAM) == 3, "nothing of a refused submission is queued"
+        sync_client.xtrim(STREAM, maxlen=2, approximate=False)  # a worker caught up
+        assert await submit(producer, "D", [b"4"]) == QUEUED
+        assert [record for _, record in stream_entries(sync_client)] == [b"1", b"2", b"4"]
+    finally:
+        await producer.close()
+
+
+async def test_queue_unavailable_when_redis_is_unreachable() -> None:
+    producer = await make_producer(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)
+    try:
+        outcomes = Outcomes()
+        producer.submit("D", [b"1"], outcomes.callback())
+        producer.submit("E", [b"2"], outcomes.callback())
+        results = await outcomes.results()
+        assert all(isinstance(result, QueueUnavailable) for result in results), results
+        assert outcomes.calls == 2
+    finally:
+        await producer.close()
+
+
+async def test_redis_going_away_and_coming_back(private_redis: RedisServer) -> None:
+    producer = await make_producer(private_redis.url, timeout=1.0)
+    try:
+        assert await submit(producer, "D", [b"before"]) == QUEUED
+        private_redis.stop()
+        assert isinstance(await submit(producer, "D", [b"lost"]), QueueUnavailable)
+        private_redis.start()
+        outcome: Outcome | None = None
+        for _ in range(20):  # the first call after the restart may still see the dead socket
+            outcome = await submit(producer, "D", [b"after"])
+            if outcome == QUEUED:
+                break
+            await asyncio.sleep(0.1)
+        assert outcome == QUEUED
+    finally:
+        await producer.close()
+    client = redis.Redis.from_url(private_redis.url)
+    records = [fields[b"r"] for _, fields in client.xrange(STREAM)]
+    client.close()
+    assert records[0] == b"before", "the AOF kept what was acknowledged"
+    assert b"lost" not in records
+    assert records[-1] == b"after"
+
+
+async def test_close_flushes_what_is_pending(redis_url: str, sync_client: redis.Redis) -> None:
+    producer = await make_producer(redis_url)
+    outcomes = Outcomes()
+    for n in range(10):
+        producer.submit("D", [str(n).encode()], outcomes.callback())
+    await asyncio.wait_for(producer.close(), 10)
+    assert all(future.done() and future.result() == QUEUED for future in outcomes.futures)
+    assert sync_client.xlen(STREAM) == 10
+
+
+async def test_any_database_in_the_url(redis_url: str) -> None:
+    url_15 = redis_url.rsplit("/", 1)[0] + "/15"
+    producer = await make_producer(url_15)
+    try:
+        assert await submit(producer, "D", [b"in db 15"]) == QUEUED
+    finally:
+        await producer.close()
+    db0, db15 = redis.Redis.from_url(redis_url), redis.Redis.from_url(url_15)
+    assert db0.xlen(STREAM) == 0
+    assert db15.xlen(STREAM) == 1
+    db0.close()
+    db15.close()
+
+
+# -- list mode (the original design's write) ---------------------------------------------
+
+
+async def test_list_mode_lpushes_the_record_json_exactly(redis_url: str, sync_client: redis.Redis) -> None:
+    producer = await make_producer(redis_url, mode="list")
+    records = [b'{"deviceId":"D1","n":0}', '{"msg":"设备日誌"}'.encode(), b"0", b'"text"']
+    try:
+        outcomes = Outcomes()
+        for record in records:
+            producer.submit("D1", [record], outcomes.callback())
+        assert await outcomes.results() == [QUEUED] * 4
+    finally:
+        await producer.close()
+    assert sync_client.lrange(keys.LEGACY_LIST, 0, -1) == records[::-1], "LPUSH: newest first"
+    assert not sync_client.exists(STREAM)
+
+
+async def test_list_mode_queue_full(redis_url: str, sync_client: redis.Redis) -> None:
+    producer = await make_producer(redis_url, mode="list", max_backlog=2)
+    try:
+        assert await submit(producer, "D", [b"1", b"2"]) == QUEUED
+        assert isinstance(await submit(producer, "D", [b"3"]), QueueFull)
+    finally:
+        await producer.close()
+    assert sync_client.lrange(keys.LEGACY_LIST, 0, -1) == [b"2", b"1"]
+
+
+async def test_a_frame_id_is_queued_once(producer: Producer, sync_client: redis.Redis) -> None:
+    assert await submit(producer, "D", [b"1", b"2"], frame_id="m-1") == QUEUED
+    again = await submit(producer, "D", [b"1", b"2"], frame_id="m-1")
+    assert isinstance(again, IngestResult)
+    assert again.duplicate_frame
+    assert await submit(producer, "E", [b"3"], frame_id="m-1") == QUEUED, "frame ids are per device"
+    assert stream_entries(sync_client) == [(b"D", b"1"), (b"D", b"2"), (b"E", b"3")]

@@ -1,0 +1,185 @@
+"""fleetlog.store.files.FilesSink: daily JSON-lines files, each record exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetlog.protocol import decode_json, encode_json
+from fleetlog.records import QueuedRecord
+from fleetlog.store.base import LogQuery
+from fleetlog.store.files import FilesSink, format_line
+from fleetlog.store.sqlite import SQLiteStore
+
+DAY1_LATE = 1_795_737_599_999  # 2026-11-26T23:59:59.999Z
+DAY2_EARLY = 1_795_737_600_000  # 2026-11-27T00:00:00.000Z
+DAY1, DAY2 = "2026-11-26", "2026-11-27"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "fleetlog.db")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> FilesSink:
+    return FilesSink(tmp_path / "logs")
+
+
+def write(store: SQLiteStore, qid: str, received_at: int, data: Any, device: str = "D1") -> None:
+    raw = data if isinstance(data, bytes) else encode_json(data)
+    assert store.write_batch([QueuedRecord(qid, device, received_at, raw)]) == 1
+
+
+def lines(sink: FilesSink, day: str) -> list[dict[str, Any]]:
+    raw = (sink.directory / f"{day}.log").read_bytes()
+    assert raw.endswith(b"\n"), "every line is complete"
+    return [decode_json(line) for line in raw.splitlines()]
+
+
+def seqs(sink: FilesSink, day: str) -> list[int]:
+    return [line["seq"] for line in lines(sink, day)]
+
+
+def test_one_line_per_record_in_the_file_of_its_utc_day(
+    store: SQLiteStore, sink: FilesSink, tmp_path: Path
+) -> None:
+    write(store, "1-0", DAY1_LATE - 5000, {"msg": "门已打开", "n": 123456789012345678901234567890})
+    write(store, "1-1", DAY1_LATE, "plain text", device="D2")
+    write(store, "1-2", DAY2_EARLY, [1, {"a": None}])
+    write(store, "1-3", DAY2_EARLY + 1, 0)
+
+    assert sink.export(store) == 4
+    assert sink.directory == tmp_path / "logs" / "device" / "log"
+    assert sorted(path.name for path in sink.directory.glob("*.log")) == [f"{DAY1}.log", f"{DAY2}.log"]
+
+    day1, day2 = lines(sink, DAY1), lines(sink, DAY2)
+    assert [(line["device_id"], line["received_at"]) for line in day1] == [
+        ("D1", "2026-11-26T23:59:54.999Z"),
+        ("D2", "2026-11-26T23:59:59.999Z"),
+    ]
+    assert [(line["device_id"], line["received_at"]) for line in day2] == [
+        ("D1", "2026-11-27T00:00:00.000Z"),
+        ("D1", "2026-11-27T00:00:00.001Z"),
+    ]
+    stored = {row.seq: row.data for device in ("D1", "D2") for row in store.query(LogQuery(device))}
+    for line in day1 + day2:
+        assert line["data"] == decode_json(stored[line["seq"]].encode())
+    # The stored JSON is spliced in as is: a long integer and Unicode survive byte for byte.
+    raw_day1 = (sink.directory / f"{DAY1}.log").read_bytes()
+    assert '"data":{"msg":"门已打开","n":123456789012345678901234567890}}\n'.encode() in raw_day1
+
+
+def test_exporting_again_writes_nothing_new(store: SQLiteStore, sink: FilesSink) -> None:
+    for n in range(5):
+        write(store, f"1-{n}", DAY1_LATE - n, {"n": n})
+    assert sink.export(store) == 5
+    before = (sink.directory / f"{DAY1}.log").read_bytes()
+    assert sink.export(store) == 0
+    assert (sink.directory / f"{DAY1}.log").read_bytes() == before
+
+    write(store, "2-0", DAY2_EARLY, {"n": 5})
+    write(store, "2-1", DAY1_LATE, {"n": 6})
+    assert sink.export(store) == 2
+    assert seqs(sink, DAY1) == [1, 2, 3, 4, 5, 7]
+    assert seqs(sink, DAY2) == [6]
+
+
+def test_a_lost_cursor_costs_no_duplicates(store: SQLiteStore, sink: FilesSink) -> None:
+    for n in range(6):
+        write(store, f"1-{n}", DAY1_LATE if n % 2 else DAY2_EARLY, {"n": n})
+    assert sink.export(store) == 6
+    cursor = sink.directory / ".cursor"
+    assert cursor.read_text() == "6"
+    cursor.unlink()
+    assert sink.export(store) == 0
+    assert seqs(sink, DAY1) == [2, 4, 6]
+    assert seqs(sink, DAY2) == [1, 3, 5]
+
+    cursor.unlink()
+    write(store, "2-0", DAY2_EARLY, {"n": 6})
+    assert sink.export(store) == 1
+    assert seqs(sink, DAY2) == [1, 3, 5, 7]
+
+
+def test_a_stale_cursor_costs_no_duplicates(store: SQLiteStore, sink: FilesSink) -> None:
+    for n in range(4):
+        write(store, f"1-{n}", DAY1_LATE, {"n": n})
+    sink.export(store)
+    (sink.directory / ".cursor").write_text("1")
+    assert sink.export(store) == 0
+    assert seqs(sink, DAY1) == [1, 2, 3, 4]
+
+
+def torn(store: SQLiteStore, seq: int) -> bytes:
+    """The first half of the line a crash left behind mid-append."""
+    (row,) = store.after(seq - 1, 1)
+    line = format_line(row)
+    return line[: len(line) // 2]
+
+
+def test_a_torn_last_line_is_cut_and_exported_again_exactly_once(
+    store: SQLiteStore, sink: FilesSink
+) -> None:
+    write(store, "1-0", DAY1_LATE, {"n": 0})
+    write(store, "1-1", DAY1_LATE, {"n": 1})
+    assert sink.export(store) == 2
+    # A crash in the middle of appending record 3: half a line, no newline, cursor still at 2.
+    write(store, "1-2", DAY1_LATE, {"n": 2, "msg": "设备离线" * 20})
+    with (sink.directory / f"{DAY1}.log").open("ab") as handle:
+        handle.write(torn(store, 3))
+
+    assert sink.export(store) == 1
+    assert seqs(sink, DAY1) == [1, 2, 3]
+    assert lines(sink, DAY1)[-1]["data"] == {"n": 2, "msg": "设备离线" * 20}
+    assert sink.export(store) == 0
+    assert seqs(sink, DAY1) == [1, 2, 3]
+
+
+def test_a_torn_line_alone_in_a_file_without_a_cursor(store: SQLiteStore, sink: FilesSink) -> None:
+    write(store, "1-0", DAY1_LATE, {"n": 0})
+    write(store, "1-1", DAY2_EARLY, {"n": 1})
+    (sink.directory / f"{DAY2}.log").write_bytes(torn(store, 2))
+    (sink.directory / f"{DAY1}.log").write_bytes(format_line(store.after(0, 1)[0]))
+
+    assert sink.export(store) == 1
+    assert seqs(sink, DAY1) == [1]
+    assert seqs(sink, DAY2) == [2]
+
+
+def test_a_torn_line_after_a_long_line_keeps_every_complete_line(
+    store: SQLiteStore, sink: FilesSink
+) -> None:
+    write(store, "1-0", DAY1_LATE, {"n": 0})
+    write(store, "1-1", DAY1_LATE, {"n": 1, "blob": "x" * 20_000})  # longer than the tail block
+    assert sink.export(store) == 2
+    write(store, "1-2", DAY1_LATE, {"n": 2, "blob": "y" * 20_000})
+    with (sink.directory / f"{DAY1}.log").open("ab") as handle:
+        handle.write(torn(store, 3))
+    (sink.directory / ".cursor").unlink()
+
+    assert sink.export(store) == 1
+    assert seqs(sink, DAY1) == [1, 2, 3]
+
+
+def test_export_from_another_sink_on_the_same_directory(store: SQLiteStore, tmp_path: Path) -> None:
+    first, second = FilesSink(tmp_path / "logs"), FilesSink(tmp_path / "logs")
+    write(store, "1-0", DAY1_LATE, {"n": 0})
+    assert first.export(store) == 1
+    write(store, "1-1", DAY1_LATE, {"n": 1})
+    assert second.export(store) == 1
+    assert first.export(store) == 0
+    assert seqs(first, DAY1) == [1, 2]
+
+
+def test_a_record_with_newline_whitespace_stays_on_one_line(store: SQLiteStore, sink: FilesSink) -> None:
+    write(store, "1-0", DAY1_LATE, b'{\n  "deviceId": "D1",\n  "n": 0\n}')
+    assert sink.export(store) == 1
+    assert [line["data"] for line in lines(sink, DAY1)] == [{"deviceId": "D1", "n": 0}]
+    write(store, "1-1", DAY1_LATE, {"n": 1})
+    assert sink.export(store) == 1

@@ -1,0 +1,293 @@
+"""fleetlog.store.sqlite.SQLiteStore on real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from fleetlog.protocol import encode_json
+from fleetlog.records import DeviceStats, QueuedRecord
+from fleetlog.store.base import LogQuery, StoreUnavailable, open_store
+from fleetlog.store.sqlite import MIGRATIONS, SQLiteStore
+
+T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
+
+
+def rec(qid: str, device: str = "D1", received_at: int = T0, data: Any = None) -> QueuedRecord:
+    if data is None:
+        data = {"qid": qid}
+    raw = data if isinstance(data, bytes) else encode_json(data)
+    return QueuedRecord(qid=qid, device_id=device, received_at=received_at, data=raw)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "fleetlog.db")
+    yield opened
+    opened.close()
+
+
+def data_of(store: SQLiteStore, **query: Any) -> list[Any]:
+    return [orjson.loads(row.data) for row in store.query(LogQuery(**query))]
+
+
+# -- writes ----------------------------------------------------------------------
+
+
+def test_write_batch_is_idempotent_on_qid(store: SQLiteStore) -> None:
+    batch = [rec("1-0"), rec("1-1"), rec("2-0")]
+    assert store.write_batch(batch) == 3
+    assert store.write_batch(batch) == 0
+    assert store.write_batch([rec("2-0"), rec("3-0")]) == 1
+    assert [row.qid for row in store.query(LogQuery("D1"))] == ["1-0", "1-1", "2-0", "3-0"]
+    assert store.devices() == [DeviceStats("D1", 4, T0, T0)]
+
+
+def test_duplicates_within_one_batch_are_stored_once(store: SQLiteStore) -> None:
+    assert store.write_batch([rec("1-0"), rec("1-0"), rec("1-1"), rec("1-0")]) == 2
+    assert [row.qid for row in store.query(LogQuery("D1"))] == ["1-0", "1-1"]
+    assert store.devices()[0].records == 2
+
+
+def test_empty_batch(store: SQLiteStore) -> None:
+    assert store.write_batch([]) == 0
+    assert store.max_seq() == 0
+
+
+def test_data_is_kept_exactly(store: SQLiteStore) -> None:
+    payloads = [
+        b'{"n":123456789012345678901234567890,"msg":"\xe9\x97\xa8\xe5\xb7\xb2\xe6\x89\x93\xe5\xbc\x80"}',
+        b'"just text"',
+        b"0",
+        b"[1,2,3]",
+        b"1.5e-7",
+        b'{"z":1,"a":2}',
+    ]
+    store.write_batch([rec(f"1-{n}", data=payload) for n, payload in enumerate(payloads)])
+    assert [row.data.encode() for row in store.query(LogQuery("D1"))] == payloads
+
+
+def test_searchable_fields_are_extracted(store: SQLiteStore) -> None:
+    store.write_batch([
+        rec("1-0", data={"ts": "2026-11-26T09:00:00Z", "level": "WARNING", "msg": "battery low"}),
+        rec("1-1", data="a text record"),
+        rec("1-2", data=[1, 2]),
+    ])
+    rows = store.query(LogQuery("D1"))
+    assert [(row.ts, row.level, row.message) for row in rows] == [
+        (T0 - 3_600_000, "warn", "battery low"),
+        (None, None, "a text record"),
+        (None, None, None),
+    ]
+    assert all(row.received_at == T0 and row.device_id == "D1" for row in rows)
+
+
+def test_a_record_the_store_rejects_rolls_the_batch_back(store: SQLiteStore) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the JSON decoder's own error escapes
+        store.write_batch([rec("1-0"), rec("1-1", data=b"{not json")])
+    assert store.max_seq() == 0
+    assert store.devices() == []
+    assert store.write_batch([rec("1-0")]) == 1, "the store is still usable"
+
+
+# -- devices ----------------------------------------------------------------------
+
+
+def test_devices_counts_and_first_last_seen(store: SQLiteStore) -> None:
+    store.write_batch([
+        rec("1-0", "B", T0 + 500),
+        rec("1-1", "A", T0 + 100),
+        rec("1-2", "B", T0 + 200),  # older than the previous B record
+    ])
+    store.write_batch([rec("2-0", "A", T0 + 900), rec("2-1", "B", T0 + 50), rec("1-0", "B", T0 + 10_000)])
+    assert store.devices() == [
+        DeviceStats("A", 2, T0 + 100, T0 + 900),
+        DeviceStats("B", 3, T0 + 50, T0 + 500),  # the replayed 1-0 changes nothing
+    ]
+
+
+# -- queries ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def timeline(store: SQLiteStore) -> SQLiteStore:
+    """Ten records of D1 one second apart, levels cycling, plus noise from D2."""
+    levels = ["debug", "info", "warning", "error", "FATAL", "trace", "info", "warn", "notice", "err"]
+    store.write_batch([
+        rec(f"1-{n}", "D1", T0 + n * 1000, {"n": n, "level": levels[n], "msg": f"event {n}"})
+        for n in range(10)
+    ])
+    store.write_batch(
+        [rec(f"2-{n}", "D2", T0 + n * 1000, {"n": 100 + n, "level": "fatal"}) for n in range(3)]
+    )
+    return store
+
+
+def numbers(store: SQLiteStore, **query: Any) -> list[int]:
+    return [item["n"] for item in data_of(store, device_id="D1", **query)]
+
+
+def test_query_one_device_oldest_first(timeline: SQLiteStore) -> None:
+    assert numbers(timeline) == list(range(10))
+
+
+def test_since_is_inclusive_until_exclusive(timeline: SQLiteStore) -> None:
+    assert numbers(timeline, since=T0 + 3000) == [3, 4, 5, 6, 7, 8, 9]
+    assert numbers(timeline, until=T0 + 3000) == [0, 1, 2]
+    assert numbers(timeline, since=T0 + 2500, until=T0 + 5000) == [3, 4]
+    assert numbers(timeline, since=T0 + 20_000) == []
+
+
+def test_limit_returns_the_newest_oldest_first(timeline: SQLiteStore) -> None:
+    assert numbers(timeline, limit=3) == [7, 8, 9]
+    assert numbers(timeline, limit=3, until=T0 + 5000) == [2, 3, 4]
+    assert numbers(timeline, limit=1) == [9]
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("trace", [0, 1, 2, 3, 4, 5, 6, 7, 9]),  # everything with a known level
+        ("info", [1, 2, 3, 4, 6, 7, 9]),
+        ("warn", [2, 3, 4, 7, 9]),
+        ("WARNING", [2, 3, 4, 7, 9]),
+        ("error", [3, 4, 9]),
+        ("err", [3, 4, 9]),
+        ("fatal", [4]),
+        ("critical", [4]),
+        ("notice", [8]),  # an unknown level matches itself only
+    ],
+)
+def test_level_means_this_level_and_above(timeline: SQLiteStore, level: str, expected: list[int]) -> None:
+    assert numbers(timeline, level=level) == expected
+
+
+def test_after_seq_and_max_seq(timeline: SQLiteStore) -> None:
+    rows = timeline.query(LogQuery("D1"))
+    assert timeline.max_seq() == 13
+    assert numbers(timeline, after_seq=rows[6].seq) == [7, 8, 9]
+    assert numbers(timeline, after_seq=timeline.max_seq()) == []
+    everything = timeline.after(0, 100)
+    assert [row.seq for row in everything] == list(range(1, 14))
+    assert [row.qid for row in timeline.after(10, 2)] == ["2-0", "2-1"]
+
+
+def test_grep_full_text_and_substring(store: SQLiteStore) -> None:
+    store.write_batch([
+        rec("1-0", data={"msg": "Door OPENED by user 42"}),
+        rec("1-1", data={"msg": "door closed"}),
+        rec("1-2", data={"msg": "battery at 7%"}),
+        rec("1-3", data={"msg": "设备离线，门已打开"}),
+        rec("1-4", data={"msg": "设备上线"}),
+        rec("1-5", "D2", data={"msg": "door elsewhere"}),
+    ])
+
+    def grep(text: str) -> list[str]:
+        return [row.qid for row in store.query(LogQuery("D1", grep=text))]
+
+    # Three characters or more: the trigram index, case-insensitive.
+    assert grep("door") == ["1-0", "1-1"]
+    assert grep("opened") == ["1-0"]
+    assert grep("user 42") == ["1-0"]
+    assert grep("nothing here") == []
+    # Shorter: a plain substring scan.
+    assert grep("42") == ["1-0"]
+    assert grep("7%") == ["1-2"]
+    assert grep("Do") == ["1-0", "1-1"]
+    # Chinese, which has no spaces to split words on.
+    assert grep("设备") == ["1-3", "1-4"]
+    assert grep("门已打开") == ["1-3"]
+    assert grep("离线，门") == ["1-3"]
+    assert grep("上线") == ["1-4"]
+    # Text that means something to FTS5 is searched for literally.
+    assert grep('msg":"batt') == ["1-2"]
+    assert grep("door OR battery") == []
+    assert grep("bat*") == []
+    assert grep('"') == ["1-0", "1-1", "1-2", "1-3", "1-4"]
+
+
+def test_grep_finds_text_with_quotes_and_backslashes(store: SQLiteStore) -> None:
+    store.write_batch([rec("1-0", data={"msg": 'say "hi" from C:\\temp'})])
+    for text in ('say "hi"', "C:\\temp"):
+        assert [row.qid for row in store.query(LogQuery("D1", grep=text))] == ["1-0"], text
+
+
+def test_filters_combine(timeline: SQLiteStore) -> None:
+    assert numbers(timeline, level="warn", since=T0 + 3000, limit=2) == [7, 9]
+    assert numbers(timeline, grep="event 1") == [1]
+
+
+# -- schema and durability ------------------------------------------------------------
+
+
+def test_schema_version_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "fleetlog.db"
+    first = SQLiteStore(path)
+    assert first.schema_version == len(MIGRATIONS)
+    first.write_batch([rec("1-0", data={"msg": "kept across reopen"})])
+    first.close()
+
+    again = SQLiteStore(path)  # a re-run migration would fail on CREATE TABLE
+    assert again.schema_version == len(MIGRATIONS)
+    assert again.max_seq() == 1
+    assert [row.qid for row in again.query(LogQuery("D1", grep="across"))] == ["1-0"]
+    again.close()
+
+
+def test_wal_mode_and_full_sync(store: SQLiteStore) -> None:
+    check = sqlite3.connect(store.path)
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    check.close()
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_open_store_url(tmp_path: Path) -> None:
+    opened = open_store(f"sqlite:///{tmp_path / 'sub' / 'x.db'}")
+    assert opened.write_batch([rec("1-0")]) == 1
+    opened.close()
+    assert (tmp_path / "sub" / "x.db").is_file()
+    with pytest.raises(ValueError, match="unsupported store URL"):
+        open_store("mysql://nope")
+
+
+def test_a_reader_sees_committed_records_while_a_writer_holds_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "fleetlog.db"
+    writer = SQLiteStore(path)
+    writer.write_batch([rec("1-0")])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    reader = SQLiteStore(path, readonly=True)
+    try:
+        assert [row.qid for row in reader.query(LogQuery("D1"))] == ["1-0"]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        reader.close()
+        writer.close()
+
+
+def test_locked_store_is_unavailable_then_recovers(store: SQLiteStore) -> None:
+    store.write_batch([rec("1-0")])
+    store._db.execute("PRAGMA busy_timeout = 200")
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO devices VALUES ('other', 0, 0, 0)")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.write_batch([rec("2-0"), rec("2-1")])
+        waited = time.monotonic() - started
+        assert 0.15 <= waited < 5, "it waited for the busy timeout, not forever"
+        assert not store._db.in_transaction
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.write_batch([rec("2-0"), rec("2-1")]) == 2
+    assert [row.qid for row in store.query(LogQuery("D1"))] == ["1-0", "2-0", "2-1"]
+    assert store.devices() == [DeviceStats("D1", 3, T0, T0)]

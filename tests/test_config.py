@@ -1,0 +1,190 @@
+"""fleetlog.config.load_settings: flag > FLEETLOG_* env > TOML file > default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from fleetlog.config import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No FLEETLOG_* from the outside, and no ./fleetlog.toml but the test's own."""
+    for name in list(os.environ):
+        if name.startswith("FLEETLOG_"):
+            monkeypatch.delenv(name)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert settings.ws_port == 8765
+    assert settings.http_port == 8080
+    assert settings.host == "127.0.0.1"
+    assert settings.data_dir == Path("fleetlog-data")
+    assert settings.queue == "stream"
+    assert settings.batch == 500
+    assert settings.redis_url is None
+    assert settings.store_url == f"sqlite:///{Path('fleetlog-data') / 'fleetlog.db'}"
+
+
+def test_each_source_beats_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "ws_port = 9001\nhttp_port = 9002\nbatch = 7\nqueue = 'list'\n")
+    monkeypatch.setenv("FLEETLOG_WS_PORT", "9101")
+    monkeypatch.setenv("FLEETLOG_HTTP_PORT", "9102")
+    settings = load_settings(config, ws_port=9201)
+    assert settings.ws_port == 9201, "flag beats env"
+    assert settings.http_port == 9102, "env beats file"
+    assert settings.batch == 7, "file beats default"
+    assert settings.queue == "list"
+    assert settings.block_ms == 1000, "default when no source sets it"
+
+
+def test_an_unset_flag_hides_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "ws_port = 9001\nbatch = 7\n")
+    monkeypatch.setenv("FLEETLOG_WS_PORT", "9101")
+    settings = load_settings(config, ws_port=None, batch=None, host=None)
+    assert (settings.ws_port, settings.batch, settings.host) == (9101, 7, "127.0.0.1")
+
+
+def test_env_variables_of_every_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEETLOG_DATA_DIR", "/srv/fleet")
+    monkeypatch.setenv("FLEETLOG_REDIS_URL", "redis://h:6379/15")
+    monkeypatch.setenv("FLEETLOG_MAX_RUNTIME", "3600")
+    monkeypatch.setenv("FLEETLOG_NO_FILES", "true")
+    settings = load_settings()
+    assert settings.data_dir == Path("/srv/fleet")
+    assert settings.redis_url == "redis://h:6379/15"
+    assert settings.max_runtime == 3600.0
+    assert settings.no_files is True
+    assert settings.store_url == "sqlite:////srv/fleet/fleetlog.db"
+
+
+def test_fleetlog_config_names_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from_env = write_toml(tmp_path / "env.toml", "ws_port = 9301\nbatch = 31\n")
+    monkeypatch.setenv("FLEETLOG_CONFIG", str(from_env))
+    assert load_settings().ws_port == 9301
+    from_flag = write_toml(tmp_path / "flag.toml", "ws_port = 9401\n")
+    settings = load_settings(from_flag)
+    assert settings.ws_port == 9401, "--config beats FLEETLOG_CONFIG"
+    assert settings.batch == 500, "only one file is read"
+
+
+def test_fleetlog_toml_in_the_working_directory_is_the_default_file() -> None:
+    write_toml(Path("fleetlog.toml"), "ws_port = 9501\n")
+    assert load_settings().ws_port == 9501
+
+
+def test_config_path_as_string(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "store = 'sqlite:////x/y.db'\n")
+    assert load_settings(str(config)).store_url == "sqlite:////x/y.db"
+
+
+def test_missing_config_file_raises_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.toml"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_missing_fleetlog_config_file_raises_file_not_found(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FLEETLOG_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(FileNotFoundError):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{"ws_port": 70000}, {"batch": 0}, {"queue": "kafka"}, {"max_backlog": 0}, {"ws_port": "eighty"}],
+)
+def test_invalid_flag_raises_validation_error(flags: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        load_settings(**flags)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("FLEETLOG_WS_PORT", "abc"), ("FLEETLOG_QUEUE", "kafka"), ("FLEETLOG_BATCH", "-1"),
+     ("FLEETLOG_REDIS_APPENDFSYNC", "sometimes")],
+)
+def test_invalid_env_raises_validation_error(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        load_settings()
+
+
+@pytest.mark.parametrize("text", ["ws_port = 70000\n", "queue = 'kafka'\n", "batch = 'many'\n"])
+def test_invalid_file_value_raises_validation_error(tmp_path: Path, text: str) -> None:
+    config = write_toml(tmp_path / "bad.toml", text)
+    with pytest.raises(ValidationError):
+        load_settings(config)
+
+
+def test_a_flag_replaces_an_invalid_env_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEETLOG_WS_PORT", "abc")
+    assert load_settings(ws_port=9000).ws_port == 9000, "the flag replaces the bad value"
+
+
+# -- `fleetlog config` -----------------------------------------------------------
+
+
+def run_config(*args: str, env: dict[str, str] | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("FLEETLOG_")}
+    return subprocess.run(
+        [sys.executable, "-m", "fleetlog", "config", *args],
+        env={**base, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=30,
+    )
+
+
+def parse_output(stdout: str) -> dict[str, str]:
+    pairs = (line.split(" = ", 1) for line in stdout.splitlines() if " = " in line)
+    return {key: value for key, value in pairs}
+
+
+def test_config_command_prints_the_effective_values(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path / "fleet.toml", "ws_port = 9001\nbatch = 7\nqueue = 'list'\nredis_url = 'redis://a:1/15'\n"
+    )
+    result = run_config(
+        "--config", str(config), "--data-dir", str(tmp_path / "flagdir"),
+        env={"FLEETLOG_BATCH": "42", "FLEETLOG_DATA_DIR": str(tmp_path / "envdir")},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    values = parse_output(result.stdout)
+    assert values["ws_port"] == "9001"
+    assert values["queue"] == '"list"'
+    assert values["redis_url"] == '"redis://a:1/15"'
+    assert values["batch"] == "42", "env beats file"
+    assert values["data_dir"] == f'"{tmp_path / "flagdir"}"', "flag beats env"
+    assert values["store_url"] == f'"sqlite:///{tmp_path / "flagdir" / "fleetlog.db"}"'
+    assert values["http_port"] == "8080"
+
+
+def test_config_command_with_a_missing_file_fails_clearly(tmp_path: Path) -> None:
+    result = run_config("--config", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_command_with_an_invalid_value_fails_clearly(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "bad.toml", "ws_port = 70000\n")
+    result = run_config("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert "ws_port" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,266 @@
+"""Device identity and protocol v2 over real gateways: tokens, JWT, take-over, acks, limits, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import redis
+import websockets
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from fleetlog.credentials import Credentials
+from tests.conftest import Processes
+from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy, wait_until
+
+STREAM = "fleetlog:records"
+
+
+def _add(redis_url: str, device: str) -> str:
+    client = redis.Redis.from_url(redis_url)
+    token = Credentials(client).add(device)
+    client.close()
+    time.sleep(0.8)  # gateways reload credentials every half second
+    return token
+
+
+async def _status_of_refusal(url: str, **kwargs: Any) -> int:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(url, **kwargs):
+            pass
+    return refused.value.response.status_code
+
+
+async def _closed_code(ws: Any, timeout: float = 5) -> int:
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code
+
+
+async def _log(ws: Any, frame_id: str, records: list[Any], **extra: Any) -> dict[str, Any]:
+    await ws.send(json.dumps({"type": "log", "id": frame_id, "records": records, **extra}))
+    reply: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    return reply
+
+
+async def test_token_auth_at_the_handshake(redis_url: str, processes: Processes, tmp_path: Path) -> None:
+    _, port = processes.gateway(redis_url, tmp_path, auth="token")
+    token = _add(redis_url, "door-1")
+    url = f"ws://127.0.0.1:{port}/"
+    client = redis.Redis.from_url(redis_url)
+
+    assert await _status_of_refusal(url) == 401
+    assert await _status_of_refusal(f"{url}?token=flt_nope") == 401
+    assert await _status_of_refusal(url, additional_headers={"Authorization": "Bearer flt_x"}) == 401
+    assert client.xlen(STREAM) == 0
+
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        # Linked at connect, before any frame.
+        assert wait_until(lambda: client.hexists("device:links", "door-1"), 5)
+        assert await send_legacy(ws, legacy_frame("door-1", 0)) == [RECEIVED, STORED]
+        # The token names the device: claiming another one is forbidden, changes nothing.
+        replies = await send_legacy(ws, legacy_frame("door-2", 1))
+        assert replies[1]["code"] == "forbidden"
+        assert not client.hexists("device:links", "door-2")
+        # A frame without deviceId is the token's device.
+        frame = json.dumps({"type": 4, "data": {"seq": 2}})
+        assert await send_legacy(ws, frame) == [RECEIVED, STORED]
+    entries = client.xrange(STREAM)
+    assert [fields[b"d"] for _, fields in entries] == [b"door-1", b"door-1"]
+
+    async with websockets.connect(f"{url}?token={token}") as ws:  # firmware without headers
+        assert await send_legacy(ws, legacy_frame("door-1", 3)) == [RECEIVED, STORED]
+
+    # The hash is stored, never the token.
+    stored = b"".join(client.hgetall("fleetlog:device:door-1").values())
+    assert token.encode() not in stored
+    client.close()
+
+
+async def test_revoke_and_rotate_close_connections(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port_a = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-a")
+    _, port_b = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-b")
+    token = _add(redis_url, "kiosk")
+    other = _add(redis_url, "kiosk-2")
+    client = redis.Redis.from_url(redis_url)
+    credentials = Credentials(client)
+
+    async with websockets.connect(f"ws://127.0.0.1:{port_a}/?token={token}") as on_a, \
+            websockets.connect(f"ws://127.0.0.1:{port_b}/?token={other}") as on_b:
+        started = time.monotonic()
+        credentials.revoke("kiosk")
+        assert await _closed_code(on_a) == 4401
+        assert time.monotonic() - started < 2
+        assert await send_legacy(on_b, legacy_frame("kiosk-2", 0)) == [RECEIVED, STORED]
+
+        new = credentials.rotate("kiosk-2")
+        assert await _closed_code(on_b) == 4401
+    await asyncio.sleep(0.8)
+    assert await _status_of_refusal(f"ws://127.0.0.1:{port_b}/?token={other}") == 401
+    async with websockets.connect(f"ws://127.0.0.1:{port_a}/?token={new}") as ws:
+        assert await send_legacy(ws, legacy_frame("kiosk-2", 1)) == [RECEIVED, STORED]
+    client.close()
+
+
+async def test_second_connection_takes_over_on_any_node(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port_a = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-a")
+    _, port_b = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-b")
+    token = _add(redis_url, "sensor")
+    client = redis.Redis.from_url(redis_url)
+
+    async with websockets.connect(f"ws://127.0.0.1:{port_a}/?token={token}") as first:
+        await send_legacy(first, legacy_frame("sensor", 0))
+        async with websockets.connect(f"ws://127.0.0.1:{port_a}/?token={token}") as second:
+            assert await _closed_code(first) == 4409  # same node
+            await send_legacy(second, legacy_frame("sensor", 1))
+            async with websockets.connect(f"ws://127.0.0.1:{port_b}/?token={token}") as third:
+                assert await _closed_code(second) == 4409  # across nodes
+                assert await send_legacy(third, legacy_frame("sensor", 2)) == [RECEIVED, STORED]
+                link = json.loads(client.hget("device:links", "sensor"))
+                node_b = json.loads(client.get(f"fleetlog:node:{link['node']}"))
+                assert node_b["port"] == port_b
+    client.close()
+
+
+async def test_jwt_hs256_and_rs256(redis_url: str, processes: Processes, tmp_path: Path) -> None:
+    _, port = processes.gateway(redis_url, tmp_path, "--jwt-secret", "s3cret", auth="jwt",
+                                log_name="gw-hs")
+    now = datetime.datetime.now(datetime.UTC)
+    good = jwt.encode({"sub": "cam-1", "exp": now + datetime.timedelta(minutes=5)}, "s3cret")
+    expired = jwt.encode({"sub": "cam-1", "exp": now - datetime.timedelta(minutes=5)}, "s3cret")
+    no_exp = jwt.encode({"sub": "cam-1"}, "s3cret")
+    forged = jwt.encode({"sub": "cam-1", "exp": now + datetime.timedelta(minutes=5)}, "guess")
+    for bad in (expired, no_exp, forged):
+        assert await _status_of_refusal(f"ws://127.0.0.1:{port}/?token={bad}") == 401
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={good}") as ws:
+        assert await send_legacy(ws, legacy_frame("cam-1", 0)) == [RECEIVED, STORED]
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    _, port_rs = processes.gateway(redis_url, tmp_path, "--jwt-public-key", str(public), auth="jwt",
+                                   log_name="gw-rs")
+    signed = jwt.encode({"sub": "cam-2", "exp": now + datetime.timedelta(minutes=5)}, key,
+                        algorithm="RS256")
+    async with websockets.connect(f"ws://127.0.0.1:{port_rs}/",
+                                  additional_headers={"Authorization": f"Bearer {signed}"}) as ws:
+        assert await send_legacy(ws, legacy_frame("cam-2", 0)) == [RECEIVED, STORED]
+    # An HS256 token signed with the public key as secret must not pass (alg confusion).
+    confused = jwt.encode({"sub": "cam-2", "exp": now + datetime.timedelta(minutes=5)}, "x")
+    assert await _status_of_refusal(f"ws://127.0.0.1:{port_rs}/?token={confused}") == 401
+
+
+async def test_v2_acks_say_exactly_what_is_stored(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port = processes.gateway(redis_url, tmp_path, "--max-records-per-frame", "10", auth="token")
+    token = _add(redis_url, "meter")
+    client = redis.Redis.from_url(redis_url)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+        ack = await _log(ws, "a", [{"seq": 1}, {"seq": 2}, {"seq": 3}])
+        assert ack == {"type": "ack", "id": "a", "stored": 3, "stored_through": 3, "missing": []}
+        # The same frame id again: acked again, stored once.
+        again = await _log(ws, "a", [{"seq": 1}, {"seq": 2}, {"seq": 3}])
+        assert again["duplicate"] is True
+        assert again["stored"] == 0
+        assert client.xlen(STREAM) == 3
+        # A gap (as after a reconnect) is reported so the device can resend.
+        gap = await _log(ws, "b", [{"seq": 7}, {"seq": 8}])
+        assert gap["stored_through"] == 3
+        assert gap["missing"] == [[4, 6]]
+        filled = await _log(ws, "c", [{"seq": 4}, {"seq": 5}, {"seq": 6}, {"seq": 2}])
+        assert filled["stored"] == 3
+        assert filled["duplicates"] == [2]
+        assert filled["stored_through"] == 8
+        assert filled["missing"] == []
+        # Records without seq are simply stored.
+        plain = await _log(ws, "d", ["text record", {"msg": "no seq"}])
+        assert plain == {"type": "ack", "id": "d", "stored": 2}
+        # A fresh session restarts the counter without reporting old seqs as duplicates.
+        rebooted = await _log(ws, "e", [{"seq": 1}], session="boot-2")
+        assert rebooted["stored"] == 1
+        # Limits and bad frames: errors carry the frame id.
+        too_many = await _log(ws, "f", [{"n": n} for n in range(11)])
+        assert (too_many["code"], too_many["id"]) == ("too_large", "f")
+        bad_seq = await _log(ws, "g", [{"seq": -1}])
+        assert (bad_seq["code"], bad_seq["id"]) == ("bad_frame", "g")
+        await ws.send(json.dumps({"type": "log", "records": [1]}))
+        assert json.loads(await ws.recv())["code"] == "bad_frame"
+    assert client.xlen(STREAM) == 3 + 2 + 3 + 2 + 1
+    client.close()
+
+
+async def test_rate_limit_slows_then_refuses_and_is_counted(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port = processes.gateway(
+        redis_url, tmp_path, "--rate-records", "20", auth="token",
+        env={"FLEETLOG_RATE_BURST": "1", "FLEETLOG_RATE_MAX_DELAY": "1"},
+    )
+    token = _add(redis_url, "chatty")
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+        started = time.monotonic()
+        for n in range(3):  # 60 records at 20/s with a 20-record burst: slowed, never refused
+            ack = await _log(ws, f"s{n}", [{"n": i} for i in range(20)])
+            assert ack["stored"] == 20
+        assert time.monotonic() - started >= 1.5
+        refused = await _log(ws, "big", [{"n": i} for i in range(200)])
+        assert refused["code"] == "rate_limited"
+        assert refused["retry_after_ms"] > 1000
+    shown = subprocess.run(
+        [sys.executable, "-m", "fleetlog", "devices", "--json", "--redis-url", redis_url,
+         "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=30, check=True)
+    time.sleep(0.2)
+    [row] = [r for r in json.loads(shown.stdout) if r["device_id"] == "chatty"]
+    assert row["refused"] == {"rate_limited": 1}
+
+
+async def test_tls_and_connections_per_address(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    _, port = processes.gateway(redis_url, tmp_path, "--tls-cert", str(cert_path), "--tls-key",
+                                str(key_path), "--max-connections-per-ip", "2")
+    context = ssl.create_default_context(cafile=str(cert_path))
+    url = f"wss://localhost:{port}/"
+    async with websockets.connect(url, ssl=context) as one, websockets.connect(url, ssl=context):
+        assert await send_legacy(one, legacy_frame("tls-1", 0)) == [RECEIVED, STORED]
+        async with websockets.connect(url, ssl=context) as third:
+            assert await _closed_code(third) == 1008
+    with pytest.raises(ssl.SSLError):
+        async with websockets.connect(url, ssl=ssl.create_default_context()):
+            pass
