@@ -116,6 +116,12 @@ class Child:
                 raise ChildFailed(f"{self.name} still running after {timeout}s; killed:\n{self.tail()}")
             time.sleep(0.002)
 
+    def collect(self, timeout: float) -> tuple[bytes, int]:
+        """Wait for a client that prints a short summary; return its stdout and exit code."""
+        code = self.wait(timeout)
+        stream = self.popen.stdout
+        return (stream.read() if stream is not None else b""), code
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (a clean shutdown), then SIGKILL after ``timeout``."""
         if self.popen.returncode is None and self.popen.poll() is None:
@@ -148,32 +154,17 @@ class Children:
         argv: Sequence[str],
         *,
         marker: bytes | None = None,
-        stdout: int | None = subprocess.DEVNULL,
+        capture_stdout: bool = False,
         stdin: int | None = subprocess.DEVNULL,
     ) -> Child:
         popen = subprocess.Popen(
-            list(argv), cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE
+            list(argv), cwd=self.cwd, env=self.env, stdin=stdin,
+            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         child = Child(name, popen, marker=marker)
         self._all.append(child)
         threading.Thread(target=child._read_stderr, name=f"stderr-{name}", daemon=True).start()
         return child
-
-    def run_json_line(self, name: str, argv: Sequence[str], timeout: float) -> tuple[bytes, Child]:
-        """Run a client to completion; return its stdout and the reaped child."""
-        child = self.start(name, argv, stdout=subprocess.PIPE)
-        out = b""
-        stream = child.popen.stdout
-        assert stream is not None
-        reader = threading.Thread(target=lambda: _read_all(stream, out_box), daemon=True)
-        out_box: list[bytes] = []
-        reader.start()
-        code = child.wait(timeout)
-        reader.join(5)
-        out = b"".join(out_box)
-        if code != 0:
-            raise ChildFailed(f"{name} exited with {code}:\nstdout: {out[-2000:]!r}\n{child.tail()}")
-        return out, child
 
     def alive(self) -> list[Child]:
         return [child for child in self._all if child.popen.poll() is None]
@@ -187,7 +178,3 @@ class Children:
             child.kill()
         return [child.name for child in leftovers]
 
-
-def _read_all(stream: object, box: list[bytes]) -> None:
-    read = stream.read  # type: ignore[attr-defined]
-    box.append(read())

@@ -226,10 +226,11 @@ async def test_rate_limit_slows_then_refuses_and_is_counted(
         refused = await _log(ws, "big", [{"n": i} for i in range(200)])
         assert refused["code"] == "rate_limited"
         assert refused["retry_after_ms"] > 1000
-    shown = subprocess.run(
+    await asyncio.sleep(0.3)  # refusal counts are written by the gateway in the background
+    shown = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "fleetlog", "devices", "--json", "--redis-url", redis_url,
          "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=30, check=True)
-    time.sleep(0.2)
     [row] = [r for r in json.loads(shown.stdout) if r["device_id"] == "chatty"]
     assert row["refused"] == {"rate_limited": 1}
 
