@@ -51,7 +51,11 @@ def stored_rows(data_dir: Path) -> list[tuple[str, str, int, str]]:
         return []
     finally:
         db.close()
-    return [(qid, device, json.loads(data).get("seq", -1), data) for qid, device, data in rows]
+    result = []
+    for qid, device, data in rows:
+        value = json.loads(data)
+        result.append((qid, device, value.get("seq", -1) if isinstance(value, dict) else -1, data))
+    return result
 
 
 def file_lines(data_dir: Path) -> list[dict[str, Any]]:

@@ -114,7 +114,9 @@ def encode_json(value: Any) -> bytes:
     that the stdlib decoder let through).
     """
     try:
-        return orjson.dumps(value)
+        # orjson's bytes keep a 4 KiB allocation however short they are; records
+        # wait in memory until Redis has them, so keep an exact-size copy.
+        return memoryview(orjson.dumps(value)).tobytes()
     except TypeError:  # an integer beyond 64 bits, decoded by the stdlib
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 

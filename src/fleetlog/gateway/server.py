@@ -100,7 +100,8 @@ class DeviceConnection(WSListener):
         self._inbox: deque[Callable[[], None]] = deque()  # work waiting out a rate-limit delay
         self._delayed = False
         self._transport: WSTransport | None = None
-        self._paused = False
+        self._paused = False  # reading from the socket is paused
+        self._write_blocked = False  # the device is not reading our replies
         self._peer: str | None = None
 
     # -- picows callbacks -------------------------------------------------------
@@ -119,10 +120,12 @@ class DeviceConnection(WSListener):
         self._transport = None
 
     def pause_writing(self) -> None:
+        self._write_blocked = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
-        self._resume_reading()
+        self._write_blocked = False
+        self._maybe_resume_reading()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
@@ -254,8 +257,7 @@ class DeviceConnection(WSListener):
         self._delayed = False
         while self._inbox and not self._delayed:
             self._inbox.popleft()()
-        if not self._delayed and len(self._replies) < _MAX_IN_FLIGHT:
-            self._resume_reading()
+        self._maybe_resume_reading()
 
     def _reply(self, wire: bytes) -> None:
         if self._replies:
@@ -270,8 +272,8 @@ class DeviceConnection(WSListener):
             chunks.append(replies.popleft().wire)
         if chunks:
             self._send(b"".join(chunks))  # type: ignore[arg-type]
-        if self._paused and not self._delayed and len(replies) < _MAX_IN_FLIGHT // 2:
-            self._resume_reading()
+        if self._paused:
+            self._maybe_resume_reading()
 
     def _send(self, wire: bytes) -> None:
         transport = self._transport
@@ -283,8 +285,10 @@ class DeviceConnection(WSListener):
             self._paused = True
             self._transport.underlying_transport.pause_reading()
 
-    def _resume_reading(self) -> None:
-        if self._paused and self._transport is not None:
+    def _maybe_resume_reading(self) -> None:
+        """Read again once nothing holds us: replies drained, no delay, device reading."""
+        if (self._paused and self._transport is not None and not self._write_blocked
+                and not self._delayed and len(self._replies) < _MAX_IN_FLIGHT // 2):
             self._paused = False
             self._transport.underlying_transport.resume_reading()
 
