@@ -177,6 +177,9 @@ def gateway(config: str | None, **flags: Any) -> int:
 @click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
               help="Drain the stream (default) or the legacy device:log:list.")
 @click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")
+@click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
+@click.option("--retention-bytes", type=int, default=None,
+              help="Prune the oldest records while the store is bigger than this.")
 @_exit_code
 def worker(config: str | None, **flags: Any) -> int:
     """Drain the queue into the store (and the daily files)."""
@@ -304,10 +307,12 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
+@click.option("--acked-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write {device: records acked} as JSON here (for checks that nothing was lost).")
 @_exit_code
 def simulate(url: str, device_count: int, messages: int, rate: float, prefix: str, pad: int,
              batch: int, provision: bool, data_dir: Path | None, redis_url: str | None,
-             timeout: float, as_json: bool) -> int:
+             timeout: float, as_json: bool, acked_file: Path | None) -> int:
     """Simulate a fleet of devices (load generator and reference client)."""
     import uvloop
     from rich.console import Console
@@ -329,6 +334,8 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
 
     if as_json:
         summary = uvloop.run(main_async(None))
+        if acked_file is not None:
+            acked_file.write_bytes(orjson.dumps(summary.acked_through))
         sys.stdout.buffer.write(orjson.dumps(summary.as_dict()) + b"\n")
     else:
         console = Console(stderr=True)
@@ -336,6 +343,8 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("acked", total=total)
             summary = uvloop.run(main_async(lambda n: progress.advance(task, n)))
+        if acked_file is not None:
+            acked_file.write_bytes(orjson.dumps(summary.acked_through))
         result = summary.as_dict()
         for key, value in result.items():
             click.echo(f"{key:>20}: {value}")
@@ -371,14 +380,14 @@ def _credentials(config: str | None, flags: dict[str, Any]) -> Any:
     return Credentials(connect(_redis_url(settings), timeout=settings.redis_timeout))
 
 
-def _credential_command(function: F) -> F:
+def _redis_command(function: F) -> F:
     function = click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")(
         function)
     return _common(function)
 
 
 @device.command("add")
-@_credential_command
+@_redis_command
 @click.argument("device_id")
 def device_add(config: str | None, device_id: str, **flags: Any) -> None:
     """Create DEVICE_ID's token and print it (alone, once: it is stored only as a hash)."""
@@ -386,7 +395,7 @@ def device_add(config: str | None, device_id: str, **flags: Any) -> None:
 
 
 @device.command("rotate")
-@_credential_command
+@_redis_command
 @click.argument("device_id")
 def device_rotate(config: str | None, device_id: str, **flags: Any) -> None:
     """Replace DEVICE_ID's token and print the new one; open connections are closed (4401)."""
@@ -394,7 +403,7 @@ def device_rotate(config: str | None, device_id: str, **flags: Any) -> None:
 
 
 @device.command("revoke")
-@_credential_command
+@_redis_command
 @click.argument("device_id")
 def device_revoke(config: str | None, device_id: str, **flags: Any) -> None:
     """Delete DEVICE_ID's token; its open connections are closed (4401) within a second."""
@@ -403,7 +412,7 @@ def device_revoke(config: str | None, device_id: str, **flags: Any) -> None:
 
 
 @device.command("list")
-@_credential_command
+@_redis_command
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
 def device_list(config: str | None, as_json: bool, **flags: Any) -> None:
     """Every device with a token (never the token itself)."""
@@ -417,6 +426,97 @@ def device_list(config: str | None, as_json: bool, **flags: Any) -> None:
     for row in rows:
         click.echo(f"{row['device_id']}\tcreated {row['created_at']}"
                    + (f"\trotated {row['rotated_at']}" if row["rotated_at"] else ""))
+
+
+@cli.command()
+@_common
+@click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
+@click.option("--retention-bytes", type=int, default=None,
+              help="Prune the oldest records while the store is bigger than this.")
+@click.option("--store", default=None, help="Store URL.")
+@click.option("--files", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also remove daily files under DIR/device/log/ past retention.")
+def prune(config: str | None, **flags: Any) -> None:
+    """Apply retention once, now (the worker also does it in the background)."""
+    from fleetlog.store import open_store
+    from fleetlog.store.files import FilesSink
+    from fleetlog.worker.retention import Pruner
+
+    settings = _settings(config, **flags)
+    if settings.retention is None and settings.retention_bytes is None:
+        _fail("nothing to do: give --retention and/or --retention-bytes")
+    store = open_store(settings.store_url)
+    try:
+        files = FilesSink(settings.files) if settings.files is not None else None
+        pruned = Pruner(store, files, retention_ms=settings.retention_ms,
+                        max_bytes=settings.retention_bytes).run_all()
+    finally:
+        store.close()
+    click.echo(f"pruned {pruned} records")
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: records the store kept rejecting."""
+
+
+def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
+    from fleetlog.queue.connection import connect
+    from fleetlog.queue.deadletter import DeadLetters
+
+    settings = _settings(config, **flags)
+    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
+    return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream)
+
+
+@dlq.command("list")
+@_redis_command
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dlq_list(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Every dead letter: id, device, deliveries, when, and the error."""
+    for letter in _dead_letters(config, flags).letters():
+        if as_json:
+            sys.stdout.buffer.write(orjson.dumps(letter.as_dict(with_record=False)) + b"\n")
+        else:
+            click.echo(f"{letter.id}  {letter.device_id}  deliveries={letter.deliveries}  "
+                       f"{letter.failed_at}  {letter.error[:120]}")
+
+
+@dlq.command("show")
+@_redis_command
+@click.argument("entry_id")
+def dlq_show(config: str | None, entry_id: str, **flags: Any) -> None:
+    """One dead letter in full, with its record."""
+    letter = _dead_letters(config, flags).show(entry_id)
+    if letter is None:
+        _fail(f"no dead letter {entry_id}")
+    sys.stdout.buffer.write(orjson.dumps(letter.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+
+
+@dlq.command("replay")
+@_redis_command
+@click.argument("entry_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(config: str | None, entry_ids: tuple[str, ...], replay_all: bool,
+               **flags: Any) -> None:
+    """Queue dead letters again (after fixing what rejected them)."""
+    if not entry_ids and not replay_all:
+        _fail("name dead letter ids, or --all")
+    count = _dead_letters(config, flags).replay(None if replay_all else list(entry_ids))
+    click.echo(f"replayed {count}")
+
+
+@dlq.command("purge")
+@_redis_command
+@click.argument("entry_ids", nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter.")
+def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
+              **flags: Any) -> None:
+    """Delete dead letters for good."""
+    if not entry_ids and not purge_all:
+        _fail("name dead letter ids, or --all")
+    count = _dead_letters(config, flags).purge(None if purge_all else list(entry_ids))
+    click.echo(f"purged {count}")
 
 
 @cli.command("config")

@@ -17,13 +17,15 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from fleetlog.timeparse import parse_duration
 
 __all__ = ["Settings", "load_settings"]
 
@@ -82,6 +84,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     claim_idle: float = Field(default=30.0, gt=0)
     consumer: str | None = None
+    retention: str | None = None  # a duration: 30d, 12h ... (None: keep forever)
+    retention_bytes: int | None = Field(default=None, gt=0)
+    prune_interval: float = Field(default=60.0, gt=0)
 
     # ``fleetlog up``.
     no_files: bool = False
@@ -90,6 +95,18 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         """The store URL, defaulting to the SQLite file inside the data dir."""
         return self.store or f"sqlite:///{self.data_dir / 'fleetlog.db'}"
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_is_a_duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def retention_ms(self) -> int | None:
+        """``retention`` in milliseconds (None: keep forever)."""
+        return None if self.retention is None else parse_duration(self.retention)
 
     @property
     def fatal_error_dir(self) -> Path:

@@ -45,6 +45,8 @@ class SimulationSummary:
     reconnects: int = 0
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    #: Per device, the number of leading records acked (records 0..n-1).
+    acked_through: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -180,6 +182,7 @@ async def _run_device(
                     summary.latencies.append(time.perf_counter() - started)
                     summary.acked += count or 1
                     index += count or 1
+                    summary.acked_through[device_id] = index
                     backoff = 0.05
                     if progress is not None:
                         progress(count or 1)

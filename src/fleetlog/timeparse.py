@@ -6,11 +6,20 @@ import re
 from datetime import UTC, datetime
 from typing import Final
 
-__all__ = ["parse_time"]
+__all__ = ["parse_duration", "parse_time"]
 
 _RELATIVE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
                    "w": 604_800_000}
+
+
+def parse_duration(text: str) -> int:
+    """Milliseconds in a duration such as ``90s``, ``12h`` or ``30d``; ValueError if not one."""
+    match = _RELATIVE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (30s, 15m, 1h, 2d, 1w)")
+    amount, unit = match.groups()
+    return int(float(amount) * _UNIT_MS[unit])
 
 
 def parse_time(text: str, now_ms: int) -> int:
@@ -20,10 +29,8 @@ def parse_time(text: str, now_ms: int) -> int:
     or an ISO 8601 date or time; one without a zone is taken as UTC.
     Raises :class:`ValueError` with a message fit for the user.
     """
-    match = _RELATIVE.match(text)
-    if match:
-        amount, unit = match.groups()
-        return now_ms - int(float(amount) * _UNIT_MS[unit])
+    if _RELATIVE.match(text):
+        return now_ms - parse_duration(text)
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

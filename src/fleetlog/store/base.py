@@ -45,6 +45,9 @@ class Store(Protocol):
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         """Every record stored after ``seq``, in store order (all devices)."""
 
+    def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
+        """Delete up to ``limit`` records past retention (age or size); return how many."""
+
     def max_seq(self) -> int:
         """The ``seq`` of the newest stored record (0 when empty)."""
 

@@ -100,6 +100,16 @@ class FilesSink:
         temporary.write_text(str(seq))
         os.replace(temporary, self._cursor_path)
 
+    def prune(self, before: int) -> list[Path]:
+        """Delete the daily files of UTC days entirely before ``before`` (ms)."""
+        first_kept = utc_day(before)
+        removed = []
+        for path in sorted(self.directory.glob("????-??-??.log")):
+            if path.stem < first_kept:
+                path.unlink()
+                removed.append(path)
+        return removed
+
     def export(self, store: Store) -> int:
         """Append every stored record not yet in the files; fsync; return how many.
 

@@ -57,6 +57,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         INSERT INTO records_fts (records_fts, rowid, data) VALUES ('delete', old.seq, old.data);
     END;
     """,
+    # 2: retention deletes the oldest records first.
+    """
+    CREATE INDEX records_received ON records (received_at);
+    """,
 )
 
 _COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
@@ -230,6 +234,47 @@ class SQLiteStore:
             f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
         )
         return [_row(values) for values in cursor]
+
+    def used_bytes(self) -> int:
+        """Bytes of the database in use (free pages excluded)."""
+        pages, free, size = (
+            self._db.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+        return int((pages - free) * size)
+
+    def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest records received before ``before``
+        or, when the store is over ``max_bytes``, the oldest records; return how many.
+
+        One short transaction per call, so a worker can interleave pruning with
+        ingestion without stalling it.
+        """
+        if before is not None:
+            victims = "SELECT seq FROM records WHERE received_at < ? ORDER BY received_at LIMIT ?"
+            params: tuple[int, ...] = (before, limit)
+        elif max_bytes is not None and self.used_bytes() > max_bytes:
+            victims, params = "SELECT seq FROM records ORDER BY seq LIMIT ?", (limit,)
+        else:
+            return 0
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone: Counter[str] = Counter(
+                    device for (device,) in db.execute(
+                        f"DELETE FROM records WHERE seq IN ({victims}) RETURNING device_id", params)
+                )
+                db.executemany("UPDATE devices SET records = max(0, records - ?) WHERE device_id = ?",
+                               [(count, device) for device, count in gone.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        return sum(gone.values())
 
     def max_seq(self) -> int:
         seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]

@@ -42,6 +42,7 @@ from fleetlog.queue.consumer import Consumer, ListConsumer, StreamConsumer
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
 from fleetlog.store import Store, StoreUnavailable, open_store
 from fleetlog.store.files import FilesSink
+from fleetlog.worker.retention import Pruner
 
 __all__ = ["Backoff", "Worker", "run_worker"]
 
@@ -82,6 +83,8 @@ class Worker:
         self.consumer = consumer
         self.store = store
         self.files = files
+        self.pruner = Pruner(store, files, retention_ms=settings.retention_ms,
+                             max_bytes=settings.retention_bytes, interval=settings.prune_interval)
         self.stopping = threading.Event()
         self.stored = 0
         self.dead_lettered = 0
@@ -110,6 +113,7 @@ class Worker:
                 backoff.reset()
                 if records:
                     self._handle(records)
+                self._prune()
             except REDIS_DOWN as exc:
                 # Whatever was taken stays pending in Redis and comes back.
                 delay = backoff.next_delay()
@@ -117,6 +121,13 @@ class Worker:
                 self.stopping.wait(delay)
         log.info("worker stopped: %d stored, %d dead-lettered", self.stored, self.dead_lettered)
         return EXIT_PLANNED
+
+    def _prune(self) -> None:
+        """One bounded step of retention between batches; a store fault only delays it."""
+        try:
+            self.pruner.step()
+        except StoreUnavailable as exc:
+            log.warning("retention postponed: %s", exc)
 
     def _handle(self, records: Sequence[QueuedRecord]) -> None:
         done = self._store(records)

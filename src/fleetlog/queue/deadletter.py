@@ -1,0 +1,84 @@
+"""The dead-letter stream: records the store kept rejecting, with why, for a human to decide.
+
+A worker moves a record here after ``--max-deliveries`` failed attempts
+(:meth:`~fleetlog.queue.consumer.StreamConsumer.dead_letter`), with its device,
+its JSON, the last error and the delivery count.  ``fleetlog dlq`` lists and
+shows them, replays them into the queue (once the cause is fixed) or purges them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fleetlog.records import iso_ms
+
+__all__ = ["DeadLetter", "DeadLetters"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    qid: str
+    device_id: str
+    record: bytes
+    error: str
+    deliveries: int
+    failed_at: str
+
+    def as_dict(self, *, with_record: bool = True) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "id": self.id, "qid": self.qid, "device_id": self.device_id, "error": self.error,
+            "deliveries": self.deliveries, "failed_at": self.failed_at,
+        }
+        if with_record:
+            row["record"] = self.record.decode(errors="replace")
+        return row
+
+
+def _letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    def text(name: bytes) -> str:
+        return fields.get(name, b"").decode(errors="replace")
+
+    failed = text(b"failed_at")
+    return DeadLetter(
+        entry_id.decode(), text(b"qid"), text(b"d"), fields.get(b"r", b""), text(b"error"),
+        int(fields.get(b"deliveries", b"0") or 0), iso_ms(int(failed)) if failed.isdigit() else failed,
+    )
+
+
+class DeadLetters:
+    """``fleetlog dlq`` on a blocking Redis client."""
+
+    def __init__(self, client: Any, *, dead_letter_stream: str, stream: str) -> None:
+        self._client = client
+        self._dead = dead_letter_stream
+        self._stream = stream
+
+    def letters(self, limit: int = 1000) -> list[DeadLetter]:
+        return [_letter(i, f) for i, f in self._client.xrange(self._dead, count=limit)]
+
+    def show(self, entry_id: str) -> DeadLetter | None:
+        found = self._client.xrange(self._dead, min=entry_id, max=entry_id)
+        return _letter(*found[0]) if found else None
+
+    def replay(self, entry_ids: list[str] | None = None) -> int:
+        """Queue dead letters again (all when ``entry_ids`` is None); return how many."""
+        letters = self.letters(limit=100_000) if entry_ids is None else [
+            letter for letter in map(self.show, entry_ids) if letter is not None
+        ]
+        for letter in letters:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self._stream, {"d": letter.device_id, "r": letter.record})
+                pipe.xdel(self._dead, letter.id)
+                pipe.execute()
+        return len(letters)
+
+    def purge(self, entry_ids: list[str] | None = None) -> int:
+        """Delete dead letters for good (all when ``entry_ids`` is None)."""
+        if entry_ids is None:
+            count: int = self._client.xlen(self._dead)
+            self._client.delete(self._dead)
+            return count
+        deleted: int = self._client.xdel(self._dead, *entry_ids) if entry_ids else 0
+        return deleted

@@ -1,0 +1,76 @@
+"""Retention: forget records past their age (``--retention 30d``) or size cap.
+
+Pruning runs inside the worker, one bounded batch at a time between ingest
+batches, so the store's write lock is never held long enough to stall
+ingestion; ``fleetlog prune`` runs it to completion once.  Daily files go by
+whole days, only once every record of the day is past retention.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fleetlog.store import Store
+from fleetlog.store.files import FilesSink
+
+__all__ = ["Pruner"]
+
+log = logging.getLogger("fleetlog.retention")
+
+
+class Pruner:
+    def __init__(
+        self,
+        store: Store,
+        files: FilesSink | None,
+        *,
+        retention_ms: int | None,
+        max_bytes: int | None,
+        batch: int = 5000,
+        interval: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.retention_ms = retention_ms
+        self.max_bytes = max_bytes
+        self.batch = batch
+        self.interval = interval
+        self._next = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.retention_ms is not None or self.max_bytes is not None
+
+    def _cutoff(self) -> int | None:
+        if self.retention_ms is None:
+            return None
+        return int(time.time() * 1000) - self.retention_ms
+
+    def step(self) -> int:
+        """One bounded batch of pruning if it is due; return how many records went."""
+        now = time.monotonic()
+        if not self.enabled or now < self._next:
+            return 0
+        cutoff = self._cutoff()
+        deleted = self.store.prune(before=cutoff, max_bytes=None, limit=self.batch)
+        if not deleted:
+            deleted = self.store.prune(before=None, max_bytes=self.max_bytes, limit=self.batch)
+        if deleted < self.batch:  # caught up: look again after a pause
+            self._next = now + self.interval
+            if cutoff is not None and self.files is not None:
+                for path in self.files.prune(cutoff):
+                    log.info("retention: removed %s", path)
+        if deleted:
+            log.info("retention: pruned %d records", deleted)
+        return deleted
+
+    def run_all(self) -> int:
+        """Prune until nothing is past retention (``fleetlog prune``)."""
+        total = 0
+        while True:
+            self._next = 0.0
+            deleted = self.step()
+            total += deleted
+            if deleted < self.batch:
+                return total
