@@ -5,7 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: install up test lint bench clean
+FAULTS  := $(CURDIR)/.faults.jsonl
+
+.PHONY: install up test faults lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,8 +22,17 @@ install: $(STAMP)
 up: install
 	$(BIN)/fleetlog up $(ARGS)
 
+# The whole suite, fault injection included; its table is printed at the end.
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	@rm -f $(FAULTS)
+	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q $(ARGS); status=$$?; \
+	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status
+
+# Only the fault-injection suite, and its table: scenario, acked, stored, lost, duplicated.
+faults: install
+	@rm -f $(FAULTS)
+	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q tests/faults $(ARGS); status=$$?; \
+	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -82,7 +82,7 @@ class _Device(WSListener):
 
     def __init__(self) -> None:
         self.waiter: asyncio.Future[str | None] | None = None
-        self.v2 = False
+        self.closed = False
 
     def _resolve(self, outcome: str | BaseException | None) -> None:
         waiter = self.waiter
@@ -109,6 +109,7 @@ class _Device(WSListener):
                 self._resolve("unexpected_reply")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
         self._resolve(_ConnectionLost())
 
 
@@ -172,6 +173,8 @@ async def _run_device(
                         await asyncio.sleep(pause)
                 if time.monotonic() > deadline:
                     raise TimeoutError("simulation ran out of time")
+                if device.closed:  # closed between frames (a gateway going away)
+                    raise _ConnectionLost()
                 device.waiter = asyncio.get_running_loop().create_future()
                 count = min(batch, summary.messages - index) if batch else 0
                 started = time.perf_counter()

@@ -1,0 +1,150 @@
+"""A whole fleetlog under load, with handles to break its parts, and the loss check.
+
+Every scenario runs real processes: a private Redis (AOF, appendfsync always),
+gateways, workers and the simulator (v2 frames with per-device ``seq``, the
+reference client that resends until acked).  :meth:`Fleet.verify` compares what
+the simulator was acked with what the store holds: lost = acked but not stored,
+duplicated = stored more than once.  Each scenario appends its row to
+``$FLEETLOG_FAULTS_REPORT`` (``make faults`` prints them as a table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fleetlog.embedded import RedisServer, free_port
+from tests.conftest import Processes, wait_for_port
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    acked: int
+    stored: int
+    lost: int
+    duplicated: int
+    recovery_s: float
+    note: str = ""
+
+    def record(self) -> None:
+        report = os.environ.get("FLEETLOG_FAULTS_REPORT")
+        if report:
+            with open(report, "a") as handle:
+                handle.write(json.dumps(self.__dict__) + "\n")
+
+
+class Fleet:
+    def __init__(self, tmp_path: Path, *, heartbeat_ttl: float = 2.0) -> None:
+        self.tmp = tmp_path
+        self.data_dir = tmp_path / "data"
+        self.redis = RedisServer(tmp_path / "redis", appendfsync="always")
+        self.redis.start()
+        self.procs = Processes(tmp_path)
+        self.port = free_port()
+        self.env = {"FLEETLOG_HEARTBEAT_TTL": str(heartbeat_ttl), "FLEETLOG_RATE_RECORDS": "1000000",
+                    "FLEETLOG_RATE_BYTES": "1000000000"}
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.simulator: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start_gateway(self, *extra: str) -> subprocess.Popen[bytes]:
+        self.gateway = self.procs.start(
+            "gateway", "--redis-url", self.redis.url, "--data-dir", str(self.data_dir),
+            "--port", str(self.port), "--auth", "none", *extra, env=self.env)
+        wait_for_port(self.port, process=self.gateway)
+        return self.gateway
+
+    def start_worker(self, *extra: str, consumer: str = "w") -> subprocess.Popen[bytes]:
+        self.worker = self.procs.start(
+            "worker", "--redis-url", self.redis.url, "--data-dir", str(self.data_dir),
+            "--files", str(self.data_dir / "logs"), "--claim-idle", "1", "--consumer", consumer,
+            *extra, env=self.env)
+        return self.worker
+
+    def simulate(self, devices: int, messages: int, *, batch: int = 10, rate: float = 0,
+                 timeout: float = 180) -> subprocess.Popen[bytes]:
+        self.acked_file = self.tmp / "acked.json"
+        self.sim_out = self.tmp / "simulate.json"
+        self.simulator = subprocess.Popen(
+            [sys.executable, "-m", "fleetlog", "simulate", "--url", self.url, "--devices",
+             str(devices), "--messages", str(messages), "--batch", str(batch), "--rate", str(rate),
+             "--timeout", str(timeout), "--json", "--acked-file", str(self.acked_file)],
+            stdout=self.sim_out.open("wb"), stderr=subprocess.DEVNULL)
+        return self.simulator
+
+    def wait_simulation(self, timeout: float = 240) -> dict[str, Any]:
+        assert self.simulator is not None
+        self.simulator.wait(timeout)
+        summary: dict[str, Any] = json.loads(self.sim_out.read_text())
+        return summary
+
+    def stored(self) -> Counter[tuple[str, int]]:
+        path = self.data_dir / "fleetlog.db"
+        if not path.exists():
+            return Counter()
+        db = sqlite3.connect(path, timeout=30)
+        try:
+            rows = db.execute("SELECT device_id, json_extract(data, '$.seq') FROM records").fetchall()
+        except sqlite3.OperationalError:
+            return Counter()
+        finally:
+            db.close()
+        return Counter((device, seq) for device, seq in rows if seq is not None)
+
+    def wait_drained(self, expected: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.stored()) >= expected:
+                return
+            time.sleep(0.25)
+
+    def until_flowing(self, timeout: float = 60) -> float:
+        """Seconds until the store grows again: records flow end to end once more."""
+        started = time.monotonic()
+        before = len(self.stored())
+        while len(self.stored()) <= before and time.monotonic() - started < timeout:
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def verify(self, scenario: str, recovery_s: float, note: str = "") -> Outcome:
+        acked_through: dict[str, int] = json.loads(self.acked_file.read_text())
+        acked = {(device, seq) for device, count in acked_through.items() for seq in range(count)}
+        self.wait_drained(len(acked))
+        stored = self.stored()
+        outcome = Outcome(
+            scenario, len(acked), sum(stored.values()), len(acked - stored.keys()),
+            sum(count - 1 for count in stored.values() if count > 1), round(recovery_s, 2), note)
+        outcome.record()
+        return outcome
+
+    def kill(self, process: subprocess.Popen[bytes] | None) -> None:
+        assert process is not None
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def rss_mb(self, process: subprocess.Popen[bytes] | None) -> float:
+        assert process is not None
+        return float(psutil.Process(process.pid).memory_info().rss) / 2**20
+
+    def close(self) -> None:
+        if self.simulator is not None and self.simulator.poll() is None:
+            self.simulator.kill()
+            self.simulator.wait()
+        self.procs.stop_all()
+        self.redis.stop()

@@ -1,0 +1,201 @@
+"""Fault injection under load: every acked record stored exactly once, whatever breaks.
+
+Each test is one scenario of the table ``make faults`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+
+import redis
+
+from tests.faults.harness import Fleet
+
+
+def _healthz(fleet: Fleet) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port}/healthz", timeout=5) as response:
+        health: dict[str, int] = json.loads(response.read())
+        return health
+
+
+def _assert_clean(outcome: object) -> None:
+    assert outcome.lost == 0, outcome
+    assert outcome.duplicated == 0, outcome
+
+
+def test_worker_sigkilled_ten_times_mid_batch(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker("--batch", "200")
+    fleet.simulate(devices=50, messages=600, rate=6000)
+    for kill in range(10):
+        time.sleep(0.45)
+        fleet.kill(fleet.worker)
+        fleet.start_worker("--batch", "200", consumer="w" if kill % 2 else f"w{kill}")
+    restarted = time.monotonic()
+    summary = fleet.wait_simulation()
+    assert summary["acked"] == 30_000
+    fleet.wait_drained(30_000)
+    outcome = fleet.verify("worker SIGKILL x10", time.monotonic() - restarted, "drain after last kill")
+    _assert_clean(outcome)
+
+
+def test_redis_killed_and_restarted(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=50, messages=400, rate=4000)
+    time.sleep(1.5)
+    fleet.redis.kill()
+    time.sleep(2.0)
+    fleet.redis.start()
+    recovery = fleet.until_flowing()
+    summary = fleet.wait_simulation()
+    assert summary["errors"].get("unavailable", 0) > 0, "devices were told, not left in silence"
+    assert summary["acked"] == 20_000
+    _assert_clean(fleet.verify("Redis SIGKILL + restart (appendfsync always)", recovery,
+                               f"{summary['errors'].get('unavailable', 0)} unavailable replies"))
+
+
+def test_gateway_sigkilled_devices_reconnect(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=50, messages=400, rate=4000)
+    time.sleep(1.5)
+    fleet.kill(fleet.gateway)
+    time.sleep(2.6)  # the heartbeat TTL is 2 s: the dead node's links must read offline
+    shown = subprocess.run(
+        [sys.executable, "-m", "fleetlog", "devices", "--json", "--redis-url", fleet.redis.url,
+         "--data-dir", str(fleet.data_dir)], capture_output=True, text=True, timeout=30, check=True)
+    rows = json.loads(shown.stdout)
+    client = redis.Redis.from_url(fleet.redis.url)
+    assert client.hlen("device:links") > 0, "the dead node left its links behind"
+    client.close()
+    assert rows
+    assert not any(row["online"] for row in rows)
+    fleet.start_gateway()
+    recovery = fleet.until_flowing()
+    summary = fleet.wait_simulation()
+    assert summary["acked"] == 20_000
+    assert summary["reconnects"] > 0
+    _assert_clean(fleet.verify("gateway SIGKILL + restart", recovery,
+                               f"{summary['reconnects']} reconnects; dead node's links offline after TTL"))
+
+
+def test_gateway_rolling_restart_with_sigterm(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=50, messages=400, rate=4000)
+    recoveries = []
+    for _ in range(3):
+        time.sleep(1.0)
+        assert fleet.gateway is not None
+        fleet.gateway.send_signal(signal.SIGTERM)
+        assert fleet.gateway.wait(15) == 0
+        fleet.start_gateway()
+        recoveries.append(fleet.until_flowing())
+    summary = fleet.wait_simulation()
+    assert summary["acked"] == 20_000
+    _assert_clean(fleet.verify("gateway SIGTERM x3 (rolling restart)", max(recoveries),
+                               f"{summary['reconnects']} reconnects"))
+
+
+def test_store_locked_for_ten_seconds(fleet: Fleet) -> None:
+    fleet.start_gateway("--max-backlog", "3000")
+    fleet.start_worker()
+    fleet.simulate(devices=20, messages=500, rate=2000)
+    time.sleep(1.0)
+    fleet.wait_drained(1)
+    blocker = sqlite3.connect(fleet.data_dir / "fleetlog.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    time.sleep(10)
+    rss = fleet.rss_mb(fleet.worker)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    recovery = fleet.until_flowing()
+    summary = fleet.wait_simulation()
+    log = (fleet.tmp / "worker-1.log").read_text()
+    assert "store unavailable, not acknowledging" in log
+    assert summary["errors"].get("busy", 0) > 0, "the gateway refused with busy at the backlog limit"
+    assert rss < 300
+    assert summary["acked"] == 10_000
+    _assert_clean(fleet.verify("SQLite locked 10 s", recovery,
+                               f"{summary['errors'].get('busy', 0)} busy replies; worker RSS {rss:.0f} MB"))
+
+
+def test_disk_full(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=20, messages=500, rate=2000)
+    time.sleep(1.0)
+    assert fleet.worker is not None
+    # A file-size limit on the worker: every write past 1 MB fails with EFBIG, as on a full disk.
+    resource.prlimit(fleet.worker.pid, resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    time.sleep(5)
+    during = len(fleet.stored())
+    time.sleep(1)
+    stalled = len(fleet.stored()) - during
+    resource.prlimit(fleet.worker.pid, resource.RLIMIT_FSIZE,
+                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    recovery = fleet.until_flowing()
+    summary = fleet.wait_simulation()
+    assert fleet.worker.poll() is None, "the worker stayed up"
+    log = (fleet.tmp / "worker-1.log").read_text()
+    assert "store unavailable" in log
+    assert summary["acked"] == 10_000
+    assert stalled == 0, "nothing acknowledged while the disk was full"
+    _assert_clean(fleet.verify("disk full (RLIMIT_FSIZE)", recovery,
+                               f"{stalled} stored while full"))
+
+
+def test_poison_records_go_to_dead_letters(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker("--max-deliveries", "3")
+    fleet.simulate(devices=20, messages=300, rate=3000)
+    client = redis.Redis.from_url(fleet.redis.url)
+    time.sleep(0.5)
+    for n in range(5):
+        client.xadd("fleetlog:records", {"d": "poison", "r": b'{"seq": %d, broken' % n})
+    started = time.monotonic()
+    summary = fleet.wait_simulation()
+    deadline = time.monotonic() + 60
+    while client.xlen("fleetlog:dead") < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    dead = client.xrange("fleetlog:dead")
+    client.close()
+    assert len(dead) == 5
+    assert all(int(fields[b"deliveries"]) >= 3 and fields[b"error"] for _, fields in dead)
+    assert summary["acked"] == 6000
+    _assert_clean(fleet.verify("poison records (5) -> dead letters", time.monotonic() - started,
+                               "5 dead-lettered after 3 deliveries"))
+
+
+def test_reconnect_storm_of_two_thousand_devices(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=2000, messages=20, batch=2, rate=2000, timeout=200)
+    deadline = time.monotonic() + 60
+    while _healthz(fleet)["connections"] < 2000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _healthz(fleet)["connections"] == 2000
+    fleet.kill(fleet.gateway)
+    fleet.start_gateway()
+    restarted = time.monotonic()
+    peak = 0.0
+    while time.monotonic() - restarted < 60:
+        peak = max(peak, fleet.rss_mb(fleet.gateway))
+        if _healthz(fleet)["connections"] >= 2000 or fleet.simulator.poll() is not None:  # type: ignore[union-attr]
+            break
+        time.sleep(0.1)
+    recovery = time.monotonic() - restarted
+    assert recovery < 30, "2,000 devices back within 30 s"
+    assert peak < 400, f"gateway RSS {peak:.0f} MB during the storm"
+    summary = fleet.wait_simulation()
+    assert summary["acked"] == 40_000
+    _assert_clean(fleet.verify("reconnect storm: 2,000 devices", recovery,
+                               f"all back in {recovery:.1f} s; gateway peak RSS {peak:.0f} MB"))
