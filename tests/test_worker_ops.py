@@ -1,0 +1,135 @@
+"""The worker's planned and fatal exits, retention, and the dead-letter commands, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from fleetlog.records import QueuedRecord
+from fleetlog.store.files import FilesSink
+from fleetlog.store.sqlite import SQLiteStore
+from tests.helpers import stored_rows, wait_until
+
+
+def _fleetlog(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleetlog", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _xadd(url: str, count: int, device: str = "d1") -> None:
+    client = redis.Redis.from_url(url)
+    for seq in range(count):
+        client.xadd("fleetlog:records", {"d": device, "r": json.dumps({"seq": seq})})
+    client.close()
+
+
+def test_max_messages_is_a_planned_exit(redis_url: str, tmp_path: Path) -> None:
+    _xadd(redis_url, 120)
+    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                     "--max-messages", "50", "--batch", "20")
+    assert done.returncode == 0, done.stderr
+    assert len(stored_rows(tmp_path)) == 50
+    assert "max messages (50) reached: planned exit" in done.stderr
+
+
+def test_max_runtime_is_a_planned_exit(redis_url: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                     "--max-runtime", "1.5")
+    assert done.returncode == 0, done.stderr
+    assert 1.5 <= time.monotonic() - started < 20
+
+
+def test_sigterm_finishes_the_batch_and_exits_zero(redis_url: str, tmp_path: Path) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "fleetlog", "worker", "--redis-url", redis_url,
+                               "--data-dir", str(tmp_path)], stderr=subprocess.PIPE)
+    _xadd(redis_url, 300)
+    assert wait_until(lambda: len(stored_rows(tmp_path)) == 300, timeout=30)
+    worker.terminate()
+    assert worker.wait(20) == 0
+    client = redis.Redis.from_url(redis_url)
+    assert client.xpending("fleetlog:records", "fleetlog:workers")["pending"] == 0
+    client.close()
+
+
+def test_fatal_error_writes_a_record_and_exits_one(redis_url: str, tmp_path: Path) -> None:
+    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                     "--store", "mysql://nope")
+    assert done.returncode == 1
+    [log] = list((tmp_path / "logs" / "device" / "fatal_error").glob("*.log"))
+    record = json.loads(log.read_text().splitlines()[-1])
+    assert "unsupported store URL" in record["error"]
+    assert "Traceback" in record["stack_trace"]
+
+
+def test_retention_prunes_store_and_daily_files(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    now = int(time.time() * 1000)
+    old, recent = now - 40 * 86_400_000, now - 3_600_000
+    store.write_batch([QueuedRecord(f"{old + n}-0", "d1", old + n, b'{"seq": %d}' % n)
+                       for n in range(12_000)])
+    store.write_batch([QueuedRecord(f"{recent}-{n}", "d1", recent, b'{"seq": %d}' % n)
+                       for n in range(10)])
+    files = FilesSink(tmp_path / "logs")
+    files.export(store)
+    assert len(list(files.directory.glob("*.log"))) == 2
+    store.close()
+
+    done = _fleetlog("prune", "--retention", "30d", "--data-dir", str(tmp_path),
+                     "--files", str(tmp_path / "logs"))
+    assert done.returncode == 0, done.stderr
+    assert "pruned 12000 records" in done.stdout
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    assert [device.records for device in store.devices()] == [10]
+    assert len(stored_rows(tmp_path)) == 10
+    assert len(list(files.directory.glob("*.log"))) == 1
+    store.close()
+    bad = _fleetlog("prune", "--retention", "a while", "--data-dir", str(tmp_path))
+    assert bad.returncode == 2
+    assert "not a duration" in bad.stderr
+
+
+def test_retention_runs_inside_the_worker(redis_url: str, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    old = int(time.time() * 1000) - 10 * 86_400_000
+    store.write_batch([QueuedRecord(f"{old}-{n}", "d1", old, b"{}") for n in range(100)])
+    store.close()
+    _xadd(redis_url, 5)
+    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                     "--retention", "1d", "--max-runtime", "2")
+    assert done.returncode == 0, done.stderr
+    assert len(stored_rows(tmp_path)) == 5, "old records pruned, new ones kept"
+
+
+def test_dead_letter_commands(redis_url: str, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    for n in range(3):
+        client.xadd("fleetlog:records", {"d": "bad", "r": b"{broken %d" % n})
+    _xadd(redis_url, 10, device="good")
+    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                     "--max-deliveries", "2", "--claim-idle", "0.3", "--max-runtime", "4")
+    assert done.returncode == 0, done.stderr
+    assert len(stored_rows(tmp_path)) == 10
+
+    common = ["--redis-url", redis_url, "--data-dir", str(tmp_path)]
+    listed = _fleetlog("dlq", "list", "--json", *common)
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [letter["device_id"] for letter in letters] == ["bad"] * 3
+    assert all(letter["deliveries"] >= 2 and letter["error"] for letter in letters)
+    shown = json.loads(_fleetlog("dlq", "show", letters[0]["id"], *common).stdout)
+    assert shown["record"] == "{broken 0"
+    assert _fleetlog("dlq", "show", "1-1", *common).returncode == 2
+
+    assert "replayed 1" in _fleetlog("dlq", "replay", letters[0]["id"], *common).stdout
+    assert client.xlen("fleetlog:dead") == 2
+    assert client.xrange("fleetlog:records")[-1][1][b"r"] == b"{broken 0"
+    assert "purged 1" in _fleetlog("dlq", "purge", letters[1]["id"], *common).stdout
+    assert "purged 1" in _fleetlog("dlq", "purge", "--all", *common).stdout
+    assert client.xlen("fleetlog:dead") == 0
+    assert _fleetlog("dlq", "replay", *common).returncode == 2
+    client.close()
