@@ -68,6 +68,7 @@ async def test_replies_bad_input_and_links(
         # A frame without a record: only the first reply; the device is linked.
         await ws.send(json.dumps({"deviceId": 42, "type": 1}))
         assert await ws.recv() == RECEIVED
+        assert wait_until(lambda: client.hexists("device:links", "42"), timeout=5)
         link = json.loads(client.hget("device:links", "42"))
         assert set(link) == {"node", "conn", "since"}
         assert client.exists(f"fleetlog:node:{link['node']}")

@@ -42,6 +42,13 @@ log = logging.getLogger("fleetlog.gateway")
 ControlHandler = Callable[[dict[str, Any]], None]
 
 
+def _unless_cancelled() -> None:
+    """Re-raise cancellation that a client library turned into a connection error."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def parse_link(raw: bytes | str) -> dict[str, Any]:
     """Decode a ``device:links`` value; the original stored a bare fd number."""
     try:
@@ -142,6 +149,7 @@ class LinkRegistry:
             try:
                 await self._client.set(key, self._info, px=self._ttl_ms)
             except REDIS_DOWN as exc:
+                _unless_cancelled()
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self._ttl_ms / 3000)
 
@@ -158,6 +166,7 @@ class LinkRegistry:
                     except Exception:
                         log.exception("bad control message %r", message.get("data"))
             except REDIS_DOWN:
+                _unless_cancelled()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:

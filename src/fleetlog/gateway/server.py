@@ -434,16 +434,9 @@ class Gateway:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
         return context
 
-    async def start(self) -> None:
+    async def _listen(self) -> asyncio.Server:
         settings = self.settings
-        if settings.auth == "none":
-            log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
-                        "Use --auth token unless this is a legacy fleet on a closed network.")
-        elif settings.auth == "token":
-            await self._refresh_tokens()
-        self.producer.start()
-        self.registry.start(self.on_control)
-        self._server = await ws_create_server(
+        server: asyncio.Server = await ws_create_server(
             self._accept,
             settings.host,
             settings.ws_port,
@@ -456,6 +449,23 @@ class Gateway:
             websocket_handshake_timeout=settings.handshake_timeout,
             reuse_address=True,
         )
+        return server
+
+    async def start(self) -> None:
+        """Listen first (a taken port fails here, before anything else started), then run."""
+        settings = self.settings
+        if settings.auth == "none":
+            log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
+                        "Use --auth token unless this is a legacy fleet on a closed network.")
+        elif settings.auth == "token":
+            await self._refresh_tokens()
+        try:
+            self._server = await self._listen()
+        except BaseException:
+            await self._client.aclose()
+            raise
+        self.producer.start()
+        self.registry.start(self.on_control)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping")]
         if settings.auth == "token":
@@ -527,5 +537,9 @@ def run_gateway(settings: Settings, redis_url: str) -> int:
             loop.add_signal_handler(signum, stop.set)
         await serve(settings, redis_url, stop)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except OSError as exc:  # the port is taken, the certificate unreadable ...
+        log.error("gateway cannot start: %s", exc)
+        return 1
     return 0

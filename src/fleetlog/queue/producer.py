@@ -1,21 +1,24 @@
 """Queue records from many connections with one Redis call per event-loop turn.
 
 A gateway calls :meth:`Producer.submit` from its frame handlers; nothing is
-awaited there.  One flusher task wakes once per loop turn, sends every record
+awaited there.  A flusher task wakes once per loop turn, sends every record
 submitted since in one atomic Lua call, and then calls each submitter back
-with the outcome.  Only one call is in flight at a time: records reach Redis
-in the order they were submitted, so one device's records keep their order,
-and the batch grows by itself when Redis is slower than the devices.
+with the outcome.  Up to ``max_in_flight`` calls run at once (on separate
+connections, so Redis can fsync them together); a device whose records are in
+a call waits for it before its next records go, so one device's records reach
+the stream in the order it sent them.  The batch grows by itself when Redis is
+slower than the devices.
 
-A callback is called with ``None`` once Redis acknowledged the write (with
-``appendfsync always``, once it is on disk), or with the exception that says
-why the records are not queued: :class:`QueueFull` or :class:`QueueUnavailable`.
+A callback is called with an :class:`IngestResult` once Redis acknowledged the
+write (with ``appendfsync always``, once it is on disk), or with the exception
+that says why nothing was queued: :class:`QueueFull` or :class:`QueueUnavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -53,6 +56,14 @@ Done = Callable[[IngestResult | FleetlogError], None]
 _MAX_PER_CALL: Final = 2000
 
 
+@dataclass(slots=True)
+class _Submission:
+    device_id: str
+    args: list[bytes | str | int]
+    size: int
+    done: Done
+
+
 def _result(raw: Any) -> IngestResult:
     duplicate_frame, duplicates, through, missing = raw
     if not duplicate_frame and not duplicates and through == -1:
@@ -76,12 +87,15 @@ class Producer:
         stream: str,
         max_backlog: int,
         dedupe_window: int = 86_400,
+        max_in_flight: int = 4,
     ) -> None:
         self._key = stream if mode == "stream" else keys.LEGACY_LIST
         self._script = client.register_script(scripts.INGEST)
         self._head = [max_backlog, dedupe_window, mode]
-        self._args: list[bytes | str | int] = []
-        self._waiting: list[tuple[Done, int, int]] = []  # callback, records, args
+        self._waiting: deque[_Submission] = deque()
+        self._busy: Counter[str] = Counter()  # devices with a call in flight
+        self._calls: set[asyncio.Task[None]] = set()
+        self._max_in_flight = max_in_flight
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -106,16 +120,14 @@ class Producer:
         window queues nothing and reports ``duplicate_frame``.  With ``seqs``,
         records whose seq was already queued are skipped and reported.
         """
-        args = self._args
-        before = len(args)
         tracked = seqs is not None and any(seq is not None for seq in seqs)
-        args += (
+        args: list[bytes | str | int] = [
             keys.frame_seen(device_id, frame_id) if frame_id is not None else "",
             device_id,
             keys.seq_state(device_id, session) if tracked else "",
             keys.seq_above(device_id, session) if tracked else "",
             len(records),
-        )
+        ]
         if tracked:
             assert seqs is not None
             for seq, record in zip(seqs, records, strict=True):
@@ -123,54 +135,77 @@ class Producer:
         else:
             for record in records:
                 args += ("", record)
-        self._waiting.append((done, len(records), len(args) - before))
+        self._waiting.append(_Submission(device_id, args, len(records), done))
         self._wakeup.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if self._waiting:
-                await self._flush()
-            elif self._closing:
+            if self._waiting and len(self._calls) < self._max_in_flight:
+                call = self._take()
+                if call:
+                    self._calls.add(loop.create_task(self._call(call)))
+                    continue
+            if self._closing and not self._waiting and not self._calls:
                 return
-            else:
-                await self._wakeup.wait()
-                self._wakeup.clear()
+            await self._wakeup.wait()
+            self._wakeup.clear()
 
-    def _take(self) -> tuple[list[bytes | str | int], list[Done]]:
-        """Take whole submissions, up to about ``_MAX_PER_CALL`` records."""
+    def _take(self) -> list[_Submission]:
+        """Whole submissions for one call, up to about ``_MAX_PER_CALL`` records.
+
+        A device with a call in flight waits for it: calls may complete in any
+        order, and one device's records must reach the stream in order.
+        """
+        taken: list[_Submission] = []
+        kept: deque[_Submission] = deque()
+        held: set[str] = set()  # devices with a submission kept back in this pass
+        busy = self._busy
         records = 0
-        cut = 0
-        width = 0
-        for _, size, arg_count in self._waiting:
-            if cut and records + size > _MAX_PER_CALL:
-                break
-            records += size
-            width += arg_count
-            cut += 1
-        taken = [done for done, _, _ in self._waiting[:cut]]
-        del self._waiting[:cut]
-        args = self._args[:width]
-        del self._args[:width]
-        return args, taken
+        for submission in self._waiting:
+            device = submission.device_id
+            if device in busy or device in held or (taken and records + submission.size > _MAX_PER_CALL):
+                held.add(device)
+                kept.append(submission)
+                continue
+            taken.append(submission)
+            records += submission.size
+        for submission in taken:
+            busy[submission.device_id] += 1
+        self._waiting = kept
+        return taken
 
-    async def _flush(self) -> None:
-        args, callbacks = self._take()
+    async def _call(self, call: list[_Submission]) -> None:
+        args: list[bytes | str | int] = [*self._head]
+        for submission in call:
+            args += submission.args
         outcomes: list[IngestResult | FleetlogError]
         try:
             self.calls += 1
-            reply = await self._script(keys=[self._key], args=[*self._head, *args])
+            reply = await self._script(keys=[self._key], args=args)
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")
-                outcomes = [full] * len(callbacks)
+                outcomes = [full] * len(call)
             else:
                 outcomes = [_result(raw) for raw in reply]
         except REDIS_DOWN as exc:
-            outcomes = [QueueUnavailable(f"Redis unavailable: {exc}")] * len(callbacks)
+            outcomes = [QueueUnavailable(f"Redis unavailable: {exc}")] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
-            outcomes = [QueueUnavailable(f"Redis refused the write: {exc}")] * len(callbacks)
-        for done, outcome in zip(callbacks, outcomes, strict=True):
+            outcomes = [QueueUnavailable(f"Redis refused the write: {exc}")] * len(call)
+        finally:
+            for submission in call:
+                left = self._busy[submission.device_id] - 1
+                if left:
+                    self._busy[submission.device_id] = left
+                else:
+                    del self._busy[submission.device_id]
+            task = asyncio.current_task()
+            assert task is not None
+            self._calls.discard(task)  # before the wake-up, so the flusher sees room
+            self._wakeup.set()
+        for submission, outcome in zip(call, outcomes, strict=True):
             try:
-                done(outcome)
+                submission.done(outcome)
             except Exception:  # one connection's bug must not stall the others
                 log.exception("producer callback failed")
 

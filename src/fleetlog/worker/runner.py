@@ -78,6 +78,7 @@ class Worker:
         consumer: Consumer,
         store: Store,
         files: FilesSink | None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -85,13 +86,9 @@ class Worker:
         self.files = files
         self.pruner = Pruner(store, files, retention_ms=settings.retention_ms,
                              max_bytes=settings.retention_bytes, interval=settings.prune_interval)
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self.stored = 0
         self.dead_lettered = 0
-
-    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        """Signal handler: stop taking new batches; the current one finishes."""
-        self.stopping.set()
 
     def run(self) -> int:
         started = time.monotonic()
@@ -215,6 +212,14 @@ def write_fatal_error(settings: Settings, exc: BaseException) -> None:
 
 def run_worker(settings: Settings, redis_url: str) -> int:
     """Entry point of ``fleetlog worker``: returns the process exit code."""
+    stopping = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    # First thing: a SIGTERM during start-up is a planned stop too.
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
         client = connect(redis_url, timeout=max(settings.redis_timeout, settings.block_ms / 1000 + 2))
         consumer: Consumer
@@ -232,13 +237,12 @@ def run_worker(settings: Settings, redis_url: str) -> int:
                 dead_letter_stream=settings.dead_letter_stream,
                 claim_idle=settings.claim_idle,
             )
-            _ensure_group(stream_consumer)
+            if not _ensure_group(stream_consumer, stopping):
+                return EXIT_PLANNED
             consumer = stream_consumer
         store = open_store(settings.store_url)
         files = FilesSink(settings.files) if settings.files is not None else None
-        worker = Worker(settings, consumer, store, files)
-        signal.signal(signal.SIGTERM, worker.request_stop)
-        signal.signal(signal.SIGINT, worker.request_stop)
+        worker = Worker(settings, consumer, store, files, stopping)
         log.info("worker draining %s into %s%s", settings.queue, settings.store_url,
                  f" and {settings.files}" if files else "")
         try:
@@ -252,13 +256,15 @@ def run_worker(settings: Settings, redis_url: str) -> int:
         return EXIT_FATAL
 
 
-def _ensure_group(consumer: StreamConsumer) -> None:
+def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
+    """Create the consumer group, waiting out a Redis outage; False if told to stop."""
     backoff = Backoff()
-    while True:
+    while not stopping.is_set():
         try:
             consumer.ensure_group()
-            return
+            return True
         except REDIS_DOWN as exc:
             delay = backoff.next_delay()
             log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
-            time.sleep(delay)
+            stopping.wait(delay)
+    return False
