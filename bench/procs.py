@@ -105,8 +105,7 @@ class Child:
             try:
                 pid, status, usage = os.wait4(self.pid, os.WNOHANG)
             except ChildProcessError:  # already reaped elsewhere
-                self.popen.wait(timeout=1)
-                return self.popen.returncode
+                return self.popen.wait(timeout=1)
             if pid:
                 self.cpu_at_exit = usage.ru_utime + usage.ru_stime
                 self.popen.returncode = os.waitstatus_to_exitcode(status)

@@ -334,8 +334,6 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
 
     if as_json:
         summary = uvloop.run(main_async(None))
-        if acked_file is not None:
-            acked_file.write_bytes(orjson.dumps(summary.acked_through))
         sys.stdout.buffer.write(orjson.dumps(summary.as_dict()) + b"\n")
     else:
         console = Console(stderr=True)
@@ -343,11 +341,10 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("acked", total=total)
             summary = uvloop.run(main_async(lambda n: progress.advance(task, n)))
-        if acked_file is not None:
-            acked_file.write_bytes(orjson.dumps(summary.acked_through))
-        result = summary.as_dict()
-        for key, value in result.items():
+        for key, value in summary.as_dict().items():
             click.echo(f"{key:>20}: {value}")
+    if acked_file is not None:
+        acked_file.write_bytes(orjson.dumps(summary.acked_through))
     return 0 if summary.acked == total else 1
 
 
