@@ -1,0 +1,1 @@
+"""fleetlog's benchmark suite: ``python -m bench [--quick]`` (see README.md)."""

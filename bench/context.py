@@ -1,0 +1,96 @@
+"""What every measurement shares, and how servers are started.
+
+A :class:`Bench` holds the profile, the :class:`~bench.procs.Children` that
+owns every process, and the one private Redis.  A :class:`Server` is anything
+the load clients can connect to: either system's gateway or a bare echo server.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from bench import systems
+from bench.procs import Child, ChildFailed, Children, cpu_seconds, wait_for_port
+from bench.profile import Profile
+from fleetlog.embedded import RedisServer, free_port
+
+__all__ = ["ECHO_SERVERS", "PY", "Bench", "Server", "start_server"]
+
+PY = sys.executable
+#: Bare echo servers by name: the library each gateway is built on.
+ECHO_SERVERS = {"echo-websockets": "websockets", "echo-picows": "picows"}
+
+
+@dataclass
+class Bench:
+    profile: Profile
+    children: Children
+    redis_server: RedisServer
+    client: redis.Redis
+    scratch: Path
+
+    def fresh_dir(self, name: str) -> Path:
+        path = self.scratch / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def reset_redis(self) -> None:
+        """Empty Redis and compact its AOF, so every run starts from the same state."""
+        client = self.client
+        client.flushall()
+        client.bgrewriteaof()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = client.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+                return
+            time.sleep(0.02)
+        raise ChildFailed("Redis AOF rewrite did not finish within 30 s")
+
+    def redis_cpu(self) -> float:
+        assert self.redis_server.process is not None
+        return cpu_seconds(self.redis_server.process.pid)
+
+
+@dataclass
+class Server:
+    """A started server: its name (a system or an echo server), process and port."""
+
+    name: str
+    child: Child
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    @property
+    def is_echo(self) -> bool:
+        return self.name in ECHO_SERVERS
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def _argv(bench: Bench, name: str) -> Callable[[int], list[str]]:
+    if name in ECHO_SERVERS:
+        lib = ECHO_SERVERS[name]
+        return lambda port: [PY, "-m", "bench.echo", "serve", "--lib", lib, "--port", str(port)]
+    data_dir = bench.fresh_dir(f"gateway-{name}")
+    return lambda port: systems.gateway_argv(name, port, bench.redis_server.url, data_dir)
+
+
+def start_server(bench: Bench, name: str) -> Server:
+    """Start a gateway (``baseline``, ``fleetlog``) or echo server and wait until it listens."""
+    port = free_port()
+    child = bench.children.start(name, _argv(bench, name)(port))
+    wait_for_port(port, child)
+    return Server(name, child, port)

@@ -1,0 +1,158 @@
+"""Ingest and bare echo under the same closed-loop load, interleaved.
+
+All four servers (both gateways, both echo servers) run side by side, idle
+except for the one under load.  For each connection count, each repeat runs
+every server once in turn, so a burst of noise from another tenant of the
+machine lands on all of them alike instead of on one system's whole series;
+the median run per server and connection count is reported.
+
+Then, per system, ack latency at half of its own max rate, and fleetlog's v2
+batched ingest when its simulator speaks v2.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import orjson
+
+from bench.context import PY, Bench, Server, start_server
+from bench.procs import ChildFailed
+from bench.systems import SYSTEMS
+from bench.usage import Usage
+
+__all__ = ["LOADS", "V2_BATCH", "run_load", "sweep"]
+
+#: Every server the sweep drives, in the order each repeat runs them.
+LOADS = ("baseline", "fleetlog", "echo-websockets", "echo-picows")
+#: Records per v2 log frame in the batched-ingest measurement.
+V2_BATCH = 50
+
+
+def _client_argv(server: Server, devices: int, messages: int, rate: float, batch: int, prefix: str,
+                 timeout: float) -> list[str]:
+    if server.is_echo:
+        return [PY, "-m", "bench.echo", "load", "--url", server.url, "--connections", str(devices),
+                "--messages", str(messages), "--timeout", str(timeout)]
+    argv = [PY, "-m", "fleetlog", "simulate", "--url", server.url, "--devices", str(devices),
+            "--messages", str(messages), "--json", "--timeout", str(timeout), "--prefix", prefix]
+    if rate:
+        argv += ["--rate", f"{rate:.1f}"]
+    if batch:
+        argv += ["--batch", str(batch)]
+    return argv
+
+
+def run_load(bench: Bench, server: Server, devices: int, messages: int, *, rate: float = 0.0,
+             batch: int = 0, prefix: str = "sim-") -> dict[str, Any]:
+    """One client process against ``server``: its JSON summary plus server-side usage."""
+    timeout = bench.profile.run_timeout
+    bench.reset_redis()
+    usage = Usage(bench, server.child)
+    client = bench.children.start(
+        f"load-{server.name}-{devices}",
+        _client_argv(server, devices, messages, rate, batch, prefix, timeout),
+        capture_stdout=True,
+    )
+    out, code = client.collect(timeout + 15)
+    if not out.strip():
+        raise ChildFailed(f"{client.name} printed nothing (exit {code}):\n{client.tail()}")
+    summary: dict[str, Any] = orjson.loads(out.strip().splitlines()[-1])
+    if not summary.get("acked"):
+        raise ChildFailed(f"{client.name}: nothing acknowledged: {summary}")
+    summary.update(usage.finish(summary["acked"], client, summary.get("elapsed_s")),
+                   connections=devices, client_exit=code)
+    return summary
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda run: float(run["records_per_s"]))
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["repeats_records_per_s"] = [run["records_per_s"] for run in runs]
+    if len(runs) > 1:
+        chosen["repeats"] = runs
+    return chosen
+
+
+def v2_supported() -> bool:
+    """Whether this fleetlog's simulator speaks protocol v2 (``simulate --batch``)."""
+    help_text = subprocess.run([PY, "-m", "fleetlog", "simulate", "--help"], capture_output=True,
+                               timeout=60, check=False).stdout
+    return b"--batch" in help_text
+
+
+def _half_load(bench: Bench, server: Server, max_rate: float) -> dict[str, Any]:
+    profile = bench.profile
+    rate = max_rate / 2
+    devices = profile.latency_connections
+    messages = profile.messages_per_device(rate, devices, profile.latency_seconds)
+    result = run_load(bench, server, devices, messages, rate=rate, prefix="half-")
+    result["offered_rate"] = round(rate, 1)
+    return result
+
+
+def _v2(bench: Bench, server: Server, legacy_rate: float) -> dict[str, Any]:
+    profile = bench.profile
+    devices = profile.latency_connections
+    # Batches go several times faster than single frames: size the run for that.
+    messages = profile.messages_per_device(legacy_rate * 5, devices, profile.run_seconds)
+    messages = max(V2_BATCH, messages - messages % V2_BATCH)
+    result = run_load(bench, server, devices, messages, batch=V2_BATCH, prefix="v2-")
+    result["batch"] = V2_BATCH
+    return result
+
+
+def sweep(bench: Bench) -> dict[str, dict[str, Any]]:
+    """Results per server name; a server that failed has an ``error`` and no more runs."""
+    profile = bench.profile
+    results: dict[str, dict[str, Any]] = {name: {"runs": []} for name in LOADS}
+    servers: dict[str, Server] = {}
+
+    def attempt(name: str, action: Any) -> Any:
+        if "error" in results[name]:
+            return None
+        try:
+            return action()
+        except Exception as exc:
+            results[name]["error"] = f"{type(exc).__name__}: {exc}"[:1500]
+            return None
+
+    try:
+        for name in LOADS:
+            server = attempt(name, lambda name=name: start_server(bench, name))
+            if server is not None:
+                servers[name] = server
+        for name, server in servers.items():
+            results[name]["probe"] = attempt(
+                name, lambda server=server: run_load(bench, server, 50, 40, prefix="probe-"))
+        for connections in profile.connections:
+            repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+            for _ in range(profile.repeats):
+                for name, server in servers.items():
+                    probe = results[name].get("probe") or {}
+                    messages = profile.messages_per_device(
+                        float(probe.get("records_per_s", 0)), connections, profile.run_seconds)
+                    run = attempt(name, lambda s=server, m=messages, c=connections: run_load(
+                        bench, s, c, m, prefix=f"c{c}-"))
+                    if run is not None:
+                        repeats[name].append(run)
+            for name, runs in repeats.items():
+                if runs:
+                    results[name]["runs"].append(_median(runs))
+        for name in SYSTEMS:
+            if name not in servers:
+                continue
+            reference = next((run for run in results[name]["runs"]
+                              if run["connections"] == profile.latency_connections), None)
+            if reference is None:
+                continue
+            max_rate = float(reference["records_per_s"])
+            results[name]["half_load"] = attempt(
+                name, lambda s=servers[name], r=max_rate: _half_load(bench, s, r))
+            if name == "fleetlog" and v2_supported():
+                results[name]["v2"] = attempt(name, lambda s=servers[name], r=max_rate: _v2(bench, s, r))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return results
