@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     retention: str | None = None  # a duration: 30d, 12h ... (None: keep forever)
     retention_bytes: int | None = Field(default=None, gt=0)
     prune_interval: float = Field(default=60.0, gt=0)
+    index_max_lag: int = Field(default=200_000, ge=0)
 
     # ``fleetlog up``.
     no_files: bool = False

@@ -448,6 +448,12 @@ class Gateway:
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
             websocket_handshake_timeout=settings.handshake_timeout,
             reuse_address=True,
+            # Thousands of devices reconnect at once after an outage: let the kernel
+            # queue them instead of refusing (asyncio's default backlog is 100).
+            backlog=4096,
+            # Most connections sit idle between small frames; picows grows the
+            # buffer for big ones.  16 KiB per connection was most of its memory.
+            read_buffer_init_size=2048,
         )
         return server
 

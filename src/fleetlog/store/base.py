@@ -45,6 +45,15 @@ class Store(Protocol):
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         """Every record stored after ``seq``, in store order (all devices)."""
 
+    def index_step(self, limit: int) -> int:
+        """Bring the search index up to date by at most ``limit`` records; return how many."""
+
+    def index_lag(self) -> int:
+        """About how many stored records the search index does not cover yet.
+
+        Searches find them anyway (by scanning); the lag only makes them slower.
+        """
+
     def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
         """Delete up to ``limit`` records past retention (age or size); return how many."""
 

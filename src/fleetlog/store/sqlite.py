@@ -7,6 +7,12 @@ its XACK would be lost for good.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` only
 ever grows, and opening a store brings it up to date.
+
+The trigram full-text index costs six times what storing a record does, so it
+is not built in the ingest transaction: :meth:`SQLiteStore.index_step` indexes
+stored records in bounded steps (the worker runs them when it is idle, or when
+the index falls too far behind), and ``--grep`` scans the few records not yet
+indexed, so a search is always complete.
 """
 
 from __future__ import annotations
@@ -60,6 +66,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 2: retention deletes the oldest records first.
     """
     CREATE INDEX records_received ON records (received_at);
+    """,
+    # 3: the full-text index is built after the commit, off the ingest path (see
+    # SQLiteStore.index_step); meta.fts_through is the highest seq it covers.
+    """
+    DROP TRIGGER records_fts_insert;
+    DROP TRIGGER records_fts_delete;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO meta (key, value) SELECT 'fts_through', coalesce(max(seq), 0) FROM records;
+    CREATE TRIGGER records_fts_delete AFTER DELETE ON records
+    WHEN old.seq <= (SELECT value FROM meta WHERE key = 'fts_through') BEGIN
+        INSERT INTO records_fts (records_fts, rowid, data) VALUES ('delete', old.seq, old.data);
+    END;
     """,
 )
 
@@ -214,12 +232,16 @@ class SQLiteStore:
             # Records are kept as JSON: find the text as typed (a JSON fragment,
             # say) or as JSON writes it inside a string (quotes, backslashes escaped).
             needles = list(dict.fromkeys([query.grep, orjson.dumps(query.grep).decode()[1:-1]]))
+            scan = "(" + " OR ".join(["instr(lower(data), lower(?)) > 0"] * len(needles)) + ")"
             if min(len(needle) for needle in needles) >= _TRIGRAM:
-                where.append("seq IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?)")
+                where.append(
+                    "(seq IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?)"
+                    f" OR (seq > (SELECT value FROM meta WHERE key = 'fts_through') AND {scan}))"
+                )
                 params.append(" OR ".join(_fts_phrase(needle) for needle in needles))
             else:
-                where.append("(" + " OR ".join(["instr(lower(data), lower(?)) > 0"] * len(needles)) + ")")
-                params.extend(needles)
+                where.append(scan)
+            params.extend(needles)
         sql = (
             f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)}"
             " ORDER BY seq DESC LIMIT ?"
@@ -234,6 +256,41 @@ class SQLiteStore:
             f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
         )
         return [_row(values) for values in cursor]
+
+    def index_lag(self) -> int:
+        lag: int = self._db.execute(
+            "SELECT coalesce(max(seq), 0) - (SELECT value FROM meta WHERE key = 'fts_through')"
+            " FROM records"
+        ).fetchone()[0]
+        return max(0, lag)
+
+    def index_step(self, limit: int) -> int:
+        """Add up to ``limit`` stored records to the full-text index; return how many."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                through = db.execute("SELECT value FROM meta WHERE key = 'fts_through'").fetchone()[0]
+                last = db.execute(
+                    "SELECT max(seq) FROM (SELECT seq FROM records WHERE seq > ? ORDER BY seq LIMIT ?)",
+                    (through, limit),
+                ).fetchone()[0]
+                if last is None:
+                    db.execute("ROLLBACK")
+                    return 0
+                cursor = db.execute(
+                    "INSERT INTO records_fts (rowid, data)"
+                    " SELECT seq, data FROM records WHERE seq > ? AND seq <= ?", (through, last))
+                indexed = cursor.rowcount
+                db.execute("UPDATE meta SET value = ? WHERE key = 'fts_through'", (last,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        return int(indexed)
 
     def used_bytes(self) -> int:
         """Bytes of the database in use (free pages excluded)."""

@@ -17,6 +17,11 @@ How each kind of trouble is met:
   stream with the error, and the rest keep flowing.
 * SIGTERM/SIGINT, ``max_runtime``, ``max_messages``: finish the batch, ack,
   exit 0 (planned).
+
+Between batches the worker does the store's upkeep in bounded steps: the
+full-text index catches up (fully when the queue is quiet; under sustained load
+only when it lags by more than ``index_max_lag`` records, so indexing never
+throttles ingestion until then), and retention prunes.
 * Anything else: a fatal-error record with the traceback in
   ``DATA_DIR/logs/device/fatal_error/<day>.log``, exit 1.
 """
@@ -89,6 +94,7 @@ class Worker:
         self.stopping = stopping or threading.Event()
         self.stored = 0
         self.dead_lettered = 0
+        self._index_lag = store.index_lag()
 
     def run(self) -> int:
         started = time.monotonic()
@@ -106,11 +112,13 @@ class Worker:
             if limit is not None:
                 count = min(count, limit - self.stored - self.dead_lettered)
             try:
-                records = self.consumer.fetch(count, self.settings.block_ms)
+                # While the index is behind, do not sit in a blocking read.
+                block = 10 if self._index_lag else self.settings.block_ms
+                records = self.consumer.fetch(count, block)
                 backoff.reset()
                 if records:
                     self._handle(records)
-                self._prune()
+                self._upkeep(fetched=len(records), wanted=count)
             except REDIS_DOWN as exc:
                 # Whatever was taken stays pending in Redis and comes back.
                 delay = backoff.next_delay()
@@ -119,12 +127,18 @@ class Worker:
         log.info("worker stopped: %d stored, %d dead-lettered", self.stored, self.dead_lettered)
         return EXIT_PLANNED
 
-    def _prune(self) -> None:
-        """One bounded step of retention between batches; a store fault only delays it."""
+    def _upkeep(self, fetched: int, wanted: int) -> None:
+        """Index and prune in bounded steps; a store fault only postpones them."""
         try:
+            if self._index_lag:
+                if fetched == 0:  # quiet: catch up
+                    self.store.index_step(20_000)
+                elif fetched < wanted or self._index_lag > self.settings.index_max_lag:
+                    self.store.index_step(fetched)
+            self._index_lag = self.store.index_lag()
             self.pruner.step()
         except StoreUnavailable as exc:
-            log.warning("retention postponed: %s", exc)
+            log.warning("index and retention postponed: %s", exc)
 
     def _handle(self, records: Sequence[QueuedRecord]) -> None:
         done = self._store(records)
