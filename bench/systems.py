@@ -14,8 +14,8 @@ keeps the gateway out of the worker's measurement.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +92,37 @@ def preload(system: str, client: Any, records: int, devices: int = 100) -> None:
 
 
 def verify_sqlite(db_path: Path, expected: int) -> dict[str, Any]:
-    """Rows in ``records`` and a full-text hit, read back from the worker's database."""
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT count(*) FROM records").fetchone()[0]
-        devices = db.execute("SELECT coalesce(sum(records), 0) FROM devices").fetchone()[0]
-        fts_hits = db.execute(
+    """Rows, device totals and a search hit, read back from the worker's database.
+
+    The worker builds the full-text index after the ingest commit, when it is
+    idle; a worker that exits right after its last batch leaves it behind.  So
+    this checks that ``--grep`` finds a record before the index has it, then
+    times the index catching up (what the worker would do next) and checks the
+    index itself finds the record.
+    """
+    from fleetlog.store import LogQuery
+    from fleetlog.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(db_path)
+    try:
+        rows = store._db.execute("SELECT count(*) FROM records").fetchone()[0]
+        devices = sum(device.records for device in store.devices())
+        query = LogQuery("drain-0007", grep="record 7 from drain-0007", limit=10)
+        grep_before = len(store.query(query))
+        lag = store.index_lag()
+        started = time.perf_counter()
+        while store.index_step(5000):
+            pass
+        index_elapsed = time.perf_counter() - started
+        fts_hits = store._db.execute(
             "SELECT count(*) FROM records_fts WHERE records_fts MATCH ?", ['"record 7 from drain-0007"']
         ).fetchone()[0]
-    db.close()
-    return {"rows": rows, "device_total": devices, "fts_hits": fts_hits,
-            "ok": rows == expected and devices == expected and fts_hits >= 1}
+    finally:
+        store.close()
+    return {"rows": rows, "device_total": devices, "grep_hits_before_index": grep_before,
+            "fts_hits": fts_hits, "index_lag_at_exit": lag,
+            "index_records_per_s": round(lag / index_elapsed, 1) if lag and index_elapsed else None,
+            "ok": rows == expected and devices == expected and grep_before >= 1 and fts_hits >= 1}
 
 
 def count_file_lines(root: Path) -> int:
