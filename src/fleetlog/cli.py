@@ -301,8 +301,7 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
               help="0: legacy frames; N: v2 log frames of N records.")
 @click.option("--provision", is_flag=True,
               help="Create (or rotate) a token for each simulated device; needs Redis.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With --provision: the data dir of a running `fleetlog up`.")
+@_common
 @click.option("--redis-url", default=None, help="With --provision: Redis URL.")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Give up after this many seconds.")
@@ -311,8 +310,8 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
               help="Write {device: records acked} as JSON here (for checks that nothing was lost).")
 @_exit_code
 def simulate(url: str, device_count: int, messages: int, rate: float, prefix: str, pad: int,
-             batch: int, provision: bool, data_dir: Path | None, redis_url: str | None,
-             timeout: float, as_json: bool, acked_file: Path | None) -> int:
+             batch: int, provision: bool, config: str | None, data_dir: Path | None,
+             redis_url: str | None, timeout: float, as_json: bool, acked_file: Path | None) -> int:
     """Simulate a fleet of devices (load generator and reference client)."""
     import uvloop
     from rich.console import Console
@@ -324,7 +323,7 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
     total = device_count * messages
     tokens = None
     if provision:
-        settings = _settings(None, data_dir=data_dir, redis_url=redis_url)
+        settings = _settings(config, data_dir=data_dir, redis_url=redis_url)
         tokens = _provision(_redis_url(settings), device_ids(prefix, device_count))
 
     async def main_async(advance: Any) -> Any:
