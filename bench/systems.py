@@ -42,8 +42,10 @@ _PY = sys.executable
 #: gateway runs as it must for a legacy fleet (``--auth none``), with the
 #: per-device rate limits and the per-address connection cap set out of reach
 #: (they are policy, not capacity; the limiter still runs on every frame).
+#: Policy limits out of reach, so that capacity is measured: per-device rates, the per-address
+#: cap, and the backlog limit (no worker drains during ingest runs; a v2 run queues millions).
 FLEETLOG_GATEWAY_FLAGS = ("--auth", "none", "--rate-records", "1e9", "--rate-bytes", "1e12",
-                          "--max-connections-per-ip", "1000000")
+                          "--max-connections-per-ip", "1000000", "--max-backlog", "1000000000")
 
 
 def gateway_argv(system: str, port: int, redis_url: str, data_dir: Path) -> list[str]:
