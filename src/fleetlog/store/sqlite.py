@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -100,6 +101,8 @@ _UPSERT_DEVICE: Final = """
         first_seen = min(first_seen, excluded.first_seen),
         last_seen = max(last_seen, excluded.last_seen)
 """
+#: How long a write waits for another writer's lock before the store reports itself unavailable.
+_BUSY_TIMEOUT_MS: Final = 5000
 #: The shortest text the trigram index can find; shorter ``--grep`` scans.
 _TRIGRAM: Final = 3
 
@@ -131,7 +134,7 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             # Checkpoint (and fsync the database file) every ~40 MB of WAL rather
@@ -150,34 +153,46 @@ class SQLiteStore:
         return version
 
     def _migrate(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             version = self.schema_version
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in _statements(script):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def _transaction(self, *, upkeep: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the store's own faults become :class:`StoreUnavailable`.
+
+        Locked past the busy timeout, disk full, I/O error: the store's fault, not
+        the records', and the transaction is rolled back.  Upkeep (indexing,
+        retention) waits only briefly for the lock: it can always be done later,
+        and the worker must get back to ingesting, or to saying why it cannot.
+        """
+        db = self._db
+        if upkeep:
+            db.execute("PRAGMA busy_timeout = 100")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        finally:
+            if upkeep:
+                db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
     # -- writes ---------------------------------------------------------------
 
     def write_batch(self, records: Sequence[QueuedRecord]) -> int:
         if not records:
             return 0
-        try:
-            return self._write(records)
-        except sqlite3.OperationalError as exc:
-            # Locked past busy_timeout, disk full, I/O error: the store's fault,
-            # not the records'.  The transaction was rolled back.
-            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
-
-    def _write(self, records: Sequence[QueuedRecord]) -> int:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             qids = [record.qid for record in records]
             known = {
                 qid
@@ -208,11 +223,6 @@ class SQLiteStore:
                 _UPSERT_DEVICE,
                 [(device, count, first[device], last[device]) for device, count in seen.items()],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         return len(rows)
 
     # -- reads ----------------------------------------------------------------
@@ -276,30 +286,19 @@ class SQLiteStore:
 
     def index_step(self, limit: int) -> int:
         """Add up to ``limit`` stored records to the full-text index; return how many."""
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                through = db.execute("SELECT value FROM meta WHERE key = 'fts_through'").fetchone()[0]
-                last = db.execute(
-                    "SELECT max(seq) FROM (SELECT seq FROM records WHERE seq > ? ORDER BY seq LIMIT ?)",
-                    (through, limit),
-                ).fetchone()[0]
-                if last is None:
-                    db.execute("ROLLBACK")
-                    return 0
-                cursor = db.execute(
-                    "INSERT INTO records_fts (rowid, data)"
-                    " SELECT seq, data FROM records WHERE seq > ? AND seq <= ?", (through, last))
-                indexed = cursor.rowcount
-                db.execute("UPDATE meta SET value = ? WHERE key = 'fts_through'", (last,))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        with self._transaction(upkeep=True) as db:
+            through = db.execute("SELECT value FROM meta WHERE key = 'fts_through'").fetchone()[0]
+            last = db.execute(
+                "SELECT max(seq) FROM (SELECT seq FROM records WHERE seq > ? ORDER BY seq LIMIT ?)",
+                (through, limit),
+            ).fetchone()[0]
+            if last is None:
+                return 0
+            indexed = db.execute(
+                "INSERT INTO records_fts (rowid, data)"
+                " SELECT seq, data FROM records WHERE seq > ? AND seq <= ?", (through, last),
+            ).rowcount
+            db.execute("UPDATE meta SET value = ? WHERE key = 'fts_through'", (last,))
         return int(indexed)
 
     def used_bytes(self) -> int:
@@ -327,23 +326,13 @@ class SQLiteStore:
             victims, params = "SELECT seq FROM records ORDER BY seq LIMIT ?", (limit,)
         else:
             return 0
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                gone: Counter[str] = Counter(
-                    device for (device,) in db.execute(
-                        f"DELETE FROM records WHERE seq IN ({victims}) RETURNING device_id", params)
-                )
-                db.executemany("UPDATE devices SET records = max(0, records - ?) WHERE device_id = ?",
-                               [(count, device) for device, count in gone.items()])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        with self._transaction(upkeep=True) as db:
+            gone: Counter[str] = Counter(
+                device for (device,) in db.execute(
+                    f"DELETE FROM records WHERE seq IN ({victims}) RETURNING device_id", params)
+            )
+            db.executemany("UPDATE devices SET records = max(0, records - ?) WHERE device_id = ?",
+                           [(count, device) for device, count in gone.items()])
         return sum(gone.values())
 
     def max_seq(self) -> int:
