@@ -325,6 +325,7 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
     if provision:
         settings = _settings(config, data_dir=data_dir, redis_url=redis_url)
         tokens = _provision(_redis_url(settings), device_ids(prefix, device_count))
+        time.sleep(1.0)  # gateways pick up new tokens within half a second
 
     async def main_async(advance: Any) -> Any:
         return await run_simulation(url, device_count, messages, rate=rate, prefix=prefix,
