@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,8 +61,18 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def _command() -> str:
+    """How the user can type ``fleetlog``: plain if it is on PATH, else its path (``.venv/bin``)."""
+    script = Path(sys.executable).parent / "fleetlog"
+    found = shutil.which("fleetlog")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        return "fleetlog"
+    return os.path.relpath(script)
+
+
 def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
     data_dir = settings.data_dir
+    fleetlog = _command()
     ws = f"{'wss' if settings.tls_cert else 'ws'}://{settings.host}:{settings.ws_port}"
     flag = f" --data-dir {data_dir}" if data_dir != Path("fleetlog-data") else ""
     files = "off" if settings.no_files else str(data_dir / "logs" / "device" / "log")
@@ -75,12 +86,12 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
         f"  device auth          {settings.auth}",
         "",
         "Try, in another terminal:",
-        *([f"  fleetlog device add door-1{flag}        # prints door-1's token, once",
-           f"  fleetlog simulate --url {ws} --devices 5 --messages 100 --provision{flag}"]
+        *([f"  {fleetlog} device add door-1{flag}        # prints door-1's token, once",
+           f"  {fleetlog} simulate --url {ws} --devices 5 --messages 100 --provision{flag}"]
           if settings.auth == "token" else
-          [f"  fleetlog simulate --url {ws} --devices 5 --messages 100"]),
-        f"  fleetlog devices{flag}",
-        f"  fleetlog logs sim-0001{flag} --follow",
+          [f"  {fleetlog} simulate --url {ws} --devices 5 --messages 100"]),
+        f"  {fleetlog} devices{flag}",
+        f"  {fleetlog} logs sim-0001{flag} --follow",
         "",
         "Ctrl-C stops everything.",
     ])
