@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,3 +74,9 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def run_fleetlog(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a ``fleetlog`` command as a user would; its output as text."""
+    return subprocess.run([sys.executable, "-m", "fleetlog", *args], capture_output=True, text=True,
+                          timeout=timeout)

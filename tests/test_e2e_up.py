@@ -15,17 +15,11 @@ import psutil
 
 from fleetlog.embedded import free_port
 from tests.conftest import wait_for_port
-from tests.helpers import legacy_device, stored_rows, wait_until
-
-
-def _fleetlog(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fleetlog", *args], capture_output=True, text=True, timeout=timeout
-    )
+from tests.helpers import legacy_device, run_fleetlog, stored_rows, wait_until
 
 
 def _token(data_dir: Path, device: str) -> str:
-    added = _fleetlog("device", "add", device, "--data-dir", str(data_dir))
+    added = run_fleetlog("device", "add", device, "--data-dir", str(data_dir))
     assert added.returncode == 0, added.stderr
     time.sleep(1.0)  # gateways pick up credential changes within half a second
     return added.stdout.strip()
@@ -64,12 +58,12 @@ def test_up_runs_everything_stops_cleanly_and_keeps_data(tmp_path: Path) -> None
         assert wait_until(lambda: len(stored_rows(data_dir)) == 100, timeout=30)
 
         # Another command finds the running instance's Redis from the data dir alone.
-        devices = _fleetlog("devices", "--json", "--data-dir", str(data_dir))
+        devices = run_fleetlog("devices", "--json", "--data-dir", str(data_dir))
         assert devices.returncode == 0, devices.stderr
         [row] = json.loads(devices.stdout)
         assert row["device_id"] == "kiosk-1" and row["records"] == 100
 
-        logs = _fleetlog("logs", "kiosk-1", "--json", "--limit", "5", "--data-dir", str(data_dir))
+        logs = run_fleetlog("logs", "kiosk-1", "--json", "--limit", "5", "--data-dir", str(data_dir))
         lines = [json.loads(line) for line in logs.stdout.splitlines()]
         assert [line["data"]["seq"] for line in lines] == [95, 96, 97, 98, 99]
         day_files = list((data_dir / "logs" / "device" / "log").glob("*.log"))
@@ -129,15 +123,15 @@ def test_logs_follow_grep_since_and_unicode(tmp_path: Path) -> None:
         got = [follow.stdout.readline() for _ in range(3)]
         assert "门已打开" in got[0] and "door closed" in got[1] and "门已关闭" in got[2]
 
-        grep = _fleetlog("logs", "door-7", "--grep", "已关", "--data-dir", str(data_dir))
+        grep = run_fleetlog("logs", "door-7", "--grep", "已关", "--data-dir", str(data_dir))
         assert grep.stdout.count("\n") == 1 and "门已关闭" in grep.stdout
-        errors = _fleetlog("logs", "door-7", "--level", "error", "--data-dir", str(data_dir))
+        errors = run_fleetlog("logs", "door-7", "--level", "error", "--data-dir", str(data_dir))
         assert errors.stdout.count("\n") == 1 and "door closed" in errors.stdout
-        future = _fleetlog("logs", "door-7", "--since", "2999-01-01", "--data-dir", str(data_dir))
+        future = run_fleetlog("logs", "door-7", "--since", "2999-01-01", "--data-dir", str(data_dir))
         assert future.stdout == ""
-        raw = _fleetlog("logs", "door-7", "--json", "--data-dir", str(data_dir))
+        raw = run_fleetlog("logs", "door-7", "--json", "--data-dir", str(data_dir))
         assert "\\u" not in raw.stdout and "门已打开" in raw.stdout
-        bad = _fleetlog("logs", "door-7", "--since", "yesterday-ish", "--data-dir", str(data_dir))
+        bad = run_fleetlog("logs", "door-7", "--since", "yesterday-ish", "--data-dir", str(data_dir))
         assert bad.returncode == 2 and "neither a duration" in bad.stderr
     finally:
         follow.terminate()

@@ -13,12 +13,7 @@ import redis
 from fleetlog.records import QueuedRecord
 from fleetlog.store.files import FilesSink
 from fleetlog.store.sqlite import SQLiteStore
-from tests.helpers import stored_rows, wait_until
-
-
-def _fleetlog(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleetlog", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.helpers import run_fleetlog, stored_rows, wait_until
 
 
 def _xadd(url: str, count: int, device: str = "d1") -> None:
@@ -30,7 +25,7 @@ def _xadd(url: str, count: int, device: str = "d1") -> None:
 
 def test_max_messages_is_a_planned_exit(redis_url: str, tmp_path: Path) -> None:
     _xadd(redis_url, 120)
-    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
                      "--max-messages", "50", "--batch", "20")
     assert done.returncode == 0, done.stderr
     assert len(stored_rows(tmp_path)) == 50
@@ -39,7 +34,7 @@ def test_max_messages_is_a_planned_exit(redis_url: str, tmp_path: Path) -> None:
 
 def test_max_runtime_is_a_planned_exit(redis_url: str, tmp_path: Path) -> None:
     started = time.monotonic()
-    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
                      "--max-runtime", "1.5")
     assert done.returncode == 0, done.stderr
     assert 1.5 <= time.monotonic() - started < 20
@@ -58,7 +53,7 @@ def test_sigterm_finishes_the_batch_and_exits_zero(redis_url: str, tmp_path: Pat
 
 
 def test_fatal_error_writes_a_record_and_exits_one(redis_url: str, tmp_path: Path) -> None:
-    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
                      "--store", "mysql://nope")
     assert done.returncode == 1
     [log] = list((tmp_path / "logs" / "device" / "fatal_error").glob("*.log"))
@@ -80,7 +75,7 @@ def test_retention_prunes_store_and_daily_files(tmp_path: Path) -> None:
     assert len(list(files.directory.glob("*.log"))) == 2
     store.close()
 
-    done = _fleetlog("prune", "--retention", "30d", "--data-dir", str(tmp_path),
+    done = run_fleetlog("prune", "--retention", "30d", "--data-dir", str(tmp_path),
                      "--files", str(tmp_path / "logs"))
     assert done.returncode == 0, done.stderr
     assert "pruned 12000 records" in done.stdout
@@ -89,7 +84,7 @@ def test_retention_prunes_store_and_daily_files(tmp_path: Path) -> None:
     assert len(stored_rows(tmp_path)) == 10
     assert len(list(files.directory.glob("*.log"))) == 1
     store.close()
-    bad = _fleetlog("prune", "--retention", "a while", "--data-dir", str(tmp_path))
+    bad = run_fleetlog("prune", "--retention", "a while", "--data-dir", str(tmp_path))
     assert bad.returncode == 2
     assert "not a duration" in bad.stderr
 
@@ -100,7 +95,7 @@ def test_retention_runs_inside_the_worker(redis_url: str, tmp_path: Path) -> Non
     store.write_batch([QueuedRecord(f"{old}-{n}", "d1", old, b"{}") for n in range(100)])
     store.close()
     _xadd(redis_url, 5)
-    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
                      "--retention", "1d", "--max-runtime", "2")
     assert done.returncode == 0, done.stderr
     assert len(stored_rows(tmp_path)) == 5, "old records pruned, new ones kept"
@@ -111,25 +106,25 @@ def test_dead_letter_commands(redis_url: str, tmp_path: Path) -> None:
     for n in range(3):
         client.xadd("fleetlog:records", {"d": "bad", "r": b"{broken %d" % n})
     _xadd(redis_url, 10, device="good")
-    done = _fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
                      "--max-deliveries", "2", "--claim-idle", "0.3", "--max-runtime", "4")
     assert done.returncode == 0, done.stderr
     assert len(stored_rows(tmp_path)) == 10
 
     common = ["--redis-url", redis_url, "--data-dir", str(tmp_path)]
-    listed = _fleetlog("dlq", "list", "--json", *common)
+    listed = run_fleetlog("dlq", "list", "--json", *common)
     letters = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [letter["device_id"] for letter in letters] == ["bad"] * 3
     assert all(letter["deliveries"] >= 2 and letter["error"] for letter in letters)
-    shown = json.loads(_fleetlog("dlq", "show", letters[0]["id"], *common).stdout)
+    shown = json.loads(run_fleetlog("dlq", "show", letters[0]["id"], *common).stdout)
     assert shown["record"] == "{broken 0"
-    assert _fleetlog("dlq", "show", "1-1", *common).returncode == 2
+    assert run_fleetlog("dlq", "show", "1-1", *common).returncode == 2
 
-    assert "replayed 1" in _fleetlog("dlq", "replay", letters[0]["id"], *common).stdout
+    assert "replayed 1" in run_fleetlog("dlq", "replay", letters[0]["id"], *common).stdout
     assert client.xlen("fleetlog:dead") == 2
     assert client.xrange("fleetlog:records")[-1][1][b"r"] == b"{broken 0"
-    assert "purged 1" in _fleetlog("dlq", "purge", letters[1]["id"], *common).stdout
-    assert "purged 1" in _fleetlog("dlq", "purge", "--all", *common).stdout
+    assert "purged 1" in run_fleetlog("dlq", "purge", letters[1]["id"], *common).stdout
+    assert "purged 1" in run_fleetlog("dlq", "purge", "--all", *common).stdout
     assert client.xlen("fleetlog:dead") == 0
-    assert _fleetlog("dlq", "replay", *common).returncode == 2
+    assert run_fleetlog("dlq", "replay", *common).returncode == 2
     client.close()
