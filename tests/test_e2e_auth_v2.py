@@ -6,8 +6,6 @@ import asyncio
 import datetime
 import json
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from fleetlog.credentials import Credentials
 from tests.conftest import Processes
-from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy, wait_until
+from tests.helpers import RECEIVED, STORED, legacy_frame, run_fleetlog, send_legacy, wait_until
 
 STREAM = "fleetlog:records"
 
@@ -228,9 +226,7 @@ async def test_rate_limit_slows_then_refuses_and_is_counted(
         assert refused["retry_after_ms"] > 1000
     await asyncio.sleep(0.3)  # refusal counts are written by the gateway in the background
     shown = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "fleetlog", "devices", "--json", "--redis-url", redis_url,
-         "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=30, check=True)
+        run_fleetlog, "devices", "--json", "--redis-url", redis_url, "--data-dir", str(tmp_path))
     [row] = [r for r in json.loads(shown.stdout) if r["device_id"] == "chatty"]
     assert row["refused"] == {"rate_limited": 1}
 

@@ -9,14 +9,13 @@ import json
 import resource
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
 
 import redis
 
 from tests.faults.harness import Fleet
+from tests.helpers import run_fleetlog
 
 
 def _healthz(fleet: Fleet) -> dict[str, int]:
@@ -69,9 +68,8 @@ def test_gateway_sigkilled_devices_reconnect(fleet: Fleet) -> None:
     time.sleep(1.5)
     fleet.kill(fleet.gateway)
     time.sleep(2.6)  # the heartbeat TTL is 2 s: the dead node's links must read offline
-    shown = subprocess.run(
-        [sys.executable, "-m", "fleetlog", "devices", "--json", "--redis-url", fleet.redis.url,
-         "--data-dir", str(fleet.data_dir)], capture_output=True, text=True, timeout=30, check=True)
+    shown = run_fleetlog("devices", "--json", "--redis-url", fleet.redis.url,
+                         "--data-dir", str(fleet.data_dir))
     rows = json.loads(shown.stdout)
     client = redis.Redis.from_url(fleet.redis.url)
     assert client.hlen("device:links") > 0, "the dead node left its links behind"
