@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +18,14 @@ from tests.conftest import Processes
 from tests.helpers import STORED, file_lines, legacy_frame, send_legacy, stored_rows, wait_until
 
 RECORDS = 20_000
+
+
+def _health(port: int) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def _preload(url: str, count: int) -> None:
@@ -85,10 +95,15 @@ async def test_redis_outage_answers_unavailable_then_recovers(
         for seq in range(100):
             assert await send(seq)
 
+        assert _health(port)[0] == 200
         private_redis.kill()  # SIGKILL: appendfsync always kept every acked write
         for seq in range(100, 110):
             assert not await send(seq), "no ack while Redis is down"
         assert set(refused) == {"unavailable"}
+        status, health = _health(port)
+        assert status == 503
+        assert health["status"] == "degraded"
+        assert "Redis" in health["redis"]
 
         private_redis.start()
         seq = 110
@@ -97,6 +112,7 @@ async def test_redis_outage_answers_unavailable_then_recovers(
                 break
             await asyncio.sleep(0.1)
         assert acked[-1] == 110, "acks resume once Redis is back"
+        assert _health(port)[0] == 200
         for seq in range(111, 200):
             assert await send(seq)
 

@@ -86,6 +86,8 @@ class LinkRegistry:
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: Why the last heartbeat failed (``None`` once one succeeds).
+        self.last_error: str | None = None
 
     def start(self, on_control: ControlHandler) -> None:
         loop = asyncio.get_running_loop()
@@ -148,8 +150,10 @@ class LinkRegistry:
         while True:
             try:
                 await self._client.set(key, self._info, px=self._ttl_ms)
+                self.last_error = None
             except REDIS_DOWN as exc:
                 _unless_cancelled()
+                self.last_error = f"Redis unavailable: {exc}"
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self._ttl_ms / 3000)
 

@@ -359,10 +359,14 @@ class Gateway:
         return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
 
     def _health(self) -> Any:
-        body = orjson.dumps({"status": "ok", "node": self.settings.node_id,
-                             "connections": len(self.connections)})
-        response = WSUpgradeResponse.create_ok_response(
-            body, extra_headers={"Content-Type": "application/json"})
+        """``GET /healthz``: 200 while Redis answers, 503 (with why) while it does not,
+        so a load balancer sends devices to a node that can ack them."""
+        error = self.producer.last_error or self.registry.last_error
+        body = orjson.dumps({"status": "degraded" if error else "ok", "node": self.settings.node_id,
+                             "connections": len(self.connections), "redis": error or "ok"})
+        headers = {"Content-Type": "application/json"}
+        response = (WSUpgradeResponse.create_error_response(503, body, extra_headers=headers)
+                    if error else WSUpgradeResponse.create_ok_response(body, extra_headers=headers))
         return WSUpgradeResponseWithListener(response, None)
 
     def connect(self, connection: DeviceConnection) -> bool:

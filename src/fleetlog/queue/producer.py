@@ -103,6 +103,8 @@ class Producer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.calls = 0
+        #: Why the last call failed to reach Redis (``None`` once one succeeds).
+        self.last_error: str | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="producer")
@@ -207,15 +209,18 @@ class Producer:
             # hiredis packs the whole call in C, seven times faster than redis-py's
             # per-argument packer, which was a tenth of the gateway's time.
             reply = await self._evalsha(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+            self.last_error = None
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")
                 outcomes = [full] * len(call)
             else:
                 outcomes = [_result(raw) for raw in reply]
         except REDIS_DOWN as exc:
-            outcomes = [QueueUnavailable(f"Redis unavailable: {exc}")] * len(call)
+            self.last_error = f"Redis unavailable: {exc}"
+            outcomes = [QueueUnavailable(self.last_error)] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
-            outcomes = [QueueUnavailable(f"Redis refused the write: {exc}")] * len(call)
+            self.last_error = f"Redis refused the write: {exc}"
+            outcomes = [QueueUnavailable(self.last_error)] * len(call)
         finally:
             for submission in call:
                 left = self._busy[submission.device_id] - 1
