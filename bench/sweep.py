@@ -27,7 +27,7 @@ __all__ = ["LOADS", "V2_BATCH", "run_load", "sweep"]
 #: Every server the sweep drives, in the order each repeat runs them.
 LOADS = ("baseline", "fleetlog", "echo-websockets", "echo-picows")
 #: Records per v2 log frame in the batched-ingest measurement.
-V2_BATCH = 50
+V2_BATCH = 100
 
 
 def _client_argv(server: Server, devices: int, messages: int, rate: float, batch: int, prefix: str,
