@@ -3,10 +3,11 @@
 A gateway calls :meth:`Producer.submit` from its frame handlers; nothing is
 awaited there.  A flusher task wakes once per loop turn, sends every record
 submitted since in one atomic Lua call, and then calls each submitter back
-with the outcome.  Up to ``max_in_flight`` calls run at once (on separate
-connections, so Redis can fsync them together); a device whose records are in
-a call waits for it before its next records go, so one device's records reach
-the stream in the order it sent them.  The batch grows by itself when Redis is
+with the outcome.  Up to ``max_in_flight`` calls run at once, on separate
+connections, so Redis can fsync them together (2 measured best for legacy
+ingest and no worse for v2); a device whose records are in a call waits for it
+before its next records go, so one device's records reach the stream in the
+order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
 
 A callback is called with an :class:`IngestResult` once Redis acknowledged the
@@ -89,7 +90,7 @@ class Producer:
         stream: str,
         max_backlog: int,
         dedupe_window: int = 86_400,
-        max_in_flight: int = 4,
+        max_in_flight: int = 2,
     ) -> None:
         self._client = client
         self._key = stream if mode == "stream" else keys.LEGACY_LIST
