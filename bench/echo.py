@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import signal
 import statistics
 import sys
@@ -27,7 +26,9 @@ from typing import Any
 
 import orjson
 import uvloop
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect, ws_create_server
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+
+from fleetlog.simulate import connect_with_backoff
 
 
 class _EchoListener(WSListener):
@@ -83,27 +84,9 @@ class _Echoed(WSListener):
             self.waiter.set_exception(ConnectionError("echo server closed the connection"))
 
 
-async def _connect(url: str, deadline: float) -> tuple[WSTransport, _Echoed]:
-    """Connect like ``fleetlog simulate`` does: retry with jittered backoff until ``deadline``.
-
-    A thousand simultaneous connects overflow the server's accept queue; the
-    ones the kernel drops must be retried, not counted as a failed run.
-    """
-    delay = 0.05
-    while True:
-        try:
-            transport, listener = await ws_connect(_Echoed, url, websocket_handshake_timeout=10)
-            assert isinstance(listener, _Echoed)
-            return transport, listener
-        except Exception:
-            if time.monotonic() + delay > deadline:
-                raise
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 2.0)
-
-
 async def _device(url: str, index: int, messages: int, latencies: list[float], deadline: float) -> None:
-    transport, listener = await _connect(url, deadline)
+    # Connect like ``fleetlog simulate`` does, so both loads meet a full accept queue alike.
+    transport, listener = await connect_with_backoff(_Echoed, url, deadline, cap=2.0)
     device_id = f"echo-{index:05d}"
     try:
         for seq in range(messages):

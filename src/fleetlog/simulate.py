@@ -17,8 +17,9 @@ import random
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import orjson
@@ -26,7 +27,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from fleetlog import protocol
 
-__all__ = ["SimulationSummary", "device_ids", "simulate"]
+__all__ = ["SimulationSummary", "connect_with_backoff", "device_ids", "simulate"]
 
 _RETRYABLE = {"busy", "unavailable", "rate_limited"}
 
@@ -134,19 +135,32 @@ def _frame(device_id: str, index: int, count: int, pad: int) -> bytes:
                          "records": records})
 
 
-async def _connect(url: str, summary: SimulationSummary, deadline: float) -> tuple[Any, _Device]:
+L = TypeVar("L", bound=WSListener)
+
+
+async def connect_with_backoff(
+    listener: type[L], url: str, deadline: float, on_retry: Callable[[], None] | None = None,
+    cap: float = 5.0,
+) -> tuple[WSTransport, L]:
+    """Connect as a well-made device does: retry with jittered exponential backoff.
+
+    A thousand devices connecting at once overflow a server's accept queue; the
+    ones refused must come back later, not all at the same instant.  Raises
+    :class:`TimeoutError` once ``deadline`` (monotonic) would pass.
+    """
     delay = 0.05
     while True:
         try:
-            transport, listener = await ws_connect(_Device, url, websocket_handshake_timeout=10)
-            assert isinstance(listener, _Device)
-            return transport, listener
-        except (TimeoutError, OSError, Exception) as exc:  # refused, reset, handshake
+            transport, connected = await ws_connect(listener, url, websocket_handshake_timeout=10)
+            assert isinstance(connected, listener)
+            return transport, connected
+        except Exception as exc:  # refused, reset, handshake refused or timed out
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(f"could not connect to {url}: {exc}") from exc
-            summary.errors["connect_failed"] += 1
+            if on_retry is not None:
+                on_retry()
             await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, cap)
 
 
 async def _run_device(
@@ -163,7 +177,8 @@ async def _run_device(
     next_send = time.monotonic()
     backoff = 0.05
     while index < summary.messages:
-        transport, device = await _connect(url, summary, deadline)
+        transport, device = await connect_with_backoff(
+            _Device, url, deadline, lambda: summary.errors.update(["connect_failed"]))
         try:
             while index < summary.messages:
                 if interval:
