@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     jwt_public_key: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Letters, digits and ``._~-`` only: a node id is spliced into key and channel names
+    # (also inside Lua), where it must read the same escaped or not (keys.part).
+    node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+                         pattern=r"^[A-Za-z0-9._~-]{1,128}$")
     max_frame_bytes: int = Field(default=1 * MiB, ge=64)
     idle_timeout: float = Field(default=300.0, gt=0)
     ping_interval: float = Field(default=20.0, gt=0)

@@ -16,7 +16,8 @@ __all__ = ["list_devices"]
 
 def _live_nodes(client: Any) -> set[str]:
     prefix = keys.node_heartbeat("")
-    return {key.decode()[len(prefix):] for key in client.scan_iter(match=f"{prefix}*", count=1000)}
+    return {keys.unpart(key.decode()[len(prefix):])
+            for key in client.scan_iter(match=f"{prefix}*", count=1000)}
 
 
 def _refusals(client: Any) -> dict[str, dict[str, int]]:
@@ -24,7 +25,7 @@ def _refusals(client: Any) -> dict[str, dict[str, int]]:
     result = {}
     for key in client.scan_iter(match=f"{prefix}*", count=1000):
         counts = client.hgetall(key)
-        result[key.decode()[len(prefix):]] = {k.decode(): int(v) for k, v in counts.items()}
+        result[keys.unpart(key.decode()[len(prefix):])] = {k.decode(): int(v) for k, v in counts.items()}
     return result
 
 

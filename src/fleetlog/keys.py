@@ -3,9 +3,33 @@
 The first two keep the original PHP design's names so that existing tools and
 consumers keep working (CONTRACT.md).  Stream and group names come from the
 settings; the rest are fleetlog's own and carry the ``fleetlog:`` prefix.
+
+Every variable part of a key (a device id, a node id, a session) goes through
+:func:`part`, an injective escape: ``:`` and the other characters that mean
+something in a key or a pattern (``{}`` hash tags, ``*?[]`` globs, spaces) are
+never left as they are.  Without it device ``a`` with session ``b:s1`` and
+device ``a:b`` with session ``s1`` named the same key, so one device could
+make another's records look like duplicates.
 """
 
 from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+
+def part(value: str) -> str:
+    """Escape one variable part of a key, injectively (percent-encoding of UTF-8).
+
+    Only ASCII letters, digits and ``_.-~`` are kept as they are, so ids that
+    are plain names read the same in ``redis-cli``; lone surrogates (which a
+    JSON frame can carry) are encoded too, so no two strings share a form.
+    """
+    return quote(value, safe="", errors="surrogatepass")
+
+
+def unpart(encoded: str) -> str:
+    """The value :func:`part` escaped (for listing keys found by SCAN)."""
+    return unquote(encoded, errors="surrogatepass")
 
 #: Hash: device id -> JSON ``{"node", "conn", "since"}`` of its live connection.
 DEVICE_LINKS = "device:links"
@@ -27,7 +51,7 @@ def legacy_processing(batch_id: int) -> str:
 
 def node_heartbeat(node_id: str) -> str:
     """String key with a TTL: present while gateway ``node_id`` is alive."""
-    return f"fleetlog:node:{node_id}"
+    return f"fleetlog:node:{part(node_id)}"
 
 #: Hash: legacy batch id -> how many times it was claimed after its first take.
 LEGACY_DELIVERIES = "fleetlog:list:deliveries"
@@ -41,29 +65,30 @@ TOKENS_VERSION = "fleetlog:tokens:version"
 
 def device_credential(device_id: str) -> str:
     """Hash: ``token_hash``, ``created_at``, ``rotated_at`` of one device."""
-    return f"fleetlog:device:{device_id}"
+    return f"fleetlog:device:{part(device_id)}"
 
 
 def node_control(node_id: str) -> str:
     """Pub/sub channel a gateway node listens on (take-overs, commands)."""
-    return f"fleetlog:control:{node_id}"
+    return f"fleetlog:control:{part(node_id)}"
 
 
-def frame_seen(device_id: str, frame_id: str) -> str:
-    """Marker that a v2 frame id was queued, kept for the dedupe window."""
-    return f"fleetlog:frame:{device_id}:{frame_id}"
+def recent_frames(device_id: str) -> str:
+    """Sorted set: v2 frame ids the device had queued (score: when), its last
+    :data:`~fleetlog.queue.scripts.MAX_FRAMES` within the dedupe window."""
+    return f"fleetlog:frames:{part(device_id)}"
 
 
-def seq_state(device_id: str, session: str) -> str:
-    """Hash with the device's ``through`` watermark (v2 ``seq``), per session."""
-    return f"fleetlog:seq:{device_id}:{session}"
+def stored_seqs(device_id: str) -> str:
+    """Hash: session -> the ranges of v2 ``seq`` the device had stored in it.
 
-
-def seq_above(device_id: str, session: str) -> str:
-    """Sorted set of seqs received above the watermark (the gaps' far side)."""
-    return f"fleetlog:seq-above:{device_id}:{session}"
+    The value is ``USE|from-to,from-to,...`` (``USE`` orders the sessions by
+    last use); at most :data:`~fleetlog.queue.scripts.MAX_SESSIONS` sessions and
+    :data:`~fleetlog.queue.scripts.MAX_RANGES` ranges each are kept.
+    """
+    return f"fleetlog:seqs:{part(device_id)}"
 
 
 def refusals(device_id: str) -> str:
     """Hash: reason -> how many frames or handshakes of this device were refused."""
-    return f"fleetlog:refusals:{device_id}"
+    return f"fleetlog:refusals:{part(device_id)}"

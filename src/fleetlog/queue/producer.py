@@ -89,13 +89,14 @@ class Producer:
         mode: Literal["stream", "list"],
         stream: str,
         max_backlog: int,
-        dedupe_window: int = 86_400,
+        dedupe_window: float = 86_400,
         max_in_flight: int = 2,
     ) -> None:
         self._client = client
         self._key = stream if mode == "stream" else keys.LEGACY_LIST
         self._sha = hashlib.sha1(scripts.INGEST.encode()).hexdigest()
-        self._head = [max_backlog, dedupe_window, mode]
+        self._head = [max_backlog, int(dedupe_window * 1000), mode,
+                      scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
         self._waiting: deque[_Submission] = deque()
         self._busy: Counter[str] = Counter()  # devices with a call in flight
         self._calls: set[asyncio.Task[None]] = set()
@@ -124,14 +125,15 @@ class Producer:
 
         With ``frame_id``, a second submission of the same id within the dedupe
         window queues nothing and reports ``duplicate_frame``.  With ``seqs``,
-        records whose seq was already queued are skipped and reported.
+        records whose seq this session already stored are skipped and reported.
         """
         tracked = seqs is not None and any(seq is not None for seq in seqs)
         args: list[bytes | str | int] = [
-            keys.frame_seen(device_id, frame_id) if frame_id is not None else "",
+            keys.recent_frames(device_id) if frame_id is not None else "",
+            frame_id or "",
             device_id,
-            keys.seq_state(device_id, session) if tracked else "",
-            keys.seq_above(device_id, session) if tracked else "",
+            keys.stored_seqs(device_id) if tracked else "",
+            session,
             len(records),
         ]
         if tracked:

@@ -8,65 +8,123 @@ from __future__ import annotations
 
 from typing import Final
 
+#: Frame ids remembered per device: twice what one connection may have in flight
+#: (the gateway's 256), so a device whose connection died with every frame
+#: unanswered can resend them all and have each stored once.  ~90 B each at most.
+MAX_FRAMES: Final = 512
+
+#: Sessions remembered per device (least recently used forgotten first), and
+#: ranges of stored seqs per session (lowest forgotten first).  Forgetting only
+#: ever makes a resend be stored again, never makes a record look stored.
+MAX_SESSIONS: Final = 8
+MAX_RANGES: Final = 64
+
 #: Queue submissions atomically: the backlog check, v2 frame-id dedupe, per-device
 #: seq bookkeeping and the writes themselves happen as one step.
 #:
-#: KEYS[1] the stream (or the legacy list); ARGV[1] max backlog, ARGV[2] frame-id
-#: dedupe window (s), ARGV[3] 'stream' or 'list'; then per submission: frame key
-#: (or ''), device id, seq state key (or ''), seq-above key (or ''), record count n,
-#: and n pairs of (seq or '', record JSON).  List mode LPUSHes the record JSON,
-#: exactly the original design's write.
+#: KEYS[1] the stream (or the legacy list); ARGV[1] max backlog, ARGV[2] dedupe
+#: window (ms), ARGV[3] 'stream' or 'list', ARGV[4..6] MAX_FRAMES, MAX_SESSIONS,
+#: MAX_RANGES; then per submission: recent-frames key (or ''), frame id, device
+#: id, stored-seqs key (or ''), session, record count n, and n pairs of (seq or
+#: '', record JSON).  List mode LPUSHes the record JSON, exactly the original
+#: design's write.
+#:
+#: Dedupe state records only what was stored: a seq is a duplicate only if it is
+#: in a range of seqs this session stored, a frame id only if that frame was
+#: queued.  A refused call (backlog over its limit) returns before any write, and
+#: under maxmemory Redis refuses the call's first write (always an XADD, LPUSH or
+#: ZADD), so a refused frame changes no state and its resend is stored.
 #:
 #: Returns the backlog (a number) when it is over the limit and nothing was
 #: written; else per submission {duplicate_frame 0/1, {duplicate seqs},
-#: stored_through or -1, {missing ranges flattened: from, to, from, to...}}.
-#: Seqs travel as canonical decimal strings (< 2^53, exact in Lua's doubles);
-#: '%.0f' writes them back in the same form.
+#: stored_through or -1, {missing ranges flattened: from, to, from, to...}}, where
+#: stored_through ends the session's lowest stored range and missing are the gaps
+#: above it.  Seqs travel as canonical decimal strings (< 2^53, exact in Lua's
+#: doubles); '%.0f' writes them back in the same form.
 INGEST: Final = """
 local key, mode = KEYS[1], ARGV[3]
 local backlog
 if mode == 'list' then backlog = redis.call('LLEN', key) else backlog = redis.call('XLEN', key) end
 if backlog >= tonumber(ARGV[1]) then return backlog end
-local ttl = ARGV[2]
+local window = tonumber(ARGV[2])
+local max_frames, max_sessions, max_ranges = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
+local function fmt(x) return string.format('%.0f', x) end
+
+-- A session's stored seqs: sorted, disjoint, non-adjacent {from, to} ranges.
+local function parse(value)
+  local ranges = {}
+  local body = string.match(value, '|(.*)$') or ''
+  for a, b in string.gmatch(body, '(%d+)-(%d+)') do ranges[#ranges + 1] = {tonumber(a), tonumber(b)} end
+  return ranges
+end
+local function serialise(ranges)
+  local parts = {}
+  for k, r in ipairs(ranges) do parts[k] = fmt(r[1]) .. '-' .. fmt(r[2]) end
+  return fmt(clock()) .. '|' .. table.concat(parts, ',')
+end
+-- Adds s; false if it was there already.
+local function add(ranges, s)
+  local lo, hi = 1, #ranges
+  while lo <= hi do  -- the first range ending at or above s
+    local mid = math.floor((lo + hi) / 2)
+    if ranges[mid][2] < s then lo = mid + 1 else hi = mid - 1 end
+  end
+  local after, before = ranges[lo], ranges[lo - 1]
+  if after and after[1] <= s then return false end
+  local join_before = before ~= nil and before[2] == s - 1
+  local join_after = after ~= nil and after[1] == s + 1
+  if join_before and join_after then
+    before[2] = after[2]
+    table.remove(ranges, lo)
+  elseif join_before then
+    before[2] = s
+  elseif join_after then
+    after[1] = s
+  else
+    table.insert(ranges, lo, {s, s})
+  end
+  return true
+end
+
 local out = {}
-local i = 4
+local i = 7
 while i <= #ARGV do
-  local frame_key, device, state_key, above_key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local n = tonumber(ARGV[i + 4])
-  i = i + 5
-  local duplicate_frame = frame_key ~= '' and redis.call('EXISTS', frame_key) == 1
-  local through, above = nil, 0
-  if state_key ~= '' then
-    local raw = redis.call('HGET', state_key, 'through')
-    if raw then through = tonumber(raw) end
-    above = redis.call('ZCARD', above_key)
+  local frames_key, frame_id, device = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local seqs_key, session = ARGV[i + 3], ARGV[i + 4]
+  local n = tonumber(ARGV[i + 5])
+  i = i + 6
+  local duplicate_frame = false
+  if frames_key ~= '' then
+    local score = redis.call('ZSCORE', frames_key, frame_id)
+    duplicate_frame = score ~= false and score ~= nil and tonumber(score) > clock() - window
+  end
+  local ranges, known = nil, false
+  if seqs_key ~= '' then
+    local raw = redis.call('HGET', seqs_key, session)
+    known = raw ~= false and raw ~= nil
+    if known then ranges = parse(raw) else ranges = {} end
   end
   local dups = {}
   if duplicate_frame then
     i = i + 2 * n
   else
+    local changed = false
     for _ = 1, n do
       local seq, record = ARGV[i], ARGV[i + 1]
       i = i + 2
       local keep = true
-      if seq ~= '' then
-        local s = tonumber(seq)
-        if through == nil then through = s - 1 end
-        if s <= through or (above > 0 and redis.call('ZSCORE', above_key, seq)) then
-          dups[#dups + 1] = s
+      if seq ~= '' and ranges then
+        if add(ranges, tonumber(seq)) then changed = true else
+          dups[#dups + 1] = tonumber(seq)
           keep = false
-        elseif s == through + 1 then
-          through = s
-          while above > 0 do
-            local next_seq = string.format('%.0f', through + 1)
-            if not redis.call('ZSCORE', above_key, next_seq) then break end
-            redis.call('ZREM', above_key, next_seq)
-            above = above - 1
-            through = through + 1
-          end
-        else
-          redis.call('ZADD', above_key, s, seq)
-          above = above + 1
         end
       end
       if keep then
@@ -77,22 +135,41 @@ while i <= #ARGV do
         end
       end
     end
-    if frame_key ~= '' then redis.call('SET', frame_key, '1', 'EX', ttl) end
-    if through ~= nil then redis.call('HSET', state_key, 'through', string.format('%.0f', through)) end
-  end
-  local missing = {}
-  if through ~= nil and above > 0 then
-    local previous = through
-    for _, member in ipairs(redis.call('ZRANGE', above_key, 0, 99)) do
-      local value = tonumber(member)
-      if value > previous + 1 then
-        missing[#missing + 1] = previous + 1
-        missing[#missing + 1] = value - 1
+    if frames_key ~= '' then
+      local t = clock()
+      redis.call('ZADD', frames_key, t, frame_id)
+      redis.call('ZREMRANGEBYSCORE', frames_key, '-inf', t - window)
+      if redis.call('ZCARD', frames_key) > max_frames then
+        redis.call('ZREMRANGEBYRANK', frames_key, 0, -(max_frames + 1))
       end
-      previous = value
+      redis.call('PEXPIRE', frames_key, window)
+    end
+    if changed then
+      while #ranges > max_ranges do table.remove(ranges, 1) end
+      redis.call('HSET', seqs_key, session, serialise(ranges))
+      if not known and redis.call('HLEN', seqs_key) > max_sessions then
+        local oldest, oldest_use = nil, nil
+        local all = redis.call('HGETALL', seqs_key)
+        for k = 1, #all, 2 do
+          local use = tonumber(string.match(all[k + 1], '^(%d+)|')) or 0
+          if all[k] ~= session and (oldest_use == nil or use < oldest_use) then
+            oldest, oldest_use = all[k], use
+          end
+        end
+        if oldest then redis.call('HDEL', seqs_key, oldest) end
+      end
+      redis.call('PEXPIRE', seqs_key, window)
     end
   end
-  out[#out + 1] = {duplicate_frame and 1 or 0, dups, through or -1, missing}
+  local through, missing = -1, {}
+  if ranges and #ranges > 0 then
+    through = ranges[1][2]
+    for k = 1, math.min(#ranges - 1, 100) do
+      missing[#missing + 1] = ranges[k][2] + 1
+      missing[#missing + 1] = ranges[k + 1][1] - 1
+    end
+  end
+  out[#out + 1] = {duplicate_frame and 1 or 0, dups, through, missing}
 end
 return out
 """
