@@ -23,6 +23,9 @@ from fleetlog.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: The most records one ``fleetlog logs`` prints (more is an export, not a look).
+MAX_LIMIT = 1_000_000
+
 
 def _fail(message: str) -> None:
     click.echo(f"fleetlog: {message}", err=True)
@@ -196,8 +199,9 @@ def worker(config: str | None, **flags: Any) -> int:
 @click.option("--since", default=None, help="1h, 30m, 2d, or an ISO 8601 time.")
 @click.option("--until", default=None, help="Same forms as --since.")
 @click.option("--grep", default=None, help="Only records containing TEXT.")
-@click.option("--level", default=None, help="Only this level and above (debug..fatal).")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--level", default=None,
+              help="Only this level and above: trace, debug, info, warn, error, fatal.")
+@click.option("--limit", type=click.IntRange(min=1, max=MAX_LIMIT), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new records.")
 @click.option("--store", default=None, help="Store URL.")
@@ -206,12 +210,14 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
          **flags: Any) -> None:
     """Print a device's records, oldest first among the newest --limit."""
     from fleetlog.store import LogQuery, open_store
+    from fleetlog.store.fields import check_level
     from fleetlog.timeparse import parse_time
     from fleetlog.view import record_json, record_text
 
     settings = _settings(config, **flags)
     now = int(time.time() * 1000)
     try:
+        level = check_level(level) if level else None
         query = LogQuery(
             device_id,
             since=parse_time(since, now) if since else None,
@@ -278,13 +284,17 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from fleetlog.view import safe_text
 
     table = Table("device_id", "online", "node", "connected_since", "last_seen", "records")
     for row in rows:
-        table.add_row(
+        # Text cells: a device id is printed as it is, never read as rich markup.
+        table.add_row(*(Text(safe_text(str(cell))) for cell in (
             row["device_id"], "yes" if row["online"] else "no", row["node"] or "-",
-            row["connected_since"] or "-", row["last_seen"] or "-", str(row["records"]),
-        )
+            row["connected_since"] or "-", row["last_seen"] or "-", row["records"],
+        )))
     Console().print(table)
 
 

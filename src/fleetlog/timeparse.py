@@ -13,13 +13,20 @@ _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_
                    "w": 604_800_000}
 
 
+#: Times fleetlog reads and writes: from the epoch to the end of year 9999.
+_LATEST_MS: Final = 253_402_300_800_000
+
+
 def parse_duration(text: str) -> int:
     """Milliseconds in a duration such as ``90s``, ``12h`` or ``30d``; ValueError if not one."""
     match = _RELATIVE.match(text)
     if not match:
         raise ValueError(f"{text!r} is not a duration (30s, 15m, 1h, 2d, 1w)")
     amount, unit = match.groups()
-    return int(float(amount) * _UNIT_MS[unit])
+    ms = float(amount) * _UNIT_MS[unit]
+    if ms > _LATEST_MS:
+        raise ValueError(f"{text!r} is longer than fleetlog can count (over 8,000 years)")
+    return int(ms)
 
 
 def parse_time(text: str, now_ms: int) -> int:
@@ -30,7 +37,7 @@ def parse_time(text: str, now_ms: int) -> int:
     Raises :class:`ValueError` with a message fit for the user.
     """
     if _RELATIVE.match(text):
-        return now_ms - parse_duration(text)
+        return max(0, now_ms - parse_duration(text))
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -39,4 +46,4 @@ def parse_time(text: str, now_ms: int) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    return int(moment.timestamp() * 1000)  # datetime itself stops at year 9999

@@ -1,34 +1,98 @@
-"""How records and devices are printed by the CLI (text for people, JSON for scripts)."""
+"""How records and devices are printed (text for people, JSON lines for scripts and files).
+
+Everything a device sends is untrusted text.  Printed as it is, a ``msg``
+holding a newline forges a second log line and an ESC sequence rewrites the
+operator's terminal, so text output passes every device-supplied string
+through :func:`safe_text`, and JSON output guarantees one object per line
+(:func:`record_line`, shared by ``fleetlog logs --json`` and the daily files).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Final
 
 import orjson
 
 from fleetlog.records import StoredRecord, iso_ms
 
-__all__ = ["record_json", "record_text"]
+__all__ = ["record_json", "record_line", "record_text", "safe_text"]
+
+#: Characters that move the cursor, end a line or reorder text: C0/C1 controls,
+#: DEL, line/paragraph separators, the bidirectional overrides (Trojan Source),
+#: and lone surrogates (which cannot even be written out as UTF-8).
+_UNSAFE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]"
+)
+_SHORT: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 
-def record_json(record: StoredRecord) -> bytes:
-    """One JSON line: ``data`` is the record exactly as stored, spliced in raw."""
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every character that could control a terminal shown as an escape.
+
+    A backslash stays a backslash: the output is for reading, not for parsing
+    back (that is what ``--json`` is for).  Other Unicode (Chinese, emoji with
+    their joiners) is printed as it is.
+    """
+    return _UNSAFE.sub(_escape, text)
+
+
+#: UTF-8 of the code points that JSON leaves raw inside strings but that
+#: line-oriented readers (Python's ``splitlines``, JavaScript) take as line ends.
+_LINE_BREAKS_IN_STRINGS: Final = (
+    (b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
+def _one_line(data: str) -> bytes:
+    """The stored JSON as one line: the same value, never a line break inside."""
+    raw = data.encode()
+    if b"\n" in raw or b"\r" in raw:  # pretty-printed by some other producer
+        raw = orjson.dumps(orjson.loads(raw))
+    for char, escaped in _LINE_BREAKS_IN_STRINGS:
+        if char in raw:
+            raw = raw.replace(char, escaped)
+    return raw
+
+
+def record_line(record: StoredRecord, *, fields: bool = True) -> bytes:
+    """One JSON object on one line (no newline at the end); ``data`` spliced in as stored.
+
+    ``fields`` adds the columns the store pulled out of the record (``ts``,
+    ``level``, ``message``); the daily files leave them out, since ``data``
+    holds them already.
+    """
     head: dict[str, Any] = {
         "seq": record.seq,
         "device_id": record.device_id,
         "received_at": iso_ms(record.received_at),
     }
-    if record.ts is not None:
-        head["ts"] = iso_ms(record.ts)
-    if record.level is not None:
-        head["level"] = record.level
-    if record.message is not None:
-        head["message"] = record.message
-    return orjson.dumps(head)[:-1] + b',"data":' + record.data.encode() + b"}"
+    if fields:
+        if record.ts is not None:
+            head["ts"] = iso_ms(record.ts)
+        if record.level is not None:
+            head["level"] = record.level
+        if record.message is not None:
+            head["message"] = record.message
+    line: bytes = orjson.dumps(head)
+    for char, escaped in _LINE_BREAKS_IN_STRINGS:
+        if char in line:
+            line = line.replace(char, escaped)
+    return line[:-1] + b',"data":' + _one_line(record.data) + b"}"
+
+
+def record_json(record: StoredRecord) -> bytes:
+    """The ``fleetlog logs --json`` line of a record."""
+    return record_line(record)
 
 
 def record_text(record: StoredRecord) -> str:
     """``RECEIVED_AT  LEVEL  MESSAGE``; the record's JSON when it has no message."""
-    level = (record.level or "-").upper()
+    level = safe_text((record.level or "-").upper())
     body = record.message if record.message is not None else record.data
-    return f"{iso_ms(record.received_at)}  {level:<5}  {body}"
+    return f"{iso_ms(record.received_at)}  {level:<5}  {safe_text(body)}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
-__all__ = ["LEVELS", "Fields", "extract", "normalise_level"]
+__all__ = ["LEVELS", "Fields", "check_level", "extract", "normalise_level"]
 
 _TIME_KEYS: Final = ("ts", "time", "timestamp")
 _MESSAGE_KEYS: Final = ("msg", "message")
@@ -30,6 +30,14 @@ class Fields(NamedTuple):
 def normalise_level(level: str) -> str:
     lowered = level.strip().lower()
     return _ALIASES.get(lowered, lowered)
+
+
+def check_level(level: str) -> str:
+    """A level a reader asked for, normalised; ValueError naming the levels if unknown."""
+    normal = normalise_level(level)
+    if normal not in LEVELS:
+        raise ValueError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
+    return normal
 
 
 def _epoch_ms(value: Any) -> int | None:
