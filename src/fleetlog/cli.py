@@ -353,6 +353,8 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
             summary = uvloop.run(main_async(lambda n: progress.advance(task, n)))
         for key, value in summary.as_dict().items():
             click.echo(f"{key:>20}: {value}")
+        if summary.failure:
+            click.echo(f"fleetlog: {summary.failure}", err=True)
     if acked_file is not None:
         acked_file.write_bytes(orjson.dumps(summary.acked_through))
     return 0 if summary.acked == total else 1

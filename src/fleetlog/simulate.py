@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import socket
 import statistics
 import time
 from collections import Counter
@@ -23,13 +25,46 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import orjson
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
 from fleetlog import protocol
 
-__all__ = ["SimulationSummary", "connect_with_backoff", "device_ids", "simulate"]
+__all__ = ["CannotConnect", "SimulationSummary", "connect_with_backoff", "device_ids", "simulate"]
 
 _RETRYABLE = {"busy", "unavailable", "rate_limited"}
+
+#: How long the first connection may be refused before the run gives up: a
+#: gateway that is starting listens within seconds; a wrong port never does.
+_FIRST_CONNECT_S = 10.0
+
+
+class CannotConnect(Exception):
+    """Raised when connecting fails for a reason that retrying will not fix."""
+
+
+def _masked(url: str) -> str:
+    """``url`` fit to print: a ``token`` in its query shown as ``***``."""
+    return re.sub(r"([?&]token=)[^&#]*", r"\1***", url)
+
+
+def _permanent(exc: BaseException) -> str | None:
+    """Why ``exc`` will happen again on every attempt, or ``None`` if it may pass.
+
+    A bad URL, a host that does not resolve and a handshake refused with a 4xx
+    (401 bad token, 404 wrong path) do not go away by retrying; a refused or
+    reset connection, a timeout or a 503 (a gateway restarting, Redis down) may.
+    """
+    if isinstance(exc, WSHandshakeError) and exc.response is not None:
+        status = int(exc.response.status)
+        if 400 <= status < 500 and status not in (408, 429):
+            body = (exc.raw_body or exc.response.body or b"").decode(errors="replace").strip()
+            return f"handshake refused with HTTP {status}" + (f": {body[:200]}" if body else "")
+        return None
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host: {exc}"
+    if isinstance(exc, WSError | ValueError):  # WSInvalidURL and other malformed input
+        return str(exc) or type(exc).__name__
+    return None
 
 
 class _ConnectionLost(Exception):
@@ -48,6 +83,9 @@ class SimulationSummary:
     latencies: list[float] = field(default_factory=list)
     #: Per device, the number of leading records acked (records 0..n-1).
     acked_through: dict[str, int] = field(default_factory=dict)
+    url: str = ""
+    #: Why the run could not do its work (cannot connect), if so.
+    failure: str | None = None
 
     @property
     def rate(self) -> float:
@@ -65,6 +103,8 @@ class SimulationSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "url": self.url,
+            "failure": self.failure,
             "devices": self.devices,
             "messages_per_device": self.messages,
             "sent": self.sent,
@@ -146,7 +186,8 @@ async def connect_with_backoff(
 
     A thousand devices connecting at once overflow a server's accept queue; the
     ones refused must come back later, not all at the same instant.  Raises
-    :class:`TimeoutError` once ``deadline`` (monotonic) would pass.
+    :class:`CannotConnect` at once for a failure that will not pass (see
+    :func:`_permanent`), or once ``deadline`` (monotonic) would pass.
     """
     delay = 0.05
     while True:
@@ -155,8 +196,11 @@ async def connect_with_backoff(
             assert isinstance(connected, listener)
             return transport, connected
         except Exception as exc:  # refused, reset, handshake refused or timed out
+            reason = _permanent(exc)
+            if reason is not None:
+                raise CannotConnect(reason) from exc
             if time.monotonic() + delay > deadline:
-                raise TimeoutError(f"could not connect to {url}: {exc}") from exc
+                raise CannotConnect(f"{exc or type(exc).__name__}") from exc
             if on_retry is not None:
                 on_retry()
             await asyncio.sleep(random.uniform(delay / 2, delay))
@@ -242,7 +286,7 @@ async def simulate(
     ``batch`` 0 speaks the legacy protocol, N > 0 sends v2 frames of N records.
     ``tokens`` maps device ids to their tokens (sent as ``?token=``).
     """
-    summary = SimulationSummary(devices, messages)
+    summary = SimulationSummary(devices, messages, url=_masked(url))
     interval = devices * max(batch, 1) / rate if rate > 0 else 0.0
     deadline = time.monotonic() + timeout
     started = time.perf_counter()
@@ -252,6 +296,18 @@ async def simulate(
         if not tokens:
             return url
         return f"{url}{'&' if '?' in url else '?'}token={quote(tokens[device_id])}"
+
+    # One connection first: a wrong URL, port or token fails the run in seconds
+    # instead of holding a stuck progress bar until the timeout.
+    try:
+        transport, _ = await connect_with_backoff(
+            _Device, device_url(ids[0]), min(deadline, time.monotonic() + _FIRST_CONNECT_S))
+        transport.disconnect()
+    except CannotConnect as exc:
+        summary.failure = f"cannot connect to {summary.url}: {exc}"
+        summary.errors["cannot_connect"] += 1
+        summary.elapsed = time.perf_counter() - started
+        return summary
 
     results = await asyncio.gather(
         *(
@@ -263,6 +319,10 @@ async def simulate(
     )
     summary.elapsed = time.perf_counter() - started
     for result in results:
-        if isinstance(result, BaseException):
+        if isinstance(result, CannotConnect):
+            summary.errors["cannot_connect"] += 1
+            summary.failure = summary.failure or f"cannot connect to {summary.url}: {result}"
+        elif isinstance(result, BaseException):
             summary.errors[type(result).__name__] += 1
+            summary.failure = summary.failure or f"{type(result).__name__}: {result}"
     return summary
