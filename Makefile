@@ -2,43 +2,46 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 FAULTS  := $(CURDIR)/.faults.jsonl
 
-.PHONY: install up test faults lint bench clean
+.PHONY: install install-test install-bench up test faults lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+# One stamp per set of extras: `make up` installs only what running needs,
+# `make test` and `make bench` add their own tools.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.$(if $(filter run,$*),,[$*])'
+	touch $@
 
-install: $(STAMP)
+install: $(VENV)/.installed-run
+install-test: $(VENV)/.installed-test
+install-bench: $(VENV)/.installed-bench
 
 up: install
 	$(BIN)/fleetlog up $(ARGS)
 
 # The whole suite, fault injection included; its table is printed at the end.
-test: install
+test: install-test
 	@rm -f $(FAULTS)
 	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q $(ARGS); status=$$?; \
 	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status
 
 # Only the fault-injection suite, and its table: scenario, acked, stored, lost, duplicated.
-faults: install
+faults: install-test
 	@rm -f $(FAULTS)
 	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q tests/faults $(ARGS); status=$$?; \
 	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy --strict src
 
-bench: install
+bench: install-bench
 	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
