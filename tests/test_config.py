@@ -188,3 +188,29 @@ def test_config_command_with_an_invalid_value_fails_clearly(tmp_path: Path) -> N
     assert "invalid configuration" in result.stderr
     assert "ws_port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_command_masks_secrets(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "fleet.toml", "store = 'postgresql://app:st0re-pw@db:5432/fleet'\n")
+    result = run_config(
+        "--config", str(config),
+        env={"FLEETLOG_JWT_SECRET": "jwt-secret-of-at-least-32-bytes!!",
+             "FLEETLOG_REDIS_URL": "redis://fleet:r3dis-pw@cache:6379/15?password=q-pw"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    for secret in ("jwt-secret-of", "r3dis-pw", "st0re-pw", "q-pw"):
+        assert secret not in result.stdout + result.stderr
+    values = parse_output(result.stdout)
+    assert values["jwt_secret"] == '"********"'
+    assert values["redis_url"] == '"redis://fleet:********@cache:6379/15?password=********"'
+    assert values["store"] == '"postgresql://app:********@db:5432/fleet"'
+    assert values["store_url"] == values["store"]
+    assert values["ws_port"] == "8765", "everything else as it is"
+
+
+def test_config_command_shows_unset_secrets_as_unset(tmp_path: Path) -> None:
+    result = run_config(env={"FLEETLOG_REDIS_URL": "redis://cache:6379/15"}, cwd=tmp_path)
+    values = parse_output(result.stdout)
+    assert values["jwt_secret"] == "null"
+    assert values["redis_url"] == '"redis://cache:6379/15"'
