@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fleetlog.config import load_settings
+from fleetlog.config import load_settings, mask_url
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +214,24 @@ def test_config_command_shows_unset_secrets_as_unset(tmp_path: Path) -> None:
     values = parse_output(result.stdout)
     assert values["jwt_secret"] == "null"
     assert values["redis_url"] == '"redis://cache:6379/15"'
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:pw@host:6379/0", "redis://user:********@host:6379/0"),
+        ("redis://:pw@host", "redis://:********@host"),
+        ("rediss://u:p%40ss@h:1/2", "rediss://u:********@h:1/2"),
+        ("redis://u:p@ss@h", "redis://u:********@h"),
+        ("redis://h:6379/0?password=pw&db=1", "redis://h:6379/0?password=********&db=1"),
+        ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?password=********"),
+        ("postgresql://app:pw@db/fleet?sslmode=require", "postgresql://app:********@db/fleet?sslmode=require"),
+        ("redis://127.0.0.1:6379/15", "redis://127.0.0.1:6379/15"),
+        ("redis://user@host", "redis://user@host"),
+        ("sqlite:////srv/fleet/fleetlog.db", "sqlite:////srv/fleet/fleetlog.db"),
+        ("fleetlog-data", "fleetlog-data"),
+        ("redis://h:notaport", "redis://h:notaport"),
+    ],
+)
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown

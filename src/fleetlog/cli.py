@@ -539,9 +539,7 @@ def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
 @cli.command("config")
 @_common
 def show_config(config: str | None, **flags: Any) -> None:
-    """Print the effective configuration (flags > FLEETLOG_* > TOML > defaults)."""
-    settings = _settings(config, **flags)
-    values = settings.model_dump(mode="json")
-    values["store_url"] = settings.store_url
+    """Print the effective configuration (flags > FLEETLOG_* > TOML > defaults), secrets masked."""
+    values = _settings(config, **flags).for_display()
     for key in sorted(values):
         click.echo(f"{key} = {orjson.dumps(values[key]).decode()}")
