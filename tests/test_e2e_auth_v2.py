@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from fleetlog.credentials import Credentials
+from fleetlog.embedded import RedisServer
 from tests.conftest import Processes
 from tests.helpers import RECEIVED, STORED, legacy_frame, run_fleetlog, send_legacy, wait_until
 
@@ -352,3 +353,30 @@ async def test_a_gateway_that_does_not_confirm_delays_add_boundedly(
             await asyncio.sleep(0.1)
     else:
         pytest.fail("the resumed gateway never accepted the token")
+
+
+async def test_token_changes_reach_a_gateway_after_a_redis_restart(
+    private_redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    url = private_redis.url
+    _, port = processes.gateway(url, tmp_path, auth="token")
+    kept, dropped = _add(url, "kept"), _add(url, "dropped")
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={dropped}") as ws:
+        assert await send_legacy(ws, legacy_frame("dropped", 0)) == [RECEIVED, STORED]
+        private_redis.kill()  # the gateway's subscription dies with it
+        private_redis.start()
+        client = redis.Redis.from_url(url)
+        Credentials(client).revoke("dropped")  # maybe before the gateway is back: no one confirms
+        assert await _closed_code(ws, timeout=10) == 4401
+    new = Credentials(client).add("new")
+    client.close()
+    for token in (kept, new):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+            for _ in range(50):  # the first write after the restart may get `unavailable`: resend
+                reply = await _log(ws, "f", [{"n": 1}])
+                if reply["type"] == "ack":
+                    break
+                assert reply["code"] == "unavailable", reply
+                await asyncio.sleep(0.1)
+            assert reply["stored"] == 1
+    assert await _status_of_refusal(f"ws://127.0.0.1:{port}/?token={dropped}") == 401
