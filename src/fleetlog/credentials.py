@@ -124,6 +124,8 @@ class TokenChange:
     def decode(cls, raw: bytes) -> TokenChange:
         """Parse a published change; raises :class:`ValueError` if it is not one."""
         message = orjson.loads(raw)
+        if not isinstance(message, dict):
+            raise ValueError("not a credential change")
         version, change_id = message.get("v"), message.get("change")
         # cjson encodes an empty table as {}, so "del" may be a list or an object.
         added, removed = message.get("set") or {}, message.get("del") or []
