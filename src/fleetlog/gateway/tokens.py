@@ -83,6 +83,13 @@ class TokenWatcher:
                     await self._disconnect()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
+                except Exception:
+                    # A bug must not leave the node on a stale table for good (a revoked
+                    # token still working): start over, with a full reload.
+                    log.exception("device tokens: unexpected error; reloading")
+                    await self._disconnect()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
         finally:
             await self._disconnect()
 
