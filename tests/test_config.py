@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fleetlog.config import load_settings
+from fleetlog.config import load_settings, mask_url
 
 
 @pytest.fixture(autouse=True)
@@ -188,3 +188,50 @@ def test_config_command_with_an_invalid_value_fails_clearly(tmp_path: Path) -> N
     assert "invalid configuration" in result.stderr
     assert "ws_port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_command_masks_secrets(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "fleet.toml", "store = 'postgresql://app:st0re-pw@db:5432/fleet'\n")
+    result = run_config(
+        "--config", str(config),
+        env={"FLEETLOG_JWT_SECRET": "jwt-secret-of-at-least-32-bytes!!",
+             "FLEETLOG_REDIS_URL": "redis://fleet:r3dis-pw@cache:6379/15?password=q-pw"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    for secret in ("jwt-secret-of", "r3dis-pw", "st0re-pw", "q-pw"):
+        assert secret not in result.stdout + result.stderr
+    values = parse_output(result.stdout)
+    assert values["jwt_secret"] == '"********"'
+    assert values["redis_url"] == '"redis://fleet:********@cache:6379/15?password=********"'
+    assert values["store"] == '"postgresql://app:********@db:5432/fleet"'
+    assert values["store_url"] == values["store"]
+    assert values["ws_port"] == "8765", "everything else as it is"
+
+
+def test_config_command_shows_unset_secrets_as_unset(tmp_path: Path) -> None:
+    result = run_config(env={"FLEETLOG_REDIS_URL": "redis://cache:6379/15"}, cwd=tmp_path)
+    values = parse_output(result.stdout)
+    assert values["jwt_secret"] == "null"
+    assert values["redis_url"] == '"redis://cache:6379/15"'
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:pw@host:6379/0", "redis://user:********@host:6379/0"),
+        ("redis://:pw@host", "redis://:********@host"),
+        ("rediss://u:p%40ss@h:1/2", "rediss://u:********@h:1/2"),
+        ("redis://u:p@ss@h", "redis://u:********@h"),
+        ("redis://h:6379/0?password=pw&db=1", "redis://h:6379/0?password=********&db=1"),
+        ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?password=********"),
+        ("postgresql://app:pw@db/fleet?sslmode=require", "postgresql://app:********@db/fleet?sslmode=require"),
+        ("redis://127.0.0.1:6379/15", "redis://127.0.0.1:6379/15"),
+        ("redis://user@host", "redis://user@host"),
+        ("sqlite:////srv/fleet/fleetlog.db", "sqlite:////srv/fleet/fleetlog.db"),
+        ("fleetlog-data", "fleetlog-data"),
+        ("redis://h:notaport", "redis://h:notaport"),
+    ],
+)
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import signal
 import ssl
 import time
 from pathlib import Path
@@ -20,17 +21,18 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from fleetlog.credentials import Credentials
+from fleetlog.embedded import RedisServer
 from tests.conftest import Processes
 from tests.helpers import RECEIVED, STORED, legacy_frame, run_fleetlog, send_legacy, wait_until
 
 STREAM = "fleetlog:records"
+HS_SECRET = "an-hs256-secret-of-32-bytes-min!"
 
 
 def _add(redis_url: str, device: str) -> str:
     client = redis.Redis.from_url(redis_url)
-    token = Credentials(client).add(device)
+    token = Credentials(client).add(device)  # returns once every gateway has it
     client.close()
-    time.sleep(0.8)  # gateways reload credentials every half second
     return token
 
 
@@ -139,13 +141,13 @@ async def test_second_connection_takes_over_on_any_node(
 
 
 async def test_jwt_hs256_and_rs256(redis_url: str, processes: Processes, tmp_path: Path) -> None:
-    _, port = processes.gateway(redis_url, tmp_path, "--jwt-secret", "s3cret", auth="jwt",
+    _, port = processes.gateway(redis_url, tmp_path, "--jwt-secret", HS_SECRET, auth="jwt",
                                 log_name="gw-hs")
     now = datetime.datetime.now(datetime.UTC)
-    good = jwt.encode({"sub": "cam-1", "exp": now + datetime.timedelta(minutes=5)}, "s3cret")
-    expired = jwt.encode({"sub": "cam-1", "exp": now - datetime.timedelta(minutes=5)}, "s3cret")
-    no_exp = jwt.encode({"sub": "cam-1"}, "s3cret")
-    forged = jwt.encode({"sub": "cam-1", "exp": now + datetime.timedelta(minutes=5)}, "guess")
+    good = jwt.encode({"sub": "cam-1", "exp": now + datetime.timedelta(minutes=5)}, HS_SECRET)
+    expired = jwt.encode({"sub": "cam-1", "exp": now - datetime.timedelta(minutes=5)}, HS_SECRET)
+    no_exp = jwt.encode({"sub": "cam-1"}, HS_SECRET)
+    forged = jwt.encode({"sub": "cam-1", "exp": now + datetime.timedelta(minutes=5)}, "guess" * 8)
     for bad in (expired, no_exp, forged):
         assert await _status_of_refusal(f"ws://127.0.0.1:{port}/?token={bad}") == 401
     async with websockets.connect(f"ws://127.0.0.1:{port}/?token={good}") as ws:
@@ -163,7 +165,7 @@ async def test_jwt_hs256_and_rs256(redis_url: str, processes: Processes, tmp_pat
                                   additional_headers={"Authorization": f"Bearer {signed}"}) as ws:
         assert await send_legacy(ws, legacy_frame("cam-2", 0)) == [RECEIVED, STORED]
     # An HS256 token signed with the public key as secret must not pass (alg confusion).
-    confused = jwt.encode({"sub": "cam-2", "exp": now + datetime.timedelta(minutes=5)}, "x")
+    confused = jwt.encode({"sub": "cam-2", "exp": now + datetime.timedelta(minutes=5)}, "x" * 32)
     assert await _status_of_refusal(f"ws://127.0.0.1:{port_rs}/?token={confused}") == 401
 
 
@@ -261,3 +263,120 @@ async def test_tls_and_connections_per_address(
     with pytest.raises(ssl.SSLError):
         async with websockets.connect(url, ssl=ssl.create_default_context()):
             pass
+
+
+async def test_a_token_just_added_is_accepted_at_once_on_every_node(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port_a = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-a")
+    _, port_b = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-b")
+    common = ("--redis-url", redis_url, "--data-dir", str(tmp_path))
+    client = redis.Redis.from_url(redis_url)
+    for n in range(20):
+        added = await asyncio.to_thread(run_fleetlog, "device", "add", f"new-{n}", *common)
+        assert added.returncode == 0, added.stderr
+        token = added.stdout.strip()
+        for port in (port_a, port_b):
+            async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+                ack = await _log(ws, f"{n}-{port}", [{"n": n}])
+                assert ack["stored"] == 1, ack
+    assert client.xlen(STREAM) == 40
+    client.close()
+
+
+async def test_weak_jwt_settings_are_refused(redis_url: str, processes: Processes, tmp_path: Path) -> None:
+    from fleetlog.embedded import free_port
+
+    started = await asyncio.to_thread(
+        run_fleetlog, "gateway", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+        "--port", str(free_port()), "--auth", "jwt", "--jwt-secret", "x", timeout=20)
+    assert started.returncode != 0
+    assert "at least 32 bytes" in started.stderr
+    assert "Traceback" not in started.stderr
+    up = await asyncio.to_thread(
+        run_fleetlog, "up", "--data-dir", str(tmp_path / "up"), "--ws-port", str(free_port()),
+        "--auth", "jwt", "--jwt-secret", "x", timeout=20)
+    assert up.returncode != 0
+    assert "at least 32 bytes" in up.stderr
+
+    secret = "a-secret-of-32-bytes-or-more-ok!"
+    _, port = processes.gateway(redis_url, tmp_path, "--jwt-secret", secret, auth="jwt")
+    later = int(time.time()) + 300
+    for claims in ({"sub": "cam-1", "exp": str(later)}, {"sub": "cam-1", "exp": later, "nbf": "0"},
+                   {"sub": "cam-1", "exp": later, "iat": "0"}, {"sub": "bad\nid", "exp": later}):
+        token = jwt.encode(claims, secret)
+        assert await _status_of_refusal(f"ws://127.0.0.1:{port}/?token={token}") == 401
+    good = jwt.encode({"sub": "cam-1", "exp": later}, secret)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={good}") as ws:
+        assert await send_legacy(ws, legacy_frame("cam-1", 0)) == [RECEIVED, STORED]
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen(STREAM) == 1, "only the valid token's record"
+    client.close()
+
+
+def test_device_add_refuses_a_bad_id(redis_url: str, tmp_path: Path) -> None:
+    common = ("--redis-url", redis_url, "--data-dir", str(tmp_path))
+    for bad in ("", "x" * 10_000, "two\nlines", "esc\x1b[2J", " padded"):
+        added = run_fleetlog("device", "add", bad, *common)
+        assert added.returncode != 0
+        assert "device id" in added.stderr
+        assert "Traceback" not in added.stderr
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen("fleetlog:tokens") == 0
+    assert client.keys("fleetlog:device:*") == []
+    client.close()
+    assert run_fleetlog("device", "add", "site:ünïcode-1", *common).returncode == 0
+
+
+async def test_a_gateway_that_does_not_confirm_delays_add_boundedly(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    stuck, port = processes.gateway(redis_url, tmp_path, auth="token")
+    common = ("--redis-url", redis_url, "--data-dir", str(tmp_path))
+    stuck.send_signal(signal.SIGSTOP)
+    try:
+        added = await asyncio.to_thread(run_fleetlog, "device", "add", "late", *common, timeout=30)
+    finally:
+        stuck.send_signal(signal.SIGCONT)
+    assert added.returncode == 0, added.stderr
+    assert "1 gateway node(s) did not confirm" in added.stderr
+    token = added.stdout.strip()
+    assert token.startswith("flt_"), "the token is printed even so"
+    # Resumed, the node applies the change it has not read yet, soon (not necessarily
+    # before it answers a handshake that was waiting too).
+    for _ in range(50):
+        try:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+                assert (await _log(ws, "f", [{"n": 1}]))["stored"] == 1
+            break
+        except websockets.InvalidStatus:
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the resumed gateway never accepted the token")
+
+
+async def test_token_changes_reach_a_gateway_after_a_redis_restart(
+    private_redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    url = private_redis.url
+    _, port = processes.gateway(url, tmp_path, auth="token")
+    kept, dropped = _add(url, "kept"), _add(url, "dropped")
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={dropped}") as ws:
+        assert await send_legacy(ws, legacy_frame("dropped", 0)) == [RECEIVED, STORED]
+        private_redis.kill()  # the gateway's subscription dies with it
+        private_redis.start()
+        client = redis.Redis.from_url(url)
+        Credentials(client).revoke("dropped")  # maybe before the gateway is back: no one confirms
+        assert await _closed_code(ws, timeout=10) == 4401
+    new = Credentials(client).add("new")
+    client.close()
+    for token in (kept, new):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+            for _ in range(50):  # the first write after the restart may get `unavailable`: resend
+                reply = await _log(ws, "f", [{"n": 1}])
+                if reply["type"] == "ack":
+                    break
+                assert reply["code"] == "unavailable", reply
+                await asyncio.sleep(0.1)
+            assert reply["stored"] == 1
+    assert await _status_of_refusal(f"ws://127.0.0.1:{port}/?token={dropped}") == 401

@@ -157,3 +157,24 @@ async def test_legacy_list_mode_end_to_end(
     rows = stored_rows(data_dir)
     assert [seq for _, _, seq, _ in rows] == list(range(50))
     assert {device for _, device, _, _ in rows} == {"L1"}
+
+
+async def test_a_bad_device_id_is_refused_and_nothing_is_queued(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    _, port = processes.gateway(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        for bad in ("x" * 10_000, "evil\nid", "esc\x1b[2J", " padded", "bidi\u202e"):
+            replies = await send_legacy(ws, legacy_frame(bad, 1))
+            assert replies[0] == RECEIVED
+            assert isinstance(replies[1], dict) and replies[1]["code"] == "bad_frame", replies
+            await ws.send(json.dumps({"type": "log", "id": "v2", "deviceId": bad, "records": [1]}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert (reply["code"], reply["id"]) == ("bad_frame", "v2")
+        assert client.xlen("fleetlog:records") == 0
+        assert client.hkeys("device:links") == []
+        # The same record under a good id is stored.
+        assert await send_legacy(ws, legacy_frame("good:id", 1)) == [RECEIVED, STORED]
+    assert client.xlen("fleetlog:records") == 1
+    client.close()

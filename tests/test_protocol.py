@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
+from fleetlog.device_id import device_id_problem
 from fleetlog.errors import ErrorCode, FrameError
 from fleetlog.protocol import (
     LOG_UPLOAD_RESPONSE,
@@ -20,6 +21,7 @@ from fleetlog.protocol import (
     decode_json,
     encode_json,
     error_frame,
+    parse_frame,
     parse_legacy,
     server_text_frame,
 )
@@ -63,6 +65,16 @@ def test_device_id_of_another_type_is_bad_frame(device_id: Any) -> None:
 def test_device_id_over_128_characters_is_bad_frame() -> None:
     assert parse_legacy(frame(deviceId="x" * 128, type=1)).device_id == "x" * 128
     assert rejected(frame(deviceId="x" * 129, type=1)) == ErrorCode.BAD_FRAME
+
+
+@pytest.mark.parametrize(
+    "device_id", ["a\nb", "nul\u0000", "\u001b[2J", "bidi\u202e", " lead", "trail ", "x" * 10_000]
+)
+def test_device_id_against_the_policy_is_bad_frame(device_id: str) -> None:
+    assert rejected(frame(deviceId=device_id, type=4, data=1)) == ErrorCode.BAD_FRAME
+    with pytest.raises(FrameError) as info:
+        parse_frame(frame(type="log", id="f1", deviceId=device_id, records=[1]), 10)
+    assert (info.value.code, info.value.frame_id, info.value.v2) == (ErrorCode.BAD_FRAME, "f1", True)
 
 
 @pytest.mark.parametrize("device_id", [None, ""])
@@ -284,7 +296,7 @@ def _is_empty(value: Any) -> bool:
 @given(data=json_values, ensure_ascii=st.booleans(), device=st.text(min_size=1, max_size=20) | st.integers())
 def test_any_json_data_round_trips(data: Any, ensure_ascii: bool, device: str | int) -> None:
     payload = json.dumps({"deviceId": device, "type": 4, "data": data}, ensure_ascii=ensure_ascii)
-    if _is_empty(data):
+    if _is_empty(data) or device_id_problem(str(device)) is not None:
         with pytest.raises(FrameError):
             parse_legacy(payload.encode())
         return

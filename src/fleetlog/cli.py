@@ -140,9 +140,14 @@ def main() -> None:
 @_exit_code
 def up(config: str | None, **flags: Any) -> int:
     """Run everything: embedded Redis, gateway and worker."""
+    from fleetlog.credentials import TokenTable
+    from fleetlog.gateway.auth import Authenticator
     from fleetlog.supervise import run_up
 
     settings = _settings(config, **flags)
+    # Bad auth settings fail here, once, not in a gateway child that `up` restarts forever.
+    Authenticator(settings.auth, TokenTable(), jwt_secret=settings.jwt_secret,
+                  jwt_public_key=settings.jwt_public_key)
     _logging()
     return run_up(settings, config)
 
@@ -335,7 +340,6 @@ def simulate(url: str, device_count: int, messages: int, rate: float, prefix: st
     if provision:
         settings = _settings(config, data_dir=data_dir, redis_url=redis_url)
         tokens = _provision(_redis_url(settings), device_ids(prefix, device_count))
-        time.sleep(1.0)  # gateways pick up new tokens within half a second
 
     async def main_async(advance: Any) -> Any:
         return await run_simulation(url, device_count, messages, rate=rate, prefix=prefix,
@@ -389,6 +393,13 @@ def _credentials(config: str | None, flags: dict[str, Any]) -> Any:
     return Credentials(connect(_redis_url(settings), timeout=settings.redis_timeout))
 
 
+def _warn_unconfirmed(credentials: Any) -> None:
+    """Say so when a gateway did not confirm a change (the command already made it)."""
+    if credentials.unconfirmed:
+        click.echo(f"fleetlog: {credentials.unconfirmed} gateway node(s) did not confirm the change "
+                   "within 2 s; they apply it within half a second of reaching Redis", err=True)
+
+
 def _redis_command(function: F) -> F:
     function = click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")(
         function)
@@ -399,8 +410,13 @@ def _redis_command(function: F) -> F:
 @_redis_command
 @click.argument("device_id")
 def device_add(config: str | None, device_id: str, **flags: Any) -> None:
-    """Create DEVICE_ID's token and print it (alone, once: it is stored only as a hash)."""
-    click.echo(_credentials(config, flags).add(device_id))
+    """Create DEVICE_ID's token and print it (alone, once: it is stored only as a hash).
+
+    Returns once every live gateway accepts the token.
+    """
+    credentials = _credentials(config, flags)
+    click.echo(credentials.add(device_id))
+    _warn_unconfirmed(credentials)
 
 
 @device.command("rotate")
@@ -408,16 +424,20 @@ def device_add(config: str | None, device_id: str, **flags: Any) -> None:
 @click.argument("device_id")
 def device_rotate(config: str | None, device_id: str, **flags: Any) -> None:
     """Replace DEVICE_ID's token and print the new one; open connections are closed (4401)."""
-    click.echo(_credentials(config, flags).rotate(device_id))
+    credentials = _credentials(config, flags)
+    click.echo(credentials.rotate(device_id))
+    _warn_unconfirmed(credentials)
 
 
 @device.command("revoke")
 @_redis_command
 @click.argument("device_id")
 def device_revoke(config: str | None, device_id: str, **flags: Any) -> None:
-    """Delete DEVICE_ID's token; its open connections are closed (4401) within a second."""
-    _credentials(config, flags).revoke(device_id)
+    """Delete DEVICE_ID's token; its open connections are closed (4401) on every gateway."""
+    credentials = _credentials(config, flags)
+    credentials.revoke(device_id)
     click.echo(f"revoked {device_id}", err=True)
+    _warn_unconfirmed(credentials)
 
 
 @device.command("list")
@@ -531,9 +551,7 @@ def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
 @cli.command("config")
 @_common
 def show_config(config: str | None, **flags: Any) -> None:
-    """Print the effective configuration (flags > FLEETLOG_* > TOML > defaults)."""
-    settings = _settings(config, **flags)
-    values = settings.model_dump(mode="json")
-    values["store_url"] = settings.store_url
+    """Print the effective configuration (flags > FLEETLOG_* > TOML > defaults), secrets masked."""
+    values = _settings(config, **flags).for_display()
     for key in sorted(values):
         click.echo(f"{key} = {orjson.dumps(values[key]).decode()}")

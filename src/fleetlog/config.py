@@ -13,9 +13,11 @@ exactly what a gateway or worker started with the same inputs would use.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -27,9 +29,45 @@ from pydantic_settings import (
 
 from fleetlog.timeparse import parse_duration
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["MASK", "Settings", "load_settings", "mask_url"]
 
 MiB = 1024 * 1024
+
+#: What ``fleetlog config``, logs and banners show instead of a secret.
+MASK: Final = "********"
+
+#: Names of settings, and of URL query parameters, whose value is a secret.
+_SECRET_NAME: Final = re.compile(r"secret|passw(or)?d|token|credential|api_?key|private", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password and secret query parameters replaced by :data:`MASK`.
+
+    ``redis://user:pw@host:6379/0?password=pw`` becomes
+    ``redis://user:********@host:6379/0?password=********``; anything that
+    is not a URL comes back unchanged.
+    """
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError:  # a malformed port or IPv6 address: not a URL to show
+        return url
+    if not parts.scheme:
+        return url
+    # Edit the text in place: re-assembling with urlunsplit would drop an empty
+    # authority (sqlite:////path) and re-encode what it does not touch.
+    if has_password:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{userinfo.partition(':')[0]}:{MASK}@{host}", 1)
+    if parts.query:
+        head, _, tail = url.partition("?")
+        query, hash_mark, fragment = tail.partition("#")
+        query = "&".join(
+            f"{name}={MASK}" if sep and _SECRET_NAME.search(name) else f"{name}{sep}{value}"
+            for name, sep, value in (piece.partition("=") for piece in query.split("&"))
+        )
+        url = f"{head}?{query}{hash_mark}{fragment}"
+    return url
 
 
 class Settings(BaseSettings):
@@ -111,6 +149,19 @@ class Settings(BaseSettings):
     def retention_ms(self) -> int | None:
         """``retention`` in milliseconds (None: keep forever)."""
         return None if self.retention is None else parse_duration(self.retention)
+
+    def for_display(self) -> dict[str, Any]:
+        """Every setting (and ``store_url``) as JSON values, secrets masked.
+
+        A setting named like a secret shows :data:`MASK` when set; every
+        string that is a URL shows without its password (:func:`mask_url`).
+        """
+        values = self.model_dump(mode="json")
+        values["store_url"] = self.store_url
+        for name, value in values.items():
+            if isinstance(value, str):
+                values[name] = MASK if _SECRET_NAME.search(name) else mask_url(value)
+        return values
 
     @property
     def fatal_error_dir(self) -> Path:

@@ -12,11 +12,21 @@ Keys (every gateway node reads them):
 * ``fleetlog:device:<id>`` hash: ``token_hash``, ``created_at``, ``rotated_at``;
 * ``fleetlog:tokens:version`` counter, bumped on every change.
 
-Gateways keep the whole table in memory (:class:`TokenTable`) and reload it
-when the version moves, polled every half second.  Checking a token is then a
-dict lookup with no I/O, which is what lets the handshake stay synchronous and
-a reconnect storm cost Redis nothing; a revoked or rotated token stops
-working, and its connections are closed, within a second on every node.
+Each change (add, rotate, revoke) is one Lua script: it reads the device's
+current hash, replaces or deletes it in both hashes, bumps the version and
+publishes the change (:class:`TokenChange`) on ``fleetlog:tokens:changed``,
+all atomically, so parallel rotations can never leave a stale hash behind
+that still authenticates.
+
+Gateways keep the whole table in memory (:class:`TokenTable`): checking a
+token is then a dict lookup with no I/O, which is what lets the handshake stay
+synchronous (picows decides the upgrade in a plain callback) and a reconnect
+storm cost Redis nothing.  A gateway applies each published change at once and
+confirms it on a per-change list; the command waits (bounded, 2 s) until every
+gateway that heard the change confirmed it, so a token printed by ``device
+add`` is accepted by every live node the moment the command returns, and a
+revoked one is refused and its connections closed.  Gateways also poll the
+version every half second, for a change they missed while disconnected.
 """
 
 from __future__ import annotations
@@ -24,16 +34,61 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
 
 from fleetlog import keys
+from fleetlog.device_id import check_device_id
 from fleetlog.errors import FleetlogError
+from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.records import iso_ms
 
-__all__ = ["Credential", "Credentials", "TokenTable", "hash_token", "new_token"]
+__all__ = ["Credential", "Credentials", "TokenChange", "TokenTable", "hash_token", "new_token"]
 
 _PREFIX = "flt_"
+
+#: How long a command waits for the gateways to confirm a change.
+CONFIRM_TIMEOUT: Final = 2.0
+
+# Every script: KEYS = device record, token table, version counter;
+# ARGV = channel, change id, then its own.  ``announce`` bumps the version and
+# publishes the change; it returns {version, gateways that heard it}.
+_ANNOUNCE: Final = """
+local function announce(set, del)
+  local version = redis.call('INCR', KEYS[3])
+  local message = cjson.encode({v = version, change = ARGV[2], set = set, del = del})
+  return {version, redis.call('PUBLISH', ARGV[1], message)}
+end
+"""
+
+#: ARGV[3..5] = token hash, device id, now.  Nil if the device has a token already.
+_ADD: Final = _ANNOUNCE + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[1], 'token_hash', ARGV[3], 'created_at', ARGV[5])
+return announce({[ARGV[3]] = ARGV[4]}, nil)
+"""
+
+#: ARGV[3..5] = new token hash, device id, now.  Nil if the device has no token.
+_ROTATE: Final = _ANNOUNCE + """
+local old = redis.call('HGET', KEYS[1], 'token_hash')
+if not old then return false end
+redis.call('HDEL', KEYS[2], old)
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[1], 'token_hash', ARGV[3], 'rotated_at', ARGV[5])
+return announce({[ARGV[3]] = ARGV[4]}, {old})
+"""
+
+#: Nil if the device has no token.
+_REVOKE: Final = _ANNOUNCE + """
+local old = redis.call('HGET', KEYS[1], 'token_hash')
+if not old then return false end
+redis.call('HDEL', KEYS[2], old)
+redis.call('DEL', KEYS[1])
+return announce(nil, {old})
+"""
 
 
 class UnknownDevice(FleetlogError):
@@ -56,50 +111,110 @@ class Credential:
     rotated_at: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenChange:
+    """One credential change as published to the gateways: hashes added and removed."""
+
+    version: int
+    change_id: str
+    added: dict[str, str] = field(default_factory=dict)  # token hash -> device id
+    removed: list[str] = field(default_factory=list)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> TokenChange:
+        """Parse a published change; raises :class:`ValueError` if it is not one."""
+        message = orjson.loads(raw)
+        if not isinstance(message, dict):
+            raise ValueError("not a credential change")
+        version, change_id = message.get("v"), message.get("change")
+        # cjson encodes an empty table as {}, so "del" may be a list or an object.
+        added, removed = message.get("set") or {}, message.get("del") or []
+        if (not isinstance(version, int) or not isinstance(change_id, str)
+                or not change_id.isalnum() or len(change_id) > 64
+                or not isinstance(added, dict) or not isinstance(removed, list)):
+            raise ValueError("not a credential change")
+        return cls(version, change_id, {str(k): str(v) for k, v in added.items()},
+                   [str(digest) for digest in removed])
+
+
 class Credentials:
-    """Credential commands (``fleetlog device ...``) on a blocking Redis client."""
+    """Credential commands (``fleetlog device ...``) on a blocking Redis client.
 
-    def __init__(self, client: Any) -> None:
+    Each command returns once every live gateway confirmed the change, or
+    after ``confirm_timeout``; :attr:`unconfirmed` then says how many did not
+    (they apply it within half a second of reaching Redis again).
+    """
+
+    def __init__(self, client: Any, *, confirm_timeout: float = CONFIRM_TIMEOUT) -> None:
         self._client = client
+        self._confirm_timeout = confirm_timeout
+        self._add = client.register_script(_ADD)
+        self._rotate = client.register_script(_ROTATE)
+        self._revoke = client.register_script(_REVOKE)
+        #: Gateways that heard the last change but did not confirm it in time.
+        self.unconfirmed = 0
 
-    def _install(self, device_id: str, *, rotate: bool) -> str:
+    def _change(self, script: Any, device_id: str, *args: str) -> bool:
+        """Run one change script; ``False`` if it refused (nothing changed)."""
+        change_id = secrets.token_hex(8)
+        result = script(
+            keys=[keys.device_credential(device_id), keys.TOKENS, keys.TOKENS_VERSION],
+            args=[keys.TOKENS_CHANGED, change_id, *args],
+        )
+        if result is None:
+            return False
+        _version, listeners = result
+        self.unconfirmed = self._await_confirmations(change_id, int(listeners))
+        return True
+
+    def _await_confirmations(self, change_id: str, listeners: int) -> int:
+        """Wait until ``listeners`` gateways confirmed ``change_id``; return how many did not."""
+        # The change is made: nothing here may raise, or the new token would
+        # never be printed.  A Redis error just means "not confirmed".
+        key = keys.token_change_acks(change_id)
+        deadline = time.monotonic() + self._confirm_timeout
+        confirmed = 0
+        try:
+            while confirmed < listeners:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                # Short waits stay within the client's socket timeout; never 0,
+                # which BLPOP takes as "forever" (it counts in milliseconds).
+                if self._client.blpop([key], timeout=min(max(left, 0.01), 0.5)) is not None:
+                    confirmed += 1
+            self._client.delete(key)
+        except REDIS_DOWN:
+            pass  # the list expires by itself
+        return listeners - confirmed
+
+    def _install_args(self, device_id: str) -> tuple[str, list[str]]:
         token = new_token()
-        digest = hash_token(token)
-        device_key = keys.device_credential(device_id)
-        now = iso_ms(int(time.time() * 1000))
-        old = self._client.hget(device_key, "token_hash")
-        with self._client.pipeline(transaction=True) as pipe:
-            if old is not None:
-                pipe.hdel(keys.TOKENS, old)
-            pipe.hset(keys.TOKENS, digest, device_id)
-            fields = {"token_hash": digest, "rotated_at" if rotate else "created_at": now}
-            pipe.hset(device_key, mapping=fields)
-            pipe.incr(keys.TOKENS_VERSION)
-            pipe.execute()
-        return token
+        return token, [hash_token(token), device_id, iso_ms(int(time.time() * 1000))]
 
     def add(self, device_id: str) -> str:
-        """Create the device's credential; return the token (shown once)."""
-        if self._client.exists(keys.device_credential(device_id)):
+        """Create the device's credential; return the token (shown once).
+
+        Raises :class:`~fleetlog.device_id.InvalidDeviceId` for an id against
+        the policy, :class:`FleetlogError` if the device has a token already.
+        """
+        check_device_id(device_id)
+        token, args = self._install_args(device_id)
+        if not self._change(self._add, device_id, *args):
             raise FleetlogError(f"device {device_id!r} already has a token: use `device rotate`")
-        return self._install(device_id, rotate=False)
+        return token
 
     def rotate(self, device_id: str) -> str:
         """Replace the device's token; the old one stops working at once."""
-        if not self._client.exists(keys.device_credential(device_id)):
+        token, args = self._install_args(device_id)
+        if not self._change(self._rotate, device_id, *args):
             raise UnknownDevice(f"device {device_id!r} has no token: use `device add`")
-        return self._install(device_id, rotate=True)
+        return token
 
     def revoke(self, device_id: str) -> None:
-        device_key = keys.device_credential(device_id)
-        old = self._client.hget(device_key, "token_hash")
-        if old is None:
+        """Delete the device's token; its connections are closed on every node."""
+        if not self._change(self._revoke, device_id):
             raise UnknownDevice(f"device {device_id!r} has no token")
-        with self._client.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.TOKENS, old)
-            pipe.delete(device_key)
-            pipe.incr(keys.TOKENS_VERSION)
-            pipe.execute()
 
     def list(self) -> list[Credential]:
         result = []
@@ -134,13 +249,34 @@ class TokenTable:
     def valid(self, token_hash: str) -> bool:
         return token_hash in self._devices
 
-    async def refresh(self, client: Any) -> bool:
-        """Reload if the version moved; return whether the table changed."""
-        raw = await client.get(keys.TOKENS_VERSION)
-        version = int(raw or 0)
-        if version == self.version:
+    def apply(self, change: TokenChange) -> bool:
+        """Apply a published change; ``False`` if the table missed one before it.
+
+        A change the table already holds (a reload got there first) is a
+        no-op.  After ``False`` the caller must :meth:`reload`.
+        """
+        if self.version is None or change.version > self.version + 1:
             return False
-        table = await client.hgetall(keys.TOKENS)
-        self._devices = {digest.decode(): device.decode() for digest, device in table.items()}
-        self.version = version
+        if change.version == self.version + 1:
+            for digest in change.removed:
+                self._devices.pop(digest, None)
+            self._devices.update(change.added)
+            self.version = change.version
         return True
+
+    async def refresh(self, client: Any) -> bool:
+        """Reload if the version in Redis moved; return whether it did."""
+        raw = await client.get(keys.TOKENS_VERSION)
+        if int(raw or 0) == self.version:
+            return False
+        await self.reload(client)
+        return True
+
+    async def reload(self, client: Any) -> None:
+        """Load the whole table and its version, read together in one transaction."""
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.get(keys.TOKENS_VERSION)
+            pipe.hgetall(keys.TOKENS)
+            raw, table = await pipe.execute()
+        self._devices = {digest.decode(): device.decode() for digest, device in table.items()}
+        self.version = int(raw or 0)

@@ -62,6 +62,14 @@ TOKENS = "fleetlog:tokens"
 #: Counter bumped on every credential change; gateways reload when it moves.
 TOKENS_VERSION = "fleetlog:tokens:version"
 
+#: Pub/sub channel announcing each credential change to every gateway node.
+TOKENS_CHANGED = "fleetlog:tokens:changed"
+
+
+def token_change_acks(change_id: str) -> str:
+    """List each gateway node pushes its id onto once it applied credential change ``change_id``."""
+    return f"fleetlog:tokens:acks:{change_id}"
+
 
 def device_credential(device_id: str) -> str:
     """Hash: ``token_hash``, ``created_at``, ``rotated_at`` of one device."""

@@ -10,6 +10,7 @@ The legacy protocol is the original PHP server's, kept exactly:
 
 * every frame is answered first with ``server receive a message!``;
 * a frame with ``deviceId`` (string or number) names the connection's device;
+  the id must pass :mod:`fleetlog.device_id`'s policy, else ``bad_frame``;
 * ``type`` 4 (or ``"4"``) with non-empty ``data`` carries one record, answered
   with ``log_upload_response`` once it is durably queued.
 
@@ -30,6 +31,7 @@ from typing import Any, Final
 
 import orjson
 
+from fleetlog.device_id import device_id_problem
 from fleetlog.errors import ErrorCode, FrameError
 
 __all__ = [
@@ -143,8 +145,9 @@ def _device_id(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise FrameError(ErrorCode.BAD_FRAME, "deviceId must be a string or an integer")
     device_id = str(value)
-    if len(device_id) > 128:
-        raise FrameError(ErrorCode.BAD_FRAME, "deviceId is longer than 128 characters")
+    problem = device_id_problem(device_id)
+    if problem is not None:
+        raise FrameError(ErrorCode.BAD_FRAME, f"deviceId: {problem}")
     return device_id
 
 

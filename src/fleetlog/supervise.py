@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from fleetlog.config import Settings
+from fleetlog.config import Settings, mask_url
 from fleetlog.embedded import RedisServer
 from fleetlog.process import die_with_parent
 
@@ -79,8 +79,8 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
     return "\n".join([
         "fleetlog is up.",
         f"  devices connect to   {ws}   (health: http://{settings.host}:{settings.ws_port}/healthz)",
-        f"  queue                {redis_url}{'  (embedded, AOF on)' if embedded else ''}",
-        f"  store                {settings.store_url}",
+        f"  queue                {mask_url(redis_url)}{'  (embedded, AOF on)' if embedded else ''}",
+        f"  store                {mask_url(settings.store_url)}",
         f"  daily files          {files}",
         "",
         f"  device auth          {settings.auth}",

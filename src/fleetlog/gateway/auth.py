@@ -10,20 +10,31 @@ parameter.  Three modes:
   and names the device;
 * ``jwt``: an HS256 or RS256 JSON Web Token whose ``sub`` names the device and
   whose ``exp`` has not passed, for fleets that mint their own credentials.
+  An HS256 secret must have at least 32 bytes (RFC 7518 §3.2: a key as long
+  as the hash), and ``exp``, ``nbf`` and ``iat`` must be JSON numbers: PyJWT
+  would otherwise take ``"exp": "9999999999"`` through ``int()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
 from fleetlog.credentials import TokenTable
+from fleetlog.device_id import device_id_problem
 from fleetlog.errors import ConfigError
 
-__all__ = ["Authenticator", "Identity", "Refused", "token_from"]
+__all__ = ["MIN_HS256_SECRET_BYTES", "Authenticator", "Identity", "Refused", "token_from"]
+
+#: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+MIN_HS256_SECRET_BYTES: Final = 32
+
+#: Registered claims that are NumericDate values (RFC 7519 §4.1.4-6).
+_TIME_CLAIMS: Final = ("exp", "nbf", "iat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +77,12 @@ class Authenticator:
                 self._jwt_key = jwt_public_key.read_text()
                 self._jwt_algorithms = ["RS256"]
             elif jwt_secret:
+                size = len(jwt_secret.encode())
+                if size < MIN_HS256_SECRET_BYTES:
+                    raise ConfigError(
+                        f"--jwt-secret has {size} bytes; HS256 needs at least "
+                        f"{MIN_HS256_SECRET_BYTES} bytes (RFC 7518 §3.2), e.g. "
+                        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
                 self._jwt_key = jwt_secret
                 self._jwt_algorithms = ["HS256"]
             else:
@@ -93,7 +110,19 @@ class Authenticator:
             )
         except jwt.PyJWTError as exc:
             raise Refused(f"invalid token: {exc}") from None
-        subject = claims["sub"]
-        if not isinstance(subject, str) or not subject or len(subject) > 128:
-            raise Refused("invalid token: sub must name the device")
-        return Identity(subject)
+        return Identity(_subject(claims))
+
+
+def _subject(claims: dict[str, Any]) -> str:
+    """The device a verified JWT names; raises :class:`Refused` for ill-typed claims."""
+    for name in _TIME_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise Refused(f"invalid token: {name} must be a number (seconds since the epoch)")
+    subject = claims["sub"]
+    if not isinstance(subject, str):
+        raise Refused("invalid token: sub must be a string naming the device")
+    problem = device_id_problem(subject)
+    if problem is not None:
+        raise Refused(f"invalid token: sub is not a valid device id: {problem}")
+    return subject

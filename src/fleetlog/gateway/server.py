@@ -1,7 +1,8 @@
 """The device-facing WebSocket server: picows glue around the pure protocol.
 
 A handshake is authenticated in :meth:`Gateway._accept` (no I/O: the token
-table is in memory), so a bad credential gets HTTP 401 before the upgrade.
+table is in memory, kept current by :mod:`.tokens`), so a bad credential gets
+HTTP 401 before the upgrade.
 Everything a connection does then happens in :class:`DeviceConnection`'s
 callbacks, synchronously: a frame is reassembled (:mod:`.messages`), rate
 limited (:mod:`.limits`), parsed (:mod:`fleetlog.protocol`), its records
@@ -49,7 +50,8 @@ from fleetlog.gateway.auth import Authenticator, Identity, Refused
 from fleetlog.gateway.limits import DeviceLimiter
 from fleetlog.gateway.messages import CloseCode, MessageError, Reassembler
 from fleetlog.gateway.registry import LinkRegistry
-from fleetlog.queue.connection import REDIS_DOWN, connect_async
+from fleetlog.gateway.tokens import TokenWatcher
+from fleetlog.queue.connection import connect_async
 from fleetlog.queue.producer import IngestResult, Producer
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
@@ -320,6 +322,8 @@ class Gateway:
         client = connect_async(redis_url, timeout=settings.redis_timeout)
         self._client = client
         self.tokens = TokenTable()
+        self._token_watcher = TokenWatcher(client, self.tokens, node_id=settings.node_id,
+                                           on_change=self._close_revoked)
         self.auth = Authenticator(
             settings.auth, self.tokens, jwt_secret=settings.jwt_secret,
             jwt_public_key=settings.jwt_public_key,
@@ -468,10 +472,11 @@ class Gateway:
             log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
                         "Use --auth token unless this is a legacy fleet on a closed network.")
         elif settings.auth == "token":
-            await self._refresh_tokens()
+            await self._token_watcher.start()
         try:
             self._server = await self._listen()
         except BaseException:
+            await self._token_watcher.stop()
             await self._client.aclose()
             raise
         self.producer.start()
@@ -479,25 +484,17 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping")]
         if settings.auth == "token":
-            self._tasks.append(loop.create_task(self._watch_tokens(), name="tokens"))
+            self._tasks.append(loop.create_task(self._token_watcher.run(), name="tokens"))
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
 
-    async def _refresh_tokens(self) -> None:
-        try:
-            if await self.tokens.refresh(self._client):
-                for connection in list(self.connections):
-                    identity = connection.identity
-                    if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
-                        connection.close(CLOSE_REVOKED, "credentials revoked or rotated")
-        except REDIS_DOWN as exc:
-            log.warning("cannot refresh device tokens: %s", exc)
-
-    async def _watch_tokens(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            await self._refresh_tokens()
+    def _close_revoked(self) -> None:
+        """Close the connections whose token the table no longer holds (4401)."""
+        for connection in list(self.connections):
+            identity = connection.identity
+            if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
+                connection.close(CLOSE_REVOKED, "credentials revoked or rotated")
 
     async def _housekeeping(self) -> None:
         """Close idle connections; forget rate limiters with nothing to remember."""

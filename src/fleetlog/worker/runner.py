@@ -41,7 +41,7 @@ from types import FrameType
 
 import orjson
 
-from fleetlog.config import Settings
+from fleetlog.config import Settings, mask_url
 from fleetlog.queue.connection import REDIS_DOWN, connect
 from fleetlog.queue.consumer import Consumer, ListConsumer, StreamConsumer
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
@@ -257,7 +257,7 @@ def run_worker(settings: Settings, redis_url: str) -> int:
         store = open_store(settings.store_url)
         files = FilesSink(settings.files) if settings.files is not None else None
         worker = Worker(settings, consumer, store, files, stopping)
-        log.info("worker draining %s into %s%s", settings.queue, settings.store_url,
+        log.info("worker draining %s into %s%s", settings.queue, mask_url(settings.store_url),
                  f" and {settings.files}" if files else "")
         try:
             return worker.run()

@@ -1,0 +1,133 @@
+"""Keeping a gateway's token table current: each change at once, a poll for missed ones.
+
+``fleetlog device add/rotate/revoke`` publish every change on
+``fleetlog:tokens:changed`` (see :mod:`fleetlog.credentials`).  The watcher
+subscribes *before* it loads the table, so no change falls between the two;
+it applies each change as it arrives and then confirms it on the change's
+list, which is what the command waits for.  Pub/sub delivers at most once, so
+the watcher also compares the version in Redis every half second and reloads
+the whole table when it moved without it (a message lost while the
+subscription was down).  All of it runs in one task, so a reload never races
+a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import redis.asyncio
+
+from fleetlog import keys
+from fleetlog.credentials import TokenChange, TokenTable
+from fleetlog.queue.connection import REDIS_DOWN
+
+__all__ = ["TokenWatcher"]
+
+log = logging.getLogger("fleetlog.gateway")
+
+#: A confirmation list outlives any command waiting on it.
+_ACK_TTL_MS: Final = 10_000
+
+
+class TokenWatcher:
+    """Applies published credential changes to ``table``; calls ``on_change`` after each."""
+
+    def __init__(self, client: redis.asyncio.Redis, table: TokenTable, *, node_id: str,
+                 on_change: Callable[[], None], poll_interval: float = 0.5) -> None:
+        self._client = client
+        self._table = table
+        self._node_id = node_id
+        self._on_change = on_change
+        self._poll_interval = poll_interval
+        self._pubsub: Any = None
+
+    async def start(self) -> None:
+        """Subscribe and load the table before the gateway accepts devices.
+
+        With Redis down the gateway still starts (refusing every token) and
+        :meth:`run` keeps trying.
+        """
+        try:
+            await self._connect()
+        except REDIS_DOWN as exc:
+            log.warning("cannot load device tokens yet: %s", exc)
+
+    async def run(self) -> None:
+        """Apply changes and poll until cancelled; then unsubscribe."""
+        delay = 0.1
+        next_poll = time.monotonic() + self._poll_interval
+        try:
+            while True:
+                try:
+                    if self._pubsub is None:
+                        await self._connect()
+                        delay = 0.1
+                    wait = max(0.0, next_poll - time.monotonic())
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=True,
+                                                             timeout=wait)
+                    if message is not None:
+                        await self._receive(message["data"])
+                    if time.monotonic() >= next_poll:
+                        next_poll = time.monotonic() + self._poll_interval
+                        if await self._table.refresh(self._client):
+                            self._on_change()
+                except REDIS_DOWN as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise asyncio.CancelledError from exc
+                    log.warning("cannot refresh device tokens: %s", exc)
+                    await self._disconnect()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                except Exception:
+                    # A bug must not leave the node on a stale table for good (a revoked
+                    # token still working): start over, with a full reload.
+                    log.exception("device tokens: unexpected error; reloading")
+                    await self._disconnect()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            await self._disconnect()
+
+    async def _connect(self) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.TOKENS_CHANGED)
+            await self._table.reload(self._client)
+        except BaseException:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
+        self._pubsub = pubsub
+        self._on_change()
+
+    async def stop(self) -> None:
+        """Unsubscribe; for a gateway that failed to start (:meth:`run` does it otherwise)."""
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await pubsub.aclose()
+
+    async def _receive(self, raw: bytes) -> None:
+        try:
+            change = TokenChange.decode(raw)
+        except ValueError:
+            log.warning("ignoring a malformed credential change: %r", raw[:200])
+            return
+        if self._table.apply(change):
+            if change.removed:
+                self._on_change()
+        else:  # a change was missed: the whole table, then
+            await self._table.reload(self._client)
+            self._on_change()
+        if self._table.version is not None and self._table.version >= change.version:
+            key = keys.token_change_acks(change.change_id)
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, self._node_id)
+                pipe.pexpire(key, _ACK_TTL_MS)
+                await pipe.execute()
