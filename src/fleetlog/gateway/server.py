@@ -135,9 +135,16 @@ class DeviceConnection(WSListener):
             return
         if msg_type not in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
             return  # PONG: picows' keepalive already noted it
+        if transport.is_close_frame_sent:
+            # Closing: nothing more is read.  picows sends 1009 on the header of a
+            # frame over max_frame_size but keeps parsing until it disconnects,
+            # and would hand us the whole oversized frame once it has arrived.
+            return
         self.last_activity = time.monotonic()
+        reserved = frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3
         try:
-            message = self._reassembler.feed(msg_type.value, frame.fin, frame.get_payload_as_bytes())
+            message = self._reassembler.feed(msg_type.value, frame.fin, frame.get_payload_as_bytes(),
+                                             reserved)
         except MessageError as exc:
             if exc.code == CloseCode.MESSAGE_TOO_BIG:
                 self.gateway.registry.count_refusal(self.device_id, ErrorCode.TOO_LARGE)
