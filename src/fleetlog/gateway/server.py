@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+import aiofastnet
 import orjson
 import uvloop
 from picows import (
@@ -38,8 +39,8 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
 
 from fleetlog import protocol
 from fleetlog.config import Settings
@@ -60,6 +61,9 @@ _RECEIVED: Final = protocol.server_text_frame(protocol.SERVER_RECEIVED)
 _RECEIVED_AND_STORED: Final = _RECEIVED + protocol.server_text_frame(protocol.LOG_UPLOAD_RESPONSE)
 #: Frames a device may have in flight before the gateway stops reading from it.
 _MAX_IN_FLIGHT: Final = 256
+
+#: Seconds a device has to answer our close frame before we hang up anyway.
+_CLOSE_TIMEOUT: Final = 2.0
 
 CLOSE_REVOKED: Final = 4401
 CLOSE_TAKEN_OVER: Final = 4409
@@ -86,6 +90,58 @@ class _Reply:
         self.wire = wire
 
 
+#: picows' limit on a request's line and headers (``WSProtocol._http_max_size``,
+#: fixed in its C code); past it picows drops the connection without a word.
+MAX_REQUEST_HEAD: Final = 16 * 1024
+_HEADERS_TOO_LARGE: Final = protocol.error_frame(
+    ErrorCode.TOO_LARGE, f"request line and headers over {MAX_REQUEST_HEAD} bytes")
+_431: Final = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE))
+
+
+class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
+    """picows' server protocol, answering ``431`` where picows would just hang up.
+
+    picows enforces :data:`MAX_REQUEST_HEAD` inside its compiled parser, which
+    offers no hook: it closes the socket and logs, so the client sees a reset.
+    This subclass sees every byte before picows does (``get_buffer`` /
+    ``buffer_updated`` are how the transport hands them over), keeps a copy
+    until the headers end, and when they reach the limit writes the 431 and
+    closes instead of passing the bytes on.  After the handshake it costs one
+    attribute test per read.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._head: bytearray | None = bytearray()  # None once the headers ended
+        self._view: memoryview | None = None
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        view: memoryview = super().get_buffer(size_hint)
+        if self._head is not None:
+            self._view = view
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        head = self._head
+        if head is not None:
+            assert self._view is not None
+            head += self._view[:nbytes]
+            self._view = None
+            end = head.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(head)) >= MAX_REQUEST_HEAD:
+                self._head = None
+                transport = self.transport.underlying_transport
+                transport.write(_431)
+                transport.close()
+                log.info("refused a request with headers over %d bytes (431)", MAX_REQUEST_HEAD)
+                return
+            if end >= 0:
+                self._head = None
+        super().buffer_updated(nbytes)
+
+
 class DeviceConnection(WSListener):
     """One device's WebSocket connection; see the module docstring."""
 
@@ -103,6 +159,7 @@ class DeviceConnection(WSListener):
         self._paused = False  # reading from the socket is paused
         self._write_blocked = False  # the device is not reading our replies
         self._peer: str | None = None
+        self._hang_up: asyncio.TimerHandle | None = None  # see close()
 
     # -- picows callbacks -------------------------------------------------------
 
@@ -118,6 +175,8 @@ class DeviceConnection(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gateway.release(self)
         self._transport = None
+        if self._hang_up is not None:
+            self._hang_up.cancel()
 
     def pause_writing(self) -> None:
         self._write_blocked = True
@@ -130,7 +189,8 @@ class DeviceConnection(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
         if msg_type == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            if not transport.is_close_frame_sent:  # else it answers ours
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
             return
         if msg_type not in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
@@ -304,10 +364,26 @@ class DeviceConnection(WSListener):
         return self._peer
 
     def close(self, code: int, reason: str) -> None:
+        """Send a close frame; hang up once the device answers it, or after :data:`_CLOSE_TIMEOUT`.
+
+        Hanging up at once would close the socket with the device's data
+        unread, and the kernel would answer with a reset, which can destroy the
+        close frame before the device reads it.  So reading goes on (every data
+        frame from now on is dropped) until the device's close frame arrives.
+        """
         transport = self._transport
-        if transport is not None and not transport.is_close_frame_sent:
-            transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int goes
-            transport.disconnect()
+        if transport is None or transport.is_close_frame_sent:
+            return
+        transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int goes
+        if self._paused:
+            self._paused = False
+            transport.underlying_transport.resume_reading()
+        self._hang_up = asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, self.disconnect)
+
+    def disconnect(self) -> None:
+        """Close the socket now (what :meth:`close` does once the device answered)."""
+        if self._transport is not None:
+            self._transport.disconnect()
 
 
 class Gateway:
@@ -445,26 +521,38 @@ class Gateway:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
         return context
 
+    def _protocol(self) -> _Protocol:
+        """One connection's protocol: what ``picows.ws_create_server`` builds, plus the 431."""
+        settings = self.settings
+        return _Protocol(
+            None, None, False,  # host and port, path: client side only; is_client_side
+            self._accept,
+            logging.getLogger("picows.server"),
+            True,  # disconnect_on_exception
+            settings.handshake_timeout,
+            True, settings.ping_interval, settings.ping_interval,  # auto ping: idle, reply timeouts
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,  # enable_auto_pong
+            settings.max_frame_bytes,
+            None,  # extra_headers: client side only
+            # Most connections sit idle between small frames; picows grows the
+            # buffer for big ones.  16 KiB per connection was most of its memory.
+            2048,
+        )
+
     async def _listen(self) -> asyncio.Server:
         settings = self.settings
-        server: asyncio.Server = await ws_create_server(
-            self._accept,
+        # picows' own transport layer, as ws_create_server uses it.
+        server: asyncio.Server = await aiofastnet.create_server(
+            asyncio.get_running_loop(),
+            self._protocol,
             settings.host,
             settings.ws_port,
             ssl=self._ssl_context(),
-            max_frame_size=settings.max_frame_bytes,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=settings.ping_interval,
-            auto_ping_reply_timeout=settings.ping_interval,
-            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            websocket_handshake_timeout=settings.handshake_timeout,
             reuse_address=True,
             # Thousands of devices reconnect at once after an outage: let the kernel
             # queue them instead of refusing (asyncio's default backlog is 100).
             backlog=4096,
-            # Most connections sit idle between small frames; picows grows the
-            # buffer for big ones.  16 KiB per connection was most of its memory.
-            read_buffer_init_size=2048,
         )
         return server
 
