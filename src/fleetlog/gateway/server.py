@@ -49,8 +49,8 @@ from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
 from fleetlog.gateway.limits import DeviceLimiter
 from fleetlog.gateway.messages import CloseCode, MessageError, Reassembler
-from fleetlog.gateway.registry import LinkRegistry
-from fleetlog.queue.connection import REDIS_DOWN, connect_async
+from fleetlog.gateway.registry import LinkRegistry, log_failure
+from fleetlog.queue.connection import connect_async
 from fleetlog.queue.producer import IngestResult, Producer
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
@@ -400,6 +400,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         client = connect_async(redis_url, timeout=settings.redis_timeout)
         self._client = client
         self.tokens = TokenTable()
@@ -442,15 +443,40 @@ class Gateway:
         return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
 
     def _health(self) -> Any:
-        """``GET /healthz``: 200 while Redis answers, 503 (with why) while it does not,
-        so a load balancer sends devices to a node that can ack them."""
-        error = self.producer.last_error or self.registry.last_error
+        """``GET /healthz``: 200 while Redis takes writes, 503 (with why) while it does not
+        or a background task died, so a load balancer sends devices to a node that can ack them."""
+        redis_error = self._redis_error()
+        task_error = self._dead_task()
+        error = redis_error or task_error
         body = orjson.dumps({"status": "degraded" if error else "ok", "node": self.settings.node_id,
-                             "connections": len(self.connections), "redis": error or "ok"})
+                             "connections": len(self.connections), "redis": redis_error or "ok",
+                             "tasks": task_error or "ok"})
         headers = {"Content-Type": "application/json"}
         response = (WSUpgradeResponse.create_error_response(503, body, extra_headers=headers)
                     if error else WSUpgradeResponse.create_ok_response(body, extra_headers=headers))
         return WSUpgradeResponseWithListener(response, None)
+
+    def _redis_error(self) -> str | None:
+        """Why Redis does not take writes, if it does not.
+
+        The heartbeat tries every third of its TTL; the producer's last failure
+        counts until a heartbeat succeeds after it (the producer only finds out
+        it can write again when a device sends).
+        """
+        registry, producer = self.registry, self.producer
+        if registry.last_error is not None:
+            return registry.last_error
+        if producer.last_error is not None and producer.failed_at > registry.beat_at:
+            return producer.last_error
+        return None
+
+    def _dead_task(self) -> str | None:
+        """The first long-lived task that ended, and how; each of them only ends at :meth:`stop`."""
+        for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
+            if task.done():
+                exc = None if task.cancelled() else task.exception()
+                return f"task {task.get_name()} stopped: {exc!r}"
+        return None
 
     def connect(self, connection: DeviceConnection) -> bool:
         """Register a new connection; ``False`` if its address has too many already.
@@ -575,9 +601,19 @@ class Gateway:
         self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping")]
         if settings.auth == "token":
             self._tasks.append(loop.create_task(self._watch_tokens(), name="tokens"))
+        for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
+            task.add_done_callback(self._task_ended)
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("background task %s stopped: %r; this node is unhealthy", task.get_name(), exc,
+                  exc_info=exc)
 
     async def _refresh_tokens(self) -> None:
         try:
@@ -586,8 +622,8 @@ class Gateway:
                     identity = connection.identity
                     if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
                         connection.close(CLOSE_REVOKED, "credentials revoked or rotated")
-        except REDIS_DOWN as exc:
-            log.warning("cannot refresh device tokens: %s", exc)
+        except Exception as exc:
+            log_failure("refreshing device tokens", exc)
 
     async def _watch_tokens(self) -> None:
         while True:
@@ -599,15 +635,19 @@ class Gateway:
         timeout = self.settings.idle_timeout
         while True:
             await asyncio.sleep(min(timeout / 4, 5.0))
-            now = time.monotonic()
-            deadline = now - timeout
-            for connection in [c for c in self.connections if c.last_activity < deadline]:
-                connection.close(CloseCode.NORMAL, "idle timeout")
-            for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
-                del self._limiters[device_id]
+            try:
+                now = time.monotonic()
+                deadline = now - timeout
+                for connection in [c for c in self.connections if c.last_activity < deadline]:
+                    connection.close(CloseCode.NORMAL, "idle timeout")
+                for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
+                    del self._limiters[device_id]
+            except Exception as exc:  # a bug: say so, and try again next round
+                log_failure("housekeeping", exc)
 
     async def stop(self) -> None:
         """Stop accepting, send the acks in flight, close devices with 1001, clean up."""
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         for task in self._tasks:

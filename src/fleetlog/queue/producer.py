@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,9 +107,16 @@ class Producer:
         self.calls = 0
         #: Why the last call failed to reach Redis (``None`` once one succeeds).
         self.last_error: str | None = None
+        #: When (``time.monotonic()``) a call last failed.
+        self.failed_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="producer")
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The flusher task, once started; done before :meth:`close` means it died."""
+        return [] if self._task is None else [self._task]
 
     def submit(
         self,
@@ -222,7 +230,13 @@ class Producer:
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
+        except Exception as exc:  # any other failure: still answer every submission
+            log.exception("queueing %d submissions failed", len(call))
+            self.last_error = f"queueing failed: {type(exc).__name__}: {exc}"
+            outcomes = [QueueUnavailable(self.last_error)] * len(call)
         finally:
+            if self.last_error is not None:
+                self.failed_at = time.monotonic()
             for submission in call:
                 left = self._busy[submission.device_id] - 1
                 if left:
