@@ -45,13 +45,13 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 from fleetlog import protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenTable
-from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull
+from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueClosed, QueueFull
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
 from fleetlog.gateway.limits import DeviceLimiter
 from fleetlog.gateway.messages import CloseCode, MessageError, Reassembler
 from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.queue.connection import connect_async
-from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.producer import Done, IngestResult, Producer
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -64,6 +64,8 @@ _MAX_IN_FLIGHT: Final = 256
 
 #: Seconds a device has to answer our close frame before we hang up anyway.
 _CLOSE_TIMEOUT: Final = 2.0
+#: Seconds, on top of the Redis timeout, that shutdown waits for the replies in flight.
+_DRAIN_TIMEOUT: Final = 5.0
 
 CLOSE_REVOKED: Final = 4401
 CLOSE_TAKEN_OVER: Final = 4409
@@ -157,6 +159,7 @@ class DeviceConnection(WSListener):
         self._delayed = False
         self._transport: WSTransport | None = None
         self._paused = False  # reading from the socket is paused
+        self._stopped = False  # reading paused for good: the gateway is shutting down
         self._write_blocked = False  # the device is not reading our replies
         self._peer: str | None = None
         self._hang_up: asyncio.TimerHandle | None = None  # see close()
@@ -255,7 +258,6 @@ class DeviceConnection(WSListener):
     def _queue(self, frame: protocol.LegacyFrame | protocol.LogBatch, device_id: str,
                records: list[bytes]) -> None:
         """Hand an admitted frame's records to the producer; its reply waits in order."""
-        gateway = self.gateway
         reply = _Reply()
         self._replies.append(reply)
         if len(self._replies) >= _MAX_IN_FLIGHT:
@@ -269,7 +271,7 @@ class DeviceConnection(WSListener):
                     reply.wire = _RECEIVED_AND_STORED
                 self._flush_replies()
 
-            gateway.producer.submit(device_id, records, done_legacy)
+            self._submit(done_legacy, device_id, records)
             return
 
         batch = frame
@@ -286,8 +288,15 @@ class DeviceConnection(WSListener):
                 ))
             self._flush_replies()
 
-        gateway.producer.submit(device_id, records, done_v2, seqs=batch.seqs,
-                                session=batch.session, frame_id=batch.id)
+        self._submit(done_v2, device_id, records, seqs=batch.seqs, session=batch.session,
+                     frame_id=batch.id)
+
+    def _submit(self, done: Done, device_id: str, records: list[bytes], **options: Any) -> None:
+        """Hand records to the producer; once it is closed (shutdown), answer ``unavailable`` now."""
+        try:
+            self.gateway.producer.submit(device_id, records, done, **options)
+        except QueueClosed as exc:
+            done(exc)
 
     def _device_for(self, claimed: str | None, frame_id: str | None, legacy: bool) -> str | None:
         """The device a frame is for, linking it on first sight; ``None`` if refused."""
@@ -352,10 +361,16 @@ class DeviceConnection(WSListener):
             self._paused = True
             self._transport.underlying_transport.pause_reading()
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the device (shutdown); the replies still go out."""
+        self._stopped = True
+        self._pause_reading()
+
     def _maybe_resume_reading(self) -> None:
         """Read again once nothing holds us: replies drained, no delay, device reading."""
         if (self._paused and self._transport is not None and not self._write_blocked
-                and not self._delayed and len(self._replies) < _MAX_IN_FLIGHT // 2):
+                and not self._delayed and not self._stopped
+                and len(self._replies) < _MAX_IN_FLIGHT // 2):
             self._paused = False
             self._transport.underlying_transport.resume_reading()
 
@@ -646,19 +661,37 @@ class Gateway:
                 log_failure("housekeeping", exc)
 
     async def stop(self) -> None:
-        """Stop accepting, send the acks in flight, close devices with 1001, clean up."""
+        """Shut down without leaving an acked record unstored or a read frame unanswered.
+
+        1. Stop accepting connections and stop reading from every device: no
+           new frame comes in from now on.
+        2. Drain the producer: every frame read so far gets its reply, an ack
+           once Redis has it or an error; a frame still waiting out a rate-limit
+           delay is answered ``unavailable`` (:class:`QueueClosed`).
+        3. Close every connection with 1001 and wait for them to go.
+        Each wait is bounded: a frame that got no reply when its connection
+        closed was not acked, and the device sends it again elsewhere.
+        """
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        for connection in list(self.connections):
+            connection.stop_reading()
         for task in self._tasks:
             task.cancel()
-        await self.producer.close()
+        try:
+            await asyncio.wait_for(self.producer.close(), _DRAIN_TIMEOUT + self.settings.redis_timeout)
+        except TimeoutError:
+            log.warning("records in flight not answered within the shutdown limit; "
+                        "their devices will send them again")
         for connection in list(self.connections):
             connection.close(CloseCode.GOING_AWAY, "gateway shutting down")
-        for _ in range(50):
+        for _ in range(int(_CLOSE_TIMEOUT / 0.02)):  # the devices answer our close frames
             if not self.connections:
                 break
             await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.disconnect()
         await self.registry.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
@@ -673,18 +706,34 @@ async def serve(settings: Settings, redis_url: str, stop: asyncio.Event) -> None
 
 
 def run_gateway(settings: Settings, redis_url: str) -> int:
-    """Entry point of ``fleetlog gateway``: serve until SIGINT/SIGTERM, return 0."""
+    """Entry point of ``fleetlog gateway``: serve until SIGINT/SIGTERM, return 0.
+
+    A second SIGINT/SIGTERM during the (bounded) shutdown forces the exit at
+    once, returning 1: the replies still in flight are not sent, so their
+    devices send those records again.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+
+        def on_signal() -> None:
+            if stop.is_set():
+                log.warning("second signal: exiting now, without waiting for the replies in flight")
+                main_task.cancel()
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await serve(settings, redis_url, stop)
 
     try:
         uvloop.run(main())
     except OSError as exc:  # the port is taken, the certificate unreadable ...
         log.error("gateway cannot start: %s", exc)
+        return 1
+    except asyncio.CancelledError:  # a second signal
         return 1
     return 0

@@ -31,7 +31,7 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog import keys
-from fleetlog.errors import FleetlogError, QueueFull, QueueUnavailable
+from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN
 
@@ -133,7 +133,13 @@ class Producer:
         With ``frame_id``, a second submission of the same id within the dedupe
         window queues nothing and reports ``duplicate_frame``.  With ``seqs``,
         records whose seq was already queued are skipped and reported.
+
+        Raises :class:`QueueClosed` (and never calls ``done``) once :meth:`close`
+        was called: nothing would send the records, so the caller must answer
+        for them itself.
         """
+        if self._closing:
+            raise QueueClosed("this gateway is shutting down")
         tracked = seqs is not None and any(seq is not None for seq in seqs)
         args: list[bytes | str | int] = [
             keys.frame_seen(device_id, frame_id) if frame_id is not None else "",
@@ -254,7 +260,10 @@ class Producer:
                 log.exception("producer callback failed")
 
     async def close(self) -> None:
-        """Flush what is pending (callbacks included), then stop the flusher."""
+        """Flush what is pending (callbacks included), then stop the flusher.
+
+        From the first call on, :meth:`submit` raises :class:`QueueClosed`.
+        """
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
