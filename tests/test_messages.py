@@ -108,3 +108,33 @@ def test_after_too_big_the_fragments_are_dropped() -> None:
     with pytest.raises(MessageError) as info:
         reassembler.feed(CONT, True, b"f")
     assert info.value.code == 1002
+
+
+@pytest.mark.parametrize("opcode", [TEXT, BINARY])
+def test_unfragmented_message_over_the_limit(opcode: Opcode) -> None:
+    """One frame is one message: the limit holds for it as for fragments."""
+    reassembler = Reassembler(max_size=10)
+    with pytest.raises(MessageError) as info:
+        reassembler.feed(opcode, True, b"x" * 11)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+    assert reassembler.feed(TEXT, True, b"x" * 10) == Message(False, b"x" * 10)
+
+
+@pytest.mark.parametrize("reserved", [0b100, 0b010, 0b001])
+@pytest.mark.parametrize(("opcode", "fin"), [(TEXT, True), (TEXT, False), (BINARY, True)])
+def test_reserved_bits_are_a_protocol_error(opcode: Opcode, fin: bool, reserved: int) -> None:
+    """No extension is negotiated, so a compressed (RSV1) frame is refused, not decoded or stored."""
+    reassembler = Reassembler(max_size=100)
+    with pytest.raises(MessageError) as info:
+        reassembler.feed(opcode, fin, b"x", reserved)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_reserved_bits_on_a_continuation_drop_the_message() -> None:
+    reassembler = Reassembler(max_size=100)
+    reassembler.feed(TEXT, False, b"abc")
+    with pytest.raises(MessageError):
+        reassembler.feed(CONT, True, b"def", 0b100)
+    with pytest.raises(MessageError) as info:
+        reassembler.feed(CONT, True, b"f")
+    assert info.value.code == CloseCode.PROTOCOL_ERROR

@@ -5,6 +5,7 @@
     FleetlogError
      ├── FrameError          a device sent a frame fleetlog cannot accept
      ├── QueueUnavailable    Redis could not be reached or did not answer
+     │    └── QueueClosed    the producer is shutting down: it takes nothing more
      ├── QueueFull           the backlog is over its limit
      └── ConfigError         settings that cannot work together
 """
@@ -46,6 +47,10 @@ class FrameError(FleetlogError):
 
 class QueueUnavailable(FleetlogError):
     """Raised when Redis could not be reached, or failed, while queueing."""
+
+
+class QueueClosed(QueueUnavailable):
+    """Raised when records are submitted to a producer that is closing or closed."""
 
 
 class QueueFull(FleetlogError):

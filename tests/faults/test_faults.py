@@ -10,6 +10,7 @@ import resource
 import signal
 import sqlite3
 import time
+import urllib.error
 import urllib.request
 
 import redis
@@ -22,6 +23,14 @@ def _healthz(fleet: Fleet) -> dict[str, int]:
     with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port}/healthz", timeout=5) as response:
         health: dict[str, int] = json.loads(response.read())
         return health
+
+
+def _healthz_status(fleet: Fleet) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port}/healthz", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def _assert_clean(outcome: object) -> None:
@@ -59,6 +68,43 @@ def test_redis_killed_and_restarted(fleet: Fleet) -> None:
     assert summary["acked"] == 20_000
     _assert_clean(fleet.verify("Redis SIGKILL + restart (appendfsync always)", recovery,
                                f"{summary['errors'].get('unavailable', 0)} unavailable replies"))
+
+
+OOM_SECONDS = 4
+
+
+def test_redis_out_of_memory(fleet: Fleet) -> None:
+    """Redis answers every write with an OOM error for a while (not a lost connection)."""
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=20, messages=500, rate=2000)
+    time.sleep(1.5)
+    client = redis.Redis.from_url(fleet.redis.url)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+        time.sleep(OOM_SECONDS)  # twice the heartbeat TTL: the node's key expires meanwhile
+        during = _healthz_status(fleet)
+        heartbeat_gone = not client.keys("fleetlog:node:*")
+        client.config_set("maxmemory", "0")
+        recovery = fleet.until_flowing()
+        summary = fleet.wait_simulation()
+        assert during == 503
+        assert heartbeat_gone
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+                client.keys("fleetlog:node:*") and _healthz_status(fleet) == 200):
+            time.sleep(0.1)
+        assert client.keys("fleetlog:node:*"), "the heartbeat is back"
+        assert _healthz_status(fleet) == 200
+        assert client.hlen("device:links") == 0, "the simulator's 20 devices disconnected: unlinked"
+    finally:
+        client.close()
+    unavailable = summary["errors"].get("unavailable", 0)
+    assert unavailable > 0, "devices were told, not left in silence"
+    assert summary["acked"] == 10_000
+    _assert_clean(fleet.verify(f"Redis OOM (noeviction) {OOM_SECONDS} s", recovery,
+                               f"{unavailable} unavailable replies; heartbeat, links, /healthz back"))
 
 
 def test_gateway_sigkilled_devices_reconnect(fleet: Fleet) -> None:

@@ -11,7 +11,7 @@ import redis
 
 from fleetlog import keys
 from fleetlog.embedded import RedisServer, free_port
-from fleetlog.errors import FleetlogError, QueueFull, QueueUnavailable
+from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue.connection import connect_async
 from fleetlog.queue.producer import IngestResult, Producer
 
@@ -193,6 +193,28 @@ async def test_close_flushes_what_is_pending(redis_url: str, sync_client: redis.
     await asyncio.wait_for(producer.close(), 10)
     assert all(future.done() and future.result() == QUEUED for future in outcomes.futures)
     assert sync_client.xlen(STREAM) == 10
+
+
+async def test_submit_after_close_raises_and_queues_nothing(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    """Once closing, the producer refuses loudly: a callback nobody would call is a frame
+    nobody would answer."""
+    producer = await make_producer(redis_url)
+    outcomes = Outcomes()
+    producer.submit("D", [b"before"], outcomes.callback())
+    closing = asyncio.ensure_future(producer.close())
+    await asyncio.sleep(0)  # close() has started; the pending submission is still in flight
+    refused = Outcomes()
+    with pytest.raises(QueueClosed):
+        producer.submit("D", [b"while closing"], refused.callback())
+    await asyncio.wait_for(closing, 10)
+    with pytest.raises(QueueClosed) as info:
+        producer.submit("D", [b"after"], refused.callback())
+    assert isinstance(info.value, QueueUnavailable), "answered as unavailable: send it again later"
+    assert await outcomes.results() == [QUEUED], "what came before close() is flushed and answered"
+    assert not refused.futures[0].done() and not refused.futures[1].done()
+    assert stream_entries(sync_client) == [(b"D", b"before")]
 
 
 async def test_any_database_in_the_url(redis_url: str) -> None:

@@ -14,7 +14,9 @@ heartbeat key is gone: readers report them offline (:func:`is_online`).
 
 Link changes and refusal counts are queued and written by one task, in order,
 so a quick connect/disconnect can never be applied backwards; while Redis is
-down they wait, and are written once it is back.
+down, or refuses writes (out of memory, read-only), they wait, and are written
+once it takes them again.  Every task here outlives any error: it logs it,
+backs off and carries on (:func:`log_failure`).
 """
 
 from __future__ import annotations
@@ -28,15 +30,36 @@ from typing import Any
 
 import orjson
 import redis.asyncio
+import redis.exceptions
 
 from fleetlog import keys
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.records import iso_ms
 
-__all__ = ["LinkRegistry", "is_online", "parse_link"]
+__all__ = ["LinkRegistry", "is_online", "log_failure", "parse_link"]
 
 log = logging.getLogger("fleetlog.gateway")
+
+#: Longest pause between two attempts of a task that keeps failing.
+_MAX_BACKOFF = 2.0
+
+
+def log_failure(what: str, exc: Exception) -> str:
+    """Log why ``what`` failed and return the reason, for ``/healthz``.
+
+    A Redis error (down, out of memory, read-only ...) is an operating
+    condition: one line.  Anything else is a bug: the traceback.
+    """
+    if isinstance(exc, REDIS_DOWN):
+        reason = f"Redis unavailable: {exc}"
+    elif isinstance(exc, redis.exceptions.RedisError):
+        reason = f"Redis refused: {exc}"
+    else:
+        log.exception("%s failed", what)
+        return f"{what} failed: {type(exc).__name__}: {exc}"
+    log.warning("%s failed: %s", what, reason)
+    return reason
 
 #: Called with each message a node receives on its control channel.
 ControlHandler = Callable[[dict[str, Any]], None]
@@ -88,6 +111,13 @@ class LinkRegistry:
         self._closing = False
         #: Why the last heartbeat failed (``None`` once one succeeds).
         self.last_error: str | None = None
+        #: When (``time.monotonic()``) the last heartbeat was written.
+        self.beat_at = 0.0
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The registry's background tasks; one that is done before :meth:`close` died."""
+        return self._tasks
 
     def start(self, on_control: ControlHandler) -> None:
         loop = asyncio.get_running_loop()
@@ -122,28 +152,47 @@ class LinkRegistry:
             ops = self._ops[:]
             refusals = self._refusals.copy()
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for action, device_id, conn_id in ops:
-                        if action == "link":
-                            value = orjson.dumps({"node": self.node_id, "conn": conn_id,
-                                                  "since": iso_ms(int(time.time() * 1000))})
-                            pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value,
-                                      self.node_id, conn_id, keys.node_control(""), self._take_over)
-                        else:
-                            pipe.eval(scripts.UNLINK, 1, keys.DEVICE_LINKS, device_id, conn_id)
-                    for (device_id, reason), count in refusals.items():
-                        pipe.hincrby(keys.refusals(device_id), reason, count)
-                    await pipe.execute()
-                del self._ops[: len(ops)]
-                self._refusals.subtract(refusals)
-                self._refusals = +self._refusals
+                await self._write_batch(ops, refusals)
                 delay = 0.1
-            except REDIS_DOWN as exc:
+            except Exception as exc:
+                _unless_cancelled()
+                log_failure("writing link updates", exc)
                 if self._closing:
-                    log.warning("dropping %d link updates at shutdown: %s", len(ops), exc)
+                    log.warning("dropping %d link updates at shutdown", len(self._ops))
                     return
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _write_batch(self, ops: list[tuple[str, str, str]],
+                           refusals: Counter[tuple[str, str]]) -> None:
+        """Write ``ops`` and ``refusals``; forget what was written, raise if anything was not.
+
+        A pipeline runs every command even when one fails (out of memory, say),
+        so the refusal counts that were added are forgotten one by one.  Link
+        changes are forgotten only all together: replaying a link or an unlink
+        is harmless, and replaying all of them keeps their order.
+        """
+        async with self._client.pipeline(transaction=False) as pipe:
+            for action, device_id, conn_id in ops:
+                if action == "link":
+                    value = orjson.dumps({"node": self.node_id, "conn": conn_id,
+                                          "since": iso_ms(int(time.time() * 1000))})
+                    pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value,
+                              self.node_id, conn_id, keys.node_control(""), self._take_over)
+                else:
+                    pipe.eval(scripts.UNLINK, 1, keys.DEVICE_LINKS, device_id, conn_id)
+            for (device_id, reason), count in refusals.items():
+                pipe.hincrby(keys.refusals(device_id), reason, count)
+            results = await pipe.execute(raise_on_error=False)
+        errors = [result for result in results if isinstance(result, Exception)]
+        if not any(isinstance(result, Exception) for result in results[: len(ops)]):
+            del self._ops[: len(ops)]
+        for key, result in zip(refusals, results[len(ops):], strict=True):
+            if not isinstance(result, Exception):
+                self._refusals[key] -= refusals[key]
+        self._refusals = +self._refusals
+        if errors:
+            raise errors[0]
 
     async def _heartbeat(self) -> None:
         key = keys.node_heartbeat(self.node_id)
@@ -151,10 +200,10 @@ class LinkRegistry:
             try:
                 await self._client.set(key, self._info, px=self._ttl_ms)
                 self.last_error = None
-            except REDIS_DOWN as exc:
+                self.beat_at = time.monotonic()
+            except Exception as exc:
                 _unless_cancelled()
-                self.last_error = f"Redis unavailable: {exc}"
-                log.warning("heartbeat failed: %s", exc)
+                self.last_error = log_failure("heartbeat", exc)
             await asyncio.sleep(self._ttl_ms / 3000)
 
     async def _listen(self, on_control: ControlHandler) -> None:
@@ -169,12 +218,18 @@ class LinkRegistry:
                         on_control(orjson.loads(message["data"]))
                     except Exception:
                         log.exception("bad control message %r", message.get("data"))
-            except REDIS_DOWN:
+            except Exception as exc:
                 _unless_cancelled()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log_failure("listening for control messages", exc)
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except Exception as exc:
+                    _unless_cancelled()
+                    log_failure("closing the control subscription", exc)
+            # Also when the subscription simply ended: never a tight loop.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF)
 
     async def close(self) -> None:
         """Write the pending link changes, then drop the heartbeat."""
@@ -190,5 +245,5 @@ class LinkRegistry:
             task.cancel()
         try:
             await asyncio.wait_for(self._client.delete(keys.node_heartbeat(self.node_id)), 2)
-        except REDIS_DOWN:
-            pass  # the key expires by itself
+        except Exception as exc:  # the key expires by itself
+            log_failure("removing the heartbeat", exc)

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+import aiofastnet
 import orjson
 import uvloop
 from picows import (
@@ -39,20 +40,20 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
 
 from fleetlog import protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenTable
-from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull
+from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueClosed, QueueFull
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
 from fleetlog.gateway.limits import DeviceLimiter
 from fleetlog.gateway.messages import CloseCode, MessageError, Reassembler
-from fleetlog.gateway.registry import LinkRegistry
+from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.queue.connection import connect_async
-from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.producer import Done, IngestResult, Producer
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -62,6 +63,11 @@ _RECEIVED: Final = protocol.server_text_frame(protocol.SERVER_RECEIVED)
 _RECEIVED_AND_STORED: Final = _RECEIVED + protocol.server_text_frame(protocol.LOG_UPLOAD_RESPONSE)
 #: Frames a device may have in flight before the gateway stops reading from it.
 _MAX_IN_FLIGHT: Final = 256
+
+#: Seconds a device has to answer our close frame before we hang up anyway.
+_CLOSE_TIMEOUT: Final = 2.0
+#: Seconds, on top of the Redis timeout, that shutdown waits for the replies in flight.
+_DRAIN_TIMEOUT: Final = 5.0
 
 CLOSE_REVOKED: Final = 4401
 CLOSE_TAKEN_OVER: Final = 4409
@@ -88,6 +94,58 @@ class _Reply:
         self.wire = wire
 
 
+#: picows' limit on a request's line and headers (``WSProtocol._http_max_size``,
+#: fixed in its C code); past it picows drops the connection without a word.
+MAX_REQUEST_HEAD: Final = 16 * 1024
+_HEADERS_TOO_LARGE: Final = protocol.error_frame(
+    ErrorCode.TOO_LARGE, f"request line and headers over {MAX_REQUEST_HEAD} bytes")
+_431: Final = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE))
+
+
+class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
+    """picows' server protocol, answering ``431`` where picows would just hang up.
+
+    picows enforces :data:`MAX_REQUEST_HEAD` inside its compiled parser, which
+    offers no hook: it closes the socket and logs, so the client sees a reset.
+    This subclass sees every byte before picows does (``get_buffer`` /
+    ``buffer_updated`` are how the transport hands them over), keeps a copy
+    until the headers end, and when they reach the limit writes the 431 and
+    closes instead of passing the bytes on.  After the handshake it costs one
+    attribute test per read.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._head: bytearray | None = bytearray()  # None once the headers ended
+        self._view: memoryview | None = None
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        view: memoryview = super().get_buffer(size_hint)
+        if self._head is not None:
+            self._view = view
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        head = self._head
+        if head is not None:
+            assert self._view is not None
+            head += self._view[:nbytes]
+            self._view = None
+            end = head.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(head)) >= MAX_REQUEST_HEAD:
+                self._head = None
+                transport = self.transport.underlying_transport
+                transport.write(_431)
+                transport.close()
+                log.info("refused a request with headers over %d bytes (431)", MAX_REQUEST_HEAD)
+                return
+            if end >= 0:
+                self._head = None
+        super().buffer_updated(nbytes)
+
+
 class DeviceConnection(WSListener):
     """One device's WebSocket connection; see the module docstring."""
 
@@ -103,8 +161,10 @@ class DeviceConnection(WSListener):
         self._delayed = False
         self._transport: WSTransport | None = None
         self._paused = False  # reading from the socket is paused
+        self._stopped = False  # reading paused for good: the gateway is shutting down
         self._write_blocked = False  # the device is not reading our replies
         self._peer: str | None = None
+        self._hang_up: asyncio.TimerHandle | None = None  # see close()
 
     # -- picows callbacks -------------------------------------------------------
 
@@ -120,6 +180,8 @@ class DeviceConnection(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gateway.release(self)
         self._transport = None
+        if self._hang_up is not None:
+            self._hang_up.cancel()
 
     def pause_writing(self) -> None:
         self._write_blocked = True
@@ -132,14 +194,22 @@ class DeviceConnection(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
         if msg_type == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            if not transport.is_close_frame_sent:  # else it answers ours
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
             return
         if msg_type not in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
             return  # PONG: picows' keepalive already noted it
+        if transport.is_close_frame_sent:
+            # Closing: nothing more is read.  picows sends 1009 on the header of a
+            # frame over max_frame_size but keeps parsing until it disconnects,
+            # and would hand us the whole oversized frame once it has arrived.
+            return
         self.last_activity = time.monotonic()
+        reserved = frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3
         try:
-            message = self._reassembler.feed(msg_type.value, frame.fin, frame.get_payload_as_bytes())
+            message = self._reassembler.feed(msg_type.value, frame.fin, frame.get_payload_as_bytes(),
+                                             reserved)
         except MessageError as exc:
             if exc.code == CloseCode.MESSAGE_TOO_BIG:
                 self.gateway.registry.count_refusal(self.device_id, ErrorCode.TOO_LARGE)
@@ -190,7 +260,6 @@ class DeviceConnection(WSListener):
     def _queue(self, frame: protocol.LegacyFrame | protocol.LogBatch, device_id: str,
                records: list[bytes]) -> None:
         """Hand an admitted frame's records to the producer; its reply waits in order."""
-        gateway = self.gateway
         reply = _Reply()
         self._replies.append(reply)
         if len(self._replies) >= _MAX_IN_FLIGHT:
@@ -204,7 +273,7 @@ class DeviceConnection(WSListener):
                     reply.wire = _RECEIVED_AND_STORED
                 self._flush_replies()
 
-            gateway.producer.submit(device_id, records, done_legacy)
+            self._submit(done_legacy, device_id, records)
             return
 
         batch = frame
@@ -221,8 +290,15 @@ class DeviceConnection(WSListener):
                 ))
             self._flush_replies()
 
-        gateway.producer.submit(device_id, records, done_v2, seqs=batch.seqs,
-                                session=batch.session, frame_id=batch.id)
+        self._submit(done_v2, device_id, records, seqs=batch.seqs, session=batch.session,
+                     frame_id=batch.id)
+
+    def _submit(self, done: Done, device_id: str, records: list[bytes], **options: Any) -> None:
+        """Hand records to the producer; once it is closed (shutdown), answer ``unavailable`` now."""
+        try:
+            self.gateway.producer.submit(device_id, records, done, **options)
+        except QueueClosed as exc:
+            done(exc)
 
     def _device_for(self, claimed: str | None, frame_id: str | None, legacy: bool) -> str | None:
         """The device a frame is for, linking it on first sight; ``None`` if refused."""
@@ -287,10 +363,16 @@ class DeviceConnection(WSListener):
             self._paused = True
             self._transport.underlying_transport.pause_reading()
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the device (shutdown); the replies still go out."""
+        self._stopped = True
+        self._pause_reading()
+
     def _maybe_resume_reading(self) -> None:
         """Read again once nothing holds us: replies drained, no delay, device reading."""
         if (self._paused and self._transport is not None and not self._write_blocked
-                and not self._delayed and len(self._replies) < _MAX_IN_FLIGHT // 2):
+                and not self._delayed and not self._stopped
+                and len(self._replies) < _MAX_IN_FLIGHT // 2):
             self._paused = False
             self._transport.underlying_transport.resume_reading()
 
@@ -299,10 +381,26 @@ class DeviceConnection(WSListener):
         return self._peer
 
     def close(self, code: int, reason: str) -> None:
+        """Send a close frame; hang up once the device answers it, or after :data:`_CLOSE_TIMEOUT`.
+
+        Hanging up at once would close the socket with the device's data
+        unread, and the kernel would answer with a reset, which can destroy the
+        close frame before the device reads it.  So reading goes on (every data
+        frame from now on is dropped) until the device's close frame arrives.
+        """
         transport = self._transport
-        if transport is not None and not transport.is_close_frame_sent:
-            transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int goes
-            transport.disconnect()
+        if transport is None or transport.is_close_frame_sent:
+            return
+        transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int goes
+        if self._paused:
+            self._paused = False
+            transport.underlying_transport.resume_reading()
+        self._hang_up = asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, self.disconnect)
+
+    def disconnect(self) -> None:
+        """Close the socket now (what :meth:`close` does once the device answered)."""
+        if self._transport is not None:
+            self._transport.disconnect()
 
 
 class Gateway:
@@ -319,6 +417,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         client = connect_async(redis_url, timeout=settings.redis_timeout)
         self._client = client
         self.tokens = TokenTable()
@@ -363,15 +462,40 @@ class Gateway:
         return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
 
     def _health(self) -> Any:
-        """``GET /healthz``: 200 while Redis answers, 503 (with why) while it does not,
-        so a load balancer sends devices to a node that can ack them."""
-        error = self.producer.last_error or self.registry.last_error
+        """``GET /healthz``: 200 while Redis takes writes, 503 (with why) while it does not
+        or a background task died, so a load balancer sends devices to a node that can ack them."""
+        redis_error = self._redis_error()
+        task_error = self._dead_task()
+        error = redis_error or task_error
         body = orjson.dumps({"status": "degraded" if error else "ok", "node": self.settings.node_id,
-                             "connections": len(self.connections), "redis": error or "ok"})
+                             "connections": len(self.connections), "redis": redis_error or "ok",
+                             "tasks": task_error or "ok"})
         headers = {"Content-Type": "application/json"}
         response = (WSUpgradeResponse.create_error_response(503, body, extra_headers=headers)
                     if error else WSUpgradeResponse.create_ok_response(body, extra_headers=headers))
         return WSUpgradeResponseWithListener(response, None)
+
+    def _redis_error(self) -> str | None:
+        """Why Redis does not take writes, if it does not.
+
+        The heartbeat tries every third of its TTL; the producer's last failure
+        counts until a heartbeat succeeds after it (the producer only finds out
+        it can write again when a device sends).
+        """
+        registry, producer = self.registry, self.producer
+        if registry.last_error is not None:
+            return registry.last_error
+        if producer.last_error is not None and producer.failed_at > registry.beat_at:
+            return producer.last_error
+        return None
+
+    def _dead_task(self) -> str | None:
+        """The first long-lived task that ended, and how; each of them only ends at :meth:`stop`."""
+        for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
+            if task.done():
+                exc = None if task.cancelled() else task.exception()
+                return f"task {task.get_name()} stopped: {exc!r}"
+        return None
 
     def connect(self, connection: DeviceConnection) -> bool:
         """Register a new connection; ``False`` if its address has too many already.
@@ -442,26 +566,38 @@ class Gateway:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
         return context
 
+    def _protocol(self) -> _Protocol:
+        """One connection's protocol: what ``picows.ws_create_server`` builds, plus the 431."""
+        settings = self.settings
+        return _Protocol(
+            None, None, False,  # host and port, path: client side only; is_client_side
+            self._accept,
+            logging.getLogger("picows.server"),
+            True,  # disconnect_on_exception
+            settings.handshake_timeout,
+            True, settings.ping_interval, settings.ping_interval,  # auto ping: idle, reply timeouts
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,  # enable_auto_pong
+            settings.max_frame_bytes,
+            None,  # extra_headers: client side only
+            # Most connections sit idle between small frames; picows grows the
+            # buffer for big ones.  16 KiB per connection was most of its memory.
+            2048,
+        )
+
     async def _listen(self) -> asyncio.Server:
         settings = self.settings
-        server: asyncio.Server = await ws_create_server(
-            self._accept,
+        # picows' own transport layer, as ws_create_server uses it.
+        server: asyncio.Server = await aiofastnet.create_server(
+            asyncio.get_running_loop(),
+            self._protocol,
             settings.host,
             settings.ws_port,
             ssl=self._ssl_context(),
-            max_frame_size=settings.max_frame_bytes,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=settings.ping_interval,
-            auto_ping_reply_timeout=settings.ping_interval,
-            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            websocket_handshake_timeout=settings.handshake_timeout,
             reuse_address=True,
             # Thousands of devices reconnect at once after an outage: let the kernel
             # queue them instead of refusing (asyncio's default backlog is 100).
             backlog=4096,
-            # Most connections sit idle between small frames; picows grows the
-            # buffer for big ones.  16 KiB per connection was most of its memory.
-            read_buffer_init_size=2048,
         )
         return server
 
@@ -485,6 +621,8 @@ class Gateway:
         self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping")]
         if settings.auth == "token":
             self._tasks.append(loop.create_task(self._token_watcher.run(), name="tokens"))
+        for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
+            task.add_done_callback(self._task_ended)
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
@@ -496,31 +634,61 @@ class Gateway:
             if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
                 connection.close(CLOSE_REVOKED, "credentials revoked or rotated")
 
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("background task %s stopped: %r; this node is unhealthy", task.get_name(), exc,
+                  exc_info=exc)
+
     async def _housekeeping(self) -> None:
         """Close idle connections; forget rate limiters with nothing to remember."""
         timeout = self.settings.idle_timeout
         while True:
             await asyncio.sleep(min(timeout / 4, 5.0))
-            now = time.monotonic()
-            deadline = now - timeout
-            for connection in [c for c in self.connections if c.last_activity < deadline]:
-                connection.close(CloseCode.NORMAL, "idle timeout")
-            for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
-                del self._limiters[device_id]
+            try:
+                now = time.monotonic()
+                deadline = now - timeout
+                for connection in [c for c in self.connections if c.last_activity < deadline]:
+                    connection.close(CloseCode.NORMAL, "idle timeout")
+                for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
+                    del self._limiters[device_id]
+            except Exception as exc:  # a bug: say so, and try again next round
+                log_failure("housekeeping", exc)
 
     async def stop(self) -> None:
-        """Stop accepting, send the acks in flight, close devices with 1001, clean up."""
+        """Shut down without leaving an acked record unstored or a read frame unanswered.
+
+        1. Stop accepting connections and stop reading from every device: no
+           new frame comes in from now on.
+        2. Drain the producer: every frame read so far gets its reply, an ack
+           once Redis has it or an error; a frame still waiting out a rate-limit
+           delay is answered ``unavailable`` (:class:`QueueClosed`).
+        3. Close every connection with 1001 and wait for them to go.
+        Each wait is bounded: a frame that got no reply when its connection
+        closed was not acked, and the device sends it again elsewhere.
+        """
+        self._stopping = True
         if self._server is not None:
             self._server.close()
+        for connection in list(self.connections):
+            connection.stop_reading()
         for task in self._tasks:
             task.cancel()
-        await self.producer.close()
+        try:
+            await asyncio.wait_for(self.producer.close(), _DRAIN_TIMEOUT + self.settings.redis_timeout)
+        except TimeoutError:
+            log.warning("records in flight not answered within the shutdown limit; "
+                        "their devices will send them again")
         for connection in list(self.connections):
             connection.close(CloseCode.GOING_AWAY, "gateway shutting down")
-        for _ in range(50):
+        for _ in range(int(_CLOSE_TIMEOUT / 0.02)):  # the devices answer our close frames
             if not self.connections:
                 break
             await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.disconnect()
         await self.registry.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
@@ -535,18 +703,34 @@ async def serve(settings: Settings, redis_url: str, stop: asyncio.Event) -> None
 
 
 def run_gateway(settings: Settings, redis_url: str) -> int:
-    """Entry point of ``fleetlog gateway``: serve until SIGINT/SIGTERM, return 0."""
+    """Entry point of ``fleetlog gateway``: serve until SIGINT/SIGTERM, return 0.
+
+    A second SIGINT/SIGTERM during the (bounded) shutdown forces the exit at
+    once, returning 1: the replies still in flight are not sent, so their
+    devices send those records again.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+
+        def on_signal() -> None:
+            if stop.is_set():
+                log.warning("second signal: exiting now, without waiting for the replies in flight")
+                main_task.cancel()
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await serve(settings, redis_url, stop)
 
     try:
         uvloop.run(main())
     except OSError as exc:  # the port is taken, the certificate unreadable ...
         log.error("gateway cannot start: %s", exc)
+        return 1
+    except asyncio.CancelledError:  # a second signal
         return 1
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog import keys
-from fleetlog.errors import FleetlogError, QueueFull, QueueUnavailable
+from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN
 
@@ -107,9 +108,16 @@ class Producer:
         self.calls = 0
         #: Why the last call failed to reach Redis (``None`` once one succeeds).
         self.last_error: str | None = None
+        #: When (``time.monotonic()``) a call last failed.
+        self.failed_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="producer")
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The flusher task, once started; done before :meth:`close` means it died."""
+        return [] if self._task is None else [self._task]
 
     def submit(
         self,
@@ -126,7 +134,13 @@ class Producer:
         With ``frame_id``, a second submission of the same id within the dedupe
         window queues nothing and reports ``duplicate_frame``.  With ``seqs``,
         records whose seq this session already stored are skipped and reported.
+
+        Raises :class:`QueueClosed` (and never calls ``done``) once :meth:`close`
+        was called: nothing would send the records, so the caller must answer
+        for them itself.
         """
+        if self._closing:
+            raise QueueClosed("this gateway is shutting down")
         tracked = seqs is not None and any(seq is not None for seq in seqs)
         args: list[bytes | str | int] = [
             keys.recent_frames(device_id) if frame_id is not None else "",
@@ -224,7 +238,13 @@ class Producer:
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
+        except Exception as exc:  # any other failure: still answer every submission
+            log.exception("queueing %d submissions failed", len(call))
+            self.last_error = f"queueing failed: {type(exc).__name__}: {exc}"
+            outcomes = [QueueUnavailable(self.last_error)] * len(call)
         finally:
+            if self.last_error is not None:
+                self.failed_at = time.monotonic()
             for submission in call:
                 left = self._busy[submission.device_id] - 1
                 if left:
@@ -242,7 +262,10 @@ class Producer:
                 log.exception("producer callback failed")
 
     async def close(self) -> None:
-        """Flush what is pending (callbacks included), then stop the flusher."""
+        """Flush what is pending (callbacks included), then stop the flusher.
+
+        From the first call on, :meth:`submit` raises :class:`QueueClosed`.
+        """
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
