@@ -66,7 +66,12 @@ ControlHandler = Callable[[dict[str, Any]], None]
 
 
 def _unless_cancelled() -> None:
-    """Re-raise cancellation that a client library turned into a connection error."""
+    """Re-raise cancellation that a client library turned into an error, or swallowed.
+
+    redis-py can absorb a ``CancelledError`` that lands inside a command (its
+    timeout and reconnect handling) and return normally; the task is then
+    still ``cancelling()`` but would never stop, so every loop checks here too.
+    """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
@@ -143,6 +148,7 @@ class LinkRegistry:
     async def _write(self) -> None:
         delay = 0.1
         while True:
+            _unless_cancelled()
             if not self._ops and not self._refusals:
                 if self._closing:
                     return
@@ -204,6 +210,7 @@ class LinkRegistry:
             except Exception as exc:
                 _unless_cancelled()
                 self.last_error = log_failure("heartbeat", exc)
+            _unless_cancelled()
             await asyncio.sleep(self._ttl_ms / 3000)
 
     async def _listen(self, on_control: ControlHandler) -> None:
@@ -228,6 +235,7 @@ class LinkRegistry:
                     _unless_cancelled()
                     log_failure("closing the control subscription", exc)
             # Also when the subscription simply ended: never a tight loop.
+            _unless_cancelled()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_BACKOFF)
 
