@@ -154,8 +154,9 @@ def _side_info(side: Side, env: dict[str, str], cwd: Path) -> dict[str, Any]:
     found = imported_from(env, cwd)
     if found != side.src / "fleetlog":
         raise RevisionError(f"{side.name} children import fleetlog from {found}, not {side.src}")
-    return {"spec": side.spec, "commit": side.commit, "short": side.short, "dirty": side.dirty,
-            "tree": str(side.tree), "fleetlog_imported_from": str(found)}
+    return {"spec": side.spec, "commit": side.commit, "short": side.short,
+            "uncommitted_changes_in_src": list(side.changes), "tree": str(side.tree),
+            "fleetlog_imported_from": str(found)}
 
 
 def compare(before: str, after: str, quick: bool, repeats: int, only: list[str],

@@ -3,13 +3,16 @@
 A revision (``main~3``, a sha) is checked out with ``git worktree add
 --detach`` into a temporary directory; :meth:`Checkouts.close` removes every
 worktree it added, so call it in a ``finally``.  A directory (a worktree, the
-current working tree) is used as it is, uncommitted changes included.  Either
-way a side's processes run its code by having ``<tree>/src`` first on
-``PYTHONPATH`` (see :func:`bench.runner.child_env`).
+current working tree) is taken as it is, uncommitted changes included, but its
+``src`` is copied at the start: a tree others work in may change during the
+run, and the workers of the drain start long after the gateways.  Either way a
+side's processes run its code by having that ``src`` first on ``PYTHONPATH``
+(see :func:`bench.runner.child_env`).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,17 +31,18 @@ class Side:
 
     name: str  # "before" or "after"
     spec: str  # as given on the command line
-    tree: Path
+    tree: Path  # the worktree or directory
+    src: Path  # what runs: the worktree's src, or the copy of the directory's
     commit: str  # full sha of the revision, or of the directory's HEAD ("" if not a git tree)
-    dirty: bool  # a directory with uncommitted changes
+    changes: tuple[str, ...] = ()  # a directory's uncommitted changes in src (git status lines)
 
     @property
-    def src(self) -> Path:
-        return self.tree / "src"
+    def dirty(self) -> bool:
+        return bool(self.changes)
 
     @property
     def short(self) -> str:
-        """Short sha, ``+dirty`` when the tree differs from it."""
+        """Short sha, ``+dirty`` when the code that runs differs from it."""
         return (self.commit[:7] or self.tree.name) + ("+dirty" if self.dirty else "")
 
 
@@ -47,7 +51,7 @@ def _git(repo: Path, *args: str) -> str:
                           timeout=120, check=False)
     if done.returncode != 0:
         raise RevisionError(f"git {' '.join(args)}: {done.stderr.strip() or done.returncode}")
-    return done.stdout.strip()
+    return done.stdout.rstrip("\n")  # a status line may start with a space
 
 
 def _is_fleetlog_tree(path: Path) -> bool:
@@ -77,10 +81,12 @@ class Checkouts:
             tree = path.resolve()
             try:
                 commit = _git(tree, "rev-parse", "HEAD")
-                dirty = bool(_git(tree, "status", "--porcelain"))
+                changes = tuple(_git(tree, "status", "--porcelain", "--", "src").splitlines())
             except RevisionError:  # not a git tree: still measurable
-                commit, dirty = "", False
-            return Side(name, spec, tree, commit, dirty)
+                commit, changes = "", ()
+            src = self.root / name / "src"
+            shutil.copytree(tree / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+            return Side(name, spec, tree, src, commit, changes)
         try:
             commit = _git(self.repo, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
         except RevisionError:
@@ -91,7 +97,7 @@ class Checkouts:
         self._added.append(tree)
         if not _is_fleetlog_tree(tree):
             raise RevisionError(f"{spec} ({commit[:7]}) has no src/fleetlog")
-        return Side(name, spec, tree, commit, dirty=False)
+        return Side(name, spec, tree, tree / "src", commit)
 
     def close(self) -> list[str]:
         """Remove every worktree added; return what could not be removed."""
