@@ -1,7 +1,9 @@
 """What every measurement shares, and how servers are started.
 
 A :class:`Bench` holds the profile, the :class:`~bench.procs.Children` that
-owns every process, and the one private Redis.  A :class:`Server` is anything
+owns every process, and the one private Redis.  Load clients are started by
+``loadgen`` when one is given (a before/after comparison drives both
+revisions with the same simulator), else by ``children``.  A :class:`Server` is anything
 the load clients can connect to: either system's gateway or a bare echo server.
 """
 
@@ -35,6 +37,12 @@ class Bench:
     redis_server: RedisServer
     client: redis.Redis
     scratch: Path
+    loadgen: Children | None = None
+
+    @property
+    def clients(self) -> Children:
+        """Who starts load clients (their environment decides which simulator runs)."""
+        return self.loadgen or self.children
 
     def fresh_dir(self, name: str) -> Path:
         path = self.scratch / name

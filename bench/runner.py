@@ -35,13 +35,14 @@ from bench.sweep import sweep
 from bench.systems import SYSTEMS
 from fleetlog.embedded import RedisServer
 
-__all__ = ["run"]
+__all__ = ["child_env", "machine_info", "open_redis", "raise_fd_limit", "run", "say",
+           "shut_down"]
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
 
-def _say(started: float, message: str) -> None:
+def say(started: float, message: str) -> None:
     print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
@@ -54,10 +55,15 @@ def raise_fd_limit(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _child_env() -> dict[str, str]:
-    """The caller's environment minus ``FLEETLOG_*`` (so no stray setting skews a run)."""
+def child_env(fleetlog_src: Path | None = None) -> dict[str, str]:
+    """The caller's environment minus ``FLEETLOG_*`` (so no stray setting skews a run).
+
+    ``fleetlog_src`` (a revision's ``src``) goes first on ``PYTHONPATH``, ahead of the
+    installed fleetlog, so that ``python -m fleetlog`` runs that revision.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("FLEETLOG_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    paths = [str(fleetlog_src) if fleetlog_src else "", str(REPO), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     return env
 
 
@@ -86,7 +92,7 @@ def machine_info(client: redis.Redis) -> dict[str, Any]:
 
 def _sweep_into(results: dict[str, Any], bench: Bench) -> list[str]:
     """Run the load sweep; file gateways under ``ingest``, echo servers under ``echo``."""
-    errors = []
+    errors: list[str] = []
     for name, result in sweep(bench).items():
         if name in ECHO_SERVERS:
             results.setdefault("echo", {})[ECHO_SERVERS[name]] = result
@@ -94,6 +100,31 @@ def _sweep_into(results: dict[str, Any], bench: Bench) -> list[str]:
             results.setdefault("ingest", {})[name] = result
         if "error" in result:
             errors.append(f"load/{name}: {result['error']}")
+    return errors
+
+
+def open_redis(redis_server: RedisServer) -> redis.Redis:
+    """Start the private Redis and return a client to it."""
+    redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    # An AOF rewrite (a fork) in the middle of one system's run would be noise.
+    client.config_set("auto-aof-rewrite-percentage", 0)
+    return client
+
+
+def shut_down(redis_server: RedisServer, *groups: Children) -> list[str]:
+    """Stop every child and Redis; return the errors to report if any outlived the run."""
+    leftovers = [name for children in groups for name in children.close()]
+    redis_server.stop()
+    if redis_server.process is not None and redis_server.process.poll() is None:
+        leftovers.append("redis-server")
+        redis_server.kill()
+    errors: list[str] = []
+    if leftovers:
+        errors.append(f"processes still running at the end (killed): {', '.join(leftovers)}")
+    still_alive = [child.name for children in groups for child in children.alive()]
+    if still_alive:
+        errors.append(f"processes that would not die: {', '.join(still_alive)}")
     return errors
 
 
@@ -126,7 +157,7 @@ def run(quick: bool, appendfsync: str, out_dir: Path) -> int:
     scratch = BENCH_DIR / ".scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    children = Children(scratch, _child_env())
+    children = Children(scratch, child_env())
     redis_server = RedisServer(scratch / "redis", appendfsync=appendfsync)
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
@@ -138,45 +169,33 @@ def run(quick: bool, appendfsync: str, out_dir: Path) -> int:
     }
     errors: list[str] = []
     try:
-        redis_server.start()
-        client = redis.Redis.from_url(redis_server.url)
-        # An AOF rewrite (a fork) in the middle of one system's run would be noise.
-        client.config_set("auto-aof-rewrite-percentage", 0)
+        client = open_redis(redis_server)
         results["machine"] = machine_info(client)
         bench = Bench(profile, children, redis_server, client, scratch)
-        _say(started, "load sweep (ingest and bare echo, interleaved) ...")
+        say(started, "load sweep (ingest and bare echo, interleaved) ...")
         try:
             errors += _sweep_into(results, bench)
         except Exception as exc:
             errors.append(f"load sweep: {type(exc).__name__}: {exc}"[:1500])
-            _say(started, f"load sweep FAILED:\n{traceback.format_exc()}")
+            say(started, f"load sweep FAILED:\n{traceback.format_exc()}")
         for path, step in _steps(bench):
-            _say(started, f"{' '.join(path)} ...")
+            say(started, f"{' '.join(path)} ...")
             try:
                 results.setdefault(path[0], {})[path[1]] = step()
             except Exception as exc:
                 errors.append(f"{'/'.join(path)}: {type(exc).__name__}: {exc}"[:1500])
-                _say(started, f"{' '.join(path)} FAILED:\n{traceback.format_exc()}")
+                say(started, f"{' '.join(path)} FAILED:\n{traceback.format_exc()}")
         client.close()
     except Exception as exc:  # Redis would not start, or the machine info failed
         errors.append(f"setup: {type(exc).__name__}: {exc}"[:1500])
-        _say(started, f"setup FAILED:\n{traceback.format_exc()}")
+        say(started, f"setup FAILED:\n{traceback.format_exc()}")
     finally:
-        leftovers = children.close()
-        redis_server.stop()
+        errors += shut_down(redis_server, children)
     results["redis_log_warnings"] = _redis_warnings(scratch / "redis" / "server.log")
-    if redis_server.process is not None and redis_server.process.poll() is None:
-        leftovers.append("redis-server")
-        redis_server.kill()
-    if leftovers:
-        errors.append(f"processes still running at the end (killed): {', '.join(leftovers)}")
-    still_alive = [child.name for child in children.alive()]
-    if still_alive:
-        errors.append(f"processes that would not die: {', '.join(still_alive)}")
     shutil.rmtree(scratch, ignore_errors=True)
     results["errors"] = errors
     results["wall_s"] = round(time.perf_counter() - started, 1)
     json_path, md_path, png_path, table = report.write_all(results, out_dir)
-    _say(started, f"wrote {json_path}, {md_path}, {png_path}")
+    say(started, f"wrote {json_path}, {md_path}, {png_path}")
     print(table)
     return 1 if results["errors"] else 0

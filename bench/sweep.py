@@ -22,7 +22,7 @@ from bench.procs import ChildFailed
 from bench.systems import SYSTEMS
 from bench.usage import Usage
 
-__all__ = ["LOADS", "V2_BATCH", "run_load", "sweep"]
+__all__ = ["LOADS", "V2_BATCH", "half_load", "legacy_load", "probe", "run_load", "sweep", "v2_load"]
 
 #: Every server the sweep drives, in the order each repeat runs them.
 LOADS = ("baseline", "fleetlog", "echo-websockets", "echo-picows")
@@ -50,7 +50,7 @@ def run_load(bench: Bench, server: Server, devices: int, messages: int, *, rate:
     timeout = bench.profile.run_timeout
     bench.reset_redis()
     usage = Usage(bench, server.child)
-    client = bench.children.start(
+    client = bench.clients.start(
         f"load-{server.name}-{devices}",
         _client_argv(server, devices, messages, rate, batch, prefix, timeout),
         capture_stdout=True,
@@ -82,7 +82,19 @@ def v2_supported() -> bool:
     return b"--batch" in help_text
 
 
-def _half_load(bench: Bench, server: Server, max_rate: float) -> dict[str, Any]:
+def probe(bench: Bench, server: Server) -> dict[str, Any]:
+    """A short run (50 devices x 40 frames) whose rate sizes the real ones."""
+    return run_load(bench, server, 50, 40, prefix="probe-")
+
+
+def legacy_load(bench: Bench, server: Server, connections: int, probe_rate: float) -> dict[str, Any]:
+    """Closed-loop legacy ingest, sized from ``probe_rate`` to last ``run_seconds``."""
+    messages = bench.profile.messages_per_device(probe_rate, connections, bench.profile.run_seconds)
+    return run_load(bench, server, connections, messages, prefix=f"c{connections}-")
+
+
+def half_load(bench: Bench, server: Server, max_rate: float) -> dict[str, Any]:
+    """Ack latency with the offered rate fixed at half of ``max_rate``."""
     profile = bench.profile
     rate = max_rate / 2
     devices = profile.latency_connections
@@ -92,7 +104,8 @@ def _half_load(bench: Bench, server: Server, max_rate: float) -> dict[str, Any]:
     return result
 
 
-def _v2(bench: Bench, server: Server, legacy_rate: float) -> dict[str, Any]:
+def v2_load(bench: Bench, server: Server, legacy_rate: float) -> dict[str, Any]:
+    """Batched v2 ingest (``V2_BATCH`` records per frame), sized from a legacy rate."""
     profile = bench.profile
     devices = profile.latency_connections
     # Batches go several times faster than single frames: size the run for that.
@@ -124,17 +137,14 @@ def sweep(bench: Bench) -> dict[str, dict[str, Any]]:
             if server is not None:
                 servers[name] = server
         for name, server in servers.items():
-            results[name]["probe"] = attempt(
-                name, lambda server=server: run_load(bench, server, 50, 40, prefix="probe-"))
+            results[name]["probe"] = attempt(name, lambda server=server: probe(bench, server))
         for connections in profile.connections:
             repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
             for _ in range(profile.repeats):
                 for name, server in servers.items():
-                    probe = results[name].get("probe") or {}
-                    messages = profile.messages_per_device(
-                        float(probe.get("records_per_s", 0)), connections, profile.run_seconds)
-                    run = attempt(name, lambda s=server, m=messages, c=connections: run_load(
-                        bench, s, c, m, prefix=f"c{c}-"))
+                    rate = float((results[name].get("probe") or {}).get("records_per_s", 0))
+                    run = attempt(name, lambda s=server, c=connections, r=rate: legacy_load(
+                        bench, s, c, r))
                     if run is not None:
                         repeats[name].append(run)
             for name, runs in repeats.items():
@@ -149,9 +159,9 @@ def sweep(bench: Bench) -> dict[str, dict[str, Any]]:
                 continue
             max_rate = float(reference["records_per_s"])
             results[name]["half_load"] = attempt(
-                name, lambda s=servers[name], r=max_rate: _half_load(bench, s, r))
+                name, lambda s=servers[name], r=max_rate: half_load(bench, s, r))
             if name == "fleetlog" and v2_supported():
-                results[name]["v2"] = attempt(name, lambda s=servers[name], r=max_rate: _v2(bench, s, r))
+                results[name]["v2"] = attempt(name, lambda s=servers[name], r=max_rate: v2_load(bench, s, r))
     finally:
         for server in servers.values():
             server.stop()
