@@ -451,6 +451,6 @@ class Connection:
     def _maybe_resume_reading(self) -> None:
         """Read again once nothing holds us: replies drained, no delay, device reading."""
         if (self._paused and not self._write_blocked and not self._delayed and not self._stopped
-                and len(self._replies) < MAX_IN_FLIGHT // 2):
+                and len(self._replies) < MAX_IN_FLIGHT // 2 and self._state == _OPEN):
             self._paused = False
             self._actions.append(Reading.RESUME)
