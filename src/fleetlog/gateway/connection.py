@@ -15,19 +15,15 @@ the clock.  The picows glue in :mod:`.server` feeds it events
 and after each one **must** call :meth:`~Connection.actions_to_take` and
 perform what it returns, in order:
 
-==========================  ====================================================
-action                      what the caller does
-==========================  ====================================================
-``bytes``                   write them to the socket as they are (server frames)
-:class:`Submission`         ``Producer.submit`` its records; hand the outcome back
-                            with :meth:`~Connection.receive_outcome` (the
-                            submission is the token)
-:class:`Link`/:class:`Unlink`  tell the link registry
-:class:`Refusal`            count the refusal in the link registry
-:class:`SetTimer`           call :meth:`~Connection.delay_elapsed` in ``delay`` s
-``Reading.PAUSE``/``RESUME``  pause / resume reading from the socket
-:class:`Close`              send a close frame with that code and reason
-==========================  ====================================================
+* ``bytes``: write them to the socket as they are (ready-made server frames);
+* :class:`Submission`: ``Producer.submit`` its records, and hand the outcome
+  back with :meth:`~Connection.receive_outcome` (the submission is the token);
+* :class:`Link` / :class:`Unlink`: tell the link registry;
+* :class:`Refusal`: count the refusal in the link registry;
+* :class:`SetTimer`: call :meth:`~Connection.delay_elapsed` in ``delay`` seconds;
+* ``Reading.PAUSE`` / ``Reading.RESUME``: pause / resume reading from the socket;
+* :class:`Close`: send a close frame with that code and reason, and keep
+  reading until the device answers it.
 
 The rules it keeps (CONTRACT.md): replies leave in the order the frames came,
 whatever order Redis answers in, and each frame's replies in one write; the
@@ -40,8 +36,9 @@ inbox, in order, and reading pauses.  Reading also pauses while too many
 frames await Redis or the device does not read its replies, so one device
 cannot make the gateway hold unbounded replies for it.
 
-Everything per frame is allocated once (a :class:`Submission` doubles as the
-reply slot and the producer's token), and every class has ``__slots__``: the
+Per admitted frame it allocates one object of its own (a :class:`Submission`
+is at once the reply slot, the producer's arguments and the token its outcome
+comes back with), creates no closure, and every class has ``__slots__``: the
 gateway handles tens of thousands of frames a second on one core.
 """
 
