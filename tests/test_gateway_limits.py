@@ -129,3 +129,44 @@ def test_request_headers_over_the_limit_get_431(
     answer = _raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == "ok"
+
+
+async def test_replies_keep_frame_order_through_a_rate_limit_delay(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """A message read while an earlier frame waits out its rate-limit delay is answered after it.
+
+    The error for a binary message sent during the delay used to go out at
+    once, ahead of the delayed frame's ack.
+    """
+    _, port = processes.gateway(redis_url, tmp_path / "data", "--rate-records", "20",
+                                env={"FLEETLOG_RATE_BURST": "1", "FLEETLOG_RATE_MAX_DELAY": "5"})
+    device = "ordered-through-delay"
+
+    def log(frame_id: str, count: int) -> str:
+        return json.dumps({"type": "log", "id": frame_id, "deviceId": device,
+                           "records": [{"n": n} for n in range(count)]})
+
+    def _client_frame(first_byte: int, payload: bytes) -> bytes:
+        """A final masked client frame of up to 64 KiB (mask of zeros: the payload as is)."""
+        assert len(payload) < 1 << 16
+        length = (bytes([0x80 | len(payload)]) if len(payload) < 126
+                  else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big"))
+        return bytes([first_byte]) + length + b"\0\0\0\0" + payload
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        await ws.send(log("burst", 20))  # the whole burst: through at once
+        # In one write, so the gateway reads both before it pauses reading:
+        # 0.5 s of debt (slowed, not refused), then a binary message.
+        ws.transport.write(_client_frame(0x81, log("slowed", 10).encode())
+                           + _client_frame(0x82, b"\x00binary"))
+        replies = [await asyncio.wait_for(ws.recv(), 10) for _ in range(4)]
+    said = [reply if reply == RECEIVED else json.loads(reply).get("id") or json.loads(reply)["code"]
+            for reply in replies]
+    assert said == ["burst", "slowed", RECEIVED, "bad_frame"]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(STREAM)
+    finally:
+        client.close()
+    assert sum(1 for _, fields in entries if fields[b"d"] == device.encode()) == 30

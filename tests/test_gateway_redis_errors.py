@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 import websockets
 
@@ -80,7 +81,9 @@ async def test_background_tasks_survive_redis_out_of_memory(
                 assert replies[0] == RECEIVED and replies[1]["code"] == "unavailable"
                 assert await wait_for(lambda: healthz(port)[0] == 503, timeout=10)
                 status, body = healthz(port)
-                assert status == 503 and "maxmemory" in body["redis"], body
+                # A short generic reason: Redis' own error text is for the log only.
+                assert (status, body["redis"]) == (503, "redis refusing writes"), body
+                assert "maxmemory" not in json.dumps(body) and "OOM" not in json.dumps(body)
                 # Longer than the heartbeat's TTL: its key expires, the heartbeat keeps trying.
                 assert await wait_for(lambda: not client.exists(node_key), timeout=HEARTBEAT_TTL * 3)
                 await asyncio.sleep(1.0)
@@ -101,6 +104,7 @@ async def test_background_tasks_survive_redis_out_of_memory(
         client.close()
     log = gateway_log(tmp_path)
     assert "heartbeat failed: Redis refused" in log and "writing link updates failed" in log
+    assert "maxmemory" in log, "the detail /healthz leaves out is in the log"
 
 
 async def test_a_background_task_that_ends_makes_healthz_503(redis_url: str) -> None:
@@ -114,7 +118,29 @@ async def test_a_background_task_that_ends_makes_healthz_503(redis_url: str) -> 
         heartbeat.cancel()
         await asyncio.wait([heartbeat], timeout=5)
         status, body = await asyncio.to_thread(healthz, gateway.port)
-        assert status == 503 and "heartbeat" in body["tasks"], body
+        assert (status, body["tasks"]) == (503, "background task stopped: heartbeat"), body
         assert body["redis"] == "ok"
+    finally:
+        await gateway.stop()
+
+
+async def test_healthz_gives_a_generic_reason_when_redis_is_unreachable(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can ask ``/healthz``: it says "redis unavailable", not where Redis is or why.
+
+    The connection error names Redis' host and port; that detail goes to the log.
+    """
+    settings = Settings(host="127.0.0.1", ws_port=0, auth="none", heartbeat_ttl=HEARTBEAT_TTL)
+    gateway = Gateway(settings, private_redis.url)
+    await gateway.start()
+    try:
+        private_redis.kill()
+        assert await wait_for(lambda: gateway.registry.last_error is not None, timeout=10)
+        status, body = await asyncio.to_thread(healthz, gateway.port)
+        assert (status, body["status"], body["redis"]) == (503, "degraded", "redis unavailable"), body
+        port = str(private_redis.port)
+        assert port not in json.dumps(body) and "Error" not in json.dumps(body), body
+        assert any(port in record.getMessage() for record in caplog.records), "detail in the log"
     finally:
         await gateway.stop()

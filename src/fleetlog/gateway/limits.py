@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Decision", "DeviceLimiter", "TokenBucket"]
+__all__ = ["Decision", "DeviceLimiter", "DeviceLimiters", "TokenBucket"]
 
 
 class TokenBucket:
@@ -81,3 +81,40 @@ class DeviceLimiter:
     def idle(self, now: float) -> bool:
         """True when both buckets are full: forgetting this limiter changes nothing."""
         return self.records.full(now) and self.bytes.full(now)
+
+
+class DeviceLimiters:
+    """Every device's :class:`DeviceLimiter`, shared by its connections on this node.
+
+    A device that reconnects keeps its debt: limits are per device, not per
+    connection.  :meth:`forget_idle` drops the limiters whose buckets are full
+    again, which changes nothing for their devices and bounds the table.
+    """
+
+    __slots__ = ("_burst", "_bytes_per_s", "_limiters", "_max_delay", "_records_per_s")
+
+    def __init__(self, *, records_per_s: float, bytes_per_s: float, burst: float,
+                 max_delay: float) -> None:
+        self._records_per_s = records_per_s
+        self._bytes_per_s = bytes_per_s
+        self._burst = burst
+        self._max_delay = max_delay
+        self._limiters: dict[str, DeviceLimiter] = {}
+
+    def __len__(self) -> int:
+        return len(self._limiters)
+
+    def get(self, device_id: str, now: float) -> DeviceLimiter:
+        """``device_id``'s limiter; a new one starts with full buckets at ``now``."""
+        limiter = self._limiters.get(device_id)
+        if limiter is None:
+            limiter = self._limiters[device_id] = DeviceLimiter(
+                records_per_s=self._records_per_s, bytes_per_s=self._bytes_per_s,
+                burst=self._burst, max_delay=self._max_delay, now=now,
+            )
+        return limiter
+
+    def forget_idle(self, now: float) -> None:
+        """Drop the limiters with nothing to remember (both buckets full)."""
+        for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
+            del self._limiters[device_id]

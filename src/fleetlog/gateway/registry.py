@@ -34,7 +34,7 @@ import redis.exceptions
 
 from fleetlog import keys
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.connection import REDIS_DOWN, public_reason
 from fleetlog.records import iso_ms
 
 __all__ = ["LinkRegistry", "is_online", "log_failure", "parse_link"]
@@ -116,6 +116,8 @@ class LinkRegistry:
         self._closing = False
         #: Why the last heartbeat failed (``None`` once one succeeds).
         self.last_error: str | None = None
+        #: The same, short and generic (:func:`~fleetlog.queue.connection.public_reason`).
+        self.last_problem: str | None = None
         #: When (``time.monotonic()``) the last heartbeat was written.
         self.beat_at = 0.0
 
@@ -205,11 +207,12 @@ class LinkRegistry:
         while True:
             try:
                 await self._client.set(key, self._info, px=self._ttl_ms)
-                self.last_error = None
+                self.last_error = self.last_problem = None
                 self.beat_at = time.monotonic()
             except Exception as exc:
                 _unless_cancelled()
                 self.last_error = log_failure("heartbeat", exc)
+                self.last_problem = public_reason(exc)
             _unless_cancelled()
             await asyncio.sleep(self._ttl_ms / 3000)
 

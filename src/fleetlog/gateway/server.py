@@ -1,15 +1,16 @@
-"""The device-facing WebSocket server: picows glue around the pure protocol.
+"""The device-facing WebSocket server: picows glue around the sans-I/O connection.
 
 A handshake is authenticated in :meth:`Gateway._accept` (no I/O: the token
 table is in memory, kept current by :mod:`.tokens`), so a bad credential gets
-HTTP 401 before the upgrade.
-Everything a connection does then happens in :class:`DeviceConnection`'s
-callbacks, synchronously: a frame is reassembled (:mod:`.messages`), rate
-limited (:mod:`.limits`), parsed (:mod:`fleetlog.protocol`), its records
-handed to the :class:`~fleetlog.queue.producer.Producer`, and its replies put
-in the connection's reply queue.  Replies leave in the order the frames came,
-each frame's replies in one write, and an ack only once Redis acknowledged
-the records.
+HTTP 401 before the upgrade; ``GET /healthz`` is answered there too
+(:mod:`.health`).  Each connection's rules (reply order, the legacy reply
+pair, identity, rate-limit delays, when to stop reading) live in
+:class:`~fleetlog.gateway.connection.Connection`, which does no I/O:
+:class:`DeviceConnection` feeds it picows' callbacks and performs the
+actions it returns (writes, producer submissions, timers, close).  The
+:class:`Gateway` holds what connections share: the per-address limit
+(:mod:`.addresses`), the per-device rate limiters (:mod:`.limits`), the
+producer, the link registry, the token table.
 
 The WebSocket library is picows (chosen by measurement, see ``bench/``); it
 is used only in this module, so it can be swapped.
@@ -22,14 +23,10 @@ import functools
 import itertools
 import logging
 import signal
-import ssl
 import time
-from collections import deque
-from collections.abc import Callable
 from typing import Any, Final
 
 import aiofastnet
-import orjson
 import uvloop
 from picows import (
     WSAutoPingStrategy,
@@ -46,23 +43,32 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 from fleetlog import protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenTable
-from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueClosed, QueueFull
+from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed
+from fleetlog.gateway import health
+from fleetlog.gateway.addresses import AddressLimit
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
-from fleetlog.gateway.limits import DeviceLimiter
-from fleetlog.gateway.messages import CloseCode, MessageError, Reassembler
+from fleetlog.gateway.connection import (
+    Action,
+    Close,
+    Connection,
+    Link,
+    Reading,
+    Refusal,
+    SetTimer,
+    Submission,
+    Unlink,
+)
+from fleetlog.gateway.limits import DeviceLimiters
+from fleetlog.gateway.messages import CloseCode
 from fleetlog.gateway.registry import LinkRegistry, log_failure
+from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.queue.connection import connect_async
-from fleetlog.queue.producer import Done, IngestResult, Producer
+from fleetlog.queue.producer import IngestResult, Producer
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
 log = logging.getLogger("fleetlog.gateway")
-
-_RECEIVED: Final = protocol.server_text_frame(protocol.SERVER_RECEIVED)
-_RECEIVED_AND_STORED: Final = _RECEIVED + protocol.server_text_frame(protocol.LOG_UPLOAD_RESPONSE)
-#: Frames a device may have in flight before the gateway stops reading from it.
-_MAX_IN_FLIGHT: Final = 256
 
 #: Seconds a device has to answer our close frame before we hang up anyway.
 _CLOSE_TIMEOUT: Final = 2.0
@@ -73,25 +79,8 @@ CLOSE_REVOKED: Final = 4401
 CLOSE_TAKEN_OVER: Final = 4409
 CLOSE_POLICY: Final = 1008
 
-
-def _error(code: ErrorCode, message: str, frame_id: str | None = None, **extra: Any) -> bytes:
-    if frame_id is not None:
-        extra["id"] = frame_id
-    return protocol.server_text_frame(protocol.error_frame(code, message, **extra))
-
-
-def _queue_error(exc: FleetlogError, frame_id: str | None = None) -> bytes:
-    code = ErrorCode.BUSY if isinstance(exc, QueueFull) else ErrorCode.UNAVAILABLE
-    return _error(code, f"{exc}; not stored, send it again later", frame_id)
-
-
-class _Reply:
-    """One frame's replies, filled in when they are known."""
-
-    __slots__ = ("wire",)
-
-    def __init__(self, wire: bytes | None = None) -> None:
-        self.wire = wire
+#: picows message types that carry data (a PONG is picows' keepalive's business).
+_DATA: Final = frozenset((WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION))
 
 
 #: picows' limit on a request's line and headers (``WSProtocol._http_max_size``,
@@ -147,24 +136,45 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untype
 
 
 class DeviceConnection(WSListener):
-    """One device's WebSocket connection; see the module docstring."""
+    """One device's WebSocket connection: picows callbacks fed to a :class:`Connection`.
+
+    Each callback feeds one event to the sans-I/O :class:`Connection` and then
+    performs the actions it returns (:meth:`_perform`): writes, submissions
+    to the producer, links, refusal counts, timers, reading paused or
+    resumed, close.  The rules themselves live in :mod:`.connection`.
+    """
+
+    __slots__ = ("_hang_up", "_peer", "_transport", "conn", "conn_id",
+                 "gateway", "on_outcome")
 
     def __init__(self, gateway: Gateway, conn_id: str, identity: Identity | None) -> None:
         self.gateway = gateway
         self.conn_id = conn_id
-        self.identity = identity
-        self.device_id: str | None = identity.device_id if identity else None
-        self.last_activity = time.monotonic()
-        self._reassembler = Reassembler(gateway.settings.max_frame_bytes)
-        self._replies: deque[_Reply] = deque()
-        self._inbox: deque[Callable[[], None]] = deque()  # work waiting out a rate-limit delay
-        self._delayed = False
+        settings = gateway.settings
+        self.conn = Connection(identity, max_message_bytes=settings.max_frame_bytes,
+                               max_records_per_frame=settings.max_records_per_frame,
+                               limiter_for=gateway.limiters.get, now=time.monotonic())
+        #: What the producer calls with a submission's outcome (bound once, not per frame).
+        self.on_outcome = self._on_outcome
         self._transport: WSTransport | None = None
-        self._paused = False  # reading from the socket is paused
-        self._stopped = False  # reading paused for good: the gateway is shutting down
-        self._write_blocked = False  # the device is not reading our replies
         self._peer: str | None = None
-        self._hang_up: asyncio.TimerHandle | None = None  # see close()
+        self._hang_up: asyncio.TimerHandle | None = None  # see _close()
+
+    @property
+    def identity(self) -> Identity | None:
+        return self.conn.identity
+
+    @property
+    def device_id(self) -> str | None:
+        return self.conn.device_id
+
+    @property
+    def last_activity(self) -> float:
+        return self.conn.last_activity
+
+    @property
+    def peer(self) -> str | None:
+        return self._peer
 
     # -- picows callbacks -------------------------------------------------------
 
@@ -179,17 +189,18 @@ class DeviceConnection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gateway.release(self)
+        self.conn.connection_lost()
         self._transport = None
         if self._hang_up is not None:
             self._hang_up.cancel()
 
     def pause_writing(self) -> None:
-        self._write_blocked = True
-        self._pause_reading()
+        self.conn.writing_blocked()
+        self._perform()
 
     def resume_writing(self) -> None:
-        self._write_blocked = False
-        self._maybe_resume_reading()
+        self.conn.writing_unblocked()
+        self._perform()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
@@ -198,209 +209,106 @@ class DeviceConnection(WSListener):
                 transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
             return
-        if msg_type not in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
+        if msg_type not in _DATA:
             return  # PONG: picows' keepalive already noted it
         if transport.is_close_frame_sent:
             # Closing: nothing more is read.  picows sends 1009 on the header of a
             # frame over max_frame_size but keeps parsing until it disconnects,
             # and would hand us the whole oversized frame once it has arrived.
             return
-        self.last_activity = time.monotonic()
-        reserved = frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3
-        try:
-            message = self._reassembler.feed(msg_type.value, frame.fin, frame.get_payload_as_bytes(),
-                                             reserved)
-        except MessageError as exc:
-            if exc.code == CloseCode.MESSAGE_TOO_BIG:
-                self.gateway.registry.count_refusal(self.device_id, ErrorCode.TOO_LARGE)
-                self._send(_error(ErrorCode.TOO_LARGE, exc.reason))
-            self.close(exc.code, exc.reason)
-            return
-        if message is None:
-            return
-        if message.binary:
-            self._refuse(ErrorCode.BAD_FRAME, "binary frames are not accepted", legacy=True)
-            return
-        if self._delayed:
-            self._inbox.append(functools.partial(self.receive, message.payload))
-        else:
-            self.receive(message.payload)
+        self.conn.receive_frame(msg_type.value, frame.fin, frame.get_payload_as_bytes(),
+                                frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3, time.monotonic())
+        self._perform()
 
-    # -- protocol ---------------------------------------------------------------
+    # -- the connection's events that are not picows' ------------------------------
 
-    def receive(self, payload: bytes) -> None:
-        """Handle one complete text message of either protocol."""
-        gateway = self.gateway
-        try:
-            frame = protocol.parse_frame(payload, gateway.settings.max_records_per_frame)
-        except FrameError as exc:
-            self._refuse(exc.code, exc.message, exc.frame_id, legacy=not exc.v2)
-            return
-        if isinstance(frame, protocol.LegacyFrame):
-            legacy, frame_id = True, None
-            records = [frame.record] if frame.record is not None else []
-        else:
-            legacy, frame_id, records = False, frame.id, frame.records
-        device_id = self._device_for(frame.device_id, frame_id, legacy)
-        if device_id is None:
-            return
-        if not records:
-            self._reply(_RECEIVED)
-            return
-        decision = gateway.limiter(device_id).admit(len(records), len(payload), time.monotonic())
-        if decision.refused:
-            self._refuse(ErrorCode.RATE_LIMITED, "over this device's rate limit", frame_id,
-                         legacy=legacy, retry_after_ms=int(decision.retry_after * 1000) + 1)
-            return
-        if decision.delay:
-            self._delay(decision.delay, functools.partial(self._queue, frame, device_id, records))
-        else:
-            self._queue(frame, device_id, records)
+    def _on_outcome(self, submission: Submission, outcome: IngestResult | FleetlogError) -> None:
+        self.conn.receive_outcome(submission, outcome)
+        self._perform()
 
-    def _queue(self, frame: protocol.LegacyFrame | protocol.LogBatch, device_id: str,
-               records: list[bytes]) -> None:
-        """Hand an admitted frame's records to the producer; its reply waits in order."""
-        reply = _Reply()
-        self._replies.append(reply)
-        if len(self._replies) >= _MAX_IN_FLIGHT:
-            self._pause_reading()
-
-        if isinstance(frame, protocol.LegacyFrame):
-            def done_legacy(outcome: IngestResult | FleetlogError) -> None:
-                if isinstance(outcome, FleetlogError):
-                    reply.wire = _RECEIVED + _queue_error(outcome)
-                else:
-                    reply.wire = _RECEIVED_AND_STORED
-                self._flush_replies()
-
-            self._submit(done_legacy, device_id, records)
-            return
-
-        batch = frame
-
-        def done_v2(outcome: IngestResult | FleetlogError) -> None:
-            if isinstance(outcome, FleetlogError):
-                reply.wire = _queue_error(outcome, batch.id)
-            else:
-                stored = 0 if outcome.duplicate_frame else len(records) - len(outcome.duplicates)
-                reply.wire = protocol.server_text_frame(protocol.ack_frame(
-                    batch.id, stored=stored, duplicates=outcome.duplicates,
-                    stored_through=outcome.stored_through, missing=outcome.missing,
-                    duplicate_frame=outcome.duplicate_frame,
-                ))
-            self._flush_replies()
-
-        self._submit(done_v2, device_id, records, seqs=batch.seqs, session=batch.session,
-                     frame_id=batch.id)
-
-    def _submit(self, done: Done, device_id: str, records: list[bytes], **options: Any) -> None:
-        """Hand records to the producer; once it is closed (shutdown), answer ``unavailable`` now."""
-        try:
-            self.gateway.producer.submit(device_id, records, done, **options)
-        except QueueClosed as exc:
-            done(exc)
-
-    def _device_for(self, claimed: str | None, frame_id: str | None, legacy: bool) -> str | None:
-        """The device a frame is for, linking it on first sight; ``None`` if refused."""
-        if self.identity is not None:
-            if claimed is not None and claimed != self.identity.device_id:
-                self._refuse(ErrorCode.FORBIDDEN, "this connection is authenticated as another device",
-                             frame_id, legacy=legacy)
-                return None
-            return self.identity.device_id
-        if claimed is not None and claimed != self.device_id:
-            if self.device_id is not None:
-                self.gateway.registry.unlink(self.device_id, self.conn_id)
-            self.device_id = claimed
-            self.gateway.registry.link(claimed, self.conn_id)
-        if self.device_id is None and not legacy:
-            self._refuse(ErrorCode.BAD_FRAME, "a log frame needs deviceId when auth is none", frame_id)
-            return None
-        return self.device_id if self.device_id is not None else "unknown"
-
-    def _refuse(self, code: ErrorCode, message: str, frame_id: str | None = None, *,
-                legacy: bool = False, **extra: Any) -> None:
-        self.gateway.registry.count_refusal(self.device_id, code)
-        wire = _error(code, message, frame_id, **extra)
-        self._reply(_RECEIVED + wire if legacy else wire)
-
-    def _delay(self, seconds: float, action: Callable[[], None]) -> None:
-        """Run ``action`` (and every message after it) in ``seconds``: slowed, not refused."""
-        self._delayed = True
-        self._inbox.appendleft(action)
-        self._pause_reading()
-        asyncio.get_running_loop().call_later(seconds, self._end_delay)
-
-    def _end_delay(self) -> None:
-        self._delayed = False
-        while self._inbox and not self._delayed:
-            self._inbox.popleft()()
-        self._maybe_resume_reading()
-
-    def _reply(self, wire: bytes) -> None:
-        if self._replies:
-            self._replies.append(_Reply(wire))
-        else:
-            self._send(wire)
-
-    def _flush_replies(self) -> None:
-        replies = self._replies
-        chunks = []
-        while replies and replies[0].wire is not None:
-            chunks.append(replies.popleft().wire)
-        if chunks:
-            self._send(b"".join(chunks))  # type: ignore[arg-type]
-        if self._paused:
-            self._maybe_resume_reading()
-
-    def _send(self, wire: bytes) -> None:
-        transport = self._transport
-        if transport is not None and not transport.is_close_frame_sent:
-            transport.underlying_transport.write(wire)
-
-    def _pause_reading(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.underlying_transport.pause_reading()
+    def _delay_elapsed(self) -> None:
+        self.conn.delay_elapsed(time.monotonic())
+        self._perform()
 
     def stop_reading(self) -> None:
         """Read nothing more from the device (shutdown); the replies still go out."""
-        self._stopped = True
-        self._pause_reading()
-
-    def _maybe_resume_reading(self) -> None:
-        """Read again once nothing holds us: replies drained, no delay, device reading."""
-        if (self._paused and self._transport is not None and not self._write_blocked
-                and not self._delayed and not self._stopped
-                and len(self._replies) < _MAX_IN_FLIGHT // 2):
-            self._paused = False
-            self._transport.underlying_transport.resume_reading()
-
-    @property
-    def peer(self) -> str | None:
-        return self._peer
+        self.conn.stop_reading()
+        self._perform()
 
     def close(self, code: int, reason: str) -> None:
+        """Close the connection with ``code`` (see :meth:`Connection.close`)."""
+        self.conn.close(code, reason)
+        self._perform()
+
+    def disconnect(self) -> None:
+        """Close the socket now (what a close does once the device answered)."""
+        if self._transport is not None:
+            self._transport.disconnect()
+
+    # -- actions ----------------------------------------------------------------
+
+    def _perform(self) -> None:
+        """Do what the connection asks, in order.
+
+        An event fed meanwhile (a write that fills the buffer calls
+        :meth:`pause_writing`, a closed producer answers at once) is performed
+        by its own callback: the connection hands each action out once.
+        """
+        for action in self.conn.actions_to_take():
+            if isinstance(action, bytes):
+                transport = self._transport
+                if transport is not None and not transport.is_close_frame_sent:
+                    transport.underlying_transport.write(action)
+            elif isinstance(action, Submission):
+                self._submit(action)
+            else:
+                self._act(action)
+
+    def _submit(self, submission: Submission) -> None:
+        """Hand records to the producer; once it is closed (shutdown), answer ``unavailable`` now."""
+        try:
+            self.gateway.producer.submit(
+                submission.device_id, submission.records, functools.partial(self.on_outcome, submission),
+                seqs=submission.seqs, session=submission.session, frame_id=submission.frame_id,
+            )
+        except QueueClosed as exc:
+            self._on_outcome(submission, exc)
+
+    def _act(self, action: Action) -> None:
+        """The actions that are not per frame."""
+        transport = self._transport
+        registry = self.gateway.registry
+        if isinstance(action, Reading):
+            if transport is not None:
+                if action is Reading.PAUSE:
+                    transport.underlying_transport.pause_reading()
+                else:
+                    transport.underlying_transport.resume_reading()
+        elif isinstance(action, Link):
+            registry.link(action.device_id, self.conn_id)
+        elif isinstance(action, Unlink):
+            registry.unlink(action.device_id, self.conn_id)
+        elif isinstance(action, Refusal):
+            registry.count_refusal(action.device_id, action.reason)
+        elif isinstance(action, SetTimer):
+            asyncio.get_running_loop().call_later(action.delay, self._delay_elapsed)
+        elif isinstance(action, Close):
+            self._close(action.code, action.reason)
+
+    def _close(self, code: int, reason: str) -> None:
         """Send a close frame; hang up once the device answers it, or after :data:`_CLOSE_TIMEOUT`.
 
         Hanging up at once would close the socket with the device's data
         unread, and the kernel would answer with a reset, which can destroy the
-        close frame before the device reads it.  So reading goes on (every data
-        frame from now on is dropped) until the device's close frame arrives.
+        close frame before the device reads it.  So reading goes on (the
+        connection resumes it, and drops every data frame from now on) until
+        the device's close frame arrives.
         """
         transport = self._transport
         if transport is None or transport.is_close_frame_sent:
             return
         transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int goes
-        if self._paused:
-            self._paused = False
-            transport.underlying_transport.resume_reading()
         self._hang_up = asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, self.disconnect)
-
-    def disconnect(self) -> None:
-        """Close the socket now (what :meth:`close` does once the device answered)."""
-        if self._transport is not None:
-            self._transport.disconnect()
 
 
 class Gateway:
@@ -412,8 +320,11 @@ class Gateway:
         self.connections: set[DeviceConnection] = set()
         self._by_device: dict[str, DeviceConnection] = {}
         self._by_conn: dict[str, DeviceConnection] = {}
-        self._per_peer: dict[str, int] = {}
-        self._limiters: dict[str, DeviceLimiter] = {}
+        self._addresses = AddressLimit(settings.max_connections_per_ip)
+        self.limiters = DeviceLimiters(
+            records_per_s=settings.rate_records, bytes_per_s=settings.rate_bytes,
+            burst=settings.rate_burst, max_delay=settings.rate_max_delay,
+        )
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -462,40 +373,18 @@ class Gateway:
         return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
 
     def _health(self) -> Any:
-        """``GET /healthz``: 200 while Redis takes writes, 503 (with why) while it does not
-        or a background task died, so a load balancer sends devices to a node that can ack them."""
-        redis_error = self._redis_error()
-        task_error = self._dead_task()
-        error = redis_error or task_error
-        body = orjson.dumps({"status": "degraded" if error else "ok", "node": self.settings.node_id,
-                             "connections": len(self.connections), "redis": redis_error or "ok",
-                             "tasks": task_error or "ok"})
+        """``GET /healthz`` (see :mod:`.health`)."""
+        answer = health.health(
+            node_id=self.settings.node_id, connections=len(self.connections),
+            redis=health.redis_problem(self.registry, self.producer),
+            tasks=health.dead_task([*self._tasks, *self.registry.tasks, *self.producer.tasks]),
+        )
         headers = {"Content-Type": "application/json"}
-        response = (WSUpgradeResponse.create_error_response(503, body, extra_headers=headers)
-                    if error else WSUpgradeResponse.create_ok_response(body, extra_headers=headers))
+        response = (WSUpgradeResponse.create_ok_response(answer.body, extra_headers=headers)
+                    if answer.status == 200 else
+                    WSUpgradeResponse.create_error_response(answer.status, answer.body,
+                                                            extra_headers=headers))
         return WSUpgradeResponseWithListener(response, None)
-
-    def _redis_error(self) -> str | None:
-        """Why Redis does not take writes, if it does not.
-
-        The heartbeat tries every third of its TTL; the producer's last failure
-        counts until a heartbeat succeeds after it (the producer only finds out
-        it can write again when a device sends).
-        """
-        registry, producer = self.registry, self.producer
-        if registry.last_error is not None:
-            return registry.last_error
-        if producer.last_error is not None and producer.failed_at > registry.beat_at:
-            return producer.last_error
-        return None
-
-    def _dead_task(self) -> str | None:
-        """The first long-lived task that ended, and how; each of them only ends at :meth:`stop`."""
-        for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
-            if task.done():
-                exc = None if task.cancelled() else task.exception()
-                return f"task {task.get_name()} stopped: {exc!r}"
-        return None
 
     def connect(self, connection: DeviceConnection) -> bool:
         """Register a new connection; ``False`` if its address has too many already.
@@ -503,12 +392,8 @@ class Gateway:
         An authenticated device is linked at once and takes over its older
         connection, on this node or (through the registry) on another.
         """
-        peer = connection.peer
-        if peer is not None:
-            count = self._per_peer.get(peer, 0)
-            if count >= self.settings.max_connections_per_ip:
-                return False
-            self._per_peer[peer] = count + 1
+        if not self._addresses.acquire(connection.peer):
+            return False
         self.connections.add(connection)
         self._by_conn[connection.conn_id] = connection
         device_id = connection.device_id
@@ -525,29 +410,12 @@ class Gateway:
             return
         self.connections.discard(connection)
         self._by_conn.pop(connection.conn_id, None)
-        peer = connection.peer
-        if peer is not None:
-            left = self._per_peer.get(peer, 1) - 1
-            if left:
-                self._per_peer[peer] = left
-            else:
-                self._per_peer.pop(peer, None)
+        self._addresses.release(connection.peer)
         device_id = connection.device_id
         if device_id is not None:
             if self._by_device.get(device_id) is connection:
                 del self._by_device[device_id]
             self.registry.unlink(device_id, connection.conn_id)
-
-    def limiter(self, device_id: str) -> DeviceLimiter:
-        limiter = self._limiters.get(device_id)
-        if limiter is None:
-            settings = self.settings
-            limiter = self._limiters[device_id] = DeviceLimiter(
-                records_per_s=settings.rate_records, bytes_per_s=settings.rate_bytes,
-                burst=settings.rate_burst, max_delay=settings.rate_max_delay,
-                now=time.monotonic(),
-            )
-        return limiter
 
     def on_control(self, message: dict[str, Any]) -> None:
         """A message on this node's control channel (another node's take-over)."""
@@ -557,14 +425,6 @@ class Gateway:
                 connection.close(CLOSE_TAKEN_OVER, "replaced by a newer connection of this device")
 
     # -- lifecycle ----------------------------------------------------------------------
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        settings = self.settings
-        if settings.tls_cert is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-        return context
 
     def _protocol(self) -> _Protocol:
         """One connection's protocol: what ``picows.ws_create_server`` builds, plus the 431."""
@@ -593,7 +453,7 @@ class Gateway:
             self._protocol,
             settings.host,
             settings.ws_port,
-            ssl=self._ssl_context(),
+            ssl=server_context(settings.tls_cert, settings.tls_key),
             reuse_address=True,
             # Thousands of devices reconnect at once after an outage: let the kernel
             # queue them instead of refusing (asyncio's default backlog is 100).
@@ -652,8 +512,7 @@ class Gateway:
                 deadline = now - timeout
                 for connection in [c for c in self.connections if c.last_activity < deadline]:
                     connection.close(CloseCode.NORMAL, "idle timeout")
-                for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
-                    del self._limiters[device_id]
+                self.limiters.forget_idle(now)
             except Exception as exc:  # a bug: say so, and try again next round
                 log_failure("housekeeping", exc)
 

@@ -25,6 +25,28 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: Short reasons for a failing Redis that anyone may read (``/healthz``); the
+#: detail (host, port, Redis' own message) goes to the log only.
+REDIS_UNAVAILABLE = "redis unavailable"
+REDIS_REFUSING_WRITES = "redis refusing writes"
+INTERNAL_ERROR = "internal error"
+
+
+def public_reason(exc: BaseException) -> str:
+    """The short, generic reason ``exc`` stands for, safe to show to anyone.
+
+    A read-only replica, out of memory, a failing disk (MISCONF) refuse
+    writes; a refused or timed-out connection or a Redis still loading is
+    unavailable; anything else is a bug of ours.
+    """
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return REDIS_REFUSING_WRITES
+    if isinstance(exc, REDIS_DOWN):
+        return REDIS_UNAVAILABLE
+    if isinstance(exc, redis.exceptions.RedisError):
+        return REDIS_REFUSING_WRITES
+    return INTERNAL_ERROR
+
 
 def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
     """A blocking client; ``timeout`` bounds every command except blocking reads."""

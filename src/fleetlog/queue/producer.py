@@ -33,7 +33,7 @@ import redis.exceptions
 from fleetlog import keys
 from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.connection import REDIS_DOWN, public_reason
 
 __all__ = ["Done", "IngestResult", "Producer"]
 
@@ -108,6 +108,8 @@ class Producer:
         self.calls = 0
         #: Why the last call failed to reach Redis (``None`` once one succeeds).
         self.last_error: str | None = None
+        #: The same, short and generic (:func:`~fleetlog.queue.connection.public_reason`).
+        self.last_problem: str | None = None
         #: When (``time.monotonic()``) a call last failed.
         self.failed_at = 0.0
 
@@ -221,12 +223,13 @@ class Producer:
         for submission in call:
             args += submission.args
         outcomes: list[IngestResult | FleetlogError]
+        previous = self.last_error
         try:
             self.calls += 1
             # hiredis packs the whole call in C, seven times faster than redis-py's
             # per-argument packer, which was a tenth of the gateway's time.
             reply = await self._evalsha(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
-            self.last_error = None
+            self.last_error = self.last_problem = None
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")
                 outcomes = [full] * len(call)
@@ -234,17 +237,22 @@ class Producer:
                 outcomes = [_result(raw) for raw in reply]
         except REDIS_DOWN as exc:
             self.last_error = f"Redis unavailable: {exc}"
+            self.last_problem = public_reason(exc)
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"
+            self.last_problem = public_reason(exc)
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
         except Exception as exc:  # any other failure: still answer every submission
             log.exception("queueing %d submissions failed", len(call))
             self.last_error = f"queueing failed: {type(exc).__name__}: {exc}"
+            self.last_problem = public_reason(exc)
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
         finally:
             if self.last_error is not None:
                 self.failed_at = time.monotonic()
+                if self.last_error != previous:  # the detail, once per change: not per call
+                    log.warning("queueing failed: %s", self.last_error)
             for submission in call:
                 left = self._busy[submission.device_id] - 1
                 if left:
