@@ -256,6 +256,8 @@ class SQLiteStore:
         return version
 
     def _migrate(self) -> None:
+        if self.schema_version == len(MIGRATIONS):
+            return  # up to date: no need for the write lock another writer may hold
         with self._transaction() as db:
             version = self.schema_version
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):

@@ -109,18 +109,19 @@ class Worker:
         self.stopping = stopping or threading.Event()
         self.stored = 0
         self.dead_lettered = 0
+        self._deadline = float("inf")
         try:
             self._index_lag = store.index_lag()
         except StoreUnavailable:
             self._index_lag = 1  # find out at the first upkeep
 
     def run(self) -> int:
-        started = time.monotonic()
+        runtime = self.settings.max_runtime
+        self._deadline = time.monotonic() + runtime if runtime is not None else float("inf")
         limit = self.settings.max_messages
         backoff = Backoff()
         while not self.stopping.is_set():
-            runtime = self.settings.max_runtime
-            if runtime is not None and time.monotonic() - started >= runtime:
+            if time.monotonic() >= self._deadline:
                 log.info("max runtime of %ss reached: planned exit", runtime)
                 break
             if limit is not None and self.stored + self.dead_lettered >= limit:
@@ -195,8 +196,10 @@ class Worker:
                 delay = backoff.next_delay()
                 log.error("store unavailable, not acknowledging %d records: %s; retrying in %.1fs",
                           len(records), exc, delay)
-                if self.stopping.wait(delay):
+                if self.stopping.wait(min(delay, max(0.0, self._deadline - time.monotonic()))):
                     return None
+                if time.monotonic() >= self._deadline:
+                    return None  # max runtime: a planned exit, the records stay pending
 
     def _store_once(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord]:
         """One attempt; written again into the file at the path if the store was replaced."""
@@ -313,7 +316,10 @@ def run_worker(settings: Settings, redis_url: str) -> int:
             if not _ensure_group(stream_consumer, stopping):
                 return EXIT_PLANNED
             consumer = stream_consumer
-        store = open_store(settings.store_url)
+        opened = _open_store(settings.store_url, stopping)
+        if opened is None:
+            return EXIT_PLANNED
+        store = opened
         files = FilesSink(settings.files) if settings.files is not None else None
         worker = Worker(settings, consumer, store, files, stopping)
         log.info("worker draining %s into %s%s", settings.queue, settings.store_url,
@@ -327,6 +333,19 @@ def run_worker(settings: Settings, redis_url: str) -> int:
         log.exception("fatal error")
         write_fatal_error(settings, exc)
         return EXIT_FATAL
+
+
+def _open_store(url: str, stopping: threading.Event) -> Store | None:
+    """Open the store, waiting while it is unavailable (locked); None if told to stop."""
+    backoff = Backoff(initial=0.2, cap=5.0)
+    while not stopping.is_set():
+        try:
+            return open_store(url)
+        except StoreUnavailable as exc:
+            delay = backoff.next_delay()
+            log.error("store unavailable at start (%s); retrying in %.1fs", exc, delay)
+            stopping.wait(delay)
+    return None
 
 
 def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
