@@ -66,6 +66,7 @@ log = logging.getLogger("fleetlog.worker")
 
 EXIT_PLANNED = 0
 EXIT_FATAL = 1
+EXIT_FORCED = 130  # 128 + SIGINT: a second interrupt
 
 #: How many times in a row one batch is written again because the store file was
 #: replaced under it, before that counts as the store being unavailable.
@@ -287,15 +288,41 @@ def write_fatal_error(settings: Settings, exc: BaseException) -> None:
 
 
 def run_worker(settings: Settings, redis_url: str) -> int:
-    """Entry point of ``fleetlog worker``: returns the process exit code."""
+    """Entry point of ``fleetlog worker``: returns the process exit code.
+
+    The worker runs in a thread of its own so that the main thread is always
+    free to take signals: the first SIGINT or SIGTERM finishes the batch in
+    hand, a second SIGINT exits at once even while the worker waits inside
+    SQLite or Redis.  Exiting then is safe: a record is acknowledged only
+    after it is stored, so whatever is in hand stays pending and comes back.
+    """
     stopping = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and stopping.is_set():
+            log.warning("second interrupt: exiting now; the batch in hand stays pending")
+            os._exit(EXIT_FORCED)
+        if not stopping.is_set():
+            log.info("stopping after this batch (interrupt again to exit at once)")
         stopping.set()
 
     # First thing: a SIGTERM during start-up is a planned stop too.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    exit_code = [EXIT_FATAL]
+
+    def work() -> None:
+        exit_code[0] = _drain(settings, redis_url, stopping)
+
+    thread = threading.Thread(target=work, name="fleetlog-worker")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a timed wait, so signal handlers run promptly
+    return exit_code[0]
+
+
+def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int:
+    """Connect, open the store, run the :class:`Worker`; the exit code."""
     try:
         client = connect(redis_url, timeout=max(settings.redis_timeout, settings.block_ms / 1000 + 2))
         consumer: Consumer
