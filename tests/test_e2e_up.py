@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,3 +138,96 @@ def test_logs_follow_grep_since_and_unicode(tmp_path: Path) -> None:
         follow.terminate()
         follow.wait(10)
         _stop(up)
+
+
+def _up(data_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port),
+         *extra], stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+
+
+def _ours(data_dir: Path) -> list[psutil.Process]:
+    """Every process started for ``data_dir`` (by its command line), zombies aside."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(data_dir) in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process)
+    return found
+
+
+def test_a_second_up_on_the_same_data_dir_exits_at_once_and_leaves_the_first_alone(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    first = _start_up(data_dir, port, tmp_path / "up.log")
+    try:
+        up_file = data_dir / "redis" / "fleetlog-up.json"
+        recorded = up_file.read_bytes()
+        running = {p.pid for p in _ours(data_dir)}
+
+        second_port = free_port()
+        second = _up(data_dir, second_port, tmp_path / "second.log")
+        try:
+            assert second.wait(20) == 1
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+        out = (tmp_path / "second.log").read_text()
+        assert f"already running on {data_dir} (pid {first.pid})" in out
+        assert "fleetlog is up." not in out
+        assert up_file.read_bytes() == recorded, "the first's Redis is still the one recorded"
+        assert {p.pid for p in _ours(data_dir)} == running, "no second Valkey, gateway or worker"
+
+        # The first keeps working, and CLI commands still find its Redis.
+        url = f"ws://127.0.0.1:{port}/?token={_token(data_dir, 'kiosk-2')}"
+        assert asyncio.run(legacy_device(url, "kiosk-2", 20)) == list(range(20))
+        assert wait_until(lambda: len(stored_rows(data_dir)) == 20, timeout=30)
+        devices = run_fleetlog("devices", "--json", "--data-dir", str(data_dir))
+        assert devices.returncode == 0, devices.stderr
+    finally:
+        _stop(first)
+
+
+def test_up_with_its_port_taken_says_so_and_exits_one(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        up = _up(data_dir, port, tmp_path / "up.log")
+        try:
+            assert up.wait(30) == 1
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    out = (tmp_path / "up.log").read_text()
+    assert f"port {port} on 127.0.0.1 is already in use" in out
+    assert "fleetlog is up." not in out
+    assert not _ours(data_dir), "nothing left running"
+
+
+def test_a_second_sigint_forces_up_to_exit(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    up = _start_up(data_dir, port, tmp_path / "up.log")
+    tree = psutil.Process(up.pid).children(recursive=True)
+    [worker] = [p for p in tree if "worker" in p.cmdline()]
+    worker.suspend()  # a child that does not stop when asked: the orderly stop would wait 20 s
+    try:
+        up.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert up.poll() is None, "the first SIGINT waits for the children"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(10) == 130
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    _gone, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    assert "second interrupt" in (tmp_path / "up.log").read_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,4 +129,37 @@ def test_dead_letter_commands(redis_url: str, tmp_path: Path) -> None:
     assert "purged 1" in run_fleetlog("dlq", "purge", "--all", *common).stdout
     assert client.xlen("fleetlog:dead") == 0
     assert run_fleetlog("dlq", "replay", *common).returncode == 2
+    client.close()
+
+
+def test_a_second_sigint_exits_at_once_acking_nothing_unstored(redis_url: str, tmp_path: Path) -> None:
+    """The first SIGINT would finish the batch, which waits on a locked store;
+    the second exits at once, even inside SQLite's wait, and the batch stays pending."""
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "fleetlog", "worker", "--redis-url", redis_url,
+                               "--data-dir", str(tmp_path)], stderr=log.open("wb"))
+    assert wait_until(lambda: "worker draining" in log.read_text(), 30)
+    blocker = sqlite3.connect(tmp_path / "fleetlog.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        _xadd(redis_url, 30)
+        # The first failed attempt is logged as it ends; the next one waits 5 s inside SQLite.
+        assert wait_until(lambda: "store unavailable, not acknowledging" in log.read_text(), 30)
+        time.sleep(1.0)
+        worker.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert worker.poll() is None, "the first SIGINT waits for the batch"
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(3) == 130
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert "second interrupt: exiting now" in log.read_text()
+    assert stored_rows(tmp_path) == []
+    client = redis.Redis.from_url(redis_url)
+    assert client.xpending("fleetlog:records", "fleetlog:workers")["pending"] >= 1, "a batch in hand"
+    assert client.xlen("fleetlog:records") == 30, "nothing acked (acked entries are trimmed)"
     client.close()

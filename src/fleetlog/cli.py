@@ -495,7 +495,8 @@ def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
 
     settings = _settings(config, **flags)
     client = connect(_redis_url(settings), timeout=settings.redis_timeout)
-    return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream)
+    return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream,
+                       queue=settings.queue)
 
 
 @dlq.command("list")
@@ -526,6 +527,8 @@ def dlq_show(config: str | None, entry_id: str, **flags: Any) -> None:
 @_redis_command
 @click.argument("entry_ids", nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+@click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
+              help="Queue to put them back on: the stream (default) or device:log:list.")
 def dlq_replay(config: str | None, entry_ids: tuple[str, ...], replay_all: bool,
                **flags: Any) -> None:
     """Queue dead letters again (after fixing what rejected them)."""

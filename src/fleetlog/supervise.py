@@ -1,15 +1,28 @@
 """``fleetlog up``: the whole system on the embedded default, in one command.
 
+Before anything starts, ``up`` takes an exclusive lock on ``DATA_DIR/up.lock``
+(held for its whole life, released by the kernel however it ends): a second
+``up`` on the same data dir would start a second Valkey on the same AOF and a
+second worker on the same store, so it exits 1 at once, naming the running
+one's pid.  It also checks that the device port is free, since a gateway that
+cannot listen would loop on "address already in use" while another program
+answered in its place.
+
 Start order: the embedded Valkey/Redis (unless ``--redis-url`` is given), then
-the gateway and the worker as child processes.  A child that exits is started
-again (the worker exits on purpose after ``--max-runtime``).  SIGINT or SIGTERM
-runs the one shutdown path: SIGTERM to every child, wait, SIGKILL what is left,
-then stop Redis (which writes its AOF), and exit 0.  Children also get
-PR_SET_PDEATHSIG, so even a SIGKILLed ``up`` leaves no process behind.
+the gateway and the worker as child processes; "fleetlog is up." is printed
+only once the gateway listens.  A child that exits is started again (the
+worker exits on purpose after ``--max-runtime``).  SIGINT or SIGTERM runs the
+one shutdown path: SIGTERM to every child, wait, SIGKILL what is left, then
+stop Redis (which writes its AOF), and exit 0.  A second SIGINT does not wait:
+it SIGKILLs the children (a worker acks only what it stored, so nothing is
+lost), stops Redis and exits 130.  Children also get PR_SET_PDEATHSIG, so even
+a SIGKILLed ``up`` leaves no process behind.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -31,6 +44,12 @@ __all__ = ["run_up"]
 
 log = logging.getLogger("fleetlog.up")
 
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+_LOCK_FILE = "up.lock"
+
 @dataclass
 class Child:
     name: str
@@ -50,15 +69,47 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
 
-def _wait_for_port(host: str, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _lock_data_dir(data_dir: Path) -> int | None:
+    """Take ``DATA_DIR/up.lock`` (flock, exclusive) and write our pid in it.
+
+    Returns the open descriptor, to keep for the life of ``up``; None, after
+    saying who holds it, when another ``up`` does.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / _LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        log.error("fleetlog up is already running on %s (pid %s); stop it first, or use "
+                  "another --data-dir", data_dir, holder)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the gateway could not listen on ``host:port``, or None if it can."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway does
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use by another program"
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _command() -> str:
@@ -102,10 +153,22 @@ class Supervisor:
         self.settings = settings
         self.config_file = config_file
         self.stopping = threading.Event()
+        self.forced = False
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        """Signal handler: the first asks for the orderly shutdown, a second SIGINT forces it."""
+        if self.stopping.is_set() and signum == signal.SIGINT and not self.forced:
+            self.forced = True
+            log.warning("second interrupt: killing the children now")
+            for child in self.children:
+                if child.alive():
+                    assert child.process is not None
+                    child.process.kill()
+            return
+        if not self.stopping.is_set():
+            log.info("stopping (interrupt again to stop at once)")
         self.stopping.set()
 
     def _argv(self, command: str, *extra: str) -> list[str]:
@@ -116,6 +179,10 @@ class Supervisor:
 
     def run(self) -> int:
         settings = self.settings
+        taken = _port_taken(settings.host, settings.ws_port)
+        if taken:
+            log.error("%s: choose another with --ws-port", taken)
+            return EXIT_REFUSED
         redis_url = settings.redis_url
         if redis_url is None:
             self.redis = RedisServer(
@@ -138,14 +205,31 @@ class Supervisor:
             ]
             for child in self.children:
                 child.start()
-            if _wait_for_port(settings.host, settings.ws_port, 15):
-                print(_banner(settings, redis_url, self.redis is not None), flush=True)
-            else:
-                log.error("the gateway did not start listening on port %d", settings.ws_port)
+            problem = self._wait_for_gateway(timeout=30)
+            if problem:
+                log.error("%s; stopping", problem)
+                return EXIT_REFUSED
+            print(_banner(settings, redis_url, self.redis is not None), flush=True)
             self._watch()
         finally:
             self._shutdown()
-        return 0
+        return EXIT_FORCED if self.forced else EXIT_OK
+
+    def _wait_for_gateway(self, timeout: float) -> str | None:
+        """Wait until our gateway listens; what went wrong if it does not."""
+        gateway = self.children[0]
+        deadline = time.monotonic() + timeout
+        while not self.stopping.is_set():
+            if not gateway.alive():
+                code = gateway.process.returncode if gateway.process else None
+                return f"the gateway exited with {code} before listening on port " \
+                       f"{self.settings.ws_port}"
+            if _listening(self.settings.host, self.settings.ws_port):
+                return None
+            if time.monotonic() > deadline:
+                return f"the gateway did not listen on port {self.settings.ws_port} in {timeout:.0f}s"
+            time.sleep(0.05)
+        return None
 
     def _watch(self) -> None:
         while not self.stopping.wait(0.2):
@@ -187,8 +271,18 @@ class Supervisor:
 
 
 def run_up(settings: Settings, config_file: str | None = None) -> int:
-    """Entry point of ``fleetlog up``: run until SIGINT/SIGTERM, return 0."""
+    """Entry point of ``fleetlog up``: run until SIGINT/SIGTERM, return the exit code.
+
+    0 after an orderly stop; 1 when it could not start (another ``up`` holds
+    the data dir, the port is taken); 130 after a forced stop (second SIGINT).
+    """
     supervisor = Supervisor(settings, config_file)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
-    return supervisor.run()
+    lock = _lock_data_dir(settings.data_dir)
+    if lock is None:
+        return EXIT_REFUSED
+    try:
+        return supervisor.run()
+    finally:
+        os.close(lock)  # the lock goes with it; the file stays (unlinking it would race)

@@ -107,6 +107,17 @@ class Fleet:
             db.close()
         return Counter((device, seq) for device, seq in rows if seq is not None)
 
+    def filed(self) -> Counter[tuple[str, int]]:
+        """(device, seq) of every line of the daily files, with how many times each is there."""
+        lines: Counter[tuple[str, int]] = Counter()
+        for path in sorted((self.data_dir / "logs" / "device" / "log").glob("*.log")):
+            for raw in path.read_bytes().splitlines():
+                line = json.loads(raw)
+                data = line["data"]
+                if isinstance(data, dict) and "seq" in data:
+                    lines[(line["device_id"], data["seq"])] += 1
+        return lines
+
     def wait_drained(self, expected: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -122,11 +133,19 @@ class Fleet:
             time.sleep(0.05)
         return time.monotonic() - started
 
-    def verify(self, scenario: str, recovery_s: float, note: str = "") -> Outcome:
+    def verify(self, scenario: str, recovery_s: float, note: str = "", *,
+               source: str = "store") -> Outcome:
+        """Compare what was acked with the store (or, ``source="files"``, the daily files)."""
         acked_through: dict[str, int] = json.loads(self.acked_file.read_text())
         acked = {(device, seq) for device, count in acked_through.items() for seq in range(count)}
-        self.wait_drained(len(acked))
+        if source == "store":
+            self.wait_drained(len(acked))
         stored = self.stored()
+        if source == "files":
+            deadline = time.monotonic() + 30
+            while len(self.filed()) < len(acked) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            stored = self.filed()
         outcome = Outcome(
             scenario, len(acked), sum(stored.values()), len(acked - stored.keys()),
             sum(count - 1 for count in stored.values() if count > 1), round(recovery_s, 2), note)

@@ -243,3 +243,65 @@ def test_reconnect_storm_of_two_thousand_devices(fleet: Fleet) -> None:
     assert summary["acked"] == 40_000
     _assert_clean(fleet.verify("reconnect storm: 2,000 devices", recovery,
                                f"all back in {recovery:.1f} s; gateway peak RSS {peak:.0f} MB"))
+
+
+def test_store_file_replaced_under_the_worker(fleet: Fleet) -> None:
+    """``rm fleetlog.db`` under load: the worker notices, reopens a new store, acks
+    nothing that went into the removed file; the files keep every record once."""
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.simulate(devices=20, messages=400, rate=2000)
+    time.sleep(1.5)
+    assert fleet.stored(), "records flow before the fault"
+    removed_at = int(time.time() * 1000)
+    (fleet.data_dir / "fleetlog.db").unlink()
+    recovery = fleet.until_flowing()
+    summary = fleet.wait_simulation()
+    assert summary["acked"] == 8000
+    outcome = fleet.verify("store file replaced under worker (rm)", recovery,
+                           "stored = daily files; store at the path has every record "
+                           "queued after the rm", source="files")
+    _assert_clean(outcome)
+    assert outcome.acked == outcome.stored
+    # Every record queued after the rm is in the new store at the path.
+    assert fleet.stored(), "a new store at the path, not records acked into the removed file"
+    after = {(line_device, seq) for (line_device, seq), qid_ms in _filed_qid_ms(fleet).items()
+             if qid_ms > removed_at}
+    assert after, "records were queued after the rm"
+    assert after <= set(fleet.stored())
+    assert "is no longer the file this worker has open" in (fleet.tmp / "worker-1.log").read_text()
+
+
+def _filed_qid_ms(fleet: Fleet) -> dict[tuple[str, int], int]:
+    """(device, seq) -> the queue time (ms, from the stream id) of each filed record."""
+    found = {}
+    for path in (fleet.data_dir / "logs" / "device" / "log").glob("*.log"):
+        for raw in path.read_bytes().splitlines():
+            line = json.loads(raw)
+            found[(line["device_id"], line["data"]["seq"])] = int(line["qid"].split("-")[0])
+    return found
+
+
+def test_worker_starts_while_redis_is_out_of_memory(fleet: Fleet) -> None:
+    """Redis full (maxmemory, noeviction) refuses the gateway's writes; the worker
+    that frees it must start anyway, drain, and let the gateway ack again."""
+    client = redis.Redis.from_url(fleet.redis.url)
+    client.xgroup_create("fleetlog:records", "fleetlog:workers", id="0", mkstream=True)
+    fleet.start_gateway()
+    fleet.simulate(devices=20, messages=300, rate=3000)
+    time.sleep(1.5)  # a backlog builds with no worker
+    used = client.info("memory")["used_memory"]
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", used - 100_000)
+    time.sleep(1.0)
+    fleet.start_worker()
+    started = time.monotonic()
+    fleet.wait_drained(1)
+    recovery = time.monotonic() - started
+    summary = fleet.wait_simulation()
+    client.close()
+    assert fleet.worker is not None and fleet.worker.poll() is None, "the worker started and stayed"
+    assert summary["errors"].get("unavailable", 0) > 0, "Redis did refuse the gateway's writes"
+    assert summary["acked"] == 6000
+    _assert_clean(fleet.verify("worker starts while Redis is OOM", recovery,
+                               f"{summary['errors'].get('unavailable', 0)} unavailable replies"))

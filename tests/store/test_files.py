@@ -95,7 +95,7 @@ def test_a_lost_cursor_costs_no_duplicates(store: SQLiteStore, sink: FilesSink) 
         write(store, f"1-{n}", DAY1_LATE if n % 2 else DAY2_EARLY, {"n": n})
     assert sink.export(store) == 6
     cursor = sink.directory / ".cursor"
-    assert cursor.read_text() == "6"
+    assert decode_json(cursor.read_bytes()) == {"store": store.store_id, "seq": 6, "qid": "1-5"}
     cursor.unlink()
     assert sink.export(store) == 0
     assert seqs(sink, DAY1) == [2, 4, 6]

@@ -13,7 +13,7 @@ import pytest
 
 from fleetlog.protocol import encode_json
 from fleetlog.records import DeviceStats, QueuedRecord
-from fleetlog.store.base import LogQuery, StoreUnavailable, open_store
+from fleetlog.store.base import LogQuery, RecordRejected, StoreUnavailable, open_store
 from fleetlog.store.sqlite import MIGRATIONS, SQLiteStore
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
@@ -89,11 +89,39 @@ def test_searchable_fields_are_extracted(store: SQLiteStore) -> None:
 
 
 def test_a_record_the_store_rejects_rolls_the_batch_back(store: SQLiteStore) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011 - the JSON decoder's own error escapes
+    with pytest.raises(RecordRejected, match="1-1"):
         store.write_batch([rec("1-0"), rec("1-1", data=b"{not json")])
+    with pytest.raises(RecordRejected, match="UnicodeDecodeError"):
+        store.write_batch([rec("1-0"), rec("1-2", data=b"\xff\xfe not utf-8")])
     assert store.max_seq() == 0
     assert store.devices() == []
     assert store.write_batch([rec("1-0")]) == 1, "the store is still usable"
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite every page after the first two with garbage, as a failing disk would."""
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        for offset in range(4096 * 2, size, 4096):
+            handle.seek(offset)
+            handle.write(b"\xde\xad\xbe\xef" * 8)
+
+
+def test_read_errors_are_the_store_being_unavailable(store: SQLiteStore, tmp_path: Path) -> None:
+    """A read the store cannot do (a malformed file) is StoreUnavailable, like a
+    write: the worker retries it rather than dying."""
+    store.write_batch([rec(f"1-{n}", data={"n": n, "pad": "x" * 200}) for n in range(2000)])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    corrupt(tmp_path / "fleetlog.db")
+    broken = SQLiteStore(tmp_path / "fleetlog.db", readonly=True)
+    try:
+        for read in (broken.index_lag, broken.max_seq, broken.devices,
+                     lambda: broken.after(0, 10), lambda: broken.query(LogQuery("D1")),
+                     lambda: broken.seqs_of(["1-0"])):
+            with pytest.raises(StoreUnavailable, match="malformed"):
+                read()
+    finally:
+        broken.close()
 
 
 # -- devices ----------------------------------------------------------------------

@@ -30,7 +30,11 @@ from fleetlog import keys
 from fleetlog.queue import scripts
 from fleetlog.records import QueuedRecord
 
-__all__ = ["Consumer", "ListConsumer", "StreamConsumer"]
+__all__ = ["REDIS_REFUSING", "Consumer", "ListConsumer", "StreamConsumer"]
+
+#: Errors that mean "Redis is up but refuses writes": ``maxmemory`` reached
+#: under ``noeviction``.  Reads, XACK and XTRIM still work (they free memory).
+REDIS_REFUSING: tuple[type[BaseException], ...] = (redis.exceptions.OutOfMemoryError,)
 
 
 class Consumer(Protocol):
@@ -57,6 +61,10 @@ def _dead_letter_fields(record: QueuedRecord, reason: str) -> dict[str, Any]:
         "deliveries": record.deliveries,
         "failed_at": _now_ms(),
     }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _next_id(entry_id: str) -> str:
@@ -98,7 +106,19 @@ class StreamConsumer:
         self._untrimmed = False
 
     def ensure_group(self) -> None:
-        """Create the group (reading from the very first entry) if it is missing."""
+        """Create the group (reading from the very first entry) if it is missing.
+
+        Looks first (a read) and writes only when the group is missing: Redis
+        refuses XGROUP CREATE, even of an existing group, when it is out of memory.
+        """
+        try:
+            groups = self._client.xinfo_groups(self.stream)
+        except redis.ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise
+            groups = []
+        if any(_text(info["name"]) == self.group for info in groups):
+            return
         try:
             self._client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:

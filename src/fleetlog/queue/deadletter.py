@@ -4,13 +4,18 @@ A worker moves a record here after ``--max-deliveries`` failed attempts
 (:meth:`~fleetlog.queue.consumer.StreamConsumer.dead_letter`), with its device,
 its JSON, the last error and the delivery count.  ``fleetlog dlq`` lists and
 shows them, replays them into the queue (once the cause is fixed) or purges them.
+
+Replay puts a record back on the queue it came from: the records stream, or in
+``--queue list`` mode ``device:log:list`` (LPUSHed as the original gateway did,
+so a list worker takes it like any other).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from fleetlog import keys
 from fleetlog.records import iso_ms
 
 __all__ = ["DeadLetter", "DeadLetters"]
@@ -50,10 +55,12 @@ def _letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
 class DeadLetters:
     """``fleetlog dlq`` on a blocking Redis client."""
 
-    def __init__(self, client: Any, *, dead_letter_stream: str, stream: str) -> None:
+    def __init__(self, client: Any, *, dead_letter_stream: str, stream: str,
+                 queue: Literal["stream", "list"] = "stream") -> None:
         self._client = client
         self._dead = dead_letter_stream
         self._stream = stream
+        self._queue = queue
 
     def letters(self, limit: int = 1000) -> list[DeadLetter]:
         return [_letter(i, f) for i, f in self._client.xrange(self._dead, count=limit)]
@@ -69,7 +76,10 @@ class DeadLetters:
         ]
         for letter in letters:
             with self._client.pipeline(transaction=True) as pipe:
-                pipe.xadd(self._stream, {"d": letter.device_id, "r": letter.record})
+                if self._queue == "list":
+                    pipe.lpush(keys.LEGACY_LIST, letter.record)
+                else:
+                    pipe.xadd(self._stream, {"d": letter.device_id, "r": letter.record})
                 pipe.xdel(self._dead, letter.id)
                 pipe.execute()
         return len(letters)

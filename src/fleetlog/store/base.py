@@ -3,9 +3,18 @@
 A worker calls :meth:`Store.write_batch` once per queue batch: one
 transaction, idempotent on ``qid``, so a redelivered record is never kept
 twice.  Readers (``fleetlog logs``, ``fleetlog devices``) use the query
-methods.  A backend raises :class:`StoreUnavailable` for a fault of the store
-itself (locked, disk full, gone), which the worker retries, and lets any other
-exception escape for a record the store rejects.
+methods.
+
+A backend sorts every failure into one of three kinds, because the worker
+meets each differently:
+
+* :class:`RecordRejected`: this record's data cannot be stored (bad JSON,
+  a constraint); the worker retries it on redelivery, then dead-letters it.
+* :class:`StoreUnavailable`: the store itself is at fault (locked, disk full,
+  I/O error, gone), for writes and reads alike; the worker retries and
+  acknowledges nothing meanwhile.
+* anything else is a bug: the worker stops (fatal-error record, exit 1)
+  rather than dead-letter good records.
 """
 
 from __future__ import annotations
@@ -19,7 +28,11 @@ from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 
 
 class StoreUnavailable(FleetlogError):
-    """Raised when the store cannot take writes right now; retrying may succeed."""
+    """Raised when the store cannot be written or read right now; retrying may succeed."""
+
+
+class RecordRejected(FleetlogError):
+    """Raised when the store cannot take a record because of the record's own data."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +75,26 @@ class Store(Protocol):
 
     def devices(self) -> list[DeviceStats]:
         """Every device the store has records of."""
+
+    @property
+    def store_id(self) -> str:
+        """A random id given to the store when it was created, kept with its data.
+
+        A copy (a backup) has the id of its original; a new store a new id.
+        """
+
+    def seqs_of(self, qids: Sequence[str]) -> dict[str, int]:
+        """The ``seq`` of each of ``qids`` this store holds (absent ones are left out)."""
+
+    def replaced(self) -> bool:
+        """True when the store at the URL is no longer the one this object writes to.
+
+        (A file removed, or another moved over it.)  The caller must not
+        acknowledge what it wrote since, and must :meth:`reopen` and write it again.
+        """
+
+    def reopen(self) -> None:
+        """Let go of the replaced store and open (create, migrate) the one at the URL."""
 
     def close(self) -> None: ...
 

@@ -6,21 +6,46 @@ line, for the UTC day the record was received.
 The files are an export of the store, not a second copy of the queue: after
 each committed batch a worker appends every stored record the files do not
 have yet, in store order, then fsyncs, and only then acknowledges the queue.
-Exactly-once needs no bookkeeping beyond the files themselves: one exporter at
-a time holds ``.lock``, each file's lines are in increasing ``seq``, so the
-last line of a file says where it stops.  ``.cursor`` (the highest ``seq``
-exported) is only a hint that saves a scan; a stale cursor costs time, never a
-duplicate.  A torn last line (a crash mid-append) is cut off: its records were
-never acknowledged and are exported again.
+
+Exactly once means once per record, and a record is its queue id (``qid``,
+the stream entry id), which every line carries: the same record kept by two
+stores (a batch written again after the store file was replaced, a backup
+restored over a newer store) is one line.  A store's ``seq`` only orders the
+lines of one store, and numbering restarts with a new store, so it is never
+compared across stores.
+
+Bookkeeping, under ``.lock`` (one exporter at a time):
+
+* ``.cursor`` says which store the files were last exported from (its
+  :attr:`~fleetlog.store.base.Store.store_id`) and the ``seq`` and ``qid`` of
+  the last record exported.  It is valid for a store only when the store has
+  that id and holds that very qid at that seq: a new store (``rm``), or a
+  restored backup (same id, but older, so its seqs go to other records),
+  fails the test.
+* On the usual path (a valid cursor) every record after the cursor is
+  exported, except what a file's last complete line shows is already there
+  (a crash after the fsync, before the cursor was written): that line's qid,
+  looked up in the store, says where the file stops.
+* Otherwise the export resyncs: it walks the whole store and writes each
+  record whose qid is not yet in its day's file (each day file is read once).
+  That costs one read of the files of the days the store holds, once per
+  store replacement, never a duplicate and never a skipped record.
+
+A torn last line (a crash mid-append) is cut off: its records were never
+acknowledged and are exported again.  Lines written before qids were added
+(and a cursor holding a bare number) are taken as the current store's, by seq.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -29,7 +54,18 @@ from fleetlog.store.base import Store, StoreUnavailable
 
 __all__ = ["FilesSink", "format_line"]
 
+log = logging.getLogger("fleetlog.files")
+
 _CHUNK: Final = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where the last export stopped: store id, and seq and qid of its last record."""
+
+    store_id: str | None  # None: a bare number left by an older fleetlog
+    seq: int
+    qid: str | None
 
 
 def format_line(record: StoredRecord) -> bytes:
@@ -41,22 +77,23 @@ def format_line(record: StoredRecord) -> bytes:
     data = record.data.encode()
     if b"\n" in data or b"\r" in data:
         data = orjson.dumps(orjson.loads(data))
-    head = orjson.dumps(
-        {"seq": record.seq, "device_id": record.device_id, "received_at": iso_ms(record.received_at)}
-    )
+    head = orjson.dumps({
+        "seq": record.seq, "qid": record.qid, "device_id": record.device_id,
+        "received_at": iso_ms(record.received_at),
+    })
     return head[:-1] + b',"data":' + data + b"}\n"
 
 
-def _last_seq(path: Path) -> int:
-    """The ``seq`` of the last complete line of ``path``; truncates a torn tail."""
+def _last_line(path: Path) -> dict[str, Any] | None:
+    """The last complete line of ``path``, parsed; truncates a torn tail."""
     try:
         handle = path.open("r+b")
     except FileNotFoundError:
-        return 0
+        return None
     with handle:
         size = handle.seek(0, os.SEEK_END)
         if size == 0:
-            return 0
+            return None
         block = 4096
         tail = b""
         position = size
@@ -75,9 +112,24 @@ def _last_seq(path: Path) -> int:
             tail = tail[:cut]
         lines = tail.splitlines()
         if not lines:
-            return 0
-        seq: int = orjson.loads(lines[-1])["seq"]
-        return seq
+            return None
+        line: dict[str, Any] = orjson.loads(lines[-1])
+        return line
+
+
+def _qids_in(path: Path) -> Iterator[str]:
+    """The qid of every line of ``path`` (lines without one are skipped)."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                break  # a torn tail: cut off before anything is appended
+            qid = orjson.loads(raw).get("qid")
+            if isinstance(qid, str):
+                yield qid
 
 
 class FilesSink:
@@ -89,15 +141,22 @@ class FilesSink:
         self._cursor_path = self.directory / ".cursor"
         self._lock_path = self.directory / ".lock"
 
-    def _read_cursor(self) -> int:
+    def _read_cursor(self) -> Cursor | None:
         try:
-            return int(self._cursor_path.read_text() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
+            text = self._cursor_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            if text.isdigit():
+                return Cursor(None, int(text), None)
+            value = orjson.loads(text)
+            return Cursor(str(value["store"]), int(value["seq"]), str(value["qid"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
 
-    def _write_cursor(self, seq: int) -> None:
+    def _write_cursor(self, store_id: str, seq: int, qid: str) -> None:
         temporary = self._cursor_path.with_suffix(".tmp")
-        temporary.write_text(str(seq))
+        temporary.write_bytes(orjson.dumps({"store": store_id, "seq": seq, "qid": qid}))
         os.replace(temporary, self._cursor_path)
 
     def prune(self, before: int) -> list[Path]:
@@ -114,18 +173,56 @@ class FilesSink:
         """Append every stored record not yet in the files; fsync; return how many.
 
         Raises :class:`StoreUnavailable` when the files cannot be written (disk
-        full, permissions): the caller must not acknowledge the batch.
+        full, permissions) or the store cannot be read: the caller must not
+        acknowledge the batch.
         """
         try:
             with self._lock_path.open("a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                return self._export_locked(store)
+                cursor = self._read_cursor()
+                if self._valid(cursor, store):
+                    assert cursor is not None
+                    return self._export_after(store, cursor.seq)
+                return self._resync(store, cursor)
         except OSError as exc:
             raise StoreUnavailable(f"daily files in {self.directory}: {exc}") from exc
 
-    def _export_locked(self, store: Store) -> int:
-        cursor = self._read_cursor()
-        last_in_file: dict[str, int] = {}
+    @staticmethod
+    def _valid(cursor: Cursor | None, store: Store) -> bool:
+        """Whether ``cursor`` is where this very store's export stopped."""
+        if cursor is None:
+            return False
+        if cursor.store_id is None:
+            return True  # an older fleetlog's cursor: its files came from this store
+        if cursor.store_id != store.store_id or cursor.qid is None:
+            return False
+        return store.seqs_of([cursor.qid]).get(cursor.qid) == cursor.seq
+
+    def _file_stops_at(self, store: Store, day: str) -> int:
+        """The store seq of the last record of ``day``'s file, if it came from this store."""
+        line = _last_line(self.directory / f"{day}.log")
+        if line is None:
+            return 0
+        qid = line.get("qid")
+        if not isinstance(qid, str):
+            seq: int = line["seq"]  # written before lines had a qid
+            return seq
+        return store.seqs_of([qid]).get(qid, 0)
+
+    def _append(self, by_day: dict[str, list[bytes]]) -> int:
+        written = 0
+        for day, lines in by_day.items():
+            with (self.directory / f"{day}.log").open("ab") as handle:
+                handle.write(b"".join(lines))
+                handle.flush()
+                os.fsync(handle.fileno())
+            written += len(lines)
+        return written
+
+    def _export_after(self, store: Store, cursor: int) -> int:
+        """The usual path: every record after ``cursor`` (a valid cursor of this store)."""
+        store_id = store.store_id
+        stops_at: dict[str, int] = {}
         written = 0
         while True:
             records = store.after(cursor, _CHUNK)
@@ -134,17 +231,57 @@ class FilesSink:
             by_day: dict[str, list[bytes]] = defaultdict(list)
             for record in records:
                 day = utc_day(record.received_at)
-                if day not in last_in_file:
-                    last_in_file[day] = _last_seq(self.directory / f"{day}.log")
-                if record.seq > last_in_file[day]:
+                if day not in stops_at:
+                    stops_at[day] = self._file_stops_at(store, day)
+                if record.seq > stops_at[day]:
                     by_day[day].append(format_line(record))
-                    last_in_file[day] = record.seq
-            for day, lines in by_day.items():
-                with (self.directory / f"{day}.log").open("ab") as handle:
-                    handle.write(b"".join(lines))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                written += len(lines)
+                    stops_at[day] = record.seq
+            written += self._append(by_day)
             cursor = records[-1].seq
-            self._write_cursor(cursor)
+            self._write_cursor(store_id, cursor, records[-1].qid)
         return written
+
+    def _resync(self, store: Store, cursor: Cursor | None) -> int:
+        """Export every record of ``store`` whose qid no day file holds yet."""
+        store_id = store.store_id
+        noisy = cursor is not None or any(self.directory.glob("????-??-??.log"))
+        if noisy:
+            log.warning("daily files: store %s is not the one they were last exported from "
+                        "(%s); matching its records to the files by qid", store_id,
+                        f"store {cursor.store_id}, seq {cursor.seq}" if cursor else "no cursor")
+        in_files: dict[str, set[str]] = {}
+        written = 0
+        seq = 0
+        while True:
+            records = store.after(seq, _CHUNK)
+            if not records:
+                break
+            by_day: dict[str, list[bytes]] = defaultdict(list)
+            for record in records:
+                day = utc_day(record.received_at)
+                if day not in in_files:
+                    in_files[day] = self._stored_qids_in(store, day)
+                if record.qid not in in_files[day]:
+                    by_day[day].append(format_line(record))
+                    in_files[day].add(record.qid)
+            written += self._append(by_day)
+            seq = records[-1].seq
+            self._write_cursor(store_id, seq, records[-1].qid)
+        if noisy:
+            log.warning("daily files: %d records of store %s exported by resync", written, store_id)
+        return written
+
+    def _stored_qids_in(self, store: Store, day: str) -> set[str]:
+        """The qids of ``day``'s file that ``store`` holds (what of the store it has)."""
+        path = self.directory / f"{day}.log"
+        _last_line(path)  # cut a torn tail first
+        found: set[str] = set()
+        chunk: list[str] = []
+        for qid in _qids_in(path):
+            chunk.append(qid)
+            if len(chunk) >= _CHUNK:
+                found.update(store.seqs_of(chunk))
+                chunk = []
+        if chunk:
+            found.update(store.seqs_of(chunk))
+        return found

@@ -17,6 +17,8 @@ indexed, so a search is always complete.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -27,10 +29,12 @@ from typing import Any, Final
 import orjson
 
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
-from fleetlog.store.base import LogQuery, StoreUnavailable
+from fleetlog.store.base import LogQuery, RecordRejected, StoreUnavailable
 from fleetlog.store.fields import LEVELS, extract, normalise_level
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
+
+log = logging.getLogger("fleetlog.store")
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: records, per-device stats, full-text search on the record's JSON.
@@ -87,6 +91,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     DROP INDEX records_device_seq;
     DROP INDEX records_received;
     """,
+    # 5: the store's identity, drawn once when it is created (or upgraded) and kept
+    # with its data: a backup has its original's id, a new file a new one.  The daily
+    # files export tells stores apart by it (see fleetlog.store.files).
+    """
+    INSERT INTO meta (key, value) VALUES ('store_id', abs(random() % 9223372036854775807));
+    """,
 )
 
 _COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
@@ -111,6 +121,49 @@ def _row(values: tuple[Any, ...]) -> StoredRecord:
     return StoredRecord(*values)
 
 
+def _prepare(record: QueuedRecord) -> tuple[Any, ...]:
+    """The row of one record; :class:`RecordRejected` when its data cannot be stored."""
+    try:
+        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
+        text = record.data.decode()
+    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
+    ts, level, message = fields if fields is not None else (None, None, None)
+    return (record.qid, record.device_id, record.received_at, ts, level, message, text)
+
+
+def _file_identity(path: Path, *, missing_ok: bool = True) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of ``path``: which file it is, whatever its name."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    return status.st_dev, status.st_ino
+
+
+def _own_sidecars(path: Path) -> list[tuple[Path, tuple[int, int]]]:
+    """``path``'s ``-wal`` and ``-shm`` files that this process has open (Linux /proc)."""
+    open_files = set()
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                status = os.stat(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            open_files.add((status.st_dev, status.st_ino))
+    except OSError:
+        return []
+    sidecars = []
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        identity = _file_identity(side)
+        if identity is not None and identity in open_files:
+            sidecars.append((side, identity))
+    return sidecars
+
+
 def _fts_phrase(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
@@ -131,6 +184,12 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
+        self._identity: tuple[int, int] | None = None
+        self._store_id: str | None = None
+        self._open()
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -140,10 +199,54 @@ class SQLiteStore:
             # Checkpoint (and fsync the database file) every ~40 MB of WAL rather
             # than every 4 MB: ingest drains 10% faster; readers are unaffected.
             self._db.execute("PRAGMA wal_autocheckpoint = 10000")
-            if not readonly:
+            if not self.readonly:
                 self._migrate()
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._identity = _file_identity(self.path)
+        self._store_id = None
+
+    # -- identity -------------------------------------------------------------
+
+    @property
+    def store_id(self) -> str:
+        if self._store_id is None:
+            with self._reading():
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            if row is None:
+                raise StoreUnavailable(f"SQLite {self.path}: no store id (schema not migrated)")
+            self._store_id = f"{row[0]:016x}"
+        return self._store_id
+
+    def replaced(self) -> bool:
+        """True when the file at ``path`` is gone or is another file than the one open.
+
+        Compares (st_dev, st_ino) of the path now with those it had when opened:
+        an ``rm`` or an ``mv backup.db fleetlog.db`` under a running worker.
+        """
+        try:
+            return _file_identity(self.path, missing_ok=False) != self._identity
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # unreadable directory: writes will say what is wrong
+
+    def reopen(self) -> None:
+        """Close the replaced file and open the one at ``path`` (created and migrated).
+
+        The replaced database's ``-wal`` and ``-shm`` are still at the path when
+        the file was removed or moved over, and SQLite would apply that WAL to
+        the new file (the new store would show the old one's pages): they are
+        deleted first, but only while they are the very files this connection
+        has open, never ones another process created for the new file.
+        """
+        stale = _own_sidecars(self.path)
+        self._db.close()
+        for side, identity in stale:
+            if _file_identity(side) == identity:
+                side.unlink(missing_ok=True)
+                log.warning("removed %s: it belonged to the replaced store", side)
+        self._open()
 
     # -- schema ---------------------------------------------------------------
 
@@ -153,12 +256,26 @@ class SQLiteStore:
         return version
 
     def _migrate(self) -> None:
+        if self.schema_version == len(MIGRATIONS):
+            return  # up to date: no need for the write lock another writer may hold
         with self._transaction() as db:
             version = self.schema_version
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in _statements(script):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read; the store's own faults (locked, I/O error) become :class:`StoreUnavailable`."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # a subclass: a bug, not the store
+                raise
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc  # malformed, not a db
 
     @contextmanager
     def _transaction(self, *, upkeep: bool = False) -> Iterator[sqlite3.Connection]:
@@ -183,6 +300,10 @@ class SQLiteStore:
                 raise
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:
+                raise
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
         finally:
             if upkeep:
                 db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -190,39 +311,46 @@ class SQLiteStore:
     # -- writes ---------------------------------------------------------------
 
     def write_batch(self, records: Sequence[QueuedRecord]) -> int:
+        """Store ``records`` in one transaction; return how many were new.
+
+        Raises :class:`RecordRejected` when a record's own data cannot be stored
+        (nothing of the batch is then kept: the caller may store them one by one)
+        and :class:`StoreUnavailable` for a fault of the store.
+        """
         if not records:
             return 0
-        with self._transaction() as db:
-            qids = [record.qid for record in records]
-            known = {
-                qid
-                for (qid,) in db.execute(
-                    f"SELECT qid FROM records WHERE qid IN ({','.join('?' * len(qids))})", qids
-                )
-            }
-            rows = []
-            seen: Counter[str] = Counter()
-            first: dict[str, int] = {}
-            last: dict[str, int] = {}
-            for record in records:
-                if record.qid in known:
-                    continue
-                known.add(record.qid)  # the same entry twice in one batch
-                fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
-                ts, level, message = fields if fields is not None else (None, None, None)
-                rows.append(
-                    (record.qid, record.device_id, record.received_at, ts, level, message,
-                     record.data.decode())
-                )
-                device = record.device_id
-                seen[device] += 1
-                first[device] = min(first.get(device, record.received_at), record.received_at)
-                last[device] = max(last.get(device, 0), record.received_at)
-            db.executemany(_INSERT, rows)
-            db.executemany(
-                _UPSERT_DEVICE,
-                [(device, count, first[device], last[device]) for device, count in seen.items()],
+        try:
+            with self._transaction() as db:
+                return self._insert(db, records)
+        except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
+            raise RecordRejected(f"SQLite refused the record: {exc}") from exc
+
+    def _insert(self, db: sqlite3.Connection, records: Sequence[QueuedRecord]) -> int:
+        qids = [record.qid for record in records]
+        known = {
+            qid
+            for (qid,) in db.execute(
+                f"SELECT qid FROM records WHERE qid IN ({','.join('?' * len(qids))})", qids
             )
+        }
+        rows = []
+        seen: Counter[str] = Counter()
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for record in records:
+            if record.qid in known:
+                continue
+            known.add(record.qid)  # the same entry twice in one batch
+            rows.append(_prepare(record))
+            device = record.device_id
+            seen[device] += 1
+            first[device] = min(first.get(device, record.received_at), record.received_at)
+            last[device] = max(last.get(device, 0), record.received_at)
+        db.executemany(_INSERT, rows)
+        db.executemany(
+            _UPSERT_DEVICE,
+            [(device, count, first[device], last[device]) for device, count in seen.items()],
+        )
         return len(rows)
 
     # -- reads ----------------------------------------------------------------
@@ -267,21 +395,35 @@ class SQLiteStore:
             " ORDER BY received_at DESC, seq DESC LIMIT ?"
         )
         params.append(query.limit)
-        rows = [_row(values) for values in self._db.execute(sql, params)]
+        with self._reading():
+            rows = [_row(values) for values in self._db.execute(sql, params)]
         rows.reverse()
         return rows
 
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
-        cursor = self._db.execute(
-            f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-        )
-        return [_row(values) for values in cursor]
+        with self._reading():
+            cursor = self._db.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            )
+            return [_row(values) for values in cursor]
+
+    def seqs_of(self, qids: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        with self._reading():
+            for start in range(0, len(qids), 500):
+                chunk = list(qids[start:start + 500])
+                found.update(self._db.execute(
+                    f"SELECT qid, seq FROM records WHERE qid IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall())
+        return found
 
     def index_lag(self) -> int:
-        lag: int = self._db.execute(
-            "SELECT coalesce(max(seq), 0) - (SELECT value FROM meta WHERE key = 'fts_through')"
-            " FROM records"
-        ).fetchone()[0]
+        with self._reading():
+            lag: int = self._db.execute(
+                "SELECT coalesce(max(seq), 0) - (SELECT value FROM meta WHERE key = 'fts_through')"
+                " FROM records"
+            ).fetchone()[0]
         return max(0, lag)
 
     def index_step(self, limit: int) -> int:
@@ -303,10 +445,11 @@ class SQLiteStore:
 
     def used_bytes(self) -> int:
         """Bytes of the database in use (free pages excluded)."""
-        pages, free, size = (
-            self._db.execute(f"PRAGMA {name}").fetchone()[0]
-            for name in ("page_count", "freelist_count", "page_size")
-        )
+        with self._reading():
+            pages, free, size = (
+                self._db.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("page_count", "freelist_count", "page_size")
+            )
         return int((pages - free) * size)
 
     def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
@@ -336,14 +479,16 @@ class SQLiteStore:
         return sum(gone.values())
 
     def max_seq(self) -> int:
-        seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+        with self._reading():
+            seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
         return seq
 
     def devices(self) -> list[DeviceStats]:
-        cursor = self._db.execute(
-            "SELECT device_id, records, first_seen, last_seen FROM devices ORDER BY device_id"
-        )
-        return [DeviceStats(*values) for values in cursor]
+        with self._reading():
+            cursor = self._db.execute(
+                "SELECT device_id, records, first_seen, last_seen FROM devices ORDER BY device_id"
+            )
+            return [DeviceStats(*values) for values in cursor]
 
     def close(self) -> None:
         self._db.close()

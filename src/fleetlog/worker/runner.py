@@ -10,20 +10,31 @@ How each kind of trouble is met:
 
 * Redis down: back off (capped, jittered) and reconnect; nothing is lost, the
   records are still pending in Redis.
-* The store or the disk failing (locked, full): keep the batch, say why in the
-  log, retry with backoff, never acknowledge meanwhile.
-* A record the store rejects while others go through: it stays pending and is
-  retried on redelivery; after ``max_deliveries`` it goes to the dead-letter
-  stream with the error, and the rest keep flowing.
+* Redis out of memory (``maxmemory`` with ``noeviction`` refuses writes): keep
+  draining, since reading, XACK and XTRIM are still allowed and free memory;
+  what needs a write (creating the group, a dead letter) waits and is retried.
+* The store or the disk failing (:class:`StoreUnavailable`: locked, full, I/O
+  error, also on the reads of upkeep): keep the batch, say why in the log,
+  retry with backoff, never acknowledge meanwhile.
+* The store file removed or replaced under the worker (``rm``, a backup moved
+  over it): what went into the old file is not acknowledged; the worker says
+  so, reopens the file at the path and writes the batch there.
+* A record the store rejects (:class:`RecordRejected`) while others go
+  through: it stays pending and is retried on redelivery; after
+  ``max_deliveries`` it goes to the dead-letter stream with the error, and the
+  rest keep flowing.
 * SIGTERM/SIGINT, ``max_runtime``, ``max_messages``: finish the batch, ack,
-  exit 0 (planned).
+  exit 0 (planned).  A second SIGINT exits at once (killed by SIGINT): nothing
+  stored is lost and nothing unstored was acknowledged, so it is always safe.
 
 Between batches the worker does the store's upkeep in bounded steps: the
 full-text index catches up (fully when the queue is quiet; under sustained load
 only when it lags by more than ``index_max_lag`` records, so indexing never
 throttles ingestion until then), and retention prunes.
-* Anything else: a fatal-error record with the traceback in
-  ``DATA_DIR/logs/device/fatal_error/<day>.log``, exit 1.
+* Anything else is a bug (a ``TypeError`` in the store, say): acknowledge
+  nothing, write a fatal-error record with the traceback in
+  ``DATA_DIR/logs/device/fatal_error/<day>.log``, exit 1.  Dead-lettering good
+  records because of a bug would be worse.
 """
 
 from __future__ import annotations
@@ -43,9 +54,9 @@ import orjson
 
 from fleetlog.config import Settings, mask_url
 from fleetlog.queue.connection import REDIS_DOWN, connect
-from fleetlog.queue.consumer import Consumer, ListConsumer, StreamConsumer
+from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
-from fleetlog.store import Store, StoreUnavailable, open_store
+from fleetlog.store import RecordRejected, Store, StoreUnavailable, open_store
 from fleetlog.store.files import FilesSink
 from fleetlog.worker.retention import Pruner
 
@@ -55,6 +66,11 @@ log = logging.getLogger("fleetlog.worker")
 
 EXIT_PLANNED = 0
 EXIT_FATAL = 1
+EXIT_FORCED = 130  # 128 + SIGINT: a second interrupt
+
+#: How many times in a row one batch is written again because the store file was
+#: replaced under it, before that counts as the store being unavailable.
+_MAX_REPLACED = 3
 
 
 class Backoff:
@@ -94,15 +110,19 @@ class Worker:
         self.stopping = stopping or threading.Event()
         self.stored = 0
         self.dead_lettered = 0
-        self._index_lag = store.index_lag()
+        self._deadline = float("inf")
+        try:
+            self._index_lag = store.index_lag()
+        except StoreUnavailable:
+            self._index_lag = 1  # find out at the first upkeep
 
     def run(self) -> int:
-        started = time.monotonic()
+        runtime = self.settings.max_runtime
+        self._deadline = time.monotonic() + runtime if runtime is not None else float("inf")
         limit = self.settings.max_messages
         backoff = Backoff()
         while not self.stopping.is_set():
-            runtime = self.settings.max_runtime
-            if runtime is not None and time.monotonic() - started >= runtime:
+            if time.monotonic() >= self._deadline:
                 log.info("max runtime of %ss reached: planned exit", runtime)
                 break
             if limit is not None and self.stored + self.dead_lettered >= limit:
@@ -124,12 +144,19 @@ class Worker:
                 delay = backoff.next_delay()
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 self.stopping.wait(delay)
+            except REDIS_REFUSING as exc:
+                # Only a queue that needs writes to read (the legacy list) gets here.
+                delay = backoff.next_delay()
+                log.warning("Redis refuses writes (%s); retrying in %.1fs", exc, delay)
+                self.stopping.wait(delay)
         log.info("worker stopped: %d stored, %d dead-lettered", self.stored, self.dead_lettered)
         return EXIT_PLANNED
 
     def _upkeep(self, fetched: int, wanted: int) -> None:
         """Index and prune in bounded steps; a store fault only postpones them."""
         try:
+            if self.store.replaced():  # even when idle: readers must not see a stale file
+                self._reopen()
             if self._index_lag:
                 if fetched == 0:  # quiet: catch up
                     self.store.index_step(20_000)
@@ -149,7 +176,7 @@ class Worker:
             try:
                 self.consumer.ack(done)
                 return
-            except REDIS_DOWN as exc:
+            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
                 if self.stopping.is_set():
                     return  # stored already; redelivery will find them and not store twice
                 delay = backoff.next_delay()
@@ -157,51 +184,87 @@ class Worker:
                 self.stopping.wait(delay)
 
     def _store(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord] | None:
-        """Store (and file) ``records``; return those that may be acknowledged."""
+        """Store (and file) ``records``; return those that may be acknowledged.
+
+        Returns None when told to stop while the store is unavailable.  Any
+        exception other than the store's own (a bug) escapes: nothing is acknowledged.
+        """
         backoff = Backoff(initial=0.2, cap=10.0)
         while True:
             try:
-                try:
-                    self.store.write_batch(records)
-                    done = list(records)
-                    self.stored += len(records)
-                except StoreUnavailable:
-                    raise
-                except Exception as exc:
-                    log.warning("batch rejected (%s); storing its records one by one", exc)
-                    done = self._store_one_by_one(records)
-                if self.files is not None:
-                    self.files.export(self.store)
-                return done
+                return self._store_once(records)
             except StoreUnavailable as exc:
                 delay = backoff.next_delay()
                 log.error("store unavailable, not acknowledging %d records: %s; retrying in %.1fs",
                           len(records), exc, delay)
-                if self.stopping.wait(delay):
+                if self.stopping.wait(min(delay, max(0.0, self._deadline - time.monotonic()))):
                     return None
+                if time.monotonic() >= self._deadline:
+                    return None  # max runtime: a planned exit, the records stay pending
 
-    def _store_one_by_one(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord]:
-        done = []
+    def _store_once(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord]:
+        """One attempt; written again into the file at the path if the store was replaced."""
+        dead: list[QueuedRecord] = []
+        for _ in range(_MAX_REPLACED):
+            if self.store.replaced():
+                self._reopen()
+            pending = [record for record in records if record not in dead]
+            try:
+                self.store.write_batch(pending)
+                stored = list(pending)
+            except RecordRejected as exc:
+                log.warning("batch rejected (%s); storing its records one by one", exc)
+                stored = self._store_one_by_one(pending, dead)
+            if self.files is not None:
+                self.files.export(self.store)
+            # Last look before the ack: a batch that went into a removed or
+            # replaced file is not stored where anyone will ever read it.
+            if not self.store.replaced():
+                self.stored += len(stored)
+                return stored + dead
+            log.error("the store file %s was removed or replaced while %d records were written "
+                      "to it: not acknowledging them; writing them again into the new file",
+                      self.settings.store_url, len(pending))
+        raise StoreUnavailable(f"the store file was replaced {_MAX_REPLACED} times in a row")
+
+    def _reopen(self) -> None:
+        log.error("the store at %s is no longer the file this worker has open (removed or "
+                  "replaced): reopening it", self.settings.store_url)
+        self.store.reopen()
+        log.warning("store %s reopened: store id %s, %d records",
+                    self.settings.store_url, self.store.store_id, self.store.max_seq())
+        self._index_lag = 1
+
+    def _store_one_by_one(
+        self, records: Sequence[QueuedRecord], dead: list[QueuedRecord]
+    ) -> list[QueuedRecord]:
+        """Store each record alone; dead-letter (into ``dead``) those rejected too often.
+
+        Returns the records stored.
+        """
+        stored = []
         for record in records:
             try:
                 self.store.write_batch([record])
-            except StoreUnavailable:
-                raise
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-                if record.deliveries >= self.settings.max_deliveries:
-                    log.error("record %s dead-lettered after %d deliveries: %s",
-                              record.qid, record.deliveries, reason)
-                    self.consumer.dead_letter(record, reason)
-                    self.dead_lettered += 1
-                    done.append(record)
-                else:
+            except RecordRejected as exc:
+                reason = f"{type(exc.__cause__ or exc).__name__}: {exc}"
+                if record.deliveries < self.settings.max_deliveries:
                     log.warning("record %s rejected (delivery %d of %d): %s",
                                 record.qid, record.deliveries, self.settings.max_deliveries, reason)
+                    continue
+                try:
+                    self.consumer.dead_letter(record, reason)
+                except (*REDIS_DOWN, *REDIS_REFUSING) as error:
+                    log.warning("record %s not dead-lettered now (%s): it stays pending",
+                                record.qid, error)
+                    continue
+                log.error("record %s dead-lettered after %d deliveries: %s",
+                          record.qid, record.deliveries, reason)
+                self.dead_lettered += 1
+                dead.append(record)
                 continue
-            self.stored += 1
-            done.append(record)
-        return done
+            stored.append(record)
+        return stored
 
 
 def write_fatal_error(settings: Settings, exc: BaseException) -> None:
@@ -225,15 +288,41 @@ def write_fatal_error(settings: Settings, exc: BaseException) -> None:
 
 
 def run_worker(settings: Settings, redis_url: str) -> int:
-    """Entry point of ``fleetlog worker``: returns the process exit code."""
+    """Entry point of ``fleetlog worker``: returns the process exit code.
+
+    The worker runs in a thread of its own so that the main thread is always
+    free to take signals: the first SIGINT or SIGTERM finishes the batch in
+    hand, a second SIGINT exits at once even while the worker waits inside
+    SQLite or Redis.  Exiting then is safe: a record is acknowledged only
+    after it is stored, so whatever is in hand stays pending and comes back.
+    """
     stopping = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and stopping.is_set():
+            log.warning("second interrupt: exiting now; the batch in hand stays pending")
+            os._exit(EXIT_FORCED)
+        if not stopping.is_set():
+            log.info("stopping after this batch (interrupt again to exit at once)")
         stopping.set()
 
     # First thing: a SIGTERM during start-up is a planned stop too.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    exit_code = [EXIT_FATAL]
+
+    def work() -> None:
+        exit_code[0] = _drain(settings, redis_url, stopping)
+
+    thread = threading.Thread(target=work, name="fleetlog-worker")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a timed wait, so signal handlers run promptly
+    return exit_code[0]
+
+
+def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int:
+    """Connect, open the store, run the :class:`Worker`; the exit code."""
     try:
         client = connect(redis_url, timeout=max(settings.redis_timeout, settings.block_ms / 1000 + 2))
         consumer: Consumer
@@ -254,7 +343,10 @@ def run_worker(settings: Settings, redis_url: str) -> int:
             if not _ensure_group(stream_consumer, stopping):
                 return EXIT_PLANNED
             consumer = stream_consumer
-        store = open_store(settings.store_url)
+        opened = _open_store(settings.store_url, stopping)
+        if opened is None:
+            return EXIT_PLANNED
+        store = opened
         files = FilesSink(settings.files) if settings.files is not None else None
         worker = Worker(settings, consumer, store, files, stopping)
         log.info("worker draining %s into %s%s", settings.queue, mask_url(settings.store_url),
@@ -270,9 +362,26 @@ def run_worker(settings: Settings, redis_url: str) -> int:
         return EXIT_FATAL
 
 
+def _open_store(url: str, stopping: threading.Event) -> Store | None:
+    """Open the store, waiting while it is unavailable (locked); None if told to stop."""
+    backoff = Backoff(initial=0.2, cap=5.0)
+    while not stopping.is_set():
+        try:
+            return open_store(url)
+        except StoreUnavailable as exc:
+            delay = backoff.next_delay()
+            log.error("store unavailable at start (%s); retrying in %.1fs", exc, delay)
+            stopping.wait(delay)
+    return None
+
+
 def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
-    """Create the consumer group, waiting out a Redis outage; False if told to stop."""
-    backoff = Backoff()
+    """Create the consumer group, waiting out a Redis outage; False if told to stop.
+
+    A group that exists needs no write, so a Redis that refuses writes (out of
+    memory) does not keep the worker that would free it from starting.
+    """
+    backoff = Backoff(cap=2.0)
     while not stopping.is_set():
         try:
             consumer.ensure_group()
@@ -280,5 +389,10 @@ def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
         except REDIS_DOWN as exc:
             delay = backoff.next_delay()
             log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
+            stopping.wait(delay)
+        except REDIS_REFUSING as exc:
+            delay = backoff.next_delay()
+            log.warning("Redis refuses writes (%s) and group %s of %s does not exist yet; "
+                        "retrying in %.1fs", exc, consumer.group, consumer.stream, delay)
             stopping.wait(delay)
     return False
