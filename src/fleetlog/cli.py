@@ -188,6 +188,8 @@ def gateway(config: str | None, **flags: Any) -> int:
 @click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
 @click.option("--retention-bytes", type=int, default=None,
               help="Prune the oldest records while the store is bigger than this.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus /metrics on this port (default 0: off).")
 @_exit_code
 def worker(config: str | None, **flags: Any) -> int:
     """Drain the queue into the store (and the daily files)."""
@@ -549,6 +551,105 @@ def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
         _fail("name dead letter ids, or --all")
     count = _dead_letters(config, flags).purge(None if purge_all else list(entry_ids))
     click.echo(f"purged {count}")
+
+
+@cli.command()
+@_common
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", "http_port", type=int, default=None, help="Port (default 8080).")
+@click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")
+@click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
+@_exit_code
+def api(config: str | None, **flags: Any) -> int:
+    """The HTTP API: commands, device tokens, health, metrics (tokens: `api-token add`)."""
+    from fleetlog.api.app import run_api
+
+    settings = _settings(config, **flags)
+    _logging()
+    return run_api(settings, _redis_url(settings), settings.http_port)
+
+
+@cli.group("api-token")
+def api_token() -> None:
+    """Operator tokens for the HTTP API: add, list, revoke."""
+
+
+def _operator_tokens(config: str | None, flags: dict[str, Any]) -> Any:
+    from fleetlog.api.auth import OperatorTokens
+    from fleetlog.queue.connection import connect
+
+    settings = _settings(config, **flags)
+    return OperatorTokens(connect(_redis_url(settings), timeout=settings.redis_timeout))
+
+
+@api_token.command("add")
+@_redis_command
+@click.argument("name")
+@click.option("--role", type=click.Choice(["read", "admin"]), default="read", show_default=True,
+              help="read: every reading route; admin: also commands and device tokens.")
+def api_token_add(config: str | None, name: str, role: str, **flags: Any) -> None:
+    """Create an operator token NAME and print it (alone, once: it is stored only as a hash)."""
+    click.echo(_operator_tokens(config, flags).add(name, role))
+
+
+@api_token.command("list")
+@_redis_command
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+def api_token_list(config: str | None, as_json: bool, **flags: Any) -> None:
+    """Every operator token's name, role and creation time (never the token)."""
+    rows = [{"name": t.name, "role": t.role, "created_at": t.created_at}
+            for t in _operator_tokens(config, flags).list()]
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(rows) + b"\n")
+        return
+    for row in rows:
+        click.echo(f"{row['name']}\t{row['role']}\tcreated {row['created_at']}")
+
+
+@api_token.command("revoke")
+@_redis_command
+@click.argument("name")
+def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
+    """Delete the operator token NAME; requests with it are refused (401) at once."""
+    _operator_tokens(config, flags).revoke(name)
+    click.echo(f"revoked {name}", err=True)
+
+
+@cli.command()
+@_common
+@click.argument("device_id")
+@click.argument("body")
+@click.option("--wait", type=click.FloatRange(0, 60), default=0.0, show_default=True,
+              help="Seconds to wait for a v2 device's command_result (printed).")
+@click.option("--api-url", default=None, help="The API (default http://HOST:HTTP_PORT).")
+@click.option("--api-token", default=None, help="An admin token (or FLEETLOG_API_TOKEN).")
+@click.option("--host", default=None, hidden=True)
+@click.option("--http-port", type=int, default=None, hidden=True)
+def send(config: str | None, device_id: str, body: str, wait: float, **flags: Any) -> None:
+    """Send the command BODY (JSON) to DEVICE_ID through the API.
+
+    Exit 0 when delivered (and, with --wait, answered), 1 offline, 2 timeout, 3 when the API
+    could not be asked.
+    """
+    from fleetlog.api.client import ApiError, send_command
+
+    settings = _settings(config, **flags)
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        click.echo(f"fleetlog: BODY is not JSON: {exc}", err=True)
+        sys.exit(3)
+    url = settings.api_url or f"http://{settings.host}:{settings.http_port}"
+    if not settings.api_token:
+        click.echo("fleetlog: give an admin token: --api-token or FLEETLOG_API_TOKEN", err=True)
+        sys.exit(3)
+    try:
+        outcome = send_command(url, settings.api_token, device_id, value, wait=wait)
+    except ApiError as exc:
+        click.echo(f"fleetlog: {exc}", err=True)
+        sys.exit(3)
+    sys.stdout.buffer.write(orjson.dumps(outcome) + b"\n")
+    sys.exit({"delivered": 0, "offline": 1}.get(str(outcome.get("status")), 2))
 
 
 @cli.command("config")

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     retention_bytes: int | None = Field(default=None, gt=0)
     prune_interval: float = Field(default=60.0, gt=0)
     index_max_lag: int = Field(default=200_000, ge=0)
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics; 0: off
+
+    # HTTP API (``fleetlog api``, ``fleetlog send``).
+    api_url: str | None = None  # default http://HOST:HTTP_PORT
+    api_token: str | None = None
+    max_consumer_lag: int = Field(default=100_000, ge=0)  # /readyz fails above it
 
     # ``fleetlog up``.
     no_files: bool = False

@@ -100,3 +100,24 @@ def stored_seqs(device_id: str) -> str:
 def refusals(device_id: str) -> str:
     """Hash: reason -> how many frames or handshakes of this device were refused."""
     return f"fleetlog:refusals:{part(device_id)}"
+
+
+def command_reply(command_id: str) -> str:
+    """Pub/sub channel the gateway holding a device answers one command on.
+
+    Both messages about command ``command_id`` come here: ``delivered`` or
+    ``offline`` from the node, then the device's ``command_result``.
+    """
+    return f"fleetlog:command:{part(command_id)}"
+
+
+#: Pub/sub channel a worker announces each committed batch on (see ``fleetlog.worker.commits``).
+COMMITS = "fleetlog:commits"
+
+#: Hash: SHA-256 of an operator (API) token -> JSON ``{"name", "role", "created_at"}``.
+API_TOKENS = "fleetlog:api-tokens"
+
+
+def api_token(name: str) -> str:
+    """Hash: ``token_hash``, ``role``, ``created_at`` of one operator token, by name."""
+    return f"fleetlog:api-token:{part(name)}"

@@ -37,9 +37,11 @@ from fleetlog.errors import ErrorCode, FrameError
 __all__ = [
     "LOG_UPLOAD_RESPONSE",
     "SERVER_RECEIVED",
+    "CommandResult",
     "LegacyFrame",
     "LogBatch",
     "ack_frame",
+    "command_frame",
     "decode_json",
     "encode_json",
     "error_frame",
@@ -85,6 +87,18 @@ class LogBatch:
     session: str
     records: list[bytes]
     seqs: list[int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """A v2 device's answer to a command: ``{"type": "command_result", "id": ..., ...}``.
+
+    ``payload`` is the frame as the device sent it (JSON); the gateway hands
+    it to whoever sent the command and answers the device nothing.
+    """
+
+    id: str
+    payload: bytes
 
 
 def _reject_constant(name: str) -> Any:
@@ -161,7 +175,7 @@ def _decode_object(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def parse_frame(payload: bytes, max_records: int) -> LegacyFrame | LogBatch:
+def parse_frame(payload: bytes, max_records: int) -> LegacyFrame | LogBatch | CommandResult:
     """Parse one text message of either protocol.
 
     Raises :class:`FrameError` with ``bad_json`` when the payload is not JSON
@@ -172,7 +186,14 @@ def parse_frame(payload: bytes, max_records: int) -> LegacyFrame | LogBatch:
     the original did for every frame.
     """
     message = _decode_object(payload)
-    if message.get("type") == "log":
+    kind = message.get("type")
+    if kind == "command_result":
+        try:
+            return CommandResult(_frame_id(message.get("id"), "command_result"), payload)
+        except FrameError as exc:
+            exc.v2 = True
+            raise
+    if kind == "log":
         try:
             return _log_batch(message, max_records)
         except FrameError as exc:
@@ -186,9 +207,9 @@ def parse_legacy(payload: bytes) -> LegacyFrame:
     return _legacy(_decode_object(payload))
 
 
-def _frame_id(value: Any) -> str:
+def _frame_id(value: Any, kind: str = "log") -> str:
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-        raise FrameError(ErrorCode.BAD_FRAME, "a log frame needs an id (string or integer)")
+        raise FrameError(ErrorCode.BAD_FRAME, f"a {kind} frame needs an id (string or integer)")
     frame_id = str(value)
     if len(frame_id) > 128:
         raise FrameError(ErrorCode.BAD_FRAME, "id is longer than 128 characters")
@@ -267,6 +288,23 @@ def ack_frame(
         ack["stored_through"] = stored_through
         ack["missing"] = [list(gap) for gap in missing]
     return orjson.dumps(ack)
+
+
+def command_frame(command_id: str, body: Any, *, v2: bool) -> bytes:
+    """The frame that carries a command down to a device (CONTRACT.md).
+
+    A legacy device gets ``body`` as it is.  A v2 device gets
+    ``{"type": "command", "id": command_id, ...body}`` when ``body`` is an
+    object (its own ``type`` and ``id`` are replaced), else
+    ``{"type": "command", "id": command_id, "body": body}``; it may answer
+    with a ``command_result`` frame carrying the same ``id``.
+    """
+    if not v2:
+        return encode_json(body)
+    if isinstance(body, dict):
+        fields = {key: value for key, value in body.items() if key not in ("type", "id")}
+        return encode_json({"type": "command", "id": command_id, **fields})
+    return encode_json({"type": "command", "id": command_id, "body": body})
 
 
 def server_text_frame(payload: bytes) -> bytes:

@@ -20,6 +20,8 @@ perform what it returns, in order:
   back with :meth:`~Connection.receive_outcome` (the submission is the token);
 * :class:`Link` / :class:`Unlink`: tell the link registry;
 * :class:`Refusal`: count the refusal in the link registry;
+* :class:`CommandAnswer`: hand a v2 device's ``command_result`` to whoever
+  sent the command (the device gets no reply to it);
 * :class:`SetTimer`: call :meth:`~Connection.delay_elapsed` in ``delay`` seconds;
 * ``Reading.PAUSE`` / ``Reading.RESUME``: pause / resume reading from the socket;
 * :class:`Close`: send a close frame with that code and reason, and keep
@@ -63,6 +65,7 @@ __all__ = [
     "RECEIVED_AND_STORED",
     "Action",
     "Close",
+    "CommandAnswer",
     "Connection",
     "Link",
     "Reading",
@@ -95,7 +98,7 @@ class Submission:
     object.  ``wire`` is the frame's reply once the outcome is known.
     """
 
-    __slots__ = ("device_id", "frame_id", "records", "seqs", "session", "wire")
+    __slots__ = ("device_id", "frame_id", "queued_at", "records", "seqs", "session", "wire")
 
     def __init__(self, device_id: str, records: list[bytes], frame_id: str | None = None,
                  seqs: list[int | None] | None = None, session: str = "") -> None:
@@ -105,6 +108,8 @@ class Submission:
         self.seqs = seqs
         self.session = session
         self.wire: bytes | None = None
+        #: When the caller handed it to the producer (its clock; for the ack latency metric).
+        self.queued_at = 0.0
 
     def __repr__(self) -> str:
         return f"Submission({self.device_id!r}, {len(self.records)} records, id={self.frame_id!r})"
@@ -133,6 +138,15 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandAnswer:
+    """``device_id`` answered command ``command_id`` with ``payload`` (its whole JSON frame)."""
+
+    device_id: str
+    command_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
     """Call :meth:`Connection.delay_elapsed` in ``delay`` seconds."""
 
@@ -155,7 +169,7 @@ class Reading(Enum):
 
 
 #: What :meth:`Connection.actions_to_take` returns; ``bytes`` are data to write.
-Action = bytes | Submission | Link | Unlink | Refusal | SetTimer | Close | Reading
+Action = bytes | Submission | Link | Unlink | Refusal | SetTimer | Close | Reading | CommandAnswer
 
 #: Returns the rate limiter of a device, given the time; limits are per device,
 #: shared by all its connections, so the gateway keeps them.
@@ -186,7 +200,7 @@ class Connection:
     __slots__ = (
         "_actions", "_delayed", "_inbox", "_limiter_for", "_max_records", "_paused",
         "_reassembler", "_replies", "_state", "_stopped", "_write_blocked", "device_id",
-        "identity", "last_activity",
+        "identity", "last_activity", "v2",
     )
 
     def __init__(self, identity: Identity | None, *, max_message_bytes: int,
@@ -196,6 +210,9 @@ class Connection:
         self.device_id: str | None = identity.device_id if identity else None
         #: When the device last sent a data frame (the caller's clock).
         self.last_activity = now
+        #: Whether the device speaks v2: authenticated at the handshake, or sent a v2
+        #: frame.  Decides how a command reaches it (:func:`~fleetlog.protocol.command_frame`).
+        self.v2 = identity is not None
         self._limiter_for = limiter_for
         self._max_records = max_records_per_frame
         self._reassembler = Reassembler(max_message_bytes)
@@ -255,6 +272,16 @@ class Connection:
             self._inbox.append(message)  # its turn comes after the delayed frame's
         else:
             self._receive_message(message, now)
+
+    def send_command(self, wire: bytes) -> bool:
+        """Write a command frame (a ready server frame) now; ``False`` if the connection is closing.
+
+        Commands are not replies: they go out at once, whatever replies are awaited.
+        """
+        if self._state != _OPEN:
+            return False
+        self._actions.append(wire)
+        return True
 
     def receive_outcome(self, submission: Submission, outcome: IngestResult | FleetlogError) -> None:
         """The producer's outcome for ``submission`` (also :class:`~fleetlog.errors.QueueClosed`
@@ -337,10 +364,17 @@ class Connection:
         except FrameError as exc:
             self._refuse(exc.code, exc.message, exc.frame_id, legacy=not exc.v2)
             return
+        if isinstance(frame, protocol.CommandResult):
+            self.v2 = True
+            device_id = self.device_id
+            if device_id is not None:
+                self._actions.append(CommandAnswer(device_id, frame.id, frame.payload))
+            return
         if isinstance(frame, protocol.LegacyFrame):
             frame_id = None
             records = [frame.record] if frame.record is not None else []
         else:
+            self.v2 = True
             frame_id, records = frame.id, frame.records
         device_id = self._device_for(frame.device_id, frame_id)
         if device_id is None:

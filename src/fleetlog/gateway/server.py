@@ -27,6 +27,7 @@ import time
 from typing import Any, Final
 
 import aiofastnet
+import orjson
 import uvloop
 from picows import (
     WSAutoPingStrategy,
@@ -39,17 +40,19 @@ from picows import (
     WSUpgradeResponseWithListener,
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
+from prometheus_client import CollectorRegistry
 
-from fleetlog import protocol
+from fleetlog import keys, protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenTable
-from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed
+from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, QueueFull
 from fleetlog.gateway import health
 from fleetlog.gateway.addresses import AddressLimit
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
 from fleetlog.gateway.connection import (
     Action,
     Close,
+    CommandAnswer,
     Connection,
     Link,
     Reading,
@@ -63,6 +66,7 @@ from fleetlog.gateway.messages import CloseCode
 from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
+from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
 from fleetlog.queue.connection import connect_async
 from fleetlog.queue.producer import IngestResult, Producer
 
@@ -211,6 +215,7 @@ class DeviceConnection(WSListener):
             return
         if msg_type not in _DATA:
             return  # PONG: picows' keepalive already noted it
+        self.gateway.frames_in += 1
         if transport.is_close_frame_sent:
             # Closing: nothing more is read.  picows sends 1009 on the header of a
             # frame over max_frame_size but keeps parsing until it disconnects,
@@ -223,6 +228,13 @@ class DeviceConnection(WSListener):
     # -- the connection's events that are not picows' ------------------------------
 
     def _on_outcome(self, submission: Submission, outcome: IngestResult | FleetlogError) -> None:
+        gateway = self.gateway
+        if isinstance(outcome, FleetlogError):
+            code = ErrorCode.BUSY if isinstance(outcome, QueueFull) else ErrorCode.UNAVAILABLE
+            gateway.errors[code] = gateway.errors.get(code, 0) + 1
+        else:
+            gateway.acks += 1
+            gateway.ack_latency.observe(time.monotonic() - submission.queued_at)
         self.conn.receive_outcome(submission, outcome)
         self._perform()
 
@@ -239,6 +251,14 @@ class DeviceConnection(WSListener):
         """Close the connection with ``code`` (see :meth:`Connection.close`)."""
         self.conn.close(code, reason)
         self._perform()
+
+    def send_command(self, wire: bytes) -> bool:
+        """Write a command frame now; ``False`` if the connection is closing or gone."""
+        if self._transport is None:
+            return False
+        sent = self.conn.send_command(wire)
+        self._perform()
+        return sent
 
     def disconnect(self) -> None:
         """Close the socket now (what a close does once the device answered)."""
@@ -266,6 +286,7 @@ class DeviceConnection(WSListener):
 
     def _submit(self, submission: Submission) -> None:
         """Hand records to the producer; once it is closed (shutdown), answer ``unavailable`` now."""
+        submission.queued_at = time.monotonic()
         try:
             self.gateway.producer.submit(
                 submission.device_id, submission.records, functools.partial(self.on_outcome, submission),
@@ -290,6 +311,10 @@ class DeviceConnection(WSListener):
             registry.unlink(action.device_id, self.conn_id)
         elif isinstance(action, Refusal):
             registry.count_refusal(action.device_id, action.reason)
+            errors = self.gateway.errors
+            errors[action.reason] = errors.get(action.reason, 0) + 1
+        elif isinstance(action, CommandAnswer):
+            self.gateway.answer_command(action)
         elif isinstance(action, SetTimer):
             asyncio.get_running_loop().call_later(action.delay, self._delay_elapsed)
         elif isinstance(action, Close):
@@ -326,6 +351,14 @@ class Gateway:
             burst=settings.rate_burst, max_delay=settings.rate_max_delay,
         )
         self._ids = itertools.count(1)
+        # Counted in plain attributes on the hot path, read at scrape time (fleetlog.metrics).
+        self.frames_in = 0
+        self.acks = 0
+        self.errors: dict[str, int] = {}
+        self.ack_latency = Histogram()
+        self.commands: dict[str, int] = {}
+        self.metrics = self._metrics_registry()
+        self._publishing: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -358,9 +391,33 @@ class Gateway:
 
     # -- connections ----------------------------------------------------------------
 
+    def _metrics_registry(self) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(TallyCollector([
+            ("gauge", "fleetlog_gateway_connections", "Open device connections.",
+             lambda: len(self.connections)),
+            ("counter", "fleetlog_gateway_frames_total", "Data frames received from devices.",
+             lambda: self.frames_in),
+            ("counter", "fleetlog_gateway_acks_total",
+             "Frames acknowledged to devices once Redis had their records.", lambda: self.acks),
+            ("counter", "fleetlog_gateway_errors_total|code",
+             "Frames and connections refused, by error code.", lambda: self.errors),
+            ("histogram", "fleetlog_gateway_ack_latency_seconds",
+             "From handing a frame's records to the producer to Redis' answer.",
+             lambda: self.ack_latency),
+            ("counter", "fleetlog_gateway_commands_total|status",
+             "Commands for devices on this node, by outcome.", lambda: self.commands),
+        ]))
+        return registry
+
     def _accept(self, request: WSUpgradeRequest) -> Any:
-        if request.path.split(b"?")[0] == b"/healthz":
+        path = request.path.split(b"?")[0]
+        if path == b"/healthz":
             return self._health()
+        if path == b"/metrics":
+            response = WSUpgradeResponse.create_ok_response(
+                render(self.metrics), extra_headers={"Content-Type": CONTENT_TYPE})
+            return WSUpgradeResponseWithListener(response, None)
         try:
             identity = self.auth.identify(request.headers.get("Authorization"), request.path)
         except Refused as exc:
@@ -418,11 +475,61 @@ class Gateway:
             self.registry.unlink(device_id, connection.conn_id)
 
     def on_control(self, message: dict[str, Any]) -> None:
-        """A message on this node's control channel (another node's take-over)."""
-        if message.get("op") == "takeover":
+        """A message on this node's control channel: another node's take-over, or a command."""
+        op = message.get("op")
+        if op == "takeover":
             connection = self._by_conn.get(str(message.get("conn")))
             if connection is not None:
                 connection.close(CLOSE_TAKEN_OVER, "replaced by a newer connection of this device")
+        elif op == "command":
+            self._command(message)
+
+    def _command(self, message: dict[str, Any]) -> None:
+        """Write a command to its device and say on its reply channel whether it went out.
+
+        ``message`` is ``{"op": "command", "id", "device", "conn", "body"}``
+        (see :mod:`fleetlog.api.commands`).  The connection is the one the
+        link named, or, if that one is gone, the device's current one here.
+        """
+        command_id, device_id = message.get("id"), message.get("device")
+        if not isinstance(command_id, str) or not isinstance(device_id, str) or "body" not in message:
+            log.warning("ignoring a malformed command: %r", message)
+            return
+        connection = self._by_conn.get(str(message.get("conn"))) or self._by_device.get(device_id)
+        status = "offline"
+        if connection is not None and connection.device_id == device_id:
+            wire = protocol.server_text_frame(
+                protocol.command_frame(command_id, message["body"], v2=connection.conn.v2))
+            if connection.send_command(wire):
+                status = "delivered"
+        self.commands[status] = self.commands.get(status, 0) + 1
+        self._publish(keys.command_reply(command_id),
+                      orjson.dumps({"id": command_id, "device": device_id, "status": status,
+                                    "node": self.settings.node_id}))
+
+    def answer_command(self, answer: CommandAnswer) -> None:
+        """Hand a device's ``command_result`` to the command's sender (on its reply channel)."""
+        self.commands["answered"] = self.commands.get("answered", 0) + 1
+        self._publish(keys.command_reply(answer.command_id),
+                      b'{"id":%s,"device":%s,"status":"result","result":%s}' % (
+                          orjson.dumps(answer.command_id), orjson.dumps(answer.device_id),
+                          answer.payload))
+
+    def _publish(self, channel: str, message: bytes) -> None:
+        """Publish in the background; a lost message is the sender's timeout, nothing worse."""
+        if len(self._publishing) >= 10_000:
+            log.warning("too many command replies in flight; dropping one for %s", channel)
+            return
+
+        async def publish() -> None:
+            try:
+                await self._client.publish(channel, message)
+            except Exception as exc:
+                log_failure("publishing a command reply", exc)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -49,15 +49,21 @@ import time
 import traceback
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import orjson
+from prometheus_client import CollectorRegistry, start_http_server
 
 from fleetlog.config import Settings, mask_url
+from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
 from fleetlog.queue.connection import REDIS_DOWN, connect
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
+from fleetlog.queue.stats import QueueStats, queue_stats
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
 from fleetlog.store import RecordRejected, Store, StoreUnavailable, open_store
 from fleetlog.store.files import FilesSink
+from fleetlog.worker.commits import CommitAnnouncer
 from fleetlog.worker.retention import Pruner
 
 __all__ = ["Backoff", "Worker", "run_worker"]
@@ -100,8 +106,13 @@ class Worker:
         store: Store,
         files: FilesSink | None,
         stopping: threading.Event | None = None,
+        commits: CommitAnnouncer | None = None,
     ) -> None:
         self.settings = settings
+        self.commits = commits
+        #: Records per batch and seconds per store write (read by ``/metrics``).
+        self.batch_sizes = Histogram(SIZE_BUCKETS)
+        self.write_latency = Histogram()
         self.consumer = consumer
         self.store = store
         self.files = files
@@ -175,6 +186,8 @@ class Worker:
         while True:
             try:
                 self.consumer.ack(done)
+                if self.commits is not None and done:
+                    self._announce(done)
                 return
             except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
                 if self.stopping.is_set():
@@ -182,6 +195,16 @@ class Worker:
                 delay = backoff.next_delay()
                 log.warning("ack failed, Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 self.stopping.wait(delay)
+
+    def _announce(self, done: Sequence[QueuedRecord]) -> None:
+        """Tell live readers the store moved (after the ack: what they read is final)."""
+        assert self.commits is not None
+        try:
+            seq = self.store.max_seq()
+        except StoreUnavailable as exc:
+            log.warning("commit not announced: %s", exc)
+            return
+        self.commits.announce(seq, done)
 
     def _store(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord] | None:
         """Store (and file) ``records``; return those that may be acknowledged.
@@ -210,7 +233,10 @@ class Worker:
                 self._reopen()
             pending = [record for record in records if record not in dead]
             try:
+                started = time.monotonic()
                 self.store.write_batch(pending)
+                self.write_latency.observe(time.monotonic() - started)
+                self.batch_sizes.observe(len(pending))
                 stored = list(pending)
             except RecordRejected as exc:
                 log.warning("batch rejected (%s); storing its records one by one", exc)
@@ -348,18 +374,57 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
             return EXIT_PLANNED
         store = opened
         files = FilesSink(settings.files) if settings.files is not None else None
-        worker = Worker(settings, consumer, store, files, stopping)
+        worker = Worker(settings, consumer, store, files, stopping, CommitAnnouncer(client))
+        metrics = _serve_metrics(settings, worker, client)
         log.info("worker draining %s into %s%s", settings.queue, mask_url(settings.store_url),
                  f" and {settings.files}" if files else "")
         try:
             return worker.run()
         finally:
+            if metrics is not None:
+                metrics.shutdown()
             store.close()
             client.close()
     except Exception as exc:
         log.exception("fatal error")
         write_fatal_error(settings, exc)
         return EXIT_FATAL
+
+
+def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServer | None:
+    """Serve ``/metrics`` on ``settings.metrics_port`` (0: off) in a thread of its own.
+
+    Counters are the worker's plain attributes; the queue's numbers are read
+    from Redis at scrape time (:func:`~fleetlog.queue.stats.queue_stats`).
+    """
+    if not settings.metrics_port:
+        return None
+
+    def stats() -> QueueStats:
+        return queue_stats(client, queue=settings.queue, stream=settings.stream, group=settings.group,
+                           dead_letter_stream=settings.dead_letter_stream)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TallyCollector([
+        ("counter", "fleetlog_worker_records_stored_total", "Records committed to the store.",
+         lambda: worker.stored),
+        ("counter", "fleetlog_worker_dead_letters_total", "Records this worker dead-lettered.",
+         lambda: worker.dead_lettered),
+        ("histogram", "fleetlog_worker_batch_size_records", "Records per store write.",
+         lambda: worker.batch_sizes),
+        ("histogram", "fleetlog_worker_store_write_seconds", "Duration of one store write.",
+         lambda: worker.write_latency),
+        ("gauge", "fleetlog_queue_backlog", "Entries kept in the queue.", lambda: stats().backlog),
+        ("gauge", "fleetlog_queue_consumer_lag", "Entries the workers' group has not read yet.",
+         lambda: stats().lag),
+        ("gauge", "fleetlog_queue_pending", "Entries read but not acknowledged.",
+         lambda: stats().pending),
+        ("gauge", "fleetlog_queue_dead_letters", "Entries in the dead-letter stream.",
+         lambda: stats().dead_letters),
+    ]))
+    server, _thread = start_http_server(settings.metrics_port, settings.host, registry)
+    log.info("worker metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+    return server
 
 
 def _open_store(url: str, stopping: threading.Event) -> Store | None:

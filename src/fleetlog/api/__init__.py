@@ -1,0 +1,1 @@
+"""fleetlog's HTTP API: operator auth, commands down to devices, health and metrics."""

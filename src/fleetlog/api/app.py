@@ -1,0 +1,114 @@
+"""The HTTP API: :func:`create_app` builds it, :func:`run_api` serves it with uvicorn.
+
+Routes live in their own modules (``commands``, ``device_tokens``,
+``health``); this one wires them, owns the clients' lifetime (opened at
+startup, closed at shutdown), and counts requests for ``/metrics``.  Every
+route but ``/healthz`` needs an operator token (:mod:`.auth`), ``/openapi.json``
+included.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from fleetlog.api import commands, device_tokens, health
+from fleetlog.api.deps import Reader, Services
+from fleetlog.config import Settings, mask_url
+from fleetlog.metrics import TallyCollector
+from fleetlog.queue.connection import connect, connect_async
+from fleetlog.queue.stats import QueueStats, queue_stats
+
+__all__ = ["create_app", "run_api"]
+
+log = logging.getLogger("fleetlog.api")
+
+
+def _registry(settings: Settings, services: Callable[[], Services]) -> tuple[CollectorRegistry, Counter,
+                                                                            Counter, Histogram]:
+    registry = CollectorRegistry(auto_describe=True)
+    requests = Counter("fleetlog_api_requests_total", "HTTP requests answered, by route and status.",
+                       ["route", "status"], registry=registry)
+    latency = Histogram("fleetlog_api_request_seconds", "Time to answer an HTTP request.",
+                        registry=registry)
+    sent = Counter("fleetlog_api_commands_total", "Commands sent to devices, by outcome.", ["status"],
+                   registry=registry)
+
+    def stats() -> QueueStats:
+        return queue_stats(services().redis, queue=settings.queue, stream=settings.stream,
+                           group=settings.group, dead_letter_stream=settings.dead_letter_stream)
+
+    registry.register(TallyCollector([
+        ("gauge", "fleetlog_queue_backlog", "Entries kept in the queue.", lambda: stats().backlog),
+        ("gauge", "fleetlog_queue_consumer_lag", "Entries the workers' group has not read yet.",
+         lambda: stats().lag),
+        ("gauge", "fleetlog_queue_pending", "Entries read but not acknowledged.",
+         lambda: stats().pending),
+        ("gauge", "fleetlog_queue_dead_letters", "Entries in the dead-letter stream.",
+         lambda: stats().dead_letters),
+    ]))
+    return registry, requests, sent, latency
+
+
+def create_app(settings: Settings, redis_url: str) -> FastAPI:
+    """The API application for ``settings``, on the Redis at ``redis_url``."""
+    holder: list[Services] = []
+    registry, requests, sent, latency = _registry(settings, lambda: holder[0])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings, redis_url, connect_async(redis_url, timeout=settings.redis_timeout),
+                            connect(redis_url, timeout=settings.redis_timeout), registry, sent)
+        holder[:] = [services]
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.aredis.aclose()
+            services.redis.close()
+
+    app = FastAPI(title="fleetlog", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="Read a fleet's logs, send its devices commands, manage "
+                  "its credentials.  Every route but /healthz needs `Authorization: Bearer TOKEN` "
+                  "(`fleetlog api-token add NAME`).")
+    for module in (health, commands, device_tokens):
+        app.include_router(module.router)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_token: Reader) -> dict[str, Any]:
+        return app.openapi()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.monotonic()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        latency.observe(time.monotonic() - started)
+        return response
+
+    return app
+
+
+def run_api(settings: Settings, redis_url: str, port: int) -> int:
+    """Entry point of ``fleetlog api``: serve until SIGINT/SIGTERM, return the exit code."""
+    import uvicorn
+
+    app = create_app(settings, redis_url)
+    log.info("API on http://%s:%d (Redis %s, store %s)", settings.host, port, mask_url(redis_url),
+             mask_url(settings.store_url))
+    config = uvicorn.Config(app, host=settings.host, port=port, loop="uvloop", log_level="warning",
+                            access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except OSError as exc:
+        log.error("API cannot start: %s", exc)
+        return 1
+    return 0 if server.started else 1

@@ -1,0 +1,89 @@
+"""What every route shares: the process's clients and the bearer-token check.
+
+:class:`Services` lives on ``app.state.services`` from startup to shutdown.
+:func:`require` builds the dependency a route declares to need a role:
+no or an unknown token is 401 (with ``WWW-Authenticate: Bearer``), a role
+too weak is 403, Redis not answering is 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import redis
+import redis.asyncio
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter
+
+from fleetlog.api.auth import OperatorToken, Role, allows, identify
+from fleetlog.config import Settings
+from fleetlog.queue.connection import REDIS_DOWN
+
+__all__ = ["ERRORS", "Admin", "Found", "Reader", "Services", "require", "services"]
+
+
+
+_DETAIL: Final = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
+
+#: The error answers every authenticated route may give, for the OpenAPI schema.
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"description": "No token, or an unknown or revoked one.", **_DETAIL},
+    403: {"description": "The token's role may not do this.", **_DETAIL},
+    503: {"description": "Redis is not answering.", **_DETAIL},
+}
+
+
+@dataclass
+class Services:
+    """The clients one API process uses (created at startup, closed at shutdown)."""
+
+    settings: Settings
+    redis_url: str
+    aredis: redis.asyncio.Redis  # auth lookups, commands
+    redis: redis.Redis  # blocking routes run in a thread: credentials, readiness
+    registry: CollectorRegistry
+    commands: Counter
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+#: A route's parameter: the process's :class:`Services`.
+Found = Annotated[Services, Depends(services)]
+
+_bearer = HTTPBearer(auto_error=False, description="An operator token from `fleetlog api-token add`.")
+
+
+def require(role: Role) -> Callable[..., Awaitable[OperatorToken]]:
+    """A dependency that admits a request only with a token of ``role`` (or admin)."""
+
+    async def check(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        found: Found,
+    ) -> OperatorToken:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(401, "an operator token is needed: Authorization: Bearer TOKEN",
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            token = await identify(found.aredis, credentials.credentials)
+        except REDIS_DOWN as exc:
+            raise HTTPException(503, "Redis is not answering; try again") from exc
+        if token is None:
+            raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        if not allows(token.role, role):
+            raise HTTPException(403, f"this needs an {role} token; {token.name!r} is {token.role}")
+        return token
+
+    return check
+
+
+#: A route's parameter that needs a ``read`` (or ``admin``) token.
+Reader = Annotated[OperatorToken, Depends(require("read"))]
+#: A route's parameter that needs an ``admin`` token.
+Admin = Annotated[OperatorToken, Depends(require("admin"))]

@@ -1,0 +1,91 @@
+"""``/healthz`` (the process answers), ``/readyz`` (it can do its work) and ``/metrics``.
+
+Ready means: Redis answers, the store is writable, and the workers' consumer
+lag is under ``max_consumer_lag``.  For SQLite "writable" is tested for real:
+a write transaction begun and rolled back (taking the write lock for an
+instant), without ever creating the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import redis
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from fleetlog.api.deps import ERRORS, Found, Reader, Services
+from fleetlog.metrics import CONTENT_TYPE, render
+from fleetlog.queue.stats import queue_stats
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+
+
+class Healthy(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, str]
+
+
+@router.get("/healthz", response_model=Healthy, summary="The API process answers (no token needed)")
+def healthz() -> Healthy:
+    return Healthy(status="ok")
+
+
+def _store_problem(url: str) -> str | None:
+    if not url.startswith("sqlite:///"):
+        return None  # other stores report through their own checks
+    path = url.removeprefix("sqlite:///")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=1.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        return f"cannot open the store: {exc}"
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        return f"the store is not writable: {exc}"
+    finally:
+        db.close()
+    return None
+
+
+def readiness(found: Services) -> Readiness:
+    settings = found.settings
+    checks: dict[str, str] = {}
+    try:
+        found.redis.ping()
+        checks["redis"] = "ok"
+        stats = queue_stats(found.redis, queue=settings.queue, stream=settings.stream,
+                            group=settings.group, dead_letter_stream=settings.dead_letter_stream)
+        checks["consumer_lag"] = (
+            "ok" if stats.lag <= settings.max_consumer_lag
+            else f"{stats.lag} records not yet read by a worker (limit {settings.max_consumer_lag})")
+    except redis.RedisError as exc:
+        checks["redis"] = f"not answering: {type(exc).__name__}"
+        checks["consumer_lag"] = "unknown"
+    checks["store"] = _store_problem(settings.store_url) or "ok"
+    return Readiness(ready=all(value == "ok" for value in checks.values()), checks=checks)
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={**ERRORS, 503: {"model": Readiness, "description": "Not ready: see checks."}},
+            summary="Redis answers, the store is writable, the consumer lag is under its limit")
+def readyz(_token: Reader, found: Found) -> Any:
+    answer = readiness(found)
+    return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)
+
+
+@router.get("/metrics", response_class=Response, responses={
+    **ERRORS, 200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                    "description": "Prometheus text format."}},
+    summary="Prometheus metrics of this API process and of the queue")
+def metrics(_token: Reader, found: Found) -> Response:
+    return Response(render(found.registry), media_type=CONTENT_TYPE)

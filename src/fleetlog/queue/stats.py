@@ -1,0 +1,48 @@
+"""How much work waits in the queue: what ``/metrics`` and ``/readyz`` report.
+
+Read-only Redis commands, each on one key, so they are cheap enough for a
+scrape and allowed while Redis refuses writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from fleetlog import keys
+
+__all__ = ["QueueStats", "queue_stats"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """``backlog``: entries kept in the queue; ``lag``: not yet read by the workers' group;
+    ``pending``: read but not acknowledged; ``dead_letters``: given up on."""
+
+    backlog: int
+    lag: int
+    pending: int
+    dead_letters: int
+
+
+def queue_stats(client: Any, *, queue: str, stream: str, group: str, dead_letter_stream: str) -> QueueStats:
+    """Read the numbers from Redis (a blocking client); raises redis-py's errors."""
+    dead = int(client.xlen(dead_letter_stream))
+    if queue == "list":
+        waiting = int(client.llen(keys.LEGACY_LIST))
+        return QueueStats(waiting, waiting, int(client.zcard(keys.LEGACY_INFLIGHT)), dead)
+    backlog = int(client.xlen(stream))
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:  # no stream yet
+        groups = []
+    for info in groups:
+        name = info["name"]
+        if (name.decode() if isinstance(name, bytes) else name) == group:
+            lag = info.get("lag")
+            pending = int(info.get("pending") or 0)
+            # ``lag`` is None when Redis cannot tell (after deletions): count it all then.
+            return QueueStats(backlog, backlog if lag is None else int(lag), pending, dead)
+    return QueueStats(backlog, backlog, 0, dead)
