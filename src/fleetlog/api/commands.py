@@ -28,7 +28,7 @@ from fastapi import APIRouter, Body, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from fleetlog import keys
-from fleetlog.api.deps import ERRORS, Admin, Found
+from fleetlog.api.deps import ERRORS, Admin, Found, invalid
 from fleetlog.device_id import device_id_problem
 from fleetlog.gateway.registry import parse_link
 from fleetlog.queue.connection import REDIS_DOWN
@@ -137,7 +137,7 @@ async def post_command(
 ) -> CommandOutcome:
     problem = device_id_problem(device_id)
     if problem:
-        raise HTTPException(422, f"device id: {problem}")
+        raise invalid("path", "device_id", problem)
     try:
         outcome = await send_command(found.aredis, device_id, body, wait=wait)
     except REDIS_DOWN as exc:

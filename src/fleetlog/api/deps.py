@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final
 import redis
 import redis.asyncio
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter
 
@@ -22,7 +23,7 @@ from fleetlog.api.auth import OperatorToken, Role, allows, identify
 from fleetlog.config import Settings
 from fleetlog.queue.connection import REDIS_DOWN
 
-__all__ = ["ERRORS", "Admin", "Found", "Reader", "Services", "require", "services"]
+__all__ = ["ERRORS", "Admin", "Found", "Reader", "Services", "invalid", "require", "services"]
 
 
 
@@ -52,6 +53,11 @@ class Services:
 def services(request: Request) -> Services:
     found: Services = request.app.state.services
     return found
+
+
+def invalid(where: str, name: str, message: str) -> RequestValidationError:
+    """A 422 for a value the schema cannot describe, in FastAPI's own shape (``detail`` a list)."""
+    return RequestValidationError([{"loc": (where, name), "msg": message, "type": "value_error"}])
 
 
 #: A route's parameter: the process's :class:`Services`.

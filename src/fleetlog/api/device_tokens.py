@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response
 from pydantic import BaseModel
 
-from fleetlog.api.deps import ERRORS, Admin, Found, Reader
+from fleetlog.api.deps import ERRORS, Admin, Found, Reader, invalid
 from fleetlog.credentials import Credentials, UnknownDevice
 from fleetlog.device_id import InvalidDeviceId
 from fleetlog.errors import FleetlogError
@@ -65,7 +65,7 @@ def add_device_token(new: NewDevice, _token: Admin, found: Found) -> IssuedToken
     try:
         token = credentials.add(new.device_id)
     except InvalidDeviceId as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise invalid("body", "device_id", str(exc)) from exc
     except REDIS_DOWN as exc:
         raise HTTPException(503, "Redis is not answering") from exc
     except FleetlogError as exc:
