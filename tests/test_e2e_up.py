@@ -28,7 +28,8 @@ def _token(data_dir: Path, device: str) -> str:
 
 def _start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port)],
+        [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port),
+         "--http-port", str(free_port())],
         stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
     wait_for_port(port, timeout=30, process=process)
@@ -143,7 +144,7 @@ def test_logs_follow_grep_since_and_unicode(tmp_path: Path) -> None:
 def _up(data_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port),
-         *extra], stdout=log.open("ab"), stderr=subprocess.STDOUT,
+         "--http-port", str(free_port()), *extra], stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
 
 
@@ -231,3 +232,17 @@ def test_a_second_sigint_forces_up_to_exit(tmp_path: Path) -> None:
     _gone, alive = psutil.wait_procs(tree, timeout=20)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
     assert "second interrupt" in (tmp_path / "up.log").read_text()
+
+
+def test_up_serves_the_api_on_http_port(tmp_path: Path) -> None:
+    import httpx
+
+    data_dir, log, http_port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = _up(data_dir, free_port(), log, "--http-port", str(http_port))
+    try:
+        wait_for_port(http_port, timeout=30, process=up)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=10).json() == {"status": "ok"}
+        assert wait_until(lambda: f"http://127.0.0.1:{http_port}/" in log.read_text(), timeout=30)
+        assert wait_until(lambda: f"http://127.0.0.1:{http_port + 1}/metrics" in log.read_text(), 5)
+    finally:
+        _stop(up)

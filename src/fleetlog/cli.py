@@ -139,7 +139,7 @@ def main() -> None:
 @_gateway_options
 @_exit_code
 def up(config: str | None, **flags: Any) -> int:
-    """Run everything: embedded Redis, gateway and worker."""
+    """Run everything: embedded Redis, gateway, worker and the HTTP API."""
     from fleetlog.credentials import TokenTable
     from fleetlog.gateway.auth import Authenticator
     from fleetlog.supervise import run_up

@@ -121,6 +121,13 @@ def _command() -> str:
     return os.path.relpath(script)
 
 
+def _worker_metrics_port(settings: Settings) -> int:
+    """The worker's ``/metrics`` port under ``up``: as set, else the HTTP port + 1 (0: off)."""
+    if settings.metrics_port or not settings.http_port:
+        return settings.metrics_port
+    return settings.http_port + 1
+
+
 def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
     data_dir = settings.data_dir
     fleetlog = _command()
@@ -133,6 +140,12 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
         f"  queue                {mask_url(redis_url)}{'  (embedded, AOF on)' if embedded else ''}",
         f"  store                {mask_url(settings.store_url)}",
         f"  daily files          {files}",
+        f"  API and console      http://{settings.host}:{settings.http_port}/   "
+        f"(token: {fleetlog} api-token add NAME --role admin{flag})",
+        f"  metrics              http://{settings.host}:{settings.http_port}/metrics (API, with a token), "
+        f"http://{settings.host}:{settings.ws_port}/metrics (gateway)"
+        + (f", http://{settings.host}:{_worker_metrics_port(settings)}/metrics (worker)"
+           if _worker_metrics_port(settings) else ""),
         "",
         f"  device auth          {settings.auth}",
         "",
@@ -179,10 +192,11 @@ class Supervisor:
 
     def run(self) -> int:
         settings = self.settings
-        taken = _port_taken(settings.host, settings.ws_port)
-        if taken:
-            log.error("%s: choose another with --ws-port", taken)
-            return EXIT_REFUSED
+        for port, flag in ((settings.ws_port, "--ws-port"), (settings.http_port, "--http-port")):
+            taken = _port_taken(settings.host, port)
+            if taken:
+                log.error("%s: choose another with %s", taken, flag)
+                return EXIT_REFUSED
         redis_url = settings.redis_url
         if redis_url is None:
             self.redis = RedisServer(
@@ -192,7 +206,8 @@ class Supervisor:
             self.redis.write_up_file()
             redis_url = self.redis.url
         try:
-            worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}"]
+            worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}",
+                            "--metrics-port", str(_worker_metrics_port(settings))]
             if not settings.no_files:
                 worker_extra += ["--files", str(settings.data_dir / "logs")]
             env = {**os.environ, **settings.as_env()}
@@ -202,6 +217,9 @@ class Supervisor:
                     "--node-id", settings.node_id,
                 ), env=env),
                 Child("worker", self._argv("worker", *worker_extra), env=env),
+                Child("api", self._argv(
+                    "api", "--redis-url", redis_url, "--port", str(settings.http_port),
+                ), env=env),
             ]
             for child in self.children:
                 child.start()

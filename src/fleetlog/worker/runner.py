@@ -422,7 +422,11 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
         ("gauge", "fleetlog_queue_dead_letters", "Entries in the dead-letter stream.",
          lambda: stats().dead_letters),
     ]))
-    server, _thread = start_http_server(settings.metrics_port, settings.host, registry)
+    try:
+        server, _thread = start_http_server(settings.metrics_port, settings.host, registry)
+    except OSError as exc:  # a taken port costs the metrics, never the draining
+        log.error("worker metrics not served on port %d: %s", settings.metrics_port, exc)
+        return None
     log.info("worker metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     return server
 
