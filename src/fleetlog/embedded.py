@@ -97,7 +97,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            # A group of its own: a terminal's Ctrl-C must not stop Redis before those
+            # that use it; its owner stops it (and PR_SET_PDEATHSIG if the owner dies).
+            preexec_fn=die_with_parent, process_group=0,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
         deadline = time.monotonic() + timeout

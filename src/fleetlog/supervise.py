@@ -12,8 +12,14 @@ Start order: the embedded Valkey/Redis (unless ``--redis-url`` is given), then
 the gateway and the worker as child processes; "fleetlog is up." is printed
 only once the gateway listens.  A child that exits is started again (the
 worker exits on purpose after ``--max-runtime``).  SIGINT or SIGTERM runs the
-one shutdown path: SIGTERM to every child, wait, SIGKILL what is left, then
-stop Redis (which writes its AOF), and exit 0.  A second SIGINT does not wait:
+one shutdown path, in dependency order, each step bounded: the gateway
+(stops accepting, waits for the replies in flight), then the worker (finishes
+its batch and acks it), then Redis (writes its AOF); a child that does not stop
+in time is SIGKILLed; exit 0.  The children run in process groups of their
+own, so the Ctrl-C a terminal sends to its whole foreground group reaches
+``up`` alone: otherwise Redis would stop at once under a worker still
+draining ("Redis unavailable ... retrying"), and the gateway and worker would
+take ``up``'s SIGTERM for a second, forcing, signal.  A second SIGINT does not wait:
 it SIGKILLs the children (a worker acks only what it stored, so nothing is
 lost), stops Redis and exits 130.  Children also get PR_SET_PDEATHSIG, so even
 a SIGKILLed ``up`` leaves no process behind.
@@ -49,6 +55,9 @@ EXIT_REFUSED = 1
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 _LOCK_FILE = "up.lock"
+#: How long each child gets to stop after SIGTERM: above the gateway's own
+#: drain limit and a worker's longest batch, so an orderly stop is never cut short.
+_CHILD_STOP_TIMEOUT = 20.0
 
 @dataclass
 class Child:
@@ -62,7 +71,9 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
+        # A group of its own: only ``up`` decides when and in which order its children stop.
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent,
+                                        process_group=0)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -250,23 +261,28 @@ class Supervisor:
                 child.start()
 
     def _shutdown(self) -> None:
-        for child in self.children:
-            if child.alive():
-                assert child.process is not None
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
+        """Stop in dependency order: gateway, worker (``self.children``'s order), then Redis.
+
+        Each waits for the one before it: the gateway's last replies need Redis,
+        and the worker's last batch needs Redis to be acked.
+        """
         for child in self.children:
             if child.process is None:
                 continue
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", child.name)
-                child.process.kill()
-                child.process.wait()
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)
+                try:
+                    child.process.wait(_CHILD_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing it", child.name,
+                                _CHILD_STOP_TIMEOUT)
+                    child.process.kill()
+            child.process.wait()
+            log.info("stopped: %s (exit %s)", child.name, child.process.returncode)
         if self.redis is not None:
             self.redis.stop()
             self.redis.remove_up_file()
+            log.info("stopped: redis")
         print("fleetlog stopped.", flush=True)
 
 
