@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -52,6 +51,7 @@ from types import FrameType
 
 import orjson
 
+from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.queue.connection import REDIS_DOWN, connect
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
@@ -71,23 +71,6 @@ EXIT_FORCED = 130  # 128 + SIGINT: a second interrupt
 #: How many times in a row one batch is written again because the store file was
 #: replaced under it, before that counts as the store being unavailable.
 _MAX_REPLACED = 3
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; :meth:`reset` after a success."""
-
-    def __init__(self, initial: float = 0.1, cap: float = 5.0) -> None:
-        self.initial = initial
-        self.cap = cap
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2**self._attempt)
-        self._attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class Worker:
