@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from fleetlog import net
 
 __all__ = ["Child", "ChildFailed", "Children", "cpu_seconds", "wait_for_port"]
 
@@ -43,16 +44,11 @@ def wait_for_port(port: int, child: Child, timeout: float = 20.0) -> None:
 
     Fails early when ``child`` (the server that should listen) has exited.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.popen.poll() is not None:
-            raise ChildFailed(f"{child.name} exited at start ({child.popen.returncode}):\n{child.tail()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise ChildFailed(f"{child.name} did not listen on port {port} within {timeout}s:\n{child.tail()}")
+    outcome = net.wait_for_port(port, timeout=timeout, gone=lambda: child.popen.poll() is not None)
+    if outcome is net.PortWait.GONE:
+        raise ChildFailed(f"{child.name} exited at start ({child.popen.returncode}):\n{child.tail()}")
+    if outcome is net.PortWait.TIMED_OUT:
+        raise ChildFailed(f"{child.name} did not listen on port {port} within {timeout}s:\n{child.tail()}")
 
 
 @dataclass

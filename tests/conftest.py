@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from fleetlog.embedded import RedisServer, free_port
+from fleetlog import net
+from fleetlog.embedded import RedisServer
+from fleetlog.net import free_port
 
 
 @pytest.fixture(scope="session")
@@ -50,16 +50,14 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+    """:func:`fleetlog.net.wait_for_port`, raising when ``process`` exits first or time runs out."""
+    outcome = net.wait_for_port(port, timeout=timeout,
+                                gone=lambda: process is not None and process.poll() is not None)
+    if outcome is net.PortWait.GONE:
+        assert process is not None
+        raise RuntimeError(f"process exited with {process.returncode} before listening")
+    if outcome is net.PortWait.TIMED_OUT:
+        raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
 class Processes:

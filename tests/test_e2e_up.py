@@ -246,3 +246,43 @@ def test_up_serves_the_api_on_http_port(tmp_path: Path) -> None:
         assert wait_until(lambda: f"http://127.0.0.1:{http_port + 1}/metrics" in log.read_text(), 5)
     finally:
         _stop(up)
+
+
+def test_ctrl_c_stops_in_dependency_order_without_redis_warnings(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group, children included.
+
+    ``up`` must still stop gateway, then worker, then Redis: a worker that saw
+    Redis go first would log "Redis unavailable ... retrying" on a clean stop.
+    """
+    data_dir = tmp_path / "data"
+    port = free_port()
+    log = tmp_path / "up.log"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port),
+         "--http-port", str(free_port())],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,  # as a terminal
+    )
+    try:
+        wait_for_port(port, timeout=30, process=up)
+        assert wait_until(lambda: "fleetlog is up." in log.read_text(), timeout=30)
+        url = f"ws://127.0.0.1:{port}/?token={_token(data_dir, 'kiosk-3')}"
+        assert asyncio.run(legacy_device(url, "kiosk-3", 50)) == list(range(50))
+        tree = psutil.Process(up.pid).children(recursive=True)
+        os.killpg(up.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    _gone, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    out = log.read_text()
+    assert "fleetlog stopped." in out
+    assert "unavailable" not in out.lower(), out[-3000:]
+    assert "second signal" not in out and "second interrupt" not in out, \
+        "the children stopped in order, not forced by a second signal"
+    stopped = [line for line in out.splitlines() if "stopped:" in line and "fleetlog.up" in line]
+    order = [line.split("stopped: ")[1].split()[0] for line in stopped]
+    assert order == ["gateway", "worker", "api", "redis"], "Redis last: everything else needs it"
+    # Everything acked before the stop is stored, and still there after it.
+    assert len(stored_rows(data_dir)) == 50

@@ -41,11 +41,13 @@ import orjson
 
 from fleetlog import keys
 from fleetlog.device_id import check_device_id
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import FleetlogError, UnknownDevice
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.records import iso_ms
 
-__all__ = ["Credential", "Credentials", "TokenChange", "TokenTable", "hash_token", "new_token"]
+__all__ = [
+    "Credential", "Credentials", "TokenChange", "TokenTable", "UnknownDevice", "hash_token", "new_token",
+]
 
 _PREFIX = "flt_"
 
@@ -89,10 +91,6 @@ redis.call('HDEL', KEYS[2], old)
 redis.call('DEL', KEYS[1])
 return announce(nil, {old})
 """
-
-
-class UnknownDevice(FleetlogError):
-    """Raised when a credential command names a device that has none."""
 
 
 def new_token() -> str:

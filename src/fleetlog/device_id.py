@@ -21,7 +21,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Final
 
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import InvalidDeviceId
 
 __all__ = ["MAX_LENGTH", "InvalidDeviceId", "check_device_id", "device_id_problem"]
 
@@ -29,10 +29,6 @@ MAX_LENGTH: Final = 128
 
 #: Control, format, surrogate, line and paragraph separator characters.
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
-class InvalidDeviceId(FleetlogError, ValueError):
-    """Raised when a device id breaks the policy; the message says which rule."""
 
 
 def device_id_problem(device_id: str) -> str | None:

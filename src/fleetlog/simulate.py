@@ -13,7 +13,6 @@ ack latency percentiles.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import socket
 import statistics
@@ -28,6 +27,8 @@ import orjson
 from picows import WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
 from fleetlog import protocol
+from fleetlog.backoff import Backoff
+from fleetlog.errors import CannotConnect
 
 __all__ = ["CannotConnect", "SimulationSummary", "connect_with_backoff", "device_ids", "simulate"]
 
@@ -36,10 +37,10 @@ _RETRYABLE = {"busy", "unavailable", "rate_limited"}
 #: How long the first connection may be refused before the run gives up: a
 #: gateway that is starting listens within seconds; a wrong port never does.
 _FIRST_CONNECT_S = 10.0
-
-
-class CannotConnect(Exception):
-    """Raised when connecting fails for a reason that retrying will not fix."""
+#: A device's first retry comes within 50 ms (a gateway's accept queue empties
+#: that fast); later ones wait up to 5 s, so a fleet does not hammer a gateway that is down.
+_INITIAL_BACKOFF = 0.05
+_MAX_BACKOFF = 5.0
 
 
 def _masked(url: str) -> str:
@@ -189,7 +190,7 @@ async def connect_with_backoff(
     :class:`CannotConnect` at once for a failure that will not pass (see
     :func:`_permanent`), or once ``deadline`` (monotonic) would pass.
     """
-    delay = 0.05
+    backoff = Backoff(initial=_INITIAL_BACKOFF, cap=cap)
     while True:
         try:
             transport, connected = await ws_connect(listener, url, websocket_handshake_timeout=10)
@@ -199,12 +200,12 @@ async def connect_with_backoff(
             reason = _permanent(exc)
             if reason is not None:
                 raise CannotConnect(reason) from exc
+            delay = backoff.next_delay()
             if time.monotonic() + delay > deadline:
                 raise CannotConnect(f"{exc or type(exc).__name__}") from exc
             if on_retry is not None:
                 on_retry()
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, cap)
+            await asyncio.sleep(delay)
 
 
 async def _run_device(
@@ -219,7 +220,7 @@ async def _run_device(
 ) -> None:
     index = 0
     next_send = time.monotonic()
-    backoff = 0.05
+    backoff = Backoff(initial=_INITIAL_BACKOFF, cap=_MAX_BACKOFF)
     while index < summary.messages:
         transport, device = await connect_with_backoff(
             _Device, url, deadline, lambda: summary.errors.update(["connect_failed"]))
@@ -245,20 +246,18 @@ async def _run_device(
                     summary.acked += count or 1
                     index += count or 1
                     summary.acked_through[device_id] = index
-                    backoff = 0.05
+                    backoff.reset()
                     if progress is not None:
                         progress(count or 1)
                     continue
                 summary.errors[outcome] += 1
                 if outcome in _RETRYABLE:
-                    await asyncio.sleep(random.uniform(backoff / 2, backoff))
-                    backoff = min(backoff * 2, 5.0)
+                    await backoff.sleep()
                 else:
                     index += count or 1  # refused for good: sending it again would not help
         except (TimeoutError, _ConnectionLost):
             summary.reconnects += 1
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, 5.0)
+            await backoff.sleep()
         finally:
             transport.disconnect()
 

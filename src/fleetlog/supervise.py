@@ -12,8 +12,14 @@ Start order: the embedded Valkey/Redis (unless ``--redis-url`` is given), then
 the gateway and the worker as child processes; "fleetlog is up." is printed
 only once the gateway listens.  A child that exits is started again (the
 worker exits on purpose after ``--max-runtime``).  SIGINT or SIGTERM runs the
-one shutdown path: SIGTERM to every child, wait, SIGKILL what is left, then
-stop Redis (which writes its AOF), and exit 0.  A second SIGINT does not wait:
+one shutdown path, in dependency order, each step bounded: the gateway
+(stops accepting, waits for the replies in flight), then the worker (finishes
+its batch and acks it), then Redis (writes its AOF); a child that does not stop
+in time is SIGKILLed; exit 0.  The children run in process groups of their
+own, so the Ctrl-C a terminal sends to its whole foreground group reaches
+``up`` alone: otherwise Redis would stop at once under a worker still
+draining ("Redis unavailable ... retrying"), and the gateway and worker would
+take ``up``'s SIGTERM for a second, forcing, signal.  A second SIGINT does not wait:
 it SIGKILLs the children (a worker acks only what it stored, so nothing is
 lost), stops Redis and exits 130.  Children also get PR_SET_PDEATHSIG, so even
 a SIGKILLed ``up`` leaves no process behind.
@@ -36,8 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.embedded import RedisServer
+from fleetlog.net import PortWait, wait_for_port
 from fleetlog.process import die_with_parent
 
 __all__ = ["run_up"]
@@ -49,20 +57,36 @@ EXIT_REFUSED = 1
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 _LOCK_FILE = "up.lock"
+#: How long each child gets to stop after SIGTERM: above the gateway's own
+#: drain limit and a worker's longest batch, so an orderly stop is never cut short.
+_CHILD_STOP_TIMEOUT = 20.0
+#: A child that exits 0 after running this long exited on purpose (``--max-runtime``):
+#: start it again at once.  Shorter, even exit 0 counts as a crash loop.
+_PLANNED_EXIT_MIN_RUN = 5.0
+#: A child that ran this long before exiting was healthy: its next restart
+#: starts from the shortest delay again.
+_HEALTHY_RUN = 60.0
+#: How often the watch loop looks for children that exited.
+_WATCH_INTERVAL = 0.2
+#: How long ``up`` waits for the gateway to listen before giving up.
+_GATEWAY_START_TIMEOUT = 30.0
 
 @dataclass
 class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
+    #: Restart delays: a crash loop must not spin (0.5 s, doubling, at most 30 s).
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, cap=30.0))
     next_start: float = 0.0
     started_at: float = field(default=0.0)
 
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
+        # A group of its own: only ``up`` decides when and in which order its children stop.
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent,
+                                        process_group=0)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -102,14 +126,6 @@ def _port_taken(host: str, port: int) -> str | None:
                 return f"port {port} on {host} is already in use by another program"
             return f"cannot listen on {host}:{port}: {exc.strerror}"
     return None
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _command() -> str:
@@ -223,7 +239,7 @@ class Supervisor:
             ]
             for child in self.children:
                 child.start()
-            problem = self._wait_for_gateway(timeout=30)
+            problem = self._wait_for_gateway(timeout=_GATEWAY_START_TIMEOUT)
             if problem:
                 log.error("%s; stopping", problem)
                 return EXIT_REFUSED
@@ -236,21 +252,18 @@ class Supervisor:
     def _wait_for_gateway(self, timeout: float) -> str | None:
         """Wait until our gateway listens; what went wrong if it does not."""
         gateway = self.children[0]
-        deadline = time.monotonic() + timeout
-        while not self.stopping.is_set():
-            if not gateway.alive():
-                code = gateway.process.returncode if gateway.process else None
-                return f"the gateway exited with {code} before listening on port " \
-                       f"{self.settings.ws_port}"
-            if _listening(self.settings.host, self.settings.ws_port):
-                return None
-            if time.monotonic() > deadline:
-                return f"the gateway did not listen on port {self.settings.ws_port} in {timeout:.0f}s"
-            time.sleep(0.05)
+        port = self.settings.ws_port
+        outcome = wait_for_port(port, host=self.settings.host, timeout=timeout,
+                                gone=lambda: self.stopping.is_set() or not gateway.alive())
+        if outcome is PortWait.TIMED_OUT:
+            return f"the gateway did not listen on port {port} in {timeout:.0f}s"
+        if outcome is PortWait.GONE and not self.stopping.is_set():
+            code = gateway.process.returncode if gateway.process else None
+            return f"the gateway exited with {code} before listening on port {port}"
         return None
 
     def _watch(self) -> None:
-        while not self.stopping.wait(0.2):
+        while not self.stopping.wait(_WATCH_INTERVAL):
             now = time.monotonic()
             for child in self.children:
                 if child.alive() or now < child.next_start:
@@ -259,8 +272,10 @@ class Supervisor:
                     code = child.process.returncode
                     ran = now - child.started_at
                     # A crash loop backs off; a planned exit after a long run does not.
-                    delay = 0.0 if code == 0 and ran > 5 else min(30.0, 0.5 * 2**child.restarts)
-                    child.restarts = 0 if ran > 60 else child.restarts + 1
+                    if ran > _HEALTHY_RUN:
+                        child.backoff.reset()
+                    delay = 0.0 if code == 0 and ran > _PLANNED_EXIT_MIN_RUN \
+                        else child.backoff.next_delay()
                     log.warning("%s exited with %s after %.0fs; restarting in %.1fs",
                                 child.name, code, ran, delay)
                     child.next_start = now + delay
@@ -268,23 +283,28 @@ class Supervisor:
                 child.start()
 
     def _shutdown(self) -> None:
-        for child in self.children:
-            if child.alive():
-                assert child.process is not None
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
+        """Stop in dependency order: gateway, worker (``self.children``'s order), then Redis.
+
+        Each waits for the one before it: the gateway's last replies need Redis,
+        and the worker's last batch needs Redis to be acked.
+        """
         for child in self.children:
             if child.process is None:
                 continue
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", child.name)
-                child.process.kill()
-                child.process.wait()
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)
+                try:
+                    child.process.wait(_CHILD_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing it", child.name,
+                                _CHILD_STOP_TIMEOUT)
+                    child.process.kill()
+            child.process.wait()
+            log.info("stopped: %s (exit %s)", child.name, child.process.returncode)
         if self.redis is not None:
             self.redis.stop()
             self.redis.remove_up_file()
+            log.info("stopped: redis")
         print("fleetlog stopped.", flush=True)
 
 

@@ -24,7 +24,7 @@ import orjson
 
 from fleetlog import keys
 from fleetlog.credentials import hash_token
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import FleetlogError, UnknownToken
 from fleetlog.records import iso_ms
 
 __all__ = ["ROLES", "OperatorToken", "OperatorTokens", "Role", "UnknownToken", "allows"]
@@ -50,10 +50,6 @@ redis.call('HDEL', KEYS[2], old)
 redis.call('DEL', KEYS[1])
 return 1
 """
-
-
-class UnknownToken(FleetlogError):
-    """Raised when ``api-token revoke`` names a token that does not exist."""
 
 
 @dataclass(frozen=True, slots=True)

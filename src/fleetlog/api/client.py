@@ -9,13 +9,9 @@ from typing import Any
 
 import orjson
 
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import ApiError
 
 __all__ = ["ApiError", "send_command"]
-
-
-class ApiError(FleetlogError):
-    """Raised when the API could not be reached or refused the request."""
 
 
 def send_command(url: str, token: str, device_id: str, body: Any, *, wait: float = 0.0) -> dict[str, Any]:

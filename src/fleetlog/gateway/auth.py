@@ -26,7 +26,7 @@ import jwt
 
 from fleetlog.credentials import TokenTable
 from fleetlog.device_id import device_id_problem
-from fleetlog.errors import ConfigError
+from fleetlog.errors import ConfigError, Refused
 
 __all__ = ["MIN_HS256_SECRET_BYTES", "Authenticator", "Identity", "Refused", "token_from"]
 
@@ -43,10 +43,6 @@ class Identity:
 
     device_id: str
     token_hash: str | None = None
-
-
-class Refused(Exception):
-    """Raised when a handshake's credentials are missing or wrong (HTTP 401)."""
 
 
 def token_from(authorization: str | None, path: bytes) -> str | None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from fleetlog.errors import CloseCode, MessageError
+
 __all__ = ["CloseCode", "Message", "MessageError", "Opcode", "Reassembler"]
 
 
@@ -24,26 +26,10 @@ class Opcode(IntEnum):
     BINARY = 0x2
 
 
-class CloseCode(IntEnum):
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
-    MESSAGE_TOO_BIG = 1009
-
-
 @dataclass(frozen=True, slots=True)
 class Message:
     binary: bool
     payload: bytes
-
-
-class MessageError(Exception):
-    """Raised when frames break the protocol; the connection must close with ``code``."""
-
-    def __init__(self, code: CloseCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 class Reassembler:

@@ -33,6 +33,7 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog import keys
+from fleetlog.backoff import Backoff
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, public_reason
 from fleetlog.records import iso_ms
@@ -41,7 +42,8 @@ __all__ = ["LinkRegistry", "is_online", "log_failure", "parse_link"]
 
 log = logging.getLogger("fleetlog.gateway")
 
-#: Longest pause between two attempts of a task that keeps failing.
+#: Longest pause between two attempts of a task that keeps failing: link updates and
+#: control messages (take-overs) must resume within seconds of Redis coming back.
 _MAX_BACKOFF = 2.0
 
 
@@ -148,7 +150,7 @@ class LinkRegistry:
         self._wakeup.set()
 
     async def _write(self) -> None:
-        delay = 0.1
+        backoff = Backoff(initial=0.1, cap=_MAX_BACKOFF)
         while True:
             _unless_cancelled()
             if not self._ops and not self._refusals:
@@ -161,15 +163,14 @@ class LinkRegistry:
             refusals = self._refusals.copy()
             try:
                 await self._write_batch(ops, refusals)
-                delay = 0.1
+                backoff.reset()
             except Exception as exc:
                 _unless_cancelled()
                 log_failure("writing link updates", exc)
                 if self._closing:
                     log.warning("dropping %d link updates at shutdown", len(self._ops))
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
+                await backoff.sleep()
 
     async def _write_batch(self, ops: list[tuple[str, str, str]],
                            refusals: Counter[tuple[str, str]]) -> None:
@@ -217,12 +218,12 @@ class LinkRegistry:
             await asyncio.sleep(self._ttl_ms / 3000)
 
     async def _listen(self, on_control: ControlHandler) -> None:
-        delay = 0.1
+        backoff = Backoff(initial=0.1, cap=_MAX_BACKOFF)
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.node_control(self.node_id))
-                delay = 0.1
+                backoff.reset()
                 async for message in pubsub.listen():
                     try:
                         on_control(orjson.loads(message["data"]))
@@ -239,8 +240,7 @@ class LinkRegistry:
                     log_failure("closing the control subscription", exc)
             # Also when the subscription simply ended: never a tight loop.
             _unless_cancelled()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_BACKOFF)
+            await backoff.sleep()
 
     async def close(self) -> None:
         """Write the pending link changes, then drop the heartbeat."""

@@ -79,9 +79,6 @@ _CLOSE_TIMEOUT: Final = 2.0
 #: Seconds, on top of the Redis timeout, that shutdown waits for the replies in flight.
 _DRAIN_TIMEOUT: Final = 5.0
 
-CLOSE_REVOKED: Final = 4401
-CLOSE_TAKEN_OVER: Final = 4409
-CLOSE_POLICY: Final = 1008
 
 #: picows message types that carry data (a PONG is picows' keepalive's business).
 _DATA: Final = frozenset((WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION))
@@ -189,7 +186,7 @@ class DeviceConnection(WSListener):
         self._peer = peer[0] if peer else None
         if not gateway.connect(self):
             gateway.registry.count_refusal(self.device_id, "too_many_connections")
-            self.close(CLOSE_POLICY, "too many connections from this address")
+            self.close(CloseCode.POLICY_VIOLATION, "too many connections from this address")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gateway.release(self)
@@ -458,7 +455,7 @@ class Gateway:
             previous = self._by_device.get(device_id)
             self._by_device[device_id] = connection
             if previous is not None:
-                previous.close(CLOSE_TAKEN_OVER, "replaced by a newer connection of this device")
+                previous.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
             self.registry.link(device_id, connection.conn_id)
         return True
 
@@ -480,7 +477,7 @@ class Gateway:
         if op == "takeover":
             connection = self._by_conn.get(str(message.get("conn")))
             if connection is not None:
-                connection.close(CLOSE_TAKEN_OVER, "replaced by a newer connection of this device")
+                connection.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
         elif op == "command":
             self._command(message)
 
@@ -599,7 +596,7 @@ class Gateway:
         for connection in list(self.connections):
             identity = connection.identity
             if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
-                connection.close(CLOSE_REVOKED, "credentials revoked or rotated")
+                connection.close(CloseCode.REVOKED, "credentials revoked or rotated")
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""

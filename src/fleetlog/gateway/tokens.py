@@ -22,12 +22,17 @@ from typing import Any, Final
 import redis.asyncio
 
 from fleetlog import keys
+from fleetlog.backoff import Backoff
 from fleetlog.credentials import TokenChange, TokenTable
 from fleetlog.queue.connection import REDIS_DOWN
 
 __all__ = ["TokenWatcher"]
 
 log = logging.getLogger("fleetlog.gateway")
+
+#: Longest pause between two attempts to reach Redis: a revoked token must stop
+#: working within seconds of Redis coming back.
+_MAX_BACKOFF = 2.0
 
 #: A confirmation list outlives any command waiting on it.
 _ACK_TTL_MS: Final = 10_000
@@ -58,14 +63,14 @@ class TokenWatcher:
 
     async def run(self) -> None:
         """Apply changes and poll until cancelled; then unsubscribe."""
-        delay = 0.1
+        backoff = Backoff(initial=0.1, cap=_MAX_BACKOFF)
         next_poll = time.monotonic() + self._poll_interval
         try:
             while True:
                 try:
                     if self._pubsub is None:
                         await self._connect()
-                        delay = 0.1
+                        backoff.reset()
                     wait = max(0.0, next_poll - time.monotonic())
                     message = await self._pubsub.get_message(ignore_subscribe_messages=True,
                                                              timeout=wait)
@@ -81,15 +86,13 @@ class TokenWatcher:
                         raise asyncio.CancelledError from exc
                     log.warning("cannot refresh device tokens: %s", exc)
                     await self._disconnect()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    await backoff.sleep()
                 except Exception:
                     # A bug must not leave the node on a stale table for good (a revoked
                     # token still working): start over, with a full reload.
                     log.exception("device tokens: unexpected error; reloading")
                     await self._disconnect()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    await backoff.sleep()
         finally:
             await self._disconnect()
 

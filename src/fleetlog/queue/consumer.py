@@ -36,6 +36,16 @@ __all__ = ["REDIS_REFUSING", "Consumer", "ListConsumer", "StreamConsumer"]
 #: under ``noeviction``.  Reads, XACK and XTRIM still work (they free memory).
 REDIS_REFUSING: tuple[type[BaseException], ...] = (redis.exceptions.OutOfMemoryError,)
 
+#: The store's reason kept in a dead letter: enough for any error message, and a
+#: bound on what a pathological one costs the dead-letter stream.
+_MAX_REASON_CHARS = 2000
+#: Never look for idle records to claim more often than this (seconds), however
+#: short ``claim_idle`` is: XAUTOCLAIM scans the pending list.
+_MIN_CLAIM_EVERY = 0.2
+#: The shortest blocking read of the legacy list (ms): BLMOVE with a smaller
+#: timeout would spin.
+_MIN_LEGACY_BLOCK_MS = 10
+
 
 class Consumer(Protocol):
     def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
@@ -57,7 +67,7 @@ def _dead_letter_fields(record: QueuedRecord, reason: str) -> dict[str, Any]:
         "qid": record.qid,
         "d": record.device_id,
         "r": record.data,
-        "error": reason[:2000],
+        "error": reason[:_MAX_REASON_CHARS],
         "deliveries": record.deliveries,
         "failed_at": _now_ms(),
     }
@@ -97,7 +107,7 @@ class StreamConsumer:
         self.consumer = consumer
         self._dead = dead_letter_stream
         self._claim_idle_ms = int(claim_idle * 1000)
-        self._claim_every = max(claim_idle / 2, 0.2)
+        self._claim_every = max(claim_idle / 2, _MIN_CLAIM_EVERY)
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
         self._own_pending_checked = False
@@ -249,7 +259,7 @@ class ListConsumer:
         client.zadd(keys.LEGACY_INFLIGHT, {str(batch): _now_ms()})
         # Never block for as long as a batch may sit before others claim it: an
         # empty batch claimed while we block would strand the record we then take.
-        block = max(10, min(block_ms, self._claim_idle_ms // 2)) / 1000
+        block = max(_MIN_LEGACY_BLOCK_MS, min(block_ms, self._claim_idle_ms // 2)) / 1000
         first = client.blmove(keys.LEGACY_LIST, processing, block, "RIGHT", "LEFT")
         if first is None:
             self._forget(batch)

@@ -20,6 +20,12 @@ from fleetlog.records import iso_ms
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
+#: Dead letters listed at most by default: a screenful to scroll, one cheap XRANGE.
+_LIST_LIMIT = 1000
+#: Dead letters replayed at most by one ``replay`` of all: bounds the memory and
+#: time of one command; run it again for more.
+_REPLAY_LIMIT = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -62,7 +68,7 @@ class DeadLetters:
         self._stream = stream
         self._queue = queue
 
-    def letters(self, limit: int = 1000) -> list[DeadLetter]:
+    def letters(self, limit: int = _LIST_LIMIT) -> list[DeadLetter]:
         return [_letter(i, f) for i, f in self._client.xrange(self._dead, count=limit)]
 
     def show(self, entry_id: str) -> DeadLetter | None:
@@ -71,7 +77,7 @@ class DeadLetters:
 
     def replay(self, entry_ids: list[str] | None = None) -> int:
         """Queue dead letters again (all when ``entry_ids`` is None); return how many."""
-        letters = self.letters(limit=100_000) if entry_ids is None else [
+        letters = self.letters(limit=_REPLAY_LIMIT) if entry_ids is None else [
             letter for letter in map(self.show, entry_ids) if letter is not None
         ]
         for letter in letters:

@@ -18,7 +18,6 @@ that says why nothing was queued: :class:`QueueFull` or :class:`QueueUnavailable
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import Counter, deque
@@ -26,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-import hiredis
 import redis.asyncio
 import redis.exceptions
 
@@ -34,6 +32,7 @@ from fleetlog import keys
 from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, public_reason
+from fleetlog.queue.script_runner import RedisScript, ScriptArg, ScriptRunner
 
 __all__ = ["Done", "IngestResult", "Producer"]
 
@@ -63,7 +62,7 @@ _MAX_PER_CALL: Final = 2000
 @dataclass(slots=True)
 class _Submission:
     device_id: str
-    args: list[bytes | str | int]
+    args: list[ScriptArg]
     size: int
     done: Done
 
@@ -92,10 +91,12 @@ class Producer:
         max_backlog: int,
         dedupe_window: float = 86_400,
         max_in_flight: int = 2,
+        runner: ScriptRunner | None = None,
     ) -> None:
-        self._client = client
-        self._key = stream if mode == "stream" else keys.LEGACY_LIST
-        self._sha = hashlib.sha1(scripts.INGEST.encode()).hexdigest()
+        #: The ingest script on Redis: all the producer needs of it (a cluster
+        #: client passes its own ``runner``).
+        self._ingest: ScriptRunner = runner or RedisScript(client, scripts.INGEST)
+        self._keys = [stream if mode == "stream" else keys.LEGACY_LIST]
         self._head = [max_backlog, int(dedupe_window * 1000), mode,
                       scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
         self._waiting: deque[_Submission] = deque()
@@ -144,7 +145,7 @@ class Producer:
         if self._closing:
             raise QueueClosed("this gateway is shutting down")
         tracked = seqs is not None and any(seq is not None for seq in seqs)
-        args: list[bytes | str | int] = [
+        args: list[ScriptArg] = [
             keys.recent_frames(device_id) if frame_id is not None else "",
             frame_id or "",
             device_id,
@@ -199,36 +200,15 @@ class Producer:
         self._waiting = kept
         return taken
 
-    async def _evalsha(self, packed: bytes) -> Any:
-        """Send one packed EVALSHA on a pooled connection; load the script if Redis lost it."""
-        pool = self._client.connection_pool
-        for attempt in (1, 2):
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                await connection.send_packed_command(packed)
-                return await connection.read_response()
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                await self._client.script_load(scripts.INGEST)  # Redis restarted empty
-            except BaseException:
-                await connection.disconnect()
-                raise
-            finally:
-                await pool.release(connection)
-        raise AssertionError("unreachable")
-
     async def _call(self, call: list[_Submission]) -> None:
-        args: list[bytes | str | int] = ["EVALSHA", self._sha, 1, self._key, *self._head]
+        args: list[ScriptArg] = [*self._head]
         for submission in call:
             args += submission.args
         outcomes: list[IngestResult | FleetlogError]
         previous = self.last_error
         try:
             self.calls += 1
-            # hiredis packs the whole call in C, seven times faster than redis-py's
-            # per-argument packer, which was a tenth of the gateway's time.
-            reply = await self._evalsha(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+            reply = await self._ingest.run(self._keys, args)
             self.last_error = self.last_problem = None
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")

@@ -23,16 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetlog.errors import FleetlogError
+# Defined in errors.py (the one exception tree); importable from here as before.
+from fleetlog.errors import RecordRejected as RecordRejected
+from fleetlog.errors import StoreUnavailable as StoreUnavailable
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
-
-
-class StoreUnavailable(FleetlogError):
-    """Raised when the store cannot be written or read right now; retrying may succeed."""
-
-
-class RecordRejected(FleetlogError):
-    """Raised when the store cannot take a record because of the record's own data."""
 
 
 @dataclass(frozen=True, slots=True)

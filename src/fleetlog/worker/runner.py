@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -55,6 +54,7 @@ from wsgiref.simple_server import WSGIServer
 import orjson
 from prometheus_client import CollectorRegistry, start_http_server
 
+from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
 from fleetlog.queue.connection import REDIS_DOWN, connect
@@ -77,23 +77,25 @@ EXIT_FORCED = 130  # 128 + SIGINT: a second interrupt
 #: How many times in a row one batch is written again because the store file was
 #: replaced under it, before that counts as the store being unavailable.
 _MAX_REPLACED = 3
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; :meth:`reset` after a success."""
-
-    def __init__(self, initial: float = 0.1, cap: float = 5.0) -> None:
-        self.initial = initial
-        self.cap = cap
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2**self._attempt)
-        self._attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
+#: Records indexed per step when the queue is quiet: catches up fast, yet one
+#: step stays well under a second on SQLite, so a new record waits little.
+_IDLE_INDEX_STEP = 20_000
+#: Block this long (ms) for the next records while the index is behind, so the
+#: catching up is not held back by an idle blocking read.
+_LAGGING_BLOCK_MS = 10
+#: Beyond the longest blocking read: the socket timeout must not cut a
+#: blocking XREADGROUP short and report Redis down when it was only quiet.
+_BLOCK_TIMEOUT_MARGIN = 2.0
+#: How often the main thread wakes from joining the worker thread, so the signal
+#: handlers (which run only in the main thread) run promptly.
+_JOIN_INTERVAL = 0.2
+#: Redis retries: from 0.1 s up to 5 s (2 s at start): long enough not to spin
+#: on a dead Redis, short enough to resume within seconds of its return.
+_REDIS_BACKOFF = (0.1, 5.0)
+_REDIS_START_BACKOFF = (0.1, 2.0)
+#: Store retries: a locked or full store usually needs longer to clear than Redis.
+_STORE_BACKOFF = (0.2, 10.0)
+_STORE_START_BACKOFF = (0.2, 5.0)
 
 
 class Worker:
@@ -131,7 +133,7 @@ class Worker:
         runtime = self.settings.max_runtime
         self._deadline = time.monotonic() + runtime if runtime is not None else float("inf")
         limit = self.settings.max_messages
-        backoff = Backoff()
+        backoff = Backoff(*_REDIS_BACKOFF)
         while not self.stopping.is_set():
             if time.monotonic() >= self._deadline:
                 log.info("max runtime of %ss reached: planned exit", runtime)
@@ -144,7 +146,7 @@ class Worker:
                 count = min(count, limit - self.stored - self.dead_lettered)
             try:
                 # While the index is behind, do not sit in a blocking read.
-                block = 10 if self._index_lag else self.settings.block_ms
+                block = _LAGGING_BLOCK_MS if self._index_lag else self.settings.block_ms
                 records = self.consumer.fetch(count, block)
                 backoff.reset()
                 if records:
@@ -170,7 +172,7 @@ class Worker:
                 self._reopen()
             if self._index_lag:
                 if fetched == 0:  # quiet: catch up
-                    self.store.index_step(20_000)
+                    self.store.index_step(_IDLE_INDEX_STEP)
                 elif fetched < wanted or self._index_lag > self.settings.index_max_lag:
                     self.store.index_step(fetched)
             self._index_lag = self.store.index_lag()
@@ -182,7 +184,7 @@ class Worker:
         done = self._store(records)
         if done is None:
             return  # stopping while the store is down: the records stay pending
-        backoff = Backoff()
+        backoff = Backoff(*_REDIS_BACKOFF)
         while True:
             try:
                 self.consumer.ack(done)
@@ -212,7 +214,7 @@ class Worker:
         Returns None when told to stop while the store is unavailable.  Any
         exception other than the store's own (a bug) escapes: nothing is acknowledged.
         """
-        backoff = Backoff(initial=0.2, cap=10.0)
+        backoff = Backoff(*_STORE_BACKOFF)
         while True:
             try:
                 return self._store_once(records)
@@ -343,14 +345,15 @@ def run_worker(settings: Settings, redis_url: str) -> int:
     thread = threading.Thread(target=work, name="fleetlog-worker")
     thread.start()
     while thread.is_alive():
-        thread.join(0.2)  # a timed wait, so signal handlers run promptly
+        thread.join(_JOIN_INTERVAL)  # a timed wait, so signal handlers run promptly
     return exit_code[0]
 
 
 def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int:
     """Connect, open the store, run the :class:`Worker`; the exit code."""
     try:
-        client = connect(redis_url, timeout=max(settings.redis_timeout, settings.block_ms / 1000 + 2))
+        client = connect(redis_url, timeout=max(settings.redis_timeout,
+                                                  settings.block_ms / 1000 + _BLOCK_TIMEOUT_MARGIN))
         consumer: Consumer
         if settings.queue == "list":
             consumer = ListConsumer(
@@ -433,7 +436,7 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
 
 def _open_store(url: str, stopping: threading.Event) -> Store | None:
     """Open the store, waiting while it is unavailable (locked); None if told to stop."""
-    backoff = Backoff(initial=0.2, cap=5.0)
+    backoff = Backoff(*_STORE_START_BACKOFF)
     while not stopping.is_set():
         try:
             return open_store(url)
@@ -450,7 +453,7 @@ def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
     A group that exists needs no write, so a Redis that refuses writes (out of
     memory) does not keep the worker that would free it from starting.
     """
-    backoff = Backoff(cap=2.0)
+    backoff = Backoff(*_REDIS_START_BACKOFF)
     while not stopping.is_set():
         try:
             consumer.ensure_group()

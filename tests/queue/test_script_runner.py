@@ -1,0 +1,85 @@
+"""fleetlog.queue.script_runner.RedisScript against a real Redis (the producer's only Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import redis.exceptions
+
+from fleetlog.embedded import RedisServer
+from fleetlog.net import free_port
+from fleetlog.queue.connection import REDIS_DOWN, connect_async
+from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.script_runner import RedisScript, ScriptRunner
+
+_APPEND = "for i, v in ipairs(ARGV) do redis.call('RPUSH', KEYS[1], v) end return redis.call('LLEN', KEYS[1])"
+
+
+def test_runs_the_script_with_keys_and_args_and_reloads_it_after_a_flush(redis_url: str) -> None:
+    async def run() -> tuple[int, int]:
+        client = connect_async(redis_url, timeout=5)
+        try:
+            script: ScriptRunner = RedisScript(client, _APPEND)
+            first = await script.run(["k"], [b"a", "b", 3])
+            await client.script_flush()  # as a Redis restarted empty: NOSCRIPT, load, once more
+            second = await script.run(["k"], ["d"])
+            return first, second
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) == (3, 4)
+    sync = redis.Redis.from_url(redis_url)
+    assert sync.lrange("k", 0, -1) == [b"a", b"b", b"3", b"d"]  # once each: nothing sent twice
+    sync.close()
+
+
+def test_a_script_error_is_raised_and_the_connection_stays_usable(redis_url: str) -> None:
+    async def run() -> int:
+        client = connect_async(redis_url, timeout=5)
+        try:
+            with pytest.raises(redis.exceptions.ResponseError):
+                await RedisScript(client, "return redis.call('NOSUCHCOMMAND')").run([], [])
+            result: int = await RedisScript(client, _APPEND).run(["k2"], ["x"])
+            return result
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) == 1
+
+
+def test_no_redis_raises_a_connection_error() -> None:
+    async def run() -> None:
+        client = connect_async(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
+        try:
+            with pytest.raises(REDIS_DOWN):
+                await RedisScript(client, _APPEND).run(["k"], ["x"])
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_producer_queues_after_redis_restarted_empty(private_redis: RedisServer) -> None:
+    """A restart without the script cache (NOSCRIPT) costs a reload, not the records."""
+    async def run() -> list[IngestResult | Exception]:
+        producer = Producer(connect_async(private_redis.url, timeout=5), mode="stream",
+                            stream="fleetlog:records", max_backlog=1000)
+        producer.start()
+        outcomes: list[IngestResult | Exception] = []
+        loop = asyncio.get_running_loop()
+        for batch in ([b"r1"], [b"r2", b"r3"]):
+            done = loop.create_future()
+            producer.submit("dev-1", batch, done.set_result)
+            outcomes.append(await asyncio.wait_for(done, 10))
+            sync = redis.Redis.from_url(private_redis.url)
+            sync.script_flush()
+            sync.close()
+        await producer.close()
+        return outcomes
+
+    assert asyncio.run(run()) == [IngestResult(), IngestResult()]
+    sync = redis.Redis.from_url(private_redis.url)
+    assert sync.xlen("fleetlog:records") == 3
+    sync.close()
