@@ -242,10 +242,11 @@ def test_grep_full_text_and_substring(store: SQLiteStore) -> None:
         assert grep("离线，门") == ["1-3"]
         assert grep("上线") == ["1-4"]
         # Text that means something to FTS5 is searched for literally.
-        assert grep('msg":"batt') == ["1-2"]
         assert grep("door OR battery") == []
         assert grep("bat*") == []
-        assert grep('"') == ["1-0", "1-1", "1-2", "1-3", "1-4"]
+        # The text as sent, not its JSON: no value holds a quote or a JSON fragment.
+        assert grep('msg":"batt') == []
+        assert grep('"') == []
 
 
 def test_grep_finds_text_with_quotes_and_backslashes(store: SQLiteStore) -> None:
@@ -338,4 +339,4 @@ def test_index_steps_are_bounded_and_survive_retention(store: SQLiteStore) -> No
     assert store.index_step(100) == 4
     assert [row.qid for row in store.query(LogQuery("D1", grep="needle"))] == [
         f"1-{n}" for n in range(6, 10)]
-    store._db.execute("INSERT INTO records_fts (records_fts) VALUES ('integrity-check')")
+    store._db.execute("INSERT INTO search_fts (search_fts) VALUES ('integrity-check')")
