@@ -541,10 +541,9 @@ class SQLiteStore:
             if not rows:
                 return 0
             last = rows[-1][0]
-            db.executemany("INSERT INTO search (seq, text) VALUES (?, ?)",
-                           [(seq, search_text(data)) for seq, data in rows])
-            db.execute("INSERT INTO search_fts (rowid, text)"
-                       " SELECT seq, text FROM search WHERE seq > ? AND seq <= ?", (through, last))
+            texts = [(seq, search_text(data)) for seq, data in rows]
+            db.executemany("INSERT INTO search (seq, text) VALUES (?, ?)", texts)
+            db.executemany("INSERT INTO search_fts (rowid, text) VALUES (?, ?)", texts)
             db.execute("UPDATE meta SET value = ? WHERE key = 'fts_through'", (last,))
         return len(rows)
 
