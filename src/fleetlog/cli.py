@@ -391,7 +391,9 @@ def _credentials(config: str | None, flags: dict[str, Any]) -> Any:
     from fleetlog.queue.connection import connect
 
     settings = _settings(config, **flags)
-    return Credentials(connect(_redis_url(settings), timeout=settings.redis_timeout))
+    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
+    click.get_current_context().call_on_close(client.close)  # when the command ends, any way
+    return Credentials(client)
 
 
 def _warn_unconfirmed(credentials: Any) -> None:
@@ -496,6 +498,7 @@ def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
 
     settings = _settings(config, **flags)
     client = connect(_redis_url(settings), timeout=settings.redis_timeout)
+    click.get_current_context().call_on_close(client.close)  # when the command ends, any way
     return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream,
                        queue=settings.queue)
 
