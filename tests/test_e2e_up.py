@@ -231,3 +231,15 @@ def test_a_second_sigint_forces_up_to_exit(tmp_path: Path) -> None:
     _gone, alive = psutil.wait_procs(tree, timeout=20)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
     assert "second interrupt" in (tmp_path / "up.log").read_text()
+
+
+def test_the_store_exists_once_up_says_it_is_up(tmp_path: Path) -> None:
+    """A reader started on "fleetlog is up." must find the store, not "no store at ..."."""
+    data_dir = tmp_path / "data"
+    up = _start_up(data_dir, free_port(), tmp_path / "up.log")
+    try:
+        assert (data_dir / "fleetlog.db").is_file()
+        shown = run_fleetlog("logs", "nobody", "--data-dir", str(data_dir))
+        assert shown.returncode == 1 and "has no records" in shown.stderr, shown.stderr
+    finally:
+        _stop(up)
