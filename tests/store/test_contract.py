@@ -246,3 +246,14 @@ def test_an_unreadable_store_is_unavailable(store_factory: Backend) -> None:
     with pytest.raises(StoreUnavailable):
         store = store_factory.open(readonly=True)
         store.query(LogQuery("D1"))
+
+
+def test_seqs_never_go_back_even_when_retention_empties_the_store(store_factory: Backend) -> None:
+    # A follower (or the daily files' cursor) holding the last seq must see what comes next.
+    store = store_factory.open()
+    store.write_batch([rec(f"1-{n}", received_at=T0 + n) for n in range(5)])
+    cursor = store.max_seq()
+    store.prune(before=T0 + 100, max_bytes=None, limit=100)
+    store.write_batch([rec("2-0", received_at=T0 + 200)])
+    assert qids(store.after(cursor, 10)) == ["2-0"]
+    assert qids(store.query(LogQuery("D1", after_seq=cursor))) == ["2-0"]

@@ -21,9 +21,12 @@ def test_age_retention_prunes_in_bounded_batches_then_waits(tmp_path: Path) -> N
     pruner = Pruner(store, None, retention_ms=DAY, max_bytes=None, batch=3, interval=3600)
     assert [pruner.step() for _ in range(4)] == [3, 3, 1, 0]  # then not due for an hour
     assert [r.qid for r in store.query(LogQuery("D1"))] == ["2-0"]
-    store.write_batch([QueuedRecord("3-0", "D1", now - 3 * DAY, b"{}")])
+    store.write_batch([QueuedRecord("3-0", "D1", now - 3 * DAY, b"{}")])  # a late redelivery
     assert pruner.step() == 0, "caught up: the next look is an interval away"
+    assert pruner.run_all() == 0, "the newest record (by seq) stays, however old"
+    store.write_batch([QueuedRecord("4-0", "D1", now, b"{}")])
     assert pruner.run_all() == 1
+    assert [r.qid for r in store.query(LogQuery("D1"))] == ["2-0", "4-0"]
     store.close()
 
 

@@ -132,7 +132,11 @@ class Store(Protocol):
         """
 
     def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
-        """Delete up to ``limit`` records past retention (age or size); return how many."""
+        """Delete up to ``limit`` records past retention (age or size); return how many.
+
+        Never makes ``seq`` go back: a backend whose numbering restarts when the
+        newest record goes (SQLite without AUTOINCREMENT) keeps that record.
+        """
 
     def max_seq(self) -> int:
         """The ``seq`` of the newest stored record (0 when empty)."""

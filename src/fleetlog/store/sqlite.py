@@ -567,7 +567,10 @@ class SQLiteStore:
         or, when the store is over ``max_bytes``, the oldest records; return how many.
 
         One short transaction per call, so a worker can interleave pruning with
-        ingestion without stalling it.
+        ingestion without stalling it.  The newest record is always kept: SQLite
+        numbers a new row max(seq) + 1, so emptying the table would hand out seqs
+        again from 1, and every cursor (``--follow``, the daily files) holding an
+        old seq would skip the new records (see the cursor contract).
         """
         if before is not None:
             # The oldest records by seq (no index on received_at: it would slow every
@@ -582,7 +585,8 @@ class SQLiteStore:
         with self._transaction(upkeep=True) as db:
             gone: Counter[str] = Counter(
                 device for (device,) in db.execute(
-                    f"DELETE FROM records WHERE seq IN ({victims}) RETURNING device_id", params)
+                    f"DELETE FROM records WHERE seq IN ({victims})"
+                    " AND seq < (SELECT max(seq) FROM records) RETURNING device_id", params)
             )
             db.executemany("UPDATE devices SET records = max(0, records - ?) WHERE device_id = ?",
                            [(count, device) for device, count in gone.items()])
