@@ -116,8 +116,11 @@ def verify_sqlite(db_path: Path, expected: int) -> dict[str, Any]:
         while store.index_step(5000):
             pass
         index_elapsed = time.perf_counter() - started
+        # The index's own table: search_fts (schema 6 on) or records_fts (older revisions).
+        table = "search_fts" if store._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'search_fts'").fetchone() else "records_fts"
         fts_hits = store._db.execute(
-            "SELECT count(*) FROM records_fts WHERE records_fts MATCH ?", ['"record 7 from drain-0007"']
+            f"SELECT count(*) FROM {table} WHERE {table} MATCH ?", ['"record 7 from drain-0007"']
         ).fetchone()[0]
     finally:
         store.close()

@@ -286,3 +286,15 @@ def test_ctrl_c_stops_in_dependency_order_without_redis_warnings(tmp_path: Path)
     assert order == ["gateway", "worker", "api", "redis"], "Redis last: everything else needs it"
     # Everything acked before the stop is stored, and still there after it.
     assert len(stored_rows(data_dir)) == 50
+
+
+def test_the_store_exists_once_up_says_it_is_up(tmp_path: Path) -> None:
+    """A reader started on "fleetlog is up." must find the store, not "no store at ..."."""
+    data_dir = tmp_path / "data"
+    up = _start_up(data_dir, free_port(), tmp_path / "up.log")
+    try:
+        assert (data_dir / "fleetlog.db").is_file()
+        shown = run_fleetlog("logs", "nobody", "--data-dir", str(data_dir))
+        assert shown.returncode == 1 and "has no records" in shown.stderr, shown.stderr
+    finally:
+        _stop(up)

@@ -24,7 +24,7 @@ from fleetlog.errors import ConfigError
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The most records one ``fleetlog logs`` prints (more is an export, not a look).
-MAX_LIMIT = 1_000_000
+MAX_LIMIT = 1_000_000  # fleetlog.reading.MAX_LIMIT (not imported: it would slow every command)
 
 
 def _fail(message: str) -> None:
@@ -205,37 +205,31 @@ def worker(config: str | None, **flags: Any) -> int:
 @click.argument("device_id")
 @click.option("--since", default=None, help="1h, 30m, 2d, or an ISO 8601 time.")
 @click.option("--until", default=None, help="Same forms as --since.")
-@click.option("--grep", default=None, help="Only records containing TEXT.")
+@click.option("--grep", default=None,
+              help="Only records containing TEXT (plain text, any case, in the record's values).")
 @click.option("--level", default=None,
               help="Only this level and above: trace, debug, info, warn, error, fatal.")
 @click.option("--limit", type=click.IntRange(min=1, max=MAX_LIMIT), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new records.")
 @click.option("--store", default=None, help="Store URL.")
+@_exit_code
 def logs(config: str | None, device_id: str, since: str | None, until: str | None,
          grep: str | None, level: str | None, limit: int, as_json: bool, follow: bool,
-         **flags: Any) -> None:
-    """Print a device's records, oldest first among the newest --limit."""
-    from fleetlog.store import LogQuery, open_store
-    from fleetlog.store.fields import check_level
-    from fleetlog.timeparse import parse_time
+         **flags: Any) -> int:
+    """Print a device's records, oldest first among the newest --limit.
+
+    Exit 1 (and a line on stderr) when the store has no record of DEVICE_ID at all.
+    """
+    from fleetlog.reading import InvalidRequest, Reader, logs_request
     from fleetlog.view import record_json, record_text
 
     settings = _settings(config, **flags)
-    now = int(time.time() * 1000)
     try:
-        level = check_level(level) if level else None
-        query = LogQuery(
-            device_id,
-            since=parse_time(since, now) if since else None,
-            until=parse_time(until, now) if until else None,
-            grep=grep,
-            level=level,
-            limit=limit,
-        )
-    except ValueError as exc:
+        request = logs_request(device_id, now_ms=int(time.time() * 1000), since=since,
+                               until=until, q=grep, level=level, limit=limit)
+    except InvalidRequest as exc:
         _fail(str(exc))
-    store = open_store(settings.store_url)
     out = sys.stdout.buffer
 
     def emit(records: list[Any]) -> None:
@@ -244,27 +238,24 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
             out.write(line + b"\n")
         out.flush()
 
-    try:
-        last = store.max_seq()
-        records = store.query(query)
-        emit(records)
-        if records:
-            last = max(last, records[-1].seq)
-        while follow:
-            time.sleep(0.25)
-            fresh = store.query(
-                LogQuery(device_id, until=query.until, grep=grep, level=level,
-                         limit=10_000, after_seq=last)
-            )
-            if fresh:
-                emit(fresh)
-                last = fresh[-1].seq
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
-        pass
-    finally:
-        store.close()
+    with Reader.open(settings.store_url) as reader:
+        try:
+            last = reader.position()
+            records = reader.latest(request)
+            emit(records)
+            if not records and not reader.has_records(device_id):
+                click.echo(f"fleetlog: device {device_id!r} has no records in "
+                           f"{settings.store_url}", err=True)
+                if not follow:
+                    return 1
+            if records:
+                last = max(last, records[-1].seq)
+            if follow:
+                for record in reader.follow(request, last):
+                    emit([record])
+        except (KeyboardInterrupt, BrokenPipeError):
+            pass
+    return 0
 
 
 @cli.command()
@@ -273,21 +264,31 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
 @click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")
 @click.option("--store", default=None, help="Store URL.")
 def devices(config: str | None, as_json: bool, **flags: Any) -> None:
-    """Every known device: online, node, connected since, last seen, records."""
-    from fleetlog.devices import list_devices
+    """Every known device (stored records, a live link, or a token): online, node,
+    connected since, last seen, records."""
     from fleetlog.embedded import resolve_redis_url
+    from fleetlog.queue.connection import connect
+    from fleetlog.reading import Reader
 
     settings = _settings(config, **flags)
-    try:
-        redis_url: str | None = resolve_redis_url(settings.redis_url, settings.data_dir)
-    except ConfigError:
-        redis_url = None
-        click.echo("fleetlog: no Redis found; online state unknown (shown as offline)", err=True)
-    rows, warning = list_devices(settings, redis_url)
+    with Reader.open(settings.store_url) as reader:
+        try:
+            redis_url: str | None = resolve_redis_url(settings.redis_url, settings.data_dir)
+        except ConfigError:
+            redis_url = None
+            click.echo("fleetlog: no Redis found; online state unknown (shown as offline)",
+                       err=True)
+        client = connect(redis_url, timeout=settings.redis_timeout) if redis_url else None
+        try:
+            rows, warning = reader.devices(client)
+        finally:
+            if client is not None:
+                client.close()
     if warning:
         click.echo(f"fleetlog: {warning}", err=True)
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(
+            orjson.dumps([row.as_dict() for row in rows], option=orjson.OPT_INDENT_2) + b"\n")
         return
     from rich.console import Console
     from rich.table import Table
@@ -299,8 +300,8 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
     for row in rows:
         # Text cells: a device id is printed as it is, never read as rich markup.
         table.add_row(*(Text(safe_text(str(cell))) for cell in (
-            row["device_id"], "yes" if row["online"] else "no", row["node"] or "-",
-            row["connected_since"] or "-", row["last_seen"] or "-", row["records"],
+            row.device_id, "yes" if row.online else "no", row.node or "-",
+            row.connected_since or "-", row.last_seen or "-", row.records,
         )))
     Console().print(table)
 
@@ -392,7 +393,9 @@ def _credentials(config: str | None, flags: dict[str, Any]) -> Any:
     from fleetlog.queue.connection import connect
 
     settings = _settings(config, **flags)
-    return Credentials(connect(_redis_url(settings), timeout=settings.redis_timeout))
+    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
+    click.get_current_context().call_on_close(client.close)  # when the command ends, any way
+    return Credentials(client)
 
 
 def _warn_unconfirmed(credentials: Any) -> None:
@@ -497,6 +500,7 @@ def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
 
     settings = _settings(config, **flags)
     client = connect(_redis_url(settings), timeout=settings.redis_timeout)
+    click.get_current_context().call_on_close(client.close)  # when the command ends, any way
     return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream,
                        queue=settings.queue)
 

@@ -13,6 +13,7 @@ still work)::
      │    └── QueueClosed      the producer is shutting down: it takes nothing more
      ├── QueueFull             the backlog is over its limit
      ├── StoreUnavailable      the store cannot be used right now; retrying may succeed
+     ├── StoreMissing          a reader found no store (nothing is created for it)
      ├── RecordRejected        the store cannot take a record because of its own data
      ├── UnknownDevice         a credential command names a device that has none
      ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
@@ -103,6 +104,10 @@ class Refused(FleetlogError):
 
 class StoreUnavailable(FleetlogError):
     """Raised when the store cannot be written or read right now; retrying may succeed."""
+
+
+class StoreMissing(FleetlogError):
+    """Raised when a reader opens a store that does not exist (nothing is created)."""
 
 
 class RecordRejected(FleetlogError):

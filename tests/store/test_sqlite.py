@@ -242,10 +242,11 @@ def test_grep_full_text_and_substring(store: SQLiteStore) -> None:
         assert grep("离线，门") == ["1-3"]
         assert grep("上线") == ["1-4"]
         # Text that means something to FTS5 is searched for literally.
-        assert grep('msg":"batt') == ["1-2"]
         assert grep("door OR battery") == []
         assert grep("bat*") == []
-        assert grep('"') == ["1-0", "1-1", "1-2", "1-3", "1-4"]
+        # The text as sent, not its JSON: no value holds a quote or a JSON fragment.
+        assert grep('msg":"batt') == []
+        assert grep('"') == []
 
 
 def test_grep_finds_text_with_quotes_and_backslashes(store: SQLiteStore) -> None:
@@ -338,4 +339,47 @@ def test_index_steps_are_bounded_and_survive_retention(store: SQLiteStore) -> No
     assert store.index_step(100) == 4
     assert [row.qid for row in store.query(LogQuery("D1", grep="needle"))] == [
         f"1-{n}" for n in range(6, 10)]
-    store._db.execute("INSERT INTO records_fts (records_fts) VALUES ('integrity-check')")
+    store._db.execute("INSERT INTO search_fts (search_fts) VALUES ('integrity-check')")
+
+
+def _old_store(path: Path, version: int) -> None:
+    """A store as an older fleetlog left it: the first ``version`` migrations, one record."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:version], start=1):
+        db.executescript(script)
+        db.execute(f"PRAGMA user_version = {number}")
+    db.execute("INSERT INTO records (qid, device_id, received_at, data) VALUES ('1-0', 'D1', 1, ?)",
+               [orjson.dumps({"msg": 'CAFÉ "ok"'}).decode()])
+    db.close()
+
+
+def test_readers_read_an_older_schema_without_migrating_it(tmp_path: Path) -> None:
+    path = tmp_path / "fleetlog.db"
+    _old_store(path, 5)
+    reader = SQLiteStore(path, readonly=True)
+    try:
+        assert [r.qid for r in reader.query(LogQuery("D1", grep="café"))] == ["1-0"]
+        assert reader.query(LogQuery("D1", grep="\\")) == []
+        assert reader.schema_version == 5
+    finally:
+        reader.close()
+    # A writer migrates it; the search index is rebuilt by upkeep.
+    writer = SQLiteStore(path)
+    assert writer.schema_version == len(MIGRATIONS) and writer.upkeep(0) == 1
+    assert writer.upkeep(100) == 0
+    assert [r.qid for r in writer.query(LogQuery("D1", grep="café \"ok"))] == ["1-0"]
+    writer.close()
+
+
+def test_readers_refuse_a_newer_schema_and_a_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "fleetlog.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(StoreUnavailable, match="newer"):
+        SQLiteStore(path, readonly=True)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(StoreUnavailable, match="not a fleetlog store"):
+        SQLiteStore(other, readonly=True)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from fleetlog import keys
 from fleetlog.api.deps import ERRORS, Admin, Found, invalid
 from fleetlog.device_id import device_id_problem
-from fleetlog.gateway.registry import parse_link
+from fleetlog.links import parse_link
 from fleetlog.queue.connection import REDIS_DOWN
 
 __all__ = ["DELIVERY_TIMEOUT", "CommandOutcome", "router", "send_command"]

@@ -10,7 +10,7 @@ control channel, to close it (4409).
 
 Each node keeps ``fleetlog:node:<id>`` alive with a TTL.  A node that dies
 without cleaning up leaves links behind, but they point at a node whose
-heartbeat key is gone: readers report them offline (:func:`is_online`).
+heartbeat key is gone: readers report them offline (:func:`fleetlog.links.is_online`).
 
 Link changes and refusal counts are queued and written by one task, in order,
 so a quick connect/disconnect can never be applied backwards; while Redis is
@@ -38,7 +38,7 @@ from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, public_reason
 from fleetlog.records import iso_ms
 
-__all__ = ["LinkRegistry", "is_online", "log_failure", "parse_link"]
+__all__ = ["LinkRegistry", "log_failure"]
 
 log = logging.getLogger("fleetlog.gateway")
 
@@ -77,21 +77,6 @@ def _unless_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def parse_link(raw: bytes | str) -> dict[str, Any]:
-    """Decode a ``device:links`` value; the original stored a bare fd number."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        value = None
-    if isinstance(value, dict):
-        return value
-    return {"node": None, "conn": raw.decode() if isinstance(raw, bytes) else raw, "since": None}
-
-
-def is_online(link: dict[str, Any], live_nodes: set[str]) -> bool:
-    return link.get("node") in live_nodes
 
 
 class LinkRegistry:

@@ -1,5 +1,14 @@
 """Where records are kept: one contract (:class:`Store`), one module per backend."""
 
-from fleetlog.store.base import LogQuery, RecordRejected, Store, StoreUnavailable, open_store
+from fleetlog.store.base import (
+    LogQuery,
+    RecordRejected,
+    Store,
+    StoreMissing,
+    StoreUnavailable,
+    VolumeBucket,
+    open_store,
+)
 
-__all__ = ["LogQuery", "RecordRejected", "Store", "StoreUnavailable", "open_store"]
+__all__ = ["LogQuery", "RecordRejected", "Store", "StoreMissing", "StoreUnavailable",
+           "VolumeBucket", "open_store"]

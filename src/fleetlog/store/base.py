@@ -15,6 +15,42 @@ meets each differently:
   acknowledges nothing meanwhile.
 * anything else is a bug: the worker stops (fatal-error record, exit 1)
   rather than dead-letter good records.
+
+Readers open a store read-only (``open_store(url, readonly=True)``): nothing
+is created or migrated, and a store that is not there is
+:class:`StoreMissing`, never an empty new one.
+
+Cursors
+-------
+Every stored record has a ``seq``, and the contract is that **seq order is
+commit order as readers see it**: once a reader has seen a record with
+``seq = n``, no record with a lower ``seq`` may become visible later.  That is
+what lets :meth:`Store.after` and ``LogQuery.after_seq`` (``--follow``, the
+daily files, the API's live tail) resume from a bare ``seq`` and never skip
+nor repeat a record.
+
+* SQLite has one writer at a time (``BEGIN IMMEDIATE``), so the ``seq`` it
+  hands out in a transaction are above every committed one, and seq order is
+  commit order for free.
+* A backend with several concurrent writers (PostgreSQL) must not let a
+  sequence drawn at insert time leak to readers as is: a transaction that drew
+  ``seq = 10`` may commit after one that drew ``11``, and a reader that saw
+  ``11`` would skip ``10`` forever.  It must either assign ``seq`` at commit
+  time under a lock (one short critical section per batch), or hide from
+  readers every row at or above the oldest ``seq`` still held by an in-flight
+  transaction (e.g. ``pg_snapshot_xmin`` with a per-row transaction id), so
+  that what :meth:`Store.after` returns is always a gap-free prefix.
+
+The newest-first pages of :meth:`Store.query` use a keyset on
+``(received_at, seq)`` (``LogQuery.before``), which is stable under inserts:
+a page never repeats a record of the page before it.
+
+Search
+------
+``LogQuery.grep`` is plain text, matched case-insensitively (Unicode case
+folding) against the record as the device sent it, the same whichever part
+of the store answers: see :mod:`fleetlog.store.search`.  It is never handed
+to a query language (FTS syntax, ``LIKE`` patterns) unescaped.
 """
 
 from __future__ import annotations
@@ -25,21 +61,38 @@ from typing import Protocol
 
 # Defined in errors.py (the one exception tree); importable from here as before.
 from fleetlog.errors import RecordRejected as RecordRejected
+from fleetlog.errors import StoreMissing as StoreMissing
 from fleetlog.errors import StoreUnavailable as StoreUnavailable
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 
 
 @dataclass(frozen=True, slots=True)
 class LogQuery:
-    """A read of one device's records (``fleetlog logs``)."""
+    """A read of one device's records, or the whole fleet's (``device_id=None``).
 
-    device_id: str
+    Values are already validated (see :mod:`fleetlog.reading`): ``level`` is
+    one of :data:`~fleetlog.store.fields.LEVELS` (it and every level above).
+    """
+
+    device_id: str | None
     since: int | None = None  # received_at >= since (ms)
     until: int | None = None  # received_at < until (ms)
     grep: str | None = None
     level: str | None = None
     limit: int = 100
-    after_seq: int | None = None  # only records stored after this one (--follow)
+    #: Follow: the first ``limit`` records stored after this ``seq``, in seq order.
+    after_seq: int | None = None
+    #: Keyset page: only records older than this ``(received_at, seq)``.
+    before: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeBucket:
+    """How many records of one level arrived in one time bucket."""
+
+    start: int  # ms, a multiple of the step
+    level: str | None
+    records: int
 
 
 class Store(Protocol):
@@ -47,22 +100,34 @@ class Store(Protocol):
         """Store ``records`` in one transaction; return how many were new."""
 
     def query(self, query: LogQuery) -> list[StoredRecord]:
-        """The newest ``query.limit`` matching records, oldest first."""
+        """The newest ``query.limit`` matching records, oldest first.
+
+        With ``after_seq``: the oldest ``limit`` matching records after it, in
+        seq order (a follower never skips a burst bigger than ``limit``).
+        """
 
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         """Every record stored after ``seq``, in store order (all devices)."""
 
-    def index_step(self, limit: int) -> int:
-        """Bring the search index up to date by at most ``limit`` records; return how many."""
+    def volume(self, device_id: str | None, since: int, until: int,
+               step: int) -> list[VolumeBucket]:
+        """Records received in ``[since, until)`` counted per ``step`` ms and level."""
 
-    def index_lag(self) -> int:
-        """About how many stored records the search index does not cover yet.
+    def upkeep(self, budget: int) -> int:
+        """Do at most ``budget`` records' worth of background work; return what is left.
 
-        Searches find them anyway (by scanning); the lag only makes them slower.
+        The work is the backend's own business (SQLite: its full-text index).
+        ``upkeep(0)`` only reports.  Reads are complete whatever is left: it
+        only makes them slower.  The worker calls it when idle, and when what
+        is left grows past ``index_max_lag``.
         """
 
     def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
-        """Delete up to ``limit`` records past retention (age or size); return how many."""
+        """Delete up to ``limit`` records past retention (age or size); return how many.
+
+        Never makes ``seq`` go back: a backend whose numbering restarts when the
+        newest record goes (SQLite without AUTOINCREMENT) keeps that record.
+        """
 
     def max_seq(self) -> int:
         """The ``seq`` of the newest stored record (0 when empty)."""

@@ -10,9 +10,14 @@ ever grows, and opening a store brings it up to date.
 
 The trigram full-text index costs six times what storing a record does, so it
 is not built in the ingest transaction: :meth:`SQLiteStore.index_step` indexes
-stored records in bounded steps (the worker runs them when it is idle, or when
-the index falls too far behind), and ``--grep`` scans the few records not yet
-indexed, so a search is always complete.
+stored records in bounded steps (the worker runs them through
+:meth:`SQLiteStore.upkeep` when it is idle, or when the index falls too far
+behind), and ``--grep`` scans the few records not yet indexed, so a search is
+always complete.  Index and scan look at the same text
+(:func:`fleetlog.store.search.search_text`: the record's decoded strings,
+case-folded), kept in the ``search`` table, so they give the same answers.
+
+Readers open the file with ``mode=ro``: they never create, migrate or write it.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ from typing import Any, Final
 import orjson
 
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
-from fleetlog.store.base import LogQuery, RecordRejected, StoreUnavailable
+from fleetlog.store.base import (
+    LogQuery,
+    RecordRejected,
+    StoreMissing,
+    StoreUnavailable,
+    VolumeBucket,
+)
 from fleetlog.store.fields import LEVELS, extract, normalise_level
+from fleetlog.store.search import search_needle, search_text
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -97,7 +109,29 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     INSERT INTO meta (key, value) VALUES ('store_id', abs(random() % 9223372036854775807));
     """,
+    # 6: search the text as the device sent it, not its JSON (a backslash must not
+    # match an escaped quote), case-folded for all of Unicode: ``search`` holds
+    # search_text(data) of every indexed record, and the trigram index is on it.
+    # Built by index_step, off the ingest path; the old index is rebuilt from 0.
+    """
+    DROP TRIGGER records_fts_delete;
+    DROP TABLE records_fts;
+    CREATE TABLE search (seq INTEGER PRIMARY KEY, text TEXT NOT NULL);
+    CREATE VIRTUAL TABLE search_fts USING fts5 (
+        text, content='search', content_rowid='seq', tokenize='trigram'
+    );
+    CREATE TRIGGER records_search_delete AFTER DELETE ON records
+    WHEN old.seq <= (SELECT value FROM meta WHERE key = 'fts_through') BEGIN
+        DELETE FROM search WHERE seq = old.seq;
+    END;
+    CREATE TRIGGER search_fts_delete AFTER DELETE ON search BEGIN
+        INSERT INTO search_fts (search_fts, rowid, text) VALUES ('delete', old.seq, old.text);
+    END;
+    UPDATE meta SET value = 0 WHERE key = 'fts_through';
+    """,
 )
+#: The first schema with the ``search`` table; older ones (read-only) are scanned.
+_SEARCH_SCHEMA: Final = 6
 
 _COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
 _INSERT: Final = (
@@ -165,7 +199,12 @@ def _own_sidecars(path: Path) -> list[tuple[Path, tuple[int, int]]]:
 
 
 def _fts_phrase(text: str) -> str:
+    """``text`` as one FTS5 string: every character literal (``*``, ``NEAR(``, ``-x``)."""
     return '"' + text.replace('"', '""') + '"'
+
+
+def _search_text(data: str | bytes | None) -> str:
+    return search_text(data) if data is not None else ""
 
 
 def _statements(script: str) -> list[str]:
@@ -190,21 +229,51 @@ class SQLiteStore:
         self._open()
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            # Checkpoint (and fsync the database file) every ~40 MB of WAL rather
-            # than every 4 MB: ingest drains 10% faster; readers are unaffected.
-            self._db.execute("PRAGMA wal_autocheckpoint = 10000")
-            if not self.readonly:
+        if self.readonly:
+            self._open_readonly()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._db = sqlite3.connect(self.path, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+                # Checkpoint (and fsync the database file) every ~40 MB of WAL rather
+                # than every 4 MB: ingest drains 10% faster; readers are unaffected.
+                self._db.execute("PRAGMA wal_autocheckpoint = 10000")
                 self._migrate()
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._db.create_function("fleetlog_search_text", 1, _search_text, deterministic=True)
         self._identity = _file_identity(self.path)
         self._store_id = None
+
+    def _open_readonly(self) -> None:
+        """Open for reading only: no directory, file, migration or write, ever."""
+        if not self.path.parent.is_dir():
+            raise StoreMissing(
+                f"no data directory {self.path.parent}: nothing has been stored there; "
+                "pass --data-dir DIR (or --store URL) to read the store you mean")
+        if not self.path.is_file():
+            raise StoreMissing(
+                f"no store at {self.path}: nothing has been stored there; "
+                "pass --data-dir DIR (or --store URL) to read the store you mean")
+        try:
+            self._db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            version = self.schema_version
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(f"cannot read {self.path}: {exc}") from exc
+        if version == 0:
+            self._db.close()
+            raise StoreUnavailable(f"{self.path} is not a fleetlog store (no schema)")
+        if version > len(MIGRATIONS):
+            self._db.close()
+            raise StoreUnavailable(
+                f"{self.path} has schema {version}, newer than this fleetlog reads "
+                f"({len(MIGRATIONS)}): upgrade fleetlog")
 
     # -- identity -------------------------------------------------------------
 
@@ -355,9 +424,12 @@ class SQLiteStore:
 
     # -- reads ----------------------------------------------------------------
 
-    def query(self, query: LogQuery) -> list[StoredRecord]:
-        where = ["device_id = ?"]
-        params: list[Any] = [query.device_id]
+    def _where(self, query: LogQuery) -> tuple[list[str], list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.device_id is not None:
+            where.append("device_id = ?")
+            params.append(query.device_id)
         if query.since is not None:
             where.append("received_at >= ?")
             params.append(query.since)
@@ -367,6 +439,9 @@ class SQLiteStore:
         if query.after_seq is not None:
             where.append("seq > ?")
             params.append(query.after_seq)
+        if query.before is not None:
+            where.append("(received_at < ? OR (received_at = ? AND seq < ?))")
+            params.extend((query.before[0], query.before[0], query.before[1]))
         if query.level:
             level = normalise_level(query.level)
             if level in LEVELS:
@@ -377,28 +452,56 @@ class SQLiteStore:
                 where.append("level = ?")
                 params.append(level)
         if query.grep:
-            # Records are kept as JSON: find the text as typed (a JSON fragment,
-            # say) or as JSON writes it inside a string (quotes, backslashes escaped).
-            needles = list(dict.fromkeys([query.grep, orjson.dumps(query.grep).decode()[1:-1]]))
-            scan = "(" + " OR ".join(["instr(lower(data), lower(?)) > 0"] * len(needles)) + ")"
-            if min(len(needle) for needle in needles) >= _TRIGRAM:
-                where.append(
-                    "(seq IN (SELECT rowid FROM records_fts WHERE records_fts MATCH ?)"
-                    f" OR (seq > (SELECT value FROM meta WHERE key = 'fts_through') AND {scan}))"
-                )
-                params.append(" OR ".join(_fts_phrase(needle) for needle in needles))
-            else:
+            needle = search_needle(query.grep)
+            scan = "instr(fleetlog_search_text(data), ?) > 0"
+            if self.schema_version < _SEARCH_SCHEMA:  # an old store opened read-only
                 where.append(scan)
-            params.extend(needles)
+                params.append(needle)
+            else:
+                # Indexed records: the trigram index narrows (three characters or
+                # more), instr on the same text decides.  The rest: a scan.
+                indexed = "SELECT seq FROM search WHERE instr(text, ?) > 0"
+                indexed_params: list[Any] = [needle]
+                if len(needle) >= _TRIGRAM:
+                    indexed += " AND seq IN (SELECT rowid FROM search_fts WHERE search_fts MATCH ?)"
+                    indexed_params.append(_fts_phrase(needle))
+                where.append(
+                    f"(seq IN ({indexed}) OR"
+                    f" (seq > (SELECT value FROM meta WHERE key = 'fts_through') AND {scan}))"
+                )
+                params.extend(indexed_params)
+                params.append(needle)
+        return where, params
+
+    def query(self, query: LogQuery) -> list[StoredRecord]:
+        where, params = self._where(query)
+        order = ("seq" if query.after_seq is not None
+                 else "received_at DESC, seq DESC")
         sql = (
-            f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)}"
-            " ORDER BY received_at DESC, seq DESC LIMIT ?"
+            f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where) or '1'}"
+            f" ORDER BY {order} LIMIT ?"
         )
         params.append(query.limit)
         with self._reading():
             rows = [_row(values) for values in self._db.execute(sql, params)]
-        rows.reverse()
+        if query.after_seq is None:
+            rows.reverse()
         return rows
+
+    def volume(self, device_id: str | None, since: int, until: int,
+               step: int) -> list[VolumeBucket]:
+        if step <= 0:
+            raise ValueError("step must be positive")
+        where = "received_at >= ? AND received_at < ?"
+        params: list[Any] = [since, until]
+        if device_id is not None:
+            where += " AND device_id = ?"
+            params.append(device_id)
+        sql = (f"SELECT received_at / ? * ? AS bucket, level, count(*) FROM records"
+               f" WHERE {where} GROUP BY bucket, level ORDER BY bucket, level")
+        with self._reading():
+            return [VolumeBucket(*values)
+                    for values in self._db.execute(sql, [step, step, *params])]
 
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         with self._reading():
@@ -419,6 +522,7 @@ class SQLiteStore:
         return found
 
     def index_lag(self) -> int:
+        """About how many stored records the search index does not cover yet (SQLite only)."""
         with self._reading():
             lag: int = self._db.execute(
                 "SELECT coalesce(max(seq), 0) - (SELECT value FROM meta WHERE key = 'fts_through')"
@@ -427,21 +531,27 @@ class SQLiteStore:
         return max(0, lag)
 
     def index_step(self, limit: int) -> int:
-        """Add up to ``limit`` stored records to the full-text index; return how many."""
+        """Add up to ``limit`` stored records to the search index; return how many."""
         with self._transaction(upkeep=True) as db:
             through = db.execute("SELECT value FROM meta WHERE key = 'fts_through'").fetchone()[0]
-            last = db.execute(
-                "SELECT max(seq) FROM (SELECT seq FROM records WHERE seq > ? ORDER BY seq LIMIT ?)",
+            rows = db.execute(
+                "SELECT seq, data FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
                 (through, limit),
-            ).fetchone()[0]
-            if last is None:
+            ).fetchall()
+            if not rows:
                 return 0
-            indexed = db.execute(
-                "INSERT INTO records_fts (rowid, data)"
-                " SELECT seq, data FROM records WHERE seq > ? AND seq <= ?", (through, last),
-            ).rowcount
+            last = rows[-1][0]
+            texts = [(seq, search_text(data)) for seq, data in rows]
+            db.executemany("INSERT INTO search (seq, text) VALUES (?, ?)", texts)
+            db.executemany("INSERT INTO search_fts (rowid, text) VALUES (?, ?)", texts)
             db.execute("UPDATE meta SET value = ? WHERE key = 'fts_through'", (last,))
-        return int(indexed)
+        return len(rows)
+
+    def upkeep(self, budget: int) -> int:
+        """Index up to ``budget`` records (see :meth:`index_step`); return the index lag."""
+        if budget > 0 and not self.readonly:
+            self.index_step(budget)
+        return self.index_lag()
 
     def used_bytes(self) -> int:
         """Bytes of the database in use (free pages excluded)."""
@@ -457,7 +567,10 @@ class SQLiteStore:
         or, when the store is over ``max_bytes``, the oldest records; return how many.
 
         One short transaction per call, so a worker can interleave pruning with
-        ingestion without stalling it.
+        ingestion without stalling it.  The newest record is always kept: SQLite
+        numbers a new row max(seq) + 1, so emptying the table would hand out seqs
+        again from 1, and every cursor (``--follow``, the daily files) holding an
+        old seq would skip the new records (see the cursor contract).
         """
         if before is not None:
             # The oldest records by seq (no index on received_at: it would slow every
@@ -472,7 +585,8 @@ class SQLiteStore:
         with self._transaction(upkeep=True) as db:
             gone: Counter[str] = Counter(
                 device for (device,) in db.execute(
-                    f"DELETE FROM records WHERE seq IN ({victims}) RETURNING device_id", params)
+                    f"DELETE FROM records WHERE seq IN ({victims})"
+                    " AND seq < (SELECT max(seq) FROM records) RETURNING device_id", params)
             )
             db.executemany("UPDATE devices SET records = max(0, records - ?) WHERE device_id = ?",
                            [(count, device) for device, count in gone.items()])

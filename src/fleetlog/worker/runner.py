@@ -125,9 +125,9 @@ class Worker:
         self.dead_lettered = 0
         self._deadline = float("inf")
         try:
-            self._index_lag = store.index_lag()
+            self._owed = store.upkeep(0)  # the store's background work left (its index)
         except StoreUnavailable:
-            self._index_lag = 1  # find out at the first upkeep
+            self._owed = 1  # find out at the first upkeep
 
     def run(self) -> int:
         runtime = self.settings.max_runtime
@@ -145,8 +145,8 @@ class Worker:
             if limit is not None:
                 count = min(count, limit - self.stored - self.dead_lettered)
             try:
-                # While the index is behind, do not sit in a blocking read.
-                block = _LAGGING_BLOCK_MS if self._index_lag else self.settings.block_ms
+                # While upkeep is behind, do not sit in a blocking read.
+                block = _LAGGING_BLOCK_MS if self._owed else self.settings.block_ms
                 records = self.consumer.fetch(count, block)
                 backoff.reset()
                 if records:
@@ -170,12 +170,13 @@ class Worker:
         try:
             if self.store.replaced():  # even when idle: readers must not see a stale file
                 self._reopen()
-            if self._index_lag:
+            budget = 0
+            if self._owed:
                 if fetched == 0:  # quiet: catch up
-                    self.store.index_step(_IDLE_INDEX_STEP)
-                elif fetched < wanted or self._index_lag > self.settings.index_max_lag:
-                    self.store.index_step(fetched)
-            self._index_lag = self.store.index_lag()
+                    budget = _IDLE_INDEX_STEP
+                elif fetched < wanted or self._owed > self.settings.index_max_lag:
+                    budget = fetched
+            self._owed = self.store.upkeep(budget)
             self.pruner.step()
         except StoreUnavailable as exc:
             log.warning("index and retention postponed: %s", exc)
@@ -261,7 +262,7 @@ class Worker:
         self.store.reopen()
         log.warning("store %s reopened: store id %s, %d records",
                     self.settings.store_url, self.store.store_id, self.store.max_seq())
-        self._index_lag = 1
+        self._owed = 1
 
     def _store_one_by_one(
         self, records: Sequence[QueuedRecord], dead: list[QueuedRecord]

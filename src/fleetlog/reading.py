@@ -1,0 +1,370 @@
+"""Reading as a service: what ``fleetlog logs``/``devices`` and the HTTP API call.
+
+The CLI and the API only parse and print; every rule of reading lives here:
+
+* requests are validated in one place (:func:`logs_request`,
+  :func:`volume_request`), so a bad level, time, limit or cursor is the same
+  :class:`InvalidRequest` whichever front end sent it;
+* the store is opened read-only (:meth:`Reader.open`): a reader never creates
+  a data dir or a store, and a missing one is
+  :class:`~fleetlog.store.StoreMissing`, naming the path;
+* pages are newest first with an opaque keyset cursor (:class:`Page`), and
+  :meth:`Reader.follow` yields new records in store order from a ``seq``,
+  never skipping nor repeating one (see the cursor contract in
+  :mod:`fleetlog.store.base`);
+* :func:`list_devices` joins the store's devices with what Redis knows (live
+  links, refusals, provisioned tokens), without importing the gateway.
+
+Nothing here opens a Redis client: callers pass one in and close it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Final, Literal
+
+from fleetlog import keys
+from fleetlog.errors import FleetlogError
+from fleetlog.links import is_online, parse_link
+from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.records import StoredRecord, iso_ms
+from fleetlog.store import LogQuery, Store, VolumeBucket, open_store
+from fleetlog.store.fields import check_level
+from fleetlog.timeparse import parse_duration, parse_time
+
+__all__ = [
+    "MAX_LIMIT",
+    "DeviceInfo",
+    "InvalidRequest",
+    "LogsRequest",
+    "Page",
+    "Reader",
+    "VolumeRequest",
+    "decode_cursor",
+    "encode_cursor",
+    "list_devices",
+    "logs_request",
+    "volume_request",
+]
+
+#: The most records one read returns (more is an export, not a look).
+MAX_LIMIT: Final = 1_000_000
+#: Records a follower takes per store read; a bigger burst takes several reads.
+FOLLOW_BATCH: Final = 1_000
+#: Buckets a volume request may span (a chart, not an export).
+MAX_BUCKETS: Final = 100_000
+_STEPS: Final = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+class InvalidRequest(FleetlogError, ValueError):
+    """Raised when a read asks for something malformed (level, time, limit, cursor)."""
+
+
+# -- requests ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LogsRequest:
+    """A validated read of one device's records (``device_id``) or the fleet's (``None``)."""
+
+    device_id: str | None
+    since: int | None = None
+    until: int | None = None
+    q: str | None = None
+    level: str | None = None
+    limit: int = 100
+    cursor: tuple[int, int] | None = None  # decoded page cursor
+
+    def store_query(self) -> LogQuery:
+        return LogQuery(self.device_id, since=self.since, until=self.until, grep=self.q or None,
+                        level=self.level, limit=self.limit, before=self.cursor)
+
+
+def _time(name: str, text: str | None, now_ms: int) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        return parse_time(text, now_ms)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name}: {exc}") from None
+
+
+def _limit(limit: int | str | None, default: int) -> int:
+    if limit is None or limit == "":
+        return default
+    try:
+        value = int(limit)
+    except ValueError:
+        raise InvalidRequest(f"limit: {limit!r} is not a whole number") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise InvalidRequest(f"limit: {value} is not between 1 and {MAX_LIMIT}")
+    return value
+
+
+def logs_request(
+    device_id: str | None,
+    *,
+    now_ms: int,
+    since: str | None = None,
+    until: str | None = None,
+    q: str | None = None,
+    level: str | None = None,
+    limit: int | str | None = None,
+    cursor: str | None = None,
+) -> LogsRequest:
+    """A :class:`LogsRequest` from what a user typed; :class:`InvalidRequest` if malformed.
+
+    Times are durations ago (``1h``) or ISO 8601; ``level`` a name of
+    :data:`~fleetlog.store.fields.LEVELS` (or an alias); ``q`` plain text.
+    """
+    try:
+        checked_level = check_level(level) if level else None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return LogsRequest(
+        device_id,
+        since=_time("since", since, now_ms),
+        until=_time("until", until, now_ms),
+        q=q or None,
+        level=checked_level,
+        limit=_limit(limit, 100),
+        cursor=decode_cursor(cursor) if cursor else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRequest:
+    """Records per time bucket and level, for charts."""
+
+    device_id: str | None
+    since: int
+    until: int
+    step: int  # ms
+
+
+def volume_request(device_id: str | None, *, now_ms: int, since: str | None = None,
+                   until: str | None = None, step: str = "minute") -> VolumeRequest:
+    """A :class:`VolumeRequest` (default: the last hour per minute); :class:`InvalidRequest`."""
+    if step in _STEPS:
+        step_ms = _STEPS[step]
+    else:
+        try:
+            step_ms = parse_duration(step)
+        except ValueError as exc:
+            raise InvalidRequest(f"step: {exc}") from None
+    if step_ms < 1000:
+        raise InvalidRequest("step: at least 1s")
+    start = _time("since", since, now_ms)
+    end = _time("until", until, now_ms)
+    start = start if start is not None else now_ms - 3_600_000
+    end = end if end is not None else now_ms + 1
+    if end <= start:
+        raise InvalidRequest("until must be after since")
+    if (end - start) // step_ms > MAX_BUCKETS:
+        raise InvalidRequest(f"step: more than {MAX_BUCKETS} buckets; use a bigger step")
+    return VolumeRequest(device_id, start - start % step_ms, end, step_ms)
+
+
+# -- cursors ----------------------------------------------------------------------
+
+
+def encode_cursor(record: StoredRecord) -> str:
+    """The opaque cursor of the page that starts just past ``record`` (older ones)."""
+    raw = f"{record.received_at}.{record.seq}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, int]:
+    """``(received_at, seq)`` of a cursor from :func:`encode_cursor`; InvalidRequest if not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        received_at, seq = (int(part) for part in raw.split("."))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor fleetlog gave out") from None
+    if received_at < 0 or seq < 0:
+        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor fleetlog gave out")
+    return received_at, seq
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Records newest first; ``next_cursor`` fetches the older ones (None: no more)."""
+
+    records: list[StoredRecord]
+    next_cursor: str | None
+
+
+# -- devices ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DeviceInfo:
+    """One row of ``fleetlog devices`` / ``GET /api/devices``."""
+
+    device_id: str
+    online: bool = False
+    node: str | None = None
+    connected_since: str | None = None
+    last_seen: str | None = None
+    records: int = 0
+    #: Frames refused, by reason (``rate_limited``, ``too_large``...).
+    refused: dict[str, int] = field(default_factory=dict)
+    #: Has a token (``fleetlog device add``), whether it has sent anything or not.
+    provisioned: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SortKey = Literal["device_id", "last_seen", "records", "online"]
+
+
+@dataclass(slots=True)
+class _Presence:
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
+    live: set[str] = field(default_factory=set)
+    refused: dict[str, dict[str, int]] = field(default_factory=dict)
+    provisioned: set[str] = field(default_factory=set)
+
+
+def _presence(client: Any) -> _Presence:
+    """What Redis knows of devices; raises one of ``REDIS_DOWN`` when it cannot say."""
+    presence = _Presence()
+    presence.links = {device.decode(): parse_link(raw)
+                      for device, raw in client.hgetall(keys.DEVICE_LINKS).items()}
+    node_prefix = keys.node_heartbeat("")
+    presence.live = {keys.unpart(key.decode()[len(node_prefix):])
+                     for key in client.scan_iter(match=f"{node_prefix}*", count=1000)}
+    refusal_prefix = keys.refusals("")
+    for key in client.scan_iter(match=f"{refusal_prefix}*", count=1000):
+        counts = client.hgetall(key)
+        presence.refused[keys.unpart(key.decode()[len(refusal_prefix):])] = {
+            reason.decode(): int(count) for reason, count in counts.items()}
+    presence.provisioned = {device.decode() for device in client.hvals(keys.TOKENS)}
+    return presence
+
+
+def list_devices(
+    store: Store,
+    redis: Any | None,
+    *,
+    prefix: str = "",
+    online: bool | None = None,
+    sort: SortKey = "device_id",
+    descending: bool = False,
+) -> tuple[list[DeviceInfo], str]:
+    """Every known device, and a warning ("" when none) when Redis could not say.
+
+    Known: stored records, a link, refusals, or a token (provisioned devices
+    that have sent nothing yet are listed with 0 records).  ``redis`` is a
+    blocking client the caller owns (None: no Redis, online state unknown).
+    """
+    presence = _Presence()
+    warning = ""
+    if redis is not None:
+        try:
+            presence = _presence(redis)
+        except REDIS_DOWN as exc:
+            warning = f"Redis unavailable ({exc}); online state unknown (shown as offline)"
+    stats = {row.device_id: row for row in store.devices()}
+    known = (stats.keys() | presence.links.keys() | (presence.refused.keys() - {"-"})
+             | presence.provisioned)
+    rows = []
+    for device_id in known:
+        if not device_id.startswith(prefix):
+            continue
+        link = presence.links.get(device_id)
+        is_up = link is not None and is_online(link, presence.live)
+        if online is not None and is_up != online:
+            continue
+        stat = stats.get(device_id)
+        rows.append(DeviceInfo(
+            device_id,
+            online=is_up,
+            node=link.get("node") if link and is_up else None,
+            connected_since=link.get("since") if link and is_up else None,
+            last_seen=iso_ms(stat.last_seen) if stat else None,
+            records=stat.records if stat else 0,
+            refused=presence.refused.get(device_id, {}),
+            provisioned=device_id in presence.provisioned,
+        ))
+    rows.sort(key=lambda row: row.device_id)
+    if sort != "device_id":  # stable: ties stay in device_id order
+        rows.sort(key=lambda row: (getattr(row, sort) is not None, getattr(row, sort) or 0),
+                  reverse=descending)
+    elif descending:
+        rows.reverse()
+    return rows, warning
+
+
+# -- the reader -------------------------------------------------------------------
+
+
+class Reader:
+    """Reads one store; see the module docstring.  Close it (or use ``with``)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, store_url: str) -> Reader:
+        """Open the store at ``store_url`` read-only; StoreMissing when it is not there."""
+        return cls(open_store(store_url, readonly=True))
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def latest(self, request: LogsRequest) -> list[StoredRecord]:
+        """The newest ``limit`` matching records, oldest first (``fleetlog logs``)."""
+        return self.store.query(request.store_query())
+
+    def page(self, request: LogsRequest) -> Page:
+        """One page, newest first, from ``request.cursor`` (the API's keyset pagination)."""
+        records = self.store.query(request.store_query())
+        records.reverse()
+        cursor = encode_cursor(records[-1]) if len(records) == request.limit else None
+        return Page(records, cursor)
+
+    def has_records(self, device_id: str) -> bool:
+        """True when the store holds at least one record of ``device_id``."""
+        return bool(self.store.query(LogQuery(device_id, limit=1)))
+
+    def position(self) -> int:
+        """The cursor of "now" for :meth:`follow`: the newest stored ``seq``."""
+        return self.store.max_seq()
+
+    def follow(self, request: LogsRequest, after: int, *, poll: float = 0.25,
+               stop: threading.Event | None = None) -> Iterator[StoredRecord]:
+        """Every matching record stored after ``seq`` ``after``, in store order, as it comes.
+
+        Never skips nor repeats one, whatever the burst (the store contract
+        makes seq order commit order); resume from the last ``seq`` yielded.
+        Runs until ``stop`` is set (the caller's bound) or the consumer stops.
+        """
+        stop = stop or threading.Event()
+        query = replace(request.store_query(), limit=FOLLOW_BATCH, before=None)
+        cursor = after
+        while not stop.is_set():
+            batch = self.store.query(replace(query, after_seq=cursor))
+            for record in batch:
+                yield record
+                cursor = record.seq
+            if len(batch) < FOLLOW_BATCH:
+                stop.wait(poll)
+
+    def volume(self, request: VolumeRequest) -> list[VolumeBucket]:
+        return self.store.volume(request.device_id, request.since, request.until, request.step)
+
+    def devices(self, redis: Any | None, **options: Any) -> tuple[list[DeviceInfo], str]:
+        """:func:`list_devices` on this reader's store."""
+        return list_devices(self.store, redis, **options)

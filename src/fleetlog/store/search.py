@@ -1,0 +1,59 @@
+"""What ``--grep`` and the API's ``q`` match against, with no I/O.
+
+A search is plain text, never a query language, and it matches the record as
+the device sent it: the decoded strings of its JSON (keys and values, numbers
+as written), not the JSON encoding.  So ``\\`` does not match a record that
+only holds an escaped quote, and ``"`` matches a quote character in a value.
+Both sides are Unicode case-folded (``str.casefold``), so ``café`` finds
+``CAFÉ`` and ``straße`` finds ``STRASSE``.
+
+Every backend computes the searchable text with :func:`search_text` and the
+needle with :func:`search_needle`, so whichever part of a store answers (an
+index, or a scan of records not indexed yet) the answer is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Final
+
+import orjson
+
+__all__ = ["SEPARATOR", "search_needle", "search_text"]
+
+#: Between the strings of one record, so that a needle never spans two values
+#: unless it holds this (unit separator) character itself.
+SEPARATOR: Final = "\x1f"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif value is not None:  # numbers and booleans as JSON writes them
+        yield orjson.dumps(value).decode()
+
+
+def search_text(data: str | bytes) -> str:
+    """The case-folded text a search looks in: a record's decoded strings, joined.
+
+    ``data`` is the record's JSON as stored; text that is not JSON is searched
+    as it is.
+    """
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        text = data.decode(errors="replace") if isinstance(data, bytes) else data
+        return text.casefold()
+    return SEPARATOR.join(_strings(value)).casefold()
+
+
+def search_needle(text: str) -> str:
+    """What to look for in :func:`search_text`: the user's text, case-folded."""
+    return text.casefold()

@@ -1,0 +1,259 @@
+"""The :class:`~fleetlog.store.base.Store` contract, run unchanged against every backend.
+
+Backends come from ``store_factory`` (``tests/store/conftest.py``): SQLite
+today; PostgreSQL adds itself there.  Backend-specific behaviour (SQLite's
+WAL, its migrations, its index tables) is tested in that backend's own module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+
+from fleetlog.records import QueuedRecord, StoredRecord
+from fleetlog.store import LogQuery, Store, StoreMissing, StoreUnavailable, VolumeBucket
+from tests.store.conftest import Backend
+
+T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
+
+
+def rec(qid: str, device: str = "D1", received_at: int = T0, **data: Any) -> QueuedRecord:
+    return QueuedRecord(qid, device, received_at, orjson.dumps(data or {"qid": qid}))
+
+
+def qids(records: list[StoredRecord]) -> list[str]:
+    return [record.qid for record in records]
+
+
+def catch_up(store: Store) -> None:
+    for _ in range(100):
+        if store.upkeep(10_000) == 0:
+            return
+    raise AssertionError("upkeep never caught up")
+
+
+# -- writes ----------------------------------------------------------------------
+
+
+def test_writes_are_idempotent_on_qid(store_factory: Backend) -> None:
+    store = store_factory.open()
+    assert store.write_batch([rec("1-0"), rec("1-1"), rec("1-0")]) == 2
+    assert store.write_batch([rec("1-1"), rec("1-2")]) == 1
+    assert qids(store.after(0, 100)) == ["1-0", "1-1", "1-2"]
+    assert [(d.device_id, d.records) for d in store.devices()] == [("D1", 3)]
+    assert store.seqs_of(["1-0", "9-9"]).keys() == {"1-0"}
+
+
+def test_records_keep_their_order_per_device(store_factory: Backend) -> None:
+    store = store_factory.open()
+    for batch in range(3):
+        store.write_batch([rec(f"{batch}-{n}", f"D{n % 2}", T0 + batch) for n in range(4)])
+    for device in ("D0", "D1"):
+        stored = store.query(LogQuery(device, limit=100))
+        assert qids(stored) == [f"{b}-{n}" for b in range(3) for n in range(4) if n % 2 == int(device[1])]
+        assert [r.seq for r in stored] == sorted(r.seq for r in stored)
+
+
+def test_data_comes_back_exactly_as_sent(store_factory: Backend) -> None:
+    store = store_factory.open()
+    raw = '{"msg":"é \\"q\\" \\\\ 中文 🔥","n":1.50}'.encode()
+    store.write_batch([QueuedRecord("1-0", "D1", T0, raw)])
+    [record] = store.query(LogQuery("D1"))
+    assert record.data.encode() == raw and record.message == 'é "q" \\ 中文 🔥'
+
+
+# -- queries ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def timeline(store_factory: Backend) -> Store:
+    store = store_factory.open()
+    levels = ["debug", "info", "warn", "error"]
+    store.write_batch([rec(f"1-{n}", "D1" if n < 8 else "D2", T0 + n * 1000,
+                           level=levels[n % 4], msg=f"event {n}") for n in range(10)])
+    return store
+
+
+def test_query_filters_and_limits(timeline: Store) -> None:
+    assert qids(timeline.query(LogQuery("D1", limit=3))) == ["1-5", "1-6", "1-7"]
+    assert qids(timeline.query(LogQuery("D1", since=T0 + 2000, until=T0 + 4000))) == ["1-2", "1-3"]
+    assert qids(timeline.query(LogQuery("D1", level="warn"))) == ["1-2", "1-3", "1-6", "1-7"]
+    assert qids(timeline.query(LogQuery("D2"))) == ["1-8", "1-9"]
+    assert qids(timeline.query(LogQuery(None, limit=3))) == ["1-7", "1-8", "1-9"]
+    assert timeline.query(LogQuery("nobody")) == []
+
+
+def test_keyset_pages_cover_everything_once(timeline: Store) -> None:
+    seen: list[str] = []
+    before = None
+    for _ in range(10):
+        page = timeline.query(LogQuery(None, limit=3, before=before))
+        if not page:
+            break
+        seen += qids(page)[::-1]  # each page newest first after the one before
+        before = (page[0].received_at, page[0].seq)
+    assert seen == [f"1-{n}" for n in reversed(range(10))]
+
+
+def test_keyset_pages_hold_still_when_records_arrive_in_the_same_ms(store_factory: Backend) -> None:
+    store = store_factory.open()
+    store.write_batch([rec(f"1-{n}") for n in range(5)])  # all in one millisecond
+    first = store.query(LogQuery("D1", limit=2))
+    store.write_batch([rec("2-0")])  # a newer one arrives between pages
+    second = store.query(LogQuery("D1", limit=2, before=(first[0].received_at, first[0].seq)))
+    assert qids(first) == ["1-3", "1-4"] and qids(second) == ["1-1", "1-2"]
+
+
+def test_volume_counts_records_per_bucket_and_level(timeline: Store) -> None:
+    buckets = timeline.volume(None, T0, T0 + 10_000, 5000)
+    assert sum(b.records for b in buckets) == 10
+    assert VolumeBucket(T0, "debug", 2) in buckets  # events 0 and 4
+    assert timeline.volume("D2", T0, T0 + 10_000, 10_000) == [
+        VolumeBucket(T0, "debug", 1), VolumeBucket(T0, "info", 1)]  # events 8 and 9
+
+
+# -- search ----------------------------------------------------------------------
+
+SEARCHABLE = {
+    "q": {"msg": 'say "hi" from C:\\temp'},
+    "esc": {"msg": 'he said "ok"'},  # escaped quotes in its JSON, no backslash in the text
+    "pct": {"msg": "disk 100% full_now"},
+    "fts": {"msg": "glob a*b and NEAR(x y) and -x flag"},
+    "zh": {"msg": "设备离线 🔥 alarm"},
+    "fr": {"msg": "CAFÉ OUVERT", "Straße": "x"},
+    "plain": {"msg": "plain record"},
+}
+SEARCHES = [
+    ("\\", ["q"]),
+    ('"', ["q", "esc"]),
+    ('"hi"', ["q"]),
+    ("C:\\temp", ["q"]),
+    ("%", ["pct"]), ("100%", ["pct"]), ("_", ["pct"]), ("full_now", ["pct"]), ("0%", ["pct"]),
+    ("*", ["fts"]), ("a*b", ["fts"]), ("NEAR(", ["fts"]), ("near(x y)", ["fts"]), ("-x", ["fts"]),
+    ("设备", ["zh"]), ("🔥", ["zh"]), ("离线 🔥", ["zh"]),
+    ("café", ["fr"]), ("Café ouvert", ["fr"]), ("strasse", ["fr"]), ("STRASSE", ["fr"]),
+    ("msg", sorted(SEARCHABLE)),  # keys are text the device sent too
+    ('":"', []), ("door OR plain", []), ("plain*", []), ("nothing", []),
+]
+
+
+@pytest.fixture
+def searchable(store_factory: Backend) -> Store:
+    store = store_factory.open()
+    store.write_batch([rec(name, **data) for name, data in SEARCHABLE.items()])
+    return store
+
+
+@pytest.mark.parametrize(("needle", "expected"), SEARCHES, ids=[s[0] for s in SEARCHES])
+def test_search_is_plain_text_in_what_the_device_sent(searchable: Store, needle: str,
+                                                      expected: list[str]) -> None:
+    # The same answer whether the store's index covers the records or not.
+    for indexed in (False, True):
+        if indexed:
+            catch_up(searchable)
+        found = searchable.query(LogQuery("D1", grep=needle, limit=100))
+        assert sorted(qids(found)) == sorted(expected), (needle, indexed)
+
+
+def test_search_answers_alike_across_the_index_boundary(store_factory: Backend) -> None:
+    store = store_factory.open()
+    store.write_batch([rec("1-0", msg="Café du coin")])
+    catch_up(store)
+    store.write_batch([rec("1-1", msg="CAFÉ DU COIN")])  # not indexed yet
+    for needle in ("café", "CAFÉ", "é du"):
+        assert qids(store.query(LogQuery("D1", grep=needle))) == ["1-0", "1-1"], needle
+
+
+# -- cursors ---------------------------------------------------------------------
+
+
+def test_after_resumes_from_a_seq_without_skipping_or_repeating(store_factory: Backend) -> None:
+    store = store_factory.open()
+    store.write_batch([rec(f"1-{n}", f"D{n % 3}") for n in range(25)])
+    seen: list[str] = []
+    cursor = 0
+    for _ in range(20):
+        chunk = store.after(cursor, 4)
+        if not chunk:
+            break
+        seen += qids(chunk)
+        cursor = chunk[-1].seq
+    assert seen == [f"1-{n}" for n in range(25)]
+    assert store.max_seq() == cursor
+
+
+def test_following_a_burst_bigger_than_the_limit_skips_nothing(store_factory: Backend) -> None:
+    store = store_factory.open()
+    store.write_batch([rec("0-0")])
+    cursor = store.max_seq()
+    store.write_batch([rec(f"1-{n}", received_at=T0 + n % 3) for n in range(30)])
+    seen: list[str] = []
+    for _ in range(20):
+        chunk = store.query(LogQuery("D1", limit=7, after_seq=cursor))
+        if not chunk:
+            break
+        seen += qids(chunk)
+        cursor = chunk[-1].seq
+    assert seen == [f"1-{n}" for n in range(30)]
+
+
+def test_a_second_reader_sees_committed_records_in_seq_order(store_factory: Backend) -> None:
+    writer = store_factory.open()
+    writer.write_batch([rec("1-0")])
+    reader = store_factory.open(readonly=True)
+    cursor = reader.max_seq()
+    writer.write_batch([rec("2-0"), rec("2-1")])
+    assert qids(reader.after(cursor, 10)) == ["2-0", "2-1"]
+
+
+# -- retention -------------------------------------------------------------------
+
+
+def test_prune_by_age_and_size(store_factory: Backend) -> None:
+    store = store_factory.open()
+    store.write_batch([rec(f"1-{n}", received_at=T0 + n) for n in range(10)])
+    catch_up(store)
+    assert store.prune(before=T0 + 4, max_bytes=None, limit=100) == 4
+    assert qids(store.after(0, 100)) == [f"1-{n}" for n in range(4, 10)]
+    assert [(d.device_id, d.records) for d in store.devices()] == [("D1", 6)]
+    assert store.prune(before=None, max_bytes=1, limit=2) == 2
+    assert qids(store.query(LogQuery("D1", grep="1-"))) == [f"1-{n}" for n in range(6, 10)]
+    assert store.prune(before=None, max_bytes=None, limit=100) == 0
+
+
+# -- opening ---------------------------------------------------------------------
+
+
+def test_a_reader_never_creates_a_store(store_factory: Backend) -> None:
+    with pytest.raises(StoreMissing, match="nowhere"):
+        replace(store_factory, url=store_factory.missing_url).open(readonly=True)
+    with pytest.raises(StoreMissing):
+        store_factory.open(readonly=True)  # not created yet either
+    store_factory.open().write_batch([rec("1-0")])
+    reader = store_factory.open(readonly=True)
+    assert qids(reader.query(LogQuery("D1"))) == ["1-0"]
+    with pytest.raises(StoreUnavailable):
+        reader.write_batch([rec("1-1")])
+
+
+def test_an_unreadable_store_is_unavailable(store_factory: Backend) -> None:
+    store_factory.open().write_batch([rec("1-0")])
+    store_factory.close_all()
+    store_factory.wreck()
+    with pytest.raises(StoreUnavailable):
+        store = store_factory.open(readonly=True)
+        store.query(LogQuery("D1"))
+
+
+def test_seqs_never_go_back_even_when_retention_empties_the_store(store_factory: Backend) -> None:
+    # A follower (or the daily files' cursor) holding the last seq must see what comes next.
+    store = store_factory.open()
+    store.write_batch([rec(f"1-{n}", received_at=T0 + n) for n in range(5)])
+    cursor = store.max_seq()
+    store.prune(before=T0 + 100, max_bytes=None, limit=100)
+    store.write_batch([rec("2-0", received_at=T0 + 200)])
+    assert qids(store.after(cursor, 10)) == ["2-0"]
+    assert qids(store.query(LogQuery("D1", after_seq=cursor))) == ["2-0"]
