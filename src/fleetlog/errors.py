@@ -17,6 +17,7 @@ still work)::
      ├── RecordRejected        the store cannot take a record because of its own data
      ├── UnknownDevice         a credential command names a device that has none
      ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
+     ├── InvalidRequest        a read asks for something malformed: level, time, limit, cursor
      ├── ConfigError           settings that cannot work together
      ├── ServerError           the embedded Valkey/Redis server
      │    ├── ServerNotFound   no server binary (also a FileNotFoundError)
@@ -120,6 +121,10 @@ class UnknownDevice(FleetlogError):
 
 class InvalidDeviceId(FleetlogError, ValueError):
     """Raised when a device id breaks the policy; the message says which rule."""
+
+
+class InvalidRequest(FleetlogError, ValueError):
+    """Raised when a read asks for something malformed (level, time, limit, cursor)."""
 
 
 class ServerError(FleetlogError):

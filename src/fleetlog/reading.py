@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal
 
 from fleetlog import keys
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import InvalidRequest
 from fleetlog.links import is_online, parse_link
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.records import StoredRecord, iso_ms
@@ -58,10 +58,6 @@ FOLLOW_BATCH: Final = 1_000
 #: Buckets a volume request may span (a chart, not an export).
 MAX_BUCKETS: Final = 100_000
 _STEPS: Final = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
-
-
-class InvalidRequest(FleetlogError, ValueError):
-    """Raised when a read asks for something malformed (level, time, limit, cursor)."""
 
 
 # -- requests ---------------------------------------------------------------------
