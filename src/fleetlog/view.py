@@ -60,18 +60,19 @@ def _one_line(data: str) -> bytes:
     return raw
 
 
-def record_line(record: StoredRecord, *, fields: bool = True) -> bytes:
+def record_line(record: StoredRecord, *, fields: bool = True, qid: bool = False) -> bytes:
     """One JSON object on one line (no newline at the end); ``data`` spliced in as stored.
 
     ``fields`` adds the columns the store pulled out of the record (``ts``,
-    ``level``, ``message``); the daily files leave them out, since ``data``
-    holds them already.
+    ``level``, ``message``: ``fleetlog logs --json``); the daily files leave
+    them out, since ``data`` holds them already, and add ``qid`` instead, the
+    record's queue identity that makes their export exactly-once.
     """
-    head: dict[str, Any] = {
-        "seq": record.seq,
-        "device_id": record.device_id,
-        "received_at": iso_ms(record.received_at),
-    }
+    head: dict[str, Any] = {"seq": record.seq}
+    if qid:
+        head["qid"] = record.qid
+    head["device_id"] = record.device_id
+    head["received_at"] = iso_ms(record.received_at)
     if fields:
         if record.ts is not None:
             head["ts"] = iso_ms(record.ts)

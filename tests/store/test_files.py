@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,19 @@ def test_a_record_with_newline_whitespace_stays_on_one_line(store: SQLiteStore, 
     assert [line["data"] for line in lines(sink, DAY1)] == [{"deviceId": "D1", "n": 0}]
     write(store, "1-1", DAY1_LATE, {"n": 1})
     assert sink.export(store) == 1
+
+
+def test_file_lines_and_logs_json_share_one_serializer() -> None:
+    """A daily-file line is ``fleetlog logs --json``'s line minus the extracted columns, plus qid."""
+    from fleetlog.records import StoredRecord
+    from fleetlog.view import record_line
+
+    record = StoredRecord(7, "1-0", "门\u2028禁", 0, 1000, "info", "m\u2029", '{\n "msg": "m\u2029"\n}')
+    line = format_line(record)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert len(line.decode().splitlines()) == 1, "U+2028/2029 escaped: one line for every reader"
+    as_file, as_logs = json.loads(line), json.loads(record_line(record))
+    assert as_file == {"seq": 7, "qid": "1-0", "device_id": "门\u2028禁",
+                       "received_at": "1970-01-01T00:00:00.000Z", "data": {"msg": "m\u2029"}}
+    assert {k: v for k, v in as_logs.items() if k not in ("ts", "level", "message")} == \
+        {k: v for k, v in as_file.items() if k != "qid"}

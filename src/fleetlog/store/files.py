@@ -49,8 +49,9 @@ from typing import Any, Final
 
 import orjson
 
-from fleetlog.records import StoredRecord, iso_ms, utc_day
+from fleetlog.records import StoredRecord, utc_day
 from fleetlog.store.base import Store, StoreUnavailable
+from fleetlog.view import record_line
 
 __all__ = ["FilesSink", "format_line"]
 
@@ -69,19 +70,13 @@ class Cursor:
 
 
 def format_line(record: StoredRecord) -> bytes:
-    """One line of a daily file; ``data`` is spliced in as stored, not re-encoded.
+    """One line of a daily file: the serializer ``fleetlog logs --json`` uses, with ``qid``.
 
-    Only JSON with line breaks between its tokens (pretty-printed by some other
-    producer) is compacted, since a line must stay a line.
+    ``data`` is spliced in as stored, not re-encoded; only JSON with line
+    breaks between its tokens (pretty-printed by some other producer) is
+    compacted, since a line must stay a line (:func:`fleetlog.view.record_line`).
     """
-    data = record.data.encode()
-    if b"\n" in data or b"\r" in data:
-        data = orjson.dumps(orjson.loads(data))
-    head = orjson.dumps({
-        "seq": record.seq, "qid": record.qid, "device_id": record.device_id,
-        "received_at": iso_ms(record.received_at),
-    })
-    return head[:-1] + b',"data":' + data + b"}\n"
+    return record_line(record, fields=False, qid=True) + b"\n"
 
 
 def _last_line(path: Path) -> dict[str, Any] | None:
