@@ -1,0 +1,134 @@
+"""LinkRegistry against a real Redis: links in order, take-overs, refusal counts, heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from fleetlog import keys
+from fleetlog.gateway.registry import LinkRegistry
+from fleetlog.links import is_online, parse_link
+from fleetlog.queue.connection import connect_async
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+async def registries(redis_url: str) -> AsyncIterator[Callable[..., LinkRegistry]]:
+    """Started registries (each with its own client and control messages), closed at the end."""
+    made: list[tuple[LinkRegistry, Any]] = []
+
+    def make(node_id: str, *, take_over: bool = True,
+             control: list[dict[str, Any]] | None = None) -> LinkRegistry:
+        async_client = connect_async(redis_url, timeout=5.0)
+        registry = LinkRegistry(async_client, node_id=node_id, heartbeat_ttl=1.5,
+                                info={"host": "127.0.0.1", "port": 1}, take_over=take_over)
+        registry.start((control if control is not None else []).append)
+        made.append((registry, async_client))
+        return registry
+
+    yield make
+    for registry, async_client in made:
+        await registry.close()
+        await async_client.aclose()
+
+
+def link_of(client: redis.Redis, device: str) -> dict[str, Any] | None:
+    raw = client.hget(keys.DEVICE_LINKS, device)
+    return None if raw is None else parse_link(raw)
+
+
+async def test_links_are_written_in_order(client: redis.Redis, registries: Any) -> None:
+    registry = registries("node-a")
+    for n in range(50):  # a quick connect/disconnect storm: the last word wins, in order
+        registry.link("door:1", f"node-a/{n}")
+        registry.unlink("door:1", f"node-a/{n}")
+    registry.link("door:1", "node-a/final")
+    await eventually(lambda: (link_of(client, "door:1") or {}).get("conn") == "node-a/final")
+    link = link_of(client, "door:1")
+    assert link is not None
+    assert link["node"] == "node-a"
+    assert link["since"].endswith("Z")
+
+
+async def test_an_old_connection_never_unlinks_a_newer_one(client: redis.Redis, registries: Any) -> None:
+    registry = registries("node-a")
+    registry.link("kiosk", "node-a/1")
+    registry.link("kiosk", "node-a/2")  # reconnected
+    registry.unlink("kiosk", "node-a/1")  # the old connection's goodbye arrives late
+    await asyncio.sleep(0.3)
+    await eventually(lambda: link_of(client, "kiosk") is not None)
+    assert (link_of(client, "kiosk") or {}).get("conn") == "node-a/2"
+    registry.unlink("kiosk", "node-a/2")
+    await eventually(lambda: link_of(client, "kiosk") is None)
+
+
+async def test_a_link_on_another_node_tells_the_old_node_to_close(
+    client: redis.Redis, registries: Any
+) -> None:
+    told: list[dict[str, Any]] = []
+    old = registries("node-old", control=told)
+    new = registries("node-new")
+    await asyncio.sleep(0.3)  # both subscribed to their control channels
+    old.link("meter", "node-old/7")
+    await eventually(lambda: link_of(client, "meter") is not None)
+    new.link("meter", "node-new/1")
+    await eventually(lambda: bool(told))
+    assert told == [{"op": "takeover", "device": "meter", "conn": "node-old/7"}]
+    assert (link_of(client, "meter") or {})["node"] == "node-new"
+
+
+async def test_no_take_over_without_authentication(client: redis.Redis, registries: Any) -> None:
+    told: list[dict[str, Any]] = []
+    registries("node-old", control=told).link("legacy", "node-old/1")
+    await eventually(lambda: link_of(client, "legacy") is not None)
+    registries("node-new", take_over=False).link("legacy", "node-new/1")
+    await eventually(lambda: (link_of(client, "legacy") or {}).get("node") == "node-new")
+    await asyncio.sleep(0.3)
+    assert told == [], "auth none: a claim of a device id closes nothing elsewhere"
+
+
+async def test_refusals_are_counted_per_device_and_reason(client: redis.Redis, registries: Any) -> None:
+    registry = registries("node-a")
+    for _ in range(3):
+        registry.count_refusal("a:b", "rate_limited")
+    registry.count_refusal("a:b", "too_large")
+    registry.count_refusal(None, "unauthorized")
+    await eventually(lambda: client.hget(keys.refusals("a:b"), "too_large") == b"1")
+    assert client.hgetall(keys.refusals("a:b")) == {b"rate_limited": b"3", b"too_large": b"1"}
+    assert client.hgetall(keys.refusals("-")) == {b"unauthorized": b"1"}
+    assert not client.exists("fleetlog:refusals:a:b"), "the device id is escaped in the key"
+
+
+async def test_heartbeat_lives_with_the_node(client: redis.Redis, redis_url: str) -> None:
+    async_client = connect_async(redis_url, timeout=5.0)
+    registry = LinkRegistry(async_client, node_id="node-hb", heartbeat_ttl=1.5,
+                            info={"host": "127.0.0.1", "port": 9}, take_over=True)
+    registry.start(lambda message: None)
+    try:
+        key = keys.node_heartbeat("node-hb")
+        await eventually(lambda: client.exists(key) == 1)
+        assert orjson.loads(client.get(key) or b"{}") == {"node": "node-hb", "host": "127.0.0.1", "port": 9}
+        assert 0 < client.pttl(key) <= 1500
+        assert is_online({"node": "node-hb"}, {"node-hb"})
+        await asyncio.sleep(1.7)  # longer than the TTL: renewed every third of it
+        assert client.exists(key) == 1
+    finally:
+        await registry.close()
+        await async_client.aclose()
+    assert client.exists(keys.node_heartbeat("node-hb")) == 0, "a clean stop removes the heartbeat"
