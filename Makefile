@@ -6,7 +6,7 @@ ARGS    ?=
 
 FAULTS  := $(CURDIR)/.faults.jsonl
 
-.PHONY: install install-test install-bench up test faults lint bench clean
+.PHONY: install install-test install-bench up test faults lint bench screenshots clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ faults: install-test
 	@rm -f $(FAULTS)
 	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q tests/faults $(ARGS); status=$$?; \
 	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status
+
+# The console's screenshots in docs/screenshots, refreshed by its browser test.
+screenshots: install-test
+	FLEETLOG_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q tests/browser
 
 lint: install-test
 	$(BIN)/ruff check src tests bench

@@ -24,6 +24,7 @@ import base64
 import binascii
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal
 
@@ -43,6 +44,7 @@ __all__ = [
     "LogsRequest",
     "Page",
     "Reader",
+    "ReaderPool",
     "VolumeRequest",
     "decode_cursor",
     "encode_cursor",
@@ -207,6 +209,8 @@ class DeviceInfo:
     connected_since: str | None = None
     last_seen: str | None = None
     records: int = 0
+    #: When it last sent an ``error``/``fatal`` record.
+    last_error: str | None = None
     #: Frames refused, by reason (``rate_limited``, ``too_large``...).
     refused: dict[str, int] = field(default_factory=dict)
     #: Has a token (``fleetlog device add``), whether it has sent anything or not.
@@ -216,7 +220,7 @@ class DeviceInfo:
         return asdict(self)
 
 
-SortKey = Literal["device_id", "last_seen", "records", "online"]
+SortKey = Literal["device_id", "last_seen", "last_error", "records", "online"]
 
 
 @dataclass(slots=True)
@@ -245,7 +249,7 @@ def _presence(client: Any) -> _Presence:
 
 
 def list_devices(
-    store: Store,
+    store: Store | None,
     redis: Any | None,
     *,
     prefix: str = "",
@@ -257,7 +261,8 @@ def list_devices(
 
     Known: stored records, a link, refusals, or a token (provisioned devices
     that have sent nothing yet are listed with 0 records).  ``redis`` is a
-    blocking client the caller owns (None: no Redis, online state unknown).
+    blocking client the caller owns (None: no Redis, online state unknown);
+    ``store`` None: nothing stored yet (provisioned and connected devices only).
     """
     presence = _Presence()
     warning = ""
@@ -266,7 +271,7 @@ def list_devices(
             presence = _presence(redis)
         except REDIS_DOWN as exc:
             warning = f"Redis unavailable ({exc}); online state unknown (shown as offline)"
-    stats = {row.device_id: row for row in store.devices()}
+    stats = {row.device_id: row for row in store.devices()} if store is not None else {}
     known = (stats.keys() | presence.links.keys() | (presence.refused.keys() - {"-"})
              | presence.provisioned)
     rows = []
@@ -285,6 +290,7 @@ def list_devices(
             connected_since=link.get("since") if link and is_up else None,
             last_seen=iso_ms(stat.last_seen) if stat else None,
             records=stat.records if stat else 0,
+            last_error=iso_ms(stat.last_error) if stat and stat.last_error is not None else None,
             refused=presence.refused.get(device_id, {}),
             provisioned=device_id in presence.provisioned,
         ))
@@ -331,6 +337,22 @@ class Reader:
         cursor = encode_cursor(records[-1]) if len(records) == request.limit else None
         return Page(records, cursor)
 
+    def export(self, request: LogsRequest, *, batch: int = FOLLOW_BATCH) -> Iterator[StoredRecord]:
+        """Every matching record, newest first, one keyset page of ``batch`` at a time.
+
+        Memory stays flat whatever the range (the API streams a day of a busy
+        device with it); ``request.limit`` is ignored: an export is the whole range.
+        """
+        page = replace(request, limit=batch)
+        while True:
+            records = self.store.query(page.store_query())
+            records.reverse()
+            yield from records
+            if len(records) < batch:
+                return
+            last = records[-1]
+            page = replace(page, cursor=(last.received_at, last.seq))
+
     def has_records(self, device_id: str) -> bool:
         """True when the store holds at least one record of ``device_id``."""
         return bool(self.store.query(LogQuery(device_id, limit=1)))
@@ -364,3 +386,47 @@ class Reader:
     def devices(self, redis: Any | None, **options: Any) -> tuple[list[DeviceInfo], str]:
         """:func:`list_devices` on this reader's store."""
         return list_devices(self.store, redis, **options)
+
+
+class ReaderPool:
+    """Readers of one store shared by a server's threads: each read borrows one.
+
+    A SQLite connection must not run two statements at once, so a thread
+    borrows a :class:`Reader` for one read (or one export) and gives it back;
+    at most ``keep`` idle ones are kept open.  A reader whose read failed is
+    closed rather than kept (the store may have been replaced).
+    """
+
+    def __init__(self, store_url: str, *, keep: int = 16) -> None:
+        self.store_url = store_url
+        self._keep = keep
+        self._idle: list[Reader] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def reader(self) -> Iterator[Reader]:
+        """A reader for the ``with`` block; raises StoreMissing when nothing is stored yet."""
+        with self._lock:
+            reader = self._idle.pop() if self._idle else None
+        if reader is None:
+            reader = Reader.open(self.store_url)
+        healthy = False
+        try:
+            yield reader
+            healthy = True
+        finally:
+            with self._lock:
+                keep = healthy and not self._closed and len(self._idle) < self._keep
+                if keep:
+                    self._idle.append(reader)
+            if not keep:
+                reader.close()
+
+    def close(self) -> None:
+        """Close the idle readers; borrowed ones are closed when given back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for reader in idle:
+            reader.close()

@@ -44,6 +44,8 @@ class DeviceStats:
     records: int
     first_seen: int
     last_seen: int
+    #: ``received_at`` of its newest ``error``/``fatal`` record (None: none yet).
+    last_error: int | None = None
 
 
 def iso_ms(ms: int) -> str:

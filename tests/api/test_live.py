@@ -75,6 +75,8 @@ def test_schemathesis_no_5xx_and_responses_match_the_schema(api: Api) -> None:
     ran = []
     for operation in schema.get_all_operations():
         op = operation.ok()
+        if op.path == "/api/stream":
+            continue  # never ends by design: tests/api/test_reads.py covers it
 
         @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
@@ -88,4 +90,4 @@ def test_schemathesis_no_5xx_and_responses_match_the_schema(api: Api) -> None:
 
         check()
         ran.append(op.label)
-    assert len(ran) >= 7, ran
+    assert len(ran) >= 13, ran

@@ -314,7 +314,7 @@ def test_locked_store_is_unavailable_then_recovers(store: SQLiteStore) -> None:
     store._db.execute("PRAGMA busy_timeout = 200")
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    other.execute("INSERT INTO devices VALUES ('other', 0, 0, 0)")
+    other.execute("INSERT INTO devices (device_id, records, first_seen, last_seen) VALUES ('other', 0, 0, 0)")
     try:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="locked"):
@@ -383,3 +383,34 @@ def test_readers_refuse_a_newer_schema_and_a_foreign_file(tmp_path: Path) -> Non
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(StoreUnavailable, match="not a fleetlog store"):
         SQLiteStore(other, readonly=True)
+
+
+def test_devices_know_when_each_last_sent_an_error(store: SQLiteStore) -> None:
+    store.write_batch([
+        rec("1-0", "A", T0, {"level": "error", "msg": "boom"}),
+        rec("1-1", "A", T0 + 10, {"level": "info", "msg": "fine"}),
+        rec("1-2", "B", T0 + 20, {"level": "warn", "msg": "hmm"}),
+    ])
+    store.write_batch([rec("2-0", "A", T0 - 5, {"level": "FATAL"}),  # older: the newest stays
+                       rec("2-1", "B", T0 + 30, {"level": "critical"})])
+    assert {d.device_id: d.last_error for d in store.devices()} == {"A": T0, "B": T0 + 30}
+    store.write_batch([rec("3-0", "A", T0 + 40, {"level": "err"})])
+    assert {d.device_id: d.last_error for d in store.devices()} == {"A": T0 + 40, "B": T0 + 30}
+
+
+def test_an_upgraded_store_finds_its_devices_last_errors(tmp_path: Path) -> None:
+    path = tmp_path / "fleetlog.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:6], start=1):
+        db.executescript(script)
+        db.execute(f"PRAGMA user_version = {number}")
+    db.execute("INSERT INTO records (qid, device_id, received_at, level, data)"
+               " VALUES ('1-0', 'D1', 7, 'error', '{}'), ('1-1', 'D1', 9, 'info', '{}')")
+    db.execute("INSERT INTO devices VALUES ('D1', 2, 7, 9)")
+    db.close()
+    old = SQLiteStore(path, readonly=True)
+    assert old.devices() == [DeviceStats("D1", 2, 7, 9, None)]  # read as it is
+    old.close()
+    writer = SQLiteStore(path)
+    assert writer.devices() == [DeviceStats("D1", 2, 7, 9, 7)]
+    writer.close()

@@ -18,12 +18,14 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from fleetlog.api import commands, device_tokens, health
+from fleetlog.api import commands, console, device_tokens, health, reads, stream
+from fleetlog.api.commits import CommitFeed
 from fleetlog.api.deps import Reader, Services
 from fleetlog.config import Settings, mask_url
 from fleetlog.metrics import TallyCollector
 from fleetlog.queue.connection import connect, connect_async
 from fleetlog.queue.stats import QueueStats, queue_stats
+from fleetlog.reading import ReaderPool
 
 __all__ = ["create_app", "run_api"]
 
@@ -63,21 +65,25 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services(settings, redis_url, connect_async(redis_url, timeout=settings.redis_timeout),
-                            connect(redis_url, timeout=settings.redis_timeout), registry, sent)
+        aredis = connect_async(redis_url, timeout=settings.redis_timeout)
+        services = Services(settings, redis_url, aredis, connect(redis_url, timeout=settings.redis_timeout),
+                            registry, sent, ReaderPool(settings.store_url), CommitFeed(aredis))
         holder[:] = [services]
         app.state.services = services
+        services.feed.start()
         try:
             yield
         finally:
+            await services.feed.close()
             await services.aredis.aclose()
             services.redis.close()
+            services.readers.close()
 
     app = FastAPI(title="fleetlog", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None, description="Read a fleet's logs, send its devices commands, manage "
                   "its credentials.  Every route but /healthz needs `Authorization: Bearer TOKEN` "
                   "(`fleetlog api-token add NAME`).")
-    for module in (health, commands, device_tokens):
+    for module in (health, reads, stream, commands, device_tokens, console):
         app.include_router(module.router)
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -124,7 +124,7 @@ async def send_command(client: redis.asyncio.Redis, device_id: str, body: Any, *
 router = APIRouter(tags=["commands"], responses=ERRORS)
 
 
-@router.post("/api/devices/{device_id:path}/commands", response_model=CommandOutcome,
+@router.post("/api/devices/{device_id:device}/commands", response_model=CommandOutcome,
              summary="Send a command to a device")
 async def post_command(
     device_id: Annotated[str, Path(description="The device's id.")],

@@ -16,6 +16,9 @@ restarted) still catches up at its next read, so read at every timeout too.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,8 +28,14 @@ import orjson
 import redis.asyncio
 
 from fleetlog import keys
+from fleetlog.queue.connection import REDIS_DOWN
 
-__all__ = ["Commit", "CommitSubscriber"]
+__all__ = ["Commit", "CommitFeed", "CommitSubscriber"]
+
+log = logging.getLogger("fleetlog.api")
+
+#: Seconds between two subscription attempts while Redis does not answer.
+RESUBSCRIBE_DELAY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +92,62 @@ class CommitSubscriber:
             except (ValueError, TypeError):
                 continue  # not ours: skip it
         return None
+
+
+class CommitFeed:
+    """One subscription per API process, fanned out to every live tail.
+
+    Each tail takes :meth:`changed` *before* it reads the store, then awaits
+    :meth:`wait` on it: a commit announced between the read and the wait has
+    set that event already, so it is never slept through.  After Redis comes
+    back the feed wakes every tail (announcements made meanwhile are lost, the
+    store is not).  Call :meth:`start` in the event loop, :meth:`close` at shutdown.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, channel: str = keys.COMMITS) -> None:
+        self._client = client
+        self._channel = channel
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.latest: Commit | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="commit-feed")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def changed(self) -> asyncio.Event:
+        """The event the next commit sets (take it before reading the store)."""
+        return self._changed
+
+    @staticmethod
+    async def wait(changed: asyncio.Event, timeout: float) -> bool:
+        """Whether ``changed`` was set within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _wake(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with CommitSubscriber(self._client, self._channel) as commits:
+                    self._wake()  # (re)subscribed: let every tail catch up
+                    while True:
+                        commit = await commits.next(timeout=30.0)
+                        if commit is not None:
+                            self.latest = commit
+                            self._wake()
+            except REDIS_DOWN as exc:
+                log.warning("commit announcements: Redis not answering (%s); retrying", exc)
+                await asyncio.sleep(RESUBSCRIBE_DELAY)

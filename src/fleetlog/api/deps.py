@@ -18,10 +18,13 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from fleetlog.api.auth import OperatorToken, Role, allows, identify
+from fleetlog.api.commits import CommitFeed
 from fleetlog.config import Settings
 from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.reading import ReaderPool
 
 __all__ = ["ERRORS", "Admin", "Found", "Reader", "Services", "invalid", "require", "services"]
 
@@ -38,6 +41,20 @@ ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+class DevicePathConvertor(PathConvertor):
+    """``{device_id:device}``: any characters, ``/`` and line breaks included.
+
+    Starlette's ``path`` is ``.*``, which stops at a newline: a device id with
+    one (percent-encoded) matched no route at all, a 404 the schema does not
+    describe; this way it reaches the route, which answers its 422.
+    """
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("device", DevicePathConvertor())
+
+
 @dataclass
 class Services:
     """The clients one API process uses (created at startup, closed at shutdown)."""
@@ -48,6 +65,8 @@ class Services:
     redis: redis.Redis  # blocking routes run in a thread: credentials, readiness
     registry: CollectorRegistry
     commands: Counter
+    readers: ReaderPool  # the store, read-only, one reader per thread at a time
+    feed: CommitFeed  # the workers' commit announcements, for live tails
 
 
 def services(request: Request) -> Services:

@@ -73,7 +73,7 @@ def add_device_token(new: NewDevice, _token: Admin, found: Found) -> IssuedToken
     return IssuedToken(device_id=new.device_id, token=token, unconfirmed_gateways=credentials.unconfirmed)
 
 
-@router.post("/api/device-tokens/{device_id:path}/rotate", response_model=IssuedToken,
+@router.post("/api/device-tokens/{device_id:device}/rotate", response_model=IssuedToken,
              responses={404: {"description": "The device has no token."}},
              summary="Replace a device's token; its connections are closed")
 def rotate_device_token(device_id: DeviceId, _token: Admin, found: Found) -> IssuedToken:
@@ -87,7 +87,7 @@ def rotate_device_token(device_id: DeviceId, _token: Admin, found: Found) -> Iss
     return IssuedToken(device_id=device_id, token=token, unconfirmed_gateways=credentials.unconfirmed)
 
 
-@router.delete("/api/device-tokens/{device_id:path}", status_code=204, response_class=Response,
+@router.delete("/api/device-tokens/{device_id:device}", status_code=204, response_class=Response,
                responses={404: {"description": "The device has no token."}},
                summary="Delete a device's token; its connections are closed")
 def revoke_device_token(device_id: DeviceId, _token: Admin, found: Found) -> Response:

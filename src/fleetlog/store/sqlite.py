@@ -129,7 +129,19 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     END;
     UPDATE meta SET value = 0 WHERE key = 'fts_through';
     """,
+    # 7: when each device last sent an error (or fatal) record, kept with its stats so
+    # the device list (console, GET /api/devices) needs no scan of the records.
+    """
+    ALTER TABLE devices ADD COLUMN last_error INTEGER;
+    UPDATE devices SET last_error = (
+        SELECT max(received_at) FROM records
+        WHERE records.device_id = devices.device_id AND level IN ('error', 'fatal'));
+    """,
 )
+#: The first schema with ``devices.last_error``; older ones (read-only) report None.
+_LAST_ERROR_SCHEMA: Final = 7
+#: The levels that count as an error for ``devices.last_error``.
+_ERROR_LEVELS: Final = frozenset(("error", "fatal"))
 #: The first schema with the ``search`` table; older ones (read-only) are scanned.
 _SEARCH_SCHEMA: Final = 6
 
@@ -139,11 +151,14 @@ _INSERT: Final = (
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_DEVICE: Final = """
-    INSERT INTO devices (device_id, records, first_seen, last_seen) VALUES (?, ?, ?, ?)
+    INSERT INTO devices (device_id, records, first_seen, last_seen, last_error)
+    VALUES (?, ?, ?, ?, ?)
     ON CONFLICT (device_id) DO UPDATE SET
         records = records + excluded.records,
         first_seen = min(first_seen, excluded.first_seen),
-        last_seen = max(last_seen, excluded.last_seen)
+        last_seen = max(last_seen, excluded.last_seen),
+        last_error = CASE WHEN excluded.last_error IS NULL THEN last_error
+                          ELSE max(coalesce(last_error, 0), excluded.last_error) END
 """
 #: How long a write waits for another writer's lock before the store reports itself unavailable.
 _BUSY_TIMEOUT_MS: Final = 5000
@@ -406,19 +421,24 @@ class SQLiteStore:
         seen: Counter[str] = Counter()
         first: dict[str, int] = {}
         last: dict[str, int] = {}
+        last_error: dict[str, int] = {}
         for record in records:
             if record.qid in known:
                 continue
             known.add(record.qid)  # the same entry twice in one batch
-            rows.append(_prepare(record))
+            row = _prepare(record)
+            rows.append(row)
             device = record.device_id
             seen[device] += 1
             first[device] = min(first.get(device, record.received_at), record.received_at)
             last[device] = max(last.get(device, 0), record.received_at)
+            if row[4] in _ERROR_LEVELS:
+                last_error[device] = max(last_error.get(device, 0), record.received_at)
         db.executemany(_INSERT, rows)
         db.executemany(
             _UPSERT_DEVICE,
-            [(device, count, first[device], last[device]) for device, count in seen.items()],
+            [(device, count, first[device], last[device], last_error.get(device))
+             for device, count in seen.items()],
         )
         return len(rows)
 
@@ -599,8 +619,11 @@ class SQLiteStore:
 
     def devices(self) -> list[DeviceStats]:
         with self._reading():
+            last_error = ("last_error" if self.schema_version >= _LAST_ERROR_SCHEMA
+                          else "NULL")  # an old store opened read-only
             cursor = self._db.execute(
-                "SELECT device_id, records, first_seen, last_seen FROM devices ORDER BY device_id"
+                f"SELECT device_id, records, first_seen, last_seen, {last_error}"
+                " FROM devices ORDER BY device_id"
             )
             return [DeviceStats(*values) for values in cursor]
 

@@ -1,0 +1,309 @@
+"""The reading routes: devices, logs (one device or the fleet), volume, export, overview.
+
+Every rule of reading (what a valid request is, cursors, search) lives in
+:mod:`fleetlog.reading`; these routes parse the query string, borrow a reader
+from the process's :class:`~fleetlog.reading.ReaderPool`, and shape JSON.
+Times come out ISO 8601 UTC; pages are newest first with an opaque
+``next_cursor``.  Nothing stored yet (no store file) reads as empty, not as
+an error: a fresh install's console shows an empty fleet.
+
+Record rows are spliced from the stored JSON (:func:`fleetlog.view.record_line`)
+rather than built as models: the bytes a device sent come back as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any, Final, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from fleetlog.api.deps import ERRORS, Found, Reader, invalid
+from fleetlog.device_id import device_id_problem
+from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
+from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.stats import queue_stats
+from fleetlog.reading import (
+    LogsRequest,
+    Page,
+    SortKey,
+    encode_cursor,
+    list_devices,
+    logs_request,
+    volume_request,
+)
+from fleetlog.records import StoredRecord, iso_ms
+from fleetlog.view import record_line
+
+__all__ = ["check_device", "checked_request", "record_row", "router"]
+
+#: Records of one page when the caller does not say (the console's page size too).
+PAGE: Final = 100
+#: The most one page may hold: more is an export.
+MAX_PAGE: Final = 1000
+
+router = APIRouter(tags=["reading"], responses=ERRORS)
+
+
+# -- the shapes, for the schema -------------------------------------------------
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    online: bool
+    node: str | None = Field(description="The gateway node holding its connection, when online.")
+    connected_since: str | None
+    last_seen: str | None = Field(description="When its newest stored record arrived.")
+    records: int
+    last_error: str | None = Field(description="When its newest error/fatal record arrived.")
+    refused: dict[str, int] = Field(description="Frames refused, by reason.")
+    provisioned: bool = Field(description="Has a device token.")
+
+
+class DevicesOut(BaseModel):
+    devices: list[DeviceOut]
+    warning: str = Field(description='"" or why the online state is unknown (Redis down).')
+
+
+class RecordOut(BaseModel):
+    cursor: str = Field(description="The record's position: a page's cursor, a live tail's event id.")
+    seq: int
+    device_id: str
+    received_at: str
+    ts: str | None = None
+    level: str | None = None
+    message: str | None = None
+    data: Any = Field(description="The record as the device sent it.")
+
+
+class PageOut(BaseModel):
+    records: list[RecordOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as cursor= for the older ones; null: no more.")
+
+
+class BucketOut(BaseModel):
+    start: str
+    level: str | None
+    records: int
+
+
+class VolumeOut(BaseModel):
+    since: str
+    until: str
+    step_seconds: int
+    buckets: list[BucketOut]
+
+
+class OverviewOut(BaseModel):
+    devices: int
+    online: int
+    records: int
+    backlog: int | None = Field(description="Entries kept in the queue (null: Redis not answering).")
+    lag: int | None
+    pending: int | None
+    dead_letters: int | None
+    warning: str
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def record_row(record: StoredRecord) -> bytes:
+    """One record as the API's JSON object (see :class:`RecordOut`)."""
+    return b'{"cursor":"' + encode_cursor(record).encode() + b'",' + record_line(record)[1:]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def checked_request(device_id: str | None, **fields: Any) -> LogsRequest:
+    """A validated :class:`LogsRequest`; a 422 naming the field otherwise."""
+    try:
+        return logs_request(device_id, now_ms=_now_ms(), **fields)
+    except InvalidRequest as exc:
+        raise invalid("query", str(exc).split(":", 1)[0], str(exc)) from None
+
+
+def check_device(device_id: str | None, where: str = "query", name: str = "device") -> None:
+    if device_id is not None and (problem := device_id_problem(device_id)):
+        raise invalid(where, name, problem)
+
+
+def _unavailable(exc: Exception) -> HTTPException:
+    return HTTPException(503, f"the store is not answering: {exc}")
+
+
+def _page(found: Found, request: LogsRequest) -> Response:
+    try:
+        with found.readers.reader() as reader:
+            page = reader.page(request)
+    except StoreMissing:
+        page = Page([], None)
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from exc
+    cursor = b"null" if page.next_cursor is None else b'"' + page.next_cursor.encode() + b'"'
+    body = (b'{"records":[' + b",".join(record_row(r) for r in page.records)
+            + b'],"next_cursor":' + cursor + b"}")
+    return Response(body, media_type="application/json")
+
+
+Since = Annotated[str | None, Query(description="Records received since: a duration ago (1h) or ISO 8601.")]
+Until = Annotated[str | None, Query(description="Records received before: a duration ago or ISO 8601.")]
+Text = Annotated[str | None, Query(description="Plain text the record contains (case-insensitive, "
+                                   "Unicode); never a query language: `\"`, `*`, `NEAR(` are characters.")]
+Level = Annotated[str | None, Query(description="This level and above: trace debug info warn error fatal.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Records per page.")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the page before.")]
+DeviceParam = Annotated[str | None, Query(description="One device's id (none: the whole fleet).")]
+
+
+# -- routes -----------------------------------------------------------------------
+
+
+@router.get("/api/devices", response_model=DevicesOut, summary="Every known device")
+def get_devices(
+    _token: Reader, found: Found,
+    prefix: Annotated[str, Query(description="Only ids starting with this.")] = "",
+    online: Annotated[bool | None, Query(description="Only online (true) or offline (false) ones.")] = None,
+    sort: Annotated[SortKey, Query(description="Sort key.")] = "device_id",
+    order: Annotated[Literal["asc", "desc"], Query()] = "asc",
+) -> DevicesOut:
+    try:
+        with found.readers.reader() as reader:
+            rows, warning = reader.devices(found.redis, prefix=prefix, online=online, sort=sort,
+                                           descending=order == "desc")
+    except StoreMissing:
+        rows, warning = list_devices(None, found.redis, prefix=prefix, online=online, sort=sort,
+                                     descending=order == "desc")
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return DevicesOut(devices=[DeviceOut(**row.as_dict()) for row in rows], warning=warning)
+
+
+@router.get("/api/devices/{device_id:device}/logs", response_model=PageOut,
+            summary="One device's records, newest first (keyset pages)")
+def get_device_logs(
+    device_id: Annotated[str, Path(description="The device's id.")],
+    _token: Reader, found: Found,
+    q: Text = None, level: Level = None, since: Since = None, until: Until = None,
+    limit: Limit = PAGE, cursor: Cursor = None,
+) -> Response:
+    check_device(device_id, "path", "device_id")
+    return _page(found, checked_request(device_id, q=q, level=level, since=since, until=until,
+                                 limit=limit, cursor=cursor))
+
+
+@router.get("/api/logs", response_model=PageOut, summary="The fleet's records, newest first (keyset pages)")
+def get_logs(
+    _token: Reader, found: Found,
+    q: Text = None, level: Level = None, since: Since = None, until: Until = None,
+    device: DeviceParam = None, limit: Limit = PAGE, cursor: Cursor = None,
+) -> Response:
+    check_device(device)
+    return _page(found, checked_request(device, q=q, level=level, since=since, until=until,
+                                 limit=limit, cursor=cursor))
+
+
+@router.get("/api/stats/volume", response_model=VolumeOut, summary="Records per time step and level")
+def get_volume(
+    _token: Reader, found: Found, device: DeviceParam = None,
+    since: Annotated[str | None, Query(description="Start (default 1h ago).")] = None,
+    until: Annotated[str | None, Query(description="End (default now).")] = None,
+    step: Annotated[str, Query(description="minute, hour, day, or a duration (5m).")] = "minute",
+) -> VolumeOut:
+    check_device(device)
+    try:
+        request = volume_request(device, now_ms=_now_ms(), since=since, until=until, step=step)
+    except InvalidRequest as exc:
+        raise invalid("query", str(exc).split(":", 1)[0].split(" ", 1)[0], str(exc)) from None
+    try:
+        with found.readers.reader() as reader:
+            buckets = reader.volume(request)
+    except StoreMissing:
+        buckets = []
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return VolumeOut(since=iso_ms(request.since), until=iso_ms(request.until),
+                     step_seconds=request.step // 1000,
+                     buckets=[BucketOut(start=iso_ms(b.start), level=b.level, records=b.records)
+                              for b in buckets])
+
+
+_CSV_COLUMNS: Final = ("seq", "device_id", "received_at", "ts", "level", "message", "data")
+
+
+def _csv_line(values: tuple[Any, ...]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(values)
+    return out.getvalue().encode()
+
+
+def _export(found: Found, request: LogsRequest, form: str) -> Iterator[bytes]:
+    """The export's chunks; runs in a thread (starlette iterates a sync iterator there)."""
+    if form == "csv":
+        yield _csv_line(_CSV_COLUMNS)
+    try:
+        with found.readers.reader() as reader:
+            chunk: list[bytes] = []
+            for record in reader.export(request):
+                if form == "csv":
+                    chunk.append(_csv_line((
+                        record.seq, record.device_id, iso_ms(record.received_at),
+                        iso_ms(record.ts) if record.ts is not None else "", record.level or "",
+                        record.message or "", record.data)))
+                else:
+                    chunk.append(record_line(record) + b"\n")
+                if len(chunk) >= 1000:
+                    yield b"".join(chunk)
+                    chunk = []
+            yield b"".join(chunk)
+    except StoreMissing:
+        return
+
+
+@router.get("/api/export", summary="Every matching record, streamed (NDJSON or CSV), newest first",
+            response_class=StreamingResponse, responses={200: {
+                "description": "One record per line (NDJSON), or CSV with a header row.",
+                "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                            "text/csv": {"schema": {"type": "string"}}}}})
+def get_export(
+    _token: Reader, found: Found, device: DeviceParam = None, since: Since = None,
+    until: Until = None, q: Text = None, level: Level = None,
+    format: Annotated[Literal["ndjson", "csv"], Query(description="ndjson or csv.")] = "ndjson",
+) -> StreamingResponse:
+    check_device(device)
+    request = checked_request(device, q=q, level=level, since=since, until=until)
+    name = f"fleetlog-{device or 'fleet'}.{format}".replace('"', "_").replace("/", "_")
+    return StreamingResponse(
+        _export(found, request, format),
+        media_type="text/csv" if format == "csv" else "application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="{name.encode("ascii", "replace").decode()}"'})
+
+
+@router.get("/api/overview", response_model=OverviewOut, summary="Fleet totals and the queue's state")
+def get_overview(_token: Reader, found: Found) -> OverviewOut:
+    try:
+        with found.readers.reader() as reader:
+            rows, warning = reader.devices(found.redis)
+    except StoreMissing:
+        rows, warning = list_devices(None, found.redis)
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from exc
+    settings = found.settings
+    try:
+        stats: Any = queue_stats(found.redis, queue=settings.queue, stream=settings.stream,
+                                 group=settings.group, dead_letter_stream=settings.dead_letter_stream)
+    except REDIS_DOWN as exc:
+        stats = None
+        warning = warning or f"Redis unavailable ({exc})"
+    return OverviewOut(
+        devices=len(rows), online=sum(row.online for row in rows),
+        records=sum(row.records for row in rows),
+        backlog=stats and stats.backlog, lag=stats and stats.lag, pending=stats and stats.pending,
+        dead_letters=stats and stats.dead_letters, warning=warning)

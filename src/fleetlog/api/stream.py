@@ -1,0 +1,123 @@
+"""``GET /api/stream``: a live tail over Server-Sent Events.
+
+Each event is one record: ``id`` is its cursor (the same opaque cursor the
+pages give), ``event: record``, ``data`` the record's JSON on one line.  A
+client that reconnects with ``Last-Event-ID`` gets every matching record
+stored after that one, none twice; without it the tail starts at "now".
+
+The token goes in the ``Authorization`` header like everywhere else, never in
+the URL: browsers' ``EventSource`` cannot set headers, so the console reads
+the stream with ``fetch()`` (see ``static/console.js``).
+
+A tail does not poll the store in a loop: it reads ``after(cursor)``, then
+sleeps on the process's :class:`~fleetlog.api.commits.CommitFeed` until a
+worker announces a commit, and reads again.  Quiet for :data:`HEARTBEAT`
+seconds, it sends a comment so proxies keep the connection.  Its buffer is
+one store batch: the next read waits until the client took the last one
+(uvicorn's flow control), so a slow client costs memory of one batch only.
+When the client goes, starlette cancels the generator; nothing else is held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Annotated, Final
+
+from fastapi import APIRouter, Header, HTTPException
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from fleetlog.api.deps import ERRORS, Found, Reader, Services, invalid
+from fleetlog.api.reads import DeviceParam, Level, Text, check_device, checked_request, record_row
+from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
+from fleetlog.reading import FOLLOW_BATCH, LogsRequest, decode_cursor, encode_cursor
+from fleetlog.records import StoredRecord
+
+__all__ = ["HEARTBEAT", "MAX_STREAMS", "router"]
+
+#: Seconds of quiet before a keepalive comment.
+HEARTBEAT: Final = 15.0
+#: Live tails one API process serves at once; more are refused (503).
+MAX_STREAMS: Final = 1000
+#: Seconds a client waits before reconnecting (sent as ``retry:``).
+RETRY_MS: Final = 2000
+
+router = APIRouter(tags=["reading"], responses=ERRORS)
+
+
+def _event(record: StoredRecord) -> bytes:
+    return (b"id: " + encode_cursor(record).encode() + b"\nevent: record\ndata: "
+            + record_row(record) + b"\n\n")
+
+
+def _read(found: Services, request: LogsRequest, after: int) -> list[StoredRecord]:
+    try:
+        with found.readers.reader() as reader:
+            return reader.store.query(replace(request.store_query(), limit=FOLLOW_BATCH,
+                                              before=None, after_seq=after))
+    except StoreMissing:
+        return []
+
+
+def _start(found: Services) -> int:
+    try:
+        with found.readers.reader() as reader:
+            return reader.position()
+    except StoreMissing:
+        return 0
+
+
+class _Streams:
+    """How many tails are open (one event loop: no lock needed)."""
+
+    open = 0
+
+
+async def _tail(found: Services, request: LogsRequest, after: int) -> AsyncIterator[bytes]:
+    _Streams.open += 1
+    try:
+        yield f"retry: {RETRY_MS}\n: live tail open\n\n".encode()
+        cursor = after
+        while True:
+            changed = found.feed.changed()  # before the read: a commit meanwhile sets it
+            try:
+                batch = await run_in_threadpool(_read, found, request, cursor)
+            except StoreUnavailable:
+                batch = []  # the store is busy or gone for a moment: the next wake reads again
+            if batch:
+                yield b"".join(_event(record) for record in batch)
+                cursor = batch[-1].seq
+                if len(batch) == FOLLOW_BATCH:
+                    continue  # a burst: read on before sleeping
+            if not await found.feed.wait(changed, HEARTBEAT):
+                yield b": keepalive\n\n"
+    finally:
+        _Streams.open -= 1
+
+
+@router.get("/api/stream", summary="Live tail of new records (Server-Sent Events)",
+            response_class=StreamingResponse, responses={200: {
+                "description": "text/event-stream: `id: CURSOR`, `event: record`, `data: RECORD`.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+async def get_stream(
+    _token: Reader, found: Found, device: DeviceParam = None, level: Level = None, q: Text = None,
+    last_event_id: Annotated[str | None, Header(description=(
+        "The id of the last event received: the tail resumes just after it."))] = None,
+) -> StreamingResponse:
+    check_device(device)
+    request = checked_request(device, level=level, q=q)
+    if last_event_id:
+        try:
+            after = decode_cursor(last_event_id)[1]
+        except InvalidRequest as exc:
+            raise invalid("header", "last-event-id", str(exc)) from None
+    else:
+        try:
+            after = await run_in_threadpool(_start, found)
+        except StoreUnavailable as exc:
+            raise HTTPException(503, f"the store is not answering: {exc}") from exc
+    if _Streams.open >= MAX_STREAMS:
+        raise HTTPException(503, f"{MAX_STREAMS} live tails open already; try again later")
+    return StreamingResponse(_tail(found, request, after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

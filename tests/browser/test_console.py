@@ -1,0 +1,142 @@
+"""The web console in real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Against a real API, gateway, worker, Redis and SQLite store, with a legacy
+device on a real WebSocket: log in with a token, see the device come online,
+find a record by search (Chinese too), see a record sent during the test
+appear in the live tail, send a command the device receives, export a range.
+
+Screenshots are kept in the test's tmp dir; with ``FLEETLOG_SCREENSHOTS=DIR``
+(``make screenshots``) they are copied there too (the README shows
+``docs/screenshots``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from tests.api.conftest import Api
+from tests.conftest import Processes
+from tests.helpers import RECEIVED, STORED, legacy_frame, stored_rows
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("FLEETLOG_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+def send(ws: ClientConnection, frame: str) -> None:
+    """Send one legacy frame and check both its replies (received, then stored)."""
+    ws.send(frame)
+    assert ws.recv(timeout=10) == RECEIVED
+    assert ws.recv(timeout=10) == STORED
+
+
+@pytest.fixture
+def screens(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "screenshots"
+    folder.mkdir()
+    yield folder
+    keep = os.environ.get("FLEETLOG_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for shot in folder.glob("*.png"):
+            shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_console_login_online_search_live_tail_command_export(
+        api: Api, processes: Processes, screens: Path, tmp_path: Path) -> None:
+    _, port = processes.gateway(api.redis_url, api.data_dir)
+    processes.worker(api.redis_url, api.data_dir)
+    device = "pump-7"
+    with connect(f"ws://127.0.0.1:{port}") as ws, playwright_sync.sync_playwright() as pw:
+        for seq, (level, text) in enumerate([("info", "pressure nominal"), ("warn", "温度偏高 41°C"),
+                                             ("error", "温度传感器故障: sensor 3 not answering"),
+                                             ("info", 'quote " and star * kept')]):
+            send(ws, legacy_frame(device, seq, level=level, msg=text))
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900}, accept_downloads=True)
+            page.goto(api.url)
+            # Log in: the token goes in a dialog, never in the URL.
+            page.fill("#token", api.admin)
+            page.click("#login-form button[type=submit]")
+            row = page.locator(f'tr[data-device="{device}"]')
+            row.locator(".dot.on").wait_for(timeout=15_000)  # the device is online
+            assert api.admin not in page.url
+            page.screenshot(path=screens / "fleet.png", full_page=True)
+
+            # Fleet search, Chinese text.
+            page.fill("#fleet-search input[name=q]", "温度传感器")
+            page.press("#fleet-search input[name=q]", "Enter")
+            hit = page.locator("#fleet-results .row")
+            hit.first.wait_for(timeout=10_000)
+            assert hit.count() == 1 and "温度传感器故障" in hit.first.inner_text()
+            page.screenshot(path=screens / "fleet-search.png", full_page=True)
+
+            # The device page: records newest first; a click shows the record's JSON.
+            page.click(f'tr[data-device="{device}"] a')
+            rows = page.locator("#records .row")
+            rows.first.wait_for(timeout=10_000)
+            assert "quote \" and star * kept" in rows.first.inner_text()
+            assert rows.count() == 4
+            rows.nth(1).click()
+            assert '"温度传感器故障: sensor 3 not answering"' in page.locator("#records .json").inner_text()
+
+            # Live tail: a record sent now shows up on top within 2 s of its ack.
+            page.click("#tail")
+            page.wait_for_function("document.querySelector('#tail-state').textContent === 'live'",
+                                   timeout=10_000)
+            send(ws, legacy_frame(device, 99, level="info", msg="实时记录 live one"))
+            acked = time.monotonic()
+            page.locator("#records .row", has_text="实时记录 live one").wait_for(timeout=2_000)
+            assert time.monotonic() - acked < 2.5
+            assert "实时记录 live one" in rows.first.inner_text()
+            page.screenshot(path=screens / "device-live-tail.png", full_page=True)
+
+            # A command: the legacy device receives the body as it is.
+            page.click("details summary")
+            page.fill("#command textarea", '{"cmd": "ping", "note": "测试"}')
+            page.click("#command button[type=submit]")
+            assert json.loads(ws.recv(timeout=10)) == {"cmd": "ping", "note": "测试"}
+            page.locator("#command-result", has_text="delivered").wait_for(timeout=10_000)
+            page.screenshot(path=screens / "device-command.png", full_page=True)
+
+            # Export a range (error and above): the file holds exactly those records.
+            page.select_option("#filters select[name=level]", "error")
+            page.click("#filters button[type=submit]")
+            with page.expect_download(timeout=10_000) as download:
+                page.click("text=Export NDJSON")
+            saved = tmp_path / "export.ndjson"
+            download.value.save_as(saved)
+            lines: list[dict[str, Any]] = [json.loads(line) for line in saved.read_text("utf-8").splitlines()]
+            assert [line["message"] for line in lines] == ["温度传感器故障: sensor 3 not answering"]
+            assert len(stored_rows(api.data_dir)) == 5
+
+            # Phone width, dark mode (follows the system setting).
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, color_scheme="dark")
+            phone.goto(api.url)
+            phone.fill("#token", api.reader)
+            phone.press("#token", "Enter")
+            phone.locator(f'tr[data-device="{device}"] .dot.on').wait_for(timeout=15_000)
+            background = phone.evaluate("getComputedStyle(document.body).backgroundColor")
+            assert background == "rgb(13, 17, 23)", background
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the page is {width}px wide on a 390px phone"
+            phone.screenshot(path=screens / "phone-dark.png", full_page=True)
+        finally:
+            browser.close()
+    assert sorted(shot.name for shot in screens.glob("*.png")) == [
+        "device-command.png", "device-live-tail.png", "fleet-search.png", "fleet.png", "phone-dark.png"]
