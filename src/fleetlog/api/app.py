@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,6 +30,10 @@ from fleetlog.reading import ReaderPool
 __all__ = ["create_app", "run_api"]
 
 log = logging.getLogger("fleetlog.api")
+
+#: Redis connections the API's asyncio client keeps at most; requests past that many
+#: (every one is authenticated in Redis) wait for a free one rather than fail.
+REDIS_POOL: Final = 100
 
 
 def _registry(settings: Settings, services: Callable[[], Services]) -> tuple[CollectorRegistry, Counter,
@@ -65,7 +69,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        aredis = connect_async(redis_url, timeout=settings.redis_timeout)
+        aredis = connect_async(redis_url, timeout=settings.redis_timeout, pool_size=REDIS_POOL)
         services = Services(settings, redis_url, aredis, connect(redis_url, timeout=settings.redis_timeout),
                             registry, sent, ReaderPool(settings.store_url), CommitFeed(aredis))
         holder[:] = [services]

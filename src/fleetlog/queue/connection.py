@@ -8,6 +8,8 @@ device ``unavailable`` promptly rather than hang.  Callers own the retry policy
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio
 import redis.asyncio.retry
@@ -59,12 +61,24 @@ def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
     )
 
 
-def connect_async(url: str, *, timeout: float = 5.0) -> redis.asyncio.Redis:
-    """An asyncio client; ``timeout`` bounds every command."""
-    return redis.asyncio.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
-        client_name="fleetlog",
-    )
+def connect_async(url: str, *, timeout: float = 5.0,
+                  pool_size: int | None = None) -> redis.asyncio.Redis:
+    """An asyncio client; ``timeout`` bounds every command.
+
+    redis-py's default pool opens at most 100 connections and fails the 101st
+    concurrent command at once ("Too many connections", which looks like Redis
+    being down).  With ``pool_size`` a command past that many waits up to
+    ``timeout`` for a connection instead: a server that takes bursts of
+    concurrent requests (the API) queues them rather than refusing them.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
+        "client_name": "fleetlog",
+    }
+    if pool_size is None:
+        return redis.asyncio.Redis.from_url(url, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size, timeout=timeout, **options)
+    return redis.asyncio.Redis.from_pool(pool)
