@@ -61,6 +61,9 @@ class Child:
     marker_at: float | None = None
     marker_cpu: float | None = None
     cpu_at_exit: float | None = None
+    #: Context switches at exit (rusage): voluntary (it waited: I/O, a lock), involuntary
+    #: (runnable, but the CPU went to another process).
+    switches_at_exit: tuple[int, int] | None = None
     lines: deque[bytes] = field(default_factory=lambda: deque(maxlen=40))
     _seen: threading.Event = field(default_factory=threading.Event)
 
@@ -104,6 +107,7 @@ class Child:
                 return self.popen.wait(timeout=1)
             if pid:
                 self.cpu_at_exit = usage.ru_utime + usage.ru_stime
+                self.switches_at_exit = (usage.ru_nvcsw, usage.ru_nivcsw)
                 self.popen.returncode = os.waitstatus_to_exitcode(status)
                 return self.popen.returncode
             if time.monotonic() > deadline:
