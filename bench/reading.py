@@ -299,9 +299,14 @@ def _drain_into(bench: Bench, data_dir: Path, records: int, label: str,
     before_start()
     argv = systems.worker_argv("fleetlog", bench.redis_server.url, data_dir, records, None)
     worker = bench.children.start(f"worker-{label}", argv, marker=systems.WORKER_READY)
+    sampler = _Schedstat(worker.pid)
+    sampler.start()
     started = worker.wait_marker(240)
+    at_start = sampler.last
     code = worker.wait(240)
     elapsed = time.perf_counter() - started
+    sampler.join(5)
+    on_cpu, queued = (sampler.last[0] - at_start[0]) / 1e9, (sampler.last[1] - at_start[1]) / 1e9
     if code != 0:
         raise ChildFailed(f"{worker.name} exited with {code}:\n{worker.tail()}")
     stored = _rows(db) - before
@@ -314,7 +319,47 @@ def _drain_into(bench: Bench, data_dir: Path, records: int, label: str,
             "worker_cpu_s_per_100k": round(cpu * 100_000 / records, 3),
             # Below 100%: the worker waited (for I/O, a lock) or was not given a core.
             "worker_on_cpu_pct": round(100 * cpu / elapsed, 1),
-            "worker_switches_voluntary": voluntary, "worker_switches_involuntary": involuntary}
+            "worker_switches_voluntary": voluntary, "worker_switches_involuntary": involuntary,
+            # /proc/PID/schedstat over the drain: running, runnable but waiting for a core,
+            # and the rest: asleep (fsync, Redis replies, a lock).
+            "worker_running_s": round(on_cpu, 3), "worker_waiting_for_cpu_s": round(queued, 3),
+            "worker_asleep_s": round(max(0.0, elapsed - on_cpu - queued), 3),
+            "wal_mib_after": round(_size(db.with_name(db.name + "-wal")) / 2**20, 1)}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Schedstat(threading.Thread):
+    """Samples ``/proc/PID/task/*/schedstat`` (ns running, ns runnable but waiting for a
+    core) of every thread until PID exits; ``last`` sums each thread's last sample."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.tasks = Path(f"/proc/{pid}/task")
+        self.threads: dict[str, tuple[int, int]] = {}
+        self.last = (0, 0)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                tids = os.listdir(self.tasks)
+            except OSError:
+                return  # gone: the last samples stand
+            for tid in tids:
+                try:
+                    running, waiting, _ = (self.tasks / tid / "schedstat").read_text().split()
+                except (OSError, ValueError):
+                    continue
+                self.threads[tid] = (int(running), int(waiting))
+            self.last = (sum(r for r, _ in self.threads.values()),
+                         sum(w for _, w in self.threads.values()))
+            time.sleep(0.01)
 
 
 def _rows(db: Path) -> int:
@@ -485,8 +530,19 @@ def table(results: dict[str, Any]) -> str:
         rows.append(f"| worker drain alone, records/s | {drain['alone_records_per_s']} | | |")
         rows.append(f"| worker drain under a reading load ({reads} reads/s), records/s | "
                     f"{drain['loaded_records_per_s']} | | |")
-        rows.append(f"| drain loaded / alone | {drain['loaded_over_alone']} | reads never block "
-                    f"ingest | {'yes' if drain['loaded_over_alone'] > 0 else 'no'} |")
+        rows.append(f"| drain loaded / alone | {drain['loaded_over_alone']} | | |")
+        for side in ("alone", "loaded"):
+            times = [(r.get("worker_running_s"), r.get("worker_waiting_for_cpu_s"),
+                      r.get("worker_asleep_s"), r.get("wal_mib_after")) for r in drain["runs"][side]]
+            cells = "; ".join(" / ".join(map(str, t[:3])) + f" ({t[3]})" for t in times)
+            rows.append(f"| worker during the drain {side}: running / waiting for a core / asleep s"
+                        f" (WAL MiB after), per run | {cells} | | |")
+        asleep = {side: statistics.median(r.get("worker_asleep_s", 0.0) for r in runs)
+                  for side, runs in drain["runs"].items()}
+        blocked = asleep["loaded"] > 1.5 * asleep["alone"] + 0.5
+        rows.append(f"| reads never block ingest: worker asleep (I/O, locks) loaded vs alone, "
+                    f"median s | {asleep['loaded']} vs {asleep['alone']} | not longer | "
+                    f"{'no' if blocked else 'yes'} |")
     fill_ = results.get("fill")
     if fill_:
         rows.append(f"| fill: write_batch records/s; index build s ({fill_['records']} records, "
