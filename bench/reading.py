@@ -437,7 +437,8 @@ def drain_side_by_side(bench: Bench, data_dir: Path, base: str, token: str,
         runs["loaded"].append(result)
     alone = statistics.median(r["records_per_s"] for r in runs["alone"])
     loaded = statistics.median(r["records_per_s"] for r in runs["loaded"])
-    return {"runs": runs, "alone_records_per_s": alone, "loaded_records_per_s": loaded,
+    return {"runs": runs, "alone_records_per_s": round(alone, 1),
+            "loaded_records_per_s": round(loaded, 1),
             "loaded_over_alone": round(loaded / alone, 3)}
 
 
@@ -551,6 +552,19 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The results file: a title, :func:`table`, the machine, errors if any."""
+    profile = results["profile"]
+    machine = results.get("machine", {})
+    md = (f"# Reading at scale ({results['mode']}: {profile['records']:,} records, "
+          f"{profile['devices']:,} devices), {results['date']}\n\n{table(results)}\n\n"
+          f"{results['note']}; {machine.get('cpu_count')} CPUs ({machine.get('cpu_model')}). "
+          f"Wall {results['wall_s']} s.\n")
+    if results["errors"]:
+        md += "\nErrors:\n" + "".join(f"- {e}\n" for e in results["errors"])
+    return md
+
+
 def run(profile: ReadingProfile, out_dir: Path, keep: bool = False) -> int:
     started = time.perf_counter()
 
@@ -607,12 +621,7 @@ def run(profile: ReadingProfile, out_dir: Path, keep: bool = False) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"reading-{results['date']}{'-quick' if profile.name == 'quick' else ''}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    md = (f"# Reading at scale ({profile.name}: {profile.records:,} records, "
-          f"{profile.devices:,} devices), {results['date']}\n\n{table(results)}\n\n"
-          f"{results['note']}; {results.get('machine', {}).get('cpu_count')} CPUs "
-          f"({results.get('machine', {}).get('cpu_model')}). Wall {results['wall_s']} s.\n")
-    if errors:
-        md += "\nErrors:\n" + "".join(f"- {e}\n" for e in errors)
+    md = markdown(results)
     Path(f"{stem}.md").write_text(md)
     log(f"wrote {stem}.json, {stem}.md")
     print(md)
