@@ -81,8 +81,14 @@ class Processes:
     def gateway(self, redis_url: str, data_dir: Path, *extra: str, auth: str = "none",
                 log_name: str | None = None, env: dict[str, str] | None = None,
                 ) -> tuple[subprocess.Popen[bytes], int]:
-        """A gateway on a free port; legacy tests run it with ``--auth none``, like old fleets."""
+        """A gateway on a free port; legacy tests run it with ``--auth none``, like old fleets.
+
+        One process unless ``extra`` says ``--processes``: most tests are about
+        one gateway node (its metrics, its kill -9), whatever the cores here.
+        """
         port = free_port()
+        if "--processes" not in extra:
+            extra = ("--processes", "1", *extra)
         process = self.start("gateway", "--redis-url", redis_url, "--data-dir", str(data_dir),
                              "--port", str(port), "--auth", auth, *extra, log_name=log_name, env=env)
         wait_for_port(port, process=process)

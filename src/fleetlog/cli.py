@@ -80,6 +80,8 @@ def _gateway_options(function: F) -> F:
         click.option("--rate-bytes", type=float, default=None, help="Per-device bytes/s (2 MiB)."),
         click.option("--max-connections-per-ip", type=int, default=None,
                      help="Connections per client address (10000)."),
+        click.option("--processes", type=click.IntRange(min=1, max=1024), default=None,
+                     help="Gateway processes sharing the port (default: one per core)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -163,10 +165,14 @@ def up(config: str | None, **flags: Any) -> int:
 @_exit_code
 def gateway(config: str | None, **flags: Any) -> int:
     """The device-facing WebSocket server."""
-    from fleetlog.gateway.server import run_gateway
-
     settings = _settings(config, **flags)
     _logging()
+    if settings.gateway_processes > 1:
+        from fleetlog.gateway.pool import run_pool
+
+        return run_pool(settings, _redis_url(settings))
+    from fleetlog.gateway.server import run_gateway
+
     return run_gateway(settings, _redis_url(settings))
 
 

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     rate_burst: float = Field(default=10.0, gt=0)
     rate_max_delay: float = Field(default=5.0, ge=0)
     redis_timeout: float = Field(default=5.0, gt=0)
+    # Gateway processes on one port (SO_REUSEPORT) under one parent; None: one per core.
+    processes: int | None = Field(default=None, ge=1, le=1024)
+    # Set by that parent for its children: listen with SO_REUSEPORT, sharing the port.
+    reuse_port: bool = False
 
     # Worker.
     store: str | None = None
@@ -138,6 +142,11 @@ class Settings(BaseSettings):
 
     # ``fleetlog up``.
     no_files: bool = False
+
+    @property
+    def gateway_processes(self) -> int:
+        """How many gateway processes ``fleetlog gateway`` runs: ``processes``, else the cores."""
+        return self.processes or os.cpu_count() or 1
 
     @property
     def store_url(self) -> str:

@@ -559,6 +559,9 @@ class Gateway:
             settings.ws_port,
             ssl=server_context(settings.tls_cert, settings.tls_key),
             reuse_address=True,
+            # One of several processes on this port (fleetlog.gateway.pool): the kernel
+            # spreads the connections over them.
+            reuse_port=settings.reuse_port or None,
             # Thousands of devices reconnect at once after an outage: let the kernel
             # queue them instead of refusing (asyncio's default backlog is 100).
             backlog=4096,
