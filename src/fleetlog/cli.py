@@ -82,6 +82,8 @@ def _gateway_options(function: F) -> F:
                      help="Connections per client address (10000)."),
         click.option("--processes", type=click.IntRange(min=1, max=1024), default=None,
                      help="Gateway processes sharing the port (default: one per core)."),
+        click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
+                     help="Queue streams (default 1); gateways and workers must agree."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -191,6 +193,8 @@ def gateway(config: str | None, **flags: Any) -> int:
 @click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
               help="Drain the stream (default) or the legacy device:log:list.")
 @click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")
+@click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
+              help="Queue streams (default 1); workers split them with leases.")
 @click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
 @click.option("--retention-bytes", type=int, default=None,
               help="Prune the oldest records while the store is bigger than this.")
@@ -508,7 +512,7 @@ def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
     client = connect(_redis_url(settings), timeout=settings.redis_timeout)
     click.get_current_context().call_on_close(client.close)  # when the command ends, any way
     return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream,
-                       queue=settings.queue)
+                       queue=settings.queue, shards=settings.shards)
 
 
 @dlq.command("list")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     group: str = "fleetlog:workers"
     dead_letter_stream: str = "fleetlog:dead"
     max_backlog: int = Field(default=1_000_000, ge=1)
+    # Streams the queue is split into (``fleetlog:{s3}:records``); 1 keeps the one
+    # ``stream`` above.  Every gateway and worker of a deployment must agree.
+    shards: int = Field(default=1, ge=1, le=1024)
+    # Seconds a worker's lease on a shard lasts unless renewed (a third of it apart).
+    shard_lease: float = Field(default=10.0, ge=0.3)
 
     # Gateway.
     host: str = "127.0.0.1"
@@ -152,6 +157,12 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         """The store URL, defaulting to the SQLite file inside the data dir."""
         return self.store or f"sqlite:///{self.data_dir / 'fleetlog.db'}"
+
+    @model_validator(mode="after")
+    def _shards_need_streams(self) -> Settings:
+        if self.shards > 1 and self.queue == "list":
+            raise ValueError("shards > 1 needs queue = stream (the legacy list is one list)")
+        return self
 
     @field_validator("retention")
     @classmethod

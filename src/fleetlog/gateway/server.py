@@ -370,6 +370,7 @@ class Gateway:
         )
         self.producer = Producer(
             client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
+            shards=settings.shards,
             dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(
