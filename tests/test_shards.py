@@ -76,8 +76,8 @@ def test_shards_split_between_workers_and_taken_over(
     client = redis.Redis.from_url(redis_url)
     try:
         # Two live workers: two shards each.
-        assert wait_until(lambda: sorted(Counter(leases(client).values()).items())
-                          == [("w1", 2), ("w2", 2)], 15), leases(client)
+        assert wait_until(lambda: Counter(leases(client).values()) == {"w1": 2, "w2": 2}, 15), \
+            leases(client)
         simulate(port, redis_url, data_dir, "a-", 200, 50)
         assert wait_until(lambda: len(stored_rows(data_dir)) >= 10_000, 60)
         check_stored(data_dir, 10_000)

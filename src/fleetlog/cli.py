@@ -100,13 +100,20 @@ def _logging() -> None:
 
 
 def _redis_url(settings: Settings) -> str:
+    """The Redis URL to use; a cluster's as ``redis+cluster://`` (``--redis-cluster``)."""
     from fleetlog.embedded import resolve_redis_url
+    from fleetlog.queue.connection import cluster_url, is_cluster_url
 
     try:
-        return resolve_redis_url(settings.redis_url, settings.data_dir)
+        url = resolve_redis_url(settings.redis_url, settings.data_dir)
     except ConfigError as exc:
         _fail(str(exc))
-    raise AssertionError("unreachable")
+    if settings.redis_cluster:
+        url = cluster_url(url)
+    if is_cluster_url(url) and settings.queue == "list":
+        _fail("--queue list cannot run on a Redis Cluster (its scripts span keys of "
+              "several slots); use --queue stream")
+    return url
 
 
 def _exit_code(function: Callable[..., int]) -> Callable[..., None]:
@@ -139,6 +146,8 @@ def main() -> None:
 @click.option("--ws-port", type=int, default=None, help="Device WebSocket port (default 8765).")
 @click.option("--http-port", type=int, default=None, help="HTTP API port (default 8080).")
 @click.option("--redis-url", default=None, help="Use this Redis instead of an embedded one.")
+@click.option("--redis-cluster", is_flag=True, default=None,
+              help="The Redis URL names a node of a Redis Cluster.")
 @click.option("--no-files", is_flag=True, default=None, help="Do not write the daily files.")
 @_gateway_options
 @_exit_code
@@ -161,6 +170,8 @@ def up(config: str | None, **flags: Any) -> int:
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", "ws_port", type=int, default=None, help="Port (default 8765).")
 @click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
+@click.option("--redis-cluster", is_flag=True, default=None,
+              help="The Redis URL names a node of a Redis Cluster.")
 @click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
               help="stream (default) or list: LPUSH device:log:list like the original.")
 @_gateway_options
@@ -181,6 +192,8 @@ def gateway(config: str | None, **flags: Any) -> int:
 @cli.command()
 @_common
 @click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
+@click.option("--redis-cluster", is_flag=True, default=None,
+              help="The Redis URL names a node of a Redis Cluster.")
 @click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
 @click.option("--files", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write daily files under DIR/device/log/.")

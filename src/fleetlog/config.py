@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     # ``fleetlog up`` on the same data dir (see ``fleetlog.embedded``).
     redis_url: str | None = None
     redis_appendfsync: Literal["always", "everysec", "no"] = "always"
+    # The URL names one node of a Redis Cluster (also: a ``redis+cluster://`` URL).
+    redis_cluster: bool = False
     queue: Literal["stream", "list"] = "stream"
     stream: str = "fleetlog:records"
     group: str = "fleetlog:workers"

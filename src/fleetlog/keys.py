@@ -15,6 +15,7 @@ make another's records look like duplicates.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 
@@ -65,6 +66,41 @@ TOKENS_VERSION = "fleetlog:tokens:version"
 
 #: Pub/sub channel announcing each credential change to every gateway node.
 TOKENS_CHANGED = "fleetlog:tokens:changed"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialKeys:
+    """The keys of the device credentials, which one script changes together.
+
+    One Redis keeps the names above; on a Redis Cluster they share the hash
+    tag ``{tokens}`` (one slot), since each change is one atomic script over
+    the table, the version and the device's own hash.  The change is announced
+    with ``publish`` on ``changed``: on a cluster a sharded channel of the same
+    slot (SPUBLISH), whose subscriber count is the whole cluster's, so a
+    command waits for every gateway that heard it.
+    """
+
+    tokens: str
+    version: str
+    device_prefix: str
+    changed: str
+    publish: str
+
+    def device(self, device_id: str) -> str:
+        """Hash: ``token_hash``, ``created_at``, ``rotated_at`` of one device."""
+        return f"{self.device_prefix}{part(device_id)}"
+
+
+SINGLE_CREDENTIALS = CredentialKeys("fleetlog:tokens", "fleetlog:tokens:version", "fleetlog:device:",
+                                    "fleetlog:tokens:changed", "PUBLISH")
+CLUSTER_CREDENTIALS = CredentialKeys("fleetlog:{tokens}", "fleetlog:{tokens}:version",
+                                     "fleetlog:{tokens}:device:", "fleetlog:{tokens}:changed",
+                                     "SPUBLISH")
+
+
+def credential_keys(cluster: bool) -> CredentialKeys:
+    """The credential keys for one Redis, or (``cluster``) for a Redis Cluster."""
+    return CLUSTER_CREDENTIALS if cluster else SINGLE_CREDENTIALS
 
 
 def token_change_acks(change_id: str) -> str:

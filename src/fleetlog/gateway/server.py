@@ -67,8 +67,10 @@ from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
-from fleetlog.queue.connection import connect_async
+from fleetlog.queue import scripts
+from fleetlog.queue.connection import connect_async, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.script_runner import ClusterScript
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -371,6 +373,7 @@ class Gateway:
         self.producer = Producer(
             client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
             shards=settings.shards,
+            runner=ClusterScript(client, scripts.INGEST) if is_cluster(client) else None,
             dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(
@@ -575,7 +578,12 @@ class Gateway:
         if settings.auth == "none":
             log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
                         "Use --auth token unless this is a legacy fleet on a closed network.")
-        elif settings.auth == "token":
+        try:
+            await initialize(self._client)
+        except BaseException:
+            await self._client.aclose()
+            raise
+        if settings.auth == "token":
             await self._token_watcher.start()
         try:
             self._server = await self._listen()

@@ -28,6 +28,7 @@ import redis
 
 from fleetlog import keys
 from fleetlog.queue import scripts
+from fleetlog.queue.connection import is_cluster
 from fleetlog.records import QueuedRecord
 
 __all__ = ["REDIS_REFUSING", "Consumer", "ListConsumer", "StreamConsumer"]
@@ -262,6 +263,12 @@ class StreamConsumer:
         return trimmed
 
     def dead_letter(self, record: QueuedRecord, reason: str) -> None:
+        if is_cluster(self._client):
+            # Two slots: no transaction.  Dead-lettered first, so a crash between
+            # the two can only dead-letter it twice, never lose it.
+            self._client.xadd(self._dead, _dead_letter_fields(record, reason))
+            self._client.xack(self.stream, self.group, entry_id(record.qid))
+            return
         with self._client.pipeline(transaction=True) as pipe:
             pipe.xadd(self._dead, _dead_letter_fields(record, reason))
             pipe.xack(self.stream, self.group, entry_id(record.qid))

@@ -17,7 +17,7 @@ import hiredis
 import redis.asyncio
 import redis.exceptions
 
-__all__ = ["RedisScript", "ScriptArg", "ScriptRunner"]
+__all__ = ["ClusterScript", "RedisScript", "ScriptArg", "ScriptRunner"]
 
 #: One key or argument of a script call, as Redis takes them.
 ScriptArg = bytes | str | int
@@ -34,6 +34,33 @@ class ScriptRunner(Protocol):
         refuses (OOM, READONLY, a script error).
         """
         ...
+
+
+class ClusterScript:
+    """:class:`ScriptRunner` on a Redis Cluster: EVALSHA sent to the node holding the keys' slot.
+
+    redis-py's cluster client routes the call by its keys, and refuses one
+    whose keys span slots (the producer's calls are one shard each, one hash
+    tag).  A node that has not seen the script (a new or restarted node, a
+    replica promoted) gets it loaded and the call sent once more.
+    """
+
+    __slots__ = ("_client", "_script", "sha")
+
+    def __init__(self, client: redis.asyncio.Redis, script: str) -> None:
+        self._client = client
+        self._script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def run(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
+        for attempt in (1, 2):
+            try:
+                return await self._client.evalsha(self.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._client.script_load(self._script)
+        raise AssertionError("unreachable")
 
 
 class RedisScript:

@@ -57,7 +57,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
-from fleetlog.queue.connection import REDIS_DOWN, connect
+from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
 from fleetlog.queue.shards import ShardedConsumer
 from fleetlog.queue.stats import QueueStats, queue_stats
@@ -368,7 +368,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
                 client, stream=settings.stream, shards=settings.shards, group=settings.group,
                 consumer=settings.consumer or f"{socket.gethostname()}-{os.getpid()}",
                 dead_letter_stream=settings.dead_letter_stream, claim_idle=settings.claim_idle,
-                lease=settings.shard_lease,
+                lease=settings.shard_lease, multi_stream_reads=not is_cluster(client),
             )
         else:
             stream_consumer = StreamConsumer(

@@ -1,0 +1,87 @@
+"""Redis Cluster mode: a real 3-master, 3-replica cluster under the gateway and the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import redis.cluster
+
+from fleetlog.embedded import LocalCluster
+from tests.conftest import Processes
+from tests.helpers import legacy_device, stored_rows, wait_until
+
+FAST = {"FLEETLOG_RATE_RECORDS": "1000000", "FLEETLOG_RATE_BYTES": "1000000000",
+        "FLEETLOG_SHARD_LEASE": "1.5"}
+
+
+def check_stored_once_in_order(data_dir: Path, expected: int) -> None:
+    rows = stored_rows(data_dir)
+    assert len(rows) == expected
+    assert Counter((device, seq) for _, device, seq, _ in rows).most_common(1)[0][1] == 1
+    by_device: dict[str, list[int]] = {}
+    for _, device, seq, _ in rows:
+        by_device.setdefault(device, []).append(seq)
+    for device, seqs in by_device.items():
+        assert seqs == sorted(seqs), device
+
+
+def test_cluster_fixture_has_three_masters_with_a_replica_each(
+        redis_cluster_server: LocalCluster) -> None:
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster_server.nodes[0].port)
+    try:
+        nodes = client.cluster_nodes()
+        roles = Counter("master" if "master" in node["flags"] else "slave" for node in nodes.values())
+        assert roles == {"master": 3, "slave": 3}
+    finally:
+        client.close()
+
+
+def test_gateway_and_sharded_workers_on_a_cluster_store_everything_once(
+        processes: Processes, redis_cluster_url: str, tmp_path: Path) -> None:
+    """Legacy devices through a gateway on the cluster, 4 shards over its slots, 2 workers."""
+    data_dir = tmp_path / "data"
+    shards = ("--shards", "4")
+    _, port = processes.gateway(redis_cluster_url, data_dir, *shards, env=FAST)
+    for name in ("w1", "w2"):
+        processes.start("worker", "--redis-url", redis_cluster_url, "--data-dir", str(data_dir),
+                        *shards, "--consumer", name, env=FAST)
+
+    async def fleet() -> list[list[int]]:
+        url = f"ws://127.0.0.1:{port}"
+        return await asyncio.gather(*(legacy_device(url, f"dev-{n:03d}", 50) for n in range(100)))
+
+    acked = asyncio.run(fleet())
+    assert all(seqs == list(range(50)) for seqs in acked)
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 5000, 60), len(stored_rows(data_dir))
+    check_stored_once_in_order(data_dir, 5000)
+    # The shards' streams live on several masters: the queue really is spread.
+    client = redis.cluster.RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""))
+    try:
+        owners = {client.get_node_from_key(f"fleetlog:{{s{k}}}:records").name for k in range(4)}
+        assert len(owners) > 1
+    finally:
+        client.close()
+
+
+def test_v2_devices_with_tokens_on_a_cluster(
+        processes: Processes, redis_cluster_url: str, tmp_path: Path) -> None:
+    """Token auth (credentials, the token watcher) and v2 dedupe keys on the cluster."""
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_cluster_url, data_dir, "--shards", "4", auth="token",
+                                env=FAST)
+    processes.start("worker", "--redis-url", redis_cluster_url, "--data-dir", str(data_dir),
+                    "--shards", "4", env=FAST)
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetlog", "simulate", "--url", f"ws://127.0.0.1:{port}",
+         "--devices", "20", "--messages", "50", "--batch", "5", "--provision",
+         "--redis-url", redis_cluster_url, "--data-dir", str(data_dir), "--json", "--timeout", "60"],
+        capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert json.loads(result.stdout)["acked"] == 1000
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 1000, 60)
+    check_stored_once_in_order(data_dir, 1000)
