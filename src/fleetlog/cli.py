@@ -84,6 +84,8 @@ def _gateway_options(function: F) -> F:
                      help="Gateway processes sharing the port (default: one per core)."),
         click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
                      help="Queue streams (default 1); gateways and workers must agree."),
+        click.option("--ack-replicas", type=click.IntRange(min=0, max=16), default=None,
+                     help="Ack only once N replicas have the records (WAIT; default 0)."),
     ]
     for option in reversed(options):
         function = option(function)

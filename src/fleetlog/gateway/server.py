@@ -70,7 +70,7 @@ from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import connect_async, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
-from fleetlog.queue.script_runner import ClusterScript
+from fleetlog.queue.script_runner import ClusterScript, RedisScript
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -373,7 +373,10 @@ class Gateway:
         self.producer = Producer(
             client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
             shards=settings.shards,
-            runner=ClusterScript(client, scripts.INGEST) if is_cluster(client) else None,
+            runner=(ClusterScript if is_cluster(client) else RedisScript)(
+                client, scripts.INGEST, replicas=settings.ack_replicas,
+                # within the socket timeout, so WAIT's own answer comes back
+                replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2)),
             dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(

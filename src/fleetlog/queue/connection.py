@@ -35,6 +35,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
 #: detail (host, port, Redis' own message) goes to the log only.
 REDIS_UNAVAILABLE = "redis unavailable"
 REDIS_REFUSING_WRITES = "redis refusing writes"
+REDIS_NOT_REPLICATED = "redis replicas not confirming writes"
 INTERNAL_ERROR = "internal error"
 
 

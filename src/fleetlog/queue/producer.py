@@ -36,9 +36,9 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog import keys
-from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
+from fleetlog.errors import FleetlogError, NotReplicated, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import REDIS_DOWN, public_reason
+from fleetlog.queue.connection import REDIS_DOWN, REDIS_NOT_REPLICATED, public_reason
 from fleetlog.queue.script_runner import RedisScript, ScriptArg, ScriptRunner
 
 __all__ = ["Done", "IngestResult", "Producer"]
@@ -260,6 +260,10 @@ class Producer:
             self.last_error = f"Redis unavailable: {exc}"
             self.last_problem = public_reason(exc)
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
+        except NotReplicated as exc:  # --ack-replicas: on the master, not confirmed on enough replicas
+            self.last_error = f"Redis replicas did not confirm the write: {exc}"
+            self.last_problem = REDIS_NOT_REPLICATED
+            outcomes = [exc] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"
             self.last_problem = public_reason(exc)
