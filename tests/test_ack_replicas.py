@@ -81,7 +81,7 @@ def test_acked_only_once_a_replica_has_it(processes: Processes, master: RedisSer
                 again = await send_legacy(ws, legacy_frame("door-1", 20))
                 replicated = await asyncio.to_thread(replica_records, restarted)
                 await asyncio.to_thread(restarted.stop)
-                return acked + [20] if again[1] == STORED else acked, [refused[1], again[1], replicated]
+                return [*acked, 20] if again[1] == STORED else acked, [refused[1], again[1], replicated]
 
         acked, (refused, again, replicated) = asyncio.run(scenario())
         assert isinstance(refused, dict) and refused["code"] == "unavailable", refused

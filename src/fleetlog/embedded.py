@@ -183,7 +183,11 @@ class LocalCluster:
         self.nodes = [
             RedisServer(self.directory / f"node-{n}", port=_cluster_port(), appendfsync=appendfsync,
                         extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                               "--cluster-node-timeout", "2000"])
+                               "--cluster-node-timeout", "2000",
+                               # a test cluster: a replica may always take over
+                               "--cluster-replica-validity-factor", "0",
+                               # the RDB through a file: streamed ones stalled here
+                               "--repl-diskless-sync", "no", "--repl-diskless-load", "disabled"])
             for n in range(masters * (1 + replicas))
         ]
         self.replicas = replicas
@@ -218,13 +222,18 @@ class LocalCluster:
             time.sleep(0.1)
 
     def ready(self) -> bool:
-        """Every live node says ``cluster_state:ok``."""
+        """Every live node says ``cluster_state:ok``, and every replica is in sync."""
         for node in self.nodes:
             if node.process is None or node.process.poll() is not None:
                 continue
             client = redis.Redis(port=node.port, socket_timeout=2)
             try:
                 if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+                replication = client.info("replication")
+                if replication.get("role") == "slave" and (
+                        replication.get("master_link_status") != "up"
+                        or replication.get("master_sync_in_progress")):
                     return False
             except redis.RedisError:
                 return False
