@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.cluster
@@ -172,3 +173,25 @@ def test_a_master_killed_mid_run_loses_nothing_acked(
         by_device.setdefault(device, []).append(seq)
     for device, seqs in by_device.items():
         assert seqs == sorted(seqs), device
+
+
+def test_presence_scans_every_master(redis_cluster_url: str) -> None:
+    """Heartbeats and refusal counts hash all over the cluster: the SCANs must see them all."""
+    from fleetlog import keys
+    from fleetlog.queue.connection import connect
+    from fleetlog.reading import _presence
+
+    client = connect(redis_cluster_url)
+    try:
+        nodes = [f"gw-{n}" for n in range(30)]
+        for node in nodes:
+            client.set(keys.node_heartbeat(node), b"{}", px=60_000)
+            client.hincrby(keys.refusals(f"dev-{node}"), "unauthorized", 1)
+        cluster: Any = client
+        owners = {cluster.get_node_from_key(keys.node_heartbeat(node)).name for node in nodes}
+        assert len(owners) == 3  # the keys really are on every master
+        presence = _presence(client)
+        assert presence.live == set(nodes)
+        assert set(presence.refused) == {f"dev-{node}" for node in nodes}
+    finally:
+        client.close()
