@@ -56,12 +56,16 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 def child_env(fleetlog_src: Path | None = None) -> dict[str, str]:
-    """The caller's environment minus ``FLEETLOG_*`` (so no stray setting skews a run).
+    """The caller's environment minus ``FLEETLOG_*`` (so no stray setting skews a run),
+    plus ``FLEETLOG_PROCESSES=1``.
 
     ``fleetlog_src`` (a revision's ``src``) goes first on ``PYTHONPATH``, ahead of the
     installed fleetlog, so that ``python -m fleetlog`` runs that revision.
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith("FLEETLOG_")}
+    # One gateway process, whatever the cores (``--processes`` defaults to one per core):
+    # the figures are per process.  Revisions without the setting ignore it.
+    env["FLEETLOG_PROCESSES"] = "1"
     paths = [str(fleetlog_src) if fleetlog_src else "", str(REPO), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     return env

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.cluster
 
 from fleetlog import net
-from fleetlog.embedded import RedisServer
+from fleetlog.embedded import LocalCluster, RedisServer
 from fleetlog.net import free_port
 
 
@@ -47,6 +48,24 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster for the session: 3 masters and 3 replicas on free loopback ports."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_server: LocalCluster) -> str:
+    """The session cluster (``redis+cluster://``), every master emptied for this test."""
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster_server.nodes[0].port)
+    client.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    client.close()
+    return redis_cluster_server.url
 
 
 def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -81,8 +100,14 @@ class Processes:
     def gateway(self, redis_url: str, data_dir: Path, *extra: str, auth: str = "none",
                 log_name: str | None = None, env: dict[str, str] | None = None,
                 ) -> tuple[subprocess.Popen[bytes], int]:
-        """A gateway on a free port; legacy tests run it with ``--auth none``, like old fleets."""
+        """A gateway on a free port; legacy tests run it with ``--auth none``, like old fleets.
+
+        One process unless ``extra`` says ``--processes``: most tests are about
+        one gateway node (its metrics, its kill -9), whatever the cores here.
+        """
         port = free_port()
+        if "--processes" not in extra:
+            extra = ("--processes", "1", *extra)
         process = self.start("gateway", "--redis-url", redis_url, "--data-dir", str(data_dir),
                              "--port", str(port), "--auth", auth, *extra, log_name=log_name, env=env)
         wait_for_port(port, process=process)

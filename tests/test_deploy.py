@@ -128,12 +128,15 @@ class Supervised:
         self._rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def _gateway_listening(self) -> bool:
-        """The gateway itself (not some other process) listens on ws_port."""
+        """The gateway itself (not some other process) listens on ws_port: the program, or
+        its gateway processes when it runs several (``--processes``, one per core by default)."""
         pid = int(self.info()["fleetlog-gateway"]["pid"])
         if not pid:
             return False
         try:
-            sockets = psutil.Process(pid).net_connections(kind="inet")
+            gateway = psutil.Process(pid)
+            sockets = [s for process in (gateway, *gateway.children())
+                       for s in process.net_connections(kind="inet")]
         except psutil.NoSuchProcess:
             return False
         return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.ws_port for s in sockets)

@@ -80,6 +80,12 @@ def _gateway_options(function: F) -> F:
         click.option("--rate-bytes", type=float, default=None, help="Per-device bytes/s (2 MiB)."),
         click.option("--max-connections-per-ip", type=int, default=None,
                      help="Connections per client address (10000)."),
+        click.option("--processes", type=click.IntRange(min=1, max=1024), default=None,
+                     help="Gateway processes sharing the port (default: one per core)."),
+        click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
+                     help="Queue streams (default 1); gateways and workers must agree."),
+        click.option("--ack-replicas", type=click.IntRange(min=0, max=16), default=None,
+                     help="Ack only once N replicas have the records (WAIT; default 0)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -96,13 +102,20 @@ def _logging() -> None:
 
 
 def _redis_url(settings: Settings) -> str:
+    """The Redis URL to use; a cluster's as ``redis+cluster://`` (``--redis-cluster``)."""
     from fleetlog.embedded import resolve_redis_url
+    from fleetlog.queue.connection import cluster_url, is_cluster_url
 
     try:
-        return resolve_redis_url(settings.redis_url, settings.data_dir)
+        url = resolve_redis_url(settings.redis_url, settings.data_dir)
     except ConfigError as exc:
         _fail(str(exc))
-    raise AssertionError("unreachable")
+    if settings.redis_cluster:
+        url = cluster_url(url)
+    if is_cluster_url(url) and settings.queue == "list":
+        _fail("--queue list cannot run on a Redis Cluster (its scripts span keys of "
+              "several slots); use --queue stream")
+    return url
 
 
 def _exit_code(function: Callable[..., int]) -> Callable[..., None]:
@@ -135,6 +148,8 @@ def main() -> None:
 @click.option("--ws-port", type=int, default=None, help="Device WebSocket port (default 8765).")
 @click.option("--http-port", type=int, default=None, help="HTTP API port (default 8080).")
 @click.option("--redis-url", default=None, help="Use this Redis instead of an embedded one.")
+@click.option("--redis-cluster", is_flag=True, default=None,
+              help="The Redis URL names a node of a Redis Cluster.")
 @click.option("--no-files", is_flag=True, default=None, help="Do not write the daily files.")
 @_gateway_options
 @_exit_code
@@ -157,22 +172,30 @@ def up(config: str | None, **flags: Any) -> int:
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", "ws_port", type=int, default=None, help="Port (default 8765).")
 @click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
+@click.option("--redis-cluster", is_flag=True, default=None,
+              help="The Redis URL names a node of a Redis Cluster.")
 @click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
               help="stream (default) or list: LPUSH device:log:list like the original.")
 @_gateway_options
 @_exit_code
 def gateway(config: str | None, **flags: Any) -> int:
     """The device-facing WebSocket server."""
-    from fleetlog.gateway.server import run_gateway
-
     settings = _settings(config, **flags)
     _logging()
+    if settings.gateway_processes > 1:
+        from fleetlog.gateway.pool import run_pool
+
+        return run_pool(settings, _redis_url(settings))
+    from fleetlog.gateway.server import run_gateway
+
     return run_gateway(settings, _redis_url(settings))
 
 
 @cli.command()
 @_common
 @click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
+@click.option("--redis-cluster", is_flag=True, default=None,
+              help="The Redis URL names a node of a Redis Cluster.")
 @click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
 @click.option("--files", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write daily files under DIR/device/log/.")
@@ -185,6 +208,8 @@ def gateway(config: str | None, **flags: Any) -> int:
 @click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
               help="Drain the stream (default) or the legacy device:log:list.")
 @click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")
+@click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
+              help="Queue streams (default 1); workers split them with leases.")
 @click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
 @click.option("--retention-bytes", type=int, default=None,
               help="Prune the oldest records while the store is bigger than this.")
@@ -502,7 +527,7 @@ def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
     client = connect(_redis_url(settings), timeout=settings.redis_timeout)
     click.get_current_context().call_on_close(client.close)  # when the command ends, any way
     return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream,
-                       queue=settings.queue)
+                       queue=settings.queue, shards=settings.shards)
 
 
 @dlq.command("list")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -82,11 +82,22 @@ class Settings(BaseSettings):
     # ``fleetlog up`` on the same data dir (see ``fleetlog.embedded``).
     redis_url: str | None = None
     redis_appendfsync: Literal["always", "everysec", "no"] = "always"
+    # The URL names one node of a Redis Cluster (also: a ``redis+cluster://`` URL).
+    redis_cluster: bool = False
     queue: Literal["stream", "list"] = "stream"
     stream: str = "fleetlog:records"
     group: str = "fleetlog:workers"
     dead_letter_stream: str = "fleetlog:dead"
     max_backlog: int = Field(default=1_000_000, ge=1)
+    # Ack a frame only once this many replicas have its records (WAIT), within
+    # ack_replicas_timeout; 0: once the master has them.
+    ack_replicas: int = Field(default=0, ge=0, le=16)
+    ack_replicas_timeout: float = Field(default=1.0, gt=0)
+    # Streams the queue is split into (``fleetlog:{s3}:records``); 1 keeps the one
+    # ``stream`` above.  Every gateway and worker of a deployment must agree.
+    shards: int = Field(default=1, ge=1, le=1024)
+    # Seconds a worker's lease on a shard lasts unless renewed (a third of it apart).
+    shard_lease: float = Field(default=10.0, ge=0.3)
 
     # Gateway.
     host: str = "127.0.0.1"
@@ -114,6 +125,10 @@ class Settings(BaseSettings):
     rate_burst: float = Field(default=10.0, gt=0)
     rate_max_delay: float = Field(default=5.0, ge=0)
     redis_timeout: float = Field(default=5.0, gt=0)
+    # Gateway processes on one port (SO_REUSEPORT) under one parent; None: one per core.
+    processes: int | None = Field(default=None, ge=1, le=1024)
+    # Set by that parent for its children: listen with SO_REUSEPORT, sharing the port.
+    reuse_port: bool = False
 
     # Worker.
     store: str | None = None
@@ -140,9 +155,20 @@ class Settings(BaseSettings):
     no_files: bool = False
 
     @property
+    def gateway_processes(self) -> int:
+        """How many gateway processes ``fleetlog gateway`` runs: ``processes``, else the cores."""
+        return self.processes or os.cpu_count() or 1
+
+    @property
     def store_url(self) -> str:
         """The store URL, defaulting to the SQLite file inside the data dir."""
         return self.store or f"sqlite:///{self.data_dir / 'fleetlog.db'}"
+
+    @model_validator(mode="after")
+    def _shards_need_streams(self) -> Settings:
+        if self.shards > 1 and self.queue == "list":
+            raise ValueError("shards > 1 needs queue = stream (the legacy list is one list)")
+        return self
 
     @field_validator("retention")
     @classmethod

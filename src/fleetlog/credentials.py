@@ -42,7 +42,7 @@ import orjson
 from fleetlog import keys
 from fleetlog.device_id import check_device_id
 from fleetlog.errors import FleetlogError, UnknownDevice
-from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 from fleetlog.records import iso_ms
 
 __all__ = [
@@ -55,32 +55,33 @@ _PREFIX = "flt_"
 CONFIRM_TIMEOUT: Final = 2.0
 
 # Every script: KEYS = device record, token table, version counter;
-# ARGV = channel, change id, then its own.  ``announce`` bumps the version and
-# publishes the change; it returns {version, gateways that heard it}.
+# ARGV = channel, change id, PUBLISH or SPUBLISH (a cluster), then its own.
+# ``announce`` bumps the version and publishes the change; it returns
+# {version, gateways that heard it}.
 _ANNOUNCE: Final = """
 local function announce(set, del)
   local version = redis.call('INCR', KEYS[3])
   local message = cjson.encode({v = version, change = ARGV[2], set = set, del = del})
-  return {version, redis.call('PUBLISH', ARGV[1], message)}
+  return {version, redis.call(ARGV[3], ARGV[1], message)}
 end
 """
 
-#: ARGV[3..5] = token hash, device id, now.  Nil if the device has a token already.
+#: ARGV[4..6] = token hash, device id, now.  Nil if the device has a token already.
 _ADD: Final = _ANNOUNCE + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-redis.call('HSET', KEYS[1], 'token_hash', ARGV[3], 'created_at', ARGV[5])
-return announce({[ARGV[3]] = ARGV[4]}, nil)
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[1], 'token_hash', ARGV[4], 'created_at', ARGV[6])
+return announce({[ARGV[4]] = ARGV[5]}, nil)
 """
 
-#: ARGV[3..5] = new token hash, device id, now.  Nil if the device has no token.
+#: ARGV[4..6] = new token hash, device id, now.  Nil if the device has no token.
 _ROTATE: Final = _ANNOUNCE + """
 local old = redis.call('HGET', KEYS[1], 'token_hash')
 if not old then return false end
 redis.call('HDEL', KEYS[2], old)
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-redis.call('HSET', KEYS[1], 'token_hash', ARGV[3], 'rotated_at', ARGV[5])
-return announce({[ARGV[3]] = ARGV[4]}, {old})
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[1], 'token_hash', ARGV[4], 'rotated_at', ARGV[6])
+return announce({[ARGV[4]] = ARGV[5]}, {old})
 """
 
 #: Nil if the device has no token.
@@ -145,6 +146,7 @@ class Credentials:
 
     def __init__(self, client: Any, *, confirm_timeout: float = CONFIRM_TIMEOUT) -> None:
         self._client = client
+        self._keys = keys.credential_keys(is_cluster(client))
         self._confirm_timeout = confirm_timeout
         self._add = client.register_script(_ADD)
         self._rotate = client.register_script(_ROTATE)
@@ -156,8 +158,8 @@ class Credentials:
         """Run one change script; ``False`` if it refused (nothing changed)."""
         change_id = secrets.token_hex(8)
         result = script(
-            keys=[keys.device_credential(device_id), keys.TOKENS, keys.TOKENS_VERSION],
-            args=[keys.TOKENS_CHANGED, change_id, *args],
+            keys=[self._keys.device(device_id), self._keys.tokens, self._keys.version],
+            args=[self._keys.changed, change_id, self._keys.publish, *args],
         )
         if result is None:
             return False
@@ -216,8 +218,8 @@ class Credentials:
 
     def list(self) -> list[Credential]:
         result = []
-        for device_id in sorted(set(self._client.hvals(keys.TOKENS))):
-            info = self._client.hgetall(keys.device_credential(device_id.decode()))
+        for device_id in sorted(set(self._client.hvals(self._keys.tokens))):
+            info = self._client.hgetall(self._keys.device(device_id.decode()))
             rotated = info.get(b"rotated_at")
             result.append(
                 Credential(
@@ -264,7 +266,7 @@ class TokenTable:
 
     async def refresh(self, client: Any) -> bool:
         """Reload if the version in Redis moved; return whether it did."""
-        raw = await client.get(keys.TOKENS_VERSION)
+        raw = await client.get(keys.credential_keys(is_cluster(client)).version)
         if int(raw or 0) == self.version:
             return False
         await self.reload(client)
@@ -272,9 +274,10 @@ class TokenTable:
 
     async def reload(self, client: Any) -> None:
         """Load the whole table and its version, read together in one transaction."""
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.get(keys.TOKENS_VERSION)
-            pipe.hgetall(keys.TOKENS)
+        names = keys.credential_keys(is_cluster(client))
+        async with client.pipeline(transaction=True) as pipe:  # one slot on a cluster too
+            pipe.get(names.version)
+            pipe.hgetall(names.tokens)
             raw, table = await pipe.execute()
         self._devices = {digest.decode(): device.decode() for digest, device in table.items()}
         self.version = int(raw or 0)

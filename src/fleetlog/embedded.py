@@ -10,10 +10,13 @@ command given the same ``--data-dir`` finds it without ``--redis-url``.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -24,7 +27,7 @@ from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
 from fleetlog.net import free_port
 from fleetlog.process import die_with_parent
 
-__all__ = ["RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
+__all__ = ["LocalCluster", "RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
 
 _UP_FILE: Final = "fleetlog-up.json"
 
@@ -59,8 +62,10 @@ class RedisServer:
         appendonly: bool = True,
         appendfsync: str = "always",
         binary: str | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
+        self.extra = list(extra)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
@@ -83,6 +88,7 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", "server.log",
             "--protected-mode", "yes",
+            *self.extra,
         ]
 
     def start(self, timeout: float = 15.0) -> None:
@@ -142,6 +148,102 @@ class RedisServer:
 
     def remove_up_file(self) -> None:
         (self.directory / _UP_FILE).unlink(missing_ok=True)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free too."""
+    for _ in range(200):
+        port = random.randint(12000, 29999)
+        if all(_port_free(p) for p in (port, port + 10000)):
+            return port
+    raise ServerNotReady("no free port pair for a cluster node")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class LocalCluster:
+    """A Redis Cluster on this machine: ``masters`` primaries with ``replicas`` each, AOF on.
+
+    For tests and benchmarks of cluster mode: each node is a :class:`RedisServer`
+    with ``cluster-enabled yes``; the cluster is made by ``valkey-cli`` (or
+    ``redis-cli``) ``--cluster create``, and is ready once every node says
+    ``cluster_state:ok``.
+    """
+
+    def __init__(self, directory: str | Path, *, masters: int = 3, replicas: int = 1,
+                 appendfsync: str = "always") -> None:
+        self.directory = Path(directory)
+        self.nodes = [
+            RedisServer(self.directory / f"node-{n}", port=_cluster_port(), appendfsync=appendfsync,
+                        extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                               "--cluster-node-timeout", "2000",
+                               # a test cluster: a replica may always take over
+                               "--cluster-replica-validity-factor", "0",
+                               # the RDB through a file: streamed ones stalled here
+                               "--repl-diskless-sync", "no", "--repl-diskless-load", "disabled"])
+            for n in range(masters * (1 + replicas))
+        ]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """Where clients start (any node will do: they learn the rest)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        binary = Path(self.nodes[0].binary)
+        cli = next((str(path) for path in (binary.with_name("valkey-cli"), binary.with_name("redis-cli"))
+                    if os.access(path, os.X_OK)), None) or shutil.which("valkey-cli") \
+            or shutil.which("redis-cli")
+        if cli is None:
+            self.stop()
+            raise ServerNotFound("no valkey-cli/redis-cli next to the server to create the cluster")
+        created = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout)
+        if created.returncode != 0:
+            self.stop()
+            raise ServerNotReady(f"cluster create failed: {created.stdout[-2000:]}{created.stderr}")
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerNotReady(f"the cluster was not ready within {timeout}s")
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        """Every live node says ``cluster_state:ok``, and every replica is in sync."""
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            client = redis.Redis(port=node.port, socket_timeout=2)
+            try:
+                if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+                replication = client.info("replication")
+                if replication.get("role") == "slave" and (
+                        replication.get("master_link_status") != "up"
+                        or replication.get("master_sync_in_progress")):
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def _alive(pid: int) -> bool:

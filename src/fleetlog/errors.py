@@ -78,6 +78,10 @@ class QueueUnavailable(FleetlogError):
     """Raised when Redis could not be reached, or failed, while queueing."""
 
 
+class NotReplicated(QueueUnavailable):
+    """Raised when queued records did not reach ``--ack-replicas`` replicas in time (not acked)."""
+
+
 class QueueClosed(QueueUnavailable):
     """Raised when records are submitted to a producer that is closing or closed."""
 

@@ -14,6 +14,8 @@ make another's records look like duplicates.
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 
@@ -66,6 +68,41 @@ TOKENS_VERSION = "fleetlog:tokens:version"
 TOKENS_CHANGED = "fleetlog:tokens:changed"
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialKeys:
+    """The keys of the device credentials, which one script changes together.
+
+    One Redis keeps the names above; on a Redis Cluster they share the hash
+    tag ``{tokens}`` (one slot), since each change is one atomic script over
+    the table, the version and the device's own hash.  The change is announced
+    with ``publish`` on ``changed``: on a cluster a sharded channel of the same
+    slot (SPUBLISH), whose subscriber count is the whole cluster's, so a
+    command waits for every gateway that heard it.
+    """
+
+    tokens: str
+    version: str
+    device_prefix: str
+    changed: str
+    publish: str
+
+    def device(self, device_id: str) -> str:
+        """Hash: ``token_hash``, ``created_at``, ``rotated_at`` of one device."""
+        return f"{self.device_prefix}{part(device_id)}"
+
+
+SINGLE_CREDENTIALS = CredentialKeys("fleetlog:tokens", "fleetlog:tokens:version", "fleetlog:device:",
+                                    "fleetlog:tokens:changed", "PUBLISH")
+CLUSTER_CREDENTIALS = CredentialKeys("fleetlog:{tokens}", "fleetlog:{tokens}:version",
+                                     "fleetlog:{tokens}:device:", "fleetlog:{tokens}:changed",
+                                     "SPUBLISH")
+
+
+def credential_keys(cluster: bool) -> CredentialKeys:
+    """The credential keys for one Redis, or (``cluster``) for a Redis Cluster."""
+    return CLUSTER_CREDENTIALS if cluster else SINGLE_CREDENTIALS
+
+
 def token_change_acks(change_id: str) -> str:
     """List each gateway node pushes its id onto once it applied credential change ``change_id``."""
     return f"fleetlog:tokens:acks:{change_id}"
@@ -81,20 +118,62 @@ def node_control(node_id: str) -> str:
     return f"fleetlog:control:{part(node_id)}"
 
 
-def recent_frames(device_id: str) -> str:
+def shard_of(device_id: str, shards: int) -> int:
+    """The queue shard of a device: stable (CRC-32 of its UTF-8 id), so its order holds."""
+    if shards == 1:
+        return 0
+    return zlib.crc32(device_id.encode("utf-8", "surrogatepass")) % shards
+
+
+def shard_tag(shard: int, shards: int) -> str:
+    """The hash tag of a shard's keys (``{s3}``: one cluster slot); '' with one shard.
+
+    One shard keeps the names fleetlog always used, so existing deployments see
+    no change; with more, every key of a shard hashes to the same slot, which
+    lets one script call touch them all on a Redis Cluster.
+    """
+    return "" if shards == 1 else f"{{s{shard}}}"
+
+
+def shard_stream(stream: str, shard: int, shards: int) -> str:
+    """Shard ``shard``'s stream: ``stream`` itself with one shard, else
+    ``fleetlog:{s3}:records`` for ``fleetlog:records`` (the tag before the last part)."""
+    if shards == 1:
+        return stream
+    head, sep, tail = stream.rpartition(":")
+    return f"{head}{sep}{shard_tag(shard, shards)}:{tail}"
+
+
+def shard_lease(stream: str, shard: int, shards: int) -> str:
+    """String key (value: a worker's consumer name, with a TTL): who drains shard ``shard``."""
+    return f"{shard_stream(stream, shard, shards)}:lease"
+
+
+def shard_workers(stream: str) -> str:
+    """Sorted set: worker consumer name -> until when (ms) it counts as alive, for rebalancing."""
+    return f"{stream}:workers"
+
+
+def _tagged(tag: str) -> str:
+    return f"fleetlog:{tag}:" if tag else "fleetlog:"
+
+
+def recent_frames(device_id: str, tag: str = "") -> str:
     """Sorted set: v2 frame ids the device had queued (score: when), its last
-    :data:`~fleetlog.queue.scripts.MAX_FRAMES` within the dedupe window."""
-    return f"fleetlog:frames:{part(device_id)}"
+    :data:`~fleetlog.queue.scripts.MAX_FRAMES` within the dedupe window.
+    ``tag``: its shard's hash tag (:func:`shard_tag`)."""
+    return f"{_tagged(tag)}frames:{part(device_id)}"
 
 
-def stored_seqs(device_id: str) -> str:
+def stored_seqs(device_id: str, tag: str = "") -> str:
     """Hash: session -> the ranges of v2 ``seq`` the device had stored in it.
 
     The value is ``USE|from-to,from-to,...`` (``USE`` orders the sessions by
     last use); at most :data:`~fleetlog.queue.scripts.MAX_SESSIONS` sessions and
     :data:`~fleetlog.queue.scripts.MAX_RANGES` ranges each are kept.
+    ``tag``: its shard's hash tag (:func:`shard_tag`).
     """
-    return f"fleetlog:seqs:{part(device_id)}"
+    return f"{_tagged(tag)}seqs:{part(device_id)}"
 
 
 def refusals(device_id: str) -> str:

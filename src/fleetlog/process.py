@@ -1,13 +1,33 @@
-"""Child-process hygiene shared by everything that starts processes."""
+"""Child-process hygiene shared by everything that starts processes.
+
+:class:`Child` and :func:`tend` are the restart policy of both supervisors:
+``fleetlog up`` (gateway, worker, API) and ``fleetlog gateway --processes N``
+(N gateway processes on one port).
+"""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
 
-__all__ = ["die_with_parent"]
+from fleetlog.backoff import Backoff
+
+__all__ = ["Child", "die_with_parent", "stop_children", "tend"]
+
+log = logging.getLogger("fleetlog.process")
 
 _PR_SET_PDEATHSIG = 1
+
+#: A child that exits 0 after running this long exited on purpose (``--max-runtime``):
+#: start it again at once.  Shorter, even exit 0 counts as a crash loop.
+PLANNED_EXIT_MIN_RUN = 5.0
+#: A child that ran this long before exiting was healthy: its next restart
+#: starts from the shortest delay again.
+HEALTHY_RUN = 60.0
 
 
 def die_with_parent() -> None:
@@ -20,3 +40,68 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+
+
+@dataclass
+class Child:
+    """One supervised child process: how to start it and when it may start again."""
+
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    #: Restart delays: a crash loop must not spin (0.5 s, doubling, at most 30 s).
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, cap=30.0))
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        # A group of its own: only the supervisor decides when and in which order its
+        # children stop (a terminal's Ctrl-C reaches the supervisor alone).
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent,
+                                        process_group=0)
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def tend(child: Child, now: float) -> None:
+    """Restart ``child`` if it exited: first schedule the restart (backoff), then start it.
+
+    Called in a supervisor's watch loop.  A crash loop backs off (bounded by
+    the child's :class:`Backoff` cap); a planned exit after a long run does not.
+    """
+    if child.alive() or now < child.next_start:
+        return
+    if child.process is not None and child.next_start <= child.started_at:
+        code = child.process.returncode
+        ran = now - child.started_at
+        if ran > HEALTHY_RUN:
+            child.backoff.reset()
+        delay = 0.0 if code == 0 and ran > PLANNED_EXIT_MIN_RUN else child.backoff.next_delay()
+        log.warning("%s exited with %s after %.0fs; restarting in %.1fs", child.name, code, ran,
+                    delay)
+        child.next_start = now + delay
+        return
+    child.start()
+
+
+def stop_children(children: list[Child], timeout: float) -> None:
+    """SIGTERM every live child at once, wait up to ``timeout`` in all, SIGKILL the rest."""
+    for child in children:
+        if child.alive():
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", child.name, timeout)
+            child.process.kill()
+            child.process.wait()
+        log.info("stopped: %s (exit %s)", child.name, child.process.returncode)

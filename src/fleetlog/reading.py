@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 from fleetlog import keys
 from fleetlog.errors import InvalidRequest
 from fleetlog.links import is_online, parse_link
-from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 from fleetlog.records import StoredRecord, iso_ms
 from fleetlog.store import LogQuery, Store, VolumeBucket, open_store
 from fleetlog.store.fields import check_level
@@ -244,7 +244,8 @@ def _presence(client: Any) -> _Presence:
         counts = client.hgetall(key)
         presence.refused[keys.unpart(key.decode()[len(refusal_prefix):])] = {
             reason.decode(): int(count) for reason, count in counts.items()}
-    presence.provisioned = {device.decode() for device in client.hvals(keys.TOKENS)}
+    presence.provisioned = {device.decode() for device in
+                            client.hvals(keys.credential_keys(is_cluster(client)).tokens)}
     return presence
 
 

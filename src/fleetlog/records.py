@@ -11,7 +11,10 @@ class QueuedRecord:
     """One record as a worker takes it off the queue.
 
     ``qid`` is unique per record in the queue (a stream entry id, or a legacy
-    batch position), which is what makes every store write idempotent.
+    batch position), which is what makes every store write idempotent.  With
+    several shards, equal entry ids occur in two streams, so the qid is the
+    entry id after the shard (``s3:1700000000000-0``).  ``stream`` names the
+    stream the record came from ('' for the legacy list).
     ``data`` is the record's JSON exactly as queued.
     """
 
@@ -20,6 +23,7 @@ class QueuedRecord:
     received_at: int  # milliseconds since the epoch, UTC
     data: bytes
     deliveries: int = 1
+    stream: str = ""
 
 
 @dataclass(frozen=True, slots=True)

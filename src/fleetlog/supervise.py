@@ -38,15 +38,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.embedded import RedisServer
 from fleetlog.net import PortWait, wait_for_port
-from fleetlog.process import die_with_parent
+from fleetlog.process import Child, tend
 
 __all__ = ["run_up"]
 
@@ -60,38 +58,10 @@ _LOCK_FILE = "up.lock"
 #: How long each child gets to stop after SIGTERM: above the gateway's own
 #: drain limit and a worker's longest batch, so an orderly stop is never cut short.
 _CHILD_STOP_TIMEOUT = 20.0
-#: A child that exits 0 after running this long exited on purpose (``--max-runtime``):
-#: start it again at once.  Shorter, even exit 0 counts as a crash loop.
-_PLANNED_EXIT_MIN_RUN = 5.0
-#: A child that ran this long before exiting was healthy: its next restart
-#: starts from the shortest delay again.
-_HEALTHY_RUN = 60.0
 #: How often the watch loop looks for children that exited.
 _WATCH_INTERVAL = 0.2
 #: How long ``up`` waits for the gateway to listen before giving up.
 _GATEWAY_START_TIMEOUT = 30.0
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    #: Restart delays: a crash loop must not spin (0.5 s, doubling, at most 30 s).
-    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, cap=30.0))
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
-
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        # A group of its own: only ``up`` decides when and in which order its children stop.
-        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent,
-                                        process_group=0)
-        self.started_at = time.monotonic()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
 
 def _lock_data_dir(data_dir: Path) -> int | None:
     """Take ``DATA_DIR/up.lock`` (flock, exclusive) and write our pid in it.
@@ -266,21 +236,7 @@ class Supervisor:
         while not self.stopping.wait(_WATCH_INTERVAL):
             now = time.monotonic()
             for child in self.children:
-                if child.alive() or now < child.next_start:
-                    continue
-                if child.process is not None and child.next_start <= child.started_at:
-                    code = child.process.returncode
-                    ran = now - child.started_at
-                    # A crash loop backs off; a planned exit after a long run does not.
-                    if ran > _HEALTHY_RUN:
-                        child.backoff.reset()
-                    delay = 0.0 if code == 0 and ran > _PLANNED_EXIT_MIN_RUN \
-                        else child.backoff.next_delay()
-                    log.warning("%s exited with %s after %.0fs; restarting in %.1fs",
-                                child.name, code, ran, delay)
-                    child.next_start = now + delay
-                    continue
-                child.start()
+                tend(child, now)
 
     def _shutdown(self) -> None:
         """Stop in dependency order: gateway, worker (``self.children``'s order), then Redis.

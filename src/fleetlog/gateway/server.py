@@ -67,8 +67,10 @@ from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
-from fleetlog.queue.connection import connect_async
+from fleetlog.queue import scripts
+from fleetlog.queue.connection import connect_async, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.script_runner import ClusterScript, RedisScript
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -370,6 +372,11 @@ class Gateway:
         )
         self.producer = Producer(
             client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
+            shards=settings.shards,
+            runner=(ClusterScript if is_cluster(client) else RedisScript)(
+                client, scripts.INGEST, replicas=settings.ack_replicas,
+                # within the socket timeout, so WAIT's own answer comes back
+                replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2)),
             dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(
@@ -559,6 +566,9 @@ class Gateway:
             settings.ws_port,
             ssl=server_context(settings.tls_cert, settings.tls_key),
             reuse_address=True,
+            # One of several processes on this port (fleetlog.gateway.pool): the kernel
+            # spreads the connections over them.
+            reuse_port=settings.reuse_port or None,
             # Thousands of devices reconnect at once after an outage: let the kernel
             # queue them instead of refusing (asyncio's default backlog is 100).
             backlog=4096,
@@ -571,7 +581,12 @@ class Gateway:
         if settings.auth == "none":
             log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
                         "Use --auth token unless this is a legacy fleet on a closed network.")
-        elif settings.auth == "token":
+        try:
+            await initialize(self._client)
+        except BaseException:
+            await self._client.aclose()
+            raise
+        if settings.auth == "token":
             await self._token_watcher.start()
         try:
             self._server = await self._listen()

@@ -24,7 +24,7 @@ import redis.asyncio
 from fleetlog import keys
 from fleetlog.backoff import Backoff
 from fleetlog.credentials import TokenChange, TokenTable
-from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 
 __all__ = ["TokenWatcher"]
 
@@ -49,6 +49,8 @@ class TokenWatcher:
         self._on_change = on_change
         self._poll_interval = poll_interval
         self._pubsub: Any = None
+        #: On a cluster, the changes come on a sharded channel (SSUBSCRIBE).
+        self._sharded = is_cluster(client)
 
     async def start(self) -> None:
         """Subscribe and load the table before the gateway accepts devices.
@@ -72,8 +74,10 @@ class TokenWatcher:
                         await self._connect()
                         backoff.reset()
                     wait = max(0.0, next_poll - time.monotonic())
-                    message = await self._pubsub.get_message(ignore_subscribe_messages=True,
-                                                             timeout=wait)
+                    message = await (
+                        self._pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=wait)
+                        if self._sharded else
+                        self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait))
                     if message is not None:
                         await self._receive(message["data"])
                     if time.monotonic() >= next_poll:
@@ -99,7 +103,10 @@ class TokenWatcher:
     async def _connect(self) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(keys.TOKENS_CHANGED)
+            if self._sharded:
+                await pubsub.ssubscribe(keys.CLUSTER_CREDENTIALS.changed)
+            else:
+                await pubsub.subscribe(keys.TOKENS_CHANGED)
             await self._table.reload(self._client)
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -8,12 +8,14 @@ device ``unavailable`` promptly rather than hang.  Callers own the retry policy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
 import redis.backoff
+import redis.cluster
 import redis.retry
 
 #: Errors that mean "Redis is not there right now", as opposed to a bug.
@@ -23,6 +25,8 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,  # a failover under way, a slot not served
+    redis.exceptions.SlotNotCoveredError,
     ConnectionError,
     TimeoutError,
 )
@@ -31,6 +35,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
 #: detail (host, port, Redis' own message) goes to the log only.
 REDIS_UNAVAILABLE = "redis unavailable"
 REDIS_REFUSING_WRITES = "redis refusing writes"
+REDIS_NOT_REPLICATED = "redis replicas not confirming writes"
 INTERNAL_ERROR = "internal error"
 
 
@@ -50,8 +55,59 @@ def public_reason(exc: BaseException) -> str:
     return INTERNAL_ERROR
 
 
+#: URL schemes that mean a Redis Cluster (the rest of the URL names any one node).
+CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://host:port``)."""
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def cluster_url(url: str) -> str:
+    """``url`` as a cluster URL (``--redis-cluster``): ``redis://`` becomes ``redis+cluster://``."""
+    if is_cluster_url(url):
+        return url
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}+cluster{sep}{rest}"
+
+
+def _node_url(url: str) -> str:
+    return url.replace("+cluster://", "://", 1)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (blocking or asyncio)."""
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
+async def initialize(client: redis.asyncio.Redis) -> None:
+    """Learn a cluster's slots now (a no-op for one Redis).
+
+    redis-py's asyncio cluster client learns them on its first command, but
+    its pub/sub picks a node before that and fails on an empty slot table.
+    """
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        await client.initialize()
+
+
 def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
-    """A blocking client; ``timeout`` bounds every command except blocking reads."""
+    """A blocking client; ``timeout`` bounds every command except blocking reads.
+
+    A ``redis+cluster://`` URL gives a :class:`redis.cluster.RedisCluster`.  It
+    is typed as :class:`redis.Redis`, whose commands it has; the few places
+    where a cluster differs (transactions, multi-key scripts and reads, pub/sub)
+    ask :func:`is_cluster`.
+    """
+    if is_cluster_url(url):
+        cluster = redis.cluster.RedisCluster.from_url(
+            _node_url(url),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            client_name="fleetlog",
+        )
+        return cast(redis.Redis, cluster)
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout,
@@ -63,13 +119,14 @@ def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
 
 def connect_async(url: str, *, timeout: float = 5.0,
                   pool_size: int | None = None) -> redis.asyncio.Redis:
-    """An asyncio client; ``timeout`` bounds every command.
+    """An asyncio client; ``timeout`` bounds every command (a cluster: see :func:`connect`).
 
     redis-py's default pool opens at most 100 connections and fails the 101st
     concurrent command at once ("Too many connections", which looks like Redis
     being down).  With ``pool_size`` a command past that many waits up to
     ``timeout`` for a connection instead: a server that takes bursts of
     concurrent requests (the API) queues them rather than refusing them.
+    (A cluster client keeps a pool per node; ``pool_size`` applies to a single Redis.)
     """
     options: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -77,6 +134,9 @@ def connect_async(url: str, *, timeout: float = 5.0,
         "retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
         "client_name": "fleetlog",
     }
+    if is_cluster_url(url):
+        cluster = redis.asyncio.cluster.RedisCluster.from_url(_node_url(url), **options)
+        return cast(redis.asyncio.Redis, cluster)
     if pool_size is None:
         return redis.asyncio.Redis.from_url(url, **options)
     pool = redis.asyncio.BlockingConnectionPool.from_url(

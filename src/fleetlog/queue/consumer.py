@@ -28,6 +28,7 @@ import redis
 
 from fleetlog import keys
 from fleetlog.queue import scripts
+from fleetlog.queue.connection import is_cluster
 from fleetlog.records import QueuedRecord
 
 __all__ = ["REDIS_REFUSING", "Consumer", "ListConsumer", "StreamConsumer"]
@@ -48,8 +49,8 @@ _MIN_LEGACY_BLOCK_MS = 10
 
 
 class Consumer(Protocol):
-    def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
-        """Up to ``count`` records, waiting at most ``block_ms`` for the first."""
+    def fetch(self, count: int, block_ms: int | None) -> list[QueuedRecord]:
+        """Up to ``count`` records, waiting at most ``block_ms`` for the first (None: not at all)."""
 
     def ack(self, records: Sequence[QueuedRecord]) -> None:
         """Let go of records that are stored (or dead-lettered) for good."""
@@ -82,6 +83,11 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
+def entry_id(qid: str) -> str:
+    """The stream entry id of a record's qid (the qid itself, or after its shard: ``s3:``)."""
+    return qid.rpartition(":")[2]
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, seq = entry_id.split("-")
     return int(ms), int(seq)
@@ -100,9 +106,14 @@ class StreamConsumer:
         dead_letter_stream: str,
         claim_idle: float,
         trim_interval: float = 0.2,
+        qid_prefix: str = "",
     ) -> None:
         self._client: Any = client
         self.stream = stream
+        #: Put before each entry id to make the qid (``s3:`` with several shards).
+        self._qid_prefix = qid_prefix
+        #: After :meth:`take_over`: claim every pending entry, however recent, once.
+        self._claim_all = False
         self.group = group
         self.consumer = consumer
         self._dead = dead_letter_stream
@@ -137,19 +148,33 @@ class StreamConsumer:
 
     def _records(self, entries: list[Any], deliveries: dict[str, int]) -> list[QueuedRecord]:
         records = []
+        prefix = self._qid_prefix
         for raw_id, fields in entries:
-            entry_id = raw_id.decode()
+            entry = raw_id.decode()
             device = fields.get(b"d", b"")
             records.append(
                 QueuedRecord(
-                    qid=entry_id,
+                    qid=prefix + entry,
                     device_id=device.decode(errors="replace"),
-                    received_at=int(entry_id.partition("-")[0]),
+                    received_at=int(entry.partition("-")[0]),
                     data=fields.get(b"r", b""),
-                    deliveries=deliveries.get(entry_id, 1),
+                    deliveries=deliveries.get(entry, 1),
+                    stream=self.stream,
                 )
             )
         return records
+
+    def take_over(self) -> None:
+        """This consumer now holds the stream alone (a lease): claim every pending
+        entry at once, before reading new ones, so a device's older records are
+        stored before its newer ones."""
+        self._claim_all = True
+        self._claim_cursor = "0-0"
+
+    def owns_pending(self) -> bool:
+        """Whether entries read by this consumer are still unacknowledged."""
+        return bool(self._client.xpending_range(self.stream, self.group, min="-", max="+",
+                                                count=1, consumername=self.consumer))
 
     def _delivery_counts(self, entries: list[Any]) -> dict[str, int]:
         ids = [raw_id.decode() for raw_id, _ in entries]
@@ -159,8 +184,14 @@ class StreamConsumer:
         )
         return {row["message_id"].decode(): row["times_delivered"] for row in pending}
 
-    def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
+    def fetch(self, count: int, block_ms: int | None) -> list[QueuedRecord]:
         now = time.monotonic()
+        while self._claim_all:
+            claimed = self._claim(count, idle_ms=0)
+            if self._claim_cursor == "0-0":
+                self._claim_all = False
+            if claimed:
+                return claimed
         if now >= self._next_claim:
             self._next_claim = now + self._claim_every
             claimed = self._claim(count)
@@ -189,12 +220,12 @@ class StreamConsumer:
         deliveries = self._delivery_counts(entries) if start != ">" else {}
         return self._records(entries, deliveries)
 
-    def _claim(self, count: int) -> list[QueuedRecord]:
+    def _claim(self, count: int, idle_ms: int | None = None) -> list[QueuedRecord]:
         cursor, entries, *_ = self._client.xautoclaim(
             self.stream,
             self.group,
             self.consumer,
-            min_idle_time=self._claim_idle_ms,
+            min_idle_time=self._claim_idle_ms if idle_ms is None else idle_ms,
             start_id=self._claim_cursor,
             count=count,
         )
@@ -206,7 +237,7 @@ class StreamConsumer:
 
     def ack(self, records: Sequence[QueuedRecord]) -> None:
         if records:
-            self._client.xack(self.stream, self.group, *[record.qid for record in records])
+            self._client.xack(self.stream, self.group, *[entry_id(record.qid) for record in records])
             self._untrimmed = True
         if time.monotonic() >= self._next_trim:
             self.trim()
@@ -232,9 +263,15 @@ class StreamConsumer:
         return trimmed
 
     def dead_letter(self, record: QueuedRecord, reason: str) -> None:
+        if is_cluster(self._client):
+            # Two slots: no transaction.  Dead-lettered first, so a crash between
+            # the two can only dead-letter it twice, never lose it.
+            self._client.xadd(self._dead, _dead_letter_fields(record, reason))
+            self._client.xack(self.stream, self.group, entry_id(record.qid))
+            return
         with self._client.pipeline(transaction=True) as pipe:
             pipe.xadd(self._dead, _dead_letter_fields(record, reason))
-            pipe.xack(self.stream, self.group, record.qid)
+            pipe.xack(self.stream, self.group, entry_id(record.qid))
             pipe.execute()
 
 
@@ -249,7 +286,7 @@ class ListConsumer:
         self._claim_script = client.register_script(scripts.LIST_CLAIM)
         self._open: dict[int, set[str]] = {}
 
-    def fetch(self, count: int, block_ms: int) -> list[QueuedRecord]:
+    def fetch(self, count: int, block_ms: int | None) -> list[QueuedRecord]:
         claimed = self._claim_stale()
         if claimed is not None:
             return claimed
@@ -259,7 +296,7 @@ class ListConsumer:
         client.zadd(keys.LEGACY_INFLIGHT, {str(batch): _now_ms()})
         # Never block for as long as a batch may sit before others claim it: an
         # empty batch claimed while we block would strand the record we then take.
-        block = max(_MIN_LEGACY_BLOCK_MS, min(block_ms, self._claim_idle_ms // 2)) / 1000
+        block = max(_MIN_LEGACY_BLOCK_MS, min(block_ms or 0, self._claim_idle_ms // 2)) / 1000
         first = client.blmove(keys.LEGACY_LIST, processing, block, "RIGHT", "LEFT")
         if first is None:
             self._forget(batch)

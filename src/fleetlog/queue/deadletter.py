@@ -62,11 +62,12 @@ class DeadLetters:
     """``fleetlog dlq`` on a blocking Redis client."""
 
     def __init__(self, client: Any, *, dead_letter_stream: str, stream: str,
-                 queue: Literal["stream", "list"] = "stream") -> None:
+                 queue: Literal["stream", "list"] = "stream", shards: int = 1) -> None:
         self._client = client
         self._dead = dead_letter_stream
         self._stream = stream
         self._queue = queue
+        self._shards = shards
 
     def letters(self, limit: int = _LIST_LIMIT) -> list[DeadLetter]:
         return [_letter(i, f) for i, f in self._client.xrange(self._dead, count=limit)]
@@ -85,7 +86,9 @@ class DeadLetters:
                 if self._queue == "list":
                     pipe.lpush(keys.LEGACY_LIST, letter.record)
                 else:
-                    pipe.xadd(self._stream, {"d": letter.device_id, "r": letter.record})
+                    stream = keys.shard_stream(
+                        self._stream, keys.shard_of(letter.device_id, self._shards), self._shards)
+                    pipe.xadd(stream, {"d": letter.device_id, "r": letter.record})
                 pipe.xdel(self._dead, letter.id)
                 pipe.execute()
         return len(letters)

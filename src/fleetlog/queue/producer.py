@@ -10,6 +10,13 @@ before its next records go, so one device's records reach the stream in the
 order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
 
+With ``shards`` > 1 the queue is that many streams (``fleetlog:{s3}:records``);
+a device always goes to the same one (:func:`fleetlog.keys.shard_of`), and one
+call carries one shard's submissions only, with every key it touches declared
+(the stream and the devices' dedupe keys, all under the shard's hash tag), so
+on a Redis Cluster each call is one slot.  Each shard has its own
+``max_in_flight`` calls.
+
 A callback is called with an :class:`IngestResult` once Redis acknowledged the
 write (with ``appendfsync always``, once it is on disk), or with the exception
 that says why nothing was queued: :class:`QueueFull` or :class:`QueueUnavailable`.
@@ -29,9 +36,9 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog import keys
-from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
+from fleetlog.errors import FleetlogError, NotReplicated, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import REDIS_DOWN, public_reason
+from fleetlog.queue.connection import REDIS_DOWN, REDIS_NOT_REPLICATED, public_reason
 from fleetlog.queue.script_runner import RedisScript, ScriptArg, ScriptRunner
 
 __all__ = ["Done", "IngestResult", "Producer"]
@@ -62,6 +69,11 @@ _MAX_PER_CALL: Final = 2000
 @dataclass(slots=True)
 class _Submission:
     device_id: str
+    shard: int
+    #: Its dedupe keys ('' when none); ``args`` holds 0 in their places until the
+    #: call numbers the call's keys (the script takes their index in KEYS).
+    frames_key: str
+    seqs_key: str
     args: list[ScriptArg]
     size: int
     done: Done
@@ -92,16 +104,24 @@ class Producer:
         dedupe_window: float = 86_400,
         max_in_flight: int = 2,
         runner: ScriptRunner | None = None,
+        shards: int = 1,
     ) -> None:
+        if shards < 1 or (shards > 1 and mode == "list"):
+            raise ValueError(f"shards must be 1 with the legacy list, and at least 1; got {shards}")
         #: The ingest script on Redis: all the producer needs of it (a cluster
         #: client passes its own ``runner``).
         self._ingest: ScriptRunner = runner or RedisScript(client, scripts.INGEST)
-        self._keys = [stream if mode == "stream" else keys.LEGACY_LIST]
-        self._head = [max_backlog, int(dedupe_window * 1000), mode,
+        self._shards = shards
+        self._streams = ([keys.shard_stream(stream, k, shards) for k in range(shards)]
+                         if mode == "stream" else [keys.LEGACY_LIST])
+        self._tags = [keys.shard_tag(k, shards) for k in range(shards)]
+        # The backlog limit is the whole queue's: each shard gets its part.
+        self._head = [-(-max_backlog // shards), int(dedupe_window * 1000), mode,
                       scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
         self._waiting: deque[_Submission] = deque()
         self._busy: Counter[str] = Counter()  # devices with a call in flight
         self._calls: set[asyncio.Task[None]] = set()
+        self._in_flight = [0] * shards  # calls in flight per shard
         self._max_in_flight = max_in_flight
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -145,14 +165,9 @@ class Producer:
         if self._closing:
             raise QueueClosed("this gateway is shutting down")
         tracked = seqs is not None and any(seq is not None for seq in seqs)
-        args: list[ScriptArg] = [
-            keys.recent_frames(device_id) if frame_id is not None else "",
-            frame_id or "",
-            device_id,
-            keys.stored_seqs(device_id) if tracked else "",
-            session,
-            len(records),
-        ]
+        shard = keys.shard_of(device_id, self._shards)
+        tag = self._tags[shard]
+        args: list[ScriptArg] = [0, frame_id or "", device_id, 0, session, len(records)]
         if tracked:
             assert seqs is not None
             for seq, record in zip(seqs, records, strict=True):
@@ -160,16 +175,18 @@ class Producer:
         else:
             for record in records:
                 args += ("", record)
-        self._waiting.append(_Submission(device_id, args, len(records), done))
+        self._waiting.append(_Submission(
+            device_id, shard, keys.recent_frames(device_id, tag) if frame_id is not None else "",
+            keys.stored_seqs(device_id, tag) if tracked else "", args, len(records), done))
         self._wakeup.set()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if self._waiting and len(self._calls) < self._max_in_flight:
+            if self._waiting and len(self._calls) < self._max_in_flight * self._shards:
                 call = self._take()
                 if call:
-                    self._calls.add(loop.create_task(self._call(call)))
+                    self._calls.add(loop.create_task(self._call(call[0].shard, call)))
                     continue
             if self._closing and not self._waiting and not self._calls:
                 return
@@ -177,38 +194,62 @@ class Producer:
             self._wakeup.clear()
 
     def _take(self) -> list[_Submission]:
-        """Whole submissions for one call, up to about ``_MAX_PER_CALL`` records.
+        """Whole submissions of one shard for one call, up to about ``_MAX_PER_CALL`` records.
 
-        A device with a call in flight waits for it: calls may complete in any
-        order, and one device's records must reach the stream in order.
+        The shard is that of the first submission that may go (its shard has
+        room for a call).  A device with a call in flight waits for it: calls
+        may complete in any order, and one device's records must reach the
+        stream in order.
         """
         taken: list[_Submission] = []
         kept: deque[_Submission] = deque()
         held: set[str] = set()  # devices with a submission kept back in this pass
         busy = self._busy
+        in_flight, most = self._in_flight, self._max_in_flight
+        shard = -1
         records = 0
         for submission in self._waiting:
             device = submission.device_id
-            if device in busy or device in held or (taken and records + submission.size > _MAX_PER_CALL):
+            if (device in busy or device in held or (submission.shard != shard and (
+                    shard >= 0 or in_flight[submission.shard] >= most))
+                    or (taken and records + submission.size > _MAX_PER_CALL)):
                 held.add(device)
                 kept.append(submission)
                 continue
+            shard = submission.shard
             taken.append(submission)
             records += submission.size
         for submission in taken:
             busy[submission.device_id] += 1
+        if taken:
+            in_flight[shard] += 1
         self._waiting = kept
         return taken
 
-    async def _call(self, call: list[_Submission]) -> None:
+    async def _call(self, shard: int, call: list[_Submission]) -> None:
+        declared: list[ScriptArg] = [self._streams[shard]]
+        at: dict[str, int] = {}  # key -> its index in KEYS (1-based, as Lua counts)
         args: list[ScriptArg] = [*self._head]
         for submission in call:
-            args += submission.args
+            submission_args = submission.args
+            if submission.frames_key:
+                index = at.get(submission.frames_key)
+                if index is None:
+                    declared.append(submission.frames_key)
+                    index = at[submission.frames_key] = len(declared)
+                submission_args[0] = index
+            if submission.seqs_key:
+                index = at.get(submission.seqs_key)
+                if index is None:
+                    declared.append(submission.seqs_key)
+                    index = at[submission.seqs_key] = len(declared)
+                submission_args[3] = index
+            args += submission_args
         outcomes: list[IngestResult | FleetlogError]
         previous = self.last_error
         try:
             self.calls += 1
-            reply = await self._ingest.run(self._keys, args)
+            reply = await self._ingest.run(declared, args)
             self.last_error = self.last_problem = None
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")
@@ -219,6 +260,10 @@ class Producer:
             self.last_error = f"Redis unavailable: {exc}"
             self.last_problem = public_reason(exc)
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
+        except NotReplicated as exc:  # --ack-replicas: on the master, not confirmed on enough replicas
+            self.last_error = f"Redis replicas did not confirm the write: {exc}"
+            self.last_problem = REDIS_NOT_REPLICATED
+            outcomes = [exc] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"
             self.last_problem = public_reason(exc)
@@ -233,6 +278,7 @@ class Producer:
                 self.failed_at = time.monotonic()
                 if self.last_error != previous:  # the detail, once per change: not per call
                     log.warning("queueing failed: %s", self.last_error)
+            self._in_flight[shard] -= 1
             for submission in call:
                 left = self._busy[submission.device_id] - 1
                 if left:

@@ -22,10 +22,13 @@ MAX_RANGES: Final = 64
 #: Queue submissions atomically: the backlog check, v2 frame-id dedupe, per-device
 #: seq bookkeeping and the writes themselves happen as one step.
 #:
-#: KEYS[1] the stream (or the legacy list); ARGV[1] max backlog, ARGV[2] dedupe
-#: window (ms), ARGV[3] 'stream' or 'list', ARGV[4..6] MAX_FRAMES, MAX_SESSIONS,
-#: MAX_RANGES; then per submission: recent-frames key (or ''), frame id, device
-#: id, stored-seqs key (or ''), session, record count n, and n pairs of (seq or
+#: KEYS[1] the stream (or the legacy list), then every per-device key the call
+#: touches, each once: the script touches no key it was not given, so on a Redis
+#: Cluster one call is one slot (a shard's keys share its hash tag).  ARGV[1] max
+#: backlog, ARGV[2] dedupe window (ms), ARGV[3] 'stream' or 'list', ARGV[4..6]
+#: MAX_FRAMES, MAX_SESSIONS, MAX_RANGES; then per submission: the index in KEYS
+#: of its recent-frames key (0: none), frame id, device id, the index of its
+#: stored-seqs key (0: none), session, record count n, and n pairs of (seq or
 #: '', record JSON).  List mode LPUSHes the record JSON, exactly the original
 #: design's write.
 #:
@@ -97,8 +100,11 @@ end
 local out = {}
 local i = 7
 while i <= #ARGV do
-  local frames_key, frame_id, device = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local seqs_key, session = ARGV[i + 3], ARGV[i + 4]
+  local frames_at, frame_id, device = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
+  local seqs_at, session = tonumber(ARGV[i + 3]), ARGV[i + 4]
+  local frames_key, seqs_key = '', ''
+  if frames_at > 0 then frames_key = KEYS[frames_at] end
+  if seqs_at > 0 then seqs_key = KEYS[seqs_at] end
   local n = tonumber(ARGV[i + 5])
   i = i + 6
   local duplicate_frame = false

@@ -27,12 +27,25 @@ class QueueStats:
     dead_letters: int
 
 
-def queue_stats(client: Any, *, queue: str, stream: str, group: str, dead_letter_stream: str) -> QueueStats:
-    """Read the numbers from Redis (a blocking client); raises redis-py's errors."""
+def queue_stats(client: Any, *, queue: str, stream: str, group: str, dead_letter_stream: str,
+                shards: int = 1) -> QueueStats:
+    """Read the numbers from Redis (a blocking client); raises redis-py's errors.
+
+    With several shards, the sums over their streams.
+    """
     dead = int(client.xlen(dead_letter_stream))
     if queue == "list":
         waiting = int(client.llen(keys.LEGACY_LIST))
         return QueueStats(waiting, waiting, int(client.zcard(keys.LEGACY_INFLIGHT)), dead)
+    backlog = lag = pending = 0
+    for shard in range(shards):
+        one = _stream_stats(client, keys.shard_stream(stream, shard, shards), group)
+        backlog, lag, pending = backlog + one[0], lag + one[1], pending + one[2]
+    return QueueStats(backlog, lag, pending, dead)
+
+
+def _stream_stats(client: Any, stream: str, group: str) -> tuple[int, int, int]:
+    """(backlog, lag, pending) of one stream."""
     backlog = int(client.xlen(stream))
     try:
         groups = client.xinfo_groups(stream)
@@ -44,5 +57,5 @@ def queue_stats(client: Any, *, queue: str, stream: str, group: str, dead_letter
             lag = info.get("lag")
             pending = int(info.get("pending") or 0)
             # ``lag`` is None when Redis cannot tell (after deletions): count it all then.
-            return QueueStats(backlog, backlog if lag is None else int(lag), pending, dead)
-    return QueueStats(backlog, backlog, 0, dead)
+            return backlog, backlog if lag is None else int(lag), pending
+    return backlog, backlog, 0

@@ -57,8 +57,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
-from fleetlog.queue.connection import REDIS_DOWN, connect
+from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
+from fleetlog.queue.shards import ShardedConsumer
 from fleetlog.queue.stats import QueueStats, queue_stats
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
 from fleetlog.store import RecordRejected, Store, StoreUnavailable, open_store
@@ -356,10 +357,18 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         client = connect(redis_url, timeout=max(settings.redis_timeout,
                                                   settings.block_ms / 1000 + _BLOCK_TIMEOUT_MARGIN))
         consumer: Consumer
+        sharded: ShardedConsumer | None = None
         if settings.queue == "list":
             consumer = ListConsumer(
                 client, dead_letter_stream=settings.dead_letter_stream,
                 claim_idle=settings.claim_idle,
+            )
+        elif settings.shards > 1:
+            consumer = sharded = ShardedConsumer(
+                client, stream=settings.stream, shards=settings.shards, group=settings.group,
+                consumer=settings.consumer or f"{socket.gethostname()}-{os.getpid()}",
+                dead_letter_stream=settings.dead_letter_stream, claim_idle=settings.claim_idle,
+                lease=settings.shard_lease, multi_stream_reads=not is_cluster(client),
             )
         else:
             stream_consumer = StreamConsumer(
@@ -385,6 +394,8 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         try:
             return worker.run()
         finally:
+            if sharded is not None:
+                _release_shards(sharded)
             if metrics is not None:
                 metrics.shutdown()
             store.close()
@@ -393,6 +404,14 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         log.exception("fatal error")
         write_fatal_error(settings, exc)
         return EXIT_FATAL
+
+
+def _release_shards(sharded: ShardedConsumer) -> None:
+    """Give the leases back on the way out, so other workers take the shards at once."""
+    try:
+        sharded.close()
+    except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
+        log.warning("could not give the shard leases back (%s); they expire on their own", exc)
 
 
 def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServer | None:
@@ -406,6 +425,7 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
 
     def stats() -> QueueStats:
         return queue_stats(client, queue=settings.queue, stream=settings.stream, group=settings.group,
+                           shards=settings.shards,
                            dead_letter_stream=settings.dead_letter_stream)
 
     registry = CollectorRegistry(auto_describe=False)

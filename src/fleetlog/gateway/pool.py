@@ -1,0 +1,134 @@
+"""``fleetlog gateway --processes N``: N gateway processes on one port, one parent.
+
+One gateway process uses one core (its event loop); a machine with more
+cores runs more processes.  They share the port with ``SO_REUSEPORT``: the
+kernel spreads new connections over the listening sockets, so no process
+hands connections to another.  Each child is a whole gateway node of its own
+(node id ``<node_id>-p<k>``, its own heartbeat, control channel and
+``/healthz``): the registry already routes take-overs and commands between
+nodes, so nothing here is shared but the port.
+
+The parent does no I/O on the connections.  It binds the port first with
+``SO_REUSEPORT`` (a taken port fails here, once, and ``--port 0`` picks one
+port for all children) without listening on it, so the kernel never hands it
+a connection; then it starts the children, restarts one that dies (bounded
+backoff, :func:`fleetlog.process.tend`), and on SIGTERM or SIGINT stops them
+all at once, each draining as a lone gateway does (:meth:`Gateway.stop`).  A
+second signal kills them: a frame without a reply was not acked, so its
+device sends it again.  Children get PR_SET_PDEATHSIG, so a killed parent
+leaves none behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Final
+
+from fleetlog.config import Settings
+from fleetlog.net import PortWait, wait_for_port
+from fleetlog.process import Child, stop_children, tend
+
+__all__ = ["child_node_id", "run_pool"]
+
+log = logging.getLogger("fleetlog.gateway")
+
+#: How long the children get to drain after SIGTERM: above a gateway's own drain limit.
+_STOP_TIMEOUT: Final = 20.0
+#: How often the parent looks for children that exited.
+_WATCH_INTERVAL: Final = 0.2
+#: How long the parent waits for the first child to listen.
+_START_TIMEOUT: Final = 30.0
+
+
+def child_node_id(node_id: str, index: int) -> str:
+    """The node id of child ``index``: the same across its restarts (its links stay its own)."""
+    return f"{node_id}-p{index}"
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` with ``SO_REUSEPORT``, not listening: the port is ours, the children's too."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Pool:
+    def __init__(self, settings: Settings, redis_url: str, port: int) -> None:
+        count = settings.gateway_processes
+        env = {**os.environ, **settings.as_env(), "FLEETLOG_REDIS_URL": redis_url,
+               "FLEETLOG_WS_PORT": str(port), "FLEETLOG_PROCESSES": "1",
+               "FLEETLOG_REUSE_PORT": "true"}
+        argv = [sys.executable, "-m", "fleetlog", "gateway"]
+        self.children = [
+            Child(f"gateway {child_node_id(settings.node_id, k)}", argv,
+                  env={**env, "FLEETLOG_NODE_ID": child_node_id(settings.node_id, k)})
+            for k in range(count)
+        ]
+        self.stopping = threading.Event()
+        self.forced = False
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        """Signal handler: the first stops the children in order, a second kills them."""
+        if self.stopping.is_set() and not self.forced:
+            self.forced = True
+            log.warning("second signal: killing the gateway processes now")
+            for child in self.children:
+                if child.alive():
+                    assert child.process is not None
+                    child.process.kill()
+            return
+        self.stopping.set()
+
+    def run(self, host: str, port: int) -> int:
+        try:
+            for child in self.children:
+                child.start()
+            outcome = wait_for_port(port, host=host, timeout=_START_TIMEOUT, gone=lambda: (
+                self.stopping.is_set() or not any(child.alive() for child in self.children)))
+            if outcome is PortWait.TIMED_OUT:
+                log.error("gateway cannot start: no process listened on port %d in %.0fs",
+                          port, _START_TIMEOUT)
+                return 1
+            if outcome is PortWait.GONE and not self.stopping.is_set():
+                log.error("gateway cannot start: every gateway process exited before listening")
+                return 1
+            log.info("%d gateway processes on port %d", len(self.children), port)
+            while not self.stopping.wait(_WATCH_INTERVAL):
+                now = time.monotonic()
+                for child in self.children:
+                    tend(child, now)
+        finally:
+            log.info("gateway stopping")
+            stop_children(self.children, _STOP_TIMEOUT)
+        return 1 if self.forced else 0
+
+
+def run_pool(settings: Settings, redis_url: str) -> int:
+    """Entry point of ``fleetlog gateway --processes N`` (N > 1): 0 after an orderly stop."""
+    try:
+        reservation = _reserve(settings.host, settings.ws_port)
+    except OSError as exc:
+        log.error("gateway cannot start: cannot listen on %s:%d: %s", settings.host,
+                  settings.ws_port, exc.strerror)
+        return 1
+    try:
+        port: int = reservation.getsockname()[1]
+        pool = _Pool(settings, redis_url, port)
+        signal.signal(signal.SIGINT, pool.request_stop)
+        signal.signal(signal.SIGTERM, pool.request_stop)
+        return pool.run(settings.host, port)
+    finally:
+        reservation.close()

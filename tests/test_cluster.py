@@ -1,0 +1,197 @@
+"""Redis Cluster mode: a real 3-master, 3-replica cluster under the gateway and the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.cluster
+import websockets
+
+from fleetlog.embedded import LocalCluster
+from tests.conftest import Processes
+from tests.helpers import STORED, legacy_device, legacy_frame, send_legacy, stored_rows, wait_until
+
+FAST = {"FLEETLOG_RATE_RECORDS": "1000000", "FLEETLOG_RATE_BYTES": "1000000000",
+        "FLEETLOG_SHARD_LEASE": "1.5"}
+
+
+def check_stored_once_in_order(data_dir: Path, expected: int) -> None:
+    rows = stored_rows(data_dir)
+    assert len(rows) == expected
+    assert Counter((device, seq) for _, device, seq, _ in rows).most_common(1)[0][1] == 1
+    by_device: dict[str, list[int]] = {}
+    for _, device, seq, _ in rows:
+        by_device.setdefault(device, []).append(seq)
+    for device, seqs in by_device.items():
+        assert seqs == sorted(seqs), device
+
+
+def test_cluster_fixture_has_three_masters_with_a_replica_each(
+        redis_cluster_server: LocalCluster) -> None:
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster_server.nodes[0].port)
+    try:
+        nodes = client.cluster_nodes()
+        roles = Counter("master" if "master" in node["flags"] else "slave" for node in nodes.values())
+        assert roles == {"master": 3, "slave": 3}
+    finally:
+        client.close()
+
+
+def test_gateway_and_sharded_workers_on_a_cluster_store_everything_once(
+        processes: Processes, redis_cluster_url: str, tmp_path: Path) -> None:
+    """Legacy devices through a gateway on the cluster, 4 shards over its slots, 2 workers."""
+    data_dir = tmp_path / "data"
+    shards = ("--shards", "4")
+    _, port = processes.gateway(redis_cluster_url, data_dir, *shards, env=FAST)
+    for name in ("w1", "w2"):
+        processes.start("worker", "--redis-url", redis_cluster_url, "--data-dir", str(data_dir),
+                        *shards, "--consumer", name, env=FAST)
+
+    async def fleet() -> list[list[int]]:
+        url = f"ws://127.0.0.1:{port}"
+        return await asyncio.gather(*(legacy_device(url, f"dev-{n:03d}", 50) for n in range(100)))
+
+    acked = asyncio.run(fleet())
+    assert all(seqs == list(range(50)) for seqs in acked)
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 5000, 60), len(stored_rows(data_dir))
+    check_stored_once_in_order(data_dir, 5000)
+    # The shards' streams live on several masters: the queue really is spread.
+    client = redis.cluster.RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""))
+    try:
+        owners = {client.get_node_from_key(f"fleetlog:{{s{k}}}:records").name for k in range(4)}
+        assert len(owners) > 1
+    finally:
+        client.close()
+
+
+def test_v2_devices_with_tokens_on_a_cluster(
+        processes: Processes, redis_cluster_url: str, tmp_path: Path) -> None:
+    """Token auth (credentials, the token watcher) and v2 dedupe keys on the cluster."""
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_cluster_url, data_dir, "--shards", "4", auth="token",
+                                env=FAST)
+    processes.start("worker", "--redis-url", redis_cluster_url, "--data-dir", str(data_dir),
+                    "--shards", "4", env=FAST)
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetlog", "simulate", "--url", f"ws://127.0.0.1:{port}",
+         "--devices", "20", "--messages", "50", "--batch", "5", "--provision",
+         "--redis-url", redis_cluster_url, "--data-dir", str(data_dir), "--json", "--timeout", "60"],
+        capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert json.loads(result.stdout)["acked"] == 1000
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 1000, 60)
+    check_stored_once_in_order(data_dir, 1000)
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A cluster of this test's own, for a test that kills a master."""
+    cluster = LocalCluster(tmp_path / "cluster")
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+async def persistent_device(url: str, device: str, count: int, acked: list[int]) -> list[int]:
+    """Send ``count`` legacy records, each until acked (bounded); ``acked`` gets their seqs."""
+    ws = None
+    try:
+        for seq in range(count):
+            for _ in range(150):
+                try:
+                    if ws is None:
+                        ws = await websockets.connect(url, open_timeout=5)
+                    replies = await send_legacy(ws, legacy_frame(device, seq))
+                except (OSError, websockets.WebSocketException, TimeoutError):
+                    ws = None
+                    await asyncio.sleep(0.1)
+                    continue
+                if replies[1] == STORED:
+                    acked.append(seq)
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        if ws is not None:
+            await ws.close()
+    return acked
+
+
+PER_DEVICE = 100
+
+
+@pytest.mark.timeout(180)
+def test_a_master_killed_mid_run_loses_nothing_acked(
+        processes: Processes, private_cluster: LocalCluster, tmp_path: Path) -> None:
+    """With --ack-replicas 1 an ack means a replica has the record: a failover keeps it."""
+    url = private_cluster.url
+    data_dir = tmp_path / "data"
+    shards = ("--shards", "4")
+    _, port = processes.gateway(url, data_dir, *shards, "--ack-replicas", "1", env=FAST)
+    processes.start("worker", "--redis-url", url, "--data-dir", str(data_dir), *shards, env=FAST)
+    client = redis.cluster.RedisCluster.from_url(url.replace("+cluster", ""))
+    try:
+        victim_port = client.get_node_from_key("fleetlog:{s0}:records").port
+    finally:
+        client.close()
+    victim = next(node for node in private_cluster.nodes if node.port == victim_port)
+
+    progress: list[list[int]] = [[] for _ in range(40)]
+
+    async def run() -> list[list[int]]:
+        fleet = asyncio.gather(*(persistent_device(f"ws://127.0.0.1:{port}", f"dev-{n:02d}",
+                                                   PER_DEVICE, progress[n]) for n in range(40)))
+        for _ in range(600):  # mid-run: a quarter acked
+            if sum(map(len, progress)) >= 40 * PER_DEVICE // 4:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(victim.kill)
+        killed_at = sum(map(len, progress))
+        assert killed_at < 40 * PER_DEVICE // 2, "the run ended before the kill"
+        # Its replica takes over; with no replica left nothing of that shard can be
+        # acked (--ack-replicas 1), until the old master is back, as a replica.
+        await asyncio.sleep(5.0)
+        await asyncio.to_thread(victim.start)
+        return await fleet
+
+    acked = {(f"dev-{n:02d}", seq) for n, seqs in enumerate(asyncio.run(run())) for seq in seqs}
+    assert len(acked) == 40 * PER_DEVICE  # every record got through, after the failover too
+
+    def stored() -> set[tuple[str, int]]:
+        return {(device, seq) for _, device, seq, _ in stored_rows(data_dir)}
+
+    assert wait_until(lambda: acked <= stored(), 60), len(acked - stored())
+    by_device: dict[str, list[int]] = {}
+    for _, device, seq, _ in stored_rows(data_dir):
+        by_device.setdefault(device, []).append(seq)
+    for device, seqs in by_device.items():
+        assert seqs == sorted(seqs), device
+
+
+def test_presence_scans_every_master(redis_cluster_url: str) -> None:
+    """Heartbeats and refusal counts hash all over the cluster: the SCANs must see them all."""
+    from fleetlog import keys
+    from fleetlog.queue.connection import connect
+    from fleetlog.reading import _presence
+
+    client = connect(redis_cluster_url)
+    try:
+        nodes = [f"gw-{n}" for n in range(30)]
+        for node in nodes:
+            client.set(keys.node_heartbeat(node), b"{}", px=60_000)
+            client.hincrby(keys.refusals(f"dev-{node}"), "unauthorized", 1)
+        cluster: Any = client
+        owners = {cluster.get_node_from_key(keys.node_heartbeat(node)).name for node in nodes}
+        assert len(owners) == 3  # the keys really are on every master
+        presence = _presence(client)
+        assert presence.live == set(nodes)
+        assert set(presence.refused) == {f"dev-{node}" for node in nodes}
+    finally:
+        client.close()
