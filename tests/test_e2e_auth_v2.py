@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from fleetlog.credentials import Credentials
 from fleetlog.embedded import RedisServer
+from fleetlog.store.sqlite import SQLiteStore
 from tests.conftest import Processes
 from tests.helpers import RECEIVED, STORED, legacy_frame, run_fleetlog, send_legacy, wait_until
 
@@ -227,6 +228,7 @@ async def test_rate_limit_slows_then_refuses_and_is_counted(
         assert refused["code"] == "rate_limited"
         assert refused["retry_after_ms"] > 1000
     await asyncio.sleep(0.3)  # refusal counts are written by the gateway in the background
+    SQLiteStore(tmp_path / "fleetlog.db").close()  # what a worker creates; readers never do
     shown = await asyncio.to_thread(
         run_fleetlog, "devices", "--json", "--redis-url", redis_url, "--data-dir", str(tmp_path))
     [row] = [r for r in json.loads(shown.stdout) if r["device_id"] == "chatty"]

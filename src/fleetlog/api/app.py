@@ -48,7 +48,8 @@ def _registry(settings: Settings, services: Callable[[], Services]) -> tuple[Col
 
     def stats() -> QueueStats:
         return queue_stats(services().redis, queue=settings.queue, stream=settings.stream,
-                           group=settings.group, dead_letter_stream=settings.dead_letter_stream)
+                           group=settings.group, dead_letter_stream=settings.dead_letter_stream,
+                                 shards=settings.shards)
 
     registry.register(TallyCollector([
         ("gauge", "fleetlog_queue_backlog", "Entries kept in the queue.", lambda: stats().backlog),

@@ -64,7 +64,8 @@ def readiness(found: Services) -> Readiness:
         found.redis.ping()
         checks["redis"] = "ok"
         stats = queue_stats(found.redis, queue=settings.queue, stream=settings.stream,
-                            group=settings.group, dead_letter_stream=settings.dead_letter_stream)
+                            group=settings.group, dead_letter_stream=settings.dead_letter_stream,
+                                 shards=settings.shards)
         checks["consumer_lag"] = (
             "ok" if stats.lag <= settings.max_consumer_lag
             else f"{stats.lag} records not yet read by a worker (limit {settings.max_consumer_lag})")

@@ -298,7 +298,8 @@ def get_overview(_token: Reader, found: Found) -> OverviewOut:
     settings = found.settings
     try:
         stats: Any = queue_stats(found.redis, queue=settings.queue, stream=settings.stream,
-                                 group=settings.group, dead_letter_stream=settings.dead_letter_stream)
+                                 group=settings.group, dead_letter_stream=settings.dead_letter_stream,
+                                 shards=settings.shards)
     except REDIS_DOWN as exc:
         stats = None
         warning = warning or f"Redis unavailable ({exc})"
