@@ -20,6 +20,7 @@ from fleetlog.store.base import (
     VolumeBucket,
     open_store,
 )
+from fleetlog.store.search import search_text
 from fleetlog.store.sqlite import MIGRATIONS, SQLiteStore
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
@@ -544,3 +545,19 @@ def test_fleet_newest_first_is_exact_when_received_at_disagrees_with_seq(
                 grep, level, page)
             before = (got[0].received_at, got[0].seq)
     assert store.query(LogQuery(None, grep="door", limit=3))[-1].qid == "early-4"
+
+
+def test_fleet_search_scans_the_records_not_indexed_yet_once(store: SQLiteStore) -> None:
+    _fill_matching(store, 0, 20_000)
+    store.write_batch([rec(f"tail-{n}", "D1", T0 + 30_000 + n, {"msg": f"connection {n}"})
+                       for n in range(3_000)])  # not indexed yet
+    scanned = [0]
+
+    def counting(data: str | bytes | None) -> str:
+        scanned[0] += 1
+        return search_text(data) if data is not None else ""
+
+    store._db.create_function("fleetlog_search_text", 1, counting, deterministic=True)
+    rare = [row.qid for row in store.query(LogQuery(None, grep="connection 1234", limit=100))]
+    assert rare == ["1234-0", *(f"{n}-0" for n in range(12340, 12350)), "tail-1234"]
+    assert scanned[0] == 3_000  # each record the index lacks once, however wide the window grew

@@ -496,13 +496,19 @@ class SQLiteStore:
 
     # -- reads ----------------------------------------------------------------
 
-    def _where(self, query: LogQuery, low_seq: int | None = None) -> tuple[list[str], list[Any]]:
-        """The WHERE terms of ``query``; with ``low_seq``, of its records at or above that seq."""
+    def _where(self, query: LogQuery, seqs: tuple[int, int] | None = None,
+               indexed: bool | None = None) -> tuple[list[str], list[Any]]:
+        """The WHERE terms of ``query``.
+
+        ``seqs``: only records of seq in ``[low, high]``.  ``indexed``: for a
+        ``grep``, look only in the search index (True) or only scan the records
+        it does not cover yet (False); both (None) by default.
+        """
         where: list[str] = []
         params: list[Any] = []
-        if low_seq is not None:
-            where.append("seq >= ?")
-            params.append(low_seq)
+        if seqs is not None:
+            where.append("seq BETWEEN ? AND ?")
+            params.extend(seqs)
         if query.device_id is not None:
             where.append("device_id = ?")
             params.append(query.device_id)
@@ -536,24 +542,28 @@ class SQLiteStore:
             else:
                 # Indexed records: the trigram index narrows (three characters or
                 # more), instr on the same text decides.  The rest: a scan.
-                indexed = "SELECT seq FROM search WHERE instr(text, ?) > 0"
-                indexed_params: list[Any] = [needle]
-                if low_seq is not None:
-                    indexed += " AND seq >= ?"
-                    indexed_params.append(low_seq)
+                search = "SELECT seq FROM search WHERE instr(text, ?) > 0"
+                search_params: list[Any] = [needle]
+                if seqs is not None:
+                    search += " AND seq BETWEEN ? AND ?"
+                    search_params.extend(seqs)
                 if len(needle) >= _TRIGRAM:
                     fts = "SELECT rowid FROM search_fts WHERE search_fts MATCH ?"
-                    indexed_params.append(_fts_phrase(needle))
-                    if low_seq is not None:  # FTS5 seeks its doclists to the first such rowid
-                        fts += " AND rowid >= ?"
-                        indexed_params.append(low_seq)
-                    indexed += f" AND seq IN ({fts})"
-                where.append(
-                    f"(seq IN ({indexed}) OR"
-                    f" (seq > (SELECT value FROM meta WHERE key = 'fts_through') AND {scan}))"
-                )
-                params.extend(indexed_params)
-                params.append(needle)
+                    search_params.append(_fts_phrase(needle))
+                    if seqs is not None:  # FTS5 seeks its doclists to the first such rowid
+                        fts += " AND rowid BETWEEN ? AND ?"
+                        search_params.extend(seqs)
+                    search += f" AND seq IN ({fts})"
+                unindexed = f"seq > (SELECT value FROM meta WHERE key = 'fts_through') AND {scan}"
+                if indexed is None:
+                    where.append(f"(seq IN ({search}) OR ({unindexed}))")
+                    params.extend((*search_params, needle))
+                elif indexed:
+                    where.append(f"seq IN ({search})")
+                    params.extend(search_params)
+                else:
+                    where.append(unindexed)
+                    params.append(needle)
         return where, params
 
     def query(self, query: LogQuery) -> list[StoredRecord]:
@@ -568,9 +578,10 @@ class SQLiteStore:
             rows.reverse()
         return rows
 
-    def _select(self, query: LogQuery, low_seq: int | None = None) -> list[StoredRecord]:
-        """The query's records (of seq >= ``low_seq``), newest first (or seq order: follow)."""
-        where, params = self._where(query, low_seq)
+    def _select(self, query: LogQuery, seqs: tuple[int, int] | None = None,
+                indexed: bool | None = None) -> list[StoredRecord]:
+        """The query's records (see :meth:`_where`), newest first (or seq order: follow)."""
+        where, params = self._where(query, seqs, indexed)
         order = ("seq" if query.after_seq is not None
                  else "received_at DESC, seq DESC")
         sql = (
@@ -591,29 +602,39 @@ class SQLiteStore:
         matches, the ``limit``-th of which is at least as new as anything below
         ``low`` can be: ``received_max`` bounds the received_at of every seq under
         ``low`` (a block boundary), and at an equal received_at a lower seq sorts
-        older.  So the answer is the one the full sort gives, also
-        for records that arrived out of seq order (a worker committing a later
-        batch first, a redelivery); only the work differs.  Runs in one snapshot.
+        older.  So the answer is the one the full sort gives, also for records
+        that arrived out of seq order (a worker committing a later batch first, a
+        redelivery); only the work differs.  The records the index does not cover
+        yet (``received_max`` neither) are scanned once, whatever the window.
+        Runs in one snapshot.
         """
+        if query.limit <= 0:
+            return []
         through, first, top = self._db.execute(
             "SELECT (SELECT value FROM meta WHERE key = 'fts_through'),"
             " (SELECT coalesce(min(seq), 0) FROM records),"
             " (SELECT coalesce(max(seq), 0) FROM records)").fetchone()
+        through = min(through, top)
+        unindexed = self._select(query, (through + 1, top), indexed=False) if top > through else []
+
+        def newest(rows: list[StoredRecord]) -> list[StoredRecord]:
+            rows.sort(key=lambda row: (row.received_at, row.seq), reverse=True)
+            return rows[:query.limit]
+
         width = max(_FIRST_WINDOW, 16 * query.limit)
         for _ in range(64):  # 4x wider each time: the whole store long before 64
-            # received_max covers indexed seqs only: the window takes in the rest.
-            low = min(top - width, through + 1) >> _BLOCK_BITS << _BLOCK_BITS
+            low = (through + 1 - width) >> _BLOCK_BITS << _BLOCK_BITS
             if low <= first:
                 break  # the window is the whole store
-            rows = self._select(query, low)
-            if len(rows) >= query.limit:
+            rows = newest(unindexed + self._select(query, (low, through), indexed=True))
+            if len(rows) == query.limit:
                 (older,) = self._db.execute(
                     "SELECT max(received_at) FROM received_max WHERE block < ?",
                     (low >> _BLOCK_BITS,)).fetchone()
-                if older is None or rows[query.limit - 1].received_at >= older:
+                if older is None or rows[-1].received_at >= older:
                     return rows
             width *= 4
-        return self._select(query)
+        return newest(unindexed + self._select(query, (0, through), indexed=True))
 
     @contextmanager
     def _snapshot(self) -> Iterator[None]:
