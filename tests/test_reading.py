@@ -62,6 +62,20 @@ def test_a_request_is_normalised() -> None:
     assert volume_request("D1", now_ms=NOW, since="2h", step="hour").step == 3_600_000
 
 
+def test_the_default_volume_window_is_whole_minutes_and_takes_in_now(tmp_path: Path) -> None:
+    # Whole minutes let the fleet's volume come from its per-minute counts.
+    now = NOW + 30_500
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    store.write_batch([rec("1-0", "D1", now - 3_600_000 + 60_000, level="warn"),
+                       rec("1-1", "D2", now, level="warn"), rec("1-2", "D2", now + 60_000)])
+    store.close()
+    request = volume_request(None, now_ms=now, since="1h")
+    assert (request.since % 60_000, request.until % 60_000) == (0, 0)
+    assert request.since <= now - 3_600_000 and now < request.until <= now + 60_000
+    with Reader.open(f"sqlite:///{tmp_path / 'fleetlog.db'}") as reader:
+        assert [(b.level, b.records) for b in reader.volume(request)] == [("warn", 1), ("warn", 1)]
+
+
 def test_pages_are_newest_first_and_chain_by_cursor(store_url: str) -> None:
     with Reader.open(store_url) as reader:
         seen: list[str] = []

@@ -159,7 +159,9 @@ def volume_request(device_id: str | None, *, now_ms: int, since: str | None = No
     start = _time("since", since, now_ms)
     end = _time("until", until, now_ms)
     start = start if start is not None else now_ms - 3_600_000
-    end = end if end is not None else now_ms + 1
+    # Until now means until the end of this minute (nothing is received later
+    # yet): whole minutes let a store count the fleet from per-minute totals.
+    end = end if end is not None else now_ms - now_ms % 60_000 + 60_000
     if end <= start:
         raise InvalidRequest("until must be after since")
     if (end - start) // step_ms > MAX_BUCKETS:

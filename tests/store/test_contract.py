@@ -115,6 +115,31 @@ def test_volume_counts_records_per_bucket_and_level(timeline: Store) -> None:
         VolumeBucket(T0, "debug", 1), VolumeBucket(T0, "info", 1)]  # events 8 and 9
 
 
+def test_volume_by_whole_minutes_stays_exact_through_redelivery_and_retention(
+        store_factory: Backend) -> None:
+    store = store_factory.open()
+    minute = 60_000
+    batch = [rec(f"1-{n}", f"D{n % 3}", T0 + n * 20_000, **({"level": "warn"} if n % 2 else {}))
+             for n in range(12)]  # 4 minutes of 3 records, every other one a warning
+    store.write_batch(batch)
+    store.write_batch([*batch[8:], rec("2-0", "D1", T0 + 4 * minute + 1, level="error")])
+
+    def counts(since: int, until: int, step: int) -> dict[tuple[int, str | None], int]:
+        return {(b.start, b.level): b.records for b in store.volume(None, since, until, step)}
+
+    assert counts(T0, T0 + 10 * minute, 2 * minute) == {
+        (T0, None): 3, (T0, "warn"): 3, (T0 + 2 * minute, None): 3, (T0 + 2 * minute, "warn"): 3,
+        (T0 + 4 * minute, "error"): 1}
+    assert counts(T0 + minute, T0 + 2 * minute, minute) == {
+        (T0 + minute, None): 1, (T0 + minute, "warn"): 2}
+    assert store.prune(before=T0 + minute + 30_000, max_bytes=None, limit=100) == 5
+    assert counts(T0 - 60 * minute, T0 + 60 * minute, 60 * minute) == {
+        (T0, None): 3, (T0, "warn"): 4, (T0, "error"): 1}  # T0 is 10:00
+    assert counts(T0, T0 + 10 * minute, minute) == {
+        (T0 + minute, "warn"): 1, (T0 + 2 * minute, None): 2, (T0 + 2 * minute, "warn"): 1,
+        (T0 + 3 * minute, None): 1, (T0 + 3 * minute, "warn"): 2, (T0 + 4 * minute, "error"): 1}
+
+
 # -- search ----------------------------------------------------------------------
 
 SEARCHABLE = {

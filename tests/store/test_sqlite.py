@@ -13,7 +13,14 @@ import pytest
 
 from fleetlog.protocol import encode_json
 from fleetlog.records import DeviceStats, QueuedRecord
-from fleetlog.store.base import LogQuery, RecordRejected, StoreUnavailable, open_store
+from fleetlog.store.base import (
+    LogQuery,
+    RecordRejected,
+    StoreUnavailable,
+    VolumeBucket,
+    open_store,
+)
+from fleetlog.store.search import search_text
 from fleetlog.store.sqlite import MIGRATIONS, SQLiteStore
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
@@ -414,3 +421,143 @@ def test_an_upgraded_store_finds_its_devices_last_errors(tmp_path: Path) -> None
     writer = SQLiteStore(path)
     assert writer.devices() == [DeviceStats("D1", 2, 7, 9, 7)]
     writer.close()
+
+
+# -- fleet volume, counted at ingest ------------------------------------------------
+
+MINUTE = 60_000
+
+
+def _volume_table(store: SQLiteStore) -> dict[tuple[int, str | None], int]:
+    return {(minute, level if isinstance(level, str) else None): n
+            for minute, level, n in store._db.execute("SELECT minute, level, n FROM volume")}
+
+
+def _volume_truth(store: SQLiteStore) -> dict[tuple[int, str | None], int]:
+    rows = store._db.execute(
+        "SELECT received_at / 60000, level, count(*) FROM records GROUP BY 1, 2").fetchall()
+    return {(minute, level): n for minute, level, n in rows}
+
+
+def test_fleet_volume_is_counted_at_ingest_once_per_record(store: SQLiteStore) -> None:
+    levels = [None, "info", "error", ""]  # no level at all is not the empty level
+    batch = [rec(f"1-{n}", f"D{n % 3}", T0 + n * 7_000, {"level": levels[n % 4]}
+                 if levels[n % 4] is not None else {"msg": "x"}) for n in range(40)]
+    assert store.write_batch(batch) == 40
+    assert store.write_batch([*batch[30:], rec("2-0", "D9", T0 + 5 * MINUTE)]) == 1  # redelivered
+    assert _volume_table(store) == _volume_truth(store)
+    assert sum(_volume_table(store).values()) == 41
+    assert store.prune(before=T0 + 2 * MINUTE, max_bytes=None, limit=100) == 18
+    assert _volume_table(store) == _volume_truth(store)
+    assert store.prune(before=None, max_bytes=1, limit=5) == 5
+    assert _volume_table(store) == _volume_truth(store)
+    assert min(_volume_table(store).values()) > 0  # emptied minutes are gone
+    hourly = store.volume(None, T0, T0 + 3_600_000, 3_600_000)
+    assert sum(b.records for b in hourly) == 41 - 23
+    assert {b.level for b in hourly} == {None, "info", "error", ""}
+
+
+def test_an_upgraded_store_counts_its_existing_records_volume(tmp_path: Path) -> None:
+    path = tmp_path / "fleetlog.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:7], start=1):
+        db.executescript(script)
+        db.execute(f"PRAGMA user_version = {number}")
+    db.execute("INSERT INTO records (qid, device_id, received_at, level, data) VALUES"
+               " ('1-0', 'D1', ?, 'error', '{}'), ('1-1', 'D2', ?, NULL, '{}'),"
+               " ('1-2', 'D2', ?, 'error', '{}')", (T0, T0 + 1, T0 + MINUTE))
+    db.close()
+    writer = SQLiteStore(path)
+    try:
+        assert _volume_table(writer) == {(T0 // MINUTE, "error"): 1, (T0 // MINUTE, None): 1,
+                                         (T0 // MINUTE + 1, "error"): 1}
+        writer.write_batch([rec("2-0", "D1", T0 + 2, {"level": "error"})])
+        assert writer.volume(None, T0, T0 + 2 * MINUTE, MINUTE) == [
+            VolumeBucket(T0, None, 1), VolumeBucket(T0, "error", 2),
+            VolumeBucket(T0 + MINUTE, "error", 1)]
+    finally:
+        writer.close()
+
+
+# -- fleet-wide newest first, searched ------------------------------------------------
+
+
+def _vm_work(store: SQLiteStore, query: LogQuery) -> tuple[list[str], int]:
+    """The query's answer and how much work SQLite did for it (VM steps / 1000)."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    store._db.set_progress_handler(count, 1000)
+    try:
+        found = [row.qid for row in store.query(query)]
+    finally:
+        store._db.set_progress_handler(None, 1000)
+    return found, steps[0]
+
+
+def _fill_matching(store: SQLiteStore, first: int, count: int) -> None:
+    for start in range(first, first + count, 2000):
+        store.write_batch([rec(f"{n}-0", f"D{n % 50}", T0 + n, {"msg": f"connection {n}"})
+                           for n in range(start, min(start + 2000, first + count))])
+    while store.upkeep(20_000) > 0:
+        pass
+
+
+def test_fleet_newest_first_search_stops_after_the_newest_matches(store: SQLiteStore) -> None:
+    # Its work must not grow with how many older records match (a common word).
+    query = LogQuery(None, grep="connection", limit=100)
+    _fill_matching(store, 0, 10_000)
+    small, small_work = _vm_work(store, query)
+    _fill_matching(store, 10_000, 30_000)
+    large, large_work = _vm_work(store, query)
+    assert small == [f"{n}-0" for n in range(9_900, 10_000)]
+    assert large == [f"{n}-0" for n in range(39_900, 40_000)]
+    assert large_work < 1.5 * small_work, (small_work, large_work)
+
+
+def test_fleet_newest_first_is_exact_when_received_at_disagrees_with_seq(
+        store: SQLiteStore) -> None:
+    # Commit (seq) order is not arrival order: a worker that took a later batch may
+    # commit it first, a redelivered record arrives long after its peers.  The
+    # newest by (received_at, seq) must come back whatever the seq.
+    late = T0 + 10_000_000
+    store.write_batch([rec(f"early-{n}", "A", late + n, {"msg": "door open"}) for n in range(5)])
+    _fill_matching(store, 0, 12_000)  # "connection": not "door"
+    store.write_batch([rec(f"door-{n}", "B", T0 + n, {"msg": "door open", "level": "warn"})
+                       for n in range(12_000, 20_000)])
+    store.upkeep(5_000)  # some indexed, the newest not yet
+    store.write_batch([rec("redelivered", "C", T0 - 1, {"msg": "door open", "level": "warn"})])
+    everything = store._db.execute(
+        "SELECT qid, received_at, seq, level FROM records WHERE data LIKE '%door%'").fetchall()
+    newest = sorted(everything, key=lambda row: (row[1], row[2]), reverse=True)
+    for grep, level in (("door", None), ("DOOR OPEN", "warn"), (None, None)):
+        wanted = [row for row in newest if level is None or row[3] == level]
+        if grep is None:
+            wanted = sorted(store._db.execute("SELECT qid, received_at, seq, level FROM records"),
+                            key=lambda row: (row[1], row[2]), reverse=True)
+        before = None
+        for page in range(4):
+            got = store.query(LogQuery(None, grep=grep, level=level, limit=300, before=before))
+            assert [r.qid for r in got][::-1] == [row[0] for row in wanted[page * 300:][:300]], (
+                grep, level, page)
+            before = (got[0].received_at, got[0].seq)
+    assert store.query(LogQuery(None, grep="door", limit=3))[-1].qid == "early-4"
+
+
+def test_fleet_search_scans_the_records_not_indexed_yet_once(store: SQLiteStore) -> None:
+    _fill_matching(store, 0, 20_000)
+    store.write_batch([rec(f"tail-{n}", "D1", T0 + 30_000 + n, {"msg": f"connection {n}"})
+                       for n in range(3_000)])  # not indexed yet
+    scanned = [0]
+
+    def counting(data: str | bytes | None) -> str:
+        scanned[0] += 1
+        return search_text(data) if data is not None else ""
+
+    store._db.create_function("fleetlog_search_text", 1, counting, deterministic=True)
+    rare = [row.qid for row in store.query(LogQuery(None, grep="connection 1234", limit=100))]
+    assert rare == ["1234-0", *(f"{n}-0" for n in range(12340, 12350)), "tail-1234"]
+    assert scanned[0] == 3_000  # each record the index lacks once, however wide the window grew
