@@ -10,7 +10,8 @@ still work)::
      ├── MessageError          WebSocket frames break the protocol (close with ``code``)
      ├── Refused               a handshake's credentials are missing or wrong (HTTP 401)
      ├── QueueUnavailable      Redis could not be reached or did not answer
-     │    └── QueueClosed      the producer is shutting down: it takes nothing more
+     │    ├── QueueClosed      the producer is shutting down: it takes nothing more
+     │    └── NotReplicated    queued, but not on ``--ack-replicas`` replicas in time: not acked
      ├── QueueFull             the backlog is over its limit
      ├── StoreUnavailable      the store cannot be used right now; retrying may succeed
      ├── StoreMissing          a reader found no store (nothing is created for it)
