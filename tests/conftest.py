@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from fleetlog.embedded import RedisServer, free_port
+from tests.pg import pg_url, postgres_server, private_postgres  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")
