@@ -195,8 +195,10 @@ def _stamp(qid: str) -> int | None:
 class PostgresStore:
     """:class:`~fleetlog.store.base.Store` on a PostgreSQL database (``postgresql://...``)."""
 
-    def __init__(self, url: str, *, readonly: bool = False, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, readonly: bool = False, pool_size: int = 4,
+                 timeout: float = _POOL_TIMEOUT_S) -> None:
         self.url = url
+        self.timeout = timeout
         self.readonly = readonly
         self.pool_size = pool_size
         self._store_id: str | None = None
@@ -208,16 +210,20 @@ class PostgresStore:
     # -- connections ----------------------------------------------------------
 
     def _open(self) -> None:
-        options = "-c default_transaction_read_only=on" if self.readonly else ""
+        # The worker acknowledges the queue right after the commit: a commit must be
+        # durable whatever the server's default (synchronous_commit=off loses the last
+        # commits in a crash), so every connection asks for it.
+        options = "-c synchronous_commit=on"
+        if self.readonly:
+            options += " -c default_transaction_read_only=on"
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self.url, min_size=1, max_size=self.pool_size, open=False,
-            kwargs={"options": options, "application_name": "fleetlog"} if options
-            else {"application_name": "fleetlog"},
-            check=ConnectionPool.check_connection, timeout=_POOL_TIMEOUT_S,
-            reconnect_timeout=0, name="fleetlog-store",
+            kwargs={"options": options, "application_name": "fleetlog"},
+            check=ConnectionPool.check_connection, timeout=self.timeout,
+            name="fleetlog-store",
         )
         try:
-            self._pool.open(wait=True, timeout=_POOL_TIMEOUT_S)
+            self._pool.open(wait=True, timeout=self.timeout)
         except PoolTimeout as exc:
             self._pool.close()
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
