@@ -243,11 +243,14 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
         out.flush()
 
     try:
+        # Follow from the store's horizon (max_seq: nothing below it can still
+        # appear), not from the newest record shown: with several writers, one
+        # with a lower seq may still commit.  What the first page showed above
+        # the horizon comes again after it, and is not printed twice.
         last = store.max_seq()
         records = store.query(query)
         emit(records)
-        if records:
-            last = max(last, records[-1].seq)
+        shown = {record.qid for record in records if record.seq > last}
         while follow:
             time.sleep(0.25)
             fresh = store.query(
@@ -255,7 +258,8 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
                          limit=10_000, after_seq=last)
             )
             if fresh:
-                emit(fresh)
+                emit([record for record in fresh if record.qid not in shown])
+                shown.difference_update(record.qid for record in fresh)
                 last = fresh[-1].seq
     except KeyboardInterrupt:
         pass

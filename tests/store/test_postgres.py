@@ -217,9 +217,9 @@ def test_a_late_commit_is_never_skipped_by_a_cursor(store: PostgresStore, pg_url
         thread.start()
         deadline = time.monotonic() + 10
         with psycopg.connect(pg_url, autocommit=True) as probe:
-            while not probe.execute(  # A waits on the blocker: its rows are in, uncommitted
+            while probe.execute(  # A waits on the blocker: its rows are in, uncommitted
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
-            ).fetchone() == (1,):
+            ).fetchone() != (1,):
                 assert time.monotonic() < deadline, "worker A never blocked"
                 time.sleep(0.02)
         assert worker_b.write_batch([rec(sid(T0, 2))]) == 1

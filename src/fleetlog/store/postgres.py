@@ -70,7 +70,7 @@ MAX_BATCH: Final = (1 << SEQ_SHIFT) - 1
 #: Delta rows of device stats written since the last fold before upkeep is due.
 _FOLD_AFTER: Final = 256
 #: How long a pooled connection may be waited for before the store counts as unavailable.
-_POOL_TIMEOUT_S: Final = 10.0
+_POOL_TIMEOUT_S: Final = 3.0
 #: How long pruning waits for the lock on the records table before giving up for now.
 _UPKEEP_LOCK_TIMEOUT: Final = "2s"
 #: Serialises partition DDL and migrations between workers (an arbitrary advisory lock key).
