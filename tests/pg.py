@@ -54,8 +54,9 @@ def external_url() -> str:
 class PostgresServer:
     """One private PostgreSQL cluster; :meth:`start`, :meth:`stop`, :meth:`kill`, :meth:`remove`."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
         self.bindir = bindir
+        self.durable = durable  # fsync as in production (benchmarks); tests need not
         self.directory = Path(tempfile.mkdtemp(prefix="fleetlog-pg-"))
         self.data = self.directory / "data"
         self.port = free_port()
@@ -87,8 +88,9 @@ class PostgresServer:
     def start(self) -> None:
         options = " ".join((
             "-c listen_addresses=127.0.0.1", f"-c port={self.port}",
-            f"-c unix_socket_directories={self.directory}", "-c fsync=off",
-            "-c synchronous_commit=off", "-c full_page_writes=off", "-c max_connections=200",
+            f"-c unix_socket_directories={self.directory}", "-c max_connections=200",
+            *(("-c shared_buffers=1GB", "-c max_wal_size=4GB") if self.durable else
+              ("-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off")),
         ))
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"),
                   "-o", options, "-w", "-t", "30", "start")
