@@ -30,13 +30,13 @@ from typing import Any
 import orjson
 import psycopg
 import redis
+from tests.pg import PostgresServer, find_bindir
 
 from bench.systems import WORKER_READY, preload
 from fleetlog.embedded import RedisServer
 from fleetlog.records import QueuedRecord
 from fleetlog.store.base import LogQuery
 from fleetlog.store.postgres import PostgresStore
-from tests.pg import PostgresServer, find_bindir
 
 
 def _count_sqlite(path: Path) -> int:
