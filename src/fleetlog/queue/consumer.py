@@ -147,6 +147,7 @@ class StreamConsumer:
                     received_at=int(entry_id.partition("-")[0]),
                     data=fields.get(b"r", b""),
                     deliveries=deliveries.get(entry_id, 1),
+                    stream=self.stream,
                 )
             )
         return records

@@ -1,0 +1,578 @@
+"""The store for fleets that outgrow one file: PostgreSQL, records partitioned by day.
+
+Several workers on several machines write to one database; readers (``fleetlog
+logs``, the API) may read from replicas.  The design, and why:
+
+* **Partitions by day of ``received_at``** (declarative range partitioning), so
+  retention drops whole tables (:meth:`PostgresStore.prune`) instead of
+  deleting rows, and a time-range read touches only its days.  Days ahead are
+  created in advance (:data:`DAYS_AHEAD`), so an insert never waits on DDL; a
+  record of a day with no partition yet (a redelivery from long ago) gets its
+  partition created before its batch is written.
+* **Idempotent writes**: ``received_at`` derives from the Redis stream id, so
+  a redelivered record falls into the same partition, and the primary key
+  (``qid``, ``stream``, ``received_at``) turns it into a no-op (``INSERT ...
+  ON CONFLICT DO NOTHING`` from a ``COPY``-loaded staging table).  The stream
+  key is part of the identity: the same id from two stream shards is two records.
+* **A cursor that never skips a late commit.**  With several writers, a
+  sequence number taken at insert time is not the order in which rows become
+  visible: a transaction holding seq 10 may commit after one holding seq 11,
+  and a reader that already moved past 11 would never see 10.  Here ``seq`` is
+  ``transaction id * 2**20 + position in the batch`` (:data:`SEQ_SHIFT`), and a
+  cursor read (:meth:`PostgresStore.after`, ``LogQuery.after_seq``,
+  :meth:`PostgresStore.max_seq`) only returns rows below the reader's
+  snapshot ``xmin``: every transaction with a lower id has committed or
+  aborted, and every transaction to come gets a higher one, so nothing can
+  appear below the horizon later.  A reader waits (at most) for the oldest
+  open write transaction, and never skips or repeats a record.
+* **Search** runs on the record's text as the device sent it (JSON escapes
+  undone, :func:`~fleetlog.store.fields.search_text`), case-insensitively,
+  with a ``pg_trgm`` GIN index: substring search that works for Chinese and
+  for words inside JSON, the choice the SQLite store makes with its trigram index.
+* **Per-device stats** are kept as insert-only deltas (``device_counts``), so
+  two workers writing records of the same devices never wait on each other's
+  row locks; upkeep (:meth:`PostgresStore.index_step`) folds them together.
+
+Connections come from a pool (psycopg 3); TLS, passwords and the rest come
+from the URL or libpq's ``PG*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
+from fleetlog.store.base import LogQuery, RecordRejected, StoreUnavailable
+from fleetlog.store.fields import LEVELS, extract, normalise_level, search_text
+
+__all__ = ["DAYS_AHEAD", "MIGRATIONS", "SEQ_SHIFT", "PostgresStore"]
+
+log = logging.getLogger("fleetlog.store")
+
+DAY_MS: Final = 86_400_000
+#: Partitions are created this many days ahead of today.
+DAYS_AHEAD: Final = 7
+#: ``seq`` = transaction id << SEQ_SHIFT | position in the batch: at most 2**20 - 1
+#: records per transaction; 2**43 transactions (a thousand a second for 270 years) fit.
+SEQ_SHIFT: Final = 20
+MAX_BATCH: Final = (1 << SEQ_SHIFT) - 1
+#: Delta rows of device stats written since the last fold before upkeep is due.
+_FOLD_AFTER: Final = 256
+#: How long a pooled connection may be waited for before the store counts as unavailable.
+_POOL_TIMEOUT_S: Final = 3.0
+#: How long pruning waits for the lock on the records table before giving up for now.
+_UPKEEP_LOCK_TIMEOUT: Final = "2s"
+#: Serialises partition DDL and migrations between workers (an arbitrary advisory lock key).
+_DDL_LOCK: Final = 0x666C656574
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: records partitioned by day, device stats as deltas, the store's identity.
+    """
+    CREATE EXTENSION IF NOT EXISTS pg_trgm;
+    CREATE TABLE records (
+        seq         bigint NOT NULL,
+        stream      text   NOT NULL,
+        qid         text   NOT NULL,
+        device_id   text   NOT NULL,
+        received_at bigint NOT NULL,
+        ts          bigint,
+        level       text,
+        message     text,
+        data        text   NOT NULL,
+        body        text   NOT NULL,
+        PRIMARY KEY (qid, stream, received_at)
+    ) PARTITION BY RANGE (received_at);
+    CREATE INDEX records_device ON records (device_id, received_at, seq);
+    CREATE INDEX records_seq ON records (seq);
+    CREATE INDEX records_body ON records USING gin (body gin_trgm_ops);
+    CREATE TABLE device_counts (
+        device_id  text   NOT NULL,
+        records    bigint NOT NULL,
+        first_seen bigint NOT NULL,
+        last_seen  bigint NOT NULL
+    );
+    CREATE INDEX device_counts_device ON device_counts (device_id);
+    CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+    INSERT INTO meta (key, value)
+        VALUES ('store_id', lpad(to_hex((random() * 9.2e18)::bigint), 16, '0'));
+    """,
+)
+
+_COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
+_STAGED: Final = "n, stream, qid, device_id, received_at, ts, level, message, data, body"
+#: Everything below it is final: no transaction with a lower id can still commit.
+_HORIZON: Final = f"(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {SEQ_SHIFT})"
+_STAGING: Final = """
+    CREATE TEMP TABLE IF NOT EXISTS staging (
+        n integer, stream text, qid text, device_id text, received_at bigint, ts bigint,
+        level text, message text, data text, body text
+    ) ON COMMIT DELETE ROWS
+"""
+_INSERT: Final = f"""
+    WITH new AS (
+        INSERT INTO records (seq, {_STAGED.removeprefix('n, ')})
+        SELECT (pg_current_xact_id()::text::bigint << {SEQ_SHIFT}) + n,
+               {_STAGED.removeprefix('n, ')}
+        FROM staging ORDER BY n
+        ON CONFLICT DO NOTHING
+        RETURNING device_id, received_at
+    ), counted AS (
+        INSERT INTO device_counts (device_id, records, first_seen, last_seen)
+        SELECT device_id, count(*), min(received_at), max(received_at) FROM new GROUP BY device_id
+        RETURNING records
+    )
+    SELECT coalesce(sum(records), 0)::bigint FROM counted
+"""
+_FOLD: Final = """
+    WITH gone AS (DELETE FROM device_counts RETURNING *)
+    INSERT INTO device_counts (device_id, records, first_seen, last_seen)
+    SELECT device_id, sum(records), min(first_seen), max(last_seen) FROM gone GROUP BY device_id
+"""
+_PARTITION: Final = re.compile(r"records_(\d{8})")
+
+
+def day_of(ms: int) -> int:
+    """The number of the UTC day ``ms`` falls in (days since the epoch)."""
+    return ms // DAY_MS
+
+
+def partition_name(day: int) -> str:
+    return "records_" + datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y%m%d")
+
+
+def _partition_day(name: str) -> int | None:
+    match = _PARTITION.fullmatch(name)
+    if match is None:
+        return None
+    moment = datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=UTC)
+    return int(moment.timestamp()) // 86_400
+
+
+def _like(text: str) -> str:
+    """An ILIKE pattern finding ``text`` anywhere, its wildcards taken literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _row(values: tuple[Any, ...]) -> StoredRecord:
+    return StoredRecord(*values)
+
+
+def _prepare(record: QueuedRecord, n: int) -> tuple[Any, ...]:
+    """The staging row of one record; :class:`RecordRejected` when its data cannot be stored."""
+    try:
+        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
+        text = record.data.decode()
+    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
+    if "\x00" in text:
+        raise RecordRejected(f"record {record.qid}: a NUL character (PostgreSQL text cannot hold it)")
+    ts, level, message = fields if fields is not None else (None, None, None)
+    if message is not None and "\x00" in message:
+        message = message.replace("\x00", "\ufffd")
+    return (n, record.stream, record.qid, record.device_id, record.received_at, ts, level,
+            message, text, search_text(text))
+
+
+def _stamp(qid: str) -> int | None:
+    """The milliseconds of a stream id (``ms-n``), which is the record's ``received_at``."""
+    head, dash, tail = qid.partition("-")
+    if dash and head.isdigit() and tail.isdigit():
+        return int(head)
+    return None
+
+
+class PostgresStore:
+    """:class:`~fleetlog.store.base.Store` on a PostgreSQL database (``postgresql://...``)."""
+
+    def __init__(self, url: str, *, readonly: bool = False, pool_size: int = 4,
+                 timeout: float = _POOL_TIMEOUT_S) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.readonly = readonly
+        self.pool_size = pool_size
+        self._store_id: str | None = None
+        self._days: set[int] = set()  # partitions known to exist
+        self._ahead_until = 0  # today's day number + DAYS_AHEAD when last made sure of
+        self._unfolded = 0
+        self._open()
+
+    # -- connections ----------------------------------------------------------
+
+    def _open(self) -> None:
+        # The worker acknowledges the queue right after the commit: a commit must be
+        # durable whatever the server's default (synchronous_commit=off loses the last
+        # commits in a crash), so every connection asks for it.
+        options = "-c synchronous_commit=on"
+        if self.readonly:
+            options += " -c default_transaction_read_only=on"
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self.url, min_size=1, max_size=self.pool_size, open=False,
+            kwargs={"options": options, "application_name": "fleetlog"},
+            check=ConnectionPool.check_connection, timeout=self.timeout,
+            name="fleetlog-store",
+        )
+        try:
+            self._pool.open(wait=True, timeout=self.timeout)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        if not self.readonly:
+            self._migrate()
+            self._ensure_ahead()
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection, in a transaction committed on success.
+
+        The server's faults (down, restarting, disk full, a lock not granted in
+        time, the pool exhausted) become :class:`StoreUnavailable`; a broken
+        connection is discarded by the pool, and the next call gets a fresh one.
+        """
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
+
+    # -- identity ---------------------------------------------------------------
+
+    @property
+    def store_id(self) -> str:
+        if self._store_id is None:
+            with self._connection() as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            if row is None:
+                raise StoreUnavailable("PostgreSQL: no store id (schema not migrated)")
+            self._store_id = str(row[0])
+        return self._store_id
+
+    def replaced(self) -> bool:
+        """Always False: a database is not a file that can be moved away under a worker.
+
+        (A restored backup keeps its store id; the daily files tell it apart by
+        the seqs it holds, as for SQLite.)
+        """
+        return False
+
+    def reopen(self) -> None:
+        self._pool.close()
+        self._days.clear()
+        self._ahead_until = 0
+        self._store_id = None
+        self._open()
+
+    # -- schema -------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        with self._connection() as conn:
+            return self._version(conn)
+
+    @staticmethod
+    def _version(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM schema_version"
+        ).fetchone() if conn.execute(
+            "SELECT to_regclass('schema_version') IS NOT NULL"
+        ).fetchone() == (True,) else (0,)
+        return int(row[0]) if row is not None else 0
+
+    def _migrate(self) -> None:
+        """Bring the schema up to :data:`MIGRATIONS` (up only), one worker at a time."""
+        with self._connection() as conn:
+            if self._version(conn) == len(MIGRATIONS):
+                return
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            version = self._version(conn)
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                conn.execute(script.encode())
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+                log.info("PostgreSQL store migrated to schema version %d", number)
+
+    def _ensure_days(self, days: set[int]) -> None:
+        """Create the partitions of ``days`` that do not exist yet (own transaction)."""
+        missing = days - self._days
+        if not missing:
+            return
+        with self._connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            existing = {
+                _partition_day(name) for (name,) in conn.execute(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'records'::regclass"
+                )
+            }
+            for day in sorted(missing - existing):
+                conn.execute(sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF records"
+                    " FOR VALUES FROM ({}) TO ({})"
+                ).format(sql.Identifier(partition_name(day)), sql.Literal(day * DAY_MS),
+                         sql.Literal((day + 1) * DAY_MS)))
+                log.info("PostgreSQL partition %s created", partition_name(day))
+        self._days |= missing
+
+    def _ensure_ahead(self) -> None:
+        """Partitions from yesterday to :data:`DAYS_AHEAD` days ahead, made once a day."""
+        today = day_of(int(time.time() * 1000))
+        if self._ahead_until >= today + DAYS_AHEAD:
+            return
+        self._ensure_days(set(range(today - 1, today + DAYS_AHEAD + 1)))
+        self._ahead_until = today + DAYS_AHEAD
+
+    # -- writes -------------------------------------------------------------------
+
+    def write_batch(self, records: Sequence[QueuedRecord]) -> int:
+        """Store ``records`` in one transaction; return how many were new.
+
+        Raises :class:`RecordRejected` when a record's own data cannot be stored
+        (nothing of the batch is then kept) and :class:`StoreUnavailable` for a
+        fault of the server.
+        """
+        if not records:
+            return 0
+        rows: list[tuple[Any, ...]] = []
+        seen: set[tuple[str, str, int]] = set()
+        for record in records:
+            key = (record.stream, record.qid, record.received_at)
+            if key in seen:
+                continue  # the same entry twice in one batch
+            seen.add(key)
+            rows.append(_prepare(record, len(rows) + 1))
+        if len(rows) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}")
+        self._ensure_ahead()
+        self._ensure_days({day_of(row[4]) for row in rows})
+        try:
+            with self._connection() as conn:
+                conn.execute(_STAGING)
+                with conn.cursor() as cursor:
+                    with cursor.copy(f"COPY staging ({_STAGED}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    result = cursor.execute(_INSERT).fetchone()
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise RecordRejected(f"PostgreSQL refused the record: {exc}") from exc
+        self._unfolded += 1
+        return int(result[0]) if result is not None else 0
+
+    # -- upkeep ---------------------------------------------------------------------
+
+    def index_lag(self) -> int:
+        """How much upkeep is due: device-stat deltas not folded yet (0 while few).
+
+        The trigram index needs no catching up (PostgreSQL maintains it in the
+        write); the worker calls :meth:`index_step` when this is not 0.
+        """
+        return self._unfolded if self._unfolded >= _FOLD_AFTER else 0
+
+    def index_step(self, limit: int) -> int:
+        """Fold the device-stat deltas and make sure the days ahead have partitions."""
+        self._ensure_ahead()
+        with self._connection() as conn:
+            folded = conn.execute(_FOLD).rowcount
+        self._unfolded = 0
+        return max(0, folded)
+
+    def _partitions(self, conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
+        """(day, name) of every partition, oldest first."""
+        found = []
+        for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'records'::regclass"
+        ):
+            day = _partition_day(name)
+            if day is not None:
+                found.append((day, name))
+        return sorted(found)
+
+    def used_bytes(self) -> int:
+        """Bytes on disk of every partition (table, indexes, TOAST) and the device stats."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)"
+                " + pg_total_relation_size('device_counts')"
+                " FROM pg_inherits i WHERE i.inhparent = 'records'::regclass"
+            ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _drop(self, conn: psycopg.Connection[Any], name: str) -> int:
+        """Drop one day partition; its records leave the device stats; how many records."""
+        gone = conn.execute(sql.SQL(
+            "SELECT device_id, count(*), min(received_at), max(received_at) FROM {}"
+            " GROUP BY device_id"
+        ).format(sql.Identifier(name))).fetchall()
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO device_counts (device_id, records, first_seen, last_seen)"
+                " VALUES (%s, %s, %s, %s)",
+                [(device, -count, first, last) for device, count, first, last in gone],
+            )
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+        log.info("retention: dropped partition %s (%d records)", name,
+                 sum(count for _, count, _, _ in gone))
+        return sum(int(count) for _, count, _, _ in gone)
+
+    def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
+        """Drop whole day partitions past retention; return how many records went.
+
+        By age: every day that ends at or before ``before``.  By size: the oldest
+        past days while the store is over ``max_bytes`` (today's partition and
+        those ahead are never dropped).  A partition goes in one cheap ``DROP``
+        whatever its size, so ``limit`` (meant for row-by-row deletes) does not
+        apply; the lock it takes is waited for at most :data:`_UPKEEP_LOCK_TIMEOUT`.
+        """
+        today = day_of(int(time.time() * 1000))
+        deleted = 0
+        with self._connection() as conn:
+            conn.execute(f"SET LOCAL lock_timeout = '{_UPKEEP_LOCK_TIMEOUT}'")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            partitions = self._partitions(conn)
+            if before is not None:
+                for day, name in partitions:
+                    if (day + 1) * DAY_MS <= before:
+                        deleted += self._drop(conn, name)
+                        self._days.discard(day)
+            elif max_bytes is not None:
+                for day, name in partitions:
+                    if day >= today:
+                        break
+                    size = conn.execute(
+                        "SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)"
+                        " FROM pg_inherits i WHERE i.inhparent = 'records'::regclass"
+                    ).fetchone()
+                    if size is None or int(size[0]) <= max_bytes:
+                        break
+                    deleted += self._drop(conn, name)
+                    self._days.discard(day)
+        return deleted
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _select(
+        self,
+        *,
+        device_id: str | None,
+        since: int | None = None,
+        until: int | None = None,
+        grep: str | None = None,
+        level: str | None = None,
+        limit: int = 100,
+        after_seq: int | None = None,
+    ) -> list[StoredRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if device_id is not None:
+            where.append("device_id = %s")
+            params.append(device_id)
+        if since is not None:
+            where.append("received_at >= %s")
+            params.append(since)
+        if until is not None:
+            where.append("received_at < %s")
+            params.append(until)
+        if after_seq is not None:
+            where.append(f"seq > %s AND seq < {_HORIZON}")
+            params.append(after_seq)
+        if level:
+            normal = normalise_level(level)
+            if normal in LEVELS:
+                where.append("level = ANY(%s)")
+                params.append(list(LEVELS[LEVELS.index(normal):]))
+            else:
+                where.append("level = %s")
+                params.append(normal)
+        if grep:
+            where.append("body ILIKE %s")
+            params.append(_like(grep))
+        order = "seq" if after_seq is not None else "received_at DESC, seq DESC"
+        query = (f"SELECT {_COLUMNS} FROM records"
+                 f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order} LIMIT %s")
+        params.append(limit)
+        with self._connection() as conn:
+            rows = [_row(values) for values in conn.execute(query.encode(), params)]
+        if after_seq is None:
+            rows.reverse()
+        return rows
+
+    def query(self, query: LogQuery) -> list[StoredRecord]:
+        """The newest ``query.limit`` matching records of one device, oldest first.
+
+        With ``after_seq`` (``--follow``): the first ``limit`` records after it in
+        store order that are final (below the horizon, see the module docstring).
+        """
+        return self._select(device_id=query.device_id, since=query.since, until=query.until,
+                            grep=query.grep, level=query.level, limit=query.limit,
+                            after_seq=query.after_seq)
+
+    def search(self, text: str, *, limit: int = 100, since: int | None = None,
+               until: int | None = None, level: str | None = None) -> list[StoredRecord]:
+        """The newest ``limit`` records of the whole fleet containing ``text``, oldest first."""
+        return self._select(device_id=None, since=since, until=until, grep=text, level=level,
+                            limit=limit)
+
+    def after(self, seq: int, limit: int) -> list[StoredRecord]:
+        """Records after ``seq`` in store order, only those no late commit can precede."""
+        with self._connection() as conn:
+            cursor = conn.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE seq > %s AND seq < {_HORIZON}"
+                " ORDER BY seq LIMIT %s", (seq, limit),
+            )
+            return [_row(values) for values in cursor]
+
+    def seqs_of(self, qids: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        stamped = [(qid, stamp) for qid in qids if (stamp := _stamp(qid)) is not None]
+        other = [qid for qid in qids if _stamp(qid) is None]
+        with self._connection() as conn:
+            for start in range(0, len(stamped), 1000):
+                chunk = stamped[start:start + 1000]
+                found.update(conn.execute(
+                    "SELECT r.qid, r.seq FROM records r"
+                    " JOIN unnest(%s::text[], %s::bigint[]) AS k (qid, received_at)"
+                    " ON r.qid = k.qid AND r.received_at = k.received_at",
+                    ([qid for qid, _ in chunk], [stamp for _, stamp in chunk]),
+                ).fetchall())
+            for start in range(0, len(other), 1000):
+                found.update(conn.execute(
+                    "SELECT qid, seq FROM records WHERE qid = ANY(%s)",
+                    (other[start:start + 1000],),
+                ).fetchall())
+        return found
+
+    def max_seq(self) -> int:
+        """The ``seq`` of the newest record no late commit can precede (0 when none).
+
+        A ``--follow`` that starts here and reads :meth:`after` it misses nothing.
+        """
+        with self._connection() as conn:
+            row = conn.execute(
+                f"SELECT coalesce(max(seq), 0) FROM records WHERE seq < {_HORIZON}"
+            ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def devices(self) -> list[DeviceStats]:
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "SELECT device_id, greatest(sum(records), 0)::bigint, min(first_seen),"
+                " max(last_seen) FROM device_counts GROUP BY device_id"
+                ' ORDER BY device_id COLLATE "C"'
+            )
+            return [DeviceStats(*values) for values in cursor]
+
+    def close(self) -> None:
+        self._pool.close()

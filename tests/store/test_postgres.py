@@ -1,0 +1,286 @@
+"""fleetlog.store.postgres.PostgresStore on a real PostgreSQL (a private server, see tests/pg.py).
+
+The store contract's checks (``contract.py``) run over both backends, SQLite
+and PostgreSQL, so both give the same results on the same data; below them,
+what only PostgreSQL has: stream shards, partitions, concurrent writers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from fleetlog.records import QueuedRecord
+from fleetlog.store.base import LogQuery, RecordRejected, Store, StoreUnavailable, open_store
+from fleetlog.store.postgres import DAYS_AHEAD, MIGRATIONS, PostgresStore, day_of, partition_name
+from fleetlog.store.sqlite import SQLiteStore
+from tests.pg import PostgresServer
+from tests.store import contract
+from tests.store.contract import DAY, T0, qids, rec, sid
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store of each backend."""
+    store: Store
+    if request.param == "sqlite":
+        store = SQLiteStore(tmp_path / "fleetlog.db")
+    else:
+        store = open_store(request.getfixturevalue("pg_url"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[PostgresStore]:
+    opened = PostgresStore(pg_url)
+    yield opened
+    opened.close()
+
+
+CHECKS: list[Callable[[Store], None]] = [
+    contract.check_insert_is_idempotent,
+    contract.check_order_per_device_and_newest_limit,
+    contract.check_level_and_time_filters,
+    contract.check_search_awkward_text,
+    contract.check_cursor_after,
+    contract.check_retention_by_age,
+]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_store_contract(any_store: Store, check: Callable[[Store], None]) -> None:
+    check(any_store)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("sqlite", marks=pytest.mark.xfail(
+        strict=True, reason="SQLite searches the JSON encoding too; its fix is in the 'reading' branch")),
+    "postgresql",
+])
+def test_search_is_the_text_as_sent(backend: str, request: pytest.FixtureRequest,
+                                              tmp_path: Path) -> None:
+    store = (SQLiteStore(tmp_path / "fleetlog.db") if backend == "sqlite"
+             else open_store(request.getfixturevalue("pg_url")))
+    try:
+        contract.check_search_is_the_text_as_sent(store)
+    finally:
+        store.close()
+
+
+# -- PostgreSQL only -------------------------------------------------------------------
+
+
+def test_open_store_takes_postgresql_urls_and_migrates_once(pg_url: str) -> None:
+    first = open_store(pg_url)
+    assert isinstance(first, PostgresStore)
+    assert first.schema_version == len(MIGRATIONS)
+    second = open_store(pg_url.replace("postgresql://", "postgres://"))  # a second worker
+    assert second.store_id == first.store_id
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    first.close()
+    second.close()
+
+
+def test_same_id_from_two_stream_shards_is_two_records(store: PostgresStore) -> None:
+    a = rec(sid(T0), data={"shard": "a"}, stream="fleetlog:records:0")
+    b = rec(sid(T0), data={"shard": "b"}, stream="fleetlog:records:1")
+    assert store.write_batch([a, b]) == 2
+    assert store.write_batch([b]) == 0
+    assert [row.data for row in store.query(LogQuery("D1"))] == ['{"shard":"a"}', '{"shard":"b"}']
+
+
+def test_partitions_by_day_made_ahead_and_on_demand(store: PostgresStore, pg_url: str) -> None:
+    today = day_of(int(time.time() * 1000))
+
+    def partitions() -> set[str]:
+        with psycopg.connect(pg_url) as conn:
+            return {name for (name,) in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'records'::regclass")}
+
+    ahead = {partition_name(day) for day in range(today - 1, today + DAYS_AHEAD + 1)}
+    assert partitions() == ahead
+    # A record of a day long ago (a redelivery) gets its partition, and lands in it.
+    old = (today - 400) * DAY + 5
+    assert store.write_batch([rec(sid(old))]) == 1
+    assert partitions() == ahead | {partition_name(today - 400)}
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute(f"SELECT qid FROM {partition_name(today - 400)}").fetchall() == [(sid(old),)]
+
+
+def test_retention_drops_whole_partitions(store: PostgresStore, pg_url: str) -> None:
+    today = day_of(int(time.time() * 1000))
+    store.write_batch([rec(sid((today - 20) * DAY + n), "X") for n in range(100)])
+    store.write_batch([rec(sid((today - 2) * DAY + n), "X") for n in range(10)])
+    # Not yet past: a day goes only once all of it is.
+    assert store.prune(before=(today - 20) * DAY + 50, max_bytes=None, limit=10) == 0
+    assert store.prune(before=(today - 19) * DAY, max_bytes=None, limit=10) == 100
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass(%s)", (partition_name(today - 20),)).fetchone() == (None,)
+    assert len(qids(store, device_id="X", limit=1000)) == 10
+    # By size: the oldest past days go while over; today's partition never does.
+    store.write_batch([rec(sid(today * DAY + n), "X") for n in range(10)])
+    assert store.prune(before=None, max_bytes=1, limit=10) == 10
+    assert len(qids(store, device_id="X", limit=1000)) == 10
+    assert store.devices()[0].records == 10
+
+
+def test_a_bad_record_is_rejected_alone(store: PostgresStore) -> None:
+    with pytest.raises(RecordRejected):
+        store.write_batch([rec(sid(T0)), rec(sid(T0, 1), data=b'{"a": "\\u0000" broken')])
+    with pytest.raises(RecordRejected):
+        store.write_batch([rec(sid(T0, 2), data=b"text with a NUL \x00")])
+    assert qids(store, device_id="D1") == []  # nothing of the rejected batch kept
+    # A NUL escaped inside JSON is fine: kept as sent, searchable around it.
+    assert store.write_batch([rec(sid(T0, 3), data=b'{"msg":"a\\u0000b"}')]) == 1
+    assert [row.data for row in store.query(LogQuery("D1", grep="a"))] == ['{"msg":"a\\u0000b"}']
+
+
+def test_store_unavailable_while_the_server_is_down(private_postgres: PostgresServer) -> None:
+    url = private_postgres.create_database()
+    store = PostgresStore(url, timeout=2)
+    try:
+        assert store.write_batch([rec(sid(T0))]) == 1
+        private_postgres.stop("immediate")  # a crash: what was committed must survive it
+        with pytest.raises(StoreUnavailable):
+            store.write_batch([rec(sid(T0, 1))])
+        with pytest.raises(StoreUnavailable):
+            store.query(LogQuery("D1"))
+        with pytest.raises(StoreUnavailable):
+            PostgresStore(url, timeout=2)
+        private_postgres.start()
+        # The pool replaces its broken connections: the same object works again.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert store.write_batch([rec(sid(T0, 1))]) == 1
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert qids(store, device_id="D1") == [sid(T0), sid(T0, 1)]
+    finally:
+        store.close()
+
+
+def test_a_late_commit_is_never_skipped_by_a_cursor(store: PostgresStore, pg_url: str) -> None:
+    """Worker A's transaction stays open while worker B commits; a follower misses nothing.
+
+    A blocks inside its write: its batch holds a record whose key a third
+    transaction has inserted and not committed yet, so A (its id, its rows)
+    waits on it; B, a transaction started later, commits meanwhile.  When the
+    blocker rolls back, A goes on and commits: its rows have lower seqs than B's.
+    """
+    worker_b = PostgresStore(pg_url)
+    blocker = psycopg.connect(pg_url)
+    follower_seen: list[str] = []
+    follow_log: list[str] = []
+    assert store.write_batch([rec(sid(T0))]) == 1  # (and T0's day has its partition)
+    cursor = store.max_seq()
+    query_cursor = cursor
+
+    def follow() -> None:
+        nonlocal cursor, query_cursor
+        for row in store.after(cursor, 1000):
+            follower_seen.append(row.qid)
+            cursor = row.seq
+        for row in store.query(LogQuery("D1", after_seq=query_cursor, limit=1000)):
+            follow_log.append(row.qid)
+            query_cursor = row.seq
+
+    try:
+        blocked = rec(sid(T0, 9))
+        blocker.execute(
+            "INSERT INTO records (seq, stream, qid, device_id, received_at, data, body)"
+            " VALUES (0, %s, %s, 'D1', %s, '{}', '{}')",
+            (blocked.stream, blocked.qid, blocked.received_at),
+        )  # not committed
+        a_done = threading.Event()
+        a_result: list[int] = []
+
+        def worker_a() -> None:
+            a_result.append(store_a.write_batch([rec(sid(T0, 1)), blocked]))
+            a_done.set()
+
+        store_a = PostgresStore(pg_url)
+        thread = threading.Thread(target=worker_a)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with psycopg.connect(pg_url, autocommit=True) as probe:
+            while probe.execute(  # A waits on the blocker: its rows are in, uncommitted
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+            ).fetchone() != (1,):
+                assert time.monotonic() < deadline, "worker A never blocked"
+                time.sleep(0.02)
+        assert worker_b.write_batch([rec(sid(T0, 2))]) == 1
+        assert not a_done.is_set()
+        follow()  # B's record is committed, but below it A may still commit: not yet shown
+        assert follower_seen == [] and follow_log == []
+        blocker.rollback()
+        thread.join(10)
+        assert a_result == [2]
+        follow()
+        follow()
+        assert sorted(follower_seen) == [sid(T0, 1), sid(T0, 2), sid(T0, 9)]
+        assert len(follower_seen) == 3, "each once"
+        assert sorted(follow_log) == sorted(follower_seen) and len(follow_log) == 3
+        assert store.max_seq() == cursor
+        store_a.close()
+    finally:
+        blocker.close()
+        worker_b.close()
+
+
+def test_concurrent_writers_and_a_follower_lose_and_repeat_nothing(
+    store: PostgresStore, pg_url: str
+) -> None:
+    """Four writers commit batches at once while a follower pages through ``after``."""
+    writers = [PostgresStore(pg_url) for _ in range(4)]
+    seen: list[str] = []
+    done = threading.Event()
+
+    def write(index: int) -> None:
+        for batch in range(25):
+            writers[index].write_batch(
+                [rec(sid(T0 + batch, index * 100 + n), f"D{n % 5}") for n in range(40)])
+
+    threads = [threading.Thread(target=write, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    cursor = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        finished = done.is_set()
+        for row in store.after(cursor, 500):
+            seen.append(row.qid)
+            cursor = row.seq
+        if finished:
+            break
+        if not any(thread.is_alive() for thread in threads):
+            done.set()
+    for thread in threads:
+        thread.join(10)
+    for writer in writers:
+        writer.close()
+    assert len(seen) == 4 * 25 * 40
+    assert len(set(seen)) == len(seen)
+
+
+def test_queued_record_stream_defaults_keep_sqlite_keyed_on_qid(tmp_path: Path) -> None:
+    """SQLite keys on qid alone (one stream per store); the stream field changes nothing there."""
+    sqlite = SQLiteStore(tmp_path / "fleetlog.db")
+    try:
+        assert sqlite.write_batch([QueuedRecord("1-0", "D1", 1, b"{}", stream="s:0")]) == 1
+        assert sqlite.write_batch([QueuedRecord("1-0", "D1", 1, b"{}", stream="s:1")]) == 0
+    finally:
+        sqlite.close()
