@@ -1,41 +1,54 @@
 """fleetlog.store.postgres.PostgresStore on a real PostgreSQL (a private server, see tests/pg.py).
 
-The store contract's checks (``contract.py``) run over both backends, SQLite
-and PostgreSQL, so both give the same results on the same data; below them,
-what only PostgreSQL has: stream shards, partitions, concurrent writers.
+The store contract runs over both backends in ``test_contract.py``; here is
+what only PostgreSQL has: stream shards, partitions, concurrent writers, a
+server that goes away, read-only sessions.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from fleetlog.protocol import encode_json
 from fleetlog.records import QueuedRecord
-from fleetlog.store.base import LogQuery, RecordRejected, Store, StoreUnavailable, open_store
+from fleetlog.store.base import (
+    LogQuery,
+    RecordRejected,
+    Store,
+    StoreMissing,
+    StoreUnavailable,
+    open_store,
+)
 from fleetlog.store.postgres import DAYS_AHEAD, MIGRATIONS, PostgresStore, day_of, partition_name
 from fleetlog.store.sqlite import SQLiteStore
 from tests.pg import PostgresServer
-from tests.store import contract
-from tests.store.contract import DAY, T0, qids, rec, sid
 
-BACKENDS = ["sqlite", "postgresql"]
+T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
+DAY = 86_400_000
 
 
-@pytest.fixture(params=BACKENDS)
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """An empty store of each backend."""
-    store: Store
-    if request.param == "sqlite":
-        store = SQLiteStore(tmp_path / "fleetlog.db")
-    else:
-        store = open_store(request.getfixturevalue("pg_url"))
-    yield store
-    store.close()
+def rec(qid: str, device: str = "D1", received_at: int | None = None, data: Any = None,
+        stream: str = "fleetlog:records") -> QueuedRecord:
+    """A record as the worker gets it: ``received_at`` is the stream id's time."""
+    if received_at is None:
+        received_at = int(qid.partition("-")[0])
+    raw = data if isinstance(data, bytes) else encode_json({"qid": qid} if data is None else data)
+    return QueuedRecord(qid=qid, device_id=device, received_at=received_at, data=raw, stream=stream)
+
+
+def sid(ms: int, n: int = 0) -> str:
+    return f"{ms}-{n}"
+
+
+def qids(store: Store, **query: Any) -> list[str]:
+    return [row.qid for row in store.query(LogQuery(**query))]
 
 
 @pytest.fixture
@@ -43,36 +56,6 @@ def store(pg_url: str) -> Iterator[PostgresStore]:
     opened = PostgresStore(pg_url)
     yield opened
     opened.close()
-
-
-CHECKS: list[Callable[[Store], None]] = [
-    contract.check_insert_is_idempotent,
-    contract.check_order_per_device_and_newest_limit,
-    contract.check_level_and_time_filters,
-    contract.check_search_awkward_text,
-    contract.check_cursor_after,
-    contract.check_retention_by_age,
-]
-
-
-@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
-def test_store_contract(any_store: Store, check: Callable[[Store], None]) -> None:
-    check(any_store)
-
-
-@pytest.mark.parametrize("backend", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(
-        strict=True, reason="SQLite searches the JSON encoding too; its fix is in the 'reading' branch")),
-    "postgresql",
-])
-def test_search_is_the_text_as_sent(backend: str, request: pytest.FixtureRequest,
-                                              tmp_path: Path) -> None:
-    store = (SQLiteStore(tmp_path / "fleetlog.db") if backend == "sqlite"
-             else open_store(request.getfixturevalue("pg_url")))
-    try:
-        contract.check_search_is_the_text_as_sent(store)
-    finally:
-        store.close()
 
 
 # -- PostgreSQL only -------------------------------------------------------------------
@@ -88,6 +71,48 @@ def test_open_store_takes_postgresql_urls_and_migrates_once(pg_url: str) -> None
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
     first.close()
     second.close()
+
+
+def test_a_reader_names_the_missing_store_without_its_password(pg_url: str) -> None:
+    base, _, name = pg_url.rpartition("/")
+    secret = base.replace("postgres@", "postgres:s3cret@")  # trust auth: any password works
+    with pytest.raises(StoreMissing) as missing:
+        open_store(f"{secret}/nowhere", readonly=True)
+    assert "s3cret" not in str(missing.value) and "postgres:********@" in str(missing.value)
+    with pytest.raises(StoreMissing, match="no fleetlog tables") as empty:
+        open_store(f"{secret}/{name}", readonly=True)  # the database is there, empty
+    assert "s3cret" not in str(empty.value)
+    with psycopg.connect(pg_url) as conn:  # and the reader created nothing in it
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                            ).fetchone() == (0,)
+
+
+def test_a_reader_session_is_read_only(store: PostgresStore, pg_url: str) -> None:
+    store.write_batch([rec(sid(T0))])
+    reader = PostgresStore(pg_url, readonly=True)
+    try:
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            reader.write_batch([rec(sid(T0, 1))])
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            reader.prune(before=T0 + DAY, max_bytes=None, limit=10)
+        assert reader.upkeep(10_000) == 0
+        with reader._connection() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("DELETE FROM meta")
+        assert qids(store, device_id="D1") == [sid(T0)]
+    finally:
+        reader.close()
+
+
+def test_device_stats_deltas_fold_in_upkeep(store: PostgresStore, pg_url: str) -> None:
+    for batch in range(5):
+        store.write_batch([rec(sid(T0 + batch, n), f"D{n % 2}") for n in range(4)])
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM device_counts").fetchone() == (10,)
+    assert store.upkeep(0) == 0  # a handful of deltas: no work worth waking up for
+    assert store.upkeep(1) == 0
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM device_counts").fetchone() == (2,)
+    assert [(d.device_id, d.records) for d in store.devices()] == [("D0", 10), ("D1", 10)]
 
 
 def test_same_id_from_two_stream_shards_is_two_records(store: PostgresStore) -> None:
@@ -119,19 +144,29 @@ def test_partitions_by_day_made_ahead_and_on_demand(store: PostgresStore, pg_url
 
 def test_retention_drops_whole_partitions(store: PostgresStore, pg_url: str) -> None:
     today = day_of(int(time.time() * 1000))
+
+    def exists(day: int) -> bool:
+        with psycopg.connect(pg_url) as conn:
+            return conn.execute("SELECT to_regclass(%s)", (partition_name(day),)).fetchone() != (None,)
+
+    store.write_batch([rec(sid((today - 21) * DAY + n), "X") for n in range(30)])
     store.write_batch([rec(sid((today - 20) * DAY + n), "X") for n in range(100)])
     store.write_batch([rec(sid((today - 2) * DAY + n), "X") for n in range(10)])
-    # Not yet past: a day goes only once all of it is.
-    assert store.prune(before=(today - 20) * DAY + 50, max_bytes=None, limit=10) == 0
-    assert store.prune(before=(today - 19) * DAY, max_bytes=None, limit=10) == 100
-    with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT to_regclass(%s)", (partition_name(today - 20),)).fetchone() == (None,)
+    # Days wholly past go in one DROP each, whatever their size; in the day the
+    # cutoff falls in, rows go, at most ``limit`` a call.
+    assert store.prune(before=(today - 20) * DAY + 50, max_bytes=None, limit=10) == 30 + 10
+    assert not exists(today - 21) and exists(today - 20)
+    assert store.prune(before=(today - 20) * DAY + 50, max_bytes=None, limit=100) == 40
+    assert store.prune(before=(today - 20) * DAY + 50, max_bytes=None, limit=100) == 0
+    assert store.prune(before=(today - 19) * DAY, max_bytes=None, limit=10) == 50
+    assert not exists(today - 20)
     assert len(qids(store, device_id="X", limit=1000)) == 10
-    # By size: the oldest past days go while over; today's partition never does.
+    # By size: the oldest rows while over; a past day emptied is dropped.
     store.write_batch([rec(sid(today * DAY + n), "X") for n in range(10)])
-    assert store.prune(before=None, max_bytes=1, limit=10) == 10
-    assert len(qids(store, device_id="X", limit=1000)) == 10
-    assert store.devices()[0].records == 10
+    assert store.prune(before=None, max_bytes=1, limit=15) == 15
+    assert not exists(today - 2) and exists(today)
+    assert qids(store, device_id="X", limit=1000) == [sid(today * DAY + n) for n in range(5, 10)]
+    assert store.devices()[0].records == 5
 
 
 def test_a_bad_record_is_rejected_alone(store: PostgresStore) -> None:

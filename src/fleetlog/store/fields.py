@@ -8,11 +8,10 @@ reads can filter and sort on them; the full record is always kept too.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
-__all__ = ["LEVELS", "Fields", "check_level", "extract", "normalise_level", "search_text"]
+__all__ = ["LEVELS", "Fields", "check_level", "extract", "normalise_level"]
 
 _TIME_KEYS: Final = ("ts", "time", "timestamp")
 _MESSAGE_KEYS: Final = ("msg", "message")
@@ -77,38 +76,3 @@ def extract(record: Any) -> Fields:
         normalise_level(level) if isinstance(level, str) else None,
         message if isinstance(message, str) else None,
     )
-
-
-# A JSON escape: a surrogate pair first (an emoji), then any single one.
-_ESCAPE: Final = re.compile(
-    r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|\\u([0-9a-f]{4})|\\(.)",
-    re.IGNORECASE | re.DOTALL,
-)
-_SIMPLE: Final = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
-                  "t": "\t"}
-
-
-def _unescape(match: re.Match[str]) -> str:
-    high, low, single, simple = match.groups()
-    if high is not None:
-        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
-    if single is not None:
-        code = int(single, 16)
-        # A lone surrogate cannot be text; NUL cannot be kept in PostgreSQL's text.
-        return "\ufffd" if code == 0 or 0xD800 <= code <= 0xDFFF else chr(code)
-    return _SIMPLE.get(simple, simple)
-
-
-def search_text(data: str) -> str:
-    """The text a search looks in: the record as the device sent it, JSON escapes undone.
-
-    ``{"msg":"say \\"hi\\""}`` is searched as ``{"msg":"say "hi""}``, so a
-    search for ``\\`` finds only records that hold a backslash, not every one
-    with a quote, and ``"hi"`` finds this one.  Keys, numbers and punctuation
-    stay, so a JSON fragment as typed (``"level":"error"``) is found too.  In
-    valid JSON a backslash only ever starts an escape inside a string, so most
-    records (no backslash at all) are their own search text.
-    """
-    if "\\" not in data:
-        return data
-    return _ESCAPE.sub(_unescape, data)

@@ -25,13 +25,20 @@ logs``, the API) may read from replicas.  The design, and why:
   aborted, and every transaction to come gets a higher one, so nothing can
   appear below the horizon later.  A reader waits (at most) for the oldest
   open write transaction, and never skips or repeats a record.
-* **Search** runs on the record's text as the device sent it (JSON escapes
-  undone, :func:`~fleetlog.store.fields.search_text`), case-insensitively,
-  with a ``pg_trgm`` GIN index: substring search that works for Chinese and
-  for words inside JSON, the choice the SQLite store makes with its trigram index.
+* **Search** matches exactly what every backend matches
+  (:mod:`fleetlog.store.search`): ``body`` holds
+  :func:`~fleetlog.store.search.search_text` of the record (its decoded
+  strings, case-folded by Python's ``str.casefold``, which PostgreSQL's
+  ``lower()`` is not), the needle is case-folded in Python too, and the two
+  meet in a ``LIKE`` with every wildcard escaped, served by a ``pg_trgm`` GIN
+  index: substring search that works for Chinese, the choice the SQLite store
+  makes with its trigram index.
 * **Per-device stats** are kept as insert-only deltas (``device_counts``), so
   two workers writing records of the same devices never wait on each other's
-  row locks; upkeep (:meth:`PostgresStore.index_step`) folds them together.
+  row locks; :meth:`PostgresStore.upkeep` folds them together.
+* **Readers** (``readonly=True``) never create nor migrate anything: a
+  database without fleetlog's tables is :class:`StoreMissing`, and their
+  sessions are read-only.
 
 Connections come from a pool (psycopg 3); TLS, passwords and the rest come
 from the URL or libpq's ``PG*`` environment variables.
@@ -52,9 +59,17 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from fleetlog.config import mask_url
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
-from fleetlog.store.base import LogQuery, RecordRejected, StoreUnavailable
-from fleetlog.store.fields import LEVELS, extract, normalise_level, search_text
+from fleetlog.store.base import (
+    LogQuery,
+    RecordRejected,
+    StoreMissing,
+    StoreUnavailable,
+    VolumeBucket,
+)
+from fleetlog.store.fields import LEVELS, extract, normalise_level
+from fleetlog.store.search import search_needle, search_text, value_text
 
 __all__ = ["DAYS_AHEAD", "MIGRATIONS", "SEQ_SHIFT", "PostgresStore"]
 
@@ -67,8 +82,8 @@ DAYS_AHEAD: Final = 7
 #: records per transaction; 2**43 transactions (a thousand a second for 270 years) fit.
 SEQ_SHIFT: Final = 20
 MAX_BATCH: Final = (1 << SEQ_SHIFT) - 1
-#: Delta rows of device stats written since the last fold before upkeep is due.
-_FOLD_AFTER: Final = 256
+#: Delta rows of device stats written since the last fold before upkeep reports work due.
+_FOLD_AFTER: Final = 4096
 #: How long a pooled connection may be waited for before the store counts as unavailable.
 _POOL_TIMEOUT_S: Final = 3.0
 #: How long pruning waits for the lock on the records table before giving up for now.
@@ -132,7 +147,7 @@ _INSERT: Final = f"""
         SELECT device_id, count(*), min(received_at), max(received_at) FROM new GROUP BY device_id
         RETURNING records
     )
-    SELECT coalesce(sum(records), 0)::bigint FROM counted
+    SELECT coalesce(sum(records), 0)::bigint, count(*) FROM counted
 """
 _FOLD: Final = """
     WITH gone AS (DELETE FROM device_counts RETURNING *)
@@ -140,6 +155,8 @@ _FOLD: Final = """
     SELECT device_id, sum(records), min(first_seen), max(last_seen) FROM gone GROUP BY device_id
 """
 _PARTITION: Final = re.compile(r"records_(\d{8})")
+#: libpq's words when the URL's database is not there.
+_NO_DATABASE: Final = re.compile(r'database "[^"]*" does not exist')
 
 
 def day_of(ms: int) -> int:
@@ -169,19 +186,30 @@ def _row(values: tuple[Any, ...]) -> StoredRecord:
 
 
 def _prepare(record: QueuedRecord, n: int) -> tuple[Any, ...]:
-    """The staging row of one record; :class:`RecordRejected` when its data cannot be stored."""
+    """The staging row of one record; :class:`RecordRejected` when its data cannot be stored.
+
+    The JSON is parsed once, for its fields and its search text alike.
+    """
     try:
-        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
         text = record.data.decode()
+        if record.data[:1] in b'{"':
+            value = orjson.loads(record.data)
+            ts, level, message = extract(value)
+            body = value_text(value)
+        else:
+            ts, level, message = None, None, None
+            body = search_text(text)
     except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
     if "\x00" in text:
         raise RecordRejected(f"record {record.qid}: a NUL character (PostgreSQL text cannot hold it)")
-    ts, level, message = fields if fields is not None else (None, None, None)
+    # A NUL sent escaped (\u0000) is kept in ``data`` as sent; text columns cannot hold it.
     if message is not None and "\x00" in message:
         message = message.replace("\x00", "\ufffd")
+    if "\x00" in body:
+        body = body.replace("\x00", "\ufffd")
     return (n, record.stream, record.qid, record.device_id, record.received_at, ts, level,
-            message, text, search_text(text))
+            message, text, body)
 
 
 def _stamp(qid: str) -> int | None:
@@ -216,9 +244,11 @@ class PostgresStore:
         options = "-c synchronous_commit=on"
         if self.readonly:
             options += " -c default_transaction_read_only=on"
+        kwargs = {"options": options, "application_name": "fleetlog"}
+        self._probe(kwargs)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self.url, min_size=1, max_size=self.pool_size, open=False,
-            kwargs={"options": options, "application_name": "fleetlog"},
+            kwargs=kwargs,
             check=ConnectionPool.check_connection, timeout=self.timeout,
             name="fleetlog-store",
         )
@@ -226,10 +256,51 @@ class PostgresStore:
             self._pool.open(wait=True, timeout=self.timeout)
         except PoolTimeout as exc:
             self._pool.close()
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL at {mask_url(self.url)}: {exc}") from exc
         if not self.readonly:
             self._migrate()
             self._ensure_ahead()
+
+    def _probe(self, kwargs: dict[str, str]) -> None:
+        """Connect once before pooling: say at once why the store cannot be used.
+
+        (A pool would retry a refused login or a missing database until its
+        timeout.)  A reader also checks that the database holds a fleetlog
+        store it can read: none is :class:`StoreMissing`, never one created.
+        """
+        where = mask_url(self.url)
+        try:
+            conn = psycopg.connect(self.url, connect_timeout=max(1, round(self.timeout)),
+                                   autocommit=True, options=kwargs["options"],
+                                   application_name=kwargs["application_name"])
+        except psycopg.OperationalError as exc:
+            if self.readonly and _NO_DATABASE.search(str(exc)):
+                raise StoreMissing(
+                    f"no store at {where}: the database does not exist; "
+                    "pass --store URL to read the store you mean") from exc
+            raise StoreUnavailable(f"cannot connect to PostgreSQL at {where}: {exc}") from exc
+        try:
+            if not self.readonly:
+                return
+            version = self._version(conn)
+            if version == 0:
+                raise StoreMissing(
+                    f"no store at {where}: the database has no fleetlog tables "
+                    "(nothing has been stored there); pass --store URL to read the store you mean")
+            if version > len(MIGRATIONS):
+                raise StoreUnavailable(
+                    f"{where} has schema {version}, newer than this fleetlog reads "
+                    f"({len(MIGRATIONS)}): upgrade fleetlog")
+            missing = [table for table in ("records", "device_counts", "meta")
+                       if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,)]
+            if missing:
+                raise StoreUnavailable(f"{where} is a damaged fleetlog store: no table "
+                                       + ", ".join(missing))
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot read {where}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            conn.close()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -343,6 +414,8 @@ class PostgresStore:
         (nothing of the batch is then kept) and :class:`StoreUnavailable` for a
         fault of the server.
         """
+        if self.readonly:
+            raise StoreUnavailable(f"{mask_url(self.url)} is open read-only: no writes")
         if not records:
             return 0
         rows: list[tuple[Any, ...]] = []
@@ -367,26 +440,30 @@ class PostgresStore:
                     result = cursor.execute(_INSERT).fetchone()
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise RecordRejected(f"PostgreSQL refused the record: {exc}") from exc
-        self._unfolded += 1
-        return int(result[0]) if result is not None else 0
+        if result is None:
+            return 0
+        self._unfolded += int(result[1])
+        return int(result[0])
 
     # -- upkeep ---------------------------------------------------------------------
 
-    def index_lag(self) -> int:
-        """How much upkeep is due: device-stat deltas not folded yet (0 while few).
+    def upkeep(self, budget: int) -> int:
+        """Fold the device-stat deltas and make partitions ahead; return the deltas left.
 
         The trigram index needs no catching up (PostgreSQL maintains it in the
-        write); the worker calls :meth:`index_step` when this is not 0.
+        write), so the only work is :data:`_FOLD_AFTER`-sized: ``devices()`` is
+        complete without it, only slower as deltas pile up.  What is left is
+        counted by this process (a fold by another worker is not seen), and
+        reported as 0 below :data:`_FOLD_AFTER` so that an idle worker does not
+        wake up for a handful of rows.  ``upkeep(0)`` only reports.
         """
+        if budget > 0 and not self.readonly:
+            self._ensure_ahead()
+            if self._unfolded:
+                with self._connection() as conn:
+                    conn.execute(_FOLD)
+                self._unfolded = 0
         return self._unfolded if self._unfolded >= _FOLD_AFTER else 0
-
-    def index_step(self, limit: int) -> int:
-        """Fold the device-stat deltas and make sure the days ahead have partitions."""
-        self._ensure_ahead()
-        with self._connection() as conn:
-            folded = conn.execute(_FOLD).rowcount
-        self._unfolded = 0
-        return max(0, folded)
 
     def _partitions(self, conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
         """(day, name) of every partition, oldest first."""
@@ -410,32 +487,62 @@ class PostgresStore:
             ).fetchone()
         return int(row[0]) if row is not None else 0
 
-    def _drop(self, conn: psycopg.Connection[Any], name: str) -> int:
-        """Drop one day partition; its records leave the device stats; how many records."""
-        gone = conn.execute(sql.SQL(
-            "SELECT device_id, count(*), min(received_at), max(received_at) FROM {}"
-            " GROUP BY device_id"
-        ).format(sql.Identifier(name))).fetchall()
+    @staticmethod
+    def _forget(conn: psycopg.Connection[Any], gone: Sequence[tuple[Any, ...]]) -> int:
+        """Take ``(device, records, first, last)`` rows that left out of the device stats."""
         with conn.cursor() as cursor:
             cursor.executemany(
                 "INSERT INTO device_counts (device_id, records, first_seen, last_seen)"
                 " VALUES (%s, %s, %s, %s)",
                 [(device, -count, first, last) for device, count, first, last in gone],
             )
-        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
-        log.info("retention: dropped partition %s (%d records)", name,
-                 sum(count for _, count, _, _ in gone))
         return sum(int(count) for _, count, _, _ in gone)
 
-    def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
-        """Drop whole day partitions past retention; return how many records went.
+    def _drop(self, conn: psycopg.Connection[Any], name: str) -> int:
+        """Drop one day partition; its records leave the device stats; how many records."""
+        gone = conn.execute(sql.SQL(
+            "SELECT device_id, count(*), min(received_at), max(received_at) FROM {}"
+            " GROUP BY device_id"
+        ).format(sql.Identifier(name))).fetchall()
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+        count = self._forget(conn, gone)
+        log.info("retention: dropped partition %s (%d records)", name, count)
+        return count
 
-        By age: every day that ends at or before ``before``.  By size: the oldest
-        past days while the store is over ``max_bytes`` (today's partition and
-        those ahead are never dropped).  A partition goes in one cheap ``DROP``
-        whatever its size, so ``limit`` (meant for row-by-row deletes) does not
-        apply; the lock it takes is waited for at most :data:`_UPKEEP_LOCK_TIMEOUT`.
+    def _delete(self, conn: psycopg.Connection[Any], name: str, before: int | None,
+                limit: int) -> int:
+        """Delete the oldest ``limit`` records of one partition (received before ``before``)."""
+        gone = conn.execute(sql.SQL(
+            "WITH gone AS (DELETE FROM {table} WHERE ctid IN ("
+            "  SELECT ctid FROM {table} WHERE received_at < %s"
+            "  ORDER BY received_at, seq LIMIT %s) RETURNING device_id, received_at)"
+            " SELECT device_id, count(*), min(received_at), max(received_at) FROM gone"
+            " GROUP BY device_id"
+        ).format(table=sql.Identifier(name)),
+            (before if before is not None else 2**62, limit)).fetchall()
+        return self._forget(conn, gone)
+
+    @staticmethod
+    def _empty(conn: psycopg.Connection[Any], name: str) -> bool:
+        return conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT FROM {})")
+                            .format(sql.Identifier(name))).fetchone() == (True,)
+
+    def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
+        """Delete records past retention, oldest first; return how many went.
+
+        By age (``before``): every day partition that ends at or before it goes
+        in one cheap ``DROP`` whatever its size (so ``limit``, meant to keep row
+        deletes short, does not bound those), then up to ``limit`` records of
+        the day it falls in, by row.  By size (``max_bytes``): up to ``limit``
+        of the oldest records while the store is over, by row; a past day's
+        partition left empty is dropped, which is when its disk space returns
+        (a row delete only frees space for reuse): size retention on
+        PostgreSQL costs a delete per record, age retention one ``DROP`` a day.
+        ``seq`` never goes back (it is a transaction id).  The lock a ``DROP``
+        needs is waited for at most :data:`_UPKEEP_LOCK_TIMEOUT`.
         """
+        if self.readonly:
+            raise StoreUnavailable(f"{mask_url(self.url)} is open read-only: no writes")
         today = day_of(int(time.time() * 1000))
         deleted = 0
         with self._connection() as conn:
@@ -447,83 +554,95 @@ class PostgresStore:
                     if (day + 1) * DAY_MS <= before:
                         deleted += self._drop(conn, name)
                         self._days.discard(day)
-            elif max_bytes is not None:
+                    elif day * DAY_MS < before:
+                        deleted += self._delete(conn, name, before, limit)
+                        break
+                    else:
+                        break
+            elif max_bytes is not None and self._size(conn) > max_bytes:
                 for day, name in partitions:
-                    if day >= today:
+                    if deleted >= limit:
                         break
-                    size = conn.execute(
-                        "SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)"
-                        " FROM pg_inherits i WHERE i.inhparent = 'records'::regclass"
-                    ).fetchone()
-                    if size is None or int(size[0]) <= max_bytes:
-                        break
-                    deleted += self._drop(conn, name)
-                    self._days.discard(day)
+                    deleted += self._delete(conn, name, None, limit - deleted)
+                    if day < today and self._empty(conn, name):
+                        self._drop(conn, name)
+                        self._days.discard(day)
         return deleted
+
+    @staticmethod
+    def _size(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)"
+            " FROM pg_inherits i WHERE i.inhparent = 'records'::regclass"
+        ).fetchone()
+        return int(row[0]) if row is not None else 0
 
     # -- reads --------------------------------------------------------------------------
 
-    def _select(
-        self,
-        *,
-        device_id: str | None,
-        since: int | None = None,
-        until: int | None = None,
-        grep: str | None = None,
-        level: str | None = None,
-        limit: int = 100,
-        after_seq: int | None = None,
-    ) -> list[StoredRecord]:
+    def query(self, query: LogQuery) -> list[StoredRecord]:
+        """The newest ``query.limit`` matching records, oldest first (see the Store contract).
+
+        With ``after_seq`` (``--follow``): the oldest ``limit`` records after it
+        in seq order that are final (below the horizon, see the module docstring).
+        """
         where: list[str] = []
         params: list[Any] = []
-        if device_id is not None:
+        if query.device_id is not None:
             where.append("device_id = %s")
-            params.append(device_id)
-        if since is not None:
+            params.append(query.device_id)
+        if query.since is not None:
             where.append("received_at >= %s")
-            params.append(since)
-        if until is not None:
+            params.append(query.since)
+        if query.until is not None:
             where.append("received_at < %s")
-            params.append(until)
-        if after_seq is not None:
+            params.append(query.until)
+        if query.after_seq is not None:
             where.append(f"seq > %s AND seq < {_HORIZON}")
-            params.append(after_seq)
-        if level:
-            normal = normalise_level(level)
+            params.append(query.after_seq)
+        if query.before is not None:
+            where.append("(received_at, seq) < (%s, %s)")
+            params.extend(query.before)
+        if query.level:
+            normal = normalise_level(query.level)
             if normal in LEVELS:
                 where.append("level = ANY(%s)")
                 params.append(list(LEVELS[LEVELS.index(normal):]))
             else:
                 where.append("level = %s")
                 params.append(normal)
-        if grep:
-            where.append("body ILIKE %s")
-            params.append(_like(grep))
-        order = "seq" if after_seq is not None else "received_at DESC, seq DESC"
-        query = (f"SELECT {_COLUMNS} FROM records"
-                 f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order} LIMIT %s")
-        params.append(limit)
+        if query.grep:
+            # Both sides case-folded in Python; LIKE (not ILIKE: lower() is not casefold()).
+            where.append("body LIKE %s")
+            params.append(_like(search_needle(query.grep)))
+        order = "seq" if query.after_seq is not None else "received_at DESC, seq DESC"
+        statement = (f"SELECT {_COLUMNS} FROM records"
+                     f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+                     f" ORDER BY {order} LIMIT %s")
+        params.append(query.limit)
         with self._connection() as conn:
-            rows = [_row(values) for values in conn.execute(query.encode(), params)]
-        if after_seq is None:
+            rows = [_row(values) for values in conn.execute(statement.encode(), params)]
+        if query.after_seq is None:
             rows.reverse()
         return rows
 
-    def query(self, query: LogQuery) -> list[StoredRecord]:
-        """The newest ``query.limit`` matching records of one device, oldest first.
-
-        With ``after_seq`` (``--follow``): the first ``limit`` records after it in
-        store order that are final (below the horizon, see the module docstring).
-        """
-        return self._select(device_id=query.device_id, since=query.since, until=query.until,
-                            grep=query.grep, level=query.level, limit=query.limit,
-                            after_seq=query.after_seq)
-
-    def search(self, text: str, *, limit: int = 100, since: int | None = None,
-               until: int | None = None, level: str | None = None) -> list[StoredRecord]:
-        """The newest ``limit`` records of the whole fleet containing ``text``, oldest first."""
-        return self._select(device_id=None, since=since, until=until, grep=text, level=level,
-                            limit=limit)
+    def volume(self, device_id: str | None, since: int, until: int,
+               step: int) -> list[VolumeBucket]:
+        """Records received in ``[since, until)`` per ``step`` ms and level (partitions pruned)."""
+        if step <= 0:
+            raise ValueError("step must be positive")
+        where = "received_at >= %s AND received_at < %s"
+        params: list[Any] = [since, until]
+        if device_id is not None:
+            where += " AND device_id = %s"
+            params.append(device_id)
+        statement = (
+            "SELECT received_at / %s * %s AS bucket, level, count(*) FROM records"
+            f" WHERE {where} GROUP BY bucket, level"
+            ' ORDER BY bucket, level COLLATE "C" NULLS FIRST'
+        )
+        with self._connection() as conn:
+            return [VolumeBucket(int(start), level, int(count)) for start, level, count
+                    in conn.execute(statement.encode(), [step, step, *params])]
 
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         """Records after ``seq`` in store order, only those no late commit can precede."""
@@ -535,9 +654,9 @@ class PostgresStore:
             return [_row(values) for values in cursor]
 
     def seqs_of(self, qids: Sequence[str]) -> dict[str, int]:
+        """The seq of each of ``qids`` held; a stream id's time names its partition."""
         found: dict[str, int] = {}
         stamped = [(qid, stamp) for qid in qids if (stamp := _stamp(qid)) is not None]
-        other = [qid for qid in qids if _stamp(qid) is None]
         with self._connection() as conn:
             for start in range(0, len(stamped), 1000):
                 chunk = stamped[start:start + 1000]
@@ -547,6 +666,9 @@ class PostgresStore:
                     " ON r.qid = k.qid AND r.received_at = k.received_at",
                     ([qid for qid, _ in chunk], [stamp for _, stamp in chunk]),
                 ).fetchall())
+            # A record whose received_at is not its id's time (not from a stream):
+            # every partition's primary key is probed.
+            other = [qid for qid in qids if qid not in found]
             for start in range(0, len(other), 1000):
                 found.update(conn.execute(
                     "SELECT qid, seq FROM records WHERE qid = ANY(%s)",
