@@ -22,7 +22,10 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -30,9 +33,10 @@ import pytest
 from psycopg import sql
 
 from fleetlog.embedded import free_port
+from fleetlog.records import QueuedRecord
 
-__all__ = ["PostgresServer", "external_url", "find_bindir", "pg_url", "postgres_server",
-           "private_postgres"]
+__all__ = ["PostgresServer", "external_url", "find_bindir", "held_write", "pg_url",
+           "postgres_server", "private_postgres"]
 
 _names = itertools.count()
 
@@ -163,3 +167,48 @@ def private_postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@contextmanager
+def held_write(url: str, records: Sequence[QueuedRecord]) -> Iterator[Callable[[], int]]:
+    """A worker's write of ``records`` left in flight: its transaction id drawn, its rows in.
+
+    The last record's key is inserted first by another transaction that does
+    not commit, so the write blocks on it; whatever commits meanwhile has a
+    higher seq.  Call the function yielded to let the write go on and commit
+    (the blocker rolls back); it returns what ``write_batch`` returned.
+    """
+    from fleetlog.store.postgres import PostgresStore, day_of
+
+    writer = PostgresStore(url)
+    writer._ensure_days({day_of(record.received_at) for record in records})
+    blocker = psycopg.connect(url)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(writer.write_batch(records)))
+    try:
+        last = records[-1]
+        blocker.execute(
+            "INSERT INTO records (seq, stream, qid, device_id, received_at, data, body)"
+            " VALUES (0, %s, %s, %s, %s, '{}', '{}')",
+            (last.stream, last.qid, last.device_id, last.received_at),
+        )  # not committed
+        thread.start()
+        deadline = time.monotonic() + 10
+        with psycopg.connect(url, autocommit=True) as probe:
+            while probe.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+            ).fetchone() != (1,):
+                assert time.monotonic() < deadline, "the write never blocked"
+                time.sleep(0.02)
+
+        def release() -> int:
+            blocker.rollback()
+            thread.join(10)
+            assert result, "the held write did not finish"
+            return result[0]
+
+        yield release
+    finally:
+        blocker.close()
+        thread.join(10)
+        writer.close()
