@@ -61,10 +61,12 @@ class PostgresServer:
     def __init__(self, bindir: Path, *, durable: bool = False) -> None:
         self.bindir = bindir
         self.durable = durable  # fsync as in production (benchmarks); tests need not
-        self.directory = Path(tempfile.mkdtemp(prefix="fleetlog-pg-"))
+        self._as_root = os.geteuid() == 0
+        # As root, /tmp itself: a $TMPDIR under /root would be closed to the postgres user.
+        self.directory = Path(tempfile.mkdtemp(prefix="fleetlog-pg-",
+                                               dir="/tmp" if self._as_root else None))
         self.data = self.directory / "data"
         self.port = free_port()
-        self._as_root = os.geteuid() == 0
         if self._as_root:
             account = pwd.getpwnam("postgres")
             os.chown(self.directory, account.pw_uid, account.pw_gid)
