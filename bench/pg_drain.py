@@ -128,8 +128,10 @@ def reads(store: PostgresStore, repeats: int = 20) -> dict[str, float]:
 
     return {
         "device_newest_100_ms": median_ms(lambda: store.query(LogQuery("dev-0123", limit=100))),
-        "fleet_text_query_ms": median_ms(lambda: store.search("needle", limit=100)),
-        "fleet_text_rare_ms": median_ms(lambda: store.search("needle4007", limit=100)),
+        "fleet_text_query_ms": median_ms(
+            lambda: store.query(LogQuery(None, grep="needle", limit=100))),
+        "fleet_text_rare_ms": median_ms(
+            lambda: store.query(LogQuery(None, grep="needle4007", limit=100))),
     }
 
 
@@ -138,6 +140,9 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--read-records", type=int, default=10_000_000)
     parser.add_argument("--quick", action="store_true", help="50k drained, 200k for reads")
+    parser.add_argument("--workers", default="1,2,4",
+                        help="PostgreSQL runs: worker counts, comma-separated")
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite run")
     args = parser.parse_args()
     if args.quick:
         args.records, args.read_records = 50_000, 200_000
@@ -152,20 +157,25 @@ def main() -> int:
     server.start()
     results: dict[str, Any] = {"drain": [], "records": args.records}
     try:
-        sqlite = drain(valkey.url, f"sqlite:///{work / 'sqlite' / 'fleetlog.db'}", 1,
-                       args.records, work / "sqlite")
-        results["drain"].append({"store": "sqlite", **sqlite})
-        print(f"sqlite      1 worker : {sqlite['records_per_s']:>8} records/s", flush=True)
-        for workers in (1, 2, 4):
+        sqlite = {"records_per_s": 0}
+        if not args.no_sqlite:
+            sqlite = drain(valkey.url, f"sqlite:///{work / 'sqlite' / 'fleetlog.db'}", 1,
+                           args.records, work / "sqlite")
+            results["drain"].append({"store": "sqlite", **sqlite})
+            print(f"sqlite      1 worker : {sqlite['records_per_s']:>8} records/s", flush=True)
+        for workers in (int(n) for n in args.workers.split(",") if n):
             url = server.create_database()
             result = drain(valkey.url, url, workers, args.records, work / f"pg{workers}")
             result["bytes_per_record"] = round(PostgresStore(url).used_bytes() / args.records)
-            result["vs_sqlite"] = round(result["records_per_s"] / sqlite["records_per_s"], 2)
+            result["vs_sqlite"] = (round(result["records_per_s"] / sqlite["records_per_s"], 2)
+                                   if sqlite["records_per_s"] else None)
             results["drain"].append({"store": "postgresql", **result})
             print(f"postgresql  {workers} workers: {result['records_per_s']:>8} records/s"
                   f" ({result['vs_sqlite']}x sqlite, {result['bytes_per_record']} B/record on disk)",
                   flush=True)
             server.drop_database(url)
+        if not args.read_records:
+            return 0
         url = server.create_database()
         big = PostgresStore(url)
         seconds = load(big, args.read_records)
