@@ -190,8 +190,8 @@ def held_write(url: str, records: Sequence[QueuedRecord]) -> Iterator[Callable[[
     try:
         last = records[-1]
         blocker.execute(
-            "INSERT INTO records (seq, stream, qid, device_id, received_at, data, body)"
-            " VALUES (0, %s, %s, %s, %s, '{}', '{}')",
+            "INSERT INTO records (seq, stream, qid, device_id, received_at, data)"
+            " VALUES (0, %s, %s, %s, %s, '{}')",
             (last.stream, last.qid, last.device_id, last.received_at),
         )  # not committed
         thread.start()

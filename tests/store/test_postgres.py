@@ -28,7 +28,7 @@ from fleetlog.store.base import (
 )
 from fleetlog.store.postgres import DAYS_AHEAD, MIGRATIONS, PostgresStore, day_of, partition_name
 from fleetlog.store.sqlite import SQLiteStore
-from tests.pg import PostgresServer
+from tests.pg import PostgresServer, held_write
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
 DAY = 86_400_000
@@ -95,7 +95,8 @@ def test_a_reader_session_is_read_only(store: PostgresStore, pg_url: str) -> Non
             reader.write_batch([rec(sid(T0, 1))])
         with pytest.raises(StoreUnavailable, match="read-only"):
             reader.prune(before=T0 + DAY, max_bytes=None, limit=10)
-        assert reader.upkeep(10_000) == 0
+        assert reader.upkeep(10_000) == 1  # reports what is not indexed, indexes nothing
+        assert store.upkeep(10_000) == 0
         with reader._connection() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("DELETE FROM meta")
         assert qids(store, device_id="D1") == [sid(T0)]
@@ -104,15 +105,20 @@ def test_a_reader_session_is_read_only(store: PostgresStore, pg_url: str) -> Non
 
 
 def test_device_stats_deltas_fold_in_upkeep(store: PostgresStore, pg_url: str) -> None:
-    for batch in range(5):
-        store.write_batch([rec(sid(T0 + batch, n), f"D{n % 2}") for n in range(4)])
-    with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT count(*) FROM device_counts").fetchone() == (10,)
-    assert store.upkeep(0) == 0  # a handful of deltas: no work worth waking up for
-    assert store.upkeep(1) == 0
-    with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT count(*) FROM device_counts").fetchone() == (2,)
-    assert [(d.device_id, d.records) for d in store.devices()] == [("D0", 10), ("D1", 10)]
+    def deltas() -> int:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT count(*) FROM device_counts").fetchone()
+        return int(row[0]) if row else 0
+
+    store.write_batch([rec(sid(T0, n), f"D{n % 2}") for n in range(4)])
+    assert store.upkeep(10) == 0 and deltas() == 2  # a handful: not worth a fold yet
+    for batch in range(1, 6):  # 1000 devices a batch: past _FOLD_AFTER delta rows
+        store.write_batch([rec(sid(T0 + batch, n), f"D{n}") for n in range(1000)])
+    assert deltas() == 5002
+    assert store.upkeep(10_000) == 0
+    assert deltas() == 1000
+    stats = {d.device_id: d.records for d in store.devices()}
+    assert len(stats) == 1000 and stats["D0"] == 7 and stats["D1"] == 7 and stats["D2"] == 5
 
 
 def test_same_id_from_two_stream_shards_is_two_records(store: PostgresStore) -> None:
@@ -211,16 +217,13 @@ def test_store_unavailable_while_the_server_is_down(private_postgres: PostgresSe
 def test_a_late_commit_is_never_skipped_by_a_cursor(store: PostgresStore, pg_url: str) -> None:
     """Worker A's transaction stays open while worker B commits; a follower misses nothing.
 
-    A blocks inside its write: its batch holds a record whose key a third
-    transaction has inserted and not committed yet, so A (its id, its rows)
-    waits on it; B, a transaction started later, commits meanwhile.  When the
-    blocker rolls back, A goes on and commits: its rows have lower seqs than B's.
+    A's rows have lower seqs than B's (its transaction id came first); until A
+    commits, B's record is not shown past the horizon either.
     """
     worker_b = PostgresStore(pg_url)
-    blocker = psycopg.connect(pg_url)
     follower_seen: list[str] = []
     follow_log: list[str] = []
-    assert store.write_batch([rec(sid(T0))]) == 1  # (and T0's day has its partition)
+    assert store.write_batch([rec(sid(T0))]) == 1
     cursor = store.max_seq()
     query_cursor = cursor
 
@@ -234,46 +237,32 @@ def test_a_late_commit_is_never_skipped_by_a_cursor(store: PostgresStore, pg_url
             query_cursor = row.seq
 
     try:
-        blocked = rec(sid(T0, 9))
-        blocker.execute(
-            "INSERT INTO records (seq, stream, qid, device_id, received_at, data, body)"
-            " VALUES (0, %s, %s, 'D1', %s, '{}', '{}')",
-            (blocked.stream, blocked.qid, blocked.received_at),
-        )  # not committed
-        a_done = threading.Event()
-        a_result: list[int] = []
-
-        def worker_a() -> None:
-            a_result.append(store_a.write_batch([rec(sid(T0, 1)), blocked]))
-            a_done.set()
-
-        store_a = PostgresStore(pg_url)
-        thread = threading.Thread(target=worker_a)
-        thread.start()
-        deadline = time.monotonic() + 10
-        with psycopg.connect(pg_url, autocommit=True) as probe:
-            while probe.execute(  # A waits on the blocker: its rows are in, uncommitted
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
-            ).fetchone() != (1,):
-                assert time.monotonic() < deadline, "worker A never blocked"
-                time.sleep(0.02)
-        assert worker_b.write_batch([rec(sid(T0, 2))]) == 1
-        assert not a_done.is_set()
-        follow()  # B's record is committed, but below it A may still commit: not yet shown
-        assert follower_seen == [] and follow_log == []
-        blocker.rollback()
-        thread.join(10)
-        assert a_result == [2]
+        with held_write(pg_url, [rec(sid(T0, 1)), rec(sid(T0, 9))]) as release:
+            assert worker_b.write_batch([rec(sid(T0, 2))]) == 1
+            follow()  # B's record is committed, but below it A may still commit: not yet shown
+            assert follower_seen == [] and follow_log == []
+            assert release() == 2
         follow()
         follow()
-        assert sorted(follower_seen) == [sid(T0, 1), sid(T0, 2), sid(T0, 9)]
-        assert len(follower_seen) == 3, "each once"
-        assert sorted(follow_log) == sorted(follower_seen) and len(follow_log) == 3
+        assert follower_seen == [sid(T0, 1), sid(T0, 9), sid(T0, 2)], "each once, in seq order"
+        assert follow_log == follower_seen
         assert store.max_seq() == cursor
-        store_a.close()
     finally:
-        blocker.close()
         worker_b.close()
+
+
+def test_the_search_index_never_skips_a_late_commit(store: PostgresStore, pg_url: str) -> None:
+    """Upkeep indexes only below the horizon, so a late commit is indexed later, not never."""
+    store.write_batch([rec(sid(T0), data={"msg": "early"})])
+    with held_write(pg_url, [rec(sid(T0, 1), data={"msg": "late"}),
+                             rec(sid(T0, 2), data={"msg": "late"})]) as release:
+        store.write_batch([rec(sid(T0, 3), data={"msg": "later"})])
+        assert store.upkeep(10_000) == 1  # the first record only: "later" is above A's rows
+        assert release() == 2
+    assert store.upkeep(10_000) == 0
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM search").fetchone() == (4,)
+    assert qids(store, device_id="D1", grep="LATE") == [sid(T0, 1), sid(T0, 2), sid(T0, 3)]
 
 
 def test_concurrent_writers_and_a_follower_lose_and_repeat_nothing(

@@ -69,7 +69,7 @@ from fleetlog.store.base import (
     VolumeBucket,
 )
 from fleetlog.store.fields import LEVELS, extract, normalise_level
-from fleetlog.store.search import search_needle, search_text, value_text
+from fleetlog.store.search import search_needle, search_text
 
 __all__ = ["DAYS_AHEAD", "MIGRATIONS", "SEQ_SHIFT", "PostgresStore"]
 
@@ -105,12 +105,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         level       text,
         message     text,
         data        text   NOT NULL,
-        body        text   NOT NULL,
         PRIMARY KEY (qid, stream, received_at)
     ) PARTITION BY RANGE (received_at);
     CREATE INDEX records_device ON records (device_id, received_at, seq);
     CREATE INDEX records_seq ON records (seq);
-    CREATE INDEX records_body ON records USING gin (body gin_trgm_ops);
+    -- What a search looks in (fleetlog.store.search), written by upkeep, partitioned alike.
+    CREATE TABLE search (
+        received_at bigint NOT NULL,
+        seq         bigint NOT NULL,
+        body        text   NOT NULL
+    ) PARTITION BY RANGE (received_at);
+    CREATE INDEX search_body ON search USING gin (body gin_trgm_ops);
+    CREATE INDEX search_seq ON search (seq);
     CREATE TABLE device_counts (
         device_id  text   NOT NULL,
         records    bigint NOT NULL,
@@ -120,18 +126,21 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX device_counts_device ON device_counts (device_id);
     CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
     INSERT INTO meta (key, value)
-        VALUES ('store_id', lpad(to_hex((random() * 9.2e18)::bigint), 16, '0'));
+        VALUES ('store_id', lpad(to_hex((random() * 9.2e18)::bigint), 16, '0')),
+               ('search_through', '0');
     """,
 )
 
 _COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
-_STAGED: Final = "n, stream, qid, device_id, received_at, ts, level, message, data, body"
+_STAGED: Final = "n, stream, qid, device_id, received_at, ts, level, message, data"
+_COPY: Final = ("COPY records (seq, stream, qid, device_id, received_at, ts, level, message, data)"
+                " FROM STDIN")
 #: Everything below it is final: no transaction with a lower id can still commit.
 _HORIZON: Final = f"(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {SEQ_SHIFT})"
 _STAGING: Final = """
     CREATE TEMP TABLE IF NOT EXISTS staging (
         n integer, stream text, qid text, device_id text, received_at bigint, ts bigint,
-        level text, message text, data text, body text
+        level text, message text, data text
     ) ON COMMIT DELETE ROWS
 """
 _INSERT: Final = f"""
@@ -142,12 +151,12 @@ _INSERT: Final = f"""
         FROM staging ORDER BY n
         ON CONFLICT DO NOTHING
         RETURNING device_id, received_at
-    ), counted AS (
-        INSERT INTO device_counts (device_id, records, first_seen, last_seen)
-        SELECT device_id, count(*), min(received_at), max(received_at) FROM new GROUP BY device_id
-        RETURNING records
     )
-    SELECT coalesce(sum(records), 0)::bigint, count(*) FROM counted
+    SELECT device_id, received_at FROM new
+"""
+_COUNT: Final = """
+    INSERT INTO device_counts (device_id, records, first_seen, last_seen)
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[])
 """
 _FOLD: Final = """
     WITH gone AS (DELETE FROM device_counts RETURNING *)
@@ -155,6 +164,12 @@ _FOLD: Final = """
     SELECT device_id, sum(records), min(first_seen), max(last_seen) FROM gone GROUP BY device_id
 """
 _PARTITION: Final = re.compile(r"records_(\d{8})")
+#: Records indexed per upkeep transaction at most.
+_INDEX_CHUNK: Final = 20_000
+#: Counting what is not indexed yet stops here (the worker only compares it to a limit).
+_LAG_CAP: Final = 1_000_000
+#: One worker indexes at a time (others skip, not wait): an arbitrary advisory lock key.
+_INDEX_LOCK: Final = 0x666C656575
 #: libpq's words when the URL's database is not there.
 _NO_DATABASE: Final = re.compile(r'database "[^"]*" does not exist')
 
@@ -164,8 +179,8 @@ def day_of(ms: int) -> int:
     return ms // DAY_MS
 
 
-def partition_name(day: int) -> str:
-    return "records_" + datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y%m%d")
+def partition_name(day: int, table: str = "records") -> str:
+    return f"{table}_" + datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y%m%d")
 
 
 def _partition_day(name: str) -> int | None:
@@ -186,30 +201,26 @@ def _row(values: tuple[Any, ...]) -> StoredRecord:
 
 
 def _prepare(record: QueuedRecord, n: int) -> tuple[Any, ...]:
-    """The staging row of one record; :class:`RecordRejected` when its data cannot be stored.
-
-    The JSON is parsed once, for its fields and its search text alike.
-    """
+    """The row of one record (``n``: its place in the batch); RecordRejected if it cannot be."""
     try:
         text = record.data.decode()
-        if record.data[:1] in b'{"':
-            value = orjson.loads(record.data)
-            ts, level, message = extract(value)
-            body = value_text(value)
-        else:
-            ts, level, message = None, None, None
-            body = search_text(text)
+        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
     except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
     if "\x00" in text:
         raise RecordRejected(f"record {record.qid}: a NUL character (PostgreSQL text cannot hold it)")
+    ts, level, message = fields if fields is not None else (None, None, None)
     # A NUL sent escaped (\u0000) is kept in ``data`` as sent; text columns cannot hold it.
     if message is not None and "\x00" in message:
         message = message.replace("\x00", "\ufffd")
-    if "\x00" in body:
-        body = body.replace("\x00", "\ufffd")
     return (n, record.stream, record.qid, record.device_id, record.received_at, ts, level,
-            message, text, body)
+            message, text)
+
+
+def _body(data: str) -> str:
+    """What a search looks in (:func:`~fleetlog.store.search.search_text`), NUL-free for text."""
+    body = search_text(data)
+    return body.replace("\x00", "\ufffd") if "\x00" in body else body
 
 
 def _stamp(qid: str) -> int | None:
@@ -389,11 +400,12 @@ class PostgresStore:
                 )
             }
             for day in sorted(missing - existing):
-                conn.execute(sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF records"
-                    " FOR VALUES FROM ({}) TO ({})"
-                ).format(sql.Identifier(partition_name(day)), sql.Literal(day * DAY_MS),
-                         sql.Literal((day + 1) * DAY_MS)))
+                for table in ("records", "search"):
+                    conn.execute(sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF {}"
+                        " FOR VALUES FROM ({}) TO ({})"
+                    ).format(sql.Identifier(partition_name(day, table)), sql.Identifier(table),
+                             sql.Literal(day * DAY_MS), sql.Literal((day + 1) * DAY_MS)))
                 log.info("PostgreSQL partition %s created", partition_name(day))
         self._days |= missing
 
@@ -431,39 +443,116 @@ class PostgresStore:
         self._ensure_ahead()
         self._ensure_days({day_of(row[4]) for row in rows})
         try:
-            with self._connection() as conn:
-                conn.execute(_STAGING)
-                with conn.cursor() as cursor:
-                    with cursor.copy(f"COPY staging ({_STAGED}) FROM STDIN") as copy:
-                        for row in rows:
-                            copy.write_row(row)
-                    result = cursor.execute(_INSERT).fetchone()
+            try:
+                new = self._copy(rows)
+            except psycopg.errors.UniqueViolation:
+                new = self._merge(rows)  # some are stored already (a redelivery)
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise RecordRejected(f"PostgreSQL refused the record: {exc}") from exc
-        if result is None:
-            return 0
-        self._unfolded += int(result[1])
-        return int(result[0])
+        return new
+
+    def _copy(self, rows: list[tuple[Any, ...]]) -> int:
+        """Every row is new (the common case): ``COPY`` straight into ``records``.
+
+        ``seq`` is this transaction's id (drawn first) and the row's place in
+        the batch.  A row already stored raises UniqueViolation, and nothing of
+        the transaction stays.
+        """
+        with self._connection() as conn:
+            row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            base = int(row[0]) << SEQ_SHIFT if row is not None else 0
+            with conn.cursor() as cursor, cursor.copy(_COPY) as copy:
+                for values in rows:
+                    copy.write_row((base + values[0], *values[1:]))
+            self._count(conn, [(values[3], values[4]) for values in rows])
+        return len(rows)
+
+    def _merge(self, rows: list[tuple[Any, ...]]) -> int:
+        """Some rows may be stored already: through a staging table, ``ON CONFLICT DO NOTHING``."""
+        with self._connection() as conn:
+            conn.execute(_STAGING)
+            with conn.cursor() as cursor:
+                with cursor.copy(f"COPY staging ({_STAGED}) FROM STDIN") as copy:
+                    for values in rows:
+                        copy.write_row(values)
+                new = cursor.execute(_INSERT).fetchall()
+            self._count(conn, new)
+        return len(new)
+
+    def _count(self, conn: psycopg.Connection[Any], new: Sequence[tuple[str, int]]) -> None:
+        """Add the device-stat deltas of ``new`` (device, received_at) rows."""
+        stats: dict[str, list[int]] = {}
+        for device, at in new:
+            stat = stats.get(device)
+            if stat is None:
+                stats[device] = [1, at, at]
+            else:
+                stat[0] += 1
+                stat[1] = min(stat[1], at)
+                stat[2] = max(stat[2], at)
+        if stats:
+            conn.execute(_COUNT, (list(stats), [v[0] for v in stats.values()],
+                                  [v[1] for v in stats.values()], [v[2] for v in stats.values()]))
+        self._unfolded += len(stats)
 
     # -- upkeep ---------------------------------------------------------------------
 
     def upkeep(self, budget: int) -> int:
-        """Fold the device-stat deltas and make partitions ahead; return the deltas left.
+        """Index up to ``budget`` records for search, fold device stats; return records not indexed.
 
-        The trigram index needs no catching up (PostgreSQL maintains it in the
-        write), so the only work is :data:`_FOLD_AFTER`-sized: ``devices()`` is
-        complete without it, only slower as deltas pile up.  What is left is
-        counted by this process (a fold by another worker is not seen), and
-        reported as 0 below :data:`_FOLD_AFTER` so that an idle worker does not
-        wake up for a handful of rows.  ``upkeep(0)`` only reports.
+        The trigram index is the costly part of a write (twice what storing a
+        record costs), so as in the SQLite store it is built after the commit,
+        off the ingest path: :meth:`query` scans what it does not cover yet, so
+        a search is complete whatever is left.  One worker indexes at a time
+        (another finds the lock taken and goes back to its queue).  Device-stat
+        deltas are folded once :data:`_FOLD_AFTER` piled up, and partitions are
+        made ahead.  ``upkeep(0)`` only reports.
         """
         if budget > 0 and not self.readonly:
             self._ensure_ahead()
-            if self._unfolded:
+            while budget > 0:
+                done = self._index(min(budget, _INDEX_CHUNK))
+                if done == 0:
+                    break
+                budget -= done
+            if self._unfolded >= _FOLD_AFTER:
                 with self._connection() as conn:
                     conn.execute(_FOLD)
                 self._unfolded = 0
-        return self._unfolded if self._unfolded >= _FOLD_AFTER else 0
+        return self._lag()
+
+    def _index(self, limit: int) -> int:
+        """Index the next ``limit`` final records after ``search_through``; how many (0: none or busy)."""
+        with self._connection() as conn:
+            if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_INDEX_LOCK,)).fetchone() != (True,):
+                return 0
+            through = self._through(conn)
+            rows = conn.execute(
+                f"SELECT received_at, seq, data FROM records WHERE seq > %s AND seq < {_HORIZON}"
+                " ORDER BY seq LIMIT %s", (through, limit)).fetchall()
+            if not rows:
+                return 0
+            with conn.cursor() as cursor, cursor.copy(
+                    "COPY search (received_at, seq, body) FROM STDIN") as copy:
+                for received_at, seq, data in rows:
+                    copy.write_row((received_at, seq, _body(data)))
+            conn.execute("UPDATE meta SET value = %s WHERE key = 'search_through'",
+                         (str(rows[-1][1]),))
+        return len(rows)
+
+    @staticmethod
+    def _through(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'search_through'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _lag(self) -> int:
+        """Records stored and not indexed yet (counted up to :data:`_LAG_CAP`)."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM (SELECT FROM records WHERE seq >"
+                " (SELECT value::bigint FROM meta WHERE key = 'search_through') LIMIT %s) AS lag",
+                (_LAG_CAP,)).fetchone()
+        return int(row[0]) if row is not None else 0
 
     def _partitions(self, conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
         """(day, name) of every partition, oldest first."""
@@ -505,6 +594,8 @@ class PostgresStore:
             " GROUP BY device_id"
         ).format(sql.Identifier(name))).fetchall()
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+        search = name.replace("records_", "search_", 1)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(search)))
         count = self._forget(conn, gone)
         log.info("retention: dropped partition %s (%d records)", name, count)
         return count
@@ -515,10 +606,12 @@ class PostgresStore:
         gone = conn.execute(sql.SQL(
             "WITH gone AS (DELETE FROM {table} WHERE ctid IN ("
             "  SELECT ctid FROM {table} WHERE received_at < %s"
-            "  ORDER BY received_at, seq LIMIT %s) RETURNING device_id, received_at)"
+            "  ORDER BY received_at, seq LIMIT %s) RETURNING device_id, received_at, seq),"
+            " unsearched AS (DELETE FROM {search} WHERE seq IN (SELECT seq FROM gone))"
             " SELECT device_id, count(*), min(received_at), max(received_at) FROM gone"
             " GROUP BY device_id"
-        ).format(table=sql.Identifier(name)),
+        ).format(table=sql.Identifier(name),
+                 search=sql.Identifier(name.replace("records_", "search_", 1))),
             (before if before is not None else 2**62, limit)).fetchall()
         return self._forget(conn, gone)
 
@@ -584,18 +677,24 @@ class PostgresStore:
 
         With ``after_seq`` (``--follow``): the oldest ``limit`` records after it
         in seq order that are final (below the horizon, see the module docstring).
+        With ``grep``: the trigram index answers for the records it covers
+        (``seq <= search_through``), and the few stored since are read and
+        matched here with the same :func:`~fleetlog.store.search.search_text`.
         """
         where: list[str] = []
         params: list[Any] = []
         if query.device_id is not None:
             where.append("device_id = %s")
             params.append(query.device_id)
+        span = ""  # the time range again, for the search table's partitions
         if query.since is not None:
             where.append("received_at >= %s")
             params.append(query.since)
+            span += f" AND received_at >= {int(query.since)}"
         if query.until is not None:
             where.append("received_at < %s")
             params.append(query.until)
+            span += f" AND received_at < {int(query.until)}"
         if query.after_seq is not None:
             where.append(f"seq > %s AND seq < {_HORIZON}")
             params.append(query.after_seq)
@@ -610,20 +709,35 @@ class PostgresStore:
             else:
                 where.append("level = %s")
                 params.append(normal)
-        if query.grep:
-            # Both sides case-folded in Python; LIKE (not ILIKE: lower() is not casefold()).
-            where.append("body LIKE %s")
-            params.append(_like(search_needle(query.grep)))
-        order = "seq" if query.after_seq is not None else "received_at DESC, seq DESC"
-        statement = (f"SELECT {_COLUMNS} FROM records"
-                     f"{' WHERE ' + ' AND '.join(where) if where else ''}"
-                     f" ORDER BY {order} LIMIT %s")
-        params.append(query.limit)
+        newest_first = query.after_seq is None
+        order = "received_at DESC, seq DESC" if newest_first else "seq"
         with self._connection() as conn:
-            rows = [_row(values) for values in conn.execute(statement.encode(), params)]
-        if query.after_seq is None:
+            if not query.grep:
+                rows = self._select(conn, where, params, order, query.limit)
+            else:
+                needle = search_needle(query.grep)
+                through = self._through(conn)
+                # Both sides case-folded in Python: LIKE, not ILIKE (lower() is not casefold()).
+                indexed = f"seq IN (SELECT seq FROM search WHERE body LIKE %s AND seq <= %s{span})"
+                rows = self._select(conn, [*where, indexed], [*params, _like(needle), through],
+                                    order, query.limit)
+                recent = self._select(conn, [*where, "seq > %s"], [*params, through], order, None)
+                rows += [row for row in recent if needle in _body(row.data)]
+                key = ((lambda r: (r.received_at, r.seq)) if newest_first
+                       else (lambda r: (r.seq, 0)))
+                rows = sorted(rows, key=key, reverse=newest_first)[:query.limit]
+        if newest_first:
             rows.reverse()
         return rows
+
+    @staticmethod
+    def _select(conn: psycopg.Connection[Any], where: list[str], params: list[Any], order: str,
+                limit: int | None) -> list[StoredRecord]:
+        statement = (f"SELECT {_COLUMNS} FROM records"
+                     f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}"
+                     + (" LIMIT %s" if limit is not None else ""))
+        values = [*params, limit] if limit is not None else params
+        return [_row(row) for row in conn.execute(statement.encode(), values)]
 
     def volume(self, device_id: str | None, since: int, until: int,
                step: int) -> list[VolumeBucket]:

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["SEPARATOR", "search_needle", "search_text", "value_text"]
+__all__ = ["SEPARATOR", "search_needle", "search_text"]
 
 #: Between the strings of one record, so that a needle never spans two values
 #: unless it holds this (unit separator) character itself.
@@ -51,13 +51,6 @@ def search_text(data: str | bytes) -> str:
     except orjson.JSONDecodeError:
         text = data.decode(errors="replace") if isinstance(data, bytes) else data
         return text.casefold()
-    return value_text(value)
-
-
-def value_text(value: Any) -> str:
-    """:func:`search_text` of a record already decoded (a writer that parsed it once)."""
-    if isinstance(value, str):
-        return value.casefold()
     return SEPARATOR.join(_strings(value)).casefold()
 
 
