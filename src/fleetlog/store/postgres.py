@@ -97,9 +97,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE EXTENSION IF NOT EXISTS pg_trgm;
     CREATE TABLE records (
         seq         bigint NOT NULL,
-        stream      text   NOT NULL,
-        qid         text   NOT NULL,
-        device_id   text   NOT NULL,
+        stream      text   COLLATE "C" NOT NULL,
+        qid         text   COLLATE "C" NOT NULL,
+        device_id   text   COLLATE "C" NOT NULL,
         received_at bigint NOT NULL,
         ts          bigint,
         level       text,
