@@ -4,15 +4,18 @@ Several workers on several machines write to one database; readers (``fleetlog
 logs``, the API) may read from replicas.  The design, and why:
 
 * **Partitions by day of ``received_at``** (declarative range partitioning), so
-  retention drops whole tables (:meth:`PostgresStore.prune`) instead of
-  deleting rows, and a time-range read touches only its days.  Days ahead are
+  retention by age drops whole tables (:meth:`PostgresStore.prune`) instead of
+  deleting rows (only the day the cutoff falls in is deleted from by row),
+  and a time-range read touches only its days.  Days ahead are
   created in advance (:data:`DAYS_AHEAD`), so an insert never waits on DDL; a
   record of a day with no partition yet (a redelivery from long ago) gets its
   partition created before its batch is written.
 * **Idempotent writes**: ``received_at`` derives from the Redis stream id, so
   a redelivered record falls into the same partition, and the primary key
-  (``qid``, ``stream``, ``received_at``) turns it into a no-op (``INSERT ...
-  ON CONFLICT DO NOTHING`` from a ``COPY``-loaded staging table).  The stream
+  (``qid``, ``stream``, ``received_at``) refuses it.  A batch is ``COPY``-ed
+  straight into ``records`` (the common case: every record new); when the key
+  refuses one (a redelivery) the batch is written again in a new transaction
+  through a staging table and ``INSERT ... ON CONFLICT DO NOTHING``.  The stream
   key is part of the identity: the same id from two stream shards is two records.
 * **A cursor that never skips a late commit.**  With several writers, a
   sequence number taken at insert time is not the order in which rows become
@@ -26,13 +29,16 @@ logs``, the API) may read from replicas.  The design, and why:
   appear below the horizon later.  A reader waits (at most) for the oldest
   open write transaction, and never skips or repeats a record.
 * **Search** matches exactly what every backend matches
-  (:mod:`fleetlog.store.search`): ``body`` holds
+  (:mod:`fleetlog.store.search`): ``search.body`` holds
   :func:`~fleetlog.store.search.search_text` of the record (its decoded
   strings, case-folded by Python's ``str.casefold``, which PostgreSQL's
   ``lower()`` is not), the needle is case-folded in Python too, and the two
   meet in a ``LIKE`` with every wildcard escaped, served by a ``pg_trgm`` GIN
   index: substring search that works for Chinese, the choice the SQLite store
-  makes with its trigram index.
+  makes with its trigram index.  As there, the index costs more than storing
+  the record, so it is built after the commit by :meth:`PostgresStore.upkeep`
+  (below the horizon only, so a late commit is indexed later, never skipped),
+  and a search matches the few records not indexed yet in Python.
 * **Per-device stats** are kept as insert-only deltas (``device_counts``), so
   two workers writing records of the same devices never wait on each other's
   row locks; :meth:`PostgresStore.upkeep` folds them together.
