@@ -174,6 +174,8 @@ _PARTITION: Final = re.compile(r"records_(\d{8})")
 _INDEX_CHUNK: Final = 20_000
 #: Counting what is not indexed yet stops here (the worker only compares it to a limit).
 _LAG_CAP: Final = 1_000_000
+#: Between two counts of what is not indexed, the count is kept up to date by this process.
+_LAG_COUNT_EVERY_S: Final = 1.0
 #: One worker indexes at a time (others skip, not wait): an arbitrary advisory lock key.
 _INDEX_LOCK: Final = 0x666C656575
 #: libpq's words when the URL's database is not there.
@@ -250,6 +252,8 @@ class PostgresStore:
         self._days: set[int] = set()  # partitions known to exist
         self._ahead_until = 0  # today's day number + DAYS_AHEAD when last made sure of
         self._unfolded = 0
+        self._lag_counted = 0  # records not indexed at the last count (-1: count again)
+        self._lag_counted_at = float("-inf")
         self._open()
 
     # -- connections ----------------------------------------------------------
@@ -457,6 +461,7 @@ class PostgresStore:
                 new = self._merge(rows)  # some are stored already (a redelivery)
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise RecordRejected(f"PostgreSQL refused the record: {exc}") from exc
+        self._lag_counted += new
         return new
 
     def _copy(self, rows: list[tuple[Any, ...]]) -> int:
@@ -546,6 +551,9 @@ class PostgresStore:
                     copy.write_row((received_at, seq, _body(data)))
             conn.execute("UPDATE meta SET value = %s WHERE key = 'search_through'",
                          (str(rows[-1][1]),))
+        self._lag_counted -= len(rows)
+        if len(rows) < limit:  # caught up (or a late commit in the way): count again
+            self._lag_counted_at = float("-inf")
         return len(rows)
 
     @staticmethod
@@ -554,13 +562,24 @@ class PostgresStore:
         return int(row[0]) if row is not None else 0
 
     def _lag(self) -> int:
-        """Records stored and not indexed yet (counted up to :data:`_LAG_CAP`)."""
+        """Records stored and not indexed yet (counted up to :data:`_LAG_CAP`).
+
+        Counting is a scan of the records not indexed, and the worker asks
+        after every batch: it counts at most every :data:`_LAG_COUNT_EVERY_S`,
+        and in between adds what it wrote and takes off what it indexed (other
+        workers' writes show at the next count).
+        """
+        now = time.monotonic()
+        if now - self._lag_counted_at < _LAG_COUNT_EVERY_S:
+            return max(0, self._lag_counted)
+        self._lag_counted_at = now
         with self._connection() as conn:
             row = conn.execute(
                 "SELECT count(*) FROM (SELECT FROM records WHERE seq >"
                 " (SELECT value::bigint FROM meta WHERE key = 'search_through') LIMIT %s) AS lag",
                 (_LAG_CAP,)).fetchone()
-        return int(row[0]) if row is not None else 0
+        self._lag_counted = int(row[0]) if row is not None else 0
+        return self._lag_counted
 
     def _partitions(self, conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
         """(day, name) of every partition, oldest first."""
