@@ -115,6 +115,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ) PARTITION BY RANGE (received_at);
     CREATE INDEX records_device ON records (device_id, received_at, seq);
     CREATE INDEX records_seq ON records (seq);
+    -- The fleet's newest first (the API's pages, --retention's boundary day), per partition.
+    CREATE INDEX records_time ON records (received_at, seq);
     -- What a search looks in (fleetlog.store.search), written by upkeep, partitioned alike.
     CREATE TABLE search (
         received_at bigint NOT NULL,
