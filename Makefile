@@ -47,6 +47,7 @@ lint: install-test
 
 bench: install-bench
 	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(ARGS)
+	$(BIN)/python -m bench.pg_drain --quick  # PostgreSQL vs SQLite drain, reads (about 30 s)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

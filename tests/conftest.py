@@ -21,6 +21,7 @@ import redis.cluster
 from fleetlog import net
 from fleetlog.embedded import LocalCluster, RedisServer
 from fleetlog.net import free_port
+from tests.pg import pg_url, postgres_server, private_postgres  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from fleetlog.reading import (
     volume_request,
 )
 from fleetlog.records import QueuedRecord
-from fleetlog.store import StoreMissing
+from fleetlog.store import StoreMissing, open_store
 from fleetlog.store.sqlite import SQLiteStore
+from tests.pg import held_write
 
 T0 = 1_795_687_200_000
 NOW = T0 + 3_600_000
@@ -104,6 +106,47 @@ def test_follow_yields_new_records_in_order_and_stops(store_url: str, tmp_path: 
             if len(got) == 2500:
                 stop.set()
         assert got == [f"2-{n}" for n in range(2500)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_tail_shows_a_late_commit_once_and_the_first_page_only_once(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``logs --follow``: a record committed late with a lower seq than one shown still comes.
+
+    On PostgreSQL worker A's write is held in flight while worker B commits; the
+    first page shows B's record.  Following from the newest record shown would
+    skip A's forever; following from the horizon brings A's, and B's not again.
+    """
+    url = (request.getfixturevalue("pg_url") if backend == "postgresql"
+           else f"sqlite:///{tmp_path / 'fleetlog.db'}")
+    writer = open_store(url)
+    writer.write_batch([rec("1-0")])
+    late = [rec("2-0", at=T0 + 1), rec("2-1", at=T0 + 1)]
+    stop = threading.Event()
+    timer = threading.Timer(10, stop.set)  # the bound, should a record never come
+    with contextlib.ExitStack() as stack:
+        if backend == "postgresql":
+            release = stack.enter_context(held_write(url, late))
+        else:
+            def release() -> int:
+                return writer.write_batch(late)
+        writer.write_batch([rec("3-0", at=T0 + 2)])
+        reader = stack.enter_context(Reader.open(url))
+        first, more = reader.tail(logs_request("D1", now_ms=NOW), poll=0.01, stop=stop)
+        assert [r.qid for r in first] == ["1-0", "3-0"]
+        assert release() == 2
+        timer.start()
+        got = []
+        for record in more:
+            got.append(record.qid)
+            if len(got) == 2:
+                writer.write_batch([rec("4-0", at=T0 + 3)])
+            if len(got) == 3:
+                stop.set()
+        timer.cancel()
+    writer.close()
+    assert got == ["2-0", "2-1", "4-0"]
 
 
 def test_a_missing_store_is_never_created(tmp_path: Path) -> None:

@@ -265,18 +265,15 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
 
     with Reader.open(settings.store_url) as reader:
         try:
-            last = reader.position()
-            records = reader.latest(request)
+            records, more = reader.tail(request)
             emit(records)
             if not records and not reader.has_records(device_id):
                 click.echo(f"fleetlog: device {device_id!r} has no records in "
                            f"{settings.store_url}", err=True)
                 if not follow:
                     return 1
-            if records:
-                last = max(last, records[-1].seq)
             if follow:
-                for record in reader.follow(request, last):
+                for record in more:
                     emit([record])
         except (KeyboardInterrupt, BrokenPipeError):
             pass

@@ -361,8 +361,37 @@ class Reader:
         return bool(self.store.query(LogQuery(device_id, limit=1)))
 
     def position(self) -> int:
-        """The cursor of "now" for :meth:`follow`: the newest stored ``seq``."""
+        """The cursor of "now" for :meth:`follow`: the store's ``max_seq``.
+
+        That is the horizon below which nothing can still appear (PostgreSQL's
+        ``max_seq`` leaves out rows a late commit could still precede), not
+        necessarily the newest record a read shows: see :meth:`tail`.
+        """
         return self.store.max_seq()
+
+    def tail(self, request: LogsRequest, *, poll: float = 0.25,
+             stop: threading.Event | None = None,
+             ) -> tuple[list[StoredRecord], Iterator[StoredRecord]]:
+        """The newest records (:meth:`latest`), and lazily every one stored after them.
+
+        ``fleetlog logs --follow``.  The follow starts at :meth:`position` taken
+        *before* the first read, not at the newest record shown: with several
+        writers a record with a lower ``seq`` than one shown may still commit,
+        and it must come.  What the first read showed above the horizon comes
+        again from the follow, and is not yielded twice.
+        """
+        after = self.position()
+        first = self.latest(request)
+        shown = {record.seq for record in first if record.seq > after}
+
+        def more() -> Iterator[StoredRecord]:
+            for record in self.follow(request, after, poll=poll, stop=stop):
+                if record.seq in shown:
+                    shown.discard(record.seq)
+                    continue
+                yield record
+
+        return first, more()
 
     def follow(self, request: LogsRequest, after: int, *, poll: float = 0.25,
                stop: threading.Event | None = None) -> Iterator[StoredRecord]:

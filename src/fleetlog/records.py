@@ -23,6 +23,8 @@ class QueuedRecord:
     received_at: int  # milliseconds since the epoch, UTC
     data: bytes
     deliveries: int = 1
+    #: The stream (shard) the record was queued in: with ``qid``, its identity in a
+    #: store that keeps several streams apart (PostgreSQL; SQLite keys on ``qid`` alone).
     stream: str = ""
 
 

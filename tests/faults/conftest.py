@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import Fleet
+from tests.pg import PostgresServer
 
 
 @pytest.fixture
@@ -14,5 +15,15 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     running = Fleet(tmp_path)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def pg_fleet(tmp_path: Path, private_postgres: PostgresServer) -> Iterator[Fleet]:
+    """A fleet whose workers store into PostgreSQL (a server of the test's own, to stop)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    running = Fleet(tmp_path, store_url=private_postgres.create_database())
     yield running
     running.close()

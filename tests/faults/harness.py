@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 
 from fleetlog.embedded import RedisServer, free_port
 from tests.conftest import Processes, wait_for_port
@@ -46,15 +47,21 @@ class Outcome:
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, *, heartbeat_ttl: float = 2.0) -> None:
+    """``store_url``: the workers' store (default: SQLite in the data dir)."""
+
+    def __init__(self, tmp_path: Path, *, heartbeat_ttl: float = 2.0,
+                 store_url: str | None = None) -> None:
         self.tmp = tmp_path
         self.data_dir = tmp_path / "data"
+        self.store_url = store_url
         self.redis = RedisServer(tmp_path / "redis", appendfsync="always")
         self.redis.start()
         self.procs = Processes(tmp_path)
         self.port = free_port()
+        # One gateway process: the scenarios kill and restart "the gateway" as one node
+        # (`gateway --processes` has its own test of a killed child).
         self.env = {"FLEETLOG_HEARTBEAT_TTL": str(heartbeat_ttl), "FLEETLOG_RATE_RECORDS": "1000000",
-                    "FLEETLOG_RATE_BYTES": "1000000000"}
+                    "FLEETLOG_RATE_BYTES": "1000000000", "FLEETLOG_PROCESSES": "1"}
         self.gateway: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.simulator: subprocess.Popen[bytes] | None = None
@@ -74,7 +81,7 @@ class Fleet:
         self.worker = self.procs.start(
             "worker", "--redis-url", self.redis.url, "--data-dir", str(self.data_dir),
             "--files", str(self.data_dir / "logs"), "--claim-idle", "1", "--consumer", consumer,
-            *extra, env=self.env)
+            *(("--store", self.store_url) if self.store_url else ()), *extra, env=self.env)
         return self.worker
 
     def simulate(self, devices: int, messages: int, *, batch: int = 10, rate: float = 0,
@@ -95,6 +102,9 @@ class Fleet:
         return summary
 
     def stored(self) -> Counter[tuple[str, int]]:
+        """(device, seq) of every stored record, with how many times each is there."""
+        if self.store_url is not None:
+            return self._stored_postgresql(self.store_url)
         path = self.data_dir / "fleetlog.db"
         if not path.exists():
             return Counter()
@@ -105,6 +115,17 @@ class Fleet:
             return Counter()
         finally:
             db.close()
+        return Counter((device, seq) for device, seq in rows if seq is not None)
+
+    @staticmethod
+    def _stored_postgresql(url: str) -> Counter[tuple[str, int]]:
+        try:
+            with psycopg.connect(url, connect_timeout=2) as conn:
+                rows = conn.execute(
+                    "SELECT device_id, (data::jsonb ->> 'seq')::bigint FROM records"
+                    " WHERE left(data, 1) = '{'").fetchall()
+        except psycopg.Error:  # the server down (a scenario stopped it), or no schema yet
+            return Counter()
         return Counter((device, seq) for device, seq in rows if seq is not None)
 
     def filed(self) -> Counter[tuple[str, int]]:

@@ -17,6 +17,7 @@ import redis
 
 from tests.faults.harness import Fleet
 from tests.helpers import run_fleetlog
+from tests.pg import PostgresServer
 
 
 def _healthz(fleet: Fleet) -> dict[str, int]:
@@ -39,6 +40,16 @@ def _assert_clean(outcome: object) -> None:
 
 
 def test_worker_sigkilled_ten_times_mid_batch(fleet: Fleet) -> None:
+    _worker_sigkilled_ten_times(fleet, "worker SIGKILL x10")
+
+
+def test_worker_sigkilled_ten_times_mid_batch_postgresql(pg_fleet: Fleet) -> None:
+    # Two workers, as PostgreSQL is for: one steady, one killed; both commit at once.
+    pg_fleet.start_worker("--batch", "200", consumer="steady")
+    _worker_sigkilled_ten_times(pg_fleet, "worker SIGKILL x10, 2 workers (PostgreSQL)")
+
+
+def _worker_sigkilled_ten_times(fleet: Fleet, scenario: str) -> None:
     fleet.start_gateway()
     fleet.start_worker("--batch", "200")
     fleet.simulate(devices=50, messages=600, rate=6000)
@@ -50,7 +61,7 @@ def test_worker_sigkilled_ten_times_mid_batch(fleet: Fleet) -> None:
     summary = fleet.wait_simulation()
     assert summary["acked"] == 30_000
     fleet.wait_drained(30_000)
-    outcome = fleet.verify("worker SIGKILL x10", time.monotonic() - restarted, "drain after last kill")
+    outcome = fleet.verify(scenario, time.monotonic() - restarted, "drain after last kill")
     _assert_clean(outcome)
 
 
@@ -197,14 +208,50 @@ def test_disk_full(fleet: Fleet) -> None:
                                f"{stalled} stored while full"))
 
 
+def test_postgresql_stopped_and_restarted(pg_fleet: Fleet,
+                                          private_postgres: PostgresServer) -> None:
+    """The server crashes (stop -m immediate) under load and comes back 5 s later."""
+    fleet = pg_fleet
+    fleet.start_gateway("--max-backlog", "3000")
+    fleet.start_worker()
+    fleet.simulate(devices=20, messages=500, rate=2000)
+    time.sleep(1.0)
+    fleet.wait_drained(1)
+    private_postgres.stop("immediate")  # a crash: what was committed must survive it
+    time.sleep(5)
+    rss = fleet.rss_mb(fleet.worker)
+    private_postgres.start()
+    recovery = fleet.until_flowing()
+    summary = fleet.wait_simulation()
+    assert fleet.worker is not None and fleet.worker.poll() is None, "the worker waited"
+    log = (fleet.tmp / "worker-1.log").read_text()
+    assert "store unavailable, not acknowledging" in log
+    assert summary["acked"] == 10_000
+    _assert_clean(fleet.verify(
+        "PostgreSQL stopped (immediate) 5 s + restarted", recovery,
+        f"{summary['errors'].get('busy', 0)} busy replies; worker RSS {rss:.0f} MB"))
+
+
 def test_poison_records_go_to_dead_letters(fleet: Fleet) -> None:
+    _poison_records(fleet, [b'{"seq": %d, broken' % n for n in range(5)],
+                    "poison records (5) -> dead letters")
+
+
+def test_poison_records_go_to_dead_letters_postgresql(pg_fleet: Fleet) -> None:
+    # What PostgreSQL alone refuses too: a NUL in text, bytes that are not UTF-8.
+    poison = [b'{"seq": 0, broken', b'{"seq": 1, broken', b"raw text with a NUL \x00",
+              b'{"seq": 3, "bad": "\xff"}', b"\xfe\xff not UTF-8 either"]
+    _poison_records(pg_fleet, poison, "poison records (5) -> dead letters (PostgreSQL)")
+
+
+def _poison_records(fleet: Fleet, poison: list[bytes], scenario: str) -> None:
     fleet.start_gateway()
     fleet.start_worker("--max-deliveries", "3")
     fleet.simulate(devices=20, messages=300, rate=3000)
     client = redis.Redis.from_url(fleet.redis.url)
     time.sleep(0.5)
-    for n in range(5):
-        client.xadd("fleetlog:records", {"d": "poison", "r": b'{"seq": %d, broken' % n})
+    for raw in poison:
+        client.xadd("fleetlog:records", {"d": "poison", "r": raw})
     started = time.monotonic()
     summary = fleet.wait_simulation()
     deadline = time.monotonic() + 60
@@ -215,7 +262,7 @@ def test_poison_records_go_to_dead_letters(fleet: Fleet) -> None:
     assert len(dead) == 5
     assert all(int(fields[b"deliveries"]) >= 3 and fields[b"error"] for _, fields in dead)
     assert summary["acked"] == 6000
-    _assert_clean(fleet.verify("poison records (5) -> dead letters", time.monotonic() - started,
+    _assert_clean(fleet.verify(scenario, time.monotonic() - started,
                                "5 dead-lettered after 3 deliveries"))
 
 

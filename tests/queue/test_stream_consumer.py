@@ -82,7 +82,7 @@ def test_fetch_returns_whole_records(client: redis.Redis) -> None:
         received_at=int(entry_id.decode().split("-")[0]),
         data='{"msg":"门已打开","n":123456789012345678901234}'.encode(),
         deliveries=1,
-        stream=STREAM,
+        stream=STREAM,  # with qid, the record's identity in a store that keeps shards apart
     )
     assert before - 5 <= record.received_at <= after + 5
 

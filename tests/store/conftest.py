@@ -3,6 +3,9 @@
 A backend joins by adding a :class:`Backend` to :data:`BACKENDS`: how to open
 a fresh store (read-write and read-only), the URL of one that does not exist,
 and how to make one unreadable.  The tests themselves never change.
+
+PostgreSQL runs on the session's private server (``tests/pg.py``), one new
+database per test.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from fleetlog.store import Store, open_store
@@ -38,7 +42,7 @@ class Backend:
                 pass
 
 
-def _sqlite(tmp_path: Path) -> Backend:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     path = tmp_path / "store" / "fleetlog.db"
 
     def wreck() -> None:
@@ -49,11 +53,22 @@ def _sqlite(tmp_path: Path) -> Backend:
     return Backend(f"sqlite:///{path}", f"sqlite:///{tmp_path / 'nowhere' / 'fleetlog.db'}", wreck)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite}
+def _postgresql(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    url: str = request.getfixturevalue("pg_url")  # a new empty database, dropped after the test
+
+    def wreck() -> None:  # the records table gone, the rest of the schema left
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE records CASCADE")
+
+    return Backend(url, url.rsplit("/", 1)[0] + "/nowhere", wreck)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "sqlite": _sqlite, "postgresql": _postgresql}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    backend = BACKENDS[request.param](tmp_path)
+    backend = BACKENDS[request.param](request, tmp_path)
     yield backend
     backend.close_all()

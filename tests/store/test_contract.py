@@ -1,23 +1,26 @@
 """The :class:`~fleetlog.store.base.Store` contract, run unchanged against every backend.
 
 Backends come from ``store_factory`` (``tests/store/conftest.py``): SQLite
-today; PostgreSQL adds itself there.  Backend-specific behaviour (SQLite's
-WAL, its migrations, its index tables) is tested in that backend's own module.
+and PostgreSQL.  Backend-specific behaviour (SQLite's WAL, its migrations, its
+index tables; PostgreSQL's partitions, stream shards, concurrent writers) is
+tested in that backend's own module.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 
-from fleetlog.records import QueuedRecord, StoredRecord
+from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store import LogQuery, Store, StoreMissing, StoreUnavailable, VolumeBucket
 from tests.store.conftest import Backend
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
+DAY = 86_400_000
 
 
 def rec(qid: str, device: str = "D1", received_at: int = T0, **data: Any) -> QueuedRecord:
@@ -43,8 +46,12 @@ def test_writes_are_idempotent_on_qid(store_factory: Backend) -> None:
     assert store.write_batch([rec("1-0"), rec("1-1"), rec("1-0")]) == 2
     assert store.write_batch([rec("1-1"), rec("1-2")]) == 1
     assert qids(store.after(0, 100)) == ["1-0", "1-1", "1-2"]
-    assert [(d.device_id, d.records) for d in store.devices()] == [("D1", 3)]
+    assert store.devices() == [DeviceStats("D1", 3, T0, T0)]
     assert store.seqs_of(["1-0", "9-9"]).keys() == {"1-0"}
+    # By stream id, as the worker writes them: their time is received_at.
+    assert store.write_batch([rec(f"{T0 + 5}-0", received_at=T0 + 5)]) == 1
+    assert store.seqs_of([f"{T0 + 5}-0"]).keys() == {f"{T0 + 5}-0"}
+    assert store.devices() == [DeviceStats("D1", 4, T0, T0 + 5)]
 
 
 def test_records_keep_their_order_per_device(store_factory: Backend) -> None:
@@ -55,6 +62,18 @@ def test_records_keep_their_order_per_device(store_factory: Backend) -> None:
         stored = store.query(LogQuery(device, limit=100))
         assert qids(stored) == [f"{b}-{n}" for b in range(3) for n in range(4) if n % 2 == int(device[1])]
         assert [r.seq for r in stored] == sorted(r.seq for r in stored)
+
+
+def test_newest_first_is_by_time_not_by_arrival(store_factory: Backend) -> None:
+    # Written out of order and interleaved with another device: read back by time.
+    store = store_factory.open()
+    store.write_batch([rec("a3", "A", T0 + 30), rec("b1", "B", T0 + 10), rec("a1", "A", T0 + 10)])
+    store.write_batch([rec("a2", "A", T0 + 20), rec("b4", "B", T0 + 40), rec("a4", "A", T0 + 40)])
+    assert qids(store.query(LogQuery("A"))) == ["a1", "a2", "a3", "a4"]
+    assert qids(store.query(LogQuery("A", limit=2))) == ["a3", "a4"]
+    assert qids(store.query(LogQuery("B"))) == ["b1", "b4"]
+    assert store.devices() == [DeviceStats("A", 4, T0 + 10, T0 + 40),
+                               DeviceStats("B", 2, T0 + 10, T0 + 40)]
 
 
 def test_data_comes_back_exactly_as_sent(store_factory: Backend) -> None:
@@ -84,6 +103,19 @@ def test_query_filters_and_limits(timeline: Store) -> None:
     assert qids(timeline.query(LogQuery("D2"))) == ["1-8", "1-9"]
     assert qids(timeline.query(LogQuery(None, limit=3))) == ["1-7", "1-8", "1-9"]
     assert timeline.query(LogQuery("nobody")) == []
+
+
+def test_level_aliases_and_time_ranges_over_several_days(store_factory: Backend) -> None:
+    store = store_factory.open()
+    levels = ["debug", "info", "WARNING", "error", "fatal", None]
+    store.write_batch([rec(f"1-{n}", received_at=T0 + n * DAY // 2,
+                           **({"level": level, "msg": f"m{n}"} if level else {"msg": "none"}))
+                       for n, level in enumerate(levels)])
+    assert qids(store.query(LogQuery("D1", level="warn"))) == ["1-2", "1-3", "1-4"]
+    assert qids(store.query(LogQuery("D1", level="error"))) == ["1-3", "1-4"]
+    assert qids(store.query(LogQuery("D1", since=T0 + DAY // 2, until=T0 + 2 * DAY))) == [
+        "1-1", "1-2", "1-3"]  # half-open, across three days
+    assert qids(store.query(LogQuery(None, since=T0 + 2 * DAY, level="error"))) == ["1-4"]
 
 
 def test_keyset_pages_cover_everything_once(timeline: Store) -> None:
@@ -150,17 +182,23 @@ SEARCHABLE = {
     "zh": {"msg": "设备离线 🔥 alarm"},
     "fr": {"msg": "CAFÉ OUVERT", "Straße": "x"},
     "plain": {"msg": "plain record"},
+    "bare": "a bare string with \"quotes\"",  # JSON, not an object
+    "text": "not JSON at all: Ärger",
 }
+#: How a device's JSON encoder may send a record: escapes undone before searching.
+SENT_ESCAPED = {"emoji": b'{"msg":"rocket \\ud83d\\ude80 launched","path":"C:\\\\new"}'}
 SEARCHES = [
-    ("\\", ["q"]),
-    ('"', ["q", "esc"]),
+    ("\\", ["q", "emoji"]),
+    ('"', ["q", "esc", "bare"]),
     ('"hi"', ["q"]),
     ("C:\\temp", ["q"]),
     ("%", ["pct"]), ("100%", ["pct"]), ("_", ["pct"]), ("full_now", ["pct"]), ("0%", ["pct"]),
     ("*", ["fts"]), ("a*b", ["fts"]), ("NEAR(", ["fts"]), ("near(x y)", ["fts"]), ("-x", ["fts"]),
     ("设备", ["zh"]), ("🔥", ["zh"]), ("离线 🔥", ["zh"]),
     ("café", ["fr"]), ("Café ouvert", ["fr"]), ("strasse", ["fr"]), ("STRASSE", ["fr"]),
-    ("msg", sorted(SEARCHABLE)),  # keys are text the device sent too
+    ("🚀", ["emoji"]), ("rocket 🚀", ["emoji"]), ("c:\\new", ["emoji"]), ("\\u", []),
+    ('with "quotes"', ["bare"]), ("ärger", ["text"]), ("JSON at", ["text"]),
+    ("msg", sorted(set(SEARCHABLE) - {"bare", "text"} | {"emoji"})),  # keys are text sent too
     ('":"', []), ("door OR plain", []), ("plain*", []), ("nothing", []),
 ]
 
@@ -168,7 +206,11 @@ SEARCHES = [
 @pytest.fixture
 def searchable(store_factory: Backend) -> Store:
     store = store_factory.open()
-    store.write_batch([rec(name, **data) for name, data in SEARCHABLE.items()])
+    store.write_batch([
+        QueuedRecord(name, "D1", T0, orjson.dumps(data) if isinstance(data, dict) else
+                     orjson.dumps(data) if name == "bare" else str(data).encode())
+        for name, data in SEARCHABLE.items()])
+    store.write_batch([QueuedRecord(name, "D1", T0, raw) for name, raw in SENT_ESCAPED.items()])
     return store
 
 
@@ -225,6 +267,19 @@ def test_following_a_burst_bigger_than_the_limit_skips_nothing(store_factory: Ba
     assert seen == [f"1-{n}" for n in range(30)]
 
 
+def test_a_record_of_an_older_day_written_later_comes_later(store_factory: Backend) -> None:
+    # A redelivery from long ago: seq order is store order, not time order.
+    store = store_factory.open()
+    store.write_batch([rec(f"1-{n}", f"D{n % 3}", T0 + n) for n in range(10)])
+    cursor = store.max_seq()
+    store.write_batch([rec(f"0-{n}", "D9", T0 - DAY + n) for n in range(5)])
+    rows = store.after(0, 100)
+    assert qids(rows) == [f"1-{n}" for n in range(10)] + [f"0-{n}" for n in range(5)]
+    assert [row.seq for row in rows] == sorted({row.seq for row in rows}), "increasing, unique"
+    assert qids(store.query(LogQuery("D9", after_seq=cursor))) == [f"0-{n}" for n in range(5)]
+    assert qids(store.query(LogQuery("D9"))) == [f"0-{n}" for n in range(5)]
+
+
 def test_a_second_reader_sees_committed_records_in_seq_order(store_factory: Backend) -> None:
     writer = store_factory.open()
     writer.write_batch([rec("1-0")])
@@ -247,6 +302,27 @@ def test_prune_by_age_and_size(store_factory: Backend) -> None:
     assert store.prune(before=None, max_bytes=1, limit=2) == 2
     assert qids(store.query(LogQuery("D1", grep="1-"))) == [f"1-{n}" for n in range(6, 10)]
     assert store.prune(before=None, max_bytes=None, limit=100) == 0
+
+
+def test_retention_by_age_across_days_and_a_redelivery_after_it(store_factory: Backend) -> None:
+    store = store_factory.open()
+    now = int(time.time() * 1000)
+    today = now - now % DAY
+    old = [rec(f"1-{n}", "OLD", today - 10 * DAY + n) for n in range(3)]
+    mid = [rec(f"2-{n}", "MID", today - 3 * DAY + n) for n in range(2)]
+    new = [rec(f"3-{n}", "NEW", now - n) for n in range(2)]
+    store.write_batch(old + mid + new)
+    pruned = 0
+    for _ in range(10):
+        step = store.prune(before=today - 5 * DAY, max_bytes=None, limit=1000)
+        if not step:
+            break
+        pruned += step
+    assert pruned == 3
+    assert qids(store.after(0, 100)) == [r.qid for r in mid + new]
+    assert {d.device_id: d.records for d in store.devices()} == {"OLD": 0, "MID": 2, "NEW": 2}
+    # Redelivered after pruning: stored again (the store no longer knows it).
+    assert store.write_batch(old[:1]) == 1
 
 
 # -- opening ---------------------------------------------------------------------

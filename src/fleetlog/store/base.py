@@ -162,10 +162,18 @@ def open_store(url: str, *, readonly: bool = False) -> Store:
     """Open the store a URL names.
 
     ``sqlite:///PATH`` is relative to the working directory and
-    ``sqlite:////PATH`` absolute, as in SQLAlchemy.
+    ``sqlite:////PATH`` absolute, as in SQLAlchemy.  ``postgresql://`` (or
+    ``postgres://``) is a libpq URL: what it leaves out (password, TLS) comes
+    from the ``PG*`` environment variables.
     """
     if url.startswith("sqlite:///"):
         from fleetlog.store.sqlite import SQLiteStore
 
         return SQLiteStore(url.removeprefix("sqlite:///"), readonly=readonly)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH")
+    if url.startswith(("postgresql://", "postgres://")):
+        from fleetlog.store.postgres import PostgresStore
+
+        return PostgresStore(url, readonly=readonly)
+    raise ValueError(
+        f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+    )
