@@ -31,22 +31,27 @@ class _Quiet(WSListener):
             self.greeted.set_result(None)
 
 
-async def _open(url: str, index: int, gate: asyncio.Semaphore) -> WSTransport:
+async def _open(url: str, index: int, gate: asyncio.Semaphore, local: str | None,
+                prefix: str) -> WSTransport:
     async with gate:
-        transport, listener = await ws_connect(_Quiet, url, websocket_handshake_timeout=20)
+        # From another loopback address (127.0.0.2, ...): each source address has its
+        # own ephemeral ports, so one machine can hold more than ~28,000 connections.
+        extra = {"local_addr": (local, 0)} if local else {}
+        transport, listener = await ws_connect(_Quiet, url, websocket_handshake_timeout=20, **extra)
         assert isinstance(listener, _Quiet)
-        transport.send(WSMsgType.TEXT, orjson.dumps({"deviceId": f"idle-{index:06d}"}))
+        transport.send(WSMsgType.TEXT, orjson.dumps({"deviceId": f"{prefix}{index:06d}"}))
         await asyncio.wait_for(listener.greeted, timeout=20)
         return transport
 
 
-async def hold(url: str, count: int, hold_s: float, parallel: int) -> None:
+async def hold(url: str, count: int, hold_s: float, parallel: int, local: str | None = None,
+               prefix: str = "idle-") -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     gate = asyncio.Semaphore(parallel)
-    transports = await asyncio.gather(*(_open(url, n, gate) for n in range(count)))
+    transports = await asyncio.gather(*(_open(url, n, gate, local, prefix) for n in range(count)))
     print(f"idle ready {len(transports)}", file=sys.stderr, flush=True)
     try:
         await asyncio.wait_for(stop.wait(), hold_s)
@@ -63,5 +68,7 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, required=True)
     parser.add_argument("--hold", type=float, default=120.0, help="Give up holding after S seconds.")
     parser.add_argument("--parallel", type=int, default=64, help="Handshakes in flight at once.")
+    parser.add_argument("--local-addr", default=None, help="Source address, e.g. 127.0.0.2.")
+    parser.add_argument("--prefix", default="idle-", help="Device id prefix.")
     args = parser.parse_args()
-    uvloop.run(hold(args.url, args.connections, args.hold, args.parallel))
+    uvloop.run(hold(args.url, args.connections, args.hold, args.parallel, args.local_addr, args.prefix))
