@@ -427,3 +427,34 @@ async def test_a_gateway_looks_tokens_up_instead_of_loading_the_table(
         assert await _status_of_refusal(f"{url}?token={other}") == 401
     assert [fields[b"d"] for _, fields in client.xrange(STREAM)] == [b"door-1", b"door-2"]
     client.close()
+
+
+async def test_a_token_that_cannot_be_looked_up_gets_503_not_401(
+    private_redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    url = private_redis.url
+    token = _add(url, "door-9")
+    _, port = processes.gateway(url, tmp_path, auth="token")
+    gateway = f"ws://127.0.0.1:{port}/?token={token}"
+    private_redis.stop()
+    try:
+        # The gateway never saw this token and cannot ask Redis: not "bad token" (a device
+        # told 401 stops retrying) but "try again later".
+        assert await _status_of_refusal(gateway, open_timeout=15) == 503
+    finally:
+        private_redis.start()
+    client = redis.Redis.from_url(url)
+    statuses = []
+    for _ in range(100):  # the gateway's connection comes back within its backoff
+        try:
+            async with websockets.connect(gateway) as ws:
+                assert await send_legacy(ws, legacy_frame("door-9", 0)) == [RECEIVED, STORED]
+                break
+        except websockets.InvalidStatus as refused:
+            statuses.append(refused.response.status_code)
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the token was never accepted once Redis was back: {statuses}")
+    assert set(statuses) <= {503}, "never told the token is bad"
+    assert [fields[b"d"] for _, fields in client.xrange(STREAM)] == [b"door-9"]
+    client.close()

@@ -72,7 +72,7 @@ from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import connect_async, initialize, is_cluster
+from fleetlog.queue.connection import REDIS_DOWN, connect_async, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
 from fleetlog.queue.script_runner import ClusterScript, RedisScript
 
@@ -98,6 +98,12 @@ _HEADERS_TOO_LARGE: Final = protocol.error_frame(
 _431: Final = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                b"Content-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE))
+_LOOKUP_FAILED: Final = protocol.error_frame(
+    ErrorCode.UNAVAILABLE, "cannot check the token now (Redis unreachable); retry later")
+#: A token the gateway could not look up is not a bad token: 401 would tell a device to stop.
+_503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
+               b"Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
 
 
 class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
@@ -158,11 +164,18 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untype
 
     async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
         """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done."""
+        transport = self.transport.underlying_transport
         try:
             await pending
-        except Exception as exc:  # Redis down: picows answers from the cache, i.e. 401
-            log.warning("cannot look a device token up: %s", exc)
-        transport = self.transport.underlying_transport
+        except Exception as exc:  # Redis down, or a bug: either way the device may retry
+            if isinstance(exc, REDIS_DOWN):
+                log.warning("cannot look a device token up (503): %s", exc)
+            else:
+                log.exception("device token lookup failed (503)")
+            if not transport.is_closing():
+                transport.write(_503)
+                transport.close()
+            return
         if transport.is_closing():
             return
         offset = 0
