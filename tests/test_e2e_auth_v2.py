@@ -382,3 +382,79 @@ async def test_token_changes_reach_a_gateway_after_a_redis_restart(
                 await asyncio.sleep(0.1)
             assert reply["stored"] == 1
     assert await _status_of_refusal(f"ws://127.0.0.1:{port}/?token={dropped}") == 401
+
+
+def _provision(client: redis.Redis, count: int, chunk: int = 10_000) -> None:
+    """``count`` devices' token hashes in the table, as a big fleet has them (pipelined HSETs)."""
+    with client.pipeline(transaction=False) as pipe:
+        for start in range(0, count, chunk):
+            pipe.hset("fleetlog:tokens", mapping={
+                f"{n:064x}": f"fleet-{n}" for n in range(start, min(count, start + chunk))})
+        pipe.execute()
+
+
+async def test_a_gateway_looks_tokens_up_instead_of_loading_the_table(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    _provision(client, 100_000)
+    token = _add(redis_url, "door-1")
+    other = _add(redis_url, "door-2")
+    loads = client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+    _, port_a = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-a")
+    _, port_b = processes.gateway(redis_url, tmp_path, auth="token", log_name="gw-b")
+    url_a, url_b = f"ws://127.0.0.1:{port_a}/", f"ws://127.0.0.1:{port_b}/"
+
+    # Unknown tokens, asked of Redis (then cached): still HTTP 401 before the upgrade.
+    for _ in range(2):
+        assert await _status_of_refusal(f"{url_a}?token=flt_nope") == 401
+        assert await _status_of_refusal(url_b, additional_headers={"Authorization": "Bearer flt_x"}) == 401
+    async with websockets.connect(f"{url_a}?token={token}") as on_a, \
+            websockets.connect(url_b, additional_headers={"Authorization": f"Bearer {other}"}) as on_b:
+        assert client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0) == loads, \
+            "no gateway loaded the token table"
+        assert await send_legacy(on_a, legacy_frame("door-1", 0)) == [RECEIVED, STORED]
+        assert await send_legacy(on_b, legacy_frame("door-2", 0)) == [RECEIVED, STORED]
+        started = time.monotonic()
+        Credentials(client).revoke("door-1")
+        Credentials(client).rotate("door-2")
+        assert await _closed_code(on_a) == 4401
+        assert await _closed_code(on_b) == 4401
+        assert time.monotonic() - started < 2
+    # The revoked token is refused on both nodes, cached or not.
+    for url in (url_a, url_b):
+        assert await _status_of_refusal(f"{url}?token={token}") == 401
+        assert await _status_of_refusal(f"{url}?token={other}") == 401
+    assert [fields[b"d"] for _, fields in client.xrange(STREAM)] == [b"door-1", b"door-2"]
+    client.close()
+
+
+async def test_a_token_that_cannot_be_looked_up_gets_503_not_401(
+    private_redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    url = private_redis.url
+    token = _add(url, "door-9")
+    _, port = processes.gateway(url, tmp_path, auth="token")
+    gateway = f"ws://127.0.0.1:{port}/?token={token}"
+    private_redis.stop()
+    try:
+        # The gateway never saw this token and cannot ask Redis: not "bad token" (a device
+        # told 401 stops retrying) but "try again later".
+        assert await _status_of_refusal(gateway, open_timeout=15) == 503
+    finally:
+        private_redis.start()
+    client = redis.Redis.from_url(url)
+    statuses = []
+    for _ in range(100):  # the gateway's connection comes back within its backoff
+        try:
+            async with websockets.connect(gateway) as ws:
+                assert await send_legacy(ws, legacy_frame("door-9", 0)) == [RECEIVED, STORED]
+                break
+        except websockets.InvalidStatus as refused:
+            statuses.append(refused.response.status_code)
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the token was never accepted once Redis was back: {statuses}")
+    assert set(statuses) <= {503}, "never told the token is bad"
+    assert [fields[b"d"] for _, fields in client.xrange(STREAM)] == [b"door-9"]
+    client.close()

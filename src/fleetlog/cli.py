@@ -155,13 +155,13 @@ def main() -> None:
 @_exit_code
 def up(config: str | None, **flags: Any) -> int:
     """Run everything: embedded Redis, gateway, worker and the HTTP API."""
-    from fleetlog.credentials import TokenTable
+    from fleetlog.credentials import TokenCache
     from fleetlog.gateway.auth import Authenticator
     from fleetlog.supervise import run_up
 
     settings = _settings(config, **flags)
     # Bad auth settings fail here, once, not in a gateway child that `up` restarts forever.
-    Authenticator(settings.auth, TokenTable(), jwt_secret=settings.jwt_secret,
+    Authenticator(settings.auth, TokenCache(), jwt_secret=settings.jwt_secret,
                   jwt_public_key=settings.jwt_public_key)
     _logging()
     return run_up(settings, config)

@@ -18,15 +18,17 @@ publishes the change (:class:`TokenChange`) on ``fleetlog:tokens:changed``,
 all atomically, so parallel rotations can never leave a stale hash behind
 that still authenticates.
 
-Gateways keep the whole table in memory (:class:`TokenTable`): checking a
-token is then a dict lookup with no I/O, which is what lets the handshake stay
-synchronous (picows decides the upgrade in a plain callback) and a reconnect
-storm cost Redis nothing.  A gateway applies each published change at once and
-confirms it on a per-change list; the command waits (bounded, 2 s) until every
-gateway that heard the change confirmed it, so a token printed by ``device
-add`` is accepted by every live node the moment the command returns, and a
-revoked one is refused and its connections closed.  Gateways also poll the
-version every half second, for a change they missed while disconnected.
+Gateways never load the whole table (a million devices would cost seconds at
+start and hundreds of megabytes per process): :class:`TokenCache` looks a
+token up with one ``HGET`` the first time it is seen and keeps a bounded cache
+of answers, so a reconnecting device costs Redis nothing. A gateway applies
+each published change at once and confirms it on a per-change list; the
+command waits (bounded, 2 s) until every gateway that heard the change
+confirmed it, so a token printed by ``device add`` is accepted by every live
+node the moment the command returns, and a revoked one is refused and its
+connections closed. Gateways also poll the version every half second, for a
+change they missed while disconnected: they then empty the cache and check
+their connected devices' tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,7 +49,7 @@ from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 from fleetlog.records import iso_ms
 
 __all__ = [
-    "Credential", "Credentials", "TokenChange", "TokenTable", "UnknownDevice", "hash_token", "new_token",
+    "Credential", "Credentials", "TokenCache", "TokenChange", "UnknownDevice", "hash_token", "new_token",
 ]
 
 _PREFIX = "flt_"
@@ -231,53 +234,140 @@ class Credentials:
         return result
 
 
-class TokenTable:
-    """A gateway's in-memory copy of ``fleetlog:tokens``; see the module docstring."""
+#: Tokens a gateway remembers: a device reconnecting is answered with no I/O.
+#: 266 bytes an entry (tracemalloc), so 51 MB when full (a gateway process holds
+#: about 20,000 connections; the rest serves reconnect churn).
+CACHE_CAPACITY: Final = 200_000
+#: Unknown tokens remembered, so one device retrying a bad token costs Redis once.
+NEGATIVE_CAPACITY: Final = 20_000
+#: Lookups in a row that a concurrent change can spoil before the gateway gives up.
+_LOOKUP_ATTEMPTS: Final = 5
 
-    def __init__(self) -> None:
-        self._devices: dict[str, str] = {}
+
+class TokenCache:
+    """A gateway's bounded cache of ``fleetlog:tokens``: lookups on demand, never a full load.
+
+    With a million devices provisioned, loading the whole hash at start (and
+    again on every missed change) took seconds and hundreds of megabytes in
+    every gateway process.  Instead a handshake whose token is not cached is
+    answered by one ``HGET`` (:meth:`fetch`, which the server awaits before
+    letting picows decide the upgrade), and its answer, positive or negative,
+    is kept in a least-recently-used cache.  Published changes drop the hashes
+    they touch (:meth:`apply`); a change missed (a version gap, a lost
+    subscription) empties the cache (:meth:`clear`), which costs lookups, not
+    correctness.
+
+    A lookup racing a change could otherwise cache the answer from before it:
+    every change bumps :attr:`generation`, and a lookup that saw it move asks
+    again.
+    """
+
+    def __init__(self, capacity: int = CACHE_CAPACITY, negative_capacity: int = NEGATIVE_CAPACITY) -> None:
+        self._known: OrderedDict[str, str] = OrderedDict()  # token hash -> device id
+        self._unknown: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+        self._negative_capacity = negative_capacity
+        #: The last change applied; ``None`` until the watcher read it from Redis.
         self.version: int | None = None
+        #: Bumped by every change: a lookup started before one cannot be cached.
+        self.generation = 0
+
+    def __len__(self) -> int:
+        return len(self._known) + len(self._unknown)
+
+    def cached(self, token_hash: str) -> bool:
+        """Whether :meth:`device_for` can answer for this hash with no lookup."""
+        return token_hash in self._known or token_hash in self._unknown
 
     def device_for(self, token: str) -> tuple[str, str] | None:
-        """``(device_id, token_hash)`` for a valid token, else ``None``."""
+        """``(device_id, token_hash)`` for a valid cached token, else ``None`` (unknown or not cached)."""
         # Looking up the SHA-256 leaks no timing an attacker can use: to steer
         # the hash they would need preimages.
         digest = hash_token(token)
-        device_id = self._devices.get(digest)
-        return None if device_id is None else (device_id, digest)
+        device_id = self._known.get(digest)
+        if device_id is None:
+            return None
+        self._known.move_to_end(digest)
+        return device_id, digest
 
-    def valid(self, token_hash: str) -> bool:
-        return token_hash in self._devices
+    def store(self, token_hash: str, device_id: str | None, generation: int) -> bool:
+        """Remember a lookup's answer; ``False`` (nothing kept) if a change came since it started."""
+        if generation != self.generation:
+            return False
+        if device_id is None:
+            self._unknown[token_hash] = None
+            if len(self._unknown) > self._negative_capacity:
+                self._unknown.popitem(last=False)
+        else:
+            self._known[token_hash] = device_id
+            if len(self._known) > self._capacity:
+                self._known.popitem(last=False)
+        return True
+
+    async def fetch(self, client: Any, token_hash: str) -> str | None:
+        """Look one hash up in Redis and cache the answer; the device id or ``None``.
+
+        Raises what the client raises when Redis is down (nothing cached then).
+        """
+        tokens = keys.credential_keys(is_cluster(client)).tokens
+        device_id: str | None = None
+        for _ in range(_LOOKUP_ATTEMPTS):
+            generation = self.generation
+            raw = await client.hget(tokens, token_hash)
+            device_id = None if raw is None else raw.decode()
+            if self.store(token_hash, device_id, generation):
+                return device_id
+        # Changes kept landing during the lookup: answer from the last one, uncached.
+        return device_id
 
     def apply(self, change: TokenChange) -> bool:
-        """Apply a published change; ``False`` if the table missed one before it.
+        """Apply a published change; ``False`` if the cache missed one before it.
 
-        A change the table already holds (a reload got there first) is a
-        no-op.  After ``False`` the caller must :meth:`reload`.
+        A change the cache already holds is a no-op.  After ``False`` the
+        caller must :meth:`clear` the cache and check the connected devices.
         """
         if self.version is None or change.version > self.version + 1:
             return False
         if change.version == self.version + 1:
+            self.generation += 1
             for digest in change.removed:
-                self._devices.pop(digest, None)
-            self._devices.update(change.added)
+                self._known.pop(digest, None)
+            for digest, device_id in change.added.items():
+                self._unknown.pop(digest, None)
+                self._known[digest] = device_id
+            while len(self._known) > self._capacity:
+                self._known.popitem(last=False)
             self.version = change.version
         return True
 
+    def clear(self, version: int) -> None:
+        """Forget every answer (changes were missed); ``version`` is the one Redis holds now."""
+        self.generation += 1
+        self._known.clear()
+        self._unknown.clear()
+        self.version = version
+
     async def refresh(self, client: Any) -> bool:
-        """Reload if the version in Redis moved; return whether it did."""
-        raw = await client.get(keys.credential_keys(is_cluster(client)).version)
-        if int(raw or 0) == self.version:
+        """Clear the cache if the version in Redis moved behind pub/sub's back; return whether it did."""
+        version = await current_version(client)
+        if version == self.version:
             return False
-        await self.reload(client)
+        self.clear(version)
         return True
 
-    async def reload(self, client: Any) -> None:
-        """Load the whole table and its version, read together in one transaction."""
-        names = keys.credential_keys(is_cluster(client))
-        async with client.pipeline(transaction=True) as pipe:  # one slot on a cluster too
-            pipe.get(names.version)
-            pipe.hgetall(names.tokens)
-            raw, table = await pipe.execute()
-        self._devices = {digest.decode(): device.decode() for digest, device in table.items()}
-        self.version = int(raw or 0)
+
+async def current_version(client: Any) -> int:
+    """The credential version in Redis (0 before any change)."""
+    raw = await client.get(keys.credential_keys(is_cluster(client)).version)
+    return int(raw or 0)
+
+
+async def missing(client: Any, token_hashes: list[str], *, chunk: int = 1000) -> set[str]:
+    """The hashes among ``token_hashes`` that no longer name a device (revoked or rotated)."""
+    tokens = keys.credential_keys(is_cluster(client)).tokens
+    gone: set[str] = set()
+    for start in range(0, len(token_hashes), chunk):
+        part = token_hashes[start:start + chunk]
+        values = await client.hmget(tokens, part)
+        gone.update(digest for digest, value in zip(part, values, strict=True) if value is None)
+    return gone

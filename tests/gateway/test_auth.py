@@ -8,7 +8,7 @@ from typing import Any
 import jwt
 import pytest
 
-from fleetlog.credentials import TokenTable
+from fleetlog.credentials import TokenCache
 from fleetlog.errors import ConfigError
 from fleetlog.gateway.auth import MIN_HS256_SECRET_BYTES, Authenticator, Identity, Refused
 
@@ -16,7 +16,7 @@ SECRET = "k" * MIN_HS256_SECRET_BYTES
 
 
 def _jwt_auth() -> Authenticator:
-    return Authenticator("jwt", TokenTable(), jwt_secret=SECRET)
+    return Authenticator("jwt", TokenCache(), jwt_secret=SECRET)
 
 
 def _identify(claims: dict[str, Any]) -> Identity | None:
@@ -32,13 +32,13 @@ def _refusal(claims: dict[str, Any]) -> str:
 @pytest.mark.parametrize("secret", ["x", "s3cret", "k" * (MIN_HS256_SECRET_BYTES - 1)])
 def test_a_short_hs256_secret_is_a_config_error(secret: str) -> None:
     with pytest.raises(ConfigError, match="at least 32 bytes"):
-        Authenticator("jwt", TokenTable(), jwt_secret=secret)
+        Authenticator("jwt", TokenCache(), jwt_secret=secret)
 
 
 def test_secret_length_counts_bytes_not_characters() -> None:
     with pytest.raises(ConfigError):
-        Authenticator("jwt", TokenTable(), jwt_secret="é" * 15)  # 30 bytes
-    Authenticator("jwt", TokenTable(), jwt_secret="é" * 16)  # 32 bytes
+        Authenticator("jwt", TokenCache(), jwt_secret="é" * 15)  # 30 bytes
+    Authenticator("jwt", TokenCache(), jwt_secret="é" * 16)  # 32 bytes
 
 
 def test_a_valid_token_names_its_device() -> None:

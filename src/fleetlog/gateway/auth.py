@@ -6,8 +6,9 @@ parameter.  Three modes:
 
 * ``none``: anyone may connect and claim any ``deviceId`` (the original's
   behaviour, for legacy fleets; the gateway warns loudly at start);
-* ``token``: the token must be in the :class:`~fleetlog.credentials.TokenTable`,
-  and names the device;
+* ``token``: the token must be in Redis, and names the device; it is read
+  from the :class:`~fleetlog.credentials.TokenCache`, which the server fills
+  (one ``HGET``) before letting picows decide the upgrade;
 * ``jwt``: an HS256 or RS256 JSON Web Token whose ``sub`` names the device and
   whose ``exp`` has not passed, for fleets that mint their own credentials.
   An HS256 secret must have at least 32 bytes (RFC 7518 §3.2: a key as long
@@ -24,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
-from fleetlog.credentials import TokenTable
+from fleetlog.credentials import TokenCache
 from fleetlog.device_id import device_id_problem
 from fleetlog.errors import ConfigError, Refused
 
@@ -59,7 +60,7 @@ class Authenticator:
     def __init__(
         self,
         mode: str,
-        tokens: TokenTable,
+        tokens: TokenCache,
         *,
         jwt_secret: str | None = None,
         jwt_public_key: Path | None = None,

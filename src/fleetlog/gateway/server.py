@@ -1,8 +1,11 @@
 """The device-facing WebSocket server: picows glue around the sans-I/O connection.
 
-A handshake is authenticated in :meth:`Gateway._accept` (no I/O: the token
-table is in memory, kept current by :mod:`.tokens`), so a bad credential gets
-HTTP 401 before the upgrade; ``GET /healthz`` is answered there too
+A handshake is authenticated in :meth:`Gateway._accept`, which picows calls
+synchronously, so a bad credential gets HTTP 401 before the upgrade.  The
+token cache (:class:`~fleetlog.credentials.TokenCache`, kept current by
+:mod:`.tokens`) answers there with no I/O; for a token it does not hold,
+:class:`_Protocol` holds the request back from picows until one ``HGET``
+answered (:meth:`Gateway._lookup_first`); ``GET /healthz`` is answered there too
 (:mod:`.health`).  Each connection's rules (reply order, the legacy reply
 pair, identity, rate-limit delays, when to stop reading) live in
 :class:`~fleetlog.gateway.connection.Connection`, which does no I/O:
@@ -24,6 +27,7 @@ import itertools
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import aiofastnet
@@ -44,11 +48,11 @@ from prometheus_client import CollectorRegistry
 
 from fleetlog import keys, protocol
 from fleetlog.config import Settings
-from fleetlog.credentials import TokenTable
+from fleetlog.credentials import TokenCache, hash_token
 from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, QueueFull
 from fleetlog.gateway import health
 from fleetlog.gateway.addresses import AddressLimit
-from fleetlog.gateway.auth import Authenticator, Identity, Refused
+from fleetlog.gateway.auth import Authenticator, Identity, Refused, token_from
 from fleetlog.gateway.connection import (
     Action,
     Close,
@@ -68,7 +72,7 @@ from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import connect_async, initialize, is_cluster
+from fleetlog.queue.connection import REDIS_DOWN, connect_async, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
 from fleetlog.queue.script_runner import ClusterScript, RedisScript
 
@@ -94,6 +98,12 @@ _HEADERS_TOO_LARGE: Final = protocol.error_frame(
 _431: Final = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                b"Content-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE))
+_LOOKUP_FAILED: Final = protocol.error_frame(
+    ErrorCode.UNAVAILABLE, "cannot check the token now (Redis unreachable); retry later")
+#: A token the gateway could not look up is not a bad token: 401 would tell a device to stop.
+_503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
+               b"Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
 
 
 class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
@@ -106,12 +116,21 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untype
     until the headers end, and when they reach the limit writes the 431 and
     closes instead of passing the bytes on.  After the handshake it costs one
     attribute test per read.
+
+    It also defers the upgrade while a token is looked up: picows decides it
+    in a synchronous callback, so when the headers are complete and
+    :attr:`lookup` returns an awaitable (a token not in the gateway's cache),
+    the last bytes are kept from picows, reading pauses, and once the lookup
+    ends the bytes are handed over and picows answers from the cache.
     """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._head: bytearray | None = bytearray()  # None once the headers ended
         self._view: memoryview | None = None
+        #: Given the request head, an awaitable to finish before the upgrade, or ``None``.
+        self.lookup: Callable[[bytes], Awaitable[object] | None] | None = None
+        self._deferred: asyncio.Task[None] | None = None
 
     def get_buffer(self, size_hint: int) -> memoryview:
         view: memoryview = super().get_buffer(size_hint)
@@ -135,7 +154,41 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untype
                 return
             if end >= 0:
                 self._head = None
+                pending = self.lookup(bytes(head[:end])) if self.lookup is not None else None
+                if pending is not None:
+                    chunk = bytes(head[len(head) - nbytes:])
+                    self.transport.underlying_transport.pause_reading()
+                    self._deferred = asyncio.ensure_future(self._upgrade_after(pending, chunk))
+                    return
         super().buffer_updated(nbytes)
+
+    async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
+        """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done."""
+        transport = self.transport.underlying_transport
+        try:
+            await pending
+        except Exception as exc:  # Redis down, or a bug: either way the device may retry
+            if isinstance(exc, REDIS_DOWN):
+                log.warning("cannot look a device token up (503): %s", exc)
+            else:
+                log.exception("device token lookup failed (503)")
+            if not transport.is_closing():
+                transport.write(_503)
+                transport.close()
+            return
+        if transport.is_closing():
+            return
+        offset = 0
+        for _ in range(len(chunk) + 1):  # each round hands over at least one byte
+            if offset >= len(chunk):
+                break
+            view = WSProtocol.get_buffer(self, len(chunk) - offset)
+            size = min(len(view), len(chunk) - offset)
+            view[:size] = chunk[offset:offset + size]
+            WSProtocol.buffer_updated(self, size)
+            offset += size
+        if not transport.is_closing():
+            transport.resume_reading()
 
 
 class DeviceConnection(WSListener):
@@ -363,9 +416,10 @@ class Gateway:
         self._stopping = False
         client = connect_async(redis_url, timeout=settings.redis_timeout)
         self._client = client
-        self.tokens = TokenTable()
+        self.tokens = TokenCache()
         self._token_watcher = TokenWatcher(client, self.tokens, node_id=settings.node_id,
-                                           on_change=self._close_revoked)
+                                           on_revoked=self._close_revoked,
+                                           connected=self._connected_tokens)
         self.auth = Authenticator(
             settings.auth, self.tokens, jwt_secret=settings.jwt_secret,
             jwt_public_key=settings.jwt_public_key,
@@ -432,6 +486,28 @@ class Gateway:
                                           "Content-Type": "application/json"})
             return WSUpgradeResponseWithListener(response, None)
         return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
+
+    def _lookup_first(self, head: bytes) -> Awaitable[object] | None:
+        """For a request head whose token the cache does not hold: its lookup, to await first."""
+        if self.settings.auth != "token":
+            return None
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            return None  # picows refuses it
+        authorization = None
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                authorization = value.strip().decode("latin-1")
+                break
+        token = token_from(authorization, parts[1])
+        if not token:
+            return None
+        digest = hash_token(token)
+        if self.tokens.cached(digest):
+            return None
+        return self.tokens.fetch(self._client, digest)
 
     def _health(self) -> Any:
         """``GET /healthz`` (see :mod:`.health`)."""
@@ -540,7 +616,7 @@ class Gateway:
     def _protocol(self) -> _Protocol:
         """One connection's protocol: what ``picows.ws_create_server`` builds, plus the 431."""
         settings = self.settings
-        return _Protocol(
+        protocol = _Protocol(
             None, None, False,  # host and port, path: client side only; is_client_side
             self._accept,
             logging.getLogger("picows.server"),
@@ -555,6 +631,8 @@ class Gateway:
             # buffer for big ones.  16 KiB per connection was most of its memory.
             2048,
         )
+        protocol.lookup = self._lookup_first
+        return protocol
 
     async def _listen(self) -> asyncio.Server:
         settings = self.settings
@@ -606,12 +684,17 @@ class Gateway:
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
 
-    def _close_revoked(self) -> None:
-        """Close the connections whose token the table no longer holds (4401)."""
+    def _close_revoked(self, token_hashes: set[str]) -> None:
+        """Close the connections of tokens revoked or rotated (4401)."""
         for connection in list(self.connections):
             identity = connection.identity
-            if identity and identity.token_hash and not self.tokens.valid(identity.token_hash):
+            if identity and identity.token_hash in token_hashes:
                 connection.close(CloseCode.REVOKED, "credentials revoked or rotated")
+
+    def _connected_tokens(self) -> list[str]:
+        """The token hashes of the connected devices (checked after missed changes)."""
+        return [connection.identity.token_hash for connection in self.connections
+                if connection.identity is not None and connection.identity.token_hash]
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""

@@ -1,14 +1,17 @@
-"""Keeping a gateway's token table current: each change at once, a poll for missed ones.
+"""Keeping a gateway's token cache current: each change at once, a poll for missed ones.
 
 ``fleetlog device add/rotate/revoke`` publish every change on
 ``fleetlog:tokens:changed`` (see :mod:`fleetlog.credentials`).  The watcher
-subscribes *before* it loads the table, so no change falls between the two;
-it applies each change as it arrives and then confirms it on the change's
-list, which is what the command waits for.  Pub/sub delivers at most once, so
-the watcher also compares the version in Redis every half second and reloads
-the whole table when it moved without it (a message lost while the
-subscription was down).  All of it runs in one task, so a reload never races
-a change.
+subscribes *before* it reads the version, so no change falls between the two;
+it applies each change to the :class:`~fleetlog.credentials.TokenCache` as it
+arrives, closes the connections of the tokens it removed, and then confirms
+it on the change's list, which is what the command waits for.  Pub/sub
+delivers at most once, so the watcher also compares the version in Redis
+every half second; when it moved without a message (or the subscription was
+down) it empties the cache and asks Redis which connected tokens are gone
+(``HMGET``, in chunks): never a full-table load, which with a million
+devices cost seconds.  All of it runs in one task, so a resync never races a
+change.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import redis.asyncio
 
 from fleetlog import keys
 from fleetlog.backoff import Backoff
-from fleetlog.credentials import TokenChange, TokenTable
+from fleetlog.credentials import TokenCache, TokenChange, current_version, missing
 from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 
 __all__ = ["TokenWatcher"]
@@ -39,21 +42,29 @@ _ACK_TTL_MS: Final = 10_000
 
 
 class TokenWatcher:
-    """Applies published credential changes to ``table``; calls ``on_change`` after each."""
+    """Applies published credential changes to ``cache``.
 
-    def __init__(self, client: redis.asyncio.Redis, table: TokenTable, *, node_id: str,
-                 on_change: Callable[[], None], poll_interval: float = 0.5) -> None:
+    ``on_revoked`` gets the token hashes that stopped working (the gateway
+    closes their connections); ``connected`` returns the hashes of the
+    connected devices, checked against Redis after changes were missed.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, cache: TokenCache, *, node_id: str,
+                 on_revoked: Callable[[set[str]], None],
+                 connected: Callable[[], Collection[str]] = frozenset,
+                 poll_interval: float = 0.5) -> None:
         self._client = client
-        self._table = table
+        self._table = cache
         self._node_id = node_id
-        self._on_change = on_change
+        self._on_revoked = on_revoked
+        self._connected = connected
         self._poll_interval = poll_interval
         self._pubsub: Any = None
         #: On a cluster, the changes come on a sharded channel (SSUBSCRIBE).
         self._sharded = is_cluster(client)
 
     async def start(self) -> None:
-        """Subscribe and load the table before the gateway accepts devices.
+        """Subscribe and read the version before the gateway accepts devices.
 
         With Redis down the gateway still starts (refusing every token) and
         :meth:`run` keeps trying.
@@ -83,7 +94,7 @@ class TokenWatcher:
                     if time.monotonic() >= next_poll:
                         next_poll = time.monotonic() + self._poll_interval
                         if await self._table.refresh(self._client):
-                            self._on_change()
+                            await self._resync()
                 except REDIS_DOWN as exc:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
@@ -92,9 +103,9 @@ class TokenWatcher:
                     await self._disconnect()
                     await backoff.sleep()
                 except Exception:
-                    # A bug must not leave the node on a stale table for good (a revoked
-                    # token still working): start over, with a full reload.
-                    log.exception("device tokens: unexpected error; reloading")
+                    # A bug must not leave the node on a stale cache for good (a revoked
+                    # token still working): start over, with an empty cache.
+                    log.exception("device tokens: unexpected error; starting over with an empty cache")
                     await self._disconnect()
                     await backoff.sleep()
         finally:
@@ -107,12 +118,21 @@ class TokenWatcher:
                 await pubsub.ssubscribe(keys.CLUSTER_CREDENTIALS.changed)
             else:
                 await pubsub.subscribe(keys.TOKENS_CHANGED)
-            await self._table.reload(self._client)
+            # Changes may have been missed while unsubscribed: forget every answer.
+            self._table.clear(await current_version(self._client))
+            await self._resync()
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise
         self._pubsub = pubsub
-        self._on_change()
+
+    async def _resync(self) -> None:
+        """After missed changes: close the connections whose token Redis no longer holds."""
+        connected = list(self._connected())
+        if connected:
+            gone = await missing(self._client, connected)
+            if gone:
+                self._on_revoked(gone)
 
     async def stop(self) -> None:
         """Unsubscribe; for a gateway that failed to start (:meth:`run` does it otherwise)."""
@@ -131,10 +151,12 @@ class TokenWatcher:
             return
         if self._table.apply(change):
             if change.removed:
-                self._on_change()
-        else:  # a change was missed: the whole table, then
-            await self._table.reload(self._client)
-            self._on_change()
+                self._on_revoked(set(change.removed))
+        else:  # a change was missed: forget every answer, check who is connected
+            self._table.clear(max(change.version, await current_version(self._client)))
+            if change.removed:
+                self._on_revoked(set(change.removed))
+            await self._resync()
         if self._table.version is not None and self._table.version >= change.version:
             key = keys.token_change_acks(change.change_id)
             async with self._client.pipeline(transaction=True) as pipe:
