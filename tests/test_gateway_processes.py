@@ -104,6 +104,16 @@ def test_processes_share_the_port_restart_when_killed_and_stop_together(
     async def all_send(count: int) -> None:
         await asyncio.gather(*(device.send(count) for device in devices))
 
+    # Both children listening (each writes its heartbeat once it listens): the port answers
+    # as soon as the first one does, and devices connecting before the second would all
+    # land on the first.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert wait_until(lambda: all(client.exists(keys.node_heartbeat(f"gw-p{k}")) for k in (0, 1)),
+                          20)
+    finally:
+        client.close()
+
     async def scenario() -> None:
         await all_send(5)
         # The kernel spread the connections over both processes: both nodes hold devices.
