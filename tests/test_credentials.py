@@ -12,7 +12,7 @@ import redis
 import websockets
 
 from fleetlog import keys
-from fleetlog.credentials import Credentials, TokenChange, TokenTable, UnknownDevice, hash_token
+from fleetlog.credentials import Credentials, TokenChange, UnknownDevice, hash_token
 from fleetlog.errors import FleetlogError
 from tests.conftest import Processes
 
@@ -129,17 +129,3 @@ def test_parallel_rotate_and_revoke_leave_nothing_that_authenticates(redis_url: 
 def test_a_malformed_change_message_is_a_value_error(raw: bytes) -> None:
     with pytest.raises(ValueError, match=r"credential change|JSON|unexpected|expected"):
         TokenChange.decode(raw)
-
-
-def test_token_table_applies_changes_in_order_and_asks_for_a_reload_after_a_gap() -> None:
-    table = TokenTable()
-    assert not table.apply(TokenChange(1, "a", {"h1": "d1"})), "nothing loaded yet: reload"
-    table.version = 1  # as after a reload of an empty table at version 1
-    assert table.apply(TokenChange(2, "b", {"h2": "d2"}))
-    assert table.valid("h2")
-    assert table.apply(TokenChange(2, "b", removed=["h2"])), "an old change is a no-op"
-    assert table.valid("h2")
-    assert table.apply(TokenChange(3, "c", {"h3": "d2"}, ["h2"]))
-    assert (table.valid("h2"), table.valid("h3"), table.version) == (False, True, 3)
-    assert not table.apply(TokenChange(5, "e", {"h5": "d5"})), "change 4 was missed"
-    assert not table.valid("h5")
