@@ -448,8 +448,13 @@ async def test_a_token_that_cannot_be_looked_up_gets_503_not_401(
     for _ in range(100):  # the gateway's connection comes back within its backoff
         try:
             async with websockets.connect(gateway) as ws:
-                assert await send_legacy(ws, legacy_frame("door-9", 0)) == [RECEIVED, STORED]
+                replies = await send_legacy(ws, legacy_frame("door-9", 0))
+            if replies == [RECEIVED, STORED]:
                 break
+            # The producer's first call after the restart may still meet the dead socket:
+            # "unavailable", not stored, sent again -- as a device does.
+            assert replies[1]["code"] == "unavailable", replies
+            await asyncio.sleep(0.1)
         except websockets.InvalidStatus as refused:
             statuses.append(refused.response.status_code)
             await asyncio.sleep(0.1)
