@@ -224,9 +224,18 @@ async def test_rate_limit_slows_then_refuses_and_is_counted(
             ack = await _log(ws, f"s{n}", [{"n": i} for i in range(20)])
             assert ack["stored"] == 20
         assert time.monotonic() - started >= 1.5
-        refused = await _log(ws, "big", [{"n": i} for i in range(200)])
+        big = [{"n": i} for i in range(200)]
+        refused = await _log(ws, "big", big)
         assert refused["code"] == "rate_limited"
         assert refused["retry_after_ms"] > 1000
+        client = redis.Redis.from_url(redis_url)
+        assert client.xlen(STREAM) == 60, "nothing of the refused frame was queued"
+        # Sent again after retry_after_ms, the same frame is taken (its cost becomes debt).
+        await asyncio.sleep(refused["retry_after_ms"] / 1000)
+        resent = await _log(ws, "big", big)
+        assert resent["stored"] == 200, resent
+        assert client.xlen(STREAM) == 260
+        client.close()
     await asyncio.sleep(0.3)  # refusal counts are written by the gateway in the background
     SQLiteStore(tmp_path / "fleetlog.db").close()  # what a worker creates; readers never do
     shown = await asyncio.to_thread(

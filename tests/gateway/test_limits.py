@@ -36,3 +36,16 @@ def test_a_device_keeps_its_limiter_until_it_is_idle() -> None:
     limiters.forget_idle(1.0)
     assert len(limiters) == 0
     assert limiters.get("dev", 1.0).admit(10, 100, 1.0).delay == 0.0
+
+
+def test_a_frame_bigger_than_a_full_bucket_is_admitted_after_its_retry_after() -> None:
+    """retry_after is a promise: the same frame sent again then is admitted (taking debt)."""
+    limiter = _limiters().get("dev", 0.0)
+    assert limiter.admit(10, 10, 0.0).delay == 0.0  # the bucket is empty now
+    refused = limiter.admit(50, 10, 0.0)  # 5 s of records: more than 1 s burst + 1 s delay
+    assert refused.refused
+    later = refused.retry_after
+    admitted = limiter.admit(50, 10, later)
+    assert not admitted.refused and admitted.delay <= 1.0
+    slowed = limiter.admit(1, 1, later + admitted.delay)
+    assert slowed.refused, "its debt still paces what follows"

@@ -7,7 +7,8 @@ gateway waits that long before handling it (and stops reading from the
 device meanwhile).  That is the catch-up allowance: a device flushing its
 backlog after a reconnect is paced at its rate instead of being refused.
 Only a frame that would wait longer is refused with ``rate_limited`` and a
-``retry_after_ms``.
+``retry_after_ms`` after which the same frame is admitted (even one bigger than a full
+bucket: it goes into debt).
 """
 
 from __future__ import annotations
@@ -71,7 +72,14 @@ class DeviceLimiter:
         self.max_delay = max_delay
 
     def admit(self, records: int, size: int, now: float) -> Decision:
-        wait = max(self.records.wait_for(records, now), self.bytes.wait_for(size, now))
+        # A frame bigger than a full bucket plus the delay allowance could never be
+        # admitted, and its retry_after would be a lie: it goes through once the bucket
+        # is that full, and its whole cost is taken as debt that slows what follows.
+        ceiling = self.max_delay
+        wait = max(
+            self.records.wait_for(min(records, self.records.capacity + self.records.rate * ceiling), now),
+            self.bytes.wait_for(min(size, self.bytes.capacity + self.bytes.rate * ceiling), now),
+        )
         if wait > self.max_delay:
             return Decision(refused=True, retry_after=wait)
         self.records.take(records)
