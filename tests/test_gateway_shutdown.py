@@ -87,10 +87,20 @@ async def test_sigterm_while_devices_stream_loses_no_acked_record(
     acked = {(s.device, seq) for s in streams for seq, o in enumerate(s.outcomes) if o == "ack"}
     assert len(acked) >= 2000
 
+    # What was refused (`unavailable`) is sent again, to the next gateway: stored once.
+    refused = [(s.device, seq) for s in streams for seq, o in enumerate(s.outcomes) if o == "unavailable"]
+    _, port = processes.gateway(redis_url, data_dir, env=FAST)
+    if refused:
+        async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+            for device, seq in refused:
+                assert await send_legacy(ws, legacy_frame(device, seq)) == [RECEIVED, STORED]
+
     processes.worker(redis_url, data_dir)
-    assert wait_until(lambda: len(stored_rows(data_dir)) >= len(acked), timeout=60)
+    wanted = acked | set(refused)
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= len(wanted), timeout=60)
     stored = [(device, seq) for _, device, seq, _ in stored_rows(data_dir)]
     assert acked <= set(stored), f"acked but not stored: {sorted(acked - set(stored))[:10]}"
+    assert set(refused) <= set(stored), "a refused frame sent again is stored"
     assert len(stored) == len(set(stored)), "nothing stored twice"
 
 
