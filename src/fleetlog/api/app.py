@@ -22,9 +22,8 @@ from fleetlog.api import commands, console, device_tokens, health, reads, stream
 from fleetlog.api.commits import CommitFeed
 from fleetlog.api.deps import Reader, Services
 from fleetlog.config import Settings, mask_url
-from fleetlog.metrics import TallyCollector
 from fleetlog.queue.connection import connect, connect_async
-from fleetlog.queue.stats import QueueStats, queue_stats
+from fleetlog.queue.stats import QueueCollector, queue_stats_for
 from fleetlog.reading import ReaderPool
 
 __all__ = ["create_app", "run_api"]
@@ -46,20 +45,7 @@ def _registry(settings: Settings, services: Callable[[], Services]) -> tuple[Col
     sent = Counter("fleetlog_api_commands_total", "Commands sent to devices, by outcome.", ["status"],
                    registry=registry)
 
-    def stats() -> QueueStats:
-        return queue_stats(services().redis, queue=settings.queue, stream=settings.stream,
-                           group=settings.group, dead_letter_stream=settings.dead_letter_stream,
-                                 shards=settings.shards)
-
-    registry.register(TallyCollector([
-        ("gauge", "fleetlog_queue_backlog", "Entries kept in the queue.", lambda: stats().backlog),
-        ("gauge", "fleetlog_queue_consumer_lag", "Entries the workers' group has not read yet.",
-         lambda: stats().lag),
-        ("gauge", "fleetlog_queue_pending", "Entries read but not acknowledged.",
-         lambda: stats().pending),
-        ("gauge", "fleetlog_queue_dead_letters", "Entries in the dead-letter stream.",
-         lambda: stats().dead_letters),
-    ]))
+    registry.register(QueueCollector(lambda: queue_stats_for(services().redis, settings)))
     return registry, requests, sent, latency
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from fleetlog.api.deps import ERRORS, Found, Reader, Services
 from fleetlog.metrics import CONTENT_TYPE, render
-from fleetlog.queue.stats import queue_stats
+from fleetlog.queue.stats import queue_stats_for
 
 __all__ = ["router"]
 
@@ -63,9 +63,7 @@ def readiness(found: Services) -> Readiness:
     try:
         found.redis.ping()
         checks["redis"] = "ok"
-        stats = queue_stats(found.redis, queue=settings.queue, stream=settings.stream,
-                            group=settings.group, dead_letter_stream=settings.dead_letter_stream,
-                                 shards=settings.shards)
+        stats = queue_stats_for(found.redis, settings)
         checks["consumer_lag"] = (
             "ok" if stats.lag <= settings.max_consumer_lag
             else f"{stats.lag} records not yet read by a worker (limit {settings.max_consumer_lag})")

@@ -27,7 +27,7 @@ from fleetlog.api.deps import ERRORS, Found, Reader, invalid
 from fleetlog.device_id import device_id_problem
 from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
 from fleetlog.queue.connection import REDIS_DOWN
-from fleetlog.queue.stats import queue_stats
+from fleetlog.queue.stats import queue_stats_for
 from fleetlog.reading import (
     LogsRequest,
     Page,
@@ -297,9 +297,7 @@ def get_overview(_token: Reader, found: Found) -> OverviewOut:
         raise _unavailable(exc) from exc
     settings = found.settings
     try:
-        stats: Any = queue_stats(found.redis, queue=settings.queue, stream=settings.stream,
-                                 group=settings.group, dead_letter_stream=settings.dead_letter_stream,
-                                 shards=settings.shards)
+        stats: Any = queue_stats_for(found.redis, settings)
     except REDIS_DOWN as exc:
         stats = None
         warning = warning or f"Redis unavailable ({exc})"

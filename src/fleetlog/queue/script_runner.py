@@ -38,7 +38,22 @@ class ScriptRunner(Protocol):
         ...
 
 
-class ClusterScript:
+class _Script:
+    """What both runners keep: the script, its SHA, and the packed ``WAIT`` for ``replicas``."""
+
+    __slots__ = ("_client", "_script", "_wait", "replicas", "sha")
+
+    def __init__(self, client: redis.asyncio.Redis, script: str, *, replicas: int = 0,
+                 replica_timeout: float = 1.0) -> None:
+        self._client = client
+        self._script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self.replicas = replicas
+        wait = ("WAIT", replicas, max(1, int(replica_timeout * 1000)))
+        self._wait = hiredis.pack_command(wait)  # type: ignore[arg-type]  # hiredis stubs: 1-tuples only
+
+
+class ClusterScript(_Script):
     """:class:`ScriptRunner` on a Redis Cluster: EVALSHA sent to the node holding the keys' slot.
 
     redis-py's cluster client routes the call by its keys, and refuses one
@@ -52,16 +67,11 @@ class ClusterScript:
     the slot map is read again before the next call (a failover moved the slot).
     """
 
-    __slots__ = ("_client", "_script", "_stale", "_wait", "replicas", "sha")
+    __slots__ = ("_stale",)
 
     def __init__(self, client: redis.asyncio.Redis, script: str, *, replicas: int = 0,
                  replica_timeout: float = 1.0) -> None:
-        self._client = client
-        self._script = script
-        self.sha = hashlib.sha1(script.encode()).hexdigest()
-        self.replicas = replicas
-        wait = ("WAIT", replicas, max(1, int(replica_timeout * 1000)))
-        self._wait = hiredis.pack_command(wait)  # type: ignore[arg-type]  # hiredis stubs: 1-tuples only
+        super().__init__(client, script, replicas=replicas, replica_timeout=replica_timeout)
         self._stale = False
 
     async def run(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
@@ -119,7 +129,7 @@ _TOPOLOGY_CHANGED: tuple[type[BaseException], ...] = (
 )
 
 
-class RedisScript:
+class RedisScript(_Script):
     """:class:`ScriptRunner` on one Redis: EVALSHA packed by hiredis on a pooled connection.
 
     This is redis-py's ``Script`` made fast for huge calls: hiredis packs the
@@ -134,16 +144,7 @@ class RedisScript:
     is raised (the writes stay on the master; the caller must not ack them).
     """
 
-    __slots__ = ("_client", "_script", "_wait", "replicas", "sha")
-
-    def __init__(self, client: redis.asyncio.Redis, script: str, *, replicas: int = 0,
-                 replica_timeout: float = 1.0) -> None:
-        self._client = client
-        self._script = script
-        self.sha = hashlib.sha1(script.encode()).hexdigest()
-        self.replicas = replicas
-        wait = ("WAIT", replicas, max(1, int(replica_timeout * 1000)))
-        self._wait = hiredis.pack_command(wait)  # type: ignore[arg-type]  # hiredis stubs: 1-tuples only
+    __slots__ = ()
 
     async def run(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)

@@ -6,14 +6,18 @@ scrape and allowed while Redis refuses writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from fleetlog import keys
+from fleetlog.config import Settings
 
-__all__ = ["QueueStats", "queue_stats"]
+__all__ = ["QueueCollector", "QueueStats", "queue_stats", "queue_stats_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,32 @@ def queue_stats(client: Any, *, queue: str, stream: str, group: str, dead_letter
         one = _stream_stats(client, keys.shard_stream(stream, shard, shards), group)
         backlog, lag, pending = backlog + one[0], lag + one[1], pending + one[2]
     return QueueStats(backlog, lag, pending, dead)
+
+
+def queue_stats_for(client: Any, settings: Settings) -> QueueStats:
+    """:func:`queue_stats` of the queue ``settings`` name."""
+    return queue_stats(client, queue=settings.queue, stream=settings.stream, group=settings.group,
+                       dead_letter_stream=settings.dead_letter_stream, shards=settings.shards)
+
+
+class QueueCollector(Collector):
+    """The queue's gauges for ``/metrics``, read once per scrape (left out while Redis is down)."""
+
+    def __init__(self, read: Callable[[], QueueStats]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self._read()
+        except Exception:  # the gauges cannot be read now; the rest of the scrape can
+            return
+        for name, documentation, value in (
+            ("fleetlog_queue_backlog", "Entries kept in the queue.", stats.backlog),
+            ("fleetlog_queue_consumer_lag", "Entries the workers' group has not read yet.", stats.lag),
+            ("fleetlog_queue_pending", "Entries read but not acknowledged.", stats.pending),
+            ("fleetlog_queue_dead_letters", "Entries in the dead-letter stream.", stats.dead_letters),
+        ):
+            yield GaugeMetricFamily(name, documentation, value=float(value))
 
 
 def _stream_stats(client: Any, stream: str, group: str) -> tuple[int, int, int]:

@@ -60,7 +60,7 @@ from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
 from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
 from fleetlog.queue.shards import ShardedConsumer
-from fleetlog.queue.stats import QueueStats, queue_stats
+from fleetlog.queue.stats import QueueCollector, queue_stats_for
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
 from fleetlog.store import RecordRejected, Store, StoreUnavailable, open_store
 from fleetlog.store.files import FilesSink
@@ -418,15 +418,10 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
     """Serve ``/metrics`` on ``settings.metrics_port`` (0: off) in a thread of its own.
 
     Counters are the worker's plain attributes; the queue's numbers are read
-    from Redis at scrape time (:func:`~fleetlog.queue.stats.queue_stats`).
+    from Redis once per scrape (:class:`~fleetlog.queue.stats.QueueCollector`).
     """
     if not settings.metrics_port:
         return None
-
-    def stats() -> QueueStats:
-        return queue_stats(client, queue=settings.queue, stream=settings.stream, group=settings.group,
-                           shards=settings.shards,
-                           dead_letter_stream=settings.dead_letter_stream)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TallyCollector([
@@ -438,14 +433,8 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
          lambda: worker.batch_sizes),
         ("histogram", "fleetlog_worker_store_write_seconds", "Duration of one store write.",
          lambda: worker.write_latency),
-        ("gauge", "fleetlog_queue_backlog", "Entries kept in the queue.", lambda: stats().backlog),
-        ("gauge", "fleetlog_queue_consumer_lag", "Entries the workers' group has not read yet.",
-         lambda: stats().lag),
-        ("gauge", "fleetlog_queue_pending", "Entries read but not acknowledged.",
-         lambda: stats().pending),
-        ("gauge", "fleetlog_queue_dead_letters", "Entries in the dead-letter stream.",
-         lambda: stats().dead_letters),
     ]))
+    registry.register(QueueCollector(lambda: queue_stats_for(client, settings)))
     try:
         server, _thread = start_http_server(settings.metrics_port, settings.host, registry)
     except OSError as exc:  # a taken port costs the metrics, never the draining
