@@ -42,7 +42,7 @@ import fcntl
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -216,8 +216,22 @@ class FilesSink:
 
     def _export_after(self, store: Store, cursor: int) -> int:
         """The usual path: every record after ``cursor`` (a valid cursor of this store)."""
-        store_id = store.store_id
         stops_at: dict[str, int] = {}
+
+        def wanted(day: str, record: StoredRecord) -> bool:
+            if day not in stops_at:
+                stops_at[day] = self._file_stops_at(store, day)
+            if record.seq <= stops_at[day]:
+                return False
+            stops_at[day] = record.seq
+            return True
+
+        return self._export_from(store, cursor, wanted)
+
+    def _export_from(self, store: Store, cursor: int,
+                     wanted: Callable[[str, StoredRecord], bool]) -> int:
+        """Append the records after ``cursor`` that ``wanted(day, record)`` picks, moving the cursor."""
+        store_id = store.store_id
         written = 0
         while True:
             records = store.after(cursor, _CHUNK)
@@ -226,11 +240,8 @@ class FilesSink:
             by_day: dict[str, list[bytes]] = defaultdict(list)
             for record in records:
                 day = utc_day(record.received_at)
-                if day not in stops_at:
-                    stops_at[day] = self._file_stops_at(store, day)
-                if record.seq > stops_at[day]:
+                if wanted(day, record):
                     by_day[day].append(format_line(record))
-                    stops_at[day] = record.seq
             written += self._append(by_day)
             cursor = records[-1].seq
             self._write_cursor(store_id, cursor, records[-1].qid)
@@ -245,23 +256,16 @@ class FilesSink:
                         "(%s); matching its records to the files by qid", store_id,
                         f"store {cursor.store_id}, seq {cursor.seq}" if cursor else "no cursor")
         in_files: dict[str, set[str]] = {}
-        written = 0
-        seq = 0
-        while True:
-            records = store.after(seq, _CHUNK)
-            if not records:
-                break
-            by_day: dict[str, list[bytes]] = defaultdict(list)
-            for record in records:
-                day = utc_day(record.received_at)
-                if day not in in_files:
-                    in_files[day] = self._stored_qids_in(store, day)
-                if record.qid not in in_files[day]:
-                    by_day[day].append(format_line(record))
-                    in_files[day].add(record.qid)
-            written += self._append(by_day)
-            seq = records[-1].seq
-            self._write_cursor(store_id, seq, records[-1].qid)
+
+        def wanted(day: str, record: StoredRecord) -> bool:
+            if day not in in_files:
+                in_files[day] = self._stored_qids_in(store, day)
+            if record.qid in in_files[day]:
+                return False
+            in_files[day].add(record.qid)
+            return True
+
+        written = self._export_from(store, 0, wanted)
         if noisy:
             log.warning("daily files: %d records of store %s exported by resync", written, store_id)
         return written
