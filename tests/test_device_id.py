@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,3 +71,13 @@ def test_policy_is_total_and_consistent(device_id: str) -> None:
     else:
         with pytest.raises(InvalidDeviceId):
             check_device_id(device_id)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=140))
+def test_ascii_fast_path_agrees_with_the_policy(device_id: str) -> None:
+    """ASCII ids skip the per-character category lookups; the answer must not change."""
+    allowed = (1 <= len(device_id) <= MAX_LENGTH and device_id == device_id.strip()
+               and all(unicodedata.category(char) not in {"Cc", "Cf", "Cs", "Zl", "Zp"}
+                       for char in device_id))
+    assert (device_id_problem(device_id) is None) == allowed

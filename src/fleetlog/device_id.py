@@ -29,6 +29,7 @@ MAX_LENGTH: Final = 128
 
 #: Control, format, surrogate, line and paragraph separator characters.
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_EDGE_SPACE: Final = "device id starts or ends with whitespace"
 
 
 def device_id_problem(device_id: str) -> str | None:
@@ -41,12 +42,14 @@ def device_id_problem(device_id: str) -> str | None:
         return "device id is empty"
     if len(device_id) > MAX_LENGTH:
         return f"device id is longer than {MAX_LENGTH} characters ({len(device_id)})"
+    if device_id.isascii() and device_id.isprintable():  # the usual id: no category lookups
+        return None if device_id[0] != " " and device_id[-1] != " " else _EDGE_SPACE
     for position, char in enumerate(device_id):
         if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
             return (f"device id has a control, format or separator character "
                     f"(U+{ord(char):04X} at position {position})")
     if device_id != device_id.strip():
-        return "device id starts or ends with whitespace"
+        return _EDGE_SPACE
     return None
 
 

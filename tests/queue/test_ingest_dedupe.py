@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from urllib.parse import quote
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetlog import keys
 from fleetlog.errors import FleetlogError, QueueFull
@@ -139,6 +142,14 @@ def test_key_parts_are_injective_and_reversible() -> None:
     assert len(set(encoded)) == len(samples)
     assert [keys.unpart(value) for value in encoded] == samples
     assert keys.part("door-1_A.b~") == "door-1_A.b~", "plain ids read the same"
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(st.text(max_size=40))
+def test_key_parts_are_percent_encoding(value: str) -> None:
+    """Plain ids skip ``quote``; every id still gets exactly its percent-encoding."""
+    assert keys.part(value) == quote(value, safe="", errors="surrogatepass")
+    assert keys.unpart(keys.part(value)) == value
 
 
 async def test_dedupe_state_stays_bounded(producer: Producer, client: redis.Redis) -> None:

@@ -29,20 +29,21 @@ class TokenBucket:
         self.tokens = capacity
         self.stamp = now
 
-    def _refill(self, now: float) -> None:
+    def refill(self, now: float) -> None:
+        """Add what the time since the last refill earned, up to ``capacity``."""
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
     def wait_for(self, cost: float, now: float) -> float:
         """Seconds until ``cost`` tokens are available (0 if they are now)."""
-        self._refill(now)
+        self.refill(now)
         return 0.0 if self.tokens >= cost else (cost - self.tokens) / self.rate
 
     def take(self, cost: float) -> None:
         self.tokens -= cost
 
     def full(self, now: float) -> bool:
-        self._refill(now)
+        self.refill(now)
         return self.tokens >= self.capacity
 
 
@@ -72,6 +73,13 @@ class DeviceLimiter:
         self.max_delay = max_delay
 
     def admit(self, records: int, size: int, now: float) -> Decision:
+        counts, volume = self.records, self.bytes
+        counts.refill(now)
+        volume.refill(now)
+        if counts.tokens >= records and volume.tokens >= size:  # the usual frame: it fits
+            counts.tokens -= records
+            volume.tokens -= size
+            return _GO
         # A frame bigger than a full bucket plus the delay allowance could never be
         # admitted, and its retry_after would be a lie: it goes through once the bucket
         # is that full, and its whole cost is taken as debt that slows what follows.

@@ -153,7 +153,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untype
                 log.info("refused a request with headers over %d bytes (431)", MAX_REQUEST_HEAD)
                 return
             if end >= 0:
-                self._head = None
+                self._head_ended()
                 pending = self.lookup(bytes(head[:end])) if self.lookup is not None else None
                 if pending is not None:
                     chunk = bytes(head[len(head) - nbytes:])
@@ -161,6 +161,18 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untype
                     self._deferred = asyncio.ensure_future(self._upgrade_after(pending, chunk))
                     return
         super().buffer_updated(nbytes)
+
+    def _head_ended(self) -> None:
+        """Hand every later read straight to picows: no Python call per read after the handshake.
+
+        The transport keeps the protocol's ``get_buffer``/``buffer_updated`` as
+        bound methods when the protocol is set, so the instance's own picows
+        methods shadow this class's overrides and the protocol is set again.
+        """
+        self._head = None
+        self.get_buffer = WSProtocol.get_buffer.__get__(self)  # type: ignore[method-assign]
+        self.buffer_updated = WSProtocol.buffer_updated.__get__(self)  # type: ignore[method-assign]
+        self.transport.underlying_transport.set_protocol(self)
 
     async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
         """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done."""

@@ -80,6 +80,8 @@ class _Submission:
 
 
 def _result(raw: Any) -> IngestResult:
+    if raw == 0:
+        return _QUEUED
     duplicate_frame, duplicates, through, missing = raw
     if not duplicate_frame and not duplicates and through == -1:
         return _QUEUED

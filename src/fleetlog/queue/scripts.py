@@ -39,8 +39,8 @@ MAX_RANGES: Final = 64
 #: ZADD), so a refused frame changes no state and its resend is stored.
 #:
 #: Returns the backlog (a number) when it is over the limit and nothing was
-#: written; else per submission {duplicate_frame 0/1, {duplicate seqs},
-#: stored_through or -1, {missing ranges flattened: from, to, from, to...}}, where
+#: written; else per submission 0 (queued, no seqs tracked) or {duplicate_frame 0/1,
+#: {duplicate seqs}, stored_through or -1, {missing ranges flattened: from, to, ...}}, where
 #: stored_through ends the session's lowest stored range and missing are the gaps
 #: above it.  Seqs travel as canonical decimal strings (< 2^53, exact in Lua's
 #: doubles); '%.0f' writes them back in the same form.
@@ -175,7 +175,11 @@ while i <= #ARGV do
       missing[#missing + 1] = ranges[k + 1][1] - 1
     end
   end
-  out[#out + 1] = {duplicate_frame and 1 or 0, dups, through, missing}
+  if duplicate_frame or #dups > 0 or through >= 0 then
+    out[#out + 1] = {duplicate_frame and 1 or 0, dups, through, missing}
+  else
+    out[#out + 1] = 0  -- queued, nothing to report: the usual legacy frame
+  end
 end
 return out
 """
