@@ -27,7 +27,14 @@ class Fields(NamedTuple):
     message: str | None
 
 
+#: Each level and alias spelt in lower case, to its level: one dict lookup for the usual record.
+_NORMAL: Final = {level: level for level in LEVELS} | _ALIASES
+
+
 def normalise_level(level: str) -> str:
+    normal = _NORMAL.get(level)
+    if normal is not None:
+        return normal
     lowered = level.strip().lower()
     return _ALIASES.get(lowered, lowered)
 
@@ -70,9 +77,12 @@ def extract(record: Any) -> Fields:
     if not isinstance(record, dict):
         return Fields(None, None, record if isinstance(record, str) else None)
     level = record.get("level")
-    message = _first(record, _MESSAGE_KEYS)
+    # The first key of each kind that is there, even with a null value: the usual
+    # spelling ("ts", "msg") is looked at first, without a loop.
+    when = record["ts"] if "ts" in record else _first(record, _TIME_KEYS)
+    message = record["msg"] if "msg" in record else _first(record, _MESSAGE_KEYS)
     return Fields(
-        _epoch_ms(_first(record, _TIME_KEYS)),
+        None if when is None else _epoch_ms(when),
         normalise_level(level) if isinstance(level, str) else None,
         message if isinstance(message, str) else None,
     )

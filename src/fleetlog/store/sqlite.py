@@ -462,33 +462,38 @@ class SQLiteStore:
             )
         }
         rows = []
-        seen: Counter[str] = Counter()
-        first: dict[str, int] = {}
-        last: dict[str, int] = {}
-        last_error: dict[str, int] = {}
-        volume: Counter[tuple[int, str | bytes]] = Counter()
+        # device -> [records, first_seen, last_seen, last_error (-1: none)]
+        devices: dict[str, list[int]] = {}
+        volume: dict[tuple[int, str | bytes], int] = {}
         for record in records:
             if record.qid in known:
                 continue
             known.add(record.qid)  # the same entry twice in one batch
             row = _prepare(record)
             rows.append(row)
-            device = record.device_id
-            seen[device] += 1
-            first[device] = min(first.get(device, record.received_at), record.received_at)
-            last[device] = max(last.get(device, 0), record.received_at)
-            if row[4] in _ERROR_LEVELS:
-                last_error[device] = max(last_error.get(device, 0), record.received_at)
-            level = row[4]
-            volume[record.received_at // _MINUTE, _NO_LEVEL if level is None else level] += 1
+            received, level = record.received_at, row[4]
+            error = received if level in _ERROR_LEVELS else -1
+            stats = devices.get(record.device_id)
+            if stats is None:
+                devices[record.device_id] = [1, received, received, error]
+            else:
+                stats[0] += 1
+                if received < stats[1]:
+                    stats[1] = received
+                if received > stats[2]:
+                    stats[2] = received
+                if error > stats[3]:
+                    stats[3] = error
+            key = (received // _MINUTE, _NO_LEVEL if level is None else level)
+            volume[key] = volume.get(key, 0) + 1
         # Every row of ``rows`` is inserted or the transaction fails: the duplicates
         # (stored before, or twice in this batch) were left out above, so a
         # redelivered batch counts nothing twice.
         db.executemany(_INSERT, rows)
         db.executemany(
             _UPSERT_DEVICE,
-            [(device, count, first[device], last[device], last_error.get(device))
-             for device, count in seen.items()],
+            [(device, count, first, last, None if error < 0 else error)
+             for device, (count, first, last, error) in devices.items()],
         )
         db.executemany(_UPSERT_VOLUME, [(minute, level, n)
                                         for (minute, level), n in volume.items()])

@@ -235,7 +235,7 @@ class Worker:
         for _ in range(_MAX_REPLACED):
             if self.store.replaced():
                 self._reopen()
-            pending = [record for record in records if record not in dead]
+            pending = [record for record in records if record not in dead] if dead else records
             try:
                 started = time.monotonic()
                 self.store.write_batch(pending)
