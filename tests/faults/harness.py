@@ -17,13 +17,18 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
+import redis
 
 from fleetlog.embedded import RedisServer, free_port
 from tests.conftest import Processes, wait_for_port
@@ -84,6 +89,11 @@ class Fleet:
             *(("--store", self.store_url) if self.store_url else ()), *extra, env=self.env)
         return self.worker
 
+    def start(self, *gateway_args: str, worker_args: Sequence[str] = ()) -> None:
+        """Start the gateway (``gateway_args``), then a worker (``worker_args``): a scenario's opening."""
+        self.start_gateway(*gateway_args)
+        self.start_worker(*worker_args)
+
     def simulate(self, devices: int, messages: int, *, batch: int = 10, rate: float = 0,
                  timeout: float = 180) -> subprocess.Popen[bytes]:
         self.acked_file = self.tmp / "acked.json"
@@ -95,11 +105,42 @@ class Fleet:
             stdout=self.sim_out.open("wb"), stderr=subprocess.DEVNULL)
         return self.simulator
 
-    def wait_simulation(self, timeout: float = 240) -> dict[str, Any]:
+    def wait_simulation(self, *, acked: int, timeout: float = 240) -> dict[str, Any]:
+        """Wait for the simulator to finish; assert it was acked ``acked`` records; its summary."""
         assert self.simulator is not None
         self.simulator.wait(timeout)
         summary: dict[str, Any] = json.loads(self.sim_out.read_text())
+        assert summary["acked"] == acked, summary
         return summary
+
+    def healthz(self) -> tuple[int, dict[str, Any] | None]:
+        """The gateway's ``/healthz``: its HTTP status, and its JSON body when that is 200."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as response:
+                body: dict[str, Any] = json.loads(response.read())
+                return int(response.status), body
+        except urllib.error.HTTPError as error:
+            return error.code, None
+
+    def connections(self) -> int:
+        """The devices connected to the gateway, per ``/healthz`` (which must answer 200)."""
+        status, body = self.healthz()
+        assert status == 200 and body is not None, f"/healthz answered {status}"
+        return int(body["connections"])
+
+    def worker_log(self, n: int = 1) -> str:
+        """The output of the worker that was the ``n``-th process started (counting from 0):
+        ``worker-1.log`` is the first worker after the gateway."""
+        return (self.tmp / f"worker-{n}.log").read_text()
+
+    @contextmanager
+    def redis_client(self) -> Iterator[redis.Redis]:
+        """A client of the fleet's Redis, closed on leaving the block."""
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            yield client
+        finally:
+            client.close()
 
     def stored(self) -> Counter[tuple[str, int]]:
         """(device, seq) of every stored record, with how many times each is there."""
@@ -171,6 +212,14 @@ class Fleet:
             scenario, len(acked), sum(stored.values()), len(acked - stored.keys()),
             sum(count - 1 for count in stored.values() if count > 1), round(recovery_s, 2), note)
         outcome.record()
+        return outcome
+
+    def verify_clean(self, scenario: str, recovery_s: float, note: str = "", *,
+                     source: str = "store") -> Outcome:
+        """:meth:`verify`, then assert nothing acked was lost or duplicated; the outcome."""
+        outcome = self.verify(scenario, recovery_s, note, source=source)
+        assert outcome.lost == 0, outcome
+        assert outcome.duplicated == 0, outcome
         return outcome
 
     def kill(self, process: subprocess.Popen[bytes] | None) -> None:

@@ -73,8 +73,7 @@ def test_busy_frames_resent_out_of_order_are_stored(fleet: Fleet) -> None:
     assert len(refused) > 0, "the scenario did refuse frames"
     fleet.acked_file = fleet.tmp / "acked.json"
     fleet.acked_file.write_text(json.dumps({f"pipe-{n:02d}": FRAMES * RECORDS for n in range(DEVICES)}))
-    outcome = fleet.verify("backlog full: busy frames resent out of order", time.monotonic() - resumed,
-                           f"{len(refused)} busy replies, each frame resent after later ones were acked")
+    outcome = fleet.verify_clean(
+        "backlog full: busy frames resent out of order", time.monotonic() - resumed,
+        f"{len(refused)} busy replies, each frame resent after later ones were acked")
     assert outcome.acked == DEVICES * FRAMES * RECORDS
-    assert outcome.lost == 0, outcome
-    assert outcome.duplicated == 0, outcome
