@@ -148,20 +148,13 @@ class StreamConsumer:
 
     def _records(self, entries: list[Any], deliveries: dict[str, int]) -> list[QueuedRecord]:
         records = []
-        prefix = self._qid_prefix
+        prefix, stream = self._qid_prefix, self.stream
         for raw_id, fields in entries:
             entry = raw_id.decode()
-            device = fields.get(b"d", b"")
-            records.append(
-                QueuedRecord(
-                    qid=prefix + entry,
-                    device_id=device.decode(errors="replace"),
-                    received_at=int(entry.partition("-")[0]),
-                    data=fields.get(b"r", b""),
-                    deliveries=deliveries.get(entry, 1),
-                    stream=self.stream,
-                )
-            )
+            records.append(QueuedRecord(  # positional: this runs for every record
+                prefix + entry, fields.get(b"d", b"").decode(errors="replace"),
+                int(entry.partition("-")[0]), fields.get(b"r", b""), deliveries.get(entry, 1), stream,
+            ))
         return records
 
     def take_over(self) -> None:
@@ -237,7 +230,8 @@ class StreamConsumer:
 
     def ack(self, records: Sequence[QueuedRecord]) -> None:
         if records:
-            self._client.xack(self.stream, self.group, *[entry_id(record.qid) for record in records])
+            cut = len(self._qid_prefix)  # each qid is the prefix and the entry id
+            self._client.xack(self.stream, self.group, *[record.qid[cut:] for record in records])
             self._untrimmed = True
         if time.monotonic() >= self._next_trim:
             self.trim()
