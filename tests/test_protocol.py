@@ -305,3 +305,20 @@ def test_any_json_data_round_trips(data: Any, ensure_ascii: bool, device: str | 
     assert parsed.record is not None
     assert decode_json(parsed.record) == data
     assert json.loads(parsed.record) == data, "the record is standard JSON"
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=5), children,
+                                                                      max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(_JSON_VALUES)
+def test_decode_json_keeps_every_integer_exact(value: object) -> None:
+    """Whatever the digits around it, an integer beyond 64 bits is never turned into a float."""
+    payload = json.dumps(value).encode()
+    assert json.dumps(decode_json(payload)) == json.dumps(json.loads(payload))  # types too: 1 is not 1.0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -56,9 +55,13 @@ LOG_UPLOAD_RESPONSE: Final = b"log_upload_response"
 #: ``type`` values that carry a record ("the device pushes information").
 _LOG_TYPES: Final = (4, "4")
 
-#: Integers this long may not fit in 64 bits; orjson would turn them into
-#: floats and silently change the record, the stdlib keeps them exact.
-_LONG_INTEGER = re.compile(rb"\d{19}")
+#: Integers of 19 digits or more may not fit in 64 bits; orjson would turn them
+#: into floats and silently change the record, the stdlib keeps them exact.  To
+#: find one, every ASCII digit becomes "0" and every other byte a space, and the
+#: run of 19 zeros is looked for: two passes at C speed, where a regex (\d{19})
+#: tried every digit as a start and took a tenth of the gateway's time on v2 frames.
+_DIGITS_AS_ZEROS: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_INTEGER: Final = b"0" * 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,7 @@ def decode_json(payload: bytes) -> Any:
     Raises :class:`ValueError` (and :class:`RecursionError` for absurd
     nesting) on anything that is not strict JSON.
     """
-    if _LONG_INTEGER.search(payload) is None:
+    if _LONG_INTEGER not in payload.translate(_DIGITS_AS_ZEROS):
         return orjson.loads(payload)
     return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
 

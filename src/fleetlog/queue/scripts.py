@@ -75,6 +75,11 @@ local function serialise(ranges)
 end
 -- Adds s; false if it was there already.
 local function add(ranges, s)
+  local last = ranges[#ranges]
+  if last and s == last[2] + 1 then  -- the usual case: the next seq after the highest stored
+    last[2] = s
+    return true
+  end
   local lo, hi = 1, #ranges
   while lo <= hi do  -- the first range ending at or above s
     local mid = math.floor((lo + hi) / 2)
