@@ -4,7 +4,7 @@ A handshake is authenticated in :meth:`Gateway._accept`, which picows calls
 synchronously, so a bad credential gets HTTP 401 before the upgrade.  The
 token cache (:class:`~fleetlog.credentials.TokenCache`, kept current by
 :mod:`.tokens`) answers there with no I/O; for a token it does not hold,
-:class:`_Protocol` holds the request back from picows until one ``HGET``
+:class:`~.handshake.HandshakeProtocol` holds the request back from picows until one ``HGET``
 answered (:meth:`Gateway._lookup_first`); ``GET /healthz`` is answered there too
 (:mod:`.health`).  Each connection's rules (reply order, the legacy reply
 pair, identity, rate-limit delays, when to stop reading) live in
@@ -27,7 +27,7 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Final
 
 import aiofastnet
@@ -43,7 +43,6 @@ from picows import (
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
-from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
 from prometheus_client import CollectorRegistry
 
 from fleetlog import keys, protocol
@@ -52,7 +51,7 @@ from fleetlog.credentials import TokenCache, hash_token
 from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, QueueFull
 from fleetlog.gateway import health
 from fleetlog.gateway.addresses import AddressLimit
-from fleetlog.gateway.auth import Authenticator, Identity, Refused, token_from
+from fleetlog.gateway.auth import Authenticator, Identity, Refused
 from fleetlog.gateway.connection import (
     Action,
     Close,
@@ -65,6 +64,7 @@ from fleetlog.gateway.connection import (
     Submission,
     Unlink,
 )
+from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
 from fleetlog.gateway.limits import DeviceLimiters
 from fleetlog.gateway.messages import CloseCode
 from fleetlog.gateway.registry import LinkRegistry, log_failure
@@ -72,7 +72,7 @@ from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import REDIS_DOWN, connect_async, initialize, is_cluster
+from fleetlog.queue.connection import connect_async, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
 from fleetlog.queue.script_runner import ClusterScript, RedisScript
 
@@ -88,119 +88,6 @@ _DRAIN_TIMEOUT: Final = 5.0
 
 #: picows message types that carry data (a PONG is picows' keepalive's business).
 _DATA: Final = frozenset((WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION))
-
-
-#: picows' limit on a request's line and headers (``WSProtocol._http_max_size``,
-#: fixed in its C code); past it picows drops the connection without a word.
-MAX_REQUEST_HEAD: Final = 16 * 1024
-_HEADERS_TOO_LARGE: Final = protocol.error_frame(
-    ErrorCode.TOO_LARGE, f"request line and headers over {MAX_REQUEST_HEAD} bytes")
-_431: Final = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-               b"Content-Type: application/json\r\nConnection: close\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE))
-_LOOKUP_FAILED: Final = protocol.error_frame(
-    ErrorCode.UNAVAILABLE, "cannot check the token now (Redis unreachable); retry later")
-#: A token the gateway could not look up is not a bad token: 401 would tell a device to stop.
-_503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
-               b"Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
-
-
-class _Protocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
-    """picows' server protocol, answering ``431`` where picows would just hang up.
-
-    picows enforces :data:`MAX_REQUEST_HEAD` inside its compiled parser, which
-    offers no hook: it closes the socket and logs, so the client sees a reset.
-    This subclass sees every byte before picows does (``get_buffer`` /
-    ``buffer_updated`` are how the transport hands them over), keeps a copy
-    until the headers end, and when they reach the limit writes the 431 and
-    closes instead of passing the bytes on.  After the handshake it costs one
-    attribute test per read.
-
-    It also defers the upgrade while a token is looked up: picows decides it
-    in a synchronous callback, so when the headers are complete and
-    :attr:`lookup` returns an awaitable (a token not in the gateway's cache),
-    the last bytes are kept from picows, reading pauses, and once the lookup
-    ends the bytes are handed over and picows answers from the cache.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._head: bytearray | None = bytearray()  # None once the headers ended
-        self._view: memoryview | None = None
-        #: Given the request head, an awaitable to finish before the upgrade, or ``None``.
-        self.lookup: Callable[[bytes], Awaitable[object] | None] | None = None
-        self._deferred: asyncio.Task[None] | None = None
-
-    def get_buffer(self, size_hint: int) -> memoryview:
-        view: memoryview = super().get_buffer(size_hint)
-        if self._head is not None:
-            self._view = view
-        return view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        head = self._head
-        if head is not None:
-            assert self._view is not None
-            head += self._view[:nbytes]
-            self._view = None
-            end = head.find(b"\r\n\r\n")
-            if (end if end >= 0 else len(head)) >= MAX_REQUEST_HEAD:
-                self._head = None
-                transport = self.transport.underlying_transport
-                transport.write(_431)
-                transport.close()
-                log.info("refused a request with headers over %d bytes (431)", MAX_REQUEST_HEAD)
-                return
-            if end >= 0:
-                self._head_ended()
-                pending = self.lookup(bytes(head[:end])) if self.lookup is not None else None
-                if pending is not None:
-                    chunk = bytes(head[len(head) - nbytes:])
-                    self.transport.underlying_transport.pause_reading()
-                    self._deferred = asyncio.ensure_future(self._upgrade_after(pending, chunk))
-                    return
-        super().buffer_updated(nbytes)
-
-    def _head_ended(self) -> None:
-        """Hand every later read straight to picows: no Python call per read after the handshake.
-
-        The transport keeps the protocol's ``get_buffer``/``buffer_updated`` as
-        bound methods when the protocol is set, so the instance's own picows
-        methods shadow this class's overrides and the protocol is set again.
-        """
-        self._head = None
-        self.get_buffer = WSProtocol.get_buffer.__get__(self)  # type: ignore[method-assign]
-        self.buffer_updated = WSProtocol.buffer_updated.__get__(self)  # type: ignore[method-assign]
-        self.transport.underlying_transport.set_protocol(self)
-
-    async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
-        """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done."""
-        transport = self.transport.underlying_transport
-        try:
-            await pending
-        except Exception as exc:  # Redis down, or a bug: either way the device may retry
-            if isinstance(exc, REDIS_DOWN):
-                log.warning("cannot look a device token up (503): %s", exc)
-            else:
-                log.exception("device token lookup failed (503)")
-            if not transport.is_closing():
-                transport.write(_503)
-                transport.close()
-            return
-        if transport.is_closing():
-            return
-        offset = 0
-        for _ in range(len(chunk) + 1):  # each round hands over at least one byte
-            if offset >= len(chunk):
-                break
-            view = WSProtocol.get_buffer(self, len(chunk) - offset)
-            size = min(len(view), len(chunk) - offset)
-            view[:size] = chunk[offset:offset + size]
-            WSProtocol.buffer_updated(self, size)
-            offset += size
-        if not transport.is_closing():
-            transport.resume_reading()
 
 
 class DeviceConnection(WSListener):
@@ -503,18 +390,8 @@ class Gateway:
         """For a request head whose token the cache does not hold: its lookup, to await first."""
         if self.settings.auth != "token":
             return None
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            return None  # picows refuses it
-        authorization = None
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"authorization":
-                authorization = value.strip().decode("latin-1")
-                break
-        token = token_from(authorization, parts[1])
-        if not token:
+        token = token_in_head(head)
+        if token is None:
             return None
         digest = hash_token(token)
         if self.tokens.cached(digest):
@@ -625,10 +502,10 @@ class Gateway:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def _protocol(self) -> _Protocol:
+    def _protocol(self) -> HandshakeProtocol:
         """One connection's protocol: what ``picows.ws_create_server`` builds, plus the 431."""
         settings = self.settings
-        protocol = _Protocol(
+        protocol = HandshakeProtocol(
             None, None, False,  # host and port, path: client side only; is_client_side
             self._accept,
             logging.getLogger("picows.server"),

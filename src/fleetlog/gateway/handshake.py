@@ -1,0 +1,160 @@
+"""picows' server protocol, before the WebSocket upgrade: a 431 and a deferred upgrade.
+
+picows parses the HTTP request in its compiled code and offers no hook before
+the upgrade but its synchronous ``on_ws_upgrade`` callback.  Two things need
+more: a request head over picows' limit must get an answer (picows hangs up
+without one), and a device token the gateway's cache does not hold must be
+looked up in Redis before the upgrade is decided, which a synchronous callback
+cannot wait for.  :class:`HandshakeProtocol` sees the bytes before picows does
+and does both; once the head has ended it steps out of the way.
+:func:`token_in_head` finds the token in a request head, with no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
+
+from fleetlog import protocol
+from fleetlog.errors import ErrorCode
+from fleetlog.gateway.auth import token_from
+from fleetlog.queue.connection import REDIS_DOWN
+
+__all__ = ["MAX_REQUEST_HEAD", "HandshakeProtocol", "token_in_head"]
+
+log = logging.getLogger("fleetlog.gateway")
+
+#: picows' limit on a request's line and headers (``WSProtocol._http_max_size``,
+#: fixed in its C code); past it picows drops the connection without a word.
+MAX_REQUEST_HEAD: Final = 16 * 1024
+_HEADERS_TOO_LARGE: Final = protocol.error_frame(
+    ErrorCode.TOO_LARGE, f"request line and headers over {MAX_REQUEST_HEAD} bytes")
+_431: Final = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE))
+_LOOKUP_FAILED: Final = protocol.error_frame(
+    ErrorCode.UNAVAILABLE, "cannot check the token now (Redis unreachable); retry later")
+#: A token the gateway could not look up is not a bad token: 401 would tell a device to stop.
+_503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
+               b"Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
+
+
+class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
+    """picows' server protocol, answering ``431`` where picows would just hang up.
+
+    picows enforces :data:`MAX_REQUEST_HEAD` inside its compiled parser, which
+    offers no hook: it closes the socket and logs, so the client sees a reset.
+    This subclass sees every byte before picows does (``get_buffer`` /
+    ``buffer_updated`` are how the transport hands them over), keeps a copy
+    until the headers end, and when they reach the limit writes the 431 and
+    closes instead of passing the bytes on.  After the handshake it costs one
+    attribute test per read.
+
+    It also defers the upgrade while a token is looked up: picows decides it
+    in a synchronous callback, so when the headers are complete and
+    :attr:`lookup` returns an awaitable (a token not in the gateway's cache),
+    the last bytes are kept from picows, reading pauses, and once the lookup
+    ends the bytes are handed over and picows answers from the cache.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._head: bytearray | None = bytearray()  # None once the headers ended
+        self._view: memoryview | None = None
+        #: Given the request head, an awaitable to finish before the upgrade, or ``None``.
+        self.lookup: Callable[[bytes], Awaitable[object] | None] | None = None
+        self._deferred: asyncio.Task[None] | None = None
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        view: memoryview = super().get_buffer(size_hint)
+        if self._head is not None:
+            self._view = view
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        head = self._head
+        if head is not None:
+            assert self._view is not None
+            head += self._view[:nbytes]
+            self._view = None
+            end = head.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(head)) >= MAX_REQUEST_HEAD:
+                self._head = None
+                transport = self.transport.underlying_transport
+                transport.write(_431)
+                transport.close()
+                log.info("refused a request with headers over %d bytes (431)", MAX_REQUEST_HEAD)
+                return
+            if end >= 0:
+                self._head_ended()
+                pending = self.lookup(bytes(head[:end])) if self.lookup is not None else None
+                if pending is not None:
+                    chunk = bytes(head[len(head) - nbytes:])
+                    self.transport.underlying_transport.pause_reading()
+                    self._deferred = asyncio.ensure_future(self._upgrade_after(pending, chunk))
+                    return
+        super().buffer_updated(nbytes)
+
+    def _head_ended(self) -> None:
+        """Hand every later read straight to picows: no Python call per read after the handshake.
+
+        The transport keeps the protocol's ``get_buffer``/``buffer_updated`` as
+        bound methods when the protocol is set, so the instance's own picows
+        methods shadow this class's overrides and the protocol is set again.
+        """
+        self._head = None
+        self.get_buffer = WSProtocol.get_buffer.__get__(self)  # type: ignore[method-assign]
+        self.buffer_updated = WSProtocol.buffer_updated.__get__(self)  # type: ignore[method-assign]
+        self.transport.underlying_transport.set_protocol(self)
+
+    async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
+        """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done."""
+        transport = self.transport.underlying_transport
+        try:
+            await pending
+        except Exception as exc:  # Redis down, or a bug: either way the device may retry
+            if isinstance(exc, REDIS_DOWN):
+                log.warning("cannot look a device token up (503): %s", exc)
+            else:
+                log.exception("device token lookup failed (503)")
+            if not transport.is_closing():
+                transport.write(_503)
+                transport.close()
+            return
+        if transport.is_closing():
+            return
+        offset = 0
+        for _ in range(len(chunk) + 1):  # each round hands over at least one byte
+            if offset >= len(chunk):
+                break
+            view = WSProtocol.get_buffer(self, len(chunk) - offset)
+            size = min(len(view), len(chunk) - offset)
+            view[:size] = chunk[offset:offset + size]
+            WSProtocol.buffer_updated(self, size)
+            offset += size
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
+def token_in_head(head: bytes) -> str | None:
+    """The device token of a request head (``Authorization: Bearer`` or ``?token=``), if any.
+
+    ``None`` also for a request line that is not ``METHOD TARGET VERSION``:
+    picows refuses that one itself.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        return None
+    authorization = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            authorization = value.strip().decode("latin-1")
+            break
+    return token_from(authorization, parts[1]) or None
