@@ -16,7 +16,7 @@ actions it returns (writes, producer submissions, timers, close).  The
 producer, the link registry, the token table.
 
 The WebSocket library is picows (chosen by measurement, see ``bench/``); it
-is used only in this module, so it can be swapped.
+is used only in this module and :mod:`.handshake`, so it can be swapped.
 """
 
 from __future__ import annotations
