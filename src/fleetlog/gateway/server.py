@@ -13,7 +13,8 @@ pair, identity, rate-limit delays, when to stop reading) live in
 actions it returns (writes, producer submissions, timers, close).  The
 :class:`Gateway` holds what connections share: the per-address limit
 (:mod:`.addresses`), the per-device rate limiters (:mod:`.limits`), the
-producer, the link registry, the token table.
+producer, the link registry, the token table, and the relay of commands to
+devices (:mod:`.relay`).
 
 The WebSocket library is picows (chosen by measurement, see ``bench/``); it
 is used only in this module and :mod:`.handshake`, so it can be swapped.
@@ -31,7 +32,6 @@ from collections.abc import Awaitable
 from typing import Any, Final
 
 import aiofastnet
-import orjson
 import uvloop
 from picows import (
     WSAutoPingStrategy,
@@ -45,7 +45,7 @@ from picows import (
 )
 from prometheus_client import CollectorRegistry
 
-from fleetlog import keys, protocol
+from fleetlog import protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenCache, hash_token
 from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, QueueFull
@@ -68,6 +68,7 @@ from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
 from fleetlog.gateway.limits import DeviceLimiters
 from fleetlog.gateway.messages import CloseCode
 from fleetlog.gateway.registry import LinkRegistry, log_failure
+from fleetlog.gateway.relay import CommandRelay
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
@@ -130,6 +131,11 @@ class DeviceConnection(WSListener):
     @property
     def peer(self) -> str | None:
         return self._peer
+
+    @property
+    def v2(self) -> bool:
+        """Whether the device speaks v2 (how a command is framed for it)."""
+        return self.conn.v2
 
     # -- picows callbacks -------------------------------------------------------
 
@@ -265,7 +271,7 @@ class DeviceConnection(WSListener):
             errors = self.gateway.errors
             errors[action.reason] = errors.get(action.reason, 0) + 1
         elif isinstance(action, CommandAnswer):
-            self.gateway.answer_command(action)
+            self.gateway.relay.answer(action)
         elif isinstance(action, SetTimer):
             asyncio.get_running_loop().call_later(action.delay, self._delay_elapsed)
         elif isinstance(action, Close):
@@ -307,9 +313,7 @@ class Gateway:
         self.acks = 0
         self.errors: dict[str, int] = {}
         self.ack_latency = Histogram()
-        self.commands: dict[str, int] = {}
         self.metrics = self._metrics_registry()
-        self._publishing: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -339,6 +343,7 @@ class Gateway:
             info={"host": settings.host, "port": settings.ws_port},
             take_over=settings.auth != "none",
         )
+        self.relay = CommandRelay(client, settings.node_id, self._recipient)
 
     @property
     def port(self) -> int:
@@ -363,7 +368,7 @@ class Gateway:
              "From handing a frame's records to the producer to Redis' answer.",
              lambda: self.ack_latency),
             ("counter", "fleetlog_gateway_commands_total|status",
-             "Commands for devices on this node, by outcome.", lambda: self.commands),
+             "Commands for devices on this node, by outcome.", lambda: self.relay.counts),
         ]))
         return registry
 
@@ -451,54 +456,11 @@ class Gateway:
             if connection is not None:
                 connection.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
         elif op == "command":
-            self._command(message)
+            self.relay.deliver(message)
 
-    def _command(self, message: dict[str, Any]) -> None:
-        """Write a command to its device and say on its reply channel whether it went out.
-
-        ``message`` is ``{"op": "command", "id", "device", "conn", "body"}``
-        (see :mod:`fleetlog.api.commands`).  The connection is the one the
-        link named, or, if that one is gone, the device's current one here.
-        """
-        command_id, device_id = message.get("id"), message.get("device")
-        if not isinstance(command_id, str) or not isinstance(device_id, str) or "body" not in message:
-            log.warning("ignoring a malformed command: %r", message)
-            return
-        connection = self._by_conn.get(str(message.get("conn"))) or self._by_device.get(device_id)
-        status = "offline"
-        if connection is not None and connection.device_id == device_id:
-            wire = protocol.server_text_frame(
-                protocol.command_frame(command_id, message["body"], v2=connection.conn.v2))
-            if connection.send_command(wire):
-                status = "delivered"
-        self.commands[status] = self.commands.get(status, 0) + 1
-        self._publish(keys.command_reply(command_id),
-                      orjson.dumps({"id": command_id, "device": device_id, "status": status,
-                                    "node": self.settings.node_id}))
-
-    def answer_command(self, answer: CommandAnswer) -> None:
-        """Hand a device's ``command_result`` to the command's sender (on its reply channel)."""
-        self.commands["answered"] = self.commands.get("answered", 0) + 1
-        self._publish(keys.command_reply(answer.command_id),
-                      b'{"id":%s,"device":%s,"status":"result","result":%s}' % (
-                          orjson.dumps(answer.command_id), orjson.dumps(answer.device_id),
-                          answer.payload))
-
-    def _publish(self, channel: str, message: bytes) -> None:
-        """Publish in the background; a lost message is the sender's timeout, nothing worse."""
-        if len(self._publishing) >= 10_000:
-            log.warning("too many command replies in flight; dropping one for %s", channel)
-            return
-
-        async def publish() -> None:
-            try:
-                await self._client.publish(channel, message)
-            except Exception as exc:
-                log_failure("publishing a command reply", exc)
-
-        task = asyncio.get_running_loop().create_task(publish())
-        self._publishing.add(task)
-        task.add_done_callback(self._publishing.discard)
+    def _recipient(self, conn_id: str, device_id: str) -> DeviceConnection | None:
+        """The connection a command's link named, or, if that one is gone, the device's here."""
+        return self._by_conn.get(conn_id) or self._by_device.get(device_id)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -1,0 +1,106 @@
+"""Commands for the devices on this node, and their answers, over Redis pub/sub.
+
+The API (:mod:`fleetlog.api.commands`) publishes ``{"op": "command", "id",
+"device", "conn", "body"}`` on the control channel of the node the device's
+link names.  :class:`CommandRelay` writes the command to that connection (or,
+if it is gone, to the device's current connection on this node) and publishes
+on the command's reply channel (:func:`fleetlog.keys.command_reply`) whether it
+went out, ``delivered`` or ``offline``; a v2 device's ``command_result`` frame
+follows there as ``result``.
+
+Publishing runs in the background, bounded: a reply that is lost (Redis down,
+too many in flight) is the sender's timeout, nothing worse, and a device's
+frames are never held up by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+import orjson
+
+from fleetlog import keys, protocol
+from fleetlog.gateway.connection import CommandAnswer
+from fleetlog.gateway.registry import log_failure
+
+__all__ = ["CommandRelay", "Recipient"]
+
+log = logging.getLogger("fleetlog.gateway")
+
+#: Replies being published at once, beyond which one is dropped (and logged).
+MAX_PUBLISHING: Final = 10_000
+
+
+class Recipient(Protocol):
+    """What the relay needs of a device connection."""
+
+    @property
+    def device_id(self) -> str | None: ...
+
+    @property
+    def v2(self) -> bool: ...
+
+    def send_command(self, wire: bytes) -> bool: ...
+
+
+#: Given a connection id and a device id: the connection to write to, or ``None``.
+FindRecipient = Callable[[str, str], Recipient | None]
+
+
+class CommandRelay:
+    """Delivers commands to this node's connections and publishes what became of them."""
+
+    def __init__(self, client: Any, node_id: str, find: FindRecipient) -> None:
+        self._client = client
+        self._node_id = node_id
+        self._find = find
+        self._publishing: set[asyncio.Task[None]] = set()
+        #: Commands by outcome (``delivered``, ``offline``, ``answered``), for ``/metrics``.
+        self.counts: dict[str, int] = {}
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        """Write a command to its device and say on its reply channel whether it went out."""
+        command_id, device_id = message.get("id"), message.get("device")
+        if not isinstance(command_id, str) or not isinstance(device_id, str) or "body" not in message:
+            log.warning("ignoring a malformed command: %r", message)
+            return
+        recipient = self._find(str(message.get("conn")), device_id)
+        status = "offline"
+        if recipient is not None and recipient.device_id == device_id:
+            wire = protocol.server_text_frame(
+                protocol.command_frame(command_id, message["body"], v2=recipient.v2))
+            if recipient.send_command(wire):
+                status = "delivered"
+        self._count(status)
+        self._publish(keys.command_reply(command_id),
+                      orjson.dumps({"id": command_id, "device": device_id, "status": status,
+                                    "node": self._node_id}))
+
+    def answer(self, answer: CommandAnswer) -> None:
+        """Hand a device's ``command_result`` to the command's sender (on its reply channel)."""
+        self._count("answered")
+        self._publish(keys.command_reply(answer.command_id),
+                      b'{"id":%s,"device":%s,"status":"result","result":%s}' % (
+                          orjson.dumps(answer.command_id), orjson.dumps(answer.device_id),
+                          answer.payload))
+
+    def _count(self, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+
+    def _publish(self, channel: str, message: bytes) -> None:
+        if len(self._publishing) >= MAX_PUBLISHING:
+            log.warning("too many command replies in flight; dropping one for %s", channel)
+            return
+
+        async def publish() -> None:
+            try:
+                await self._client.publish(channel, message)
+            except Exception as exc:
+                log_failure("publishing a command reply", exc)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)

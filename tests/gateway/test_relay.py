@@ -1,0 +1,144 @@
+"""fleetlog.gateway.relay: commands delivered to this node's connections, outcomes published.
+
+The relay runs against a real Redis; the connections are small stand-ins that
+record what they were asked to write (the relay's side of the connection
+interface, :class:`~fleetlog.gateway.relay.Recipient`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from fleetlog import keys
+from fleetlog.embedded import RedisServer
+from fleetlog.gateway.connection import CommandAnswer
+from fleetlog.gateway.relay import CommandRelay, Recipient
+from fleetlog.queue.connection import connect_async
+
+
+@dataclass
+class Device:
+    device_id: str | None
+    v2: bool = True
+    open: bool = True
+    written: list[bytes] = field(default_factory=list)
+
+    def send_command(self, wire: bytes) -> bool:
+        if self.open:
+            self.written.append(wire)
+        return self.open
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    connection = connect_async(redis_url)
+    yield connection
+    await connection.aclose()
+
+
+async def _replies(client: redis.asyncio.Redis, command_id: str, count: int,
+                   act: Any) -> list[dict[str, Any]]:
+    """Subscribe to the command's reply channel, ``act()``, and collect ``count`` replies."""
+    pubsub = client.pubsub()
+    await pubsub.subscribe(keys.command_reply(command_id))
+    try:
+        act()
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(5):
+            while len(got) < count:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    got.append(json.loads(message["data"]))
+        return got
+    finally:
+        await pubsub.aclose()
+
+
+def _relay(client: redis.asyncio.Redis, devices: dict[str, Device],
+           by_conn: dict[str, Device] | None = None) -> CommandRelay:
+    def find(conn_id: str, device_id: str) -> Recipient | None:
+        return (by_conn or {}).get(conn_id) or devices.get(device_id)
+
+    return CommandRelay(client, "node-a", find)
+
+
+async def test_a_command_reaches_a_v2_device_and_delivered_is_published(
+        client: redis.asyncio.Redis) -> None:
+    door = Device("door:1")
+    relay = _relay(client, {"door:1": door})
+    replies = await _replies(client, "c1", 1, lambda: relay.deliver(
+        {"op": "command", "id": "c1", "device": "door:1", "conn": "x", "body": {"open": True}}))
+    assert replies == [{"id": "c1", "device": "door:1", "status": "delivered", "node": "node-a"}]
+    assert len(door.written) == 1
+    assert b'"type":"command"' in door.written[0] and b'"id":"c1"' in door.written[0]
+    assert relay.counts == {"delivered": 1}
+
+
+async def test_a_legacy_device_gets_the_body_as_it_is(client: redis.asyncio.Redis) -> None:
+    kiosk = Device("kiosk", v2=False)
+    relay = _relay(client, {"kiosk": kiosk})
+    await _replies(client, "c2", 1, lambda: relay.deliver(
+        {"op": "command", "id": "c2", "device": "kiosk", "conn": "x", "body": {"reboot": 1}}))
+    assert kiosk.written and kiosk.written[0].endswith(b'{"reboot":1}')
+
+
+@pytest.mark.parametrize(
+    ("devices", "by_conn"),
+    [
+        ({}, {}),  # not on this node
+        ({}, {"conn-1": Device("another")}),  # the link's connection is now another device's
+        ({"door": Device("door", open=False)}, {}),  # closing: nothing more is written
+    ],
+)
+async def test_offline_when_nothing_was_written(client: redis.asyncio.Redis,
+                                                devices: dict[str, Device],
+                                                by_conn: dict[str, Device]) -> None:
+    relay = _relay(client, devices, by_conn)
+    replies = await _replies(client, "c3", 1, lambda: relay.deliver(
+        {"op": "command", "id": "c3", "device": "door", "conn": "conn-1", "body": {}}))
+    assert [reply["status"] for reply in replies] == ["offline"]
+    assert not any(device.written for device in [*devices.values(), *by_conn.values()])
+    assert relay.counts == {"offline": 1}
+
+
+async def test_a_malformed_command_is_ignored(client: redis.asyncio.Redis) -> None:
+    door = Device("door")
+    relay = _relay(client, {"door": door})
+    for message in ({"op": "command", "id": 7, "device": "door", "body": {}},
+                    {"op": "command", "id": "c4", "device": "door"},
+                    {"op": "command", "id": "c4", "device": None, "body": {}}):
+        relay.deliver(message)
+    await asyncio.sleep(0.1)
+    assert door.written == [] and relay.counts == {}
+
+
+async def test_a_command_result_is_published_verbatim(client: redis.asyncio.Redis) -> None:
+    relay = _relay(client, {})
+    payload = b'{"type":"command_result","id":"c5","ok":true,"n":123456789012345678901234}'
+    replies = await _replies(client, "c5", 1, lambda: relay.answer(CommandAnswer("door", "c5", payload)))
+    assert replies == [{"id": "c5", "device": "door", "status": "result",
+                        "result": {"type": "command_result", "id": "c5", "ok": True,
+                                   "n": 123456789012345678901234}}]
+    assert relay.counts == {"answered": 1}
+
+
+async def test_redis_down_loses_the_reply_not_the_relay(private_redis: RedisServer,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    client = connect_async(private_redis.url, timeout=1)
+    door = Device("door")
+    relay = _relay(client, {"door": door})
+    private_redis.stop()
+    try:
+        relay.deliver({"op": "command", "id": "c6", "device": "door", "conn": "x", "body": {}})
+        await asyncio.sleep(1.5)
+        assert len(door.written) == 1, "the device got its command even though the reply was lost"
+        assert "Redis" in caplog.text
+    finally:
+        await client.aclose()
