@@ -52,8 +52,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     This subclass sees every byte before picows does (``get_buffer`` /
     ``buffer_updated`` are how the transport hands them over), keeps a copy
     until the headers end, and when they reach the limit writes the 431 and
-    closes instead of passing the bytes on.  After the handshake it costs one
-    attribute test per read.
+    closes instead of passing the bytes on.  Once the head has ended it costs
+    nothing: :meth:`_head_ended` hands the reads to picows directly.
 
     It also defers the upgrade while a token is looked up: picows decides it
     in a synchronous callback, so when the headers are complete and
