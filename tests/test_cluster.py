@@ -234,3 +234,45 @@ def test_presence_scans_every_master(redis_cluster_url: str) -> None:
         assert set(presence.refused) == {f"dev-{node}" for node in nodes}
     finally:
         client.close()
+
+
+def test_operator_tokens_and_the_api_on_a_cluster(
+        processes: Processes, redis_cluster_url: str, tmp_path: Path) -> None:
+    """api-token add/revoke are one script over two keys: on a cluster they must share a slot
+    (no CROSSSLOT), and the API must find the token where the script put it."""
+    import urllib.error
+    import urllib.request
+
+    from fleetlog.embedded import free_port
+    from tests.conftest import wait_for_port
+    from tests.helpers import run_fleetlog
+
+    common = ("--redis-url", redis_cluster_url)
+    added = run_fleetlog("api-token", "add", "ops:1", "--role", "admin", *common)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    again = run_fleetlog("api-token", "add", "ops:1", *common)
+    assert again.returncode != 0 and "exists already" in again.stderr
+    listed = json.loads(run_fleetlog("api-token", "list", "--json", *common).stdout)
+    assert [(entry["name"], entry["role"]) for entry in listed] == [("ops:1", "admin")]
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    port = free_port()
+    api = processes.start("api", *common, "--data-dir", str(data_dir), "--port", str(port))
+    wait_for_port(port, process=api)
+
+    def status(bearer: str) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/devices",
+                                         headers={"Authorization": f"Bearer {bearer}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status(token) == 200
+    assert status(token + "x") == 401
+    assert run_fleetlog("api-token", "revoke", "ops:1", *common).returncode == 0
+    assert status(token) == 401, "a revoked token is refused at once"
+    assert json.loads(run_fleetlog("api-token", "list", "--json", *common).stdout) == []

@@ -200,10 +200,30 @@ def command_reply(command_id: str) -> str:
 #: Pub/sub channel a worker announces each committed batch on (see ``fleetlog.worker.commits``).
 COMMITS = "fleetlog:commits"
 
-#: Hash: SHA-256 of an operator (API) token -> JSON ``{"name", "role", "created_at"}``.
-API_TOKENS = "fleetlog:api-tokens"
+@dataclass(frozen=True, slots=True)
+class ApiTokenKeys:
+    """The keys of the operator (API) tokens, which one script changes together.
+
+    ``table`` is a hash: SHA-256 of a token -> JSON ``{"name", "role",
+    "created_at"}``, what every API request looks up.  :meth:`name` is a hash
+    per token name: ``token_hash``, ``role``, ``created_at``.  One Redis keeps
+    the names fleetlog always used; on a Redis Cluster they share the hash tag
+    ``{api-tokens}`` (one slot), since adding and revoking are each one script
+    over the table and a name's record.
+    """
+
+    table: str
+    name_prefix: str
+
+    def name(self, name: str) -> str:
+        """Hash: ``token_hash``, ``role``, ``created_at`` of the operator token named ``name``."""
+        return f"{self.name_prefix}{part(name)}"
 
 
-def api_token(name: str) -> str:
-    """Hash: ``token_hash``, ``role``, ``created_at`` of one operator token, by name."""
-    return f"fleetlog:api-token:{part(name)}"
+SINGLE_API_TOKENS = ApiTokenKeys("fleetlog:api-tokens", "fleetlog:api-token:")
+CLUSTER_API_TOKENS = ApiTokenKeys("fleetlog:{api-tokens}", "fleetlog:{api-tokens}:name:")
+
+
+def api_token_keys(cluster: bool) -> ApiTokenKeys:
+    """The operator token keys for one Redis, or (``cluster``) for a Redis Cluster."""
+    return CLUSTER_API_TOKENS if cluster else SINGLE_API_TOKENS

@@ -69,7 +69,7 @@ def test_api_token_cli_add_list_revoke(api: Api) -> None:
     token = added.stdout.strip()
     assert token.startswith("fla_") and "\n" not in token
     client = redis.Redis.from_url(api.redis_url)
-    assert token.encode() not in b"".join(client.hvals(keys.API_TOKENS)), "stored hashed"
+    assert token.encode() not in b"".join(client.hvals(keys.SINGLE_API_TOKENS.table)), "stored hashed"
     listed = run_fleetlog("api-token", "list", "--json", "--redis-url", api.redis_url)
     assert {row["name"]: row["role"] for row in __import__("json").loads(listed.stdout)} == {
         "ci": "admin", "ops": "admin", "viewer": "read"}
@@ -78,7 +78,7 @@ def test_api_token_cli_add_list_revoke(api: Api) -> None:
         assert run_fleetlog("api-token", "revoke", "ci", "--redis-url", api.redis_url).returncode == 0
         assert http.get("/api/device-tokens").status_code == 401
     assert run_fleetlog("api-token", "revoke", "ci", "--redis-url", api.redis_url).returncode != 0
-    assert not client.exists(keys.api_token("ci"))
+    assert not client.exists(keys.SINGLE_API_TOKENS.name("ci"))
     client.close()
 
 

@@ -9,7 +9,9 @@ no slow hash, see :mod:`fleetlog.credentials`).  Keys:
 * ``fleetlog:api-token:<name>`` hash: ``token_hash``, ``role``, ``created_at``.
 
 Adding and revoking are each one Lua script over both keys, so a name never
-holds two tokens and a revoked token never lingers.  ``read`` may call every
+holds two tokens and a revoked token never lingers.  On a Redis Cluster both
+keys carry the hash tag ``{api-tokens}``, one slot, so the scripts run there too
+(:class:`fleetlog.keys.ApiTokenKeys`).  ``read`` may call every
 reading route; ``admin`` may also send commands and manage device tokens.
 """
 
@@ -25,6 +27,7 @@ import orjson
 from fleetlog import keys
 from fleetlog.credentials import hash_token
 from fleetlog.errors import FleetlogError, UnknownToken
+from fleetlog.queue.connection import is_cluster
 from fleetlog.records import iso_ms
 
 __all__ = ["ROLES", "OperatorToken", "OperatorTokens", "Role", "UnknownToken", "allows"]
@@ -85,6 +88,7 @@ class OperatorTokens:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self._keys = keys.api_token_keys(is_cluster(client))
         self._add = client.register_script(_ADD)
         self._revoke = client.register_script(_REVOKE)
 
@@ -97,21 +101,22 @@ class OperatorTokens:
         now = iso_ms(int(time.time() * 1000))
         entry = orjson.dumps({"name": name, "role": role, "created_at": now})
         digest = hash_token(token)
-        if self._add(keys=[keys.api_token(name), keys.API_TOKENS], args=[digest, role, now, entry]) is None:
+        names = self._keys
+        if self._add(keys=[names.name(name), names.table], args=[digest, role, now, entry]) is None:
             raise FleetlogError(f"an API token named {name!r} exists already: revoke it first")
         return token
 
     def revoke(self, name: str) -> None:
         """Delete the token named ``name``; requests with it are refused from now on."""
-        if self._revoke(keys=[keys.api_token(name), keys.API_TOKENS]) is None:
+        if self._revoke(keys=[self._keys.name(name), self._keys.table]) is None:
             raise UnknownToken(f"no API token named {name!r}")
 
     def list(self) -> list[OperatorToken]:
-        tokens = [_decode(raw) for raw in self._client.hvals(keys.API_TOKENS)]
+        tokens = [_decode(raw) for raw in self._client.hvals(self._keys.table)]
         return sorted((token for token in tokens if token is not None), key=lambda token: token.name)
 
 
 async def identify(client: Any, token: str) -> OperatorToken | None:
     """The operator a bearer token belongs to (an asyncio client), or ``None``."""
-    raw = await client.hget(keys.API_TOKENS, hash_token(token))
+    raw = await client.hget(keys.api_token_keys(is_cluster(client)).table, hash_token(token))
     return None if raw is None else _decode(raw)
