@@ -6,6 +6,7 @@ Real processes throughout: the parent, its gateway children, a worker, a Redis.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,9 +19,18 @@ import websockets
 
 from fleetlog import keys
 from tests.conftest import Processes
-from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy, stored_rows, wait_until
+from tests.helpers import (
+    RECEIVED,
+    STORED,
+    legacy_frame,
+    run_fleetlog,
+    send_legacy,
+    stored_rows,
+    wait_until,
+)
 
-FAST = {"FLEETLOG_RATE_RECORDS": "1000000", "FLEETLOG_RATE_BYTES": "1000000000"}
+FAST = {"FLEETLOG_RATE_RECORDS": "1000000", "FLEETLOG_RATE_BYTES": "1000000000",
+        "FLEETLOG_HEARTBEAT_TTL": "2"}
 DEVICES = 40
 
 
@@ -51,6 +61,13 @@ def link_nodes(redis_url: str) -> dict[str, str]:
                 for device, link in client.hgetall(keys.DEVICE_LINKS).items()}
     finally:
         client.close()
+
+
+def online(redis_url: str, data_dir: Path) -> set[str]:
+    """The devices ``fleetlog devices`` shows online (their link's node is alive)."""
+    shown = run_fleetlog("devices", "--json", "--redis-url", redis_url, "--data-dir", str(data_dir))
+    assert shown.returncode == 0, shown.stderr
+    return {row["device_id"] for row in json.loads(shown.stdout) if row["online"]}
 
 
 class Device:
@@ -123,13 +140,21 @@ def test_processes_share_the_port_restart_when_killed_and_stop_together(
         first = children_of(parent.pid)
         assert sorted(first.values()) == ["gw-p0", "gw-p1"]
         killed = next(pid for pid, node in first.items() if node == "gw-p0")
+        # One device of the killed process never comes back: it must read offline.
+        silent = next(device for device in devices if nodes[device.name] == "gw-p0")
         os.kill(killed, signal.SIGKILL)
-        # The parent starts gw-p0 again, as a new process.
+        # The parent starts gw-p0 again, as a new process and a new node.
         assert await asyncio.to_thread(wait_until, lambda: (
-            sorted(children_of(parent.pid).values()) == ["gw-p0", "gw-p1"]
+            sorted(children_of(parent.pid).values()) == ["gw-p0-r1", "gw-p1"]
             and killed not in children_of(parent.pid)), 20)
-        # Every device sends more: those of the killed process reconnect (to either process).
-        await all_send(5)
+        # Every other device sends more: those of the killed process reconnect (to either process).
+        await asyncio.gather(*(device.send(5) for device in devices if device is not silent))
+        await silent.drop()
+        assert link_nodes(redis_url)[silent.name] == "gw-p0", "its link names the dead node"
+        assert await asyncio.to_thread(
+            wait_until, lambda: silent.name not in online(redis_url, data_dir), 10), \
+            "offline once the dead node's heartbeat expired, though gw-p0's successor runs"
+        assert online(redis_url, data_dir) == {d.name for d in devices if d is not silent}
         for device in devices:
             await device.drop()
 
@@ -141,7 +166,7 @@ def test_processes_share_the_port_restart_when_killed_and_stop_together(
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
     acked = {(device.name, seq) for device in devices for seq in device.acked}
-    assert len(acked) == DEVICES * 10
+    assert len(acked) == DEVICES * 10 - 5  # the silent device sent its first 5 only
     assert wait_until(lambda: acked <= {(d, s) for _, d, s, _ in stored_rows(data_dir)}, 20)
     # Per-device order held through the restart.
     for device in devices:

@@ -12,6 +12,7 @@ import logging
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetlog.backoff import Backoff
@@ -55,12 +56,17 @@ class Child:
     started_at: float = field(default=0.0)
 
     env: dict[str, str] = field(default_factory=dict)
+    #: Given how many times the child started before, what to add to ``env`` for this start.
+    env_for_start: Callable[[int], dict[str, str]] | None = None
+    starts: int = 0
 
     def start(self) -> None:
+        env = self.env if self.env_for_start is None else {**self.env, **self.env_for_start(self.starts)}
         # A group of its own: only the supervisor decides when and in which order its
         # children stop (a terminal's Ctrl-C reaches the supervisor alone).
-        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent,
+        self.process = subprocess.Popen(self.argv, env=env, preexec_fn=die_with_parent,
                                         process_group=0)
+        self.starts += 1
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:

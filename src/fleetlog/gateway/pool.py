@@ -4,9 +4,9 @@ One gateway process uses one core (its event loop); a machine with more
 cores runs more processes.  They share the port with ``SO_REUSEPORT``: the
 kernel spreads new connections over the listening sockets, so no process
 hands connections to another.  Each child is a whole gateway node of its own
-(node id ``<node_id>-p<k>``, its own heartbeat, control channel and
-``/healthz``): the registry already routes take-overs and commands between
-nodes, so nothing here is shared but the port.
+(node id ``<node_id>-p<k>``, with ``-r<n>`` after its n-th restart; its own
+heartbeat, control channel and ``/healthz``): the registry already routes
+take-overs and commands between nodes, so nothing here is shared but the port.
 
 The parent does no I/O on the connections.  It binds the port first with
 ``SO_REUSEPORT`` (a taken port fails here, once, and ``--port 0`` picks one
@@ -21,6 +21,7 @@ leaves none behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -47,9 +48,19 @@ _WATCH_INTERVAL: Final = 0.2
 _START_TIMEOUT: Final = 30.0
 
 
-def child_node_id(node_id: str, index: int) -> str:
-    """The node id of child ``index``: the same across its restarts (its links stay its own)."""
-    return f"{node_id}-p{index}"
+def child_node_id(node_id: str, index: int, start: int = 0) -> str:
+    """The node id of child ``index`` in its ``start``-th life: ``gw-p0``, then ``gw-p0-r1``...
+
+    A restarted child is a new node.  The links of the connections that died
+    with the old process name a node whose heartbeat then expires, so their
+    devices read offline until they reconnect, as after any node's death; under
+    the old name they would have read online for good.
+    """
+    return f"{node_id}-p{index}" if start == 0 else f"{node_id}-p{index}-r{start}"
+
+
+def _node_env(node_id: str, index: int, start: int) -> dict[str, str]:
+    return {"FLEETLOG_NODE_ID": child_node_id(node_id, index, start)}
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -73,8 +84,8 @@ class _Pool:
                "FLEETLOG_REUSE_PORT": "true"}
         argv = [sys.executable, "-m", "fleetlog", "gateway"]
         self.children = [
-            Child(f"gateway {child_node_id(settings.node_id, k)}", argv,
-                  env={**env, "FLEETLOG_NODE_ID": child_node_id(settings.node_id, k)})
+            Child(f"gateway {child_node_id(settings.node_id, k)}", argv, env=env,
+                  env_for_start=functools.partial(_node_env, settings.node_id, k))
             for k in range(count)
         ]
         self.stopping = threading.Event()
