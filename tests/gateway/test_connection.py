@@ -281,6 +281,26 @@ def test_a_rate_limit_delay_queues_later_messages_in_the_inbox_in_order() -> Non
     ]
 
 
+def test_a_second_delay_after_the_first_ended_queues_in_order_again() -> None:
+    # The inbox exists only while a delay runs: a later delay starts a new one.
+    conn = connect(records_per_s=10, burst=1, max_delay=5)
+    (first,) = submissions(send(conn, v2("f0", 10, "dev-1")))
+    assert send(conn, v2("f1", 5, "dev-1")) == [Reading.PAUSE, SetTimer(0.5)]
+    conn.delay_elapsed(0.5)
+    (delayed,) = submissions(conn.actions_to_take())
+    assert send(conn, v2("f2", 5, "dev-1"), 0.5) == [Reading.PAUSE, SetTimer(0.5)]
+    assert send(conn, b"[]", 0.6) == [], "waits behind the delayed frame"
+    conn.delay_elapsed(1.0)
+    actions = conn.actions_to_take()
+    (again,) = submissions(actions)
+    assert again.frame_id == "f2" and actions[-1] == Reading.RESUME
+    for submission, frame_id in ((first, "f0"), (delayed, "f1")):
+        assert [ack["id"] for ack in one_write(answer(conn, submission))] == [frame_id]
+    acked, received, refused = one_write(answer(conn, again))
+    assert (acked["id"], received, refused["code"]) == ("f2", b"server receive a message!",
+                                                        "bad_frame")
+
+
 def test_over_the_delay_allowance_is_refused_with_retry_after() -> None:
     conn = connect(records_per_s=10, burst=1, max_delay=0.2)
     (first,) = submissions(send(conn, v2("f0", 10, "dev-1")))

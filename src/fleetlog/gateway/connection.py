@@ -221,7 +221,8 @@ class Connection:
         self._replies: deque[bytes | Submission] = deque()
         # While a rate-limit delay runs: the delayed frame's Submission first,
         # then every message that came after it, handled once the delay ends.
-        self._inbox: deque[Submission | Message] = deque()
+        # Only while a delay runs (``None`` otherwise): most devices are never slowed.
+        self._inbox: deque[Submission | Message] | None = None
         self._delayed = False  # a rate-limit delay is running
         self._paused = False  # we asked the caller to stop reading
         self._stopped = False  # reading stopped for good: the gateway is shutting down
@@ -269,6 +270,7 @@ class Connection:
         if message is None:
             return
         if self._delayed:
+            assert self._inbox is not None  # made when the delay started
             self._inbox.append(message)  # its turn comes after the delayed frame's
         else:
             self._receive_message(message, now)
@@ -310,6 +312,8 @@ class Connection:
                 self._submit(item)
             else:
                 self._receive_message(item, now)
+        if not inbox:
+            self._inbox = None
         self._maybe_resume_reading()
 
     def writing_blocked(self) -> None:
@@ -395,7 +399,10 @@ class Connection:
         if decision.delay:
             # Slowed, not refused: this frame and every later message wait.
             self._delayed = True
-            self._inbox.appendleft(submission)
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = deque()
+            inbox.appendleft(submission)
             self._pause_reading()
             self._actions.append(SetTimer(decision.delay))
         else:
