@@ -218,7 +218,9 @@ class Connection:
         self._reassembler = Reassembler(max_message_bytes)
         self._actions: list[Action] = []
         # Replies in frame order: bytes are known, a Submission's wait for Redis.
-        self._replies: deque[bytes | Submission] = deque()
+        # A list, not a deque: an empty list holds no block (an empty deque holds
+        # 760 bytes), and a flush drops its ready head in one slice.
+        self._replies: list[bytes | Submission] = []
         # While a rate-limit delay runs: the delayed frame's Submission first,
         # then every message that came after it, handled once the delay ends.
         # Only while a delay runs (``None`` otherwise): most devices are never slowed.
@@ -460,18 +462,20 @@ class Connection:
         replies = self._replies
         first: bytes | None = None
         more: list[bytes] | None = None
-        while replies:
-            head = replies[0]
+        ready = 0
+        for head in replies:
             wire = head if isinstance(head, bytes) else head.wire
             if wire is None:
                 break
-            replies.popleft()
+            ready += 1
             if first is None:
                 first = wire
             elif more is None:
                 more = [first, wire]
             else:
                 more.append(wire)
+        if ready:
+            del replies[:ready]  # all of them: the list frees its storage
         if first is not None:
             self._send(first if more is None else b"".join(more))
         if self._paused:
