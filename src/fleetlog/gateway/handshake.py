@@ -53,7 +53,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     ``buffer_updated`` are how the transport hands them over), keeps a copy
     until the headers end, and when they reach the limit writes the 431 and
     closes instead of passing the bytes on.  Once the head has ended it costs
-    nothing: :meth:`_head_ended` hands the reads to picows directly.
+    nothing: :meth:`_head_ended` hands the reads to picows directly.  It has
+    ``__slots__`` (no instance ``__dict__``): one is held per connection.
 
     It also defers the upgrade while a token is looked up: picows decides it
     in a synchronous callback, so when the headers are complete and
@@ -61,6 +62,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     the last bytes are kept from picows, reading pauses, and once the lookup
     ends the bytes are handed over and picows answers from the cache.
     """
+
+    __slots__ = ("_deferred", "_head", "_view", "lookup")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -91,8 +94,9 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
                 log.info("refused a request with headers over %d bytes (431)", MAX_REQUEST_HEAD)
                 return
             if end >= 0:
+                lookup = self.lookup
                 self._head_ended()
-                pending = self.lookup(bytes(head[:end])) if self.lookup is not None else None
+                pending = lookup(bytes(head[:end])) if lookup is not None else None
                 if pending is not None:
                     chunk = bytes(head[len(head) - nbytes:])
                     self.transport.underlying_transport.pause_reading()
@@ -103,13 +107,15 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     def _head_ended(self) -> None:
         """Hand every later read straight to picows: no Python call per read after the handshake.
 
-        The transport keeps the protocol's ``get_buffer``/``buffer_updated`` as
-        bound methods when the protocol is set, so the instance's own picows
-        methods shadow this class's overrides and the protocol is set again.
+        The protocol becomes a :class:`_HeadEnded`, whose ``get_buffer`` and
+        ``buffer_updated`` are picows' own (same slots, so ``__class__`` can
+        change; nothing is stored per connection for it).  The protocol is set
+        again for a transport that binds those methods when the protocol is set
+        (uvloop's; aiofastnet's looks them up on every read).
         """
         self._head = None
-        self.get_buffer = WSProtocol.get_buffer.__get__(self)  # type: ignore[method-assign]
-        self.buffer_updated = WSProtocol.buffer_updated.__get__(self)  # type: ignore[method-assign]
+        self.lookup = None
+        self.__class__ = _HeadEnded
         self.transport.underlying_transport.set_protocol(self)
 
     async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
@@ -139,6 +145,15 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
             offset += size
         if not transport.is_closing():
             transport.resume_reading()
+
+
+class _HeadEnded(HandshakeProtocol):
+    """A :class:`HandshakeProtocol` whose request head has ended: picows reads directly."""
+
+    __slots__ = ()
+
+    get_buffer = WSProtocol.get_buffer
+    buffer_updated = WSProtocol.buffer_updated
 
 
 def token_in_head(head: bytes) -> str | None:
