@@ -62,5 +62,6 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
             assert type(protocol).buffer_updated is WSProtocol.buffer_updated
             assert not hasattr(protocol, "__dict__"), "one per connection: slots only"
             assert protocol.lookup is None and protocol._head is None
+            assert protocol._deferred is None, "the lookup's task is let go once it ended"
     finally:
         await gateway.stop()

@@ -119,7 +119,17 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         self.transport.underlying_transport.set_protocol(self)
 
     async def _upgrade_after(self, pending: Awaitable[object], chunk: bytes) -> None:
-        """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done."""
+        """Hand ``chunk`` (the end of the request) to picows once ``pending`` is done.
+
+        The task is held until it ends, no longer: a done task keeps its
+        coroutine and more (about 750 bytes for the life of the connection).
+        """
+        try:
+            await self._hand_over(pending, chunk)
+        finally:
+            self._deferred = None
+
+    async def _hand_over(self, pending: Awaitable[object], chunk: bytes) -> None:
         transport = self.transport.underlying_transport
         try:
             await pending
