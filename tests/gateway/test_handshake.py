@@ -3,6 +3,9 @@ what a connection's protocol keeps once its handshake is over."""
 
 from __future__ import annotations
 
+import gc
+import logging
+
 import pytest
 import redis
 import websockets
@@ -63,5 +66,8 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
             assert not hasattr(protocol, "__dict__"), "one per connection: slots only"
             assert protocol.lookup is None and protocol._head is None
             assert protocol._deferred is None, "the lookup's task is let go once it ended"
+            # picows makes a child logger per connection out of a logging.Logger only.
+            assert not [obj for obj in gc.get_objects() if isinstance(obj, logging.Logger)
+                        and obj.name.startswith("picows.server.")]
     finally:
         await gateway.stop()

@@ -90,6 +90,11 @@ _DRAIN_TIMEOUT: Final = 5.0
 #: picows message types that carry data (a PONG is picows' keepalive's business).
 _DATA: Final = frozenset((WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION))
 
+#: What every connection's picows protocol logs to.  Not a ``logging.Logger``: given
+#: one, picows makes each connection a child logger of its own (``picows.server.<fd>``,
+#: ~500 bytes per connection for as long as it lasts); an adapter is used as it is.
+_PICOWS_LOG: Final = logging.LoggerAdapter(logging.getLogger("picows.server"))
+
 
 class DeviceConnection(WSListener):
     """One device's WebSocket connection: picows callbacks fed to a :class:`Connection`.
@@ -470,7 +475,7 @@ class Gateway:
         protocol = HandshakeProtocol(
             None, None, False,  # host and port, path: client side only; is_client_side
             self._accept,
-            logging.getLogger("picows.server"),
+            _PICOWS_LOG,
             True,  # disconnect_on_exception
             settings.handshake_timeout,
             True, settings.ping_interval, settings.ping_interval,  # auto ping: idle, reply timeouts
