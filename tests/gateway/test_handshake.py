@@ -66,6 +66,9 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
             assert not hasattr(protocol, "__dict__"), "one per connection: slots only"
             assert protocol.lookup is None and protocol._head is None
             assert protocol._deferred is None, "the lookup's task is let go once it ended"
+            # The upgrade's headers: handshake-only, but picows keeps both messages.
+            transport = connection._transport
+            assert not transport.request.headers and not transport.response.headers
             # picows makes a child logger per connection out of a logging.Logger only.
             assert not [obj for obj in gc.get_objects() if isinstance(obj, logging.Logger)
                         and obj.name.startswith("picows.server.")]

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import aiofastnet
 import uvloop
+from multidict import CIMultiDict, CIMultiDictProxy
 from picows import (
     WSAutoPingStrategy,
     WSFrame,
@@ -90,6 +91,10 @@ _DRAIN_TIMEOUT: Final = 5.0
 #: picows message types that carry data (a PONG is picows' keepalive's business).
 _DATA: Final = frozenset((WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION))
 
+#: The headers of a connection's upgrade request and response once it is upgraded:
+#: none, and read-only (one object shared by every connection).
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
+
 #: What every connection's picows protocol logs to.  Not a ``logging.Logger``: given
 #: one, picows makes each connection a child logger of its own (``picows.server.<fd>``,
 #: ~500 bytes per connection for as long as it lasts); an adapter is used as it is.
@@ -146,6 +151,13 @@ class DeviceConnection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._transport = transport
+        # The upgrade is done (picows validated the request and sent our 101 before
+        # this call), but picows keeps both messages for the connection's life
+        # (transport.request/.response): their headers were ~2 KiB of every idle
+        # connection.  Nothing reads them from now on.
+        # (A read-only proxy where picows' stubs say CIMultiDict: no one may add to it.)
+        transport.request.headers = _NO_HEADERS  # type: ignore[assignment]
+        transport.response.headers = _NO_HEADERS  # type: ignore[assignment]
         gateway = self.gateway
         peer = transport.underlying_transport.get_extra_info("peername")
         self._peer = peer[0] if peer else None
