@@ -135,12 +135,8 @@ def postgres_server() -> Iterator[PostgresServer | None]:
     if bindir is None:
         yield None
         return
-    server = PostgresServer(bindir)
-    try:
-        server.start()
+    with _running(bindir) as server:
         yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture
@@ -163,6 +159,13 @@ def private_postgres() -> Iterator[PostgresServer]:
     bindir = find_bindir()
     if bindir is None:
         raise RuntimeError("no PostgreSQL binaries (initdb) installed: .ci/run installs them")
+    with _running(bindir) as server:
+        yield server
+
+
+@contextmanager
+def _running(bindir: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of its own, started, and removed with its data on the way out."""
     server = PostgresServer(bindir)
     try:
         server.start()

@@ -18,7 +18,7 @@ import websockets
 from fleetlog.embedded import LocalCluster
 from tests.conftest import Processes
 from tests.faults.harness import Outcome
-from tests.helpers import STORED, legacy_device, legacy_frame, send_legacy, stored_rows, wait_until
+from tests.helpers import legacy_device, stored_rows, wait_until
 
 FAST = {"FLEETLOG_RATE_RECORDS": "1000000", "FLEETLOG_RATE_BYTES": "1000000000",
         "FLEETLOG_SHARD_LEASE": "1.5"}
@@ -99,30 +99,6 @@ def private_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     cluster.start()
     yield cluster
     cluster.stop()
-
-
-async def persistent_device(url: str, device: str, count: int, acked: list[int]) -> list[int]:
-    """Send ``count`` legacy records, each until acked (bounded); ``acked`` gets their seqs."""
-    ws = None
-    try:
-        for seq in range(count):
-            for _ in range(150):
-                try:
-                    if ws is None:
-                        ws = await websockets.connect(url, open_timeout=5)
-                    replies = await send_legacy(ws, legacy_frame(device, seq))
-                except (OSError, websockets.WebSocketException, TimeoutError):
-                    ws = None
-                    await asyncio.sleep(0.1)
-                    continue
-                if replies[1] == STORED:
-                    acked.append(seq)
-                    break
-                await asyncio.sleep(0.1)
-    finally:
-        if ws is not None:
-            await ws.close()
-    return acked
 
 
 async def persistent_v2_device(url: str, device: str, count: int, acked: list[int]) -> list[int]:

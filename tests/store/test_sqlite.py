@@ -349,12 +349,18 @@ def test_index_steps_are_bounded_and_survive_retention(store: SQLiteStore) -> No
     store._db.execute("INSERT INTO search_fts (search_fts) VALUES ('integrity-check')")
 
 
-def _old_store(path: Path, version: int) -> None:
-    """A store as an older fleetlog left it: the first ``version`` migrations, one record."""
+def _at_schema(path: Path, version: int) -> sqlite3.Connection:
+    """A new database at ``path`` with the first ``version`` migrations applied, left open."""
     db = sqlite3.connect(path, isolation_level=None)
     for number, script in enumerate(MIGRATIONS[:version], start=1):
         db.executescript(script)
         db.execute(f"PRAGMA user_version = {number}")
+    return db
+
+
+def _old_store(path: Path, version: int) -> None:
+    """A store as an older fleetlog left it: the first ``version`` migrations, one record."""
+    db = _at_schema(path, version)
     db.execute("INSERT INTO records (qid, device_id, received_at, data) VALUES ('1-0', 'D1', 1, ?)",
                [orjson.dumps({"msg": 'CAFÉ "ok"'}).decode()])
     db.close()
@@ -407,10 +413,7 @@ def test_devices_know_when_each_last_sent_an_error(store: SQLiteStore) -> None:
 
 def test_an_upgraded_store_finds_its_devices_last_errors(tmp_path: Path) -> None:
     path = tmp_path / "fleetlog.db"
-    db = sqlite3.connect(path, isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:6], start=1):
-        db.executescript(script)
-        db.execute(f"PRAGMA user_version = {number}")
+    db = _at_schema(path, 6)
     db.execute("INSERT INTO records (qid, device_id, received_at, level, data)"
                " VALUES ('1-0', 'D1', 7, 'error', '{}'), ('1-1', 'D1', 9, 'info', '{}')")
     db.execute("INSERT INTO devices VALUES ('D1', 2, 7, 9)")
@@ -459,10 +462,7 @@ def test_fleet_volume_is_counted_at_ingest_once_per_record(store: SQLiteStore) -
 
 def test_an_upgraded_store_counts_its_existing_records_volume(tmp_path: Path) -> None:
     path = tmp_path / "fleetlog.db"
-    db = sqlite3.connect(path, isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:7], start=1):
-        db.executescript(script)
-        db.execute(f"PRAGMA user_version = {number}")
+    db = _at_schema(path, 7)
     db.execute("INSERT INTO records (qid, device_id, received_at, level, data) VALUES"
                " ('1-0', 'D1', ?, 'error', '{}'), ('1-1', 'D2', ?, NULL, '{}'),"
                " ('1-2', 'D2', ?, 'error', '{}')", (T0, T0 + 1, T0 + MINUTE))

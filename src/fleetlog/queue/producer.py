@@ -231,21 +231,21 @@ class Producer:
     async def _call(self, shard: int, call: list[_Submission]) -> None:
         declared: list[ScriptArg] = [self._streams[shard]]
         at: dict[str, int] = {}  # key -> its index in KEYS (1-based, as Lua counts)
+
+        def index_of(key: str) -> int:
+            index = at.get(key)
+            if index is None:
+                declared.append(key)
+                index = at[key] = len(declared)
+            return index
+
         args: list[ScriptArg] = [*self._head]
         for submission in call:
             submission_args = submission.args
             if submission.frames_key:
-                index = at.get(submission.frames_key)
-                if index is None:
-                    declared.append(submission.frames_key)
-                    index = at[submission.frames_key] = len(declared)
-                submission_args[0] = index
+                submission_args[0] = index_of(submission.frames_key)
             if submission.seqs_key:
-                index = at.get(submission.seqs_key)
-                if index is None:
-                    declared.append(submission.seqs_key)
-                    index = at[submission.seqs_key] = len(declared)
-                submission_args[3] = index
+                submission_args[3] = index_of(submission.seqs_key)
             args += submission_args
         outcomes: list[IngestResult | FleetlogError]
         previous = self.last_error
