@@ -8,6 +8,7 @@ import json
 import signal
 import ssl
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ from fleetlog.credentials import Credentials
 from fleetlog.embedded import RedisServer
 from fleetlog.store.sqlite import SQLiteStore
 from tests.conftest import Processes
-from tests.helpers import RECEIVED, STORED, legacy_frame, run_fleetlog, send_legacy, wait_until
+from tests.helpers import (
+    RECEIVED,
+    STORED,
+    legacy_frame,
+    run_fleetlog,
+    send_legacy,
+    stored_rows,
+    wait_until,
+)
 
 STREAM = "fleetlog:records"
 HS_SECRET = "an-hs256-secret-of-32-bytes-min!"
@@ -217,6 +226,7 @@ async def test_rate_limit_slows_then_refuses_and_is_counted(
         redis_url, tmp_path, "--rate-records", "20", auth="token",
         env={"FLEETLOG_RATE_BURST": "1", "FLEETLOG_RATE_MAX_DELAY": "1"},
     )
+    processes.worker(redis_url, tmp_path)
     token = _add(redis_url, "chatty")
     async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
         started = time.monotonic()
@@ -229,13 +239,18 @@ async def test_rate_limit_slows_then_refuses_and_is_counted(
         assert refused["code"] == "rate_limited"
         assert refused["retry_after_ms"] > 1000
         client = redis.Redis.from_url(redis_url)
-        assert client.xlen(STREAM) == 60, "nothing of the refused frame was queued"
+        assert client.xinfo_stream(STREAM)["entries-added"] == 60, "nothing of the refused frame was queued"
         # Sent again after retry_after_ms, the same frame is taken (its cost becomes debt).
         await asyncio.sleep(refused["retry_after_ms"] / 1000)
         resent = await _log(ws, "big", big)
         assert resent["stored"] == 200, resent
-        assert client.xlen(STREAM) == 260
+        assert client.xinfo_stream(STREAM)["entries-added"] == 260
         client.close()
+    # In the store: the three slowed frames and the resent one, each record once.
+    assert wait_until(lambda: len(stored_rows(tmp_path)) >= 260, 20)
+    stored = Counter(json.loads(data)["n"] for _, device, _, data in stored_rows(tmp_path)
+                     if device == "chatty")
+    assert stored == Counter({n: 4 if n < 20 else 1 for n in range(200)})
     await asyncio.sleep(0.3)  # refusal counts are written by the gateway in the background
     SQLiteStore(tmp_path / "fleetlog.db").close()  # what a worker creates; readers never do
     shown = await asyncio.to_thread(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,4 +142,54 @@ async def test_redis_down_loses_the_reply_not_the_relay(private_redis: RedisServ
         assert len(door.written) == 1, "the device got its command even though the reply was lost"
         assert "publishing a command reply failed: Redis unavailable" in caplog.text
     finally:
+        await client.aclose()
+
+
+async def test_replies_over_the_in_flight_limit_are_dropped_not_the_commands(
+        private_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """With Redis stalled, replies pile up: past the limit one is dropped (logged), the device
+    still gets its command, and once Redis answers again the next reply goes out."""
+    client = connect_async(private_redis.url, timeout=5)
+    listener = connect_async(private_redis.url, timeout=5)
+    door = Device("door")
+    relay = CommandRelay(client, "node-a", lambda conn, device: door, max_publishing=1)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(*(keys.command_reply(c) for c in ("c1", "c2", "c3")))
+    assert private_redis.process is not None
+    try:
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            for command_id in ("c1", "c2"):
+                relay.deliver({"op": "command", "id": command_id, "device": "door", "conn": "x",
+                               "body": {}})
+            await asyncio.sleep(0.2)
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        assert "dropping one for fleetlog:command:c2" in caplog.text
+        heard: list[str] = []
+
+        async def hear(command_id: str) -> None:
+            async with asyncio.timeout(5):
+                while command_id not in heard:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                    if message is not None:
+                        heard.append(json.loads(message["data"])["id"])
+
+        await hear("c1")  # the stalled reply goes out once Redis answers
+        for _ in range(500):  # its publisher has Redis' answer too (bounded: 5 s)
+            if not relay.in_flight:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.in_flight == 0
+        relay.deliver({"op": "command", "id": "c3", "device": "door", "conn": "x", "body": {}})
+        await hear("c3")  # room again: the next reply is published
+        await asyncio.sleep(0.2)
+        while (message := await pubsub.get_message(ignore_subscribe_messages=True)) is not None:
+            heard.append(json.loads(message["data"])["id"])
+        assert heard == ["c1", "c3"], "c2's reply was the one dropped, and only it"
+        assert len(door.written) == 3, "every command reached the device"
+        assert relay.counts == {"delivered": 3}
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
         await client.aclose()

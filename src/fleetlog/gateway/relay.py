@@ -53,13 +53,20 @@ FindRecipient = Callable[[str, str], Recipient | None]
 class CommandRelay:
     """Delivers commands to this node's connections and publishes what became of them."""
 
-    def __init__(self, client: Any, node_id: str, find: FindRecipient) -> None:
+    def __init__(self, client: Any, node_id: str, find: FindRecipient, *,
+                 max_publishing: int = MAX_PUBLISHING) -> None:
         self._client = client
         self._node_id = node_id
         self._find = find
+        self._max_publishing = max_publishing
         self._publishing: set[asyncio.Task[None]] = set()
         #: Commands by outcome (``delivered``, ``offline``, ``answered``), for ``/metrics``.
         self.counts: dict[str, int] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Replies being published now (at most ``max_publishing``)."""
+        return len(self._publishing)
 
     def deliver(self, message: dict[str, Any]) -> None:
         """Write a command to its device and say on its reply channel whether it went out."""
@@ -91,7 +98,7 @@ class CommandRelay:
         self.counts[status] = self.counts.get(status, 0) + 1
 
     def _publish(self, channel: str, message: bytes) -> None:
-        if len(self._publishing) >= MAX_PUBLISHING:
+        if len(self._publishing) >= self._max_publishing:
             log.warning("too many command replies in flight; dropping one for %s", channel)
             return
 
