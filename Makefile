@@ -6,17 +6,30 @@ ARGS    ?=
 
 FAULTS  := $(CURDIR)/.faults.jsonl
 
-.PHONY: install install-test install-bench up test faults lint bench screenshots clean
+.PHONY: install install-test install-bench lock up test faults lint bench screenshots clean
+
+LOCK    := requirements.lock
+PIP_VERSION := 26.3
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q 'pip==$(PIP_VERSION)'
 
 # One stamp per set of extras: `make up` installs only what running needs,
-# `make test` and `make bench` add their own tools.
-$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.$(if $(filter run,$*),,[$*])'
+# `make test` and `make bench` add their own tools, all at the versions in $(LOCK)
+# (so a fresh machine gets what CI saw).
+$(VENV)/.installed-%: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install -q -c $(LOCK) -e '.$(if $(filter run,$*),,[$*])'
 	touch $@
+
+# Refresh the lock on purpose: the newest versions pyproject.toml allows, every extra,
+# in a scratch environment; review the diff, then `make lint test`.
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install -q 'pip==$(PIP_VERSION)'
+	.lock-venv/bin/pip install -q -e '.[test,bench]'
+	{ sed -n '1,3p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable | grep -v '^fleetlog'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK); rm -rf .lock-venv
 
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test

@@ -118,7 +118,7 @@ async def send_command(client: redis.asyncio.Redis, device_id: str, body: Any, *
                                       delivered=True, result=reply.get("result"))
         return CommandOutcome(id=command_id, device_id=device_id, status="timeout", delivered=True)
     finally:
-        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        await asyncio.shield(pubsub.aclose())
 
 
 router = APIRouter(tags=["commands"], responses=ERRORS)

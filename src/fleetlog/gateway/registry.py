@@ -219,7 +219,7 @@ class LinkRegistry:
                 log_failure("listening for control messages", exc)
             finally:
                 try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                 except Exception as exc:
                     _unless_cancelled()
                     log_failure("closing the control subscription", exc)

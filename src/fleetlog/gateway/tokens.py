@@ -122,7 +122,7 @@ class TokenWatcher:
             self._table.clear(await current_version(self._client))
             await self._resync()
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
             raise
         self._pubsub = pubsub
 
