@@ -1,15 +1,24 @@
-"""``--ack-replicas N``: a frame is acked only once N replicas have its records (WAIT).
+"""Acks and refusals that tell the truth about what reached Redis.
 
-A real master and a real replica (``--replicaof``); the replica is killed and
-started again under a running gateway.
+``--ack-replicas N``: a frame is acked only once N replicas have its records
+(WAIT); by default 1 when the master has a replica.  A refusal that says "not
+stored" (``unavailable``, ``busy``) is sent only when nothing was written; a
+write that left but was not confirmed (WAIT timed out, the connection failed
+after the call was sent) is ``unconfirmed``, and a v2 resend of it is stored once.
+Real masters and replicas (``--replicaof``), a real gateway and worker; every
+test checks what reached the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -17,7 +26,7 @@ import websockets
 
 from fleetlog.embedded import RedisServer
 from tests.conftest import Processes
-from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy, wait_until
+from tests.helpers import stored_rows, wait_until
 
 
 def replica_of(master: RedisServer, directory: Path, port: int | None = None) -> RedisServer:
@@ -35,13 +44,17 @@ def linked(replica: RedisServer) -> bool:
         client.close()
 
 
-def replica_records(replica: RedisServer) -> set[int]:
-    client = redis.Redis(port=replica.port, socket_timeout=2)
+def queued_seqs(server: RedisServer) -> Counter[int]:
+    """How many times each seq is in ``server``'s stream."""
+    client = redis.Redis(port=server.port, socket_timeout=2)
     try:
-        return {json.loads(fields[b"r"])["seq"]
-                for _, fields in client.xrange("fleetlog:records")}
+        return Counter(json.loads(fields[b"r"])["seq"] for _, fields in client.xrange("fleetlog:records"))
     finally:
         client.close()
+
+
+def stored_seqs(data_dir: Path) -> Counter[int]:
+    return Counter(seq for _, _, seq, _ in stored_rows(data_dir))
 
 
 @pytest.fixture
@@ -52,40 +65,114 @@ def master(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def test_acked_only_once_a_replica_has_it(processes: Processes, master: RedisServer,
-                                         tmp_path: Path) -> None:
+def v2_frame(seq: int) -> str:
+    return json.dumps({"type": "log", "id": f"f-{seq}", "deviceId": "door-1", "session": "s1",
+                       "records": [{"seq": seq, "msg": f"record {seq}"}]})
+
+
+async def send(ws: Any, seq: int, timeout: float = 15) -> dict[str, Any]:
+    await ws.send(v2_frame(seq))
+    reply: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    return reply
+
+
+def gateway_metric(port: int, name: str) -> float:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_replicated_by_default_and_unconfirmed_is_stored_once(
+        processes: Processes, master: RedisServer, tmp_path: Path) -> None:
+    """Default ack-replicas with a replica present: acks wait for it; with it gone frames are
+    ``unconfirmed`` (written on the master: stored), and their resends are stored once."""
     replica = replica_of(master, tmp_path / "replica")
     replica.start()
+    data_dir = tmp_path / "data"
     try:
         assert wait_until(lambda: linked(replica), 15)
-        _, port = processes.gateway(master.url, tmp_path / "data", "--ack-replicas", "1",
+        _, port = processes.gateway(master.url, data_dir,
                                     env={"FLEETLOG_ACK_REPLICAS_TIMEOUT": "0.5"})
+        processes.worker(master.url, data_dir)
 
-        async def scenario() -> tuple[list[int], list[object]]:
-            acked: list[int] = []
+        async def scenario() -> dict[str, Any]:
+            outcome: dict[str, Any] = {"acked": [], "unconfirmed": [], "resent": []}
             async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
                 for seq in range(20):
-                    replies = await send_legacy(ws, legacy_frame("door-1", seq))
-                    assert replies == [RECEIVED, STORED]
-                    acked.append(seq)
-                # Each ack came after WAIT: the replica has every acked record now.
-                assert set(acked) <= await asyncio.to_thread(replica_records, replica)
+                    reply = await send(ws, seq)
+                    assert reply["type"] == "ack", reply
+                    outcome["acked"].append(seq)
+                # Each ack came after WAIT (the default, chosen from the topology).
+                outcome["on_replica"] = await asyncio.to_thread(queued_seqs, replica)
                 await asyncio.to_thread(replica.kill)
-                # No replica: the record reaches the master, but it is not acked.
-                refused = await send_legacy(ws, legacy_frame("door-1", 20))
-                assert refused[0] == RECEIVED
+                for seq in range(20, 30):
+                    reply = await send(ws, seq)
+                    assert reply["type"] == "error", reply
+                    outcome["unconfirmed"].append((seq, reply["code"]))
                 restarted = replica_of(master, tmp_path / "replica", port=replica.port)
                 await asyncio.to_thread(restarted.start)
-                assert await asyncio.to_thread(wait_until, lambda: linked(restarted), 15)
-                # Sent again, it is acked, and the replica has it.
-                again = await send_legacy(ws, legacy_frame("door-1", 20))
-                replicated = await asyncio.to_thread(replica_records, restarted)
-                await asyncio.to_thread(restarted.stop)
-                return [*acked, 20] if again[1] == STORED else acked, [refused[1], again[1], replicated]
+                try:
+                    assert await asyncio.to_thread(wait_until, lambda: linked(restarted), 15)
+                    for seq in range(20, 30):  # the device resends what was not acked
+                        outcome["resent"].append(await send(ws, seq))
+                finally:
+                    await asyncio.to_thread(restarted.stop)
+            return outcome
 
-        acked, (refused, again, replicated) = asyncio.run(scenario())
-        assert isinstance(refused, dict) and refused["code"] == "unavailable", refused
-        assert again == STORED
-        assert isinstance(replicated, set) and set(acked) <= replicated
+        outcome = asyncio.run(scenario())
+        assert set(outcome["acked"]) <= set(outcome["on_replica"])
+        assert all(code == "unconfirmed" for _, code in outcome["unconfirmed"]), outcome
+        # The master had them: the resend is acked as a duplicate, queued once.
+        assert all(reply["type"] == "ack" and reply.get("duplicate") for reply in outcome["resent"])
+        assert gateway_metric(port, "fleetlog_gateway_unconfirmed_records_total") == 10
+        assert wait_until(lambda: len(stored_seqs(data_dir)) == 30, 30), stored_seqs(data_dir)
+        stored = stored_seqs(data_dir)
+        assert set(stored) == set(range(30)) and max(stored.values()) == 1, stored
     finally:
         replica.stop()
+
+
+def test_unavailable_means_not_stored_and_unconfirmed_means_maybe(
+        processes: Processes, master: RedisServer, tmp_path: Path) -> None:
+    """A Redis that stops answering after the call left: ``unconfirmed`` (the write happened);
+    a Redis that is gone: ``unavailable`` (nothing written).  The store agrees."""
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(master.url, data_dir, env={"FLEETLOG_REDIS_TIMEOUT": "1"})
+    processes.worker(master.url, data_dir)
+    assert master.process is not None
+
+    async def scenario() -> dict[str, Any]:
+        outcome: dict[str, Any] = {}
+        async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+            assert (await send(ws, 0))["type"] == "ack"
+            # Frozen: the call is sent, its reply never comes within the timeout.
+            os.kill(master.process.pid, signal.SIGSTOP)
+            try:
+                outcome["frozen"] = await send(ws, 1)
+            finally:
+                os.kill(master.process.pid, signal.SIGCONT)
+            outcome["resent"] = await send(ws, 1)
+            # Gone: nothing can be written.
+            await asyncio.to_thread(master.stop)
+            outcome["down"] = [await send(ws, seq) for seq in (2, 3)]
+            await asyncio.to_thread(master.start)
+            for _ in range(50):  # the first call may still find the dead socket
+                reply = await send(ws, 4)
+                if reply["type"] == "ack":
+                    break
+                await asyncio.sleep(0.1)
+            outcome["after"] = reply
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    assert outcome["frozen"]["code"] == "unconfirmed", outcome
+    assert outcome["resent"]["type"] == "ack" and outcome["resent"].get("duplicate"), outcome
+    assert [reply["code"] for reply in outcome["down"]] == ["unavailable", "unavailable"], outcome
+    assert outcome["after"]["type"] == "ack"
+    assert wait_until(lambda: set(stored_seqs(data_dir)) >= {0, 1, 4}, 30)
+    stored = stored_seqs(data_dir)
+    # Told "not stored": absent.  Told "unconfirmed", then resent: stored once.
+    assert stored == Counter({0: 1, 1: 1, 4: 1}), stored

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -252,3 +254,118 @@ def test_operator_tokens_and_the_api_on_a_cluster(
     assert run_fleetlog("api-token", "revoke", "ops:1", *common).returncode == 0
     assert status(token) == 401, "a revoked token is refused at once"
     assert json.loads(run_fleetlog("api-token", "list", "--json", *common).stdout) == []
+
+
+async def counting_v2_device(url: str, device: str, until: float, ledger: dict[str, Any]) -> None:
+    """Send one-record v2 frames (id and seq) until ``until`` (monotonic), each until acked.
+
+    ``ledger`` counts what an attacker's client would: every frame sent, every
+    seq acked, every refusal by code.
+    """
+    loop = asyncio.get_running_loop()
+    ws = None
+    seq = 0
+    try:
+        while loop.time() < until and seq < 20_000:
+            frame = json.dumps({"type": "log", "id": f"{device}-{seq}", "deviceId": device,
+                                "session": "s1", "records": [{"seq": seq, "msg": f"record {seq}"}]})
+            try:
+                if ws is None:
+                    ws = await websockets.connect(url, open_timeout=5)
+                await ws.send(frame)
+                ledger["sent"] += 1
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            except (OSError, websockets.WebSocketException, TimeoutError):
+                ledger["lost_connection"] += 1
+                ws = None
+                await asyncio.sleep(0.1)
+                continue
+            if reply.get("type") == "ack":
+                ledger["acked"].add((device, seq))
+                seq += 1
+            else:
+                ledger["refused"][reply.get("code")] += 1
+                await asyncio.sleep(0.05)
+    finally:
+        if ws is not None:
+            await ws.close()
+
+
+def _stalled_replica_then_master_killed(processes: Processes, cluster: LocalCluster,
+                                        tmp_path: Path, *extra: str) -> dict[str, Any]:
+    """20 v2 devices; the {s0} master's replica and the worker SIGSTOPped 15 s; the master
+    SIGKILLed; both resumed.  Returns the ledger and what the store holds."""
+    url = cluster.url
+    data_dir = tmp_path / "data"
+    shards = ("--shards", "4")
+    _, port = processes.gateway(url, data_dir, *shards, *extra, env=FAST)
+    worker = processes.start("worker", "--redis-url", url, "--data-dir", str(data_dir), *shards,
+                             env=FAST)
+    client = redis.cluster.RedisCluster.from_url(url.replace("+cluster", ""))
+    try:
+        master_node = client.get_node_from_key("fleetlog:{s0}:records")
+        nodes = client.cluster_nodes()
+        master_id = nodes[master_node.name]["node_id"]
+        replica_port = next(int(name.rsplit(":", 1)[1]) for name, node in nodes.items()
+                            if node["master_id"] == master_id)
+    finally:
+        client.close()
+    master = next(node for node in cluster.nodes if node.port == master_node.port)
+    replica = next(node for node in cluster.nodes if node.port == replica_port)
+    assert master.process is not None and replica.process is not None
+    ledger: dict[str, Any] = {"sent": 0, "acked": set(), "refused": Counter(), "lost_connection": 0}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 40
+        fleet = asyncio.gather(*(counting_v2_device(f"ws://127.0.0.1:{port}", f"dev-{n:02d}", until,
+                                                    ledger) for n in range(20)))
+        await asyncio.sleep(3)
+        os.kill(replica.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        os.kill(worker.pid, signal.SIGSTOP)
+        await asyncio.sleep(15)
+        await asyncio.to_thread(master.kill)
+        os.kill(replica.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        os.kill(worker.pid, signal.SIGCONT)
+        await fleet
+
+    asyncio.run(run())
+    master.start()  # back, as a replica of the promoted one
+    acked: set[tuple[str, int]] = ledger["acked"]
+
+    def stored() -> set[tuple[str, int]]:
+        return {(device, seq) for _, device, seq, _ in stored_rows(data_dir)}
+
+    wait_until(lambda: acked <= stored(), 90)
+    rows = stored_rows(data_dir)
+    copies = Counter((device, seq) for _, device, seq, _ in rows)
+    missing = sorted(acked - copies.keys())
+    return {**ledger, "stored": len(rows), "lost": len(missing), "missing": missing[:20],
+            "duplicated": sum(count - 1 for count in copies.values())}
+
+
+@pytest.mark.timeout(240)
+def test_replica_stalled_then_master_killed_loses_nothing_acked_by_default(
+        processes: Processes, private_cluster: LocalCluster, tmp_path: Path) -> None:
+    """Issue 16's failover: with --ack-replicas left at its default (1, since every master
+    has a replica) the replica that missed writes is promoted, and no acked record is lost.
+
+    ``FLEETLOG_TEST_ACK_REPLICAS=0`` runs the same fault with ``--ack-replicas 0`` to
+    measure what that setting loses (README, "Loss windows"); then loss is allowed.
+    """
+    setting = os.environ.get("FLEETLOG_TEST_ACK_REPLICAS")
+    extra = ("--ack-replicas", setting) if setting else ()
+    result = _stalled_replica_then_master_killed(processes, private_cluster, tmp_path, *extra)
+    refused = dict(result["refused"])
+    print(f"ack-replicas {setting or 'default'}: sent {result['sent']}, acked {len(result['acked'])}, "
+          f"refused {refused}, stored {result['stored']}, lost {result['lost']}, "
+          f"duplicated {result['duplicated']}")
+    Outcome(f"Redis Cluster replica SIGSTOP 15 s, then master SIGKILL, --ack-replicas "
+            f"{setting or 'default (1)'} (3+3 nodes, 4 shards)", len(result["acked"]),
+            result["stored"], result["lost"], result["duplicated"], 15.0,
+            f"20 v2 devices; refused {refused}").record()
+    assert len(result["acked"]) > 1000, "the devices kept sending"
+    assert result["duplicated"] == 0
+    if not setting:
+        assert result["lost"] == 0, result["missing"]
+        assert refused.get("unconfirmed", 0) > 0, "the stalled replica made writes unconfirmed"

@@ -85,7 +85,9 @@ def _gateway_options(function: F) -> F:
         click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
                      help="Queue streams (default 1); gateways and workers must agree."),
         click.option("--ack-replicas", type=click.IntRange(min=0, max=16), default=None,
-                     help="Ack only once N replicas have the records (WAIT; default 0)."),
+                     help="Ack only once N replicas have the records (WAIT). Default: 1 when every "
+                          "master has a replica, else 0; 0 acks on the master alone (a failover "
+                          "can lose acked records)."),
     ]
     for option in reversed(options):
         function = option(function)

@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     dead_letter_stream: str = "fleetlog:dead"
     max_backlog: int = Field(default=1_000_000, ge=1)
     # Ack a frame only once this many replicas have its records (WAIT), within
-    # ack_replicas_timeout; 0: once the master has them.
-    ack_replicas: int = Field(default=0, ge=0, le=16)
+    # ack_replicas_timeout; 0: once the master has them.  None (the default): 1 when
+    # every master has a replica (a failover then keeps every acked record), else 0.
+    ack_replicas: int | None = Field(default=None, ge=0, le=16)
     ack_replicas_timeout: float = Field(default=1.0, gt=0)
     # Streams the queue is split into (``fleetlog:{s3}:records``); 1 keeps the one
     # ``stream`` above.  Every gateway and worker of a deployment must agree.

@@ -9,9 +9,10 @@ still work)::
      ├── FrameError            a device sent a frame fleetlog cannot accept (error frame)
      ├── MessageError          WebSocket frames break the protocol (close with ``code``)
      ├── Refused               a handshake's credentials are missing or wrong (HTTP 401)
-     ├── QueueUnavailable      Redis could not be reached or did not answer
-     │    ├── QueueClosed      the producer is shutting down: it takes nothing more
-     │    └── NotReplicated    queued, but not on ``--ack-replicas`` replicas in time: not acked
+     ├── QueueUnavailable      Redis could not be reached or refused: nothing was written
+     │    └── QueueClosed      the producer is shutting down: it takes nothing more
+     ├── WriteUnconfirmed      the write was sent and may have happened, but was not confirmed
+     │    └── NotReplicated    written on the master, not on ``--ack-replicas`` replicas in time
      ├── QueueFull             the backlog is over its limit
      ├── StoreUnavailable      the store cannot be used right now; retrying may succeed
      ├── StoreMissing          a reader found no store (nothing is created for it)
@@ -44,6 +45,9 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
+    #: The write reached Redis (or may have) but was not confirmed: a v2 resend of the
+    #: same frame id is deduplicated; a legacy resend may store the record twice.
+    UNCONFIRMED = "unconfirmed"
 
 
 class CloseCode(IntEnum):
@@ -76,10 +80,25 @@ class FrameError(FleetlogError):
 
 
 class QueueUnavailable(FleetlogError):
-    """Raised when Redis could not be reached, or failed, while queueing."""
+    """Raised when Redis could not be reached, or refused the write: nothing was queued.
+
+    Only raised when it is certain that nothing was written (the call never
+    left, or Redis answered it with an error before running it), so a device
+    told ``unavailable`` may send the same records again without a duplicate.
+    """
 
 
-class NotReplicated(QueueUnavailable):
+class WriteUnconfirmed(FleetlogError):
+    """Raised when a write was sent but its success was not confirmed (not acked).
+
+    The connection failed or timed out after the call left, or the replicas
+    did not confirm it in time: the records may be queued.  Told apart from
+    :class:`QueueUnavailable` so that a refusal never claims "not stored" for
+    records that were (the wire code ``unconfirmed``).
+    """
+
+
+class NotReplicated(WriteUnconfirmed):
     """Raised when queued records did not reach ``--ack-replicas`` replicas in time (not acked)."""
 
 

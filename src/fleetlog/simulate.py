@@ -4,7 +4,7 @@ Each simulated device holds one WebSocket connection and sends ``--messages``
 records, each frame after the previous one was answered (as real firmware
 does): one record per legacy frame, or ``--batch`` records per v2 ``log``
 frame, each with its ``seq``.  It behaves as a well-made device should: ``log_upload_response`` is
-the only proof a record is stored, so ``busy``/``unavailable`` errors and lost
+the only proof a record is stored, so ``busy``/``unavailable``/``unconfirmed`` errors and lost
 connections make it send the same record again, after a jittered exponential
 backoff.  The summary says what was sent, acked and refused, the rate, and the
 ack latency percentiles.
@@ -32,7 +32,9 @@ from fleetlog.errors import CannotConnect
 
 __all__ = ["CannotConnect", "SimulationSummary", "connect_with_backoff", "device_ids", "simulate"]
 
-_RETRYABLE = {"busy", "unavailable", "rate_limited"}
+#: Refusals that may pass if the same frame is sent again.  ``unconfirmed`` too:
+#: the records may be stored already, and a v2 resend (same frame id) is stored once.
+_RETRYABLE = {"busy", "unavailable", "unconfirmed", "rate_limited"}
 
 #: How long the first connection may be refused before the run gives up: a
 #: gateway that is starting listens within seconds; a wrong port never does.

@@ -53,7 +53,7 @@ from enum import Enum
 from typing import Any, Final
 
 from fleetlog import protocol
-from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull
+from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull, WriteUnconfirmed
 from fleetlog.gateway.auth import Identity
 from fleetlog.gateway.limits import DeviceLimiter
 from fleetlog.gateway.messages import CloseCode, Message, MessageError, Reassembler
@@ -185,8 +185,22 @@ def error_reply(code: ErrorCode, message: str, frame_id: str | None = None, **ex
     return protocol.server_text_frame(protocol.error_frame(code, message, **extra))
 
 
+def queue_error_code(exc: FleetlogError) -> ErrorCode:
+    """The wire code of a producer's refusal.
+
+    ``busy`` and ``unavailable`` promise that nothing was stored; ``unconfirmed``
+    says the records may be (the call left, its outcome is unknown).
+    """
+    if isinstance(exc, WriteUnconfirmed):
+        return ErrorCode.UNCONFIRMED
+    return ErrorCode.BUSY if isinstance(exc, QueueFull) else ErrorCode.UNAVAILABLE
+
+
 def _queue_error(exc: FleetlogError, frame_id: str | None) -> bytes:
-    code = ErrorCode.BUSY if isinstance(exc, QueueFull) else ErrorCode.UNAVAILABLE
+    code = queue_error_code(exc)
+    if code is ErrorCode.UNCONFIRMED:
+        return error_reply(code, f"{exc}; may be stored, send it again "
+                           "(a v2 frame resent with the same id is stored once)", frame_id)
     return error_reply(code, f"{exc}; not stored, send it again later", frame_id)
 
 

@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry
 from fleetlog import protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenCache, hash_token
-from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, QueueFull
+from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed
 from fleetlog.gateway import health
 from fleetlog.gateway.addresses import AddressLimit
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
@@ -64,6 +64,7 @@ from fleetlog.gateway.connection import (
     SetTimer,
     Submission,
     Unlink,
+    queue_error_code,
 )
 from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
 from fleetlog.gateway.limits import DeviceLimiters
@@ -74,7 +75,7 @@ from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
 from fleetlog.queue import scripts
-from fleetlog.queue.connection import connect_async, initialize, is_cluster
+from fleetlog.queue.connection import REDIS_DOWN, connect_async, fewest_replicas, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
 from fleetlog.queue.script_runner import ClusterScript, RedisScript
 
@@ -204,7 +205,7 @@ class DeviceConnection(WSListener):
     def _on_outcome(self, submission: Submission, outcome: IngestResult | FleetlogError) -> None:
         gateway = self.gateway
         if isinstance(outcome, FleetlogError):
-            code = ErrorCode.BUSY if isinstance(outcome, QueueFull) else ErrorCode.UNAVAILABLE
+            code = queue_error_code(outcome)
             gateway.errors[code] = gateway.errors.get(code, 0) + 1
         else:
             gateway.acks += 1
@@ -344,14 +345,15 @@ class Gateway:
             settings.auth, self.tokens, jwt_secret=settings.jwt_secret,
             jwt_public_key=settings.jwt_public_key,
         )
+        self._ingest = (ClusterScript if is_cluster(client) else RedisScript)(
+            client, scripts.INGEST, replicas=settings.ack_replicas or 0,
+            # within the socket timeout, so WAIT's own answer comes back
+            replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2))
+        #: Whether ``--ack-replicas`` is still to be chosen from the topology (see start).
+        self._replicas_unknown = settings.ack_replicas is None
         self.producer = Producer(
             client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
-            shards=settings.shards,
-            runner=(ClusterScript if is_cluster(client) else RedisScript)(
-                client, scripts.INGEST, replicas=settings.ack_replicas,
-                # within the socket timeout, so WAIT's own answer comes back
-                replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2)),
-            dedupe_window=int(settings.dedupe_window),
+            shards=settings.shards, runner=self._ingest, dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(
             client,
@@ -381,6 +383,9 @@ class Gateway:
              "Frames acknowledged to devices once Redis had their records.", lambda: self.acks),
             ("counter", "fleetlog_gateway_errors_total|code",
              "Frames and connections refused, by error code.", lambda: self.errors),
+            ("counter", "fleetlog_gateway_unconfirmed_records_total",
+             "Records answered unconfirmed: sent to Redis, perhaps queued, not acknowledged.",
+             lambda: self.producer.unconfirmed),
             ("histogram", "fleetlog_gateway_ack_latency_seconds",
              "From handing a frame's records to the producer to Redis' answer.",
              lambda: self.ack_latency),
@@ -532,6 +537,7 @@ class Gateway:
         except BaseException:
             await self._client.aclose()
             raise
+        await self._choose_replicas()
         if settings.auth == "token":
             await self._token_watcher.start()
         try:
@@ -551,6 +557,40 @@ class Gateway:
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
+
+    async def _choose_replicas(self) -> None:
+        """Wait for a replica before acking wherever there is one (``--ack-replicas``).
+
+        Without it an ack means "on the master": a failover to a replica that had
+        not copied the write loses acked records (README, "Loss windows").  So
+        by default a deployment whose masters all have a replica acks only once
+        one replica has the records; one without replicas acks on the master.
+        Chosen once, from the topology at start (retried by housekeeping while
+        Redis cannot say); a replica that is down then makes frames
+        ``unconfirmed`` rather than acked on the master alone.
+        """
+        chosen = self.settings.ack_replicas
+        try:
+            replicas = await fewest_replicas(self._client)
+        except REDIS_DOWN as exc:
+            if self._replicas_unknown:
+                log.warning("cannot tell yet whether Redis has replicas (%s): acking on the master "
+                            "until it can (--ack-replicas sets it)", exc)
+            return
+        if chosen is None:
+            self._replicas_unknown = False
+            if replicas:
+                self._ingest.wait_for(1)
+                log.info("every Redis master has a replica: acking a frame once one replica has "
+                         "its records (--ack-replicas 0 acks on the master alone: faster, but a "
+                         "failover can lose acked records)")
+        elif chosen == 0 and replicas:
+            log.warning("--ack-replicas 0 with replicas present: frames are acked once the master "
+                        "has them; a failover to a replica that had not copied them loses them "
+                        "(README, \"Loss windows\")")
+        elif chosen > replicas:
+            log.warning("--ack-replicas %d but a master has only %d replicas: frames will be "
+                        "answered unconfirmed, not acked, until it has more", chosen, replicas)
 
     def _close_revoked(self, token_hashes: set[str]) -> None:
         """Close the connections of tokens revoked or rotated (4401)."""
@@ -583,6 +623,8 @@ class Gateway:
                 for connection in [c for c in self.connections if c.last_activity < deadline]:
                     connection.close(CloseCode.NORMAL, "idle timeout")
                 self.limiters.forget_idle(now)
+                if self._replicas_unknown:
+                    await self._choose_replicas()
             except Exception as exc:  # a bug: say so, and try again next round
                 log_failure("housekeeping", exc)
 

@@ -91,6 +91,26 @@ async def initialize(client: redis.asyncio.Redis) -> None:
         await client.initialize()
 
 
+async def fewest_replicas(client: redis.asyncio.Redis) -> int:
+    """The fewest replicas any master of ``client``'s Redis has (0: some master has none).
+
+    A cluster's answer comes from ``CLUSTER NODES`` (every replica the cluster
+    knows, failed or not: the configuration says what the operator built;
+    ``CLUSTER SLOTS`` leaves out a replica that has no data yet); one Redis
+    says how many replicas are connected to it (``INFO replication``).
+    """
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        nodes: dict[str, dict[str, Any]] = await client.cluster_nodes()
+        replicas = {node["node_id"]: 0 for node in nodes.values()
+                    if "master" in node["flags"] and node["slots"]}
+        for node in nodes.values():
+            if node["master_id"] in replicas:
+                replicas[node["master_id"]] += 1
+        return min(replicas.values(), default=0)
+    replication = await client.info("replication")
+    return int(replication.get("connected_slaves", 0))
+
+
 def connect(url: str, *, timeout: float = 5.0) -> redis.Redis:
     """A blocking client; ``timeout`` bounds every command except blocking reads.
 

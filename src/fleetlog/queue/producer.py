@@ -19,7 +19,10 @@ on a Redis Cluster each call is one slot.  Each shard has its own
 
 A callback is called with an :class:`IngestResult` once Redis acknowledged the
 write (with ``appendfsync always``, once it is on disk), or with the exception
-that says why nothing was queued: :class:`QueueFull` or :class:`QueueUnavailable`.
+that says why it was not acknowledged: :class:`QueueFull` or
+:class:`QueueUnavailable` when nothing was queued, :class:`WriteUnconfirmed`
+when the call left and may have been queued (the connection failed after it
+was sent, or ``--ack-replicas`` replicas did not confirm it in time).
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog import keys
-from fleetlog.errors import FleetlogError, NotReplicated, QueueClosed, QueueFull, QueueUnavailable
+from fleetlog.errors import (
+    FleetlogError,
+    NotReplicated,
+    QueueClosed,
+    QueueFull,
+    QueueUnavailable,
+    WriteUnconfirmed,
+)
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, REDIS_NOT_REPLICATED, public_reason
 from fleetlog.queue.script_runner import RedisScript, ScriptArg, ScriptRunner
@@ -129,6 +139,8 @@ class Producer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.calls = 0
+        #: Records answered :class:`WriteUnconfirmed`: sent, perhaps queued, not acknowledged.
+        self.unconfirmed = 0
         #: Why the last call failed to reach Redis (``None`` once one succeeds).
         self.last_error: str | None = None
         #: The same, short and generic (:func:`~fleetlog.queue.connection.public_reason`).
@@ -265,6 +277,12 @@ class Producer:
         except NotReplicated as exc:  # --ack-replicas: on the master, not confirmed on enough replicas
             self.last_error = f"Redis replicas did not confirm the write: {exc}"
             self.last_problem = REDIS_NOT_REPLICATED
+            self.unconfirmed += sum(submission.size for submission in call)
+            outcomes = [exc] * len(call)
+        except WriteUnconfirmed as exc:  # sent, then the connection failed: it may have run
+            self.last_error = f"Redis did not confirm the write: {exc}"
+            self.last_problem = public_reason(exc.__cause__ or exc)
+            self.unconfirmed += sum(submission.size for submission in call)
             outcomes = [exc] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"

@@ -17,7 +17,7 @@ import hiredis
 import redis.asyncio
 import redis.exceptions
 
-from fleetlog.errors import NotReplicated
+from fleetlog.errors import NotReplicated, WriteUnconfirmed
 
 __all__ = ["ClusterScript", "RedisScript", "ScriptArg", "ScriptRunner"]
 
@@ -31,9 +31,11 @@ class ScriptRunner(Protocol):
     async def run(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
         """Run the script with ``keys`` (KEYS) and ``args`` (ARGV); return its reply.
 
-        Raises what the client raises: a connection or timeout error when Redis
-        cannot be reached, :class:`redis.exceptions.ResponseError` when it
-        refuses (OOM, READONLY, a script error).
+        Raises a connection or timeout error when Redis cannot be reached
+        (nothing was sent), :class:`redis.exceptions.ResponseError` when it
+        refuses (OOM, READONLY, a script error: it did not run), and
+        :class:`~fleetlog.errors.WriteUnconfirmed` when the call was sent but
+        its outcome is unknown or not replicated in time.
         """
         ...
 
@@ -41,30 +43,83 @@ class ScriptRunner(Protocol):
 class _Script:
     """What both runners keep: the script, its SHA, and the packed ``WAIT`` for ``replicas``."""
 
-    __slots__ = ("_client", "_script", "_wait", "replicas", "sha")
+    __slots__ = ("_client", "_script", "_timeout_ms", "_wait", "replicas", "sha")
 
     def __init__(self, client: redis.asyncio.Redis, script: str, *, replicas: int = 0,
                  replica_timeout: float = 1.0) -> None:
         self._client = client
         self._script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self._timeout_ms = max(1, int(replica_timeout * 1000))
+        self.replicas = 0
+        self._wait = b""
+        self.wait_for(replicas)
+
+    def wait_for(self, replicas: int) -> None:
+        """From the next call on, acknowledge only once ``replicas`` replicas have its writes."""
         self.replicas = replicas
-        wait = ("WAIT", replicas, max(1, int(replica_timeout * 1000)))
+        wait = ("WAIT", replicas, self._timeout_ms)
         self._wait = hiredis.pack_command(wait)  # type: ignore[arg-type]  # hiredis stubs: 1-tuples only
+
+    def _packed(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> bytes:
+        packed: bytes = hiredis.pack_command(
+            ("EVALSHA", self.sha, len(keys), *keys, *args))  # type: ignore[arg-type]
+        return packed + self._wait if self.replicas else packed
+
+    async def _exchange(self, connection: Any, packed: bytes) -> Any:
+        """Send one packed call (and its ``WAIT``) on a connected ``connection``; its reply.
+
+        What a failure says depends on when it happens, and the producer tells
+        devices accordingly (``unavailable`` vs ``unconfirmed``):
+
+        * Redis answered with an error (NOSCRIPT, OOM, READONLY, MOVED, LOADING):
+          the script did not run, the error is raised as it is;
+        * the connection failed or timed out once the call was on its way: it may
+          have run, so :class:`~fleetlog.errors.WriteUnconfirmed`;
+        * the script ran but ``WAIT`` saw too few replicas, or its answer was
+          lost: :class:`~fleetlog.errors.NotReplicated`.
+
+        On any exception the caller must drop the connection (a reply may be unread).
+        """
+        try:
+            await connection.send_packed_command(packed, check_health=False)
+            reply = await connection.read_response()
+        except redis.exceptions.BusyLoadingError:
+            raise  # a LOADING reply: refused before running
+        except _LOST as exc:
+            raise WriteUnconfirmed(f"the connection to Redis failed after the call was sent "
+                                   f"({type(exc).__name__}: {exc}); it may have been queued") from exc
+        if not self.replicas:
+            return reply
+        try:
+            confirmed = await connection.read_response()
+        except _LOST as exc:
+            raise NotReplicated(f"written on the master; WAIT's answer was lost "
+                                f"({type(exc).__name__}: {exc})") from exc
+        if confirmed < self.replicas:
+            raise NotReplicated(f"written on the master but confirmed by {confirmed} of "
+                                f"{self.replicas} replicas in time")
+        return reply
+
+
+#: A connection lost or timed out mid-call: whether the call ran is unknown.
+_LOST: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
+)
 
 
 class ClusterScript(_Script):
-    """:class:`ScriptRunner` on a Redis Cluster: EVALSHA sent to the node holding the keys' slot.
+    """:class:`ScriptRunner` on a Redis Cluster: EVALSHA sent to the master holding the keys' slot.
 
-    redis-py's cluster client routes the call by its keys, and refuses one
-    whose keys span slots (the producer's calls are one shard each, one hash
-    tag).  A node that has not seen the script (a new or restarted node, a
+    The call (and, with ``replicas`` > 0, its ``WAIT``) goes in one write on one
+    connection to the slot's master, found from the client's slot map; all of a
+    call's keys hash to one slot (the producer's calls are one shard each, one
+    hash tag).  redis-py's own routing is not used: it retries a command that
+    may have run, and it cannot say whether a failed call left Redis.  After a
+    connection error or a redirection the slot map is read again before the
+    next call (a failover moved the slot); the call that saw it fails, so the
+    device resends.  A node that has not seen the script (new, restarted, a
     replica promoted) gets it loaded and the call sent once more.
-
-    With ``replicas`` > 0 the call and ``WAIT`` go in one write on one
-    connection to the slot's master (as :class:`RedisScript` does), which
-    redis-py's routing cannot do; after a connection error or a redirection
-    the slot map is read again before the next call (a failover moved the slot).
     """
 
     __slots__ = ("_stale",)
@@ -75,50 +130,47 @@ class ClusterScript(_Script):
         self._stale = False
 
     async def run(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
-        if self.replicas:
-            return await self._run_replicated(keys, args)
-        for attempt in (1, 2):
-            try:
-                return await self._client.evalsha(self.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                await self._client.script_load(self._script)
-        raise AssertionError("unreachable")
-
-    async def _run_replicated(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
         cluster: Any = self._client  # redis.asyncio.cluster.RedisCluster
         if self._stale:
             await cluster.nodes_manager.initialize()
             self._stale = False
-        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
-        packed = hiredis.pack_command(command) + self._wait  # type: ignore[arg-type]
+        packed = self._packed(keys, args)
         first = keys[0]
         for attempt in (1, 2):
             node = cluster.get_node_from_key(first.decode() if isinstance(first, bytes) else str(first))
             connection = node.acquire_connection()
             try:
-                await connection.send_packed_command(packed)
-                reply = await connection.read_response()
-                confirmed = await connection.read_response()
+                await _connected(connection)  # before this, nothing has left
+                return await self._exchange(connection, packed)
             except redis.exceptions.NoScriptError:
-                await connection.disconnect()  # WAIT's reply is still unread
+                await connection.disconnect()  # WAIT's reply may still be unread
                 if attempt == 2:
                     raise
                 await cluster.script_load(self._script)
-                continue
             except BaseException as exc:
                 await connection.disconnect()  # a half-read reply would poison the next call
-                if isinstance(exc, _TOPOLOGY_CHANGED):
+                if isinstance(exc, (*_TOPOLOGY_CHANGED, WriteUnconfirmed)):
                     self._stale = True
                 raise
             finally:
                 node.release(connection)
-            if confirmed < self.replicas:
-                raise NotReplicated(f"written on the master but confirmed by {confirmed} of "
-                                    f"{self.replicas} replicas in time")
-            return reply
         raise AssertionError("unreachable")
+
+
+async def _connected(connection: Any) -> None:
+    """Connect ``connection``, or check an open one is clean, as redis-py's pools do.
+
+    A pooled socket whose server went away would otherwise take the call and
+    fail after it: a failure nothing can tell from a call that ran.
+    """
+    await connection.connect()
+    try:
+        clean = not await connection.can_read_destructive()
+    except (redis.ConnectionError, ConnectionError, OSError):
+        clean = False
+    if not clean:
+        await connection.disconnect()
+        await connection.connect()
 
 
 #: Errors after which a cluster's slot map may be out of date.
@@ -133,10 +185,11 @@ class RedisScript(_Script):
     """:class:`ScriptRunner` on one Redis: EVALSHA packed by hiredis on a pooled connection.
 
     This is redis-py's ``Script`` made fast for huge calls: hiredis packs the
-    whole command in C, seven times faster than redis-py's per-argument packer
-    (which was a tenth of the gateway's time), and the packed bytes go straight
-    to a connection of the client's pool.  A Redis that restarted empty
-    (NOSCRIPT) gets the script loaded again and the call sent once more.
+    whole command in C, seven times faster than redis-py's per-argument packer,
+    and the packed bytes go straight to a connection of the client's pool
+    (which connects it, or checks a pooled one is clean, before anything is
+    sent).  A Redis that restarted empty (NOSCRIPT) gets the script loaded
+    again and the call sent once more.
 
     With ``replicas`` > 0 every call is followed, on the same connection and
     in the same write, by ``WAIT replicas timeout``: the reply is returned only
@@ -147,31 +200,21 @@ class RedisScript(_Script):
     __slots__ = ()
 
     async def run(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> Any:
-        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
-        packed = hiredis.pack_command(command)  # type: ignore[arg-type]
-        if self.replicas:
-            packed += self._wait
+        packed = self._packed(keys, args)
         pool = self._client.connection_pool
         for attempt in (1, 2):
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await connection.send_packed_command(packed)
-                reply = await connection.read_response()
-                confirmed = await connection.read_response() if self.replicas else 0
+                return await self._exchange(connection, packed)
             except redis.exceptions.NoScriptError:
                 if self.replicas:
                     await connection.disconnect()  # WAIT's reply is still unread
                 if attempt == 2:
                     raise
                 await self._client.script_load(self._script)  # Redis restarted empty
-                continue
             except BaseException:
                 await connection.disconnect()  # a half-read reply would poison the next call
                 raise
             finally:
                 await pool.release(connection)
-            if confirmed < self.replicas:
-                raise NotReplicated(f"written on the master but confirmed by {confirmed} of "
-                                    f"{self.replicas} replicas in time")
-            return reply
         raise AssertionError("unreachable")
