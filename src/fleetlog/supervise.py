@@ -11,7 +11,14 @@ answered in its place.
 Start order: the embedded Valkey/Redis (unless ``--redis-url`` is given), then
 the gateway and the worker as child processes; "fleetlog is up." is printed
 only once the gateway listens.  A child that exits is started again (the
-worker exits on purpose after ``--max-runtime``).  SIGINT or SIGTERM runs the
+worker exits on purpose after ``--max-runtime``), and so is the embedded Redis:
+with the same port, directory and AOF settings, so the gateway and worker
+reconnect where they were and the AOF (``appendfsync always``) brings back
+every record acked before it died; without that, a Redis killed once left
+every device answered ``unavailable`` for as long as ``up`` ran.  Each part
+going down and coming back is a line on stdout under the banner and a state
+in ``DATA_DIR/redis/fleetlog-up.json``, which the API's ``/readyz`` shows
+("redis": "down since ...; fleetlog up restarts it").  SIGINT or SIGTERM runs the
 one shutdown path, in dependency order, each step bounded: the gateway
 (stops accepting, waits for the replies in flight), then the worker (finishes
 its batch and acks it), then Redis (writes its AOF); a child that does not stop
@@ -41,10 +48,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.embedded import RedisServer
 from fleetlog.net import PortWait, wait_for_port
 from fleetlog.process import Child, tend
+from fleetlog.records import iso_ms
 
 __all__ = ["run_up"]
 
@@ -62,6 +71,20 @@ _CHILD_STOP_TIMEOUT = 20.0
 _WATCH_INTERVAL = 0.2
 #: How long ``up`` waits for the gateway to listen before giving up.
 _GATEWAY_START_TIMEOUT = 30.0
+
+#: A part's state when it runs (what ``/readyz`` shows for it).
+OK = "ok"
+
+
+def _how(code: int | None) -> str:
+    """How a process ended, in words: ``killed by SIGKILL`` or ``exited with 1``."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with {code}"
+
 
 def _lock_data_dir(data_dir: Path) -> int | None:
     """Take ``DATA_DIR/up.lock`` (flock, exclusive) and write our pid in it.
@@ -154,7 +177,15 @@ class Supervisor:
         self.stopping = threading.Event()
         self.forced = False
         self.redis: RedisServer | None = None
+        #: The embedded Redis as a :class:`Child`: restarted by :func:`tend`, like the others.
+        self.redis_child: Child | None = None
+        #: Whether the Redis started last has answered PING (loaded its AOF) since.
+        self.redis_answers = False
         self.children: list[Child] = []
+        #: Each part's state: ``OK``, or why not (what ``/readyz`` shows, via the up file).
+        self.parts: dict[str, str] = {}
+        #: When each part that was said to be down went down (monotonic), to say for how long.
+        self.down_since: dict[str, float] = {}
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         """Signal handler: the first asks for the orderly shutdown, a second SIGINT forces it."""
@@ -188,8 +219,15 @@ class Supervisor:
             self.redis = RedisServer(
                 settings.data_dir / "redis", appendfsync=settings.redis_appendfsync
             )
-            self.redis.start()
-            self.redis.write_up_file()
+            # Its own backoff, shorter than the children's: everything waits on Redis, and
+            # a Redis that cannot start (port taken, disk full) still backs off to 5 s.
+            self.redis_child = Child("redis", self.redis.command(), spawn=self.redis.spawn,
+                                     backoff=Backoff(initial=0.2, cap=5.0))
+            self.redis_child.start()
+            self.redis.wait_ready()
+            self.redis_answers = True
+            self.parts = {"redis": OK, "gateway": OK, "worker": OK, "api": OK}
+            self.redis.write_up_file(self.parts)
             redis_url = self.redis.url
         try:
             worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}",
@@ -235,8 +273,73 @@ class Supervisor:
     def _watch(self) -> None:
         while not self.stopping.wait(_WATCH_INTERVAL):
             now = time.monotonic()
+            if self.redis_child is not None:
+                self._tend_redis(self.redis_child, now)
             for child in self.children:
                 tend(child, now)
+                self._note(child, OK if child.alive() else self._down(child), now)
+
+    def _tend_redis(self, child: Child, now: float) -> None:
+        """Restart the embedded Redis if it died; it is up again once it answers PING.
+
+        Between its start and its first PONG it replays the AOF: "restarting",
+        not yet "ok" (the gateway still answers ``unavailable``).
+        """
+        assert self.redis is not None
+        starts = child.starts
+        tend(child, now)
+        if child.starts != starts:
+            self.redis_answers = False
+            log.info("redis started again (pid %s) on port %d, directory %s",
+                     child.process.pid if child.process else None, self.redis.port,
+                     self.redis.directory)
+        if child.alive() and not self.redis_answers:
+            self.redis_answers = self.redis.answers(timeout=_WATCH_INTERVAL)
+        elif not child.alive() and self.parts.get("redis", OK).startswith("restarting"):
+            log.warning("redis exited before it answered; the end of %s:\n%s",
+                        self.redis.directory / "server.log", self.redis.log_tail(800))
+        if not child.alive():
+            state = self._down(child)
+        elif self.redis_answers:
+            state = OK
+        elif self.parts.get("redis", OK).startswith("restarting"):
+            state = self.parts["redis"]  # the same state: keep its first time
+        else:
+            state = f"restarting since {iso_ms(int(time.time() * 1000))} (loading its data)"
+        self._note(child, state, now)
+
+    def _down(self, child: Child) -> str:
+        """The state of a part that is not running (and :func:`tend` will start again)."""
+        if self.parts.get(child.name, OK).startswith("down"):
+            return self.parts[child.name]  # the same state: keep its first time
+        code = child.process.returncode if child.process else None
+        return (f"down since {iso_ms(int(time.time() * 1000))} ({_how(code)}); "
+                "fleetlog up restarts it")
+
+    def _note(self, child: Child, state: str, now: float) -> None:
+        """Record a part's new state: a line on stdout, and the up file for ``/readyz``.
+
+        A planned exit (exit 0 after a long run, restarted at once) is no news and
+        is not printed; the up file still shows it down until the next watch tick.
+        """
+        before = self.parts.get(child.name, OK)
+        if state == before:
+            return
+        self.parts[child.name] = state
+        code = child.process.returncode if child.process else None
+        if before == OK and state.startswith("down"):
+            if not (code == 0 and child.next_start <= now):
+                self.down_since[child.name] = now
+                delay = max(0.0, child.next_start - now)
+                where = (f" on port {self.redis.port}, same data"
+                         if child is self.redis_child and self.redis else "")
+                print(f"fleetlog: {child.name} is down ({_how(code)}); restarting it in "
+                      f"{delay:.1f} s{where}.", flush=True)
+        elif state == OK and child.name in self.down_since:
+            print(f"fleetlog: {child.name} is back (down "
+                  f"{now - self.down_since.pop(child.name):.1f} s).", flush=True)
+        if self.redis is not None and self.redis.process is not None:
+            self.redis.write_up_file(self.parts)
 
     def _shutdown(self) -> None:
         """Stop in dependency order: gateway, worker (``self.children``'s order), then Redis.

@@ -26,7 +26,8 @@ from fleetlog.config import Settings
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.reading import ReaderPool
 
-__all__ = ["ERRORS", "Admin", "Found", "Reader", "Services", "invalid", "require", "services"]
+__all__ = ["ERRORS", "Admin", "Found", "Reader", "ReaderUnlessRedisDown", "Services", "invalid", "require",
+           "require_unless_redis_down", "services"]
 
 
 
@@ -108,7 +109,32 @@ def require(role: Role) -> Callable[..., Awaitable[OperatorToken]]:
     return check
 
 
+def require_unless_redis_down(role: Role) -> Callable[..., Awaitable[OperatorToken | None]]:
+    """:func:`require`, but None instead of 503 when Redis (which holds the tokens) is down.
+
+    For ``/readyz``, whose whole point while Redis is down is to say so (and which
+    part of ``fleetlog up`` is restarting); the route then says no more than the
+    gateway's ``/healthz`` tells anyone.  No token, or a wrong one, is still 401.
+    """
+    checked = require(role)
+
+    async def check(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        found: Found,
+    ) -> OperatorToken | None:
+        try:
+            return await checked(credentials, found)
+        except HTTPException as exc:
+            if exc.status_code == 503 and isinstance(exc.__cause__, REDIS_DOWN):
+                return None
+            raise
+
+    return check
+
+
 #: A route's parameter that needs a ``read`` (or ``admin``) token.
 Reader = Annotated[OperatorToken, Depends(require("read"))]
+#: :data:`Reader`, or None when the token cannot be checked because Redis is down.
+ReaderUnlessRedisDown = Annotated[OperatorToken | None, Depends(require_unless_redis_down("read"))]
 #: A route's parameter that needs an ``admin`` token.
 Admin = Annotated[OperatorToken, Depends(require("admin"))]

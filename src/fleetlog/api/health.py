@@ -4,6 +4,12 @@ Ready means: Redis answers, the store is writable, and the workers' consumer
 lag is under ``max_consumer_lag``.  For SQLite "writable" is tested for real:
 a write transaction begun and rolled back (taking the write lock for an
 instant), without ever creating the file.
+
+Under ``fleetlog up`` the checks also name the parts ``up`` runs (gateway,
+worker) and, when Redis or one of them is down, what ``up`` is doing about it
+("down since ...; fleetlog up restarts it", "restarting since ... (loading its
+data)"): read from the file ``up`` keeps in the data dir, since the API sees
+neither the other processes nor, while it is down, Redis.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fleetlog.api.deps import ERRORS, Found, Reader, Services
+from fleetlog.api.deps import ERRORS, Found, Reader, ReaderUnlessRedisDown, Services
+from fleetlog.embedded import up_parts
 from fleetlog.metrics import CONTENT_TYPE, render
 from fleetlog.queue.stats import queue_stats_for
 
@@ -57,28 +64,49 @@ def _store_problem(url: str) -> str | None:
     return None
 
 
-def readiness(found: Services) -> Readiness:
+#: The parts of ``fleetlog up`` shown besides Redis (the API answering is itself).
+_UP_PARTS = ("gateway", "worker")
+#: A check that was not made.
+UNKNOWN = "unknown"
+
+
+def readiness(found: Services, *, verified: bool = True) -> Readiness:
+    """The checks; ``verified`` False when the caller's token could not be checked.
+
+    That happens only while Redis (which holds the tokens) is down: then the
+    answer says which part is down and nothing more, neither the queue nor the
+    store, as the gateway's ``/healthz`` would tell anyone.
+    """
     settings = found.settings
+    parts = up_parts(settings.data_dir, found.redis_url)
     checks: dict[str, str] = {}
-    try:
-        found.redis.ping()
-        checks["redis"] = "ok"
-        stats = queue_stats_for(found.redis, settings)
-        checks["consumer_lag"] = (
-            "ok" if stats.lag <= settings.max_consumer_lag
-            else f"{stats.lag} records not yet read by a worker (limit {settings.max_consumer_lag})")
-    except redis.RedisError as exc:
-        checks["redis"] = f"not answering: {type(exc).__name__}"
-        checks["consumer_lag"] = "unknown"
-    checks["store"] = _store_problem(settings.store_url) or "ok"
+    problem = "not answering"  # unverified: the token lookup found Redis down
+    if verified:
+        try:
+            found.redis.ping()
+            stats = queue_stats_for(found.redis, settings)
+            checks["redis"] = "ok"
+            checks["consumer_lag"] = (
+                "ok" if stats.lag <= settings.max_consumer_lag
+                else f"{stats.lag} records not yet read by a worker (limit {settings.max_consumer_lag})")
+        except redis.RedisError as exc:
+            problem = f"not answering: {type(exc).__name__}"
+    if "redis" not in checks:
+        # What `up` knows (down, restarting) says more than the client's exception.
+        said = parts.get("redis", "ok")
+        checks["redis"] = said if said != "ok" else problem
+        checks["consumer_lag"] = UNKNOWN
+    checks["store"] = (_store_problem(settings.store_url) or "ok") if verified else UNKNOWN
+    checks.update((name, parts[name]) for name in _UP_PARTS if name in parts)
     return Readiness(ready=all(value == "ok" for value in checks.values()), checks=checks)
 
 
 @router.get("/readyz", response_model=Readiness,
             responses={**ERRORS, 503: {"model": Readiness, "description": "Not ready: see checks."}},
-            summary="Redis answers, the store is writable, the consumer lag is under its limit")
-def readyz(_token: Reader, found: Found) -> Any:
-    answer = readiness(found)
+            summary="Redis answers, the store is writable, the consumer lag is under its limit; "
+                    "under fleetlog up, which part is down")
+def readyz(token: ReaderUnlessRedisDown, found: Found) -> Any:
+    answer = readiness(found, verified=token is not None)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)
 
 
