@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(default=15.0, gt=0)
     handshake_timeout: float = Field(default=10.0, gt=0)
     max_connections_per_ip: int = Field(default=10_000, ge=1)
+    # Token lookups (a handshake whose token is not cached) run on their own Redis
+    # connections, at most this many at once; more wait their turn.
+    token_lookups: int = Field(default=16, ge=1, le=1024)
+    # Lookups that find no such token, per source address: this many a second, this
+    # many saved up; past that the address's uncached tokens get 429 with Retry-After.
+    auth_failures_per_ip: float = Field(default=10.0, gt=0)
+    auth_failures_burst: float = Field(default=100.0, ge=1)
     max_records_per_frame: int = Field(default=500, ge=1)
     dedupe_window: float = Field(default=86_400.0, ge=1)
     rate_records: float = Field(default=2_000.0, gt=0)

@@ -9,17 +9,19 @@ still work)::
      ├── FrameError            a device sent a frame fleetlog cannot accept (error frame)
      ├── MessageError          WebSocket frames break the protocol (close with ``code``)
      ├── Refused               a handshake's credentials are missing or wrong (HTTP 401)
+     │    └── TooManyAuthFailures  its address failed too many lookups lately (HTTP 429)
      ├── QueueUnavailable      Redis could not be reached or refused: nothing was written
      │    └── QueueClosed      the producer is shutting down: it takes nothing more
      ├── WriteUnconfirmed      the write was sent and may have happened, but was not confirmed
      │    └── NotReplicated    written on the master, not on ``--ack-replicas`` replicas in time
      ├── QueueFull             the backlog is over its limit
      ├── StoreUnavailable      the store cannot be used right now; retrying may succeed
+     │    └── ReadTimeout      a read ran past its time budget, or its caller left: it was stopped
      ├── StoreMissing          a reader found no store (nothing is created for it)
      ├── RecordRejected        the store cannot take a record because of its own data
      ├── UnknownDevice         a credential command names a device that has none
      ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
-     ├── InvalidRequest        a read asks for something malformed: level, time, limit, cursor
+     ├── InvalidRequest        a read asks for something malformed: level, time, limit, cursor, q
      ├── ConfigError           settings that cannot work together
      ├── ServerError           the embedded Valkey/Redis server
      │    ├── ServerNotFound   no server binary (also a FileNotFoundError)
@@ -127,8 +129,29 @@ class Refused(FleetlogError):
     """Raised when a handshake's credentials are missing or wrong (HTTP 401)."""
 
 
+class TooManyAuthFailures(Refused):
+    """Raised when an address failed too many token lookups lately (HTTP 429, ``Retry-After``)."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed authentications from this address; retry in "
+                         f"{retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
 class StoreUnavailable(FleetlogError):
     """Raised when the store cannot be written or read right now; retrying may succeed."""
+
+
+class ReadTimeout(StoreUnavailable):
+    """Raised when a read ran past its time budget, or was cancelled, and was stopped.
+
+    (See :class:`fleetlog.store.base.ReadLimit`.)  ``cancelled`` is True when
+    its caller stopped it (an HTTP client that went away), False for the budget.
+    """
+
+    def __init__(self, message: str, *, cancelled: bool = False) -> None:
+        super().__init__(message)
+        self.cancelled = cancelled
 
 
 class StoreMissing(FleetlogError):
@@ -148,7 +171,15 @@ class InvalidDeviceId(FleetlogError, ValueError):
 
 
 class InvalidRequest(FleetlogError, ValueError):
-    """Raised when a read asks for something malformed (level, time, limit, cursor)."""
+    """Raised when a read asks for something malformed (level, time, limit, cursor, q).
+
+    ``field`` names the parameter at fault (``level``, ``since``...), for a
+    front end to point at; the message says what is wrong with it.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ServerError(FleetlogError):

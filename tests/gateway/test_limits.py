@@ -49,3 +49,45 @@ def test_a_frame_bigger_than_a_full_bucket_is_admitted_after_its_retry_after() -
     assert not admitted.refused and admitted.delay <= 1.0
     slowed = limiter.admit(1, 1, later + admitted.delay)
     assert slowed.refused, "its debt still paces what follows"
+
+
+def test_auth_failures_throttle_an_address_after_its_burst_and_recover() -> None:
+    from fleetlog.gateway.limits import AuthFailures
+
+    failures = AuthFailures(per_s=10.0, burst=5.0)
+    assert failures.retry_after("10.0.0.1", 0.0) == 0.0  # never failed: no entry, no wait
+    for _ in range(5):
+        failures.failed("10.0.0.1", 0.0)
+    assert failures.retry_after("10.0.0.1", 0.0) == pytest.approx(0.1)  # one token at 10/s
+    assert failures.retry_after("10.0.0.2", 0.0) == 0.0  # another address is not touched
+    assert failures.retry_after("10.0.0.1", 0.1) == 0.0
+    failures.forget_idle(0.2)
+    assert len(failures) == 1  # not full yet: remembered
+    failures.forget_idle(1.0)
+    assert len(failures) == 0
+
+
+def test_auth_failures_table_is_bounded() -> None:
+    from fleetlog.gateway.limits import AuthFailures
+
+    failures = AuthFailures(per_s=1.0, burst=1.0, most=3)
+    for n in range(10):
+        failures.failed(f"10.0.0.{n}", 0.0)
+    assert len(failures) == 3
+    assert failures.retry_after("10.0.0.9", 0.0) > 0  # the newest are kept
+    assert failures.retry_after("10.0.0.0", 0.0) == 0.0  # the oldest forgotten
+
+
+def test_rate_limited_log_says_how_many_it_stood_for(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fleetlog.quietlog import RateLimitedLog
+
+    quiet = RateLimitedLog(logging.getLogger("test.quiet"), interval=10.0)
+    with caplog.at_level(logging.WARNING, "test.quiet"):
+        assert quiet.note("lookup failed", now=0.0)
+        assert not any(quiet.note("lookup failed", now=t) for t in (1.0, 2.0, 9.9))
+        assert quiet.note("lookup failed", now=10.5)
+    assert [record.getMessage() for record in caplog.records] == [
+        "lookup failed", "lookup failed (and 3 more like it in the last 10s)"]
+    assert quiet.total == 5

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
 
 from fleetlog import protocol
-from fleetlog.errors import ErrorCode
+from fleetlog.errors import ErrorCode, TooManyAuthFailures
 from fleetlog.gateway.auth import token_from
 from fleetlog.queue.connection import REDIS_DOWN
 
@@ -42,6 +43,14 @@ _LOOKUP_FAILED: Final = protocol.error_frame(
 _503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
                b"Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
+
+
+def _too_many(exc: TooManyAuthFailures) -> bytes:
+    body = protocol.error_frame(ErrorCode.RATE_LIMITED, str(exc),
+                                retry_after_ms=math.ceil(exc.retry_after * 1000))
+    return (b"HTTP/1.1 429 Too Many Requests\r\n"
+            b"Content-Type: application/json\r\nRetry-After: %d\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (max(1, math.ceil(exc.retry_after)), len(body), body))
 
 
 class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol is untyped
@@ -69,8 +78,10 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         super().__init__(*args)
         self._head: bytearray | None = bytearray()  # None once the headers ended
         self._view: memoryview | None = None
-        #: Given the request head, an awaitable to finish before the upgrade, or ``None``.
-        self.lookup: Callable[[bytes], Awaitable[object] | None] | None = None
+        #: Given the request head and the peer's address, an awaitable to finish
+        #: before the upgrade, or ``None``.  It raises :class:`TooManyAuthFailures`
+        #: for a 429; anything else it raises is a 503 (it logs a Redis outage itself).
+        self.lookup: Callable[[bytes, str | None], Awaitable[object] | None] | None = None
         self._deferred: asyncio.Task[None] | None = None
 
     def get_buffer(self, size_hint: int) -> memoryview:
@@ -96,13 +107,17 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
             if end >= 0:
                 lookup = self.lookup
                 self._head_ended()
-                pending = lookup(bytes(head[:end])) if lookup is not None else None
+                pending = lookup(bytes(head[:end]), self._peer()) if lookup is not None else None
                 if pending is not None:
                     chunk = bytes(head[len(head) - nbytes:])
                     self.transport.underlying_transport.pause_reading()
                     self._deferred = asyncio.ensure_future(self._upgrade_after(pending, chunk))
                     return
         super().buffer_updated(nbytes)
+
+    def _peer(self) -> str | None:
+        peer = self.transport.underlying_transport.get_extra_info("peername")
+        return str(peer[0]) if peer else None
 
     def _head_ended(self) -> None:
         """Hand every later read straight to picows: no Python call per read after the handshake.
@@ -133,10 +148,13 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         transport = self.transport.underlying_transport
         try:
             await pending
+        except TooManyAuthFailures as exc:
+            if not transport.is_closing():
+                transport.write(_too_many(exc))
+                transport.close()
+            return
         except Exception as exc:  # Redis down, or a bug: either way the device may retry
-            if isinstance(exc, REDIS_DOWN):
-                log.warning("cannot look a device token up (503): %s", exc)
-            else:
+            if not isinstance(exc, REDIS_DOWN):
                 log.exception("device token lookup failed (503)")
             if not transport.is_closing():
                 transport.write(_503)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Decision", "DeviceLimiter", "DeviceLimiters", "TokenBucket"]
+__all__ = ["AuthFailures", "Decision", "DeviceLimiter", "DeviceLimiters", "TokenBucket"]
 
 
 class TokenBucket:
@@ -134,3 +134,48 @@ class DeviceLimiters:
         """Drop the limiters with nothing to remember (both buckets full)."""
         for device_id in [d for d, limiter in self._limiters.items() if limiter.idle(now)]:
             del self._limiters[device_id]
+
+
+class AuthFailures:
+    """Failed token lookups per source address: a token bucket each, in a bounded table.
+
+    A handshake whose token the gateway's cache does not hold costs a Redis
+    lookup; a flood of distinct bad tokens would turn into a flood of lookups.
+    Each address may fail ``per_s`` lookups a second (``burst`` saved up);
+    past that its uncached tokens are refused with 429 and ``Retry-After``
+    before any lookup, while tokens already cached (every connected device's)
+    cost nothing and still pass.  The table keeps at most ``most`` addresses
+    (the oldest is forgotten first, which can only let an address fail again).
+    """
+
+    __slots__ = ("_buckets", "_burst", "_most", "_per_s")
+
+    def __init__(self, *, per_s: float, burst: float, most: int = 100_000) -> None:
+        self._per_s = per_s
+        self._burst = burst
+        self._most = most
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def retry_after(self, address: str | None, now: float) -> float:
+        """Seconds until ``address`` may look a token up again (0.0: now)."""
+        bucket = self._buckets.get(address or "")
+        return 0.0 if bucket is None else bucket.wait_for(1.0, now)
+
+    def failed(self, address: str | None, now: float) -> None:
+        """A lookup from ``address`` found no such token."""
+        key = address or ""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._most:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = self._buckets[key] = TokenBucket(self._per_s, self._burst, now)
+        bucket.refill(now)
+        bucket.take(1.0)
+
+    def forget_idle(self, now: float) -> None:
+        """Drop the addresses whose buckets are full again (nothing to remember)."""
+        for address in [a for a, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[address]

@@ -130,7 +130,9 @@ class _Pool:
 def run_pool(settings: Settings, redis_url: str) -> int:
     """Entry point of ``fleetlog gateway --processes N`` (N > 1): 0 after an orderly stop."""
     try:
-        reservation = _reserve(settings.host, settings.ws_port)
+        # The port is reserved (and watched) on the first of several addresses.
+        host = settings.host.split(",")[0].strip()
+        reservation = _reserve(host, settings.ws_port)
     except OSError as exc:
         log.error("gateway cannot start: cannot listen on %s:%d: %s", settings.host,
                   settings.ws_port, exc.strerror)
@@ -140,6 +142,6 @@ def run_pool(settings: Settings, redis_url: str) -> int:
         pool = _Pool(settings, redis_url, port)
         signal.signal(signal.SIGINT, pool.request_stop)
         signal.signal(signal.SIGTERM, pool.request_stop)
-        return pool.run(settings.host, port)
+        return pool.run(host, port)
     finally:
         reservation.close()

@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry
 from fleetlog import protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenCache, hash_token
-from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed
+from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, TooManyAuthFailures
 from fleetlog.gateway import health
 from fleetlog.gateway.addresses import AddressLimit
 from fleetlog.gateway.auth import Authenticator, Identity, Refused
@@ -67,7 +67,7 @@ from fleetlog.gateway.connection import (
     queue_error_code,
 )
 from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
-from fleetlog.gateway.limits import DeviceLimiters
+from fleetlog.gateway.limits import AuthFailures, DeviceLimiters
 from fleetlog.gateway.messages import CloseCode
 from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.relay import CommandRelay
@@ -78,6 +78,7 @@ from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, connect_async, fewest_replicas, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
 from fleetlog.queue.script_runner import ClusterScript, RedisScript
+from fleetlog.quietlog import RateLimitedLog
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -338,6 +339,13 @@ class Gateway:
         client = connect_async(redis_url, timeout=settings.redis_timeout)
         self._client = client
         self.tokens = TokenCache()
+        # Token lookups have their own client and pool (see _look_up).
+        self._lookup_client = connect_async(redis_url, timeout=settings.redis_timeout,
+                                            pool_size=settings.token_lookups)
+        self._lookup_slots = asyncio.Semaphore(settings.token_lookups)
+        self.auth_failures = AuthFailures(per_s=settings.auth_failures_per_ip,
+                                          burst=settings.auth_failures_burst)
+        self.lookup_failures = RateLimitedLog(log, interval=10.0)
         self._token_watcher = TokenWatcher(client, self.tokens, node_id=settings.node_id,
                                            on_revoked=self._close_revoked,
                                            connected=self._connected_tokens)
@@ -413,8 +421,12 @@ class Gateway:
             return WSUpgradeResponseWithListener(response, None)
         return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
 
-    def _lookup_first(self, head: bytes) -> Awaitable[object] | None:
-        """For a request head whose token the cache does not hold: its lookup, to await first."""
+    def _lookup_first(self, head: bytes, peer: str | None) -> Awaitable[object] | None:
+        """For a request head whose token the cache does not hold: its lookup, to await first.
+
+        An address that failed too many lookups lately is refused (429) before
+        any lookup (:class:`AuthFailures`); a cached token costs nothing and passes.
+        """
         if self.settings.auth != "token":
             return None
         token = token_in_head(head)
@@ -423,7 +435,27 @@ class Gateway:
         digest = hash_token(token)
         if self.tokens.cached(digest):
             return None
-        return self.tokens.fetch(self._client, digest)
+        wait = self.auth_failures.retry_after(peer, time.monotonic())
+        if wait:
+            self.errors["auth_throttled"] = self.errors.get("auth_throttled", 0) + 1
+            return _raise(TooManyAuthFailures(wait))
+        return self._look_up(digest, peer)
+
+    async def _look_up(self, digest: str, peer: str | None) -> None:
+        """One token lookup, on the lookups' own connections, at most ``token_lookups`` at once.
+
+        The lookups never take a connection ingest, links or heartbeats need: a
+        flood of unknown tokens queues here instead (each lookup is one HGET).
+        A Redis outage is logged once per interval with a count, not per lookup.
+        """
+        async with self._lookup_slots:
+            try:
+                device_id = await self.tokens.fetch(self._lookup_client, digest)
+            except REDIS_DOWN as exc:
+                self.lookup_failures.note(f"cannot look device tokens up (503): {exc}")
+                raise
+        if device_id is None:
+            self.auth_failures.failed(peer, time.monotonic())
 
     def _health(self) -> Any:
         """``GET /healthz`` (see :mod:`.health`)."""
@@ -513,7 +545,9 @@ class Gateway:
         server: asyncio.Server = await aiofastnet.create_server(
             asyncio.get_running_loop(),
             self._protocol,
-            settings.host,
+            # "127.0.0.1,::1": one listener per address, on the same port.
+            [host.strip() for host in settings.host.split(",")] if "," in settings.host
+            else settings.host,
             settings.ws_port,
             ssl=server_context(settings.tls_cert, settings.tls_key),
             reuse_address=True,
@@ -534,8 +568,10 @@ class Gateway:
                         "Use --auth token unless this is a legacy fleet on a closed network.")
         try:
             await initialize(self._client)
+            await initialize(self._lookup_client)
         except BaseException:
             await self._client.aclose()
+            await self._lookup_client.aclose()
             raise
         await self._choose_replicas()
         if settings.auth == "token":
@@ -545,6 +581,7 @@ class Gateway:
         except BaseException:
             await self._token_watcher.stop()
             await self._client.aclose()
+            await self._lookup_client.aclose()
             raise
         self.producer.start()
         self.registry.start(self.on_control)
@@ -623,6 +660,7 @@ class Gateway:
                 for connection in [c for c in self.connections if c.last_activity < deadline]:
                     connection.close(CloseCode.NORMAL, "idle timeout")
                 self.limiters.forget_idle(now)
+                self.auth_failures.forget_idle(now)
                 if self._replicas_unknown:
                     await self._choose_replicas()
             except Exception as exc:  # a bug: say so, and try again next round
@@ -663,6 +701,11 @@ class Gateway:
         await self.registry.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
+        await self._lookup_client.aclose()
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 async def serve(settings: Settings, redis_url: str, stop: asyncio.Event) -> None:

@@ -1,0 +1,176 @@
+"""The device port under a hostile client, with canary devices sending throughout.
+
+Each attack runs against a real gateway (token auth) on a private Redis, with a
+real worker and store; five canary devices send a record every 200 ms the whole
+time, and the test checks their acks and what reached the store, not only the
+replies the attacker got.  Floods are bounded in count and time, on loopback:
+the attacker on ``::1``, the real devices on ``127.0.0.1`` (the gateway
+listens on both), so a per-address limit on the attacker is not one on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import websockets
+
+from fleetlog.credentials import Credentials
+from fleetlog.embedded import RedisServer
+from tests.conftest import Processes
+from tests.helpers import stored_rows, wait_until
+
+
+@dataclass
+class Canaries:
+    """Devices that send one v2 record every ``interval`` and count what happens to them."""
+
+    url: str
+    tokens: dict[str, str]
+    interval: float = 0.2
+    sent: Counter[str] = field(default_factory=Counter)
+    acked: set[tuple[str, int]] = field(default_factory=set)
+    refused: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(*(self._device(name, token, stop) for name, token in self.tokens.items()))
+
+    async def _device(self, name: str, token: str, stop: asyncio.Event) -> None:
+        seq = 0
+        async with websockets.connect(f"{self.url}/?token={token}", open_timeout=10) as ws:
+            while not stop.is_set() and seq < 2000:
+                frame = {"type": "log", "id": f"{name}-{seq}", "records": [{"seq": seq, "msg": "tick"}]}
+                started = time.monotonic()
+                await ws.send(json.dumps(frame))
+                self.sent[name] += 1
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                self.latencies.append(time.monotonic() - started)
+                if reply.get("type") == "ack":
+                    self.acked.add((name, seq))
+                    seq += 1
+                else:
+                    self.refused[reply.get("code", "?")] += 1
+                await asyncio.sleep(self.interval)
+
+
+@pytest.fixture
+def port_fleet(processes: Processes, private_redis: RedisServer, tmp_path: Path
+               ) -> tuple[int, dict[str, str], Path, psutil.Process]:
+    """A token-auth gateway on 127.0.0.1 and ::1, a worker; 45 devices provisioned."""
+    data_dir = tmp_path / "data"
+    client = redis.Redis.from_url(private_redis.url)
+    credentials = Credentials(client)
+    tokens = {f"dev-{n:02d}": credentials.add(f"dev-{n:02d}") for n in range(45)}
+    client.close()
+    gateway, port = processes.gateway(private_redis.url, data_dir, "--host", "127.0.0.1,::1",
+                                      auth="token", log_name="gateway")
+    processes.worker(private_redis.url, data_dir)
+    return port, tokens, data_dir, psutil.Process(gateway.pid)
+
+
+def usage(process: psutil.Process) -> tuple[float, float]:
+    """(RSS in MiB, CPU seconds so far) of ``process``."""
+    times = process.cpu_times()
+    return process.memory_info().rss / 2**20, times.user + times.system
+
+
+async def upgrade_status(host: str, port: int, token: str) -> int:
+    """Send one WebSocket upgrade with ``token``; the HTTP status it got (0: no answer)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    except (OSError, TimeoutError):
+        return 0
+    try:
+        writer.write(
+            f"GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), 15)
+        return int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return 0
+    finally:
+        writer.close()
+
+
+async def bad_token_flood(port: int, count: int, concurrency: int, deadline: float) -> Counter[int]:
+    """``count`` upgrades with distinct bad tokens from ``::1``, ``concurrency`` at a time."""
+    statuses: Counter[int] = Counter()
+    left = iter(range(count))
+
+    async def one_lane() -> None:
+        for _ in left:
+            if time.monotonic() > deadline:
+                return
+            statuses[await upgrade_status("::1", port, secrets.token_urlsafe(32))] += 1
+
+    await asyncio.gather(*(one_lane() for _ in range(concurrency)))
+    return statuses
+
+
+async def first_connection(url: str, token: str) -> tuple[int, float, list[int]]:
+    """Connect a device for the first time (its token not cached), retrying a refusal;
+    (attempts, seconds, the refusals' statuses)."""
+    started = time.monotonic()
+    refusals = []
+    for attempt in range(1, 11):
+        try:
+            async with websockets.connect(f"{url}/?token={token}", open_timeout=10):
+                return attempt, time.monotonic() - started, refusals
+        except websockets.InvalidStatus as exc:
+            refusals.append(exc.response.status_code)
+            await asyncio.sleep(0.5)
+    return 0, time.monotonic() - started, refusals
+
+
+@pytest.mark.timeout(180)
+def test_bad_token_flood_does_not_deny_real_devices(
+        port_fleet: tuple[int, dict[str, str], Path, psutil.Process], tmp_path: Path) -> None:
+    port, tokens, data_dir, gateway = port_fleet
+    url = f"ws://127.0.0.1:{port}"
+    canaries = Canaries(url, {name: tokens[name] for name in list(tokens)[40:]})
+    newcomers = list(tokens)[:40]
+
+    async def attack() -> tuple[Counter[int], list[tuple[int, float, list[int]]]]:
+        stop = asyncio.Event()
+        tick = asyncio.ensure_future(canaries.run(stop))
+        await asyncio.sleep(1.0)
+        figures["before"] = usage(gateway)
+        flood = asyncio.ensure_future(bad_token_flood(port, 20_000, 200, time.monotonic() + 60))
+        await asyncio.sleep(0.5)  # the flood is under way
+        joined = []
+        for name in newcomers:  # first connections, spread over the flood
+            joined.append(await first_connection(url, tokens[name]))
+            await asyncio.sleep(0.05)
+        statuses = await flood
+        figures["during"] = usage(gateway)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await tick
+        return statuses, joined
+
+    figures: dict[str, tuple[float, float]] = {}
+    statuses, joined = asyncio.run(attack())
+    figures["after"] = usage(gateway)
+    print("gateway RSS MiB / CPU s: " + ", ".join(f"{k} {rss:.0f} / {cpu:.1f}"
+                                                  for k, (rss, cpu) in figures.items()))
+    print(f"flood: {dict(statuses)}; newcomers: attempts {Counter(a for a, _, _ in joined)}, "
+          f"slowest {max(s for _, s, _ in joined):.2f}s; canaries: acked {len(canaries.acked)}, "
+          f"refused {dict(canaries.refused)}, slowest ack {max(canaries.latencies):.3f}s")
+    assert sum(statuses.values()) >= 5000, statuses
+    assert set(statuses) <= {401, 429}, statuses  # never 503, never a silent drop
+    assert all(attempts == 1 for attempts, _, _ in joined), joined  # every real device, at once
+    assert not canaries.refused, canaries.refused
+    assert sum(canaries.sent.values()) == len(canaries.acked)
+    assert wait_until(lambda: {(device, seq) for _, device, seq, _ in stored_rows(data_dir)}
+                      >= canaries.acked, 30)
+    log = (tmp_path / "gateway-0.log").read_text()
+    assert log.count("WARNING") < 20, log[-3000:]
