@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
                          pattern=r"^[A-Za-z0-9._~-]{1,128}$")
     max_frame_bytes: int = Field(default=1 * MiB, ge=64)
+    # Bytes one gateway process holds in unfinished fragmented messages, all its
+    # connections together; a fragment past it closes its connection (1008).
+    max_buffered_bytes: int = Field(default=256 * MiB, ge=64)
     idle_timeout: float = Field(default=300.0, gt=0)
     ping_interval: float = Field(default=20.0, gt=0)
     heartbeat_ttl: float = Field(default=15.0, gt=0)
@@ -158,6 +161,14 @@ class Settings(BaseSettings):
     api_url: str | None = None  # default http://HOST:HTTP_PORT
     api_token: str | None = None
     max_consumer_lag: int = Field(default=100_000, ge=0)  # /readyz fails above it
+    # Seconds one store read of the API may run (a search, a page, a chart): then it
+    # stops and the answer is 503 "narrow the search".  Each export page has it too.
+    read_timeout: float = Field(default=5.0, gt=0, le=3600)
+    # The largest request body the API reads (a command's JSON; 413 above it), and the
+    # seconds a client has to send one (408 after).  A control message over 16 MiB would
+    # risk Redis' pub/sub output limit (32 MB) and a gateway's subscription: not allowed.
+    max_command_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * MiB)
+    body_timeout: float = Field(default=10.0, gt=0, le=3600)
 
     # ``fleetlog up``.
     no_files: bool = False

@@ -138,3 +138,54 @@ def test_reserved_bits_on_a_continuation_drop_the_message() -> None:
     with pytest.raises(MessageError) as info:
         reassembler.feed(CONT, True, b"f")
     assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_unfinished_messages_of_all_connections_share_one_budget() -> None:
+    from fleetlog.gateway.messages import BufferBudget
+
+    budget = BufferBudget(limit=250)
+    first, second, third = (Reassembler(max_size=200, budget=budget) for _ in range(3))
+    assert first.feed(TEXT, False, b"a" * 100) is None
+    assert second.feed(TEXT, False, b"b" * 100) is None
+    assert budget.held == 200
+    with pytest.raises(MessageError) as info:
+        third.feed(TEXT, False, b"c" * 100)  # past the budget: this connection closes
+    assert info.value.code == CloseCode.POLICY_VIOLATION
+    assert budget.held == 200 and budget.refused == 1
+    # A message that ends gives its bytes back, and so does a connection that goes.
+    assert first.feed(CONT, True, b"!") == Message(False, b"a" * 100 + b"!")
+    assert budget.held == 100
+    second.discard()
+    assert budget.held == 0 and budget.given == 200
+    # A single-frame message never touches the budget.
+    assert third.feed(TEXT, True, b"c" * 200) == Message(False, b"c" * 200)
+    assert budget.held == 0
+
+
+def test_too_big_or_broken_messages_give_their_bytes_back() -> None:
+    from fleetlog.gateway.messages import BufferBudget
+
+    budget = BufferBudget(limit=10_000)
+    reassembler = Reassembler(max_size=150, budget=budget)
+    reassembler.feed(TEXT, False, b"x" * 100)
+    with pytest.raises(MessageError):
+        reassembler.feed(CONT, False, b"x" * 100)  # over max_size
+    assert budget.held == 0
+    reassembler.feed(TEXT, False, b"y" * 10)
+    with pytest.raises(MessageError):
+        reassembler.feed(TEXT, True, b"new")  # a new message inside a fragmented one
+    assert budget.held == 0
+
+
+def test_fragments_per_message_are_bounded() -> None:
+    reassembler = Reassembler(max_size=1_000_000, max_fragments=100)
+    reassembler.feed(TEXT, False, b"{")
+    for _ in range(98):
+        assert reassembler.feed(CONT, False, b" ") is None
+    assert reassembler.feed(CONT, True, b"}") == Message(False, b"{" + b" " * 98 + b"}")
+    reassembler.feed(TEXT, False, b"{")
+    for _ in range(99):
+        reassembler.feed(CONT, False, b" ")
+    with pytest.raises(MessageError) as info:
+        reassembler.feed(CONT, True, b"}")  # the 101st frame of one message
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG

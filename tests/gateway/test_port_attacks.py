@@ -174,3 +174,180 @@ def test_bad_token_flood_does_not_deny_real_devices(
                       >= canaries.acked, 30)
     log = (tmp_path / "gateway-0.log").read_text()
     assert log.count("WARNING") < 20, log[-3000:]
+
+
+def ws_frame(opcode: int, fin: bool, payload: bytes) -> bytes:
+    """A client frame (masked with a zero key: the payload goes as it is)."""
+    head = bytes([opcode | (0x80 if fin else 0)])
+    size = len(payload)
+    if size < 126:
+        head += bytes([0x80 | size])
+    elif size < 65536:
+        head += bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+async def open_upgraded(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("::1", port)
+    writer.write(
+        f"GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+    assert head.startswith(b"HTTP/1.1 101"), head[:100]
+    return reader, writer
+
+
+@pytest.mark.timeout(240)
+def test_unfinished_messages_are_capped_and_their_memory_comes_back(
+        processes: Processes, private_redis: RedisServer, tmp_path: Path) -> None:
+    """2,000 connections each send 900 KiB of a fragmented message and never finish it."""
+    cap = 64 * 2**20
+    data_dir = tmp_path / "data"
+    client = redis.Redis.from_url(private_redis.url)
+    credentials = Credentials(client)
+    tokens = {f"dev-{n:02d}": credentials.add(f"dev-{n:02d}") for n in range(5)}
+    attackers = [credentials.add(f"evil-{n:04d}") for n in range(2000)]
+    client.close()
+    gateway_process, port = processes.gateway(
+        private_redis.url, data_dir, "--host", "127.0.0.1,::1", auth="token", log_name="gateway",
+        env={"FLEETLOG_MAX_BUFFERED_BYTES": str(cap)})
+    processes.worker(private_redis.url, data_dir)
+    gateway = psutil.Process(gateway_process.pid)
+    canaries = Canaries(f"ws://127.0.0.1:{port}", tokens)
+    fragment = b"x" * (60 * 1024)
+    figures: dict[str, tuple[float, float]] = {}
+    closed_by_gateway = Counter[str]()
+
+    async def hold(token: str, writers: list[asyncio.StreamWriter]) -> None:
+        try:
+            _reader, writer = await open_upgraded(port, token)
+        except (OSError, AssertionError, TimeoutError):
+            closed_by_gateway["upgrade failed"] += 1
+            return
+        writers.append(writer)
+        try:
+            writer.write(ws_frame(0x1, False, fragment))
+            for _ in range(14):  # 15 x 60 KiB = 900 KiB, never finished
+                writer.write(ws_frame(0x0, False, fragment))
+                await writer.drain()
+            closed_by_gateway["holding"] += 1
+        except OSError:
+            closed_by_gateway["closed while sending"] += 1
+
+    async def attack() -> None:
+        stop = asyncio.Event()
+        tick = asyncio.ensure_future(canaries.run(stop))
+        await asyncio.sleep(1.0)
+        figures["before"] = usage(gateway)
+        writers: list[asyncio.StreamWriter] = []
+        lanes = iter(attackers)
+
+        async def lane() -> None:
+            for token in lanes:
+                await hold(token, writers)
+
+        peak = [0.0, 0.0]
+
+        async def watch() -> None:
+            while True:
+                peak[:] = max(peak, list(usage(gateway)))
+                await asyncio.sleep(0.1)
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.wait_for(asyncio.gather(*(lane() for _ in range(100))), 120)
+        await asyncio.sleep(2.0)
+        watcher.cancel()
+        figures["peak"] = (peak[0], peak[1])
+        figures["during"] = usage(gateway)
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(8.0)  # housekeeping (every 5 s) gives the memory back
+        figures["after"] = usage(gateway)
+        stop.set()
+        await tick
+
+    asyncio.run(attack())
+    print("gateway RSS MiB / CPU s: " + ", ".join(f"{k} {rss:.0f} / {cpu:.1f}"
+                                                  for k, (rss, cpu) in figures.items())
+          + f"; attackers: {dict(closed_by_gateway)}; canaries: acked {len(canaries.acked)}, "
+          f"refused {dict(canaries.refused)}, slowest ack {max(canaries.latencies):.3f}s")
+    before, during, after = figures["before"][0], figures["peak"][0], figures["after"][0]
+    # What the gateway holds is the cap plus a small overhead per connection (picows'
+    # read buffer and our objects), not 900 KiB per connection (1.76 GB).
+    assert during - before < cap / 2**20 + 96, figures
+    assert after - before < 64, figures  # the memory came back
+    metrics = gateway_metrics(port)
+    assert metrics["fleetlog_gateway_buffer_full_closes_total"] > 0
+    assert metrics["fleetlog_gateway_buffered_bytes"] == 0
+    assert not canaries.refused and sum(canaries.sent.values()) == len(canaries.acked)
+    assert wait_until(lambda: {(device, seq) for _, device, seq, _ in stored_rows(data_dir)}
+                      >= canaries.acked, 30)
+
+
+def gateway_metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines
+            if line and not line.startswith("#") and "{" not in line}
+
+
+@pytest.mark.timeout(120)
+def test_tiny_fragments_are_bounded(
+        port_fleet: tuple[int, dict[str, str], Path, psutil.Process]) -> None:
+    """8 connections send one message each in 1-byte frames: each is closed (1009) after
+    4,096 frames, and the canaries are not held up."""
+    port, tokens, data_dir, gateway = port_fleet
+    canaries = Canaries(f"ws://127.0.0.1:{port}", {name: tokens[name] for name in list(tokens)[:5]})
+    attackers = list(tokens.values())[5:13]
+    outcomes: list[int] = []
+
+    async def dribble(token: str) -> None:
+        reader, writer = await open_upgraded(port, token)
+        writer.write(ws_frame(0x1, False, b"{"))
+        try:
+            for n in range(100_000):  # 100,000 frames of one byte, if the gateway let it
+                writer.write(ws_frame(0x0, False, b" "))
+                if n % 1000 == 0:
+                    await writer.drain()
+            await writer.drain()
+        except OSError:
+            pass
+        try:  # the gateway's frames up to its close frame (0x88, length, code)
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), 10)
+                size = head[1] & 0x7F
+                if size == 126:
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                payload = await reader.readexactly(size)
+                if head[0] == 0x88:
+                    outcomes.append(int.from_bytes(payload[:2], "big"))
+                    break
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            outcomes.append(0)
+        finally:
+            writer.close()
+
+    async def attack() -> None:
+        stop = asyncio.Event()
+        tick = asyncio.ensure_future(canaries.run(stop))
+        await asyncio.sleep(1.0)
+        await asyncio.wait_for(asyncio.gather(*(dribble(token) for token in attackers)), 60)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await tick
+
+    before = usage(gateway)
+    asyncio.run(attack())
+    after = usage(gateway)
+    print(f"gateway RSS MiB / CPU s: before {before[0]:.0f} / {before[1]:.1f}, after {after[0]:.0f} / "
+          f"{after[1]:.1f}; canaries: acked {len(canaries.acked)}, "
+          f"slowest ack {max(canaries.latencies):.3f}s")
+    assert outcomes == [1009] * 8, outcomes
+    assert not canaries.refused and sum(canaries.sent.values()) == len(canaries.acked)
+    assert max(canaries.latencies) < 3.0  # 3.24 s with 1-byte frames unbounded (the client shares the CPU)
+    assert wait_until(lambda: {(device, seq) for _, device, seq, _ in stored_rows(data_dir)}
+                      >= canaries.acked, 30)

@@ -56,7 +56,7 @@ from fleetlog import protocol
 from fleetlog.errors import ErrorCode, FleetlogError, FrameError, QueueFull, WriteUnconfirmed
 from fleetlog.gateway.auth import Identity
 from fleetlog.gateway.limits import DeviceLimiter
-from fleetlog.gateway.messages import CloseCode, Message, MessageError, Reassembler
+from fleetlog.gateway.messages import BufferBudget, CloseCode, Message, MessageError, Reassembler
 from fleetlog.queue.producer import IngestResult
 
 __all__ = [
@@ -218,7 +218,8 @@ class Connection:
     )
 
     def __init__(self, identity: Identity | None, *, max_message_bytes: int,
-                 max_records_per_frame: int, limiter_for: LimiterFor, now: float) -> None:
+                 max_records_per_frame: int, limiter_for: LimiterFor, now: float,
+                 budget: BufferBudget | None = None) -> None:
         self.identity = identity
         #: The device this connection speaks for so far (``None``: none named yet).
         self.device_id: str | None = identity.device_id if identity else None
@@ -229,7 +230,7 @@ class Connection:
         self.v2 = identity is not None
         self._limiter_for = limiter_for
         self._max_records = max_records_per_frame
-        self._reassembler = Reassembler(max_message_bytes)
+        self._reassembler = Reassembler(max_message_bytes, budget)
         self._actions: list[Action] = []
         # Replies in frame order: bytes are known, a Submission's wait for Redis.
         # A list, not a deque: an empty list holds no block (an empty deque holds
@@ -358,6 +359,7 @@ class Connection:
         if self._state != _OPEN:
             return
         self._state = _CLOSING
+        self._reassembler.discard()  # frames read from now on are dropped: so is what is held
         self._actions.append(Close(code, reason))
         if self._paused:
             self._paused = False
@@ -371,6 +373,7 @@ class Connection:
         saw no ack for.
         """
         self._state = _CLOSED
+        self._reassembler.release()
 
     # -- rules -----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from enum import IntEnum
 
 from fleetlog.errors import CloseCode, MessageError
 
-__all__ = ["CloseCode", "Message", "MessageError", "Opcode", "Reassembler"]
+__all__ = ["MAX_FRAGMENTS", "BufferBudget", "CloseCode", "Message", "MessageError", "Opcode", "Reassembler"]
 
 
 class Opcode(IntEnum):
@@ -32,52 +32,169 @@ class Message:
     payload: bytes
 
 
+class BufferBudget:
+    """The bytes all connections of a process may hold for what devices send, together.
+
+    Each connection's limit (``max_message_bytes``) bounds one message, not how
+    many connections hold one: 3,000 connections that each sent 900 KiB of a
+    message and never finished it held 4.2 GB.  Every :class:`Reassembler`
+    of a process takes from one budget the bytes of its unfinished message
+    (given back when the message ends) and what its connection's read buffer
+    grew to for big frames (given back when the connection goes); a frame
+    that would go past the budget closes its connection (1008) instead.
+    """
+
+    __slots__ = ("given", "held", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Bytes held now, in every unfinished message of the process.
+        self.held = 0
+        #: Connections closed because the budget was spent.
+        self.refused = 0
+        #: Bytes given back so far (for deciding when to return memory to the system).
+        self.given = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; ``False`` (nothing reserved) past the limit."""
+        if self.held + size > self.limit:
+            self.refused += 1
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        self.given += size
+
+
+#: The read buffer picows gives a connection at first (``read_buffer_init_size``).
+_FIRST_READ_BUFFER = 2048
+
+#: The most frames one message may be split into.  Each frame costs a call and
+#: a little memory whatever its size: a 200 KiB message in 2-byte frames was
+#: 100,000 of them.  4,096 lets a 1 MiB message arrive in 256-byte frames.
+MAX_FRAGMENTS = 4096
+
+
 class Reassembler:
-    """Feed data frames with :meth:`feed`; it returns a message once one is complete."""
+    """Feed data frames with :meth:`feed`; it returns a message once one is complete.
 
-    __slots__ = ("_binary", "_fragments", "_max_size", "_size")
+    Fragments are joined as they arrive (one growing buffer, not a list of
+    frames), at most ``max_fragments`` per message, and their bytes are taken
+    from ``budget`` (shared by the connections of a process) until the
+    message ends or :meth:`discard` is called.
+    """
 
-    def __init__(self, max_size: int) -> None:
+    __slots__ = ("_binary", "_budget", "_buffer", "_count", "_fragments", "_max_fragments", "_max_size",
+                 "_size")
+
+    def __init__(self, max_size: int, budget: BufferBudget | None = None,
+                 max_fragments: int = MAX_FRAGMENTS) -> None:
         self._max_size = max_size
-        self._fragments: list[bytes] | None = None
+        self._budget = budget
+        self._max_fragments = max_fragments
+        self._fragments: bytearray | None = None
         self._binary = False
-        self._size = 0
+        self._size = 0  # bytes of the message so far (taken from the budget while fragmented)
+        self._count = 0
+        #: What the WebSocket library's read buffer for this connection has grown to, as far
+        #: as frame sizes tell, beyond its first 2 KiB (taken from the budget until
+        #: :meth:`release`): it grows to hold the largest frame and never shrinks.
+        self._buffer = 0
 
     def feed(self, opcode: int, fin: bool, payload: bytes, reserved: int = 0) -> Message | None:
         """Take one data frame; return the message it completes, if any.
 
         ``reserved`` is the frame's RSV1-3 bits.  Raises :class:`MessageError`
         for reserved bits set, a continuation out of place, a new message
-        inside a fragmented one, or a message over the size limit; the caller
-        must then close the connection with its code and feed nothing more.
+        inside a fragmented one, a message over the size limit or split into
+        too many frames, or the process' budget for unfinished messages spent;
+        the caller must then close the connection with its code and feed nothing more.
         """
+        if len(payload) > self._buffer + _FIRST_READ_BUFFER // 2:
+            self._grow_buffer(len(payload))
         if reserved:
-            self._fragments = None
+            self.discard()
             raise MessageError(CloseCode.PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
         if opcode == Opcode.CONTINUATION:
-            if self._fragments is None:
+            fragments = self._fragments
+            if fragments is None:
                 raise MessageError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
-            self._grow(len(payload))
-            self._fragments.append(payload)
-            if not fin:
-                return None
-            message = Message(self._binary, b"".join(self._fragments))
-            self._fragments = None
-            return message
+            self._count += 1
+            if self._count > self._max_fragments:
+                self.discard()
+                raise MessageError(CloseCode.MESSAGE_TOO_BIG,
+                                   f"message split into more than {self._max_fragments} frames")
+            if fin:
+                self._check_size(len(payload))
+                fragments += payload
+                message = Message(self._binary, bytes(fragments))
+                self.discard()
+                return message
+            self._hold(len(payload))
+            fragments += payload
+            return None
         if self._fragments is not None:
+            self.discard()
             raise MessageError(CloseCode.PROTOCOL_ERROR, "new message before the last one ended")
         self._size = 0
-        self._grow(len(payload))
+        self._check_size(len(payload))
         if fin:
             return Message(opcode == Opcode.BINARY, payload)
-        self._fragments = [payload]
+        self._hold(len(payload))
+        self._fragments = bytearray(payload)
         self._binary = opcode == Opcode.BINARY
+        self._count = 1
         return None
 
-    def _grow(self, size: int) -> None:
-        self._size += size
-        if self._size > self._max_size:
-            self._fragments = None
+    def discard(self) -> None:
+        """Drop the unfinished message, if any, and give its bytes back to the budget."""
+        if self._budget is not None and self._fragments is not None:
+            self._budget.give(self._size)
+        self._fragments = None
+        self._size = 0
+
+    def release(self) -> None:
+        """The connection is gone: everything it held goes back to the budget."""
+        self.discard()
+        if self._budget is not None:
+            self._budget.give(self._buffer)
+        self._buffer = 0
+
+    def _grow_buffer(self, frame: int) -> None:
+        """Account for the read buffer a frame of ``frame`` bytes made the library keep.
+
+        picows starts at 2 KiB and doubles its buffer whenever a read leaves it
+        over 90% full, so a frame of ``frame`` bytes leaves it at the smallest
+        such doubling that holds it with room to spare.
+        """
+        size = _FIRST_READ_BUFFER
+        while size * 0.9 < frame + 14:  # 14: the longest frame header
+            size *= 2
+        grown = size - _FIRST_READ_BUFFER - self._buffer
+        if grown <= 0:
+            return
+        budget = self._budget
+        if budget is not None and not budget.take(grown):
+            self.discard()
+            raise MessageError(CloseCode.POLICY_VIOLATION,
+                               "the gateway holds too much for its connections; send it again later")
+        self._buffer += grown
+
+    def _check_size(self, size: int) -> None:
+        if self._size + size > self._max_size:
+            self.discard()
             raise MessageError(
                 CloseCode.MESSAGE_TOO_BIG, f"message over the {self._max_size}-byte limit"
             )
+
+    def _hold(self, size: int) -> None:
+        """Count ``size`` more bytes of an unfinished message, against both limits."""
+        self._check_size(size)
+        budget = self._budget
+        if budget is not None and not budget.take(size):
+            self.discard()
+            raise MessageError(CloseCode.POLICY_VIOLATION,
+                               "the gateway holds too many unfinished messages; send it again later")
+        self._size += size
