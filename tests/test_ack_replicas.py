@@ -24,7 +24,7 @@ import pytest
 import redis
 import websockets
 
-from fleetlog.embedded import RedisServer
+from fleetlog.embedded import RedisServer, free_port
 from tests.conftest import Processes
 from tests.helpers import stored_rows, wait_until
 
@@ -77,6 +77,7 @@ async def send(ws: Any, seq: int, timeout: float = 15) -> dict[str, Any]:
 
 
 def gateway_metric(port: int, name: str) -> float:
+    """A metric from the gateway's metrics listener on ``port``."""
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
@@ -94,8 +95,10 @@ def test_replicated_by_default_and_unconfirmed_is_stored_once(
     data_dir = tmp_path / "data"
     try:
         assert wait_until(lambda: linked(replica), 15)
+        metrics_port = free_port()
         _, port = processes.gateway(master.url, data_dir,
-                                    env={"FLEETLOG_ACK_REPLICAS_TIMEOUT": "0.5"})
+                                    env={"FLEETLOG_ACK_REPLICAS_TIMEOUT": "0.5",
+                                         "FLEETLOG_GATEWAY_METRICS_PORT": str(metrics_port)})
         processes.worker(master.url, data_dir)
 
         async def scenario() -> dict[str, Any]:
@@ -127,7 +130,7 @@ def test_replicated_by_default_and_unconfirmed_is_stored_once(
         assert all(code == "unconfirmed" for _, code in outcome["unconfirmed"]), outcome
         # The master had them: the resend is acked as a duplicate, queued once.
         assert all(reply["type"] == "ack" and reply.get("duplicate") for reply in outcome["resent"])
-        assert gateway_metric(port, "fleetlog_gateway_unconfirmed_records_total") == 10
+        assert gateway_metric(metrics_port, "fleetlog_gateway_unconfirmed_records_total") == 10
         assert wait_until(lambda: len(stored_seqs(data_dir)) == 30, 30), stored_seqs(data_dir)
         stored = stored_seqs(data_dir)
         assert set(stored) == set(range(30)) and max(stored.values()) == 1, stored

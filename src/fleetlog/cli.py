@@ -82,6 +82,9 @@ def _gateway_options(function: F) -> F:
                      help="Connections per client address (10000)."),
         click.option("--processes", type=click.IntRange(min=1, max=1024), default=None,
                      help="Gateway processes sharing the port (default: one per core)."),
+        click.option("--gateway-metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+                     help="Serve the gateway's /metrics and detailed /healthz here, on "
+                          "--metrics-host (127.0.0.1); 0: off (default; up: HTTP port + 2)."),
         click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
                      help="Queue streams (default 1); gateways and workers must agree."),
         click.option("--ack-replicas", type=click.IntRange(min=0, max=16), default=None,
@@ -656,8 +659,8 @@ def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
 def send(config: str | None, device_id: str, body: str, wait: float, **flags: Any) -> None:
     """Send the command BODY (JSON) to DEVICE_ID through the API.
 
-    Exit 0 when delivered (and, with --wait, answered), 1 offline, 2 timeout, 3 when the API
-    could not be asked.
+    Exit 0 when delivered (and, with --wait, answered), 1 offline, 2 a usage error (as for
+    every command: --wait over 60, say), 3 when the API could not be asked, 4 timeout.
     """
     from fleetlog.api.client import ApiError, send_command
 
@@ -677,7 +680,7 @@ def send(config: str | None, device_id: str, body: str, wait: float, **flags: An
         click.echo(f"fleetlog: {exc}", err=True)
         sys.exit(3)
     sys.stdout.buffer.write(orjson.dumps(outcome) + b"\n")
-    sys.exit({"delivered": 0, "offline": 1}.get(str(outcome.get("status")), 2))
+    sys.exit({"delivered": 0, "offline": 1}.get(str(outcome.get("status")), 4))
 
 
 @cli.command("config")

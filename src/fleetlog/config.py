@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     prune_interval: float = Field(default=60.0, gt=0)
     index_max_lag: int = Field(default=200_000, ge=0)
     metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics; 0: off
+    # Where a gateway serves /metrics and a detailed /healthz (node id, connections),
+    # apart from the device port; 0: off.  Child k of --processes N uses this port + k.
+    gateway_metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Also answer /metrics on the device port, without a token (before 0.2: the default).
+    metrics_on_device_port: bool = False
 
     # HTTP API (``fleetlog api``, ``fleetlog send``).
     api_url: str | None = None  # default http://HOST:HTTP_PORT
@@ -169,6 +175,11 @@ class Settings(BaseSettings):
     # risk Redis' pub/sub output limit (32 MB) and a gateway's subscription: not allowed.
     max_command_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * MiB)
     body_timeout: float = Field(default=10.0, gt=0, le=3600)
+    # What one live tail or export may hold in the API beyond what its socket took (bytes of
+    # records read from the store), and the seconds its client may leave a write untaken
+    # before it is cut off (a tail resumes with Last-Event-ID).
+    stream_buffer_bytes: int = Field(default=4 * MiB, ge=64 * 1024, le=1024 * MiB)
+    stream_stall_timeout: float = Field(default=30.0, gt=0, le=3600)
 
     # ``fleetlog up``.
     no_files: bool = False

@@ -137,6 +137,13 @@ def _worker_metrics_port(settings: Settings) -> int:
     return settings.http_port + 1
 
 
+def _gateway_metrics_port(settings: Settings) -> int:
+    """The gateway's metrics listener under ``up``: as set, else the HTTP port + 2 (0: off)."""
+    if settings.gateway_metrics_port or not settings.http_port:
+        return settings.gateway_metrics_port
+    return settings.http_port + 2
+
+
 def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
     data_dir = settings.data_dir
     fleetlog = _command()
@@ -152,7 +159,8 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
         f"  API and console      http://{settings.host}:{settings.http_port}/   "
         f"(token: {fleetlog} api-token add NAME --role admin{flag})",
         f"  metrics              http://{settings.host}:{settings.http_port}/metrics (API, with a token), "
-        f"http://{settings.host}:{settings.ws_port}/metrics (gateway)"
+        + (f"http://{settings.metrics_host}:{_gateway_metrics_port(settings)}/metrics (gateway)"
+           if _gateway_metrics_port(settings) else "")
         + (f", http://{settings.host}:{_worker_metrics_port(settings)}/metrics (worker)"
            if _worker_metrics_port(settings) else ""),
         "",
@@ -239,6 +247,7 @@ class Supervisor:
                 Child("gateway", self._argv(
                     "gateway", "--redis-url", redis_url, "--port", str(settings.ws_port),
                     "--node-id", settings.node_id,
+                    "--gateway-metrics-port", str(_gateway_metrics_port(settings)),
                 ), env=env),
                 Child("worker", self._argv("worker", *worker_extra), env=env),
                 Child("api", self._argv(

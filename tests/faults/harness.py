@@ -63,10 +63,12 @@ class Fleet:
         self.redis.start()
         self.procs = Processes(tmp_path)
         self.port = free_port()
+        self.metrics_port = free_port()  # the gateway's metrics listener: /metrics, detailed /healthz
         # One gateway process: the scenarios kill and restart "the gateway" as one node
         # (`gateway --processes` has its own test of a killed child).
         self.env = {"FLEETLOG_HEARTBEAT_TTL": str(heartbeat_ttl), "FLEETLOG_RATE_RECORDS": "1000000",
-                    "FLEETLOG_RATE_BYTES": "1000000000", "FLEETLOG_PROCESSES": "1"}
+                    "FLEETLOG_RATE_BYTES": "1000000000", "FLEETLOG_PROCESSES": "1",
+                    "FLEETLOG_GATEWAY_METRICS_PORT": str(self.metrics_port)}
         self.gateway: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.simulator: subprocess.Popen[bytes] | None = None
@@ -113,18 +115,22 @@ class Fleet:
         assert summary["acked"] == acked, summary
         return summary
 
-    def healthz(self) -> tuple[int, dict[str, Any] | None]:
-        """The gateway's ``/healthz``: its HTTP status, and its JSON body when that is 200."""
+    def healthz(self, *, detail: bool = False) -> tuple[int, dict[str, Any] | None]:
+        """The gateway's ``/healthz``: its HTTP status, and its JSON body when that is 200.
+
+        ``detail``: the metrics listener's, with the node id and the connection count.
+        """
+        port = self.metrics_port if detail else self.port
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
                 body: dict[str, Any] = json.loads(response.read())
                 return int(response.status), body
         except urllib.error.HTTPError as error:
             return error.code, None
 
     def connections(self) -> int:
-        """The devices connected to the gateway, per ``/healthz`` (which must answer 200)."""
-        status, body = self.healthz()
+        """The devices connected to the gateway, per its detailed ``/healthz`` (which must answer 200)."""
+        status, body = self.healthz(detail=True)
         assert status == 200 and body is not None, f"/healthz answered {status}"
         return int(body["connections"])
 

@@ -66,5 +66,8 @@ def test_health_answer() -> None:
     assert ok.status == 200
     assert orjson.loads(ok.body) == {"status": "ok", "node": "n1", "connections": 3, "redis": "ok",
                                      "tasks": "ok"}
+    # The device port's answer: no node id (host name and pid), no counts.
+    public = health(node_id="n1", connections=3, redis=None, tasks=None, detail=False)
+    assert orjson.loads(public.body) == {"status": "ok", "redis": "ok", "tasks": "ok"}
     bad = health(node_id="n1", connections=0, redis="redis unavailable", tasks=None)
     assert bad.status == 503 and orjson.loads(bad.body)["status"] == "degraded"

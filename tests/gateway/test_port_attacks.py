@@ -24,7 +24,7 @@ import redis
 import websockets
 
 from fleetlog.credentials import Credentials
-from fleetlog.embedded import RedisServer
+from fleetlog.embedded import RedisServer, free_port
 from tests.conftest import Processes
 from tests.helpers import stored_rows, wait_until
 
@@ -210,9 +210,10 @@ def test_unfinished_messages_are_capped_and_their_memory_comes_back(
     tokens = {f"dev-{n:02d}": credentials.add(f"dev-{n:02d}") for n in range(5)}
     attackers = [credentials.add(f"evil-{n:04d}") for n in range(2000)]
     client.close()
+    metrics_port = free_port()
     gateway_process, port = processes.gateway(
         private_redis.url, data_dir, "--host", "127.0.0.1,::1", auth="token", log_name="gateway",
-        env={"FLEETLOG_MAX_BUFFERED_BYTES": str(cap)})
+        env={"FLEETLOG_MAX_BUFFERED_BYTES": str(cap), "FLEETLOG_GATEWAY_METRICS_PORT": str(metrics_port)})
     processes.worker(private_redis.url, data_dir)
     gateway = psutil.Process(gateway_process.pid)
     canaries = Canaries(f"ws://127.0.0.1:{port}", tokens)
@@ -278,7 +279,7 @@ def test_unfinished_messages_are_capped_and_their_memory_comes_back(
     # read buffer and our objects), not 900 KiB per connection (1.76 GB).
     assert during - before < cap / 2**20 + 96, figures
     assert after - before < 64, figures  # the memory came back
-    metrics = gateway_metrics(port)
+    metrics = gateway_metrics(metrics_port)
     assert metrics["fleetlog_gateway_buffer_full_closes_total"] > 0
     assert metrics["fleetlog_gateway_buffered_bytes"] == 0
     assert not canaries.refused and sum(canaries.sent.values()) == len(canaries.acked)
@@ -287,6 +288,7 @@ def test_unfinished_messages_are_capped_and_their_memory_comes_back(
 
 
 def gateway_metrics(port: int) -> dict[str, float]:
+    """The gateway's metrics (its metrics listener on ``port``), those without labels."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

@@ -74,9 +74,18 @@ class Health:
         self.body = body
 
 
-def health(*, node_id: str, connections: int, redis: str | None, tasks: str | None) -> Health:
-    """The answer, given this node's generic problems (``None``: none)."""
+def health(*, node_id: str, connections: int, redis: str | None, tasks: str | None,
+           detail: bool = True) -> Health:
+    """The answer, given this node's generic problems (``None``: none).
+
+    ``detail=False`` is the device port's answer, which anyone who can reach it
+    may read: whether the node can ack, and the generic reason, but not the
+    node id (host name and pid) nor how many devices it holds; those are on the
+    metrics listener (``--gateway-metrics-port``).
+    """
     error = redis or tasks
-    body = orjson.dumps({"status": "degraded" if error else "ok", "node": node_id,
-                         "connections": connections, "redis": redis or "ok", "tasks": tasks or "ok"})
-    return Health(503 if error else 200, body)
+    answer: dict[str, object] = {"status": "degraded" if error else "ok"}
+    if detail:
+        answer |= {"node": node_id, "connections": connections}
+    answer |= {"redis": redis or "ok", "tasks": tasks or "ok"}
+    return Health(503 if error else 200, orjson.dumps(answer))

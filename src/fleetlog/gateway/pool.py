@@ -59,8 +59,11 @@ def child_node_id(node_id: str, index: int, start: int = 0) -> str:
     return f"{node_id}-p{index}" if start == 0 else f"{node_id}-p{index}-r{start}"
 
 
-def _node_env(node_id: str, index: int, start: int) -> dict[str, str]:
-    return {"FLEETLOG_NODE_ID": child_node_id(node_id, index, start)}
+def _node_env(node_id: str, index: int, metrics_port: int, start: int) -> dict[str, str]:
+    env = {"FLEETLOG_NODE_ID": child_node_id(node_id, index, start)}
+    if metrics_port:  # each child its own metrics listener: port + k
+        env["FLEETLOG_GATEWAY_METRICS_PORT"] = str(metrics_port + index)
+    return env
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -85,7 +88,8 @@ class _Pool:
         argv = [sys.executable, "-m", "fleetlog", "gateway"]
         self.children = [
             Child(f"gateway {child_node_id(settings.node_id, k)}", argv, env=env,
-                  env_for_start=functools.partial(_node_env, settings.node_id, k))
+                  env_for_start=functools.partial(_node_env, settings.node_id, k,
+                                                  settings.gateway_metrics_port))
             for k in range(count)
         ]
         self.stopping = threading.Event()

@@ -346,6 +346,7 @@ class Gateway:
         self.ack_latency = Histogram()
         self.metrics = self._metrics_registry()
         self._server: asyncio.Server | None = None
+        self._metrics_server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         client = connect_async(redis_url, timeout=settings.redis_timeout)
@@ -424,7 +425,7 @@ class Gateway:
         path = request.path.split(b"?")[0]
         if path == b"/healthz":
             return self._health()
-        if path == b"/metrics":
+        if path == b"/metrics" and self.settings.metrics_on_device_port:
             response = WSUpgradeResponse.create_ok_response(
                 render(self.metrics), extra_headers={"Content-Type": CONTENT_TYPE})
             return WSUpgradeResponseWithListener(response, None)
@@ -476,18 +477,51 @@ class Gateway:
             self.auth_failures.failed(peer, time.monotonic())
 
     def _health(self) -> Any:
-        """``GET /healthz`` (see :mod:`.health`)."""
-        answer = health.health(
-            node_id=self.settings.node_id, connections=len(self.connections),
-            redis=health.redis_problem(self.registry, self.producer),
-            tasks=health.dead_task([*self._tasks, *self.registry.tasks, *self.producer.tasks]),
-        )
+        """``GET /healthz`` on the device port (see :mod:`.health`): no node id, no counts."""
+        answer = self._health_answer(detail=False)
         headers = {"Content-Type": "application/json"}
         response = (WSUpgradeResponse.create_ok_response(answer.body, extra_headers=headers)
                     if answer.status == 200 else
                     WSUpgradeResponse.create_error_response(answer.status, answer.body,
                                                             extra_headers=headers))
         return WSUpgradeResponseWithListener(response, None)
+
+    def _health_answer(self, *, detail: bool) -> health.Health:
+        return health.health(
+            node_id=self.settings.node_id, connections=len(self.connections),
+            redis=health.redis_problem(self.registry, self.producer),
+            tasks=health.dead_task([*self._tasks, *self.registry.tasks, *self.producer.tasks]),
+            detail=detail,
+        )
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request on the metrics listener: ``GET /metrics`` or the detailed ``GET /healthz``.
+
+        A listener of its own (``gateway_metrics_port``, on ``metrics_host``,
+        127.0.0.1 by default), apart from the device port, so the node id and
+        the counts are not told to whoever can reach the devices' port.  The
+        families are built here, in the event loop that counts.
+        """
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+            path = target.split(b"?")[0]
+            if path == b"/metrics":
+                status, kind, body = 200, CONTENT_TYPE, render(self.metrics)
+            elif path == b"/healthz":
+                answer = self._health_answer(detail=True)
+                status, kind, body = answer.status, "application/json", answer.body
+            else:
+                status, kind, body = 404, "text/plain", b"not found\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (status, reason.encode(), kind.encode(),
+                                                            len(body), body))
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
 
     def connect(self, connection: DeviceConnection) -> bool:
         """Register a new connection; ``False`` if its address has too many already.
@@ -604,6 +638,16 @@ class Gateway:
             await self._client.aclose()
             await self._lookup_client.aclose()
             raise
+        if settings.gateway_metrics_port:
+            try:
+                self._metrics_server = await asyncio.start_server(
+                    self._serve_metrics, settings.metrics_host, settings.gateway_metrics_port)
+            except OSError as exc:  # a taken port costs the metrics, never the devices
+                log.error("gateway metrics not served on %s:%d: %s", settings.metrics_host,
+                          settings.gateway_metrics_port, exc)
+            else:
+                log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_host,
+                         settings.gateway_metrics_port)
         self.producer.start()
         self.registry.start(self.on_control)
         loop = asyncio.get_running_loop()
@@ -719,6 +763,8 @@ class Gateway:
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for connection in list(self.connections):
             connection.stop_reading()
         for task in self._tasks:
