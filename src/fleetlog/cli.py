@@ -79,7 +79,8 @@ def _gateway_options(function: F) -> F:
                      help="Per-device records/s (2000)."),
         click.option("--rate-bytes", type=float, default=None, help="Per-device bytes/s (2 MiB)."),
         click.option("--max-connections-per-ip", type=int, default=None,
-                     help="Connections per client address (10000)."),
+                     help="Connections per client address, per gateway process, handshakes "
+                          "included (10000)."),
         click.option("--processes", type=click.IntRange(min=1, max=1024), default=None,
                      help="Gateway processes sharing the port (default: one per core)."),
         click.option("--gateway-metrics-port", type=click.IntRange(min=0, max=65535), default=None,

@@ -22,6 +22,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 
 from fleetlog import protocol
 from fleetlog.errors import ErrorCode, TooManyAuthFailures
+from fleetlog.gateway.addresses import AddressLimit
 from fleetlog.gateway.auth import token_from
 from fleetlog.queue.connection import REDIS_DOWN
 
@@ -43,6 +44,19 @@ _LOOKUP_FAILED: Final = protocol.error_frame(
 _503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
                b"Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
+
+
+def _http_error(status: str, code: ErrorCode, message: str) -> bytes:
+    body = protocol.error_frame(code, message)
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body))
+
+
+_408: Final = _http_error("408 Request Timeout", ErrorCode.BAD_FRAME,
+                          "the request line and headers did not arrive in time")
+_TOO_MANY_CONNECTIONS: Final = _http_error(
+    "429 Too Many Requests", ErrorCode.RATE_LIMITED,
+    "too many connections from this address (max_connections_per_ip, per gateway process)")
 
 
 def _too_many(exc: TooManyAuthFailures) -> bytes:
@@ -72,17 +86,65 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     ends the bytes are handed over and picows answers from the cache.
     """
 
-    __slots__ = ("_deferred", "_head", "_view", "lookup")
+    __slots__ = ("_admitted", "_deferred", "_head", "_peer_address", "_timer", "_view", "addresses",
+                 "head_timeout", "lookup")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._head: bytearray | None = bytearray()  # None once the headers ended
         self._view: memoryview | None = None
+        #: Counts this connection against its address from accept to close (handshake
+        #: included); ``None``: no limit.
+        self.addresses: AddressLimit | None = None
+        self._admitted = False
+        self._peer_address: str | None = None
+        #: Seconds the request head may take; past it, a 408 (picows would just hang up).
+        self.head_timeout: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         #: Given the request head and the peer's address, an awaitable to finish
         #: before the upgrade, or ``None``.  It raises :class:`TooManyAuthFailures`
         #: for a 429; anything else it raises is a 503 (it logs a Redis outage itself).
         self.lookup: Callable[[bytes, str | None], Awaitable[object] | None] | None = None
         self._deferred: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        """Count the connection against its address before anything is read (429 past the limit).
+
+        picows sets itself up first in any case: its ``connection_lost`` must
+        find the connection it was given.
+        """
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer_address = str(peer[0]) if peer else None
+        if self.addresses is not None:
+            if not self.addresses.acquire(self._peer_address):
+                transport.write(_TOO_MANY_CONNECTIONS)
+                transport.close()
+                return
+            self._admitted = True
+        if self.head_timeout is not None:
+            # Just before picows' own timer, which would close without a word.
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, self.head_timeout - 0.05), self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._admitted:
+            self._admitted = False
+            assert self.addresses is not None
+            self.addresses.release(self._peer_address)
+        super().connection_lost(exc)
+
+    def _head_too_slow(self) -> None:
+        self._timer = None
+        if self._head is None:
+            return  # the head ended (a lookup may still run: that is not the device's delay)
+        transport = self.transport.underlying_transport
+        if not transport.is_closing():
+            transport.write(_408)
+            transport.close()
 
     def get_buffer(self, size_hint: int) -> memoryview:
         view: memoryview = super().get_buffer(size_hint)
@@ -116,8 +178,7 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         super().buffer_updated(nbytes)
 
     def _peer(self) -> str | None:
-        peer = self.transport.underlying_transport.get_extra_info("peername")
-        return str(peer[0]) if peer else None
+        return self._peer_address
 
     def _head_ended(self) -> None:
         """Hand every later read straight to picows: no Python call per read after the handshake.
@@ -130,6 +191,9 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         """
         self._head = None
         self.lookup = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.__class__ = _HeadEnded
         self.transport.underlying_transport.set_protocol(self)
 

@@ -166,9 +166,7 @@ class DeviceConnection(WSListener):
         gateway = self.gateway
         peer = transport.underlying_transport.get_extra_info("peername")
         self._peer = peer[0] if peer else None
-        if not gateway.connect(self):
-            gateway.registry.count_refusal(self.device_id, "too_many_connections")
-            self.close(CloseCode.POLICY_VIOLATION, "too many connections from this address")
+        gateway.connect(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gateway.release(self)
@@ -523,14 +521,12 @@ class Gateway:
         finally:
             writer.close()
 
-    def connect(self, connection: DeviceConnection) -> bool:
-        """Register a new connection; ``False`` if its address has too many already.
+    def connect(self, connection: DeviceConnection) -> None:
+        """Register a new connection (its address was counted at accept: see :mod:`.handshake`).
 
         An authenticated device is linked at once and takes over its older
         connection, on this node or (through the registry) on another.
         """
-        if not self._addresses.acquire(connection.peer):
-            return False
         self.connections.add(connection)
         self._by_conn[connection.conn_id] = connection
         device_id = connection.device_id
@@ -540,7 +536,6 @@ class Gateway:
             if previous is not None:
                 previous.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
             self.registry.link(device_id, connection.conn_id)
-        return True
 
     def release(self, connection: DeviceConnection) -> None:
         if connection not in self.connections:
@@ -550,7 +545,6 @@ class Gateway:
             self._give_memory_back()
         self.connections.discard(connection)
         self._by_conn.pop(connection.conn_id, None)
-        self._addresses.release(connection.peer)
         device_id = connection.device_id
         if device_id is not None:
             if self._by_device.get(device_id) is connection:
@@ -592,6 +586,8 @@ class Gateway:
             2048,
         )
         protocol.lookup = self._lookup_first
+        protocol.addresses = self._addresses
+        protocol.head_timeout = settings.handshake_timeout
         return protocol
 
     async def _listen(self) -> asyncio.Server:
