@@ -65,6 +65,14 @@ def node_heartbeat(node_id: str) -> str:
 #: Hash: legacy batch id -> how many times it was claimed after its first take.
 LEGACY_DELIVERIES = "fleetlog:list:deliveries"
 
+#: Hash: legacy batch id -> when it was first taken (ms): its records' ``received_at``, the
+#: same on every delivery, so a replayed batch is the same records to the store.
+LEGACY_RECEIVED = "fleetlog:list:received"
+
+#: String key (value: a worker's consumer name, with a TTL): the one worker draining the
+#: legacy list (:class:`~fleetlog.queue.lease.LeasedListConsumer`).
+LEGACY_LEASE = "fleetlog:list:lease"
+
 #: Hash: SHA-256 of a device token -> device id.
 TOKENS = "fleetlog:tokens"
 
@@ -199,6 +207,10 @@ def command_reply(command_id: str) -> str:
 
 #: Pub/sub channel a worker announces each committed batch on (see ``fleetlog.worker.commits``).
 COMMITS = "fleetlog:commits"
+
+#: Pub/sub channel ``fleetlog api-token revoke`` announces a revoked token's SHA-256 on:
+#: every API process ends the answers still open with it (``fleetlog.api.bus``).
+API_TOKEN_CHANGES = "fleetlog:api-token-changes"
 
 @dataclass(frozen=True, slots=True)
 class ApiTokenKeys:

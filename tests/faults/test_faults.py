@@ -6,11 +6,13 @@ Each test is one scenario of the table ``make faults`` prints.
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 import sqlite3
 import time
 
+from fleetlog import keys
 from tests.faults.harness import Fleet
 from tests.helpers import run_fleetlog
 from tests.pg import PostgresServer
@@ -21,9 +23,36 @@ def test_worker_sigkilled_ten_times_mid_batch(fleet: Fleet) -> None:
 
 
 def test_worker_sigkilled_ten_times_mid_batch_postgresql(pg_fleet: Fleet) -> None:
-    # Two workers, as PostgreSQL is for: one steady, one killed; both commit at once.
-    pg_fleet.start_worker("--batch", "200", consumer="steady")
-    _worker_sigkilled_ten_times(pg_fleet, "worker SIGKILL x10, 2 workers (PostgreSQL)")
+    # Two workers on one stream: one drains (it holds the stream's lease), one stands by.
+    # Each time the one draining is killed; the other (or its restart) takes over.
+    fleet = pg_fleet
+    fleet.env["FLEETLOG_SHARD_LEASE"] = "1"  # a dead holder's lease expires within a second
+    lease = ("--batch", "200")
+    fleet.start(worker_args=lease)
+    assert fleet.worker is not None
+    workers = {"w": fleet.worker, "steady": fleet.start_worker(*lease, consumer="steady")}
+    fleet.simulate(devices=50, messages=600, rate=6000)
+    holders = []
+    with fleet.redis_client() as client:
+        for _round in range(30):  # ten kills of the holder, a lease apart at most
+            if len(holders) == 10:
+                break
+            time.sleep(0.45)
+            holder = (client.get(keys.shard_lease("fleetlog:records", 0, 1)) or b"").decode()
+            process = workers.get(holder)
+            if process is None or process.poll() is not None:
+                continue  # a killed holder's lease not expired yet: the next round
+            holders.append(holder)
+            fleet.kill(process)
+            # Restarted in place (same name: takes its lease back at once), or as a new one.
+            name = holder if len(holders) % 2 else f"{holder}-{len(holders)}"
+            workers[name] = fleet.start_worker(*lease, consumer=name)
+    assert len(holders) >= 8, holders
+    restarted = time.monotonic()
+    fleet.wait_simulation(acked=30_000)
+    fleet.wait_drained(30_000)
+    fleet.verify_clean("worker SIGKILL x10, 2 workers (PostgreSQL)", time.monotonic() - restarted,
+                       f"drain after last kill; {len(holders)} lease holders killed")
 
 
 def _worker_sigkilled_ten_times(fleet: Fleet, scenario: str) -> None:
@@ -158,9 +187,17 @@ def test_disk_full(fleet: Fleet) -> None:
     recovery = fleet.until_flowing()
     fleet.wait_simulation(acked=10_000)
     assert fleet.worker.poll() is None, "the worker stayed up"
-    assert "store unavailable" in fleet.worker_log()
+    retries = [float(delay) for delay in re.findall(
+        r"store unavailable, not acknowledging .*; retrying in ([0-9.]+)s", fleet.worker_log())]
+    assert len(retries) >= 3, "the store was retried while the disk was full"
+    # Six seconds of failures double the backoff past its cap: no wait beyond 2 s,
+    # so records flow again within about 2 s of space returning (not 10, as before).
+    assert max(retries) <= 2.0, retries
+    assert recovery < 5, f"records flowed again {recovery:.1f} s after space returned"
     assert stalled == 0, "nothing acknowledged while the disk was full"
-    fleet.verify_clean("disk full (RLIMIT_FSIZE)", recovery, f"{stalled} stored while full")
+    fleet.verify_clean("disk full (RLIMIT_FSIZE)", recovery,
+                       f"{stalled} stored while full; {len(retries)} retries, longest wait "
+                       f"{max(retries):.1f} s")
 
 
 def test_postgresql_stopped_and_restarted(pg_fleet: Fleet,

@@ -91,6 +91,28 @@ def test_exporting_again_writes_nothing_new(store: SQLiteStore, sink: FilesSink)
     assert seqs(sink, DAY2) == [6]
 
 
+def test_a_limited_export_goes_on_from_its_cursor(store: SQLiteStore, sink: FilesSink) -> None:
+    """A quiet worker's step: at most ``limit`` records a call, the next call from there."""
+    write(store, "1-0", DAY1_LATE, {"n": 0})
+    assert sink.export(store) == 1  # a cursor of this store: the usual path
+    for n in range(1, 8):
+        write(store, f"1-{n}", DAY1_LATE if n % 2 else DAY2_EARLY, {"n": n})
+    assert [sink.export(store, limit=3) for _ in range(4)] == [3, 3, 1, 0]
+    assert seqs(sink, DAY1) == [1, 2, 4, 6, 8]
+    assert seqs(sink, DAY2) == [3, 5, 7]
+    with pytest.raises(ValueError, match="limit"):
+        sink.export(store, limit=0)
+
+
+def test_a_resync_is_never_cut_short_by_a_limit(store: SQLiteStore, sink: FilesSink) -> None:
+    """Only a finished resync leaves a cursor the usual path may go on from."""
+    for n in range(6):
+        write(store, f"1-{n}", DAY1_LATE, {"n": n})
+    assert sink.export(store, limit=2) == 6  # no cursor yet: a resync, to the end
+    assert sink.export(store, limit=2) == 0
+    assert seqs(sink, DAY1) == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_lost_cursor_costs_no_duplicates(store: SQLiteStore, sink: FilesSink) -> None:
     for n in range(6):
         write(store, f"1-{n}", DAY1_LATE if n % 2 else DAY2_EARLY, {"n": n})

@@ -11,7 +11,13 @@ Two consumers with one interface (:class:`Consumer`):
 * :class:`ListConsumer` drains the original design's ``device:log:list``
   without its flaw: BLMOVE puts each batch on a processing list of its own
   before anything is written, so a worker killed mid-batch loses nothing; a
-  stale batch is claimed by the next worker and replayed with the same ids.
+  stale batch is claimed by the next worker and replayed with the same ids
+  and the same ``received_at`` (the time it was first taken), so the store
+  sees the same records again.
+
+A worker drains a queue only while it holds its lease
+(:mod:`fleetlog.queue.lease`): several consumers reading one queue at once
+would store a device's records out of order.
 
 Both are blocking (redis-py's sync client): a worker has nothing else to do
 while it waits, and a blocking loop is the easiest to stop cleanly.
@@ -279,8 +285,24 @@ class ListConsumer:
         self._take = client.register_script(scripts.LIST_TAKE)
         self._claim_script = client.register_script(scripts.LIST_CLAIM)
         self._open: dict[int, set[str]] = {}
+        #: After :meth:`take_over`: claim every batch in flight, however recent, once;
+        #: those up to this batch id are done.
+        self._claim_all = False
+        self._claimed_through = -1
+
+    def take_over(self) -> None:
+        """This consumer now drains the list alone (a lease): claim every batch still in
+        flight, in the order they were taken, before taking new ones, so a device's
+        older records are stored before its newer ones."""
+        self._claim_all = True
+        self._claimed_through = -1
 
     def fetch(self, count: int, block_ms: int | None) -> list[QueuedRecord]:
+        if self._claim_all:
+            claimed = self._claim_in_flight()
+            if claimed is not None:
+                return claimed
+            self._claim_all = False
         claimed = self._claim_stale()
         if claimed is not None:
             return claimed
@@ -297,7 +319,9 @@ class ListConsumer:
             return []
         if count > 1:
             self._take(keys=[keys.LEGACY_LIST, processing], args=[count - 1])
-        return self._batch_records(batch, deliveries=1)
+        taken = _now_ms()
+        client.hset(keys.LEGACY_RECEIVED, str(batch), taken)
+        return self._batch_records(batch, deliveries=1, received_at=taken)
 
     def _claim_stale(self) -> list[QueuedRecord] | None:
         now = _now_ms()
@@ -307,19 +331,45 @@ class ListConsumer:
         if not stale:
             return None
         member, score = stale[0]
-        if not self._claim_script(keys=[keys.LEGACY_INFLIGHT], args=[member, int(score), now]):
+        return self._claim(member, int(score), now, forget_empty=True)
+
+    def _claim_in_flight(self) -> list[QueuedRecord] | None:
+        """The first batch in flight (in the order taken) with records, claimed; None: none left.
+
+        An empty batch taken less than ``claim_idle`` ago is left alone: its
+        taker may still be moving a record into it (it is forgotten once stale).
+        """
+        now = _now_ms()
+        in_flight = self._client.zrange(keys.LEGACY_INFLIGHT, 0, -1, withscores=True)
+        for member, score in sorted(in_flight, key=lambda pair: int(pair[0])):
+            if int(member) <= self._claimed_through:
+                continue
+            self._claimed_through = int(member)
+            stale = now - int(score) >= self._claim_idle_ms
+            claimed = self._claim(member, int(score), now, forget_empty=stale)
+            if claimed:
+                return claimed
+        return None
+
+    def _claim(self, member: bytes | str, score: int, now: int, *, forget_empty: bool
+               ) -> list[QueuedRecord] | None:
+        """Claim one batch in flight (compare-and-set of its claim time); its records."""
+        if not self._claim_script(keys=[keys.LEGACY_INFLIGHT], args=[member, score, now]):
             return None
         batch = int(member)
         deliveries = int(self._client.hincrby(keys.LEGACY_DELIVERIES, str(batch), 1)) + 1
-        records = self._batch_records(batch, deliveries)
-        if not records:
+        received = self._client.hget(keys.LEGACY_RECEIVED, str(batch))
+        if received is None:  # taken by a worker that died before noting when: now, from now on
+            received = now
+            self._client.hset(keys.LEGACY_RECEIVED, str(batch), now)
+        records = self._batch_records(batch, deliveries, int(received))
+        if not records and forget_empty:
             self._forget(batch)
         return records
 
-    def _batch_records(self, batch: int, deliveries: int) -> list[QueuedRecord]:
+    def _batch_records(self, batch: int, deliveries: int, received_at: int) -> list[QueuedRecord]:
         items = self._client.lrange(keys.legacy_processing(batch), 0, -1)
         items.reverse()  # LMOVE ... LEFT pushed the newest first
-        now = _now_ms()
         records = []
         for index, item in enumerate(items):
             device_id = "unknown"
@@ -329,7 +379,7 @@ class ListConsumer:
                     device_id = str(value["deviceId"])
             except orjson.JSONDecodeError:
                 pass
-            records.append(QueuedRecord(f"L{batch}-{index}", device_id, now, item, deliveries))
+            records.append(QueuedRecord(f"L{batch}-{index}", device_id, received_at, item, deliveries))
         if records:
             self._open[batch] = {record.qid for record in records}
         return records
@@ -339,6 +389,7 @@ class ListConsumer:
             pipe.delete(keys.legacy_processing(batch))
             pipe.zrem(keys.LEGACY_INFLIGHT, str(batch))
             pipe.hdel(keys.LEGACY_DELIVERIES, str(batch))
+            pipe.hdel(keys.LEGACY_RECEIVED, str(batch))
             pipe.execute()
         self._open.pop(batch, None)
 

@@ -1,14 +1,17 @@
 """Workers split the queue's shards between them: a lease per shard, renewed, rebalanced.
 
-With ``--shards N`` the queue is N streams (``fleetlog:{s3}:records``).  A
-worker reads only the shards it holds a lease on: a string key per shard
-(``fleetlog:{s3}:records:lease``, value the worker's consumer name) set with
-``SET NX PX`` and renewed every third of its life by a compare-and-expire
-script, so a worker that dies loses its shards within one lease and another
-takes them.  Holding a shard alone is what keeps a device's records in order
-across workers: on taking a shard the new holder first claims every entry the
-group still has pending there (:meth:`StreamConsumer.take_over`), then reads
-new ones.
+With ``--shards N`` the queue is N streams (``fleetlog:{s3}:records``); with
+the default ``--shards 1`` it is the one stream ``fleetlog:records``, leased
+as a whole the same way.  A worker reads only the shards it holds a lease on
+(:class:`~fleetlog.queue.lease.Lease`): a string key per shard
+(``fleetlog:{s3}:records:lease``; ``fleetlog:records:lease`` with one shard),
+value the worker's consumer name, renewed every third of its life by a
+compare-and-expire script, so a worker that dies loses its shards within one
+lease and another takes them.  Holding a shard alone is what keeps a device's
+records in order across workers (see :mod:`fleetlog.queue.lease`): on taking
+a shard the new holder first claims every entry the group still has pending
+there (:meth:`StreamConsumer.take_over`), then reads new ones.  Parallelism is
+the number of shards: a worker beyond one per shard is a hot standby.
 
 Balance: every worker announces itself in a sorted set (score: until when it
 counts as alive) and aims for ``ceil(shards / live workers)`` shards.  Above
@@ -16,7 +19,9 @@ that it gives back shards on which it has nothing unacknowledged (checked
 between batches, so nothing it read is left for the next holder to reorder);
 below, it takes free ones, starting at a place of its own (CRC-32 of its
 name) so workers do not all race for shard 0.  Every key touched is one key
-per command, so this works unchanged on a Redis Cluster.
+per command, so this works unchanged on a Redis Cluster.  Leases are renewed
+(and taken) even while Redis refuses writes for lack of memory: draining is
+what frees it.
 """
 
 from __future__ import annotations
@@ -26,27 +31,16 @@ import math
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 from fleetlog import keys
-from fleetlog.queue.consumer import StreamConsumer
+from fleetlog.queue.consumer import REDIS_REFUSING, StreamConsumer
+from fleetlog.queue.lease import RELEASE, RENEW, Lease
 from fleetlog.records import QueuedRecord
 
-__all__ = ["ShardedConsumer"]
+__all__ = ["RELEASE", "RENEW", "ShardedConsumer"]
 
 log = logging.getLogger("fleetlog.worker")
-
-#: KEYS[1] a lease; ARGV[1] its holder, ARGV[2] its life (ms).  Renews it only if still ours.
-RENEW: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-#: KEYS[1] a lease; ARGV[1] its holder.  Gives it back only if still ours.
-RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class ShardedConsumer:
@@ -77,8 +71,8 @@ class ShardedConsumer:
         self._next_balance = 0.0
         #: One XREADGROUP over every held stream (one Redis); a cluster waits per shard.
         self._multi = multi_stream_reads
-        self._renew = client.register_script(RENEW)
-        self._release = client.register_script(RELEASE)
+        self._leases = [Lease(client, keys.shard_lease(stream, shard, shards), consumer, lease)
+                        for shard in range(shards)]
         self._start = zlib.crc32(consumer.encode()) % shards
         self._rotation = 0
         #: The shards held now: shard -> its consumer.
@@ -87,26 +81,23 @@ class ShardedConsumer:
 
     # -- leases ------------------------------------------------------------------
 
-    def _lease(self, shard: int) -> str:
-        return keys.shard_lease(self._base, shard, self.shards)
-
     def balance(self) -> None:
-        """Renew what is held, give back what is over the fair share, take what is free."""
-        self._next_balance = time.monotonic() + self._balance_every
-        client = self._client
-        now_ms = int(time.time() * 1000)
-        workers = keys.shard_workers(self._base)
-        client.zadd(workers, {self.consumer: now_ms + self._lease_ms})
-        client.zremrangebyscore(workers, "-inf", now_ms)
-        live = max(1, int(client.zcard(workers)))
-        target = math.ceil(self.shards / live)
+        """Renew what is held, give back what is over the fair share, take what is free.
+
+        The renewals come first and the next balance is due a third of a lease
+        after they were sent: a worker reads only within its leases' life.
+        """
+        started = time.monotonic()
         for shard in list(self.held):
-            if not self._renew(keys=[self._lease(shard)], args=[self.consumer, self._lease_ms]):
+            if not self._leases[shard].renew():
                 log.warning("lost the lease on shard %d (expired); another worker has it", shard)
                 self._drop(shard)
+        self._next_balance = started + self._balance_every
+        live = self._live_workers()
+        target = math.ceil(self.shards / live)
         for shard in sorted(self.held, reverse=True)[:max(0, len(self.held) - target)]:
             if not self.held[shard].owns_pending():
-                self._release(keys=[self._lease(shard)], args=[self.consumer])
+                self._leases[shard].release()
                 self._drop(shard)
                 log.info("gave shard %d back (%d live workers)", shard, live)
         for step in range(self.shards):
@@ -115,8 +106,20 @@ class ShardedConsumer:
             shard = (self._start + step) % self.shards
             if shard in self.held:
                 continue
-            if client.set(self._lease(shard), self.consumer, nx=True, px=self._lease_ms):
+            if self._leases[shard].acquire():
                 self._take(shard)
+
+    def _live_workers(self) -> int:
+        """Announce this worker; the number alive (1 at least, and while Redis refuses writes)."""
+        client = self._client
+        now_ms = int(time.time() * 1000)
+        workers = keys.shard_workers(self._base)
+        try:
+            client.zadd(workers, {self.consumer: now_ms + self._lease_ms})
+            client.zremrangebyscore(workers, "-inf", now_ms)
+        except REDIS_REFUSING as exc:  # out of memory: keep the shards, count the others as before
+            log.debug("live workers not updated (%s)", exc)
+        return max(1, int(client.zcount(workers, now_ms, "+inf")))
 
     def _take(self, shard: int) -> None:
         stream = keys.shard_stream(self._base, shard, self.shards)
@@ -138,7 +141,7 @@ class ShardedConsumer:
     def close(self) -> None:
         """Give every lease back and leave the live set: the others take over at once."""
         for shard in list(self.held):
-            self._release(keys=[self._lease(shard)], args=[self.consumer])
+            self._leases[shard].release()
             self._drop(shard)
         self._client.zrem(keys.shard_workers(self._base), self.consumer)
 

@@ -6,6 +6,12 @@ line, for the UTC day the record was received.
 The files are an export of the store, not a second copy of the queue: after
 each committed batch a worker appends every stored record the files do not
 have yet, in store order, then fsyncs, and only then acknowledges the queue.
+A worker whose queue is quiet exports too, in bounded steps (``limit``): on
+PostgreSQL an export reads only below the oldest open write transaction (the
+horizon, :mod:`fleetlog.store.postgres`), so a batch committed while another
+worker's transaction was open is left for a later export, and with no more
+traffic there would be no later batch to run one; a restarted worker with an
+empty queue catches up the same way.
 
 Exactly once means once per record, and a record is its queue id (``qid``,
 the stream entry id), which every line carries: the same record kept by two
@@ -164,20 +170,29 @@ class FilesSink:
                 removed.append(path)
         return removed
 
-    def export(self, store: Store) -> int:
+    def export(self, store: Store, limit: int | None = None) -> int:
         """Append every stored record not yet in the files; fsync; return how many.
+
+        ``limit`` bounds one call's work, so that catching up a long way never
+        holds a worker off its queue for long: it stops once about ``limit``
+        records of the store were read, and the next call goes on from the
+        cursor.  A resync (a store the files were not exported from) ignores
+        it: only a finished resync leaves a cursor the usual path may trust
+        (its day files' last lines may belong to records past a partial one).
 
         Raises :class:`StoreUnavailable` when the files cannot be written (disk
         full, permissions) or the store cannot be read: the caller must not
         acknowledge the batch.
         """
+        if limit is not None and limit <= 0:
+            raise ValueError(f"limit must be positive, not {limit}")
         try:
             with self._lock_path.open("a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 cursor = self._read_cursor()
                 if self._valid(cursor, store):
                     assert cursor is not None
-                    return self._export_after(store, cursor.seq)
+                    return self._export_after(store, cursor.seq, limit)
                 return self._resync(store, cursor)
         except OSError as exc:
             raise StoreUnavailable(f"daily files in {self.directory}: {exc}") from exc
@@ -214,8 +229,8 @@ class FilesSink:
             written += len(lines)
         return written
 
-    def _export_after(self, store: Store, cursor: int) -> int:
-        """The usual path: every record after ``cursor`` (a valid cursor of this store)."""
+    def _export_after(self, store: Store, cursor: int, limit: int | None) -> int:
+        """The usual path: the records after ``cursor`` (a valid cursor of this store)."""
         stops_at: dict[str, int] = {}
 
         def wanted(day: str, record: StoredRecord) -> bool:
@@ -226,17 +241,23 @@ class FilesSink:
             stops_at[day] = record.seq
             return True
 
-        return self._export_from(store, cursor, wanted)
+        return self._export_from(store, cursor, wanted, limit)
 
     def _export_from(self, store: Store, cursor: int,
-                     wanted: Callable[[str, StoredRecord], bool]) -> int:
-        """Append the records after ``cursor`` that ``wanted(day, record)`` picks, moving the cursor."""
+                     wanted: Callable[[str, StoredRecord], bool], limit: int | None = None) -> int:
+        """Append the records after ``cursor`` that ``wanted(day, record)`` picks, moving the cursor.
+
+        Stops once ``limit`` records were read (None: at the end of the store).
+        """
         store_id = store.store_id
         written = 0
-        while True:
-            records = store.after(cursor, _CHUNK)
+        left = limit
+        while left is None or left > 0:
+            records = store.after(cursor, _CHUNK if left is None else min(_CHUNK, left))
             if not records:
                 break
+            if left is not None:
+                left -= len(records)
             by_day: dict[str, list[bytes]] = defaultdict(list)
             for record in records:
                 day = utc_day(record.received_at)

@@ -30,7 +30,12 @@ How each kind of trouble is met:
 Between batches the worker does the store's upkeep in bounded steps: the
 full-text index catches up (fully when the queue is quiet; under sustained load
 only when it lags by more than ``index_max_lag`` records, so indexing never
-throttles ingestion until then), and retention prunes.
+throttles ingestion until then), and retention prunes.  When the queue is
+quiet the daily files catch up too (at most every :data:`_IDLE_EXPORT_EVERY`
+seconds, :data:`_IDLE_EXPORT_STEP` records a step): the export after a batch
+misses what is not final yet (on PostgreSQL, a batch committed while another
+worker's write transaction was open), and once traffic stops no batch would
+come to export it, nor to a restarted worker with an empty queue.
 * Anything else is a bug (a ``TypeError`` in the store, say): acknowledge
   nothing, write a fatal-error record with the traceback in
   ``DATA_DIR/logs/device/fatal_error/<day>.log``, exit 1.  Dead-lettering good
@@ -59,6 +64,7 @@ from fleetlog.config import Settings, mask_url
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
 from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
+from fleetlog.queue.lease import LeasedListConsumer
 from fleetlog.queue.shards import ShardedConsumer
 from fleetlog.queue.stats import QueueCollector, queue_stats_for
 from fleetlog.records import QueuedRecord, iso_ms, utc_day
@@ -94,9 +100,17 @@ _JOIN_INTERVAL = 0.2
 #: on a dead Redis, short enough to resume within seconds of its return.
 _REDIS_BACKOFF = (0.1, 5.0)
 _REDIS_START_BACKOFF = (0.1, 2.0)
-#: Store retries: a locked or full store usually needs longer to clear than Redis.
-_STORE_BACKOFF = (0.2, 10.0)
-_STORE_START_BACKOFF = (0.2, 5.0)
+#: Store retries: from 0.2 s up to 2 s.  A locked or full store may take long to
+#: clear, but a retry costs one failed write, so the cap is set by how soon the
+#: worker must notice it cleared (space freed: records flow again within ~2 s).
+_STORE_BACKOFF = (0.2, 2.0)
+_STORE_START_BACKOFF = (0.2, 2.0)
+#: A quiet worker exports to the daily files at most this often (seconds), so what
+#: an export after a batch could not take yet is in the files a second or so later.
+_IDLE_EXPORT_EVERY = 0.5
+#: Records one quiet export reads at most: a long catch-up (a restart after the
+#: files fell far behind) goes in steps, with the queue looked at between them.
+_IDLE_EXPORT_STEP = 20_000
 
 
 class Worker:
@@ -125,6 +139,11 @@ class Worker:
         self.stored = 0
         self.dead_lettered = 0
         self._deadline = float("inf")
+        #: When a quiet worker next exports to the files (at once after a start: a
+        #: restart catches up even if no record ever comes), and whether the last
+        #: export found records to write (then the next looks again at once).
+        self._export_due = 0.0
+        self._files_behind = False
         try:
             self._owed = store.upkeep(0)  # the store's background work left (its index)
         except StoreUnavailable:
@@ -147,7 +166,8 @@ class Worker:
                 count = min(count, limit - self.stored - self.dead_lettered)
             try:
                 # While upkeep is behind, do not sit in a blocking read.
-                block = _LAGGING_BLOCK_MS if self._owed else self.settings.block_ms
+                lagging = self._owed or self._files_behind
+                block = _LAGGING_BLOCK_MS if lagging else self.settings.block_ms
                 records = self.consumer.fetch(count, block)
                 backoff.reset()
                 if records:
@@ -167,7 +187,7 @@ class Worker:
         return EXIT_PLANNED
 
     def _upkeep(self, fetched: int, wanted: int) -> None:
-        """Index and prune in bounded steps; a store fault only postpones them."""
+        """Index, prune and (when quiet) export in bounded steps; a fault only postpones them."""
         try:
             if self.store.replaced():  # even when idle: readers must not see a stale file
                 self._reopen()
@@ -181,6 +201,31 @@ class Worker:
             self.pruner.step()
         except StoreUnavailable as exc:
             log.warning("index and retention postponed: %s", exc)
+        if fetched == 0:
+            self._catch_up_files()
+
+    def _catch_up_files(self) -> None:
+        """Export what the files lack, one bounded step, when due (the queue is quiet).
+
+        Separate from the index and retention, so that a files fault (a full
+        disk) never postpones the pruning that may free the space.
+        """
+        if self.files is None:
+            return
+        now = time.monotonic()
+        if not self._files_behind and now < self._export_due:
+            return
+        try:
+            written = self.files.export(self.store, limit=_IDLE_EXPORT_STEP)
+        except StoreUnavailable as exc:
+            log.warning("daily files not caught up now: %s", exc)
+            self._files_behind = False
+            self._export_due = now + _STORE_BACKOFF[1]
+            return
+        if written:
+            log.debug("daily files caught up by %d records while the queue was quiet", written)
+        self._files_behind = written > 0
+        self._export_due = now + _IDLE_EXPORT_EVERY
 
     def _handle(self, records: Sequence[QueuedRecord]) -> None:
         done = self._store(records)
@@ -352,36 +397,44 @@ def run_worker(settings: Settings, redis_url: str) -> int:
 
 
 def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int:
-    """Connect, open the store, run the :class:`Worker`; the exit code."""
+    """Connect, open the store, run the :class:`Worker`; the exit code.
+
+    The worker drains only the queues it holds a lease on (:mod:`fleetlog.queue.lease`):
+    the stream's shards (:class:`ShardedConsumer`; the default ``--shards 1`` is the one
+    stream ``fleetlog:records``, leased as a whole) or the legacy list
+    (:class:`LeasedListConsumer`).  One worker at a time per queue is what keeps each
+    device's records in the order sent, in the store and every reader after it; a worker
+    holding nothing is a hot standby, taking a queue over within one ``shard_lease``
+    of its holder dying (claiming what it left pending first).  Parallelism comes from
+    ``--shards``.  The leases are given back on the way out.
+    """
     try:
         client = connect(redis_url, timeout=max(settings.redis_timeout,
                                                   settings.block_ms / 1000 + _BLOCK_TIMEOUT_MARGIN))
+        # Every queue is drained by one worker at a time, the holder of its lease (one per
+        # shard; the legacy list has one): a device's records are never split between
+        # workers, so they are stored in the order sent.  Other workers are standbys.
+        name = settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
         consumer: Consumer
-        sharded: ShardedConsumer | None = None
+        sharded: ShardedConsumer | LeasedListConsumer
         if settings.queue == "list":
-            consumer = ListConsumer(
-                client, dead_letter_stream=settings.dead_letter_stream,
-                claim_idle=settings.claim_idle,
-            )
-        elif settings.shards > 1:
-            consumer = sharded = ShardedConsumer(
-                client, stream=settings.stream, shards=settings.shards, group=settings.group,
-                consumer=settings.consumer or f"{socket.gethostname()}-{os.getpid()}",
-                dead_letter_stream=settings.dead_letter_stream, claim_idle=settings.claim_idle,
-                lease=settings.shard_lease, multi_stream_reads=not is_cluster(client),
+            consumer = sharded = LeasedListConsumer(
+                client, ListConsumer(client, dead_letter_stream=settings.dead_letter_stream,
+                                     claim_idle=settings.claim_idle),
+                holder=name, lease=settings.shard_lease,
             )
         else:
-            stream_consumer = StreamConsumer(
-                client,
-                stream=settings.stream,
-                group=settings.group,
-                consumer=settings.consumer or f"{socket.gethostname()}-{os.getpid()}",
-                dead_letter_stream=settings.dead_letter_stream,
-                claim_idle=settings.claim_idle,
-            )
-            if not _ensure_group(stream_consumer, stopping):
+            if settings.shards == 1 and not _ensure_group(StreamConsumer(
+                    client, stream=settings.stream, group=settings.group, consumer=name,
+                    dead_letter_stream=settings.dead_letter_stream,
+                    claim_idle=settings.claim_idle), stopping):
                 return EXIT_PLANNED
-            consumer = stream_consumer
+            consumer = sharded = ShardedConsumer(
+                client, stream=settings.stream, shards=settings.shards, group=settings.group,
+                consumer=name, dead_letter_stream=settings.dead_letter_stream,
+                claim_idle=settings.claim_idle, lease=settings.shard_lease,
+                multi_stream_reads=not is_cluster(client),
+            )
         opened = _open_store(settings.store_url, stopping)
         if opened is None:
             return EXIT_PLANNED
@@ -394,8 +447,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         try:
             return worker.run()
         finally:
-            if sharded is not None:
-                _release_shards(sharded)
+            _release_shards(sharded)
             if metrics is not None:
                 metrics.shutdown()
             store.close()
@@ -406,7 +458,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         return EXIT_FATAL
 
 
-def _release_shards(sharded: ShardedConsumer) -> None:
+def _release_shards(sharded: ShardedConsumer | LeasedListConsumer) -> None:
     """Give the leases back on the way out, so other workers take the shards at once."""
     try:
         sharded.close()
