@@ -10,7 +10,8 @@ import pytest
 import schemathesis
 import websockets
 from hypothesis import HealthCheck, given, settings
-from schemathesis import checks
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode, checks
 
 from fleetlog.api.commits import CommitSubscriber
 from fleetlog.embedded import free_port
@@ -25,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 async def test_a_commit_is_announced_within_a_second_of_its_ack(
         api: Api, processes: Processes, tmp_path: Path) -> None:
-    _, port = processes.gateway(api.redis_url, api.data_dir)
+    gateway_metrics_port = free_port()
+    _, port = processes.gateway(api.redis_url, api.data_dir,
+                                env={"FLEETLOG_GATEWAY_METRICS_PORT": str(gateway_metrics_port)})
     metrics_port = free_port()
     worker = processes.worker(api.redis_url, api.data_dir, "--metrics-port", str(metrics_port))
     wait_for_port(metrics_port, process=worker)
@@ -48,7 +51,9 @@ async def test_a_commit_is_announced_within_a_second_of_its_ack(
         assert "fleetlog_worker_records_stored_total 2.0" in text
         assert "fleetlog_queue_consumer_lag 0.0" in text
         assert "fleetlog_worker_store_write_seconds_bucket" in text
-        gateway = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        # The gateway's metrics are on its metrics listener, not on the device port.
+        assert (await http.get(f"http://127.0.0.1:{port}/metrics")).status_code == 404
+        gateway = (await http.get(f"http://127.0.0.1:{gateway_metrics_port}/metrics")).text
         assert "fleetlog_gateway_frames_total 2.0" in gateway
         assert "fleetlog_gateway_acks_total 2.0" in gateway
         assert 'fleetlog_gateway_ack_latency_seconds_count 2.0' in gateway
@@ -66,19 +71,32 @@ def test_readyz_is_503_without_a_store(api: Api) -> None:
     assert answer.json()["checks"]["store"].startswith("cannot open the store")
 
 
-def test_schemathesis_no_5xx_and_responses_match_the_schema(api: Api) -> None:
-    open_store(f"sqlite:///{api.data_dir / 'fleetlog.db'}").close()  # ready: /readyz is 200
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_schemathesis_no_5xx_and_responses_match_the_schema(
+        api: Api, processes: Processes, backend: str, request: pytest.FixtureRequest) -> None:
+    """Positive and negative data (what the schema forbids), on each store: never a 5xx."""
+    url = api.url
+    if backend == "postgresql":
+        store = request.getfixturevalue("pg_url")
+        open_store(store).close()  # the schema: ready
+        port = free_port()
+        process = processes.start("api", "--redis-url", api.redis_url, "--data-dir", str(api.data_dir),
+                                  "--port", str(port), "--store", store)
+        wait_for_port(port, process=process)
+        url = f"http://127.0.0.1:{port}"
+    else:
+        open_store(f"sqlite:///{api.data_dir / 'fleetlog.db'}").close()  # ready: /readyz is 200
     headers = {"Authorization": f"Bearer {api.admin}"}
-    schema = schemathesis.openapi.from_dict(httpx.get(f"{api.url}/openapi.json", headers=headers,
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{url}/openapi.json", headers=headers,
                                                       timeout=10).json())
-    schema.config.update(base_url=api.url, headers=headers)
-    ran = []
+    schema.config.update(base_url=url, headers=headers)
+    ran, negated = [], []
     for operation in schema.get_all_operations():
         op = operation.ok()
         if op.path == "/api/stream":
             continue  # never ends by design: tests/api/test_reads.py covers it
 
-        @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def check(case: schemathesis.Case) -> None:
             # No 5xx, and every answer (status, content type, body) matches the schema.
@@ -88,6 +106,19 @@ def test_schemathesis_no_5xx_and_responses_match_the_schema(api: Api) -> None:
                 checks.not_a_server_error, checks.status_code_conformance,
                 checks.content_type_conformance, checks.response_schema_conformance])
 
+        @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(GenerationMode.NEGATIVE))
+        def check_negative(case: schemathesis.Case) -> None:
+            # Data the schema forbids (wrong types, out of range, malformed bodies): a 4xx,
+            # never a 5xx.
+            case.call_and_validate(headers=headers, timeout=30, checks=[checks.not_a_server_error])
+
         check()
+        try:
+            check_negative()
+            negated.append(op.label)
+        except Unsatisfiable:
+            pass  # nothing to get wrong: no parameter, no body (/healthz, /metrics ...)
         ran.append(op.label)
     assert len(ran) >= 13, ran
+    assert len(negated) >= 7, negated

@@ -87,6 +87,9 @@ MAX_IN_FLIGHT: Final = 256
 #: The device a legacy frame's record belongs to when no frame has named one yet
 #: (``--auth none``, as the original stored it).
 UNKNOWN_DEVICE: Final = "unknown"
+#: With ``--auth none``, a connection that keeps sending writes its link again this
+#: often (seconds), so presence follows the device's latest frame across nodes too.
+RELINK_EVERY: Final = 5.0
 
 
 class Submission:
@@ -212,9 +215,9 @@ class Connection:
     """
 
     __slots__ = (
-        "_actions", "_delayed", "_inbox", "_limiter_for", "_max_records", "_paused",
+        "_actions", "_delayed", "_inbox", "_limiter_for", "_linked_at", "_max_records", "_paused",
         "_reassembler", "_replies", "_state", "_stopped", "_write_blocked", "device_id",
-        "identity", "last_activity", "v2",
+        "identity", "last_activity", "linked", "v2",
     )
 
     def __init__(self, identity: Identity | None, *, max_message_bytes: int,
@@ -228,6 +231,10 @@ class Connection:
         #: Whether the device speaks v2: authenticated at the handshake, or sent a v2
         #: frame.  Decides how a command reaches it (:func:`~fleetlog.protocol.command_frame`).
         self.v2 = identity is not None
+        #: Whether this connection holds its device's link, as far as it knows (``--auth
+        #: none``: the gateway turns it off when another connection of the device took it).
+        self.linked = False
+        self._linked_at = now
         self._limiter_for = limiter_for
         self._max_records = max_records_per_frame
         self._reassembler = Reassembler(max_message_bytes, budget)
@@ -447,11 +454,18 @@ class Connection:
                              frame_id, legacy=frame_id is None)
                 return None
             return identity.device_id
+        # --auth none: the link follows the device's latest frame.  A connection that
+        # claims another id moves its link; one whose link another connection took
+        # (``linked`` turned off by the gateway) takes it back with its next frame, and
+        # every RELINK_EVERY seconds anyway (the take-over may have been on another node).
         if claimed is not None and claimed != self.device_id:
             if self.device_id is not None:
                 self._actions.append(Unlink(self.device_id))
             self.device_id = claimed
-            self._actions.append(Link(claimed))
+            self._link()
+        elif self.device_id is not None and (
+                not self.linked or self.last_activity - self._linked_at >= RELINK_EVERY):
+            self._link()
         if self.device_id is None:
             if frame_id is not None:
                 self._refuse(ErrorCode.BAD_FRAME, "a log frame needs deviceId when auth is none",
@@ -459,6 +473,12 @@ class Connection:
                 return None
             return UNKNOWN_DEVICE
         return self.device_id
+
+    def _link(self) -> None:
+        assert self.device_id is not None
+        self.linked = True
+        self._linked_at = self.last_activity
+        self._actions.append(Link(self.device_id))
 
     def _refuse(self, code: ErrorCode, message: str, frame_id: str | None = None, *,
                 legacy: bool = False, **extra: Any) -> None:

@@ -283,9 +283,9 @@ class DeviceConnection(WSListener):
                 else:
                     transport.underlying_transport.resume_reading()
         elif isinstance(action, Link):
-            registry.link(action.device_id, self.conn_id)
+            self.gateway.claim(self, action.device_id)
         elif isinstance(action, Unlink):
-            registry.unlink(action.device_id, self.conn_id)
+            self.gateway.unclaim(self, action.device_id)
         elif isinstance(action, Refusal):
             registry.count_refusal(action.device_id, action.reason)
             errors = self.gateway.errors
@@ -323,7 +323,11 @@ class Gateway:
         self.settings = settings
         self.redis_url = redis_url
         self.connections: set[DeviceConnection] = set()
+        #: The connection here that holds each device's link.
         self._by_device: dict[str, DeviceConnection] = {}
+        #: ``--auth none``: the connections here that spoke for each device, the latest
+        #: last (a dict as an ordered set).
+        self._claims: dict[str, dict[DeviceConnection, None]] = {}
         self._by_conn: dict[str, DeviceConnection] = {}
         self._addresses = AddressLimit(settings.max_connections_per_ip)
         #: Bytes held in unfinished (fragmented) messages, all connections together.
@@ -423,9 +427,13 @@ class Gateway:
         path = request.path.split(b"?")[0]
         if path == b"/healthz":
             return self._health()
-        if path == b"/metrics" and self.settings.metrics_on_device_port:
-            response = WSUpgradeResponse.create_ok_response(
-                render(self.metrics), extra_headers={"Content-Type": CONTENT_TYPE})
+        if path == b"/metrics":
+            if self.settings.metrics_on_device_port:
+                response = WSUpgradeResponse.create_ok_response(
+                    render(self.metrics), extra_headers={"Content-Type": CONTENT_TYPE})
+            else:  # on the metrics listener (--gateway-metrics-port), not here
+                response = WSUpgradeResponse.create_error_response(
+                    404, b"not served on the device port\n", extra_headers={"Content-Type": "text/plain"})
             return WSUpgradeResponseWithListener(response, None)
         try:
             identity = self.auth.identify(request.headers.get("Authorization"), request.path)
@@ -537,6 +545,41 @@ class Gateway:
                 previous.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
             self.registry.link(device_id, connection.conn_id)
 
+    def claim(self, connection: DeviceConnection, device_id: str) -> None:
+        """``--auth none``: ``connection`` sent a frame as ``device_id``: the link is its now.
+
+        The connection that held it here is told (so its next frame takes it
+        back); every connection that spoke for the device is remembered, so that
+        the loss of one hands the link to another instead of marking the device
+        offline while it still has a connection.
+        """
+        claims = self._claims.setdefault(device_id, {})
+        claims.pop(connection, None)
+        claims[connection] = None  # the latest to speak last
+        holder = self._by_device.get(device_id)
+        if holder is not None and holder is not connection:
+            holder.conn.linked = False
+        self._by_device[device_id] = connection
+        self.registry.link(device_id, connection.conn_id)
+
+    def unclaim(self, connection: DeviceConnection, device_id: str) -> None:
+        """``connection`` no longer speaks for ``device_id`` (it claimed another id, or closed)."""
+        claims = self._claims.get(device_id)
+        if claims is not None:
+            claims.pop(connection, None)
+            if not claims:
+                del self._claims[device_id]
+        if self._by_device.get(device_id) is not connection:
+            return  # another connection holds the link: it stays
+        successor = next(reversed(claims), None) if claims else None  # the latest to speak
+        if successor is None:
+            del self._by_device[device_id]
+            self.registry.unlink(device_id, connection.conn_id)
+        else:
+            self._by_device[device_id] = successor
+            successor.conn.linked = True
+            self.registry.link(device_id, successor.conn_id)
+
     def release(self, connection: DeviceConnection) -> None:
         if connection not in self.connections:
             return
@@ -546,10 +589,14 @@ class Gateway:
         self.connections.discard(connection)
         self._by_conn.pop(connection.conn_id, None)
         device_id = connection.device_id
-        if device_id is not None:
-            if self._by_device.get(device_id) is connection:
-                del self._by_device[device_id]
-            self.registry.unlink(device_id, connection.conn_id)
+        if device_id is None:
+            return
+        if connection.identity is None:
+            self.unclaim(connection, device_id)
+            return
+        if self._by_device.get(device_id) is connection:
+            del self._by_device[device_id]
+        self.registry.unlink(device_id, connection.conn_id)
 
     def on_control(self, message: dict[str, Any]) -> None:
         """A message on this node's control channel: another node's take-over, or a command."""
