@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(default=15.0, gt=0)
     handshake_timeout: float = Field(default=10.0, gt=0)
     max_connections_per_ip: int = Field(default=10_000, ge=1)
+    # File descriptors a gateway process keeps for other than device connections: it stops
+    # accepting at its RLIMIT_NOFILE minus this, and accepts again at 90% of that.
+    fd_reserve: int = Field(default=128, ge=16)
     # Token lookups (a handshake whose token is not cached) run on their own Redis
     # connections, at most this many at once; more wait their turn.
     token_lookups: int = Field(default=16, ge=1, le=1024)
@@ -180,6 +183,18 @@ class Settings(BaseSettings):
     # before it is cut off (a tail resumes with Last-Event-ID).
     stream_buffer_bytes: int = Field(default=4 * MiB, ge=64 * 1024, le=1024 * MiB)
     stream_stall_timeout: float = Field(default=30.0, gt=0, le=3600)
+
+    # Alerts (``fleetlog alerter``; see fleetlog.alerts).  Presence, refusals and the queue
+    # are looked at every alert_poll s; one alerter holds a lease of alert_lease s; a
+    # notification is tried again alert_retry_initial s doubling to alert_retry_cap s
+    # apart until alert_give_up s after it was due, then recorded as failed.
+    alert_poll: float = Field(default=2.0, gt=0, le=3600)
+    alert_lease: float = Field(default=10.0, ge=0.3)
+    alert_retry_initial: float = Field(default=1.0, gt=0)
+    alert_retry_cap: float = Field(default=60.0, gt=0)
+    alert_give_up: float = Field(default=86_400.0, gt=0)
+    alert_send_timeout: float = Field(default=10.0, gt=0, le=300)
+    alert_senders: int = Field(default=8, ge=1, le=256)
 
     # ``fleetlog up``.
     no_files: bool = False

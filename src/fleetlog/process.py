@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import resource
 import signal
 import subprocess
 import time
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 
 from fleetlog.backoff import Backoff
 
-__all__ = ["Child", "big_buffers_outside_the_heap", "die_with_parent", "give_memory_back", "stop_children",
-           "tend"]
+__all__ = ["Child", "big_buffers_outside_the_heap", "die_with_parent", "give_memory_back",
+           "raise_descriptor_limit", "stop_children", "tend"]
 
 log = logging.getLogger("fleetlog.process")
 
@@ -56,6 +57,23 @@ def give_memory_back() -> bool:
         return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process' soft ``RLIMIT_NOFILE`` to its hard limit; the soft limit now.
+
+    Every device connection holds a descriptor: the usual soft default (1,024)
+    caps a gateway far below what it can hold.  ``RLIM_INFINITY`` hard limits
+    are left as they are.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 #: glibc's ``mallopt`` parameter for the mmap threshold.

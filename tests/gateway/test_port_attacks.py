@@ -26,7 +26,7 @@ import websockets
 
 from fleetlog.credentials import Credentials
 from fleetlog.embedded import RedisServer, free_port
-from tests.conftest import Processes
+from tests.conftest import Processes, wait_for_port
 from tests.helpers import stored_rows, wait_until
 
 
@@ -430,3 +430,60 @@ def test_auth_none_presence_follows_the_connections_that_exist(
     seen = asyncio.run(scenario())
     client.close()
     assert seen["after"] == seen["real"] != seen["spoofed"], seen
+
+
+@pytest.mark.timeout(120)
+def test_near_the_descriptor_limit_accepting_pauses_instead_of_spinning(
+        private_redis: RedisServer, tmp_path: Path) -> None:
+    """A gateway with 256 descriptors (reserve 128) and 250 connections coming: it holds 128,
+    says so once per pause, does not spin, and accepts again once some close (the others
+    wait in the kernel's accept queue).  Before: aiofastnet's EMFILE path raised
+    AttributeError on every loop turn (129,145 tracebacks in 25 s at 100% CPU)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log_file:
+        gateway_process = subprocess.Popen(
+            ["prlimit", "--nofile=256:256", sys.executable, "-m", "fleetlog", "gateway",
+             "--redis-url", private_redis.url, "--data-dir", str(tmp_path / "data"),
+             "--port", str(port), "--auth", "none", "--processes", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process=gateway_process)
+        gateway = psutil.Process(gateway_process.pid)
+
+        async def scenario() -> tuple[int, float, list[str]]:
+            held = []
+            for _ in range(250):
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(1.0)
+            cpu_before = sum(gateway.cpu_times()[:2])
+            await asyncio.sleep(3.0)
+            spun = sum(gateway.cpu_times()[:2]) - cpu_before
+            open_now = gateway.num_fds()
+            for _, writer in held[:100]:
+                writer.close()
+            await asyncio.sleep(1.0)
+            replies = []
+            async with websockets.connect(f"ws://127.0.0.1:{port}", open_timeout=20) as ws:
+                await ws.send(json.dumps({"deviceId": "d1", "type": 4, "data": {"seq": 1}}))
+                replies = [await asyncio.wait_for(ws.recv(), 10) for _ in range(2)]
+            for _, writer in held[100:]:
+                writer.close()
+            return open_now, spun, [str(reply) for reply in replies]
+
+        open_now, spun, replies = asyncio.run(scenario())
+    finally:
+        gateway_process.terminate()
+        gateway_process.wait(20)
+    log = log_path.read_text()
+    print(f"descriptors open while paused: {open_now}; CPU while paused: {spun:.2f}s")
+    assert open_now <= 256
+    assert spun < 1.0, "the accept loop must not spin"
+    # One line per pause (the queued connections refill the room each time), not per accept.
+    assert 1 <= log.count("not accepting more") <= 3, log[-2000:]
+    assert "Traceback" not in log and "AttributeError" not in log, log[-2000:]
+    assert "accepting again" in log
+    assert replies == ["server receive a message!", "log_upload_response"]

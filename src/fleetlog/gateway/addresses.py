@@ -15,11 +15,13 @@ __all__ = ["AddressLimit"]
 class AddressLimit:
     """Counts connections per address; refuses past ``max_per_address``."""
 
-    __slots__ = ("_counts", "max_per_address")
+    __slots__ = ("_counts", "max_per_address", "total")
 
     def __init__(self, max_per_address: int) -> None:
         self.max_per_address = max_per_address
         self._counts: dict[str, int] = {}
+        #: Connections open from every address together (each holds a file descriptor).
+        self.total = 0
 
     def acquire(self, address: str | None) -> bool:
         """Count one more connection from ``address``; ``False`` (nothing counted) if it is full.
@@ -27,15 +29,18 @@ class AddressLimit:
         ``None`` (no peer address, a Unix socket) is never limited.
         """
         if address is None:
+            self.total += 1
             return True
         count = self._counts.get(address, 0)
         if count >= self.max_per_address:
             return False
         self._counts[address] = count + 1
+        self.total += 1
         return True
 
     def release(self, address: str | None) -> None:
         """One connection :meth:`acquire` admitted from ``address`` is gone."""
+        self.total -= 1
         if address is None:
             return
         left = self._counts.get(address, 1) - 1

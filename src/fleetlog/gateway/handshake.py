@@ -87,7 +87,7 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     """
 
     __slots__ = ("_admitted", "_deferred", "_head", "_peer_address", "_timer", "_view", "addresses",
-                 "head_timeout", "lookup")
+                 "counted", "head_timeout", "lookup")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -96,6 +96,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         #: Counts this connection against its address from accept to close (handshake
         #: included); ``None``: no limit.
         self.addresses: AddressLimit | None = None
+        #: Called after each change of ``addresses`` (the gateway watches the total).
+        self.counted: Callable[[], None] | None = None
         self._admitted = False
         self._peer_address: str | None = None
         #: Seconds the request head may take; past it, a 408 (picows would just hang up).
@@ -122,6 +124,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
                 transport.close()
                 return
             self._admitted = True
+            if self.counted is not None:
+                self.counted()
         if self.head_timeout is not None:
             # Just before picows' own timer, which would close without a word.
             self._timer = asyncio.get_running_loop().call_later(
@@ -135,6 +139,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
             self._admitted = False
             assert self.addresses is not None
             self.addresses.release(self._peer_address)
+            if self.counted is not None:
+                self.counted()
         super().connection_lost(exc)
 
     def _head_too_slow(self) -> None:

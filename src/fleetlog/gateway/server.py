@@ -74,7 +74,7 @@ from fleetlog.gateway.relay import CommandRelay
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.tokens import TokenWatcher
 from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
-from fleetlog.process import big_buffers_outside_the_heap, give_memory_back
+from fleetlog.process import big_buffers_outside_the_heap, give_memory_back, raise_descriptor_limit
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, connect_async, fewest_replicas, initialize, is_cluster
 from fleetlog.queue.producer import IngestResult, Producer
@@ -332,6 +332,10 @@ class Gateway:
         self._addresses = AddressLimit(settings.max_connections_per_ip)
         #: Bytes held in unfinished (fragmented) messages, all connections together.
         self.buffered = BufferBudget(settings.max_buffered_bytes)
+        # File descriptors: the process' limit, raised to its hard limit, less a reserve.
+        self._descriptor_limit = raise_descriptor_limit()
+        self._descriptor_ceiling = max(1, self._descriptor_limit - settings.fd_reserve)
+        self._accept_paused = False
         #: Connections closed so far, and both counts at the last heap trim.
         self.closed = 0
         self._trimmed_at = (0, 0)
@@ -634,6 +638,7 @@ class Gateway:
         )
         protocol.lookup = self._lookup_first
         protocol.addresses = self._addresses
+        protocol.counted = self._watch_descriptors
         protocol.head_timeout = settings.handshake_timeout
         return protocol
 
@@ -736,6 +741,35 @@ class Gateway:
         elif chosen > replicas:
             log.warning("--ack-replicas %d but a master has only %d replicas: frames will be "
                         "answered unconfirmed, not acked, until it has more", chosen, replicas)
+
+    def _watch_descriptors(self) -> None:
+        """Stop accepting before the process runs out of file descriptors; start again below.
+
+        Past the limit ``accept()`` fails with EMFILE; aiofastnet then means to
+        pause its listener, but calls ``remove_reader`` on the socket instead of
+        the loop (an AttributeError), so the listener stays ready and the loop
+        spins on it, logging a traceback per turn.  So the gateway pauses first:
+        at ``RLIMIT_NOFILE`` minus ``fd_reserve`` connections (the reserve keeps
+        descriptors for Redis, the store, logs) it takes the listeners out of the
+        loop, one log line; at 90% of that they go back.  Connections that come
+        meanwhile wait in the kernel's accept queue.
+        """
+        server = self._server
+        total = self._addresses.total
+        if server is None or self._stopping:
+            return
+        if not self._accept_paused and total >= self._descriptor_ceiling:
+            self._accept_paused = True
+            for sock in server.sockets:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            self.errors["accept_paused"] = self.errors.get("accept_paused", 0) + 1
+            log.warning("%d connections open, near this process' limit of %d file descriptors: "
+                        "not accepting more until some close", total, self._descriptor_limit)
+        elif self._accept_paused and total <= self._descriptor_ceiling * 0.9:
+            self._accept_paused = False
+            for sock in getattr(server, "_sockets", None) or ():
+                server._start_serving_one_listener(sock)  # type: ignore[attr-defined]
+            log.info("%d connections open: accepting again", total)
 
     def _give_memory_back(self) -> None:
         """After many connections closed or many buffered bytes were freed: trim the heap.
