@@ -40,12 +40,14 @@ up: install
 
 # The whole suite, fault injection included; its table is printed at the end.
 test: install-test
+	@$(BIN)/python -m tests.prerequisites
 	@rm -f $(FAULTS)
 	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q $(ARGS); status=$$?; \
 	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status
 
 # Only the fault-injection suite, and its table: scenario, acked, stored, lost, duplicated.
 faults: install-test
+	@$(BIN)/python -m tests.prerequisites
 	@rm -f $(FAULTS)
 	FLEETLOG_FAULTS_REPORT=$(FAULTS) $(BIN)/python -m pytest -q tests/faults $(ARGS); status=$$?; \
 	$(BIN)/python -m tests.faults.report $(FAULTS); exit $$status

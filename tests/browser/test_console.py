@@ -32,9 +32,11 @@ pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("FLEETLOG_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+import playwright.sync_api as playwright_sync  # noqa: E402  (a test extra: make test installs it)
+
+if not Path(CHROMIUM).exists():  # never a silent skip: make test checks first (tests.prerequisites)
+    pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set FLEETLOG_CHROMIUM)",
+                pytrace=False)
 
 
 def send(ws: ClientConnection, frame: str) -> None:
