@@ -37,7 +37,7 @@ from enum import IntEnum, StrEnum
 
 
 class ErrorCode(StrEnum):
-    """The ``code`` of an error frame (CONTRACT.md)."""
+    """The ``code`` of an error frame (docs/CONTRACT.md)."""
 
     BAD_JSON = "bad_json"
     BAD_FRAME = "bad_frame"
@@ -53,7 +53,7 @@ class ErrorCode(StrEnum):
 
 
 class CloseCode(IntEnum):
-    """Every WebSocket close code the gateway sends (RFC 6455 §7.4, and CONTRACT.md's own)."""
+    """Every WebSocket close code the gateway sends (RFC 6455 §7.4, and docs/CONTRACT.md's own)."""
 
     NORMAL = 1000  #: idle timeout
     GOING_AWAY = 1001  #: the gateway is shutting down; reconnect elsewhere or later

@@ -1,7 +1,7 @@
 """Every Redis key fleetlog reads or writes, named once.
 
 The first two keep the original PHP design's names so that existing tools and
-consumers keep working (CONTRACT.md).  Stream and group names come from the
+consumers keep working (docs/CONTRACT.md).  Stream and group names come from the
 settings; the rest are fleetlog's own and carry the ``fleetlog:`` prefix.
 
 Every variable part of a key (a device id, a node id, a session) goes through

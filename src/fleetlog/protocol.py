@@ -4,7 +4,7 @@ A gateway hands each complete text message to :func:`parse_legacy` and gets
 back a :class:`LegacyFrame` (what to record, what to queue) or a
 :class:`~fleetlog.errors.FrameError` whose code and message go back to the
 device in :func:`error_frame`.  Nothing here touches a socket or Redis, so
-every rule of CONTRACT.md's legacy protocol is tested without either.
+every rule of docs/CONTRACT.md's legacy protocol is tested without either.
 
 The legacy protocol is the original PHP server's, kept exactly:
 
@@ -261,7 +261,7 @@ def _legacy(message: dict[str, Any]) -> LegacyFrame:
 
 
 def error_frame(code: ErrorCode, message: str, **extra: Any) -> bytes:
-    """The JSON error frame sent to a device (CONTRACT.md); ``extra`` may hold ``id``."""
+    """The JSON error frame sent to a device (docs/CONTRACT.md); ``extra`` may hold ``id``."""
     return orjson.dumps({"type": "error", "code": str(code), "message": message, **extra})
 
 
@@ -294,7 +294,7 @@ def ack_frame(
 
 
 def command_frame(command_id: str, body: Any, *, v2: bool) -> bytes:
-    """The frame that carries a command down to a device (CONTRACT.md).
+    """The frame that carries a command down to a device (docs/CONTRACT.md).
 
     A legacy device gets ``body`` as it is.  A v2 device gets
     ``{"type": "command", "id": command_id, ...body}`` when ``body`` is an

@@ -27,7 +27,7 @@ perform what it returns, in order:
 * :class:`Close`: send a close frame with that code and reason, and keep
   reading until the device answers it.
 
-The rules it keeps (CONTRACT.md): replies leave in the order the frames came,
+The rules it keeps (docs/CONTRACT.md): replies leave in the order the frames came,
 whatever order Redis answers in, and each frame's replies in one write; the
 legacy pair ``server receive a message!`` + ``log_upload_response`` and the v2
 ack only once Redis acknowledged the records; an authenticated connection

@@ -1,6 +1,6 @@
 """Daily JSON-lines files, like the original's Monolog channel, written exactly once.
 
-Layout (CONTRACT.md): ``ROOT/device/log/YYYY-MM-DD.log``, one JSON object per
+Layout (docs/CONTRACT.md): ``ROOT/device/log/YYYY-MM-DD.log``, one JSON object per
 line, for the UTC day the record was received.
 
 The files are an export of the store, not a second copy of the queue: after
