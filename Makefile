@@ -63,6 +63,7 @@ lint: install-test
 bench: install-bench
 	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(ARGS)
 	$(BIN)/python -m bench.pg_drain --quick  # PostgreSQL vs SQLite drain, reads (about 30 s)
+	$(BIN)/python -m bench.ingest_reads --quick  # drain alone vs under 4 reading clients, WAL (about 40 s)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from fleetlog.embedded import free_port
+from fleetlog.supervise import API_NICE
 from tests.conftest import wait_for_port
 from tests.faults.harness import Outcome
 from tests.helpers import legacy_device, run_fleetlog, stored_rows, wait_until
@@ -45,6 +46,8 @@ def _stop(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
     tree = psutil.Process(process.pid).children(recursive=True)
     assert {p.name() for p in tree} >= {"valkey-server"} or any("server" in p.name() for p in tree)
     assert len(tree) >= 3, "embedded Redis, gateway and worker"
+    api = [p for p in tree if p.cmdline()[1:4] == ["-m", "fleetlog", "api"]]
+    assert [p.nice() for p in api] == [API_NICE], "the API yields the cores to ingest"
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     return tree
@@ -287,7 +290,7 @@ def test_ctrl_c_stops_in_dependency_order_without_redis_warnings(tmp_path: Path)
         "the children stopped in order, not forced by a second signal"
     stopped = [line for line in out.splitlines() if "stopped:" in line and "fleetlog.up" in line]
     order = [line.split("stopped: ")[1].split()[0] for line in stopped]
-    assert order == ["gateway", "worker", "api", "redis"], "Redis last: everything else needs it"
+    assert order == ["gateway", "worker", "api", "alerter", "redis"], "Redis last: everything else needs it"
     # Everything acked before the stop is stored, and still there after it.
     assert len(stored_rows(data_dir)) == 50
 

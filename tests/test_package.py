@@ -42,20 +42,22 @@ def test_the_wheel_installed_in_a_clean_venv_runs_everything(tmp_path: Path) -> 
     with tarfile.open(sdist) as archive:
         assert any(name.endswith("src/fleetlog/api/static/console.js") for name in archive.getnames())
 
+    # What a user's shell has: none of this checkout on the path, no FLEETLOG_* settings.
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("FLEETLOG_") and key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
     installed = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "requirements.lock"), str(wheel)],
-        capture_output=True, text=True, timeout=400)
+        capture_output=True, text=True, timeout=400, env=env)
     assert installed.returncode == 0, installed.stderr[-3000:]
     fleetlog_bin = str(venv / "bin" / "fleetlog")
-    version = subprocess.run([fleetlog_bin, "--version"], capture_output=True, text=True, timeout=60)
+    version = subprocess.run([fleetlog_bin, "--version"], capture_output=True, text=True, timeout=60,
+                             env=env)
     assert fleetlog.__version__ in version.stdout, version.stdout
 
     run = tmp_path / "empty"
     run.mkdir()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("FLEETLOG_") and key != "PYTHONPATH"}
     ws_port, http_port = free_port(), free_port()
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen([fleetlog_bin, "up", "--ws-port", str(ws_port), "--http-port", str(http_port)],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -13,8 +14,11 @@ import redis
 from fleetlog import keys
 from fleetlog.credentials import Credentials
 from fleetlog.reading import (
+    READ_THREADS,
+    SQLITE_READ_THREADS,
     InvalidRequest,
     Reader,
+    ReaderPool,
     decode_cursor,
     list_devices,
     logs_request,
@@ -190,3 +194,27 @@ def test_devices_without_redis_say_why(store_url: str) -> None:
         client.close()
     assert "Redis unavailable" in warning
     assert [row.device_id for row in rows] == ["D1", "D2"] and not any(r.online for r in rows)
+
+
+def test_a_pool_runs_two_reads_at_once_on_sqlite(store_url: str) -> None:
+    # SQLite reads in one process share its GIL, and the writer waits for the reads in
+    # flight when it restarts the WAL: more at once only makes each longer.
+    pool = ReaderPool(store_url)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def read(reader: Reader) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return len(reader.latest(logs_request(None, now_ms=NOW)))
+
+    try:
+        assert [f.result(10) for f in [pool.submit(read) for _ in range(8)]] == [9] * 8
+    finally:
+        pool.close()
+    assert most[0] == SQLITE_READ_THREADS == 2
+    assert ReaderPool("postgresql://nowhere/db")._threads == READ_THREADS  # reads on a server

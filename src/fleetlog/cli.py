@@ -647,7 +647,25 @@ def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
     click.echo(f"revoked {name}", err=True)
 
 
-@cli.command()
+#: sysexits' EX_USAGE: ``send``'s exit 2 means "timeout" (CONTRACT), so its usage errors differ.
+EXIT_USAGE = 64
+
+
+class _SendUsageError(click.UsageError):
+    exit_code = EXIT_USAGE
+
+
+class _SendCommand(click.Command):
+    """``send``: a usage error (``--wait 99``, a missing argument) exits 64, not click's 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _SendUsageError(exc.format_message(), exc.ctx) from exc
+
+
+@cli.command(cls=_SendCommand)
 @_common
 @click.argument("device_id")
 @click.argument("body")
@@ -660,8 +678,8 @@ def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
 def send(config: str | None, device_id: str, body: str, wait: float, **flags: Any) -> None:
     """Send the command BODY (JSON) to DEVICE_ID through the API.
 
-    Exit 0 when delivered (and, with --wait, answered), 1 offline, 2 a usage error (as for
-    every command: --wait over 60, say), 3 when the API could not be asked, 4 timeout.
+    Exit 0 when delivered (and, with --wait, answered), 1 offline, 2 timeout, 3 when the API
+    could not be asked, 64 a usage error (--wait over 60, BODY not JSON).
     """
     from fleetlog.api.client import ApiError, send_command
 
@@ -670,7 +688,7 @@ def send(config: str | None, device_id: str, body: str, wait: float, **flags: An
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         click.echo(f"fleetlog: BODY is not JSON: {exc}", err=True)
-        sys.exit(3)
+        sys.exit(EXIT_USAGE)
     url = settings.api_url or f"http://{settings.host}:{settings.http_port}"
     if not settings.api_token:
         click.echo("fleetlog: give an admin token: --api-token or FLEETLOG_API_TOKEN", err=True)
@@ -681,7 +699,7 @@ def send(config: str | None, device_id: str, body: str, wait: float, **flags: An
         click.echo(f"fleetlog: {exc}", err=True)
         sys.exit(3)
     sys.stdout.buffer.write(orjson.dumps(outcome) + b"\n")
-    sys.exit({"delivered": 0, "offline": 1}.get(str(outcome.get("status")), 4))
+    sys.exit({"delivered": 0, "offline": 1}.get(str(outcome.get("status")), 2))
 
 
 @cli.command("config")
@@ -691,3 +709,14 @@ def show_config(config: str | None, **flags: Any) -> None:
     values = _settings(config, **flags).for_display()
     for key in sorted(values):
         click.echo(f"{key} = {orjson.dumps(values[key]).decode()}")
+
+
+def _alert_commands() -> None:
+    """``fleetlog alert ...`` and ``fleetlog alerter`` (in ``fleetlog.alerts.cli``: click only at import)."""
+    from fleetlog.alerts.cli import alert, alerter
+
+    cli.add_command(alert)
+    cli.add_command(alerter)
+
+
+_alert_commands()

@@ -195,6 +195,12 @@ class Settings(BaseSettings):
     alert_give_up: float = Field(default=86_400.0, gt=0)
     alert_send_timeout: float = Field(default=10.0, gt=0, le=300)
     alert_senders: int = Field(default=8, ge=1, le=256)
+    # The alerter's CPU priority (nice), and the share of a core it uses while it catches up
+    # with the store (a drain, a burst) unless it is more than alert_max_lag s behind: it may
+    # lag under a full drain, rather than take CPU from the gateway and the worker.
+    alert_nice: int = Field(default=10, ge=0, le=19)
+    alert_cpu_share: float = Field(default=0.25, gt=0, le=1)
+    alert_max_lag: float = Field(default=60.0, ge=0)
 
     # ``fleetlog up``.
     no_files: bool = False

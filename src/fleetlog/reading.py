@@ -23,22 +23,24 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from fleetlog import keys
 from fleetlog.errors import InvalidRequest
 from fleetlog.links import is_online, parse_link
 from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 from fleetlog.records import StoredRecord, iso_ms
-from fleetlog.store import LogQuery, Store, VolumeBucket, open_store
+from fleetlog.store import LogQuery, ReadLimit, Store, VolumeBucket, open_store
 from fleetlog.store.fields import check_level
 from fleetlog.timeparse import parse_duration, parse_time
 
 __all__ = [
     "MAX_LIMIT",
+    "MAX_Q",
     "DeviceInfo",
     "InvalidRequest",
     "LogsRequest",
@@ -59,6 +61,16 @@ MAX_LIMIT: Final = 1_000_000
 FOLLOW_BATCH: Final = 1_000
 #: Buckets a volume request may span (a chart, not an export).
 MAX_BUCKETS: Final = 100_000
+#: The longest search text (characters): a longer ``q`` is refused, never run.
+MAX_Q: Final = 256
+#: The largest ``received_at`` or ``seq`` a cursor may hold (a 64-bit integer, as stored).
+_MAX_INT64: Final = 2**63 - 1
+#: Reads a :class:`ReaderPool` runs at once on a SQLite store, and on any other.  SQLite
+#: reads in one process share its GIL (a search calls Python for every record it scans),
+#: so more threads only make each read longer, and the store's writer waits for the
+#: reads in flight when it empties the WAL: two at a time keep those waits short.
+SQLITE_READ_THREADS: Final = 2
+READ_THREADS: Final = 8
 _STEPS: Final = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 
 
@@ -83,12 +95,13 @@ class LogsRequest:
 
 
 def _time(name: str, text: str | None, now_ms: int) -> int | None:
+    """Milliseconds since the epoch; a time before the epoch reads as the epoch (nothing is older)."""
     if text is None or text == "":
         return None
     try:
-        return parse_time(text, now_ms)
+        return max(0, parse_time(text, now_ms))
     except ValueError as exc:
-        raise InvalidRequest(f"{name}: {exc}") from None
+        raise InvalidRequest(f"{name}: {exc}", name) from None
 
 
 def _limit(limit: int | str | None, default: int) -> int:
@@ -97,10 +110,22 @@ def _limit(limit: int | str | None, default: int) -> int:
     try:
         value = int(limit)
     except ValueError:
-        raise InvalidRequest(f"limit: {limit!r} is not a whole number") from None
+        raise InvalidRequest(f"limit: {limit!r} is not a whole number", "limit") from None
     if not 1 <= value <= MAX_LIMIT:
-        raise InvalidRequest(f"limit: {value} is not between 1 and {MAX_LIMIT}")
+        raise InvalidRequest(f"limit: {value} is not between 1 and {MAX_LIMIT}", "limit")
     return value
+
+
+def _search(q: str | None) -> str | None:
+    """``q`` checked: at most :data:`MAX_Q` characters, and no NUL (which PostgreSQL's text
+    cannot hold: refused on every store alike)."""
+    if not q:
+        return None
+    if len(q) > MAX_Q:
+        raise InvalidRequest(f"q: {len(q)} characters, more than the {MAX_Q} a search may have", "q")
+    if "\x00" in q:
+        raise InvalidRequest("q: a NUL character cannot be searched for", "q")
+    return q
 
 
 def logs_request(
@@ -117,17 +142,18 @@ def logs_request(
     """A :class:`LogsRequest` from what a user typed; :class:`InvalidRequest` if malformed.
 
     Times are durations ago (``1h``) or ISO 8601; ``level`` a name of
-    :data:`~fleetlog.store.fields.LEVELS` (or an alias); ``q`` plain text.
+    :data:`~fleetlog.store.fields.LEVELS` (or an alias); ``q`` plain text of
+    at most :data:`MAX_Q` characters.
     """
     try:
         checked_level = check_level(level) if level else None
     except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(str(exc), "level") from None
     return LogsRequest(
         device_id,
         since=_time("since", since, now_ms),
         until=_time("until", until, now_ms),
-        q=q or None,
+        q=_search(q),
         level=checked_level,
         limit=_limit(limit, 100),
         cursor=decode_cursor(cursor) if cursor else None,
@@ -153,9 +179,9 @@ def volume_request(device_id: str | None, *, now_ms: int, since: str | None = No
         try:
             step_ms = parse_duration(step)
         except ValueError as exc:
-            raise InvalidRequest(f"step: {exc}") from None
+            raise InvalidRequest(f"step: {exc}", "step") from None
     if step_ms < 1000:
-        raise InvalidRequest("step: at least 1s")
+        raise InvalidRequest("step: at least 1s", "step")
     start = _time("since", since, now_ms)
     end = _time("until", until, now_ms)
     start = start if start is not None else now_ms - 3_600_000
@@ -163,9 +189,9 @@ def volume_request(device_id: str | None, *, now_ms: int, since: str | None = No
     # yet): whole minutes let a store count the fleet from per-minute totals.
     end = end if end is not None else now_ms - now_ms % 60_000 + 60_000
     if end <= start:
-        raise InvalidRequest("until must be after since")
+        raise InvalidRequest("until must be after since", "until")
     if (end - start) // step_ms > MAX_BUCKETS:
-        raise InvalidRequest(f"step: more than {MAX_BUCKETS} buckets; use a bigger step")
+        raise InvalidRequest(f"step: more than {MAX_BUCKETS} buckets; use a bigger step", "step")
     return VolumeRequest(device_id, start - start % step_ms, end, step_ms)
 
 
@@ -180,13 +206,16 @@ def encode_cursor(record: StoredRecord) -> str:
 
 def decode_cursor(cursor: str) -> tuple[int, int]:
     """``(received_at, seq)`` of a cursor from :func:`encode_cursor`; InvalidRequest if not one."""
+    problem = InvalidRequest(f"cursor: {cursor[:100]!r} is not a cursor fleetlog gave out", "cursor")
+    if len(cursor) > 100:  # two 64-bit integers take at most 52 characters
+        raise problem
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         received_at, seq = (int(part) for part in raw.split("."))
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor fleetlog gave out") from None
-    if received_at < 0 or seq < 0:
-        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor fleetlog gave out")
+        raise problem from None
+    if not (0 <= received_at <= _MAX_INT64 and 0 <= seq <= _MAX_INT64):
+        raise problem  # a forged one: no store holds integers past 64 bits
     return received_at, seq
 
 
@@ -420,6 +449,9 @@ class Reader:
         return list_devices(self.store, redis, **options)
 
 
+T = TypeVar("T")
+
+
 class ReaderPool:
     """Readers of one store shared by a server's threads: each read borrows one.
 
@@ -427,27 +459,53 @@ class ReaderPool:
     borrows a :class:`Reader` for one read (or one export) and gives it back;
     at most ``keep`` idle ones are kept open.  A reader whose read failed is
     closed rather than kept (the store may have been replaced).
+
+    Every borrowed reader's reads have a time budget, ``read_timeout`` seconds
+    unless the borrower gives its own :class:`~fleetlog.store.ReadLimit`; past
+    it they stop with :class:`~fleetlog.errors.ReadTimeout`.  :meth:`submit`
+    runs a read on the pool's own ``threads`` (a server's event loop never
+    waits on the store, and a flood of searches waits for those threads, not
+    for the ones every other request needs): by default
+    :data:`SQLITE_READ_THREADS` on a SQLite store, :data:`READ_THREADS` on others.
     """
 
-    def __init__(self, store_url: str, *, keep: int = 16) -> None:
+    def __init__(self, store_url: str, *, keep: int = 16, read_timeout: float | None = None,
+                 threads: int | None = None) -> None:
         self.store_url = store_url
+        self.read_timeout = read_timeout
         self._keep = keep
         self._idle: list[Reader] = []
         self._lock = threading.Lock()
         self._closed = False
+        if threads is None:
+            threads = SQLITE_READ_THREADS if store_url.startswith("sqlite:") else READ_THREADS
+        self._threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+
+    def limit(self) -> ReadLimit | None:
+        """A new budget of ``read_timeout`` seconds from now (None: no budget)."""
+        return None if self.read_timeout is None else ReadLimit(self.read_timeout)
 
     @contextmanager
-    def reader(self) -> Iterator[Reader]:
-        """A reader for the ``with`` block; raises StoreMissing when nothing is stored yet."""
+    def reader(self, limit: ReadLimit | None = None) -> Iterator[Reader]:
+        """A reader for the ``with`` block; raises StoreMissing when nothing is stored yet.
+
+        Its reads are held to ``limit``, else to a budget of ``read_timeout`` from now.
+        """
         with self._lock:
             reader = self._idle.pop() if self._idle else None
         if reader is None:
             reader = Reader.open(self.store_url)
         healthy = False
         try:
+            reader.store.set_read_limit(limit or self.limit())
             yield reader
             healthy = True
         finally:
+            try:
+                reader.store.set_read_limit(None)
+            except Exception:
+                healthy = False
             with self._lock:
                 keep = healthy and not self._closed and len(self._idle) < self._keep
                 if keep:
@@ -455,10 +513,35 @@ class ReaderPool:
             if not keep:
                 reader.close()
 
+    def submit(self, work: Callable[[Reader], T], limit: ReadLimit | None = None) -> Future[T]:
+        """Run ``work`` with a borrowed reader (held to ``limit``) on one of the pool's threads.
+
+        A read still waiting for a thread when ``limit`` is past or cancelled
+        does not start: it raises :class:`~fleetlog.errors.ReadTimeout`.
+        """
+        limit = limit or self.limit()
+
+        def run() -> T:
+            if limit is not None and limit.stopped():
+                raise limit.error()
+            with self.reader(limit) as reader:
+                return work(reader)
+
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the reader pool is closed")
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="fleetlog-read")
+            executor = self._executor
+        return executor.submit(run)
+
     def close(self) -> None:
         """Close the idle readers; borrowed ones are closed when given back."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         for reader in idle:
             reader.close()

@@ -71,9 +71,17 @@ _CHILD_STOP_TIMEOUT = 20.0
 _WATCH_INTERVAL = 0.2
 #: How long ``up`` waits for the gateway to listen before giving up.
 _GATEWAY_START_TIMEOUT = 30.0
+#: The API's CPU priority (nice): reads take what ingest (gateway, worker, Redis) leaves
+#: of the cores, never the cores it needs (issue 17; ``python -m bench.ingest_reads``).
+API_NICE = 19
 
 #: A part's state when it runs (what ``/readyz`` shows for it).
 OK = "ok"
+
+
+def _niced(nice: int, argv: list[str]) -> list[str]:
+    """``argv`` run at CPU priority ``nice`` (through ``nice(1)``; as it is where there is none)."""
+    return ["nice", "-n", str(nice), *argv] if shutil.which("nice") else argv
 
 
 def _how(code: int | None) -> str:
@@ -173,6 +181,7 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
           [f"  {fleetlog} simulate --url {ws} --devices 5 --messages 100"]),
         f"  {fleetlog} devices{flag}",
         f"  {fleetlog} logs sim-0001{flag} --follow",
+        f"  {fleetlog} alert add errors --when 'level == \"error\"' --to ntfy://ntfy.sh/TOPIC{flag}",
         "",
         "Ctrl-C stops everything.",
     ])
@@ -234,7 +243,7 @@ class Supervisor:
             self.redis_child.start()
             self.redis.wait_ready()
             self.redis_answers = True
-            self.parts = {"redis": OK, "gateway": OK, "worker": OK, "api": OK}
+            self.parts = {"redis": OK, "gateway": OK, "worker": OK, "api": OK, "alerter": OK}
             self.redis.write_up_file(self.parts)
             redis_url = self.redis.url
         try:
@@ -250,8 +259,12 @@ class Supervisor:
                     "--gateway-metrics-port", str(_gateway_metrics_port(settings)),
                 ), env=env),
                 Child("worker", self._argv("worker", *worker_extra), env=env),
-                Child("api", self._argv(
+                Child("api", _niced(API_NICE, self._argv(
                     "api", "--redis-url", redis_url, "--port", str(settings.http_port),
+                )), env=env),
+                # Alert rules (fleetlog.alerts): follows the store, so it stops after the worker.
+                Child("alerter", self._argv(
+                    "alerter", "--redis-url", redis_url, "--consumer", f"up-alerter-{settings.node_id}",
                 ), env=env),
             ]
             for child in self.children:

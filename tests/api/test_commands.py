@@ -63,7 +63,7 @@ async def test_legacy_device_receives_commands_as_text_frames(
         sent = await asyncio.to_thread(_send, api, "old-1", '{"cmd": "ping"}')
         assert sent.returncode == 0, sent.stderr
         assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"cmd": "ping"}
-        # A legacy device never answers: with --wait that is a timeout (exit 2).
+        # A legacy device never answers: with --wait that is a timeout (exit 2; a usage error is 64).
         timed_out = await asyncio.to_thread(_send, api, "old-1", '{"cmd": "ping"}', "--wait", "0.5")
         assert timed_out.returncode == 2, timed_out.stdout + timed_out.stderr
         assert json.loads(timed_out.stdout)["status"] == "timeout"

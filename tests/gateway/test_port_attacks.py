@@ -363,14 +363,16 @@ def test_handshakes_count_against_the_address_and_a_slow_head_gets_408(
                                 env={"FLEETLOG_HANDSHAKE_TIMEOUT": "3.0"})
 
     async def scenario() -> tuple[bytes, list[bytes], float]:
-        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        started = time.monotonic()
+        silent = []
+        for _ in range(5):
+            held = await asyncio.open_connection("127.0.0.1", port)
+            held[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+            silent.append(held)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         refused = await asyncio.wait_for(reader.read(1000), 5)
         writer.close()
-        started = time.monotonic()
-        for _, held in silent:
-            held.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
-        answers = [await asyncio.wait_for(r.read(1000), 5) for r, _ in silent]
+        answers = [await asyncio.wait_for(r.read(1000), 10) for r, _ in silent]
         waited = time.monotonic() - started
         for _, held in silent:
             held.close()

@@ -9,15 +9,25 @@ tested in that backend's own module.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
-from fleetlog.store import LogQuery, Store, StoreMissing, StoreUnavailable, VolumeBucket
-from tests.store.conftest import Backend
+from fleetlog.reading import Reader, list_devices, logs_request, volume_request
+from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord, iso_ms
+from fleetlog.store import (
+    LogQuery,
+    RecordRejected,
+    Store,
+    StoreMissing,
+    StoreUnavailable,
+    VolumeBucket,
+)
+from tests.store.conftest import BACKENDS, Backend
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
 DAY = 86_400_000
@@ -358,3 +368,209 @@ def test_seqs_never_go_back_even_when_retention_empties_the_store(store_factory:
     store.write_batch([rec("2-0", received_at=T0 + 200)])
     assert qids(store.after(cursor, 10)) == ["2-0"]
     assert qids(store.query(LogQuery("D1", after_seq=cursor))) == ["2-0"]
+
+
+# -- both stores agree -----------------------------------------------------------
+#
+# The same input written to SQLite and to PostgreSQL must read back the same from
+# every read: every field of every record (``seq`` only as its place in store
+# order: each store numbers its own), the device stats, pages, follow, volume and
+# search, and the reading layer on top of them (pages with cursors, the device list).
+
+NOW = T0 + 2 * DAY
+#: Awkward records: (qid, device, received_at, data exactly as queued).
+AWKWARD: list[tuple[str, str, int, bytes]] = [
+    ("nul-msg", "D1", T0, b'{"msg":"a\\u0000b","level":"ERROR"}'),
+    ("nul-level", "D1", T0 + 1, b'{"level":"err\\u0000or","msg":"NUL in the level"}'),
+    ("nul-key", "D2", T0 + 1, b'{"k\\u0000ey":"v\\u0000","msg":"NUL in a key"}'),
+    ("nul-bare", "D2", T0 + 2, b'"a bare string with a NUL \\u0000 in it"'),
+    ("non-bmp", "\U0001f525-device", T0 + 2,
+     '{"msg":"rocket \U0001f680 clef \U0001d11e ext-b \U00020000","level":"Warning"}'.encode()),
+    ("escaped", "\U0001f525-device", T0 + 3, b'{"msg":"\\ud83d\\ude80 escaped","level":"CRIT"}'),
+    ("huge", "D1", T0 + 3,
+     b'{"ts":1e300,"n":123456789012345678901234567890,"f":-0.0,"msg":"huge numbers"}'),
+    ("ts-ms", "D1", T0 + 4, b'{"ts":1795687200123,"msg":"ms"}'),
+    ("ts-s", "D1", T0 + 4, b'{"time":1795687200.5,"msg":"seconds"}'),
+    ("ts-iso", "D3", T0 + 5, b'{"timestamp":"2026-11-26T10:00:00.250+02:00","msg":"iso"}'),
+    ("ts-naive", "D3", T0 + 5, b'{"ts":"2026-11-26T10:00:00","msg":"no zone"}'),
+    ("ts-bool", "D3", T0 + 6, b'{"ts":true,"level":" info ","msg":"bool ts"}'),
+    ("ts-old", "D3", T0 + 6, b'{"ts":-99999999999999,"msg":"before 1970"}'),
+    ("nested", "D2", T0 + 7, b'{"msg":{"nested":[1,{"deep":"x"}]},"a":[[[]]],"level":"fatal"}'),
+    ("empty", "D2", T0 + 7, b'{"msg":"","level":""}'),
+    ("nulls", "D2", T0 + 8, b'{"msg":null,"level":null,"message":"second key"}'),
+    ("not-text", "D2", T0 + 8, b'{"msg":42,"level":7}'),
+    ("dup-key", "D1", T0 + 9, b'{"msg":"first","msg":"second"}'),
+    ("alias", "D1", T0 + 9, b'{"level":"Err","msg":"odd case alias"}'),
+    ("custom", "D1", T0 + 10, b'{"level":"NOTICE","msg":"custom level"}'),
+    ("dotted", "D1", T0 + 10, '{"level":"\u0130NFO","msg":"dotted capital I"}'.encode()),
+    ("array", "D3", T0 + 11, b'[1,"two",{"three":3}]'),
+    ("number", "D3", T0 + 11, b"42"),
+    ("null", "D3", T0 + 11, b"null"),
+    ("infinite", "D3", T0 + 11, b"1e400"),  # read as text (not an object nor a string)
+    ("text", "D3", T0 + 12, "plain text, not JSON: \u00c4rger".encode()),
+    ("spaced", "D3", T0 + 12, b'  {"msg":"leading space"}'),
+    ("big", "D4", T0 + 13, b'{"msg":"' + b"x" * 100_000 + b'","level":"debug"}'),
+    ("yesterday", "D4", T0 - DAY + 5, b'{"msg":"a day before","level":"error"}'),
+    ("tomorrow", "D4", T0 + DAY + 5, b'{"msg":"a day after","level":"warn"}'),
+    ("\u00e9-device-1", "\u00e9", T0 + 14, b'{"msg":"accented device","level":"trace"}'),
+    ("Z-device-1", "Z", T0 + 14, b'{"msg":"capital device","level":"fatal"}'),
+    *[(f"same-ms-{n}", "D5", T0 + 20, b'{"msg":"same millisecond %d","level":"%s"}'
+       % (n, [b"info", b"error", b"warn"][n % 3])) for n in range(7)],
+]
+#: What every store refuses, each alone: no store keeps any of them.
+REFUSED = [b'{"broken', b"raw text with a NUL \x00", b'{"m":"\\ud800"}', b"\xff\xfe not UTF-8",
+           b'{"a":"\xff"}', b'{"n":1e400}', b""]
+NEEDLES = ["a\x00b", "\x00", "\ufffd", "k\x00ey", "\U0001f680", "\U0001d11e", "\U00020000",
+           "ROCKET", "1e+300", "1.2345678901234568e+29", "-0.0", "deep", "nested", "three",
+           "\u00e4rger", "\u00c4RGER", "leading space", "x" * 50, "second", "first", "notice",
+           "dotted", "same millisecond", "NUL", "day", "escaped"]
+
+
+@pytest.fixture
+def both(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Store]]:
+    """A fresh store of every backend, by name."""
+    backends = {name: make(request, tmp_path / name) for name, make in sorted(BACKENDS.items())}
+    try:
+        yield {name: backend.open() for name, backend in backends.items()}
+    finally:
+        for backend in backends.values():
+            backend.close_all()
+
+
+Row = tuple[Any, ...]
+
+
+def _ranks(store: Store) -> dict[int, int]:
+    return {row.seq: n for n, row in enumerate(store.after(0, 1_000_000))}
+
+
+def _rows(store: Store, records: list[StoredRecord]) -> list[Row]:
+    """Every field of ``records``, ``seq`` as its place in the store's order."""
+    rank = _ranks(store)
+    return [(rank[r.seq], r.qid, r.device_id, r.received_at, r.ts, r.level, r.message, r.data)
+            for r in records]
+
+
+def _pages(store: Store, query: LogQuery) -> list[list[Row]]:
+    """Newest-first keyset pages of ``query`` (each store following its own cursors)."""
+    pages, before = [], None
+    for _ in range(100):
+        page = store.query(replace(query, before=before))
+        if not page:
+            return pages
+        pages.append(_rows(store, page))
+        before = (page[0].received_at, page[0].seq)
+    raise AssertionError("pages never ended")
+
+
+def _follow(store: Store, query: LogQuery) -> list[list[Row]]:
+    """``after_seq`` batches from the start (each store following its own cursors)."""
+    batches, cursor = [], 0
+    for _ in range(100):
+        batch = store.query(replace(query, after_seq=cursor))
+        if not batch:
+            return batches
+        batches.append(_rows(store, batch))
+        cursor = batch[-1].seq
+    raise AssertionError("follow never ended")
+
+
+def _reads(store: Store) -> dict[str, Any]:
+    """Every read of the store, normalised (see :func:`_rows`)."""
+    devices = [d.device_id for d in store.devices()]
+    reads: dict[str, Any] = {"devices": store.devices(), "after": _rows(store, store.after(0, 1000))}
+    chunks, cursor = [], 0
+    while chunk := store.after(cursor, 7):
+        chunks.append(_rows(store, chunk))
+        cursor = chunk[-1].seq
+    reads["after in chunks"] = chunks
+    assert store.max_seq() == cursor and store.after(store.max_seq(), 10) == []
+    for device in [None, *devices, "nobody"]:
+        for level in (None, "trace", "info", "warn", "error", "fatal", "ERROR", "Warning", "notice"):
+            query = LogQuery(device, level=level, limit=3)
+            reads[f"pages {device} {level}"] = _pages(store, query)
+            reads[f"follow {device} {level}"] = _follow(store, replace(query, limit=4))
+        for since, until in ((T0, T0 + 10), (T0 - DAY, T0), (None, T0 + DAY), (T0 + 5, None)):
+            reads[f"range {device} {since} {until}"] = _pages(
+                store, LogQuery(device, since=since, until=until, limit=4))
+        for since, until, step in ((T0 - DAY, T0 + 2 * DAY, 1000), (T0 - DAY, T0 + 2 * DAY, 60_000),
+                                   (T0 - DAY, T0 + 2 * DAY, 3_600_000), (T0, T0 + 60_000, 7),
+                                   (T0 + 1, T0 + 20, 5), (T0 - DAY, T0 + 2 * DAY, DAY)):
+            reads[f"volume {device} {since} {until} {step}"] = store.volume(device, since, until, step)
+    for needle in NEEDLES:
+        for device in (None, "D1", "D2"):
+            query = LogQuery(device, grep=needle, limit=100)
+            reads[f"grep {needle!r} {device}"] = _rows(store, store.query(query))
+            reads[f"grep pages {needle!r} {device}"] = _pages(store, replace(query, limit=2))
+            reads[f"grep follow {needle!r} {device}"] = _follow(store, replace(query, limit=2))
+    qids = [qid for qid, _, _, _ in AWKWARD]
+    reads["seqs_of"] = sorted(store.seqs_of([*qids, "missing"]))
+    # The reading layer on top: the API's and the CLI's pages and device list.
+    reader = Reader(store)
+    reads["device list"] = list_devices(store, None)
+    for device in (None, "D1", "\U0001f525-device"):
+        for q, level in ((None, None), ("NUL", None), (None, "error"), ("\U0001f680", "warn")):
+            pages, cursor_text = [], None
+            for _ in range(50):
+                page = reader.page(logs_request(device, now_ms=NOW, since="3d", q=q, level=level,
+                                                limit=2, cursor=cursor_text))
+                pages.append((_rows(store, page.records), page.next_cursor is not None))
+                cursor_text = page.next_cursor
+                if cursor_text is None:
+                    break
+            reads[f"reader pages {device} {q} {level}"] = pages
+        reads[f"reader volume {device}"] = reader.volume(volume_request(
+            device, now_ms=NOW, since="3d", step="hour"))
+    return reads
+
+
+def _agree(stores: dict[str, Store]) -> None:
+    answers = {name: _reads(store) for name, store in stores.items()}
+    (first, expected), *others = answers.items()
+    for name, got in others:
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == expected[key], f"{name} and {first} differ: {key}"
+
+
+def test_both_stores_read_back_awkward_input_alike(both: dict[str, Store]) -> None:
+    for store in both.values():
+        batch = [QueuedRecord(qid, device, at, data) for qid, device, at, data in AWKWARD]
+        assert store.write_batch(batch[:20]) == 20
+        assert store.write_batch(batch) == len(batch) - 20  # a redelivery stores nothing twice
+    _agree(both)  # the search index behind
+    for store in both.values():
+        catch_up(store)
+    _agree(both)  # the search index caught up
+    sqlite = both["sqlite"]
+    [nul] = sqlite.query(LogQuery("D1", grep="a\x00b"))
+    # The text columns hold U+FFFD for NUL (PostgreSQL's text cannot hold NUL); data is as sent.
+    assert (nul.message, nul.level, nul.data) == (
+        "a\ufffdb", "error", '{"msg":"a\\u0000b","level":"ERROR"}')
+    assert [r.level for r in sqlite.query(LogQuery("D1", grep="NUL in the level"))] == ["err\ufffdor"]
+    for store in both.values():
+        assert store.prune(before=T0 + 5, max_bytes=None, limit=10_000) > 0
+    _agree(both)  # retention leaves the stats (last_error too) alike
+
+
+def test_last_error_is_the_newest_error_or_fatal_on_every_store(both: dict[str, Store]) -> None:
+    for store in both.values():
+        store.write_batch([rec("1-0", "A", T0, level="error"), rec("1-1", "A", T0 + 5, level="info"),
+                           rec("1-2", "B", T0 + 1, level="warn"),
+                           rec("1-3", "C", T0 + 2, level="FATAL"), rec("1-4", "C", T0 + 1, level="Err")])
+        store.write_batch([rec("2-0", "A", T0 + 3, level="critical"),  # an alias of fatal
+                           rec("2-1", "B", T0 + 9), rec("2-2", "C", T0 - 5, level="error")])
+        assert store.devices() == [DeviceStats("A", 3, T0, T0 + 5, T0 + 3),
+                                   DeviceStats("B", 2, T0 + 1, T0 + 9, None),
+                                   DeviceStats("C", 3, T0 - 5, T0 + 2, T0 + 2)]
+        devices, _ = list_devices(store, None)
+        assert [d.last_error for d in devices] == [iso_ms(T0 + 3), None, iso_ms(T0 + 2)]
+
+
+@pytest.mark.parametrize("data", REFUSED, ids=[repr(d)[:20] for d in REFUSED])
+def test_what_one_store_refuses_every_store_refuses(both: dict[str, Store], data: bytes) -> None:
+    for name, store in both.items():
+        with pytest.raises(RecordRejected):
+            store.write_batch([rec("1-0"), QueuedRecord("1-1", "D1", T0, data)])
+        assert store.after(0, 10) == [], name  # nothing of the batch kept
+        assert store.write_batch([rec("1-0")]) == 1

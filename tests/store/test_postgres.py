@@ -68,7 +68,8 @@ def test_open_store_takes_postgresql_urls_and_migrates_once(pg_url: str) -> None
     second = open_store(pg_url.replace("postgresql://", "postgres://"))  # a second worker
     assert second.store_id == first.store_id
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [
+            (n,) for n in range(1, len(MIGRATIONS) + 1)]  # each once
     first.close()
     second.close()
 
@@ -119,6 +120,47 @@ def test_device_stats_deltas_fold_in_upkeep(store: PostgresStore, pg_url: str) -
     assert deltas() == 1000
     stats = {d.device_id: d.records for d in store.devices()}
     assert len(stats) == 1000 and stats["D0"] == 7 and stats["D1"] == 7 and stats["D2"] == 5
+
+
+def test_last_error_survives_the_fold_a_merge_and_retention(store: PostgresStore,
+                                                             pg_url: str) -> None:
+    error = {"level": "error", "msg": "e"}
+    store.write_batch([rec(sid(T0, 0), "A", data=error), rec(sid(T0 + 5, 0), "A"),
+                       rec(sid(T0 + 1, 0), "B", data={"level": "Fatal"})])
+    # A redelivery with one new record goes through the merge (ON CONFLICT) path.
+    store.write_batch([rec(sid(T0, 0), "A", data=error), rec(sid(T0 + 3, 0), "A", data=error)])
+    before = [(d.device_id, d.records, d.last_error) for d in store.devices()]
+    assert before == [("A", 3, T0 + 3), ("B", 1, T0 + 1)]
+    store._unfolded = 1_000_000  # a fold is due
+    store.upkeep(10)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM device_counts").fetchone() == (2,)
+    assert [(d.device_id, d.records, d.last_error) for d in store.devices()] == before
+    store.prune(before=T0 + 4, max_bytes=None, limit=100)  # as on SQLite: last_error stays
+    assert [(d.device_id, d.records, d.last_error) for d in store.devices()] == [
+        ("A", 1, T0 + 3), ("B", 0, T0 + 1)]
+
+
+def test_migration_2_finds_last_error_in_the_records_stored(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    store.write_batch([rec(sid(T0, 0), "A", data={"level": "error"}), rec(sid(T0 + 1, 0), "A"),
+                       rec(sid(T0 + 2, 0), "B", data={"level": "warn"}),
+                       rec(sid(T0 + 3, 0), "C", data={"level": "fatal"}),
+                       rec(sid(T0 + 4, 0), "C", data={"level": "error"})])
+    store.close()
+    with psycopg.connect(pg_url) as conn:  # back to schema 1, as an older fleetlog left it
+        conn.execute("ALTER TABLE device_counts DROP COLUMN last_error")
+        conn.execute("DELETE FROM schema_version WHERE version >= 2")
+    old = PostgresStore(pg_url, readonly=True)  # a reader never migrates: no last_error yet
+    assert [(d.device_id, d.records, d.last_error) for d in old.devices()] == [
+        ("A", 2, None), ("B", 1, None), ("C", 2, None)]
+    migrated = PostgresStore(pg_url)
+    assert [(d.device_id, d.records, d.first_seen, d.last_seen, d.last_error)
+            for d in migrated.devices()] == [("A", 2, T0, T0 + 1, T0), ("B", 1, T0 + 2, T0 + 2, None),
+                                             ("C", 2, T0 + 3, T0 + 4, T0 + 4)]
+    assert [d.last_error for d in old.devices()] == [T0, None, T0 + 4]  # and the reader sees it
+    old.close()
+    migrated.close()
 
 
 def test_same_id_from_two_stream_shards_is_two_records(store: PostgresStore) -> None:
@@ -285,10 +327,11 @@ def test_concurrent_writers_and_a_follower_lose_and_repeat_nothing(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         finished = done.is_set()
-        for row in store.after(cursor, 500):
+        page = store.after(cursor, 500)
+        for row in page:
             seen.append(row.qid)
             cursor = row.seq
-        if finished:
+        if finished and not page:  # the writers are done and the follower read everything
             break
         if not any(thread.is_alive() for thread in threads):
             done.set()

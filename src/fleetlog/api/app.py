@@ -4,7 +4,10 @@ Routes live in their own modules (``commands``, ``device_tokens``,
 ``health``); this one wires them, owns the clients' lifetime (opened at
 startup, closed at shutdown), and counts requests for ``/metrics``.  Every
 route but ``/healthz`` needs an operator token (:mod:`.auth`), ``/openapi.json``
-included.
+included.  Request bodies are authenticated before they are read, and bounded
+(:mod:`.limits`); a path with a trailing slash too many (or too few) is
+redirected with a relative ``Location``, never one built from the ``Host``
+header.
 """
 
 from __future__ import annotations
@@ -17,10 +20,18 @@ from typing import Any, Final
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.responses import RedirectResponse
+from starlette.routing import Match, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fleetlog.api import commands, console, device_tokens, health, reads, stream
+from fleetlog.alerts.book import AlertBook
+from fleetlog.alerts.metrics import AlertsCollector
+from fleetlog.api import alerts, commands, console, device_tokens, health, reads, stream
+from fleetlog.api.bus import Bus
 from fleetlog.api.commits import CommitFeed
 from fleetlog.api.deps import Reader, Services
+from fleetlog.api.guard import StreamGuard
+from fleetlog.api.limits import BodyLimits
 from fleetlog.config import Settings, mask_url
 from fleetlog.queue.connection import connect, connect_async
 from fleetlog.queue.stats import QueueCollector, queue_stats_for
@@ -46,7 +57,44 @@ def _registry(settings: Settings, services: Callable[[], Services]) -> tuple[Col
                    registry=registry)
 
     registry.register(QueueCollector(lambda: queue_stats_for(services().redis, settings)))
+    registry.register(AlertsCollector(lambda: AlertBook(services().redis).stats()))
     return registry, requests, sent, latency
+
+
+def _relative_slash_redirect(router: Router) -> ASGIApp:
+    """The router's fallback: redirect ``/metrics/`` to ``/metrics`` (and back) by a relative URL.
+
+    Starlette's own redirect builds an absolute URL from the ``Host`` header,
+    so ``Host: evil.example`` got ``Location: http://evil.example/metrics``.
+    """
+    not_found = router.not_found
+
+    async def fallback(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and path != "/":
+            other = dict(scope, path=path.rstrip("/") if path.endswith("/") else path + "/")
+            if other["path"] and any(route.matches(other)[0] is not Match.NONE for route in router.routes):
+                raw = (scope.get("raw_path") or path.encode()).decode("latin-1")
+                raw = raw.rstrip("/") if raw.endswith("/") else raw + "/"
+                query = scope.get("query_string", b"").decode("latin-1")
+                # "//host" would be a network-path reference: keep one leading slash.
+                location = "/" + raw.lstrip("/") + (f"?{query}" if query else "")
+                await RedirectResponse(location, 307)(scope, receive, send)
+                return
+        await not_found(scope, receive, send)
+
+    return fallback
+
+
+class _Api(FastAPI):
+    """The application, its middleware inside :class:`~fleetlog.api.guard.StreamGuard`.
+
+    The guard goes outside everything, Starlette's own error middleware
+    included, to see the server's ``send`` (see :mod:`.guard`).
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return StreamGuard(super().build_middleware_stack(), lambda: getattr(self.state, "services", None))
 
 
 def create_app(settings: Settings, redis_url: str) -> FastAPI:
@@ -57,25 +105,31 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         aredis = connect_async(redis_url, timeout=settings.redis_timeout, pool_size=REDIS_POOL)
+        readers = ReaderPool(settings.store_url, read_timeout=settings.read_timeout)
         services = Services(settings, redis_url, aredis, connect(redis_url, timeout=settings.redis_timeout),
-                            registry, sent, ReaderPool(settings.store_url), CommitFeed(aredis))
+                            registry, sent, readers, CommitFeed(aredis), Bus(aredis))
         holder[:] = [services]
         app.state.services = services
         services.feed.start()
+        services.bus.start()
         try:
             yield
         finally:
+            await services.bus.close()
             await services.feed.close()
             await services.aredis.aclose()
             services.redis.close()
             services.readers.close()
 
-    app = FastAPI(title="fleetlog", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, description="Read a fleet's logs, send its devices commands, manage "
-                  "its credentials.  Every route but /healthz needs `Authorization: Bearer TOKEN` "
-                  "(`fleetlog api-token add NAME`).")
-    for module in (health, reads, stream, commands, device_tokens, console):
+    app = _Api(title="fleetlog", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
+               redoc_url=None, redirect_slashes=False, description="Read a fleet's logs, send its devices "
+               "commands, manage its credentials.  Every route but /healthz needs "
+               "`Authorization: Bearer TOKEN` (`fleetlog api-token add NAME`).")
+    for module in (health, reads, stream, commands, device_tokens, alerts, console):
         app.include_router(module.router)
+    app.router.default = _relative_slash_redirect(app.router)
+    # Inside the request counter below (added later, so outside): its answers are counted too.
+    app.add_middleware(BodyLimits, max_bytes=settings.max_command_bytes, timeout=settings.body_timeout)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi(_token: Reader) -> dict[str, Any]:

@@ -9,7 +9,10 @@ no slow hash, see :mod:`fleetlog.credentials`).  Keys:
 * ``fleetlog:api-token:<name>`` hash: ``token_hash``, ``role``, ``created_at``.
 
 Adding and revoking are each one Lua script over both keys, so a name never
-holds two tokens and a revoked token never lingers.  On a Redis Cluster both
+holds two tokens and a revoked token never lingers.  Revoking also publishes
+the token's hash on :data:`fleetlog.keys.API_TOKEN_CHANGES` (in the same
+script): every API process ends the live tails and exports still open with
+it (:mod:`fleetlog.api.bus`).  On a Redis Cluster both
 keys carry the hash tag ``{api-tokens}``, one slot, so the scripts run there too
 (:class:`fleetlog.keys.ApiTokenKeys`).  ``read`` may call every
 reading route; ``admin`` may also send commands and manage device tokens.
@@ -30,7 +33,7 @@ from fleetlog.errors import FleetlogError, UnknownToken
 from fleetlog.queue.connection import is_cluster
 from fleetlog.records import iso_ms
 
-__all__ = ["ROLES", "OperatorToken", "OperatorTokens", "Role", "UnknownToken", "allows"]
+__all__ = ["ROLES", "OperatorToken", "OperatorTokens", "Role", "UnknownToken", "allows", "known_entry"]
 
 Role = Literal["read", "admin"]
 ROLES: Final = ("read", "admin")
@@ -45,12 +48,13 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 return 1
 """
 
-#: KEYS = name record, token table.  Nil if there is no such name.
+#: KEYS = name record, token table; ARGV = the channel announcing changes.  Nil if there is no such name.
 _REVOKE: Final = """
 local old = redis.call('HGET', KEYS[1], 'token_hash')
 if not old then return false end
 redis.call('HDEL', KEYS[2], old)
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], old)
 return 1
 """
 
@@ -72,7 +76,8 @@ def _check_name(name: str) -> None:
         raise FleetlogError("a token name is 1 to 64 printable characters, no surrounding spaces")
 
 
-def _decode(raw: bytes | str) -> OperatorToken | None:
+def known_entry(raw: bytes | str) -> OperatorToken | None:
+    """The operator a token table entry names, or ``None`` if it is not a valid entry."""
     try:
         entry = orjson.loads(raw)
         role = entry["role"]
@@ -107,16 +112,18 @@ class OperatorTokens:
         return token
 
     def revoke(self, name: str) -> None:
-        """Delete the token named ``name``; requests with it are refused from now on."""
-        if self._revoke(keys=[self._keys.name(name), self._keys.table]) is None:
+        """Delete the token named ``name``; requests with it are refused from now on, and the
+        answers still open with it (on every API process) are ended."""
+        if self._revoke(keys=[self._keys.name(name), self._keys.table],
+                        args=[keys.API_TOKEN_CHANGES]) is None:
             raise UnknownToken(f"no API token named {name!r}")
 
     def list(self) -> list[OperatorToken]:
-        tokens = [_decode(raw) for raw in self._client.hvals(self._keys.table)]
+        tokens = [known_entry(raw) for raw in self._client.hvals(self._keys.table)]
         return sorted((token for token in tokens if token is not None), key=lambda token: token.name)
 
 
 async def identify(client: Any, token: str) -> OperatorToken | None:
     """The operator a bearer token belongs to (an asyncio client), or ``None``."""
     raw = await client.hget(keys.api_token_keys(is_cluster(client)).table, hash_token(token))
-    return None if raw is None else _decode(raw)
+    return None if raw is None else known_entry(raw)

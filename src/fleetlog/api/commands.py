@@ -10,6 +10,15 @@ channel; the node writes the frame to the device and answers ``delivered``
 ``command_result`` on the same channel.  Every wait is bounded:
 :data:`DELIVERY_TIMEOUT` for the node, ``wait`` seconds for the result.
 
+The subscription is made on the process's one pub/sub connection
+(:meth:`fleetlog.api.bus.Bus.replies`), not on a connection of its own: a
+command waiting 60 s for its result holds none of the pool's connections, so
+a thousand of them delay no other request.
+
+The body is any JSON of at most ``max_command_bytes`` (64 KiB): the token is
+checked, and the size, before a byte of it is read (:mod:`.limits`), so no
+command can grow past what Redis pub/sub and a gateway's subscription take.
+
 A device that moved to another node between the lookup and the publish is
 answered ``offline`` by its old node; the link is then read again and the
 command sent once more to where it is now (at most :data:`MAX_ATTEMPTS`).
@@ -17,7 +26,6 @@ command sent once more to where it is now (at most :data:`MAX_ATTEMPTS`).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from typing import Annotated, Any, Final, Literal
@@ -28,6 +36,7 @@ from fastapi import APIRouter, Body, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from fleetlog import keys
+from fleetlog.api.bus import Bus
 from fleetlog.api.deps import ERRORS, Admin, Found, invalid
 from fleetlog.device_id import device_id_problem
 from fleetlog.links import parse_link
@@ -68,27 +77,12 @@ async def _link(client: redis.asyncio.Redis, device_id: str) -> dict[str, Any] |
     return link
 
 
-async def _next_message(pubsub: Any, deadline: float) -> dict[str, Any] | None:
-    """The next reply on the subscription, or ``None`` at ``deadline``."""
-    while (left := deadline - time.monotonic()) > 0:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 1.0))
-        if message is not None:
-            try:
-                value = orjson.loads(message["data"])
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
-
-
-async def send_command(client: redis.asyncio.Redis, device_id: str, body: Any, *,
+async def send_command(client: redis.asyncio.Redis, bus: Bus, device_id: str, body: Any, *,
                        wait: float = 0.0) -> CommandOutcome:
-    """Send ``body`` to the device; see the module docstring.  Raises redis-py's errors."""
+    """Send ``body`` to the device; see the module docstring.  Raises redis-py's errors
+    (but for the subscription lost while waiting for the result: a timeout)."""
     command_id = secrets.token_hex(12)
-    pubsub = client.pubsub()
-    try:
-        await pubsub.subscribe(keys.command_reply(command_id))
+    async with bus.replies(keys.command_reply(command_id), DELIVERY_TIMEOUT) as replies:
         delivered = False
         for _ in range(MAX_ATTEMPTS):
             link = await _link(client, device_id)
@@ -98,7 +92,7 @@ async def send_command(client: redis.asyncio.Redis, device_id: str, body: Any, *
                                     "conn": link.get("conn"), "body": body})
             if not await client.publish(keys.node_control(link["node"]), message):
                 break  # the node is not listening: it is gone
-            reply = await _next_message(pubsub, time.monotonic() + DELIVERY_TIMEOUT)
+            reply = await replies.next(time.monotonic() + DELIVERY_TIMEOUT)
             if reply is None:
                 return CommandOutcome(id=command_id, device_id=device_id, status="timeout",
                                       delivered=False)
@@ -111,21 +105,24 @@ async def send_command(client: redis.asyncio.Redis, device_id: str, body: Any, *
         if wait <= 0:
             return CommandOutcome(id=command_id, device_id=device_id, status="delivered", delivered=True)
         deadline = time.monotonic() + wait
-        while (reply := await _next_message(pubsub, deadline)) is not None:
-            # Only the device the command went to may answer it.
-            if reply.get("status") == "result" and reply.get("device") == device_id:
-                return CommandOutcome(id=command_id, device_id=device_id, status="delivered",
-                                      delivered=True, result=reply.get("result"))
+        try:
+            while (reply := await replies.next(deadline)) is not None:
+                # Only the device the command went to may answer it.
+                if reply.get("status") == "result" and reply.get("device") == device_id:
+                    return CommandOutcome(id=command_id, device_id=device_id, status="delivered",
+                                          delivered=True, result=reply.get("result"))
+        except REDIS_DOWN:
+            pass  # sent, but its answer can no longer come: no answer in time
         return CommandOutcome(id=command_id, device_id=device_id, status="timeout", delivered=True)
-    finally:
-        await asyncio.shield(pubsub.aclose())
 
 
 router = APIRouter(tags=["commands"], responses=ERRORS)
 
 
 @router.post("/api/devices/{device_id:device}/commands", response_model=CommandOutcome,
-             summary="Send a command to a device")
+             summary="Send a command to a device", responses={
+                 408: {"description": "The body did not arrive within body_timeout (10 s)."},
+                 413: {"description": "The body is over max_command_bytes (64 KiB)."}})
 async def post_command(
     device_id: Annotated[str, Path(description="The device's id.")],
     body: Annotated[Any, Body(description="Any JSON: a legacy device receives it as it is, a v2 "
@@ -139,7 +136,7 @@ async def post_command(
     if problem:
         raise invalid("path", "device_id", problem)
     try:
-        outcome = await send_command(found.aredis, device_id, body, wait=wait)
+        outcome = await send_command(found.aredis, found.bus, device_id, body, wait=wait)
     except REDIS_DOWN as exc:
         raise HTTPException(503, "Redis is not answering; the command was not sent") from exc
     found.commands.labels(outcome.status).inc()

@@ -29,12 +29,12 @@ _HEADERS: Final = {
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html", headers=_HEADERS)
 
 
-@router.get("/console/{name}")
+@router.api_route("/console/{name}", methods=["GET", "HEAD"])
 def static_file(name: str) -> FileResponse:
     path = STATIC / name
     if "/" in name or name.startswith(".") or path.suffix not in _TYPES or not path.is_file():

@@ -9,7 +9,7 @@ too weak is 403, Redis not answering is 503.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import redis
@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from fleetlog.api.auth import OperatorToken, Role, allows, identify
+from fleetlog.api.bus import Bus
 from fleetlog.api.commits import CommitFeed
+from fleetlog.api.guard import MemoryTrim
 from fleetlog.config import Settings
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.reading import ReaderPool
@@ -68,6 +70,8 @@ class Services:
     commands: Counter
     readers: ReaderPool  # the store, read-only, one reader per thread at a time
     feed: CommitFeed  # the workers' commit announcements, for live tails
+    bus: Bus  # token revocations, command replies: one subscription for the process
+    memory: MemoryTrim = field(default_factory=MemoryTrim)  # gives memory back after large answers
 
 
 def services(request: Request) -> Services:
@@ -103,7 +107,7 @@ def require(role: Role) -> Callable[..., Awaitable[OperatorToken]]:
         if token is None:
             raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
         if not allows(token.role, role):
-            raise HTTPException(403, f"this needs an {role} token; {token.name!r} is {token.role}")
+            raise HTTPException(403, f"this needs an {role} token; this token's role is {token.role}")
         return token
 
     return check

@@ -9,26 +9,36 @@ an error: a fresh install's console shows an empty fleet.
 
 Record rows are spliced from the stored JSON (:func:`fleetlog.view.record_line`)
 rather than built as models: the bytes a device sent come back as they are.
+
+Every store read runs on the reader pool's own threads (never the event loop,
+never the threads other routes need) under a time budget, ``read_timeout``
+(5 s): past it the read is stopped and the answer is 503, "narrow the search".
+A client that goes away stops its read at once (the route watches for the
+disconnect while the read runs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
-from collections.abc import Iterator
-from typing import Annotated, Any, Final, Literal
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Annotated, Any, Final, Literal, TypeVar
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from fleetlog.api.deps import ERRORS, Found, Reader, invalid
+from fleetlog.api.deps import ERRORS, Found, Reader, Services, invalid
+from fleetlog.api.guard import CHUNK, ReadBudget, drain, export_records
 from fleetlog.device_id import device_id_problem
-from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
+from fleetlog.errors import InvalidRequest, ReadTimeout, StoreMissing, StoreUnavailable
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.queue.stats import queue_stats_for
 from fleetlog.reading import (
+    MAX_Q,
     LogsRequest,
     Page,
     SortKey,
@@ -37,7 +47,9 @@ from fleetlog.reading import (
     logs_request,
     volume_request,
 )
+from fleetlog.reading import Reader as StoreReader
 from fleetlog.records import StoredRecord, iso_ms
+from fleetlog.store import ReadLimit
 from fleetlog.view import record_line
 
 __all__ = ["check_device", "checked_request", "record_row", "router"]
@@ -127,7 +139,7 @@ def checked_request(device_id: str | None, **fields: Any) -> LogsRequest:
     try:
         return logs_request(device_id, now_ms=_now_ms(), **fields)
     except InvalidRequest as exc:
-        raise invalid("query", str(exc).split(":", 1)[0], str(exc)) from None
+        raise invalid("query", exc.field or "query", str(exc)) from None
 
 
 def check_device(device_id: str | None, where: str = "query", name: str = "device") -> None:
@@ -136,17 +148,59 @@ def check_device(device_id: str | None, where: str = "query", name: str = "devic
 
 
 def _unavailable(exc: Exception) -> HTTPException:
+    if isinstance(exc, ReadTimeout):
+        return HTTPException(503, f"{exc}: narrow the search (one device, a shorter since/until, "
+                             "a level, a longer or rarer q)")
     return HTTPException(503, f"the store is not answering: {exc}")
 
 
-def _page(found: Found, request: LogsRequest) -> Response:
+T = TypeVar("T")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away (a GET's request has no body to read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # read by nobody when the client left: not "never retrieved"
+
+
+async def read_store(request: Request, found: Services, work: Callable[[StoreReader], T]) -> T:
+    """``work(reader)`` on the reader pool's threads, under the read budget.
+
+    Stopped at once when the client goes away; StoreMissing passes through, a
+    store fault or a read past its budget is a 503.
+    """
+    limit = found.readers.limit() or ReadLimit()
+    result = asyncio.wrap_future(found.readers.submit(work, limit))
+    result.add_done_callback(_retrieve)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        with found.readers.reader() as reader:
-            page = reader.page(request)
+        await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        limit.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not result.done():
+        limit.cancel()
+        raise HTTPException(503, "the client went away; the read was stopped")
+    try:
+        return result.result()
     except StoreMissing:
-        page = Page([], None)
+        raise
     except StoreUnavailable as exc:
         raise _unavailable(exc) from exc
+
+
+async def _page(request: Request, found: Services, logs: LogsRequest) -> Response:
+    try:
+        page = await read_store(request, found, lambda reader: reader.page(logs))
+    except StoreMissing:
+        page = Page([], None)
     cursor = b"null" if page.next_cursor is None else b'"' + page.next_cursor.encode() + b'"'
     body = (b'{"records":[' + b",".join(record_row(r) for r in page.records)
             + b'],"next_cursor":' + cursor + b"}")
@@ -155,8 +209,9 @@ def _page(found: Found, request: LogsRequest) -> Response:
 
 Since = Annotated[str | None, Query(description="Records received since: a duration ago (1h) or ISO 8601.")]
 Until = Annotated[str | None, Query(description="Records received before: a duration ago or ISO 8601.")]
-Text = Annotated[str | None, Query(description="Plain text the record contains (case-insensitive, "
-                                   "Unicode); never a query language: `\"`, `*`, `NEAR(` are characters.")]
+Text = Annotated[str | None, Query(max_length=MAX_Q, description=(
+    "Plain text the record contains (case-insensitive, Unicode); never a query language: `\"`, `*`, "
+    f"`NEAR(` are characters.  At most {MAX_Q} characters, no NUL."))]
 Level = Annotated[str | None, Query(description="This level and above: trace debug info warn error fatal.")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Records per page.")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the page before.")]
@@ -167,102 +222,135 @@ DeviceParam = Annotated[str | None, Query(description="One device's id (none: th
 
 
 @router.get("/api/devices", response_model=DevicesOut, summary="Every known device")
-def get_devices(
-    _token: Reader, found: Found,
+async def get_devices(
+    _token: Reader, found: Found, request: Request,
     prefix: Annotated[str, Query(description="Only ids starting with this.")] = "",
     online: Annotated[bool | None, Query(description="Only online (true) or offline (false) ones.")] = None,
     sort: Annotated[SortKey, Query(description="Sort key.")] = "device_id",
     order: Annotated[Literal["asc", "desc"], Query()] = "asc",
 ) -> DevicesOut:
+    options: dict[str, Any] = {"prefix": prefix, "online": online, "sort": sort,
+                               "descending": order == "desc"}
     try:
-        with found.readers.reader() as reader:
-            rows, warning = reader.devices(found.redis, prefix=prefix, online=online, sort=sort,
-                                           descending=order == "desc")
+        rows, warning = await read_store(request, found,
+                                         lambda reader: reader.devices(found.redis, **options))
     except StoreMissing:
-        rows, warning = list_devices(None, found.redis, prefix=prefix, online=online, sort=sort,
-                                     descending=order == "desc")
-    except StoreUnavailable as exc:
-        raise _unavailable(exc) from exc
+        rows, warning = await asyncio.to_thread(list_devices, None, found.redis, **options)
     return DevicesOut(devices=[DeviceOut(**row.as_dict()) for row in rows], warning=warning)
 
 
 @router.get("/api/devices/{device_id:device}/logs", response_model=PageOut,
             summary="One device's records, newest first (keyset pages)")
-def get_device_logs(
+async def get_device_logs(
     device_id: Annotated[str, Path(description="The device's id.")],
-    _token: Reader, found: Found,
+    _token: Reader, found: Found, request: Request,
     q: Text = None, level: Level = None, since: Since = None, until: Until = None,
     limit: Limit = PAGE, cursor: Cursor = None,
 ) -> Response:
     check_device(device_id, "path", "device_id")
-    return _page(found, checked_request(device_id, q=q, level=level, since=since, until=until,
-                                 limit=limit, cursor=cursor))
+    return await _page(request, found, checked_request(device_id, q=q, level=level, since=since,
+                                                       until=until, limit=limit, cursor=cursor))
 
 
 @router.get("/api/logs", response_model=PageOut, summary="The fleet's records, newest first (keyset pages)")
-def get_logs(
-    _token: Reader, found: Found,
+async def get_logs(
+    _token: Reader, found: Found, request: Request,
     q: Text = None, level: Level = None, since: Since = None, until: Until = None,
     device: DeviceParam = None, limit: Limit = PAGE, cursor: Cursor = None,
 ) -> Response:
     check_device(device)
-    return _page(found, checked_request(device, q=q, level=level, since=since, until=until,
-                                 limit=limit, cursor=cursor))
+    return await _page(request, found, checked_request(device, q=q, level=level, since=since,
+                                                       until=until, limit=limit, cursor=cursor))
 
 
 @router.get("/api/stats/volume", response_model=VolumeOut, summary="Records per time step and level")
-def get_volume(
-    _token: Reader, found: Found, device: DeviceParam = None,
+async def get_volume(
+    _token: Reader, found: Found, request: Request, device: DeviceParam = None,
     since: Annotated[str | None, Query(description="Start (default 1h ago).")] = None,
     until: Annotated[str | None, Query(description="End (default now).")] = None,
     step: Annotated[str, Query(description="minute, hour, day, or a duration (5m).")] = "minute",
 ) -> VolumeOut:
     check_device(device)
     try:
-        request = volume_request(device, now_ms=_now_ms(), since=since, until=until, step=step)
+        asked = volume_request(device, now_ms=_now_ms(), since=since, until=until, step=step)
     except InvalidRequest as exc:
-        raise invalid("query", str(exc).split(":", 1)[0].split(" ", 1)[0], str(exc)) from None
+        raise invalid("query", exc.field or "query", str(exc)) from None
     try:
-        with found.readers.reader() as reader:
-            buckets = reader.volume(request)
+        buckets = await read_store(request, found, lambda reader: reader.volume(asked))
     except StoreMissing:
         buckets = []
-    except StoreUnavailable as exc:
-        raise _unavailable(exc) from exc
-    return VolumeOut(since=iso_ms(request.since), until=iso_ms(request.until),
-                     step_seconds=request.step // 1000,
+    return VolumeOut(since=iso_ms(asked.since), until=iso_ms(asked.until),
+                     step_seconds=asked.step // 1000,
                      buckets=[BucketOut(start=iso_ms(b.start), level=b.level, records=b.records)
                               for b in buckets])
 
 
 _CSV_COLUMNS: Final = ("seq", "device_id", "received_at", "ts", "level", "message", "data")
+#: What a spreadsheet takes a cell starting with for a formula (OWASP, CSV injection).
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a leading ``'`` before a formula's first character."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _csv_line(values: tuple[Any, ...]) -> bytes:
+    """One CSV row (RFC 4180: CRLF after each; a field holding CR, LF or ``"`` is quoted)."""
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(values)
+    # "\r\n", not "\n": the csv module quotes a field holding a character of the line
+    # terminator, so with "\n" a lone CR in a message went out bare, and a reader saw two rows.
+    csv.writer(out, lineterminator="\r\n").writerow([_cell(value) for value in values])
     return out.getvalue().encode()
 
 
-def _export(found: Found, request: LogsRequest, form: str) -> Iterator[bytes]:
-    """The export's chunks; runs in a thread (starlette iterates a sync iterator there)."""
+def _export_line(record: StoredRecord, form: str) -> bytes:
+    if form == "csv":
+        return _csv_line((record.seq, record.device_id, iso_ms(record.received_at),
+                          iso_ms(record.ts) if record.ts is not None else "", record.level or "",
+                          record.message or "", record.data))
+    return record_line(record) + b"\n"
+
+
+def _export_chunks(records: Iterable[StoredRecord], form: str) -> Iterator[bytes]:
+    """The records' lines, about :data:`~.guard.CHUNK` bytes at a time."""
+    chunk: list[bytes] = []
+    size = 0
+    for record in records:
+        line = _export_line(record, form)
+        chunk.append(line)
+        size += len(line)
+        if size >= CHUNK:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield b"".join(chunk)
+
+
+def _export(found: Services, request: LogsRequest, form: str, first: list[StoredRecord],
+            budget: ReadBudget, more: bool) -> Iterator[bytes]:
+    """The export's chunks from its ``first`` page on (``more``: there may be more); runs in
+    a thread (starlette iterates a sync iterator there), each page under the read budget
+    and sized by ``budget`` (bytes: :mod:`.guard`), each record let go once sent."""
     if form == "csv":
         yield _csv_line(_CSV_COLUMNS)
+    if not first:
+        return
+    rest = replace(request, cursor=(first[-1].received_at, first[-1].seq))
+    yield from _export_chunks(drain(first), form)
+    if not more:
+        return
     try:
         with found.readers.reader() as reader:
-            chunk: list[bytes] = []
-            for record in reader.export(request):
-                if form == "csv":
-                    chunk.append(_csv_line((
-                        record.seq, record.device_id, iso_ms(record.received_at),
-                        iso_ms(record.ts) if record.ts is not None else "", record.level or "",
-                        record.message or "", record.data)))
-                else:
-                    chunk.append(record_line(record) + b"\n")
-                if len(chunk) >= 1000:
-                    yield b"".join(chunk)
-                    chunk = []
-            yield b"".join(chunk)
+            seconds = found.readers.read_timeout
+
+            def page_budget() -> None:
+                if seconds is not None:
+                    reader.store.set_read_limit(ReadLimit(seconds))
+
+            yield from _export_chunks(export_records(reader, rest, budget, page_budget), form)
     except StoreMissing:
         return
 
@@ -272,32 +360,37 @@ def _export(found: Found, request: LogsRequest, form: str) -> Iterator[bytes]:
                 "description": "One record per line (NDJSON), or CSV with a header row.",
                 "content": {"application/x-ndjson": {"schema": {"type": "string"}},
                             "text/csv": {"schema": {"type": "string"}}}}})
-def get_export(
-    _token: Reader, found: Found, device: DeviceParam = None, since: Since = None,
+async def get_export(
+    _token: Reader, found: Found, request: Request, device: DeviceParam = None, since: Since = None,
     until: Until = None, q: Text = None, level: Level = None,
     format: Annotated[Literal["ndjson", "csv"], Query(description="ndjson or csv.")] = "ndjson",
 ) -> StreamingResponse:
     check_device(device)
-    request = checked_request(device, q=q, level=level, since=since, until=until)
+    budget = ReadBudget(found.settings.stream_buffer_bytes, found.settings.max_frame_bytes)
+    asked = replace(checked_request(device, q=q, level=level, since=since, until=until),
+                    limit=budget.limit)
+    try:  # the first page before the answer starts: a search past its budget is still a 503
+        first = await read_store(request, found, lambda reader: reader.page(asked).records)
+    except StoreMissing:
+        first = []
+    more = len(first) == asked.limit
+    more = not budget.keep(first) or more
     name = f"fleetlog-{device or 'fleet'}.{format}".replace('"', "_").replace("/", "_")
     return StreamingResponse(
-        _export(found, request, format),
+        _export(found, asked, format, first, budget, more),
         media_type="text/csv" if format == "csv" else "application/x-ndjson",
         headers={"Content-Disposition": f'attachment; filename="{name.encode("ascii", "replace").decode()}"'})
 
 
 @router.get("/api/overview", response_model=OverviewOut, summary="Fleet totals and the queue's state")
-def get_overview(_token: Reader, found: Found) -> OverviewOut:
+async def get_overview(_token: Reader, found: Found, request: Request) -> OverviewOut:
     try:
-        with found.readers.reader() as reader:
-            rows, warning = reader.devices(found.redis)
+        rows, warning = await read_store(request, found, lambda reader: reader.devices(found.redis))
     except StoreMissing:
-        rows, warning = list_devices(None, found.redis)
-    except StoreUnavailable as exc:
-        raise _unavailable(exc) from exc
+        rows, warning = await asyncio.to_thread(list_devices, None, found.redis)
     settings = found.settings
     try:
-        stats: Any = queue_stats_for(found.redis, settings)
+        stats: Any = await asyncio.to_thread(queue_stats_for, found.redis, settings)
     except REDIS_DOWN as exc:
         stats = None
         warning = warning or f"Redis unavailable ({exc})"

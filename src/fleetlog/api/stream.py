@@ -12,15 +12,21 @@ the stream with ``fetch()`` (see ``static/console.js``).
 A tail does not poll the store in a loop: it reads ``after(cursor)``, then
 sleeps on the process's :class:`~fleetlog.api.commits.CommitFeed` until a
 worker announces a commit, and reads again.  Quiet for :data:`HEARTBEAT`
-seconds, it sends a comment so proxies keep the connection.  Its buffer is
-one store batch: the next read waits until the client took the last one
-(uvicorn's flow control), so a slow client costs memory of one batch only.
-When the client goes, starlette cancels the generator; nothing else is held.
+seconds, it sends a comment so proxies keep the connection.
+
+What a tail holds is bounded in bytes, not records (:mod:`.guard`): each read
+takes what fits ``stream_buffer_bytes`` (4 MiB), records go out in chunks of
+about 64 KiB and are let go as they are sent, and the next chunk is written
+only once the socket took the last one (uvicorn's flow control).  A client
+that leaves a chunk untaken for ``stream_stall_timeout`` seconds is cut off;
+it reconnects after ``retry:`` with ``Last-Event-ID`` and misses nothing.  A
+revoked token ends its tails (:mod:`.bus`).  When the client goes, starlette
+cancels the generator; nothing else is held.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Annotated, Final
 
@@ -29,9 +35,10 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from fleetlog.api.deps import ERRORS, Found, Reader, Services, invalid
+from fleetlog.api.guard import CHUNK, ReadBudget
 from fleetlog.api.reads import DeviceParam, Level, Text, check_device, checked_request, record_row
 from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
-from fleetlog.reading import FOLLOW_BATCH, LogsRequest, decode_cursor, encode_cursor
+from fleetlog.reading import LogsRequest, decode_cursor, encode_cursor
 from fleetlog.records import StoredRecord
 
 __all__ = ["HEARTBEAT", "MAX_STREAMS", "router"]
@@ -51,13 +58,31 @@ def _event(record: StoredRecord) -> bytes:
             + record_row(record) + b"\n\n")
 
 
-def _read(found: Services, request: LogsRequest, after: int) -> list[StoredRecord]:
+def _read(found: Services, request: LogsRequest, after: int,
+          budget: ReadBudget) -> tuple[list[StoredRecord], bool]:
+    """The records after ``after`` that fit ``budget``, and whether more may follow at once."""
+    limit = budget.limit
     try:
         with found.readers.reader() as reader:
-            return reader.store.query(replace(request.store_query(), limit=FOLLOW_BATCH,
-                                              before=None, after_seq=after))
+            batch = reader.store.query(replace(request.store_query(), limit=limit,
+                                               before=None, after_seq=after))
     except StoreMissing:
-        return []
+        return [], False
+    full = len(batch) == limit
+    whole = budget.keep(batch)
+    return batch, full or not whole
+
+
+def _chunks(batch: list[StoredRecord]) -> Iterator[bytes]:
+    """The batch's events, about :data:`~.guard.CHUNK` bytes at a time, each record let go once sent."""
+    batch.reverse()
+    while batch:
+        events, size = [], 0
+        while batch and size < CHUNK:
+            event = _event(batch.pop())
+            events.append(event)
+            size += len(event)
+        yield b"".join(events)
 
 
 def _start(found: Services) -> int:
@@ -78,17 +103,20 @@ async def _tail(found: Services, request: LogsRequest, after: int) -> AsyncItera
     _Streams.open += 1
     try:
         yield f"retry: {RETRY_MS}\n: live tail open\n\n".encode()
+        settings = found.settings
+        budget = ReadBudget(settings.stream_buffer_bytes, settings.max_frame_bytes)
         cursor = after
         while True:
             changed = found.feed.changed()  # before the read: a commit meanwhile sets it
             try:
-                batch = await run_in_threadpool(_read, found, request, cursor)
+                batch, more = await run_in_threadpool(_read, found, request, cursor, budget)
             except StoreUnavailable:
-                batch = []  # the store is busy or gone for a moment: the next wake reads again
+                batch, more = [], False  # the store is busy or gone for a moment: the next wake reads again
             if batch:
-                yield b"".join(_event(record) for record in batch)
                 cursor = batch[-1].seq
-                if len(batch) == FOLLOW_BATCH:
+                for chunk in _chunks(batch):
+                    yield chunk
+                if more:
                     continue  # a burst: read on before sleeping
             if not await found.feed.wait(changed, HEARTBEAT):
                 yield b": keepalive\n\n"

@@ -45,6 +45,18 @@ log = logging.getLogger("fleetlog.gateway")
 #: Longest pause between two attempts of a task that keeps failing: link updates and
 #: control messages (take-overs) must resume within seconds of Redis coming back.
 _MAX_BACKOFF = 2.0
+#: The largest control message handled (a command of the API's largest ``max_command_bytes``,
+#: 16 MiB, and its envelope); a larger one is logged and dropped, never decoded.
+MAX_CONTROL_BYTES = 17 * 1024 * 1024
+#: Characters of a dropped control message that its log line shows.
+_SHOWN = 200
+
+
+def _shown(data: object) -> str:
+    """A control message for a log line: its start and its size, never all of it."""
+    text = repr(data)
+    size = len(data) if isinstance(data, bytes | str) else len(text)
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}... ({size} bytes)"
 
 
 def log_failure(what: str, exc: Exception) -> str:
@@ -77,6 +89,30 @@ def _unless_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def _handle_control(data: object, on_control: ControlHandler) -> None:
+    """Decode one control message and hand it on; a huge, malformed or failing one is logged
+    and dropped: nothing in a message may end the subscription."""
+    try:
+        if not isinstance(data, bytes | str):
+            log.warning("dropping a control message that is not text: %s", _shown(data))
+            return
+        if len(data) > MAX_CONTROL_BYTES:
+            log.warning("dropping a control message of %d bytes (at most %d): %s", len(data),
+                        MAX_CONTROL_BYTES, _shown(data[:_SHOWN]))
+            return
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            log.warning("dropping a control message that is not JSON (%s): %s", exc, _shown(data))
+            return
+        if not isinstance(message, dict):
+            log.warning("dropping a control message that is not a JSON object: %s", _shown(data))
+            return
+        on_control(message)
+    except Exception:  # a bug in a handler: its traceback, and the next message
+        log.exception("handling a control message failed: %s", _shown(data))
 
 
 class LinkRegistry:
@@ -210,10 +246,7 @@ class LinkRegistry:
                 await pubsub.subscribe(keys.node_control(self.node_id))
                 backoff.reset()
                 async for message in pubsub.listen():
-                    try:
-                        on_control(orjson.loads(message["data"]))
-                    except Exception:
-                        log.exception("bad control message %r", message.get("data"))
+                    _handle_control(message.get("data"), on_control)
             except Exception as exc:
                 _unless_cancelled()
                 log_failure("listening for control messages", exc)

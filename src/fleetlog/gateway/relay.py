@@ -32,6 +32,8 @@ log = logging.getLogger("fleetlog.gateway")
 
 #: Replies being published at once, beyond which one is dropped (and logged).
 MAX_PUBLISHING: Final = 10_000
+#: ... and at most this many of them on a Redis connection at once.
+PUBLISHING_CONNECTIONS: Final = 16
 
 
 class Recipient(Protocol):
@@ -60,6 +62,9 @@ class CommandRelay:
         self._find = find
         self._max_publishing = max_publishing
         self._publishing: set[asyncio.Task[None]] = set()
+        #: Publishes on the wire at once: the client's pool is shared with ingest and links,
+        #: and 300 replies at once took all its connections ("Too many connections").
+        self._connections = asyncio.Semaphore(PUBLISHING_CONNECTIONS)
         #: Commands by outcome (``delivered``, ``offline``, ``answered``), for ``/metrics``.
         self.counts: dict[str, int] = {}
 
@@ -72,7 +77,9 @@ class CommandRelay:
         """Write a command to its device and say on its reply channel whether it went out."""
         command_id, device_id = message.get("id"), message.get("device")
         if not isinstance(command_id, str) or not isinstance(device_id, str) or "body" not in message:
-            log.warning("ignoring a malformed command: %r", message)
+            shown = repr(message)
+            log.warning("ignoring a malformed command: %s", shown if len(shown) <= 200
+                        else f"{shown[:200]}... ({len(shown)} characters)")
             return
         recipient = self._find(str(message.get("conn")), device_id)
         status = "offline"
@@ -104,7 +111,8 @@ class CommandRelay:
 
         async def publish() -> None:
             try:
-                await self._client.publish(channel, message)
+                async with self._connections:  # a burst queues here, not in the shared pool
+                    await self._client.publish(channel, message)
             except Exception as exc:
                 log_failure("publishing a command reply", exc)
 

@@ -679,13 +679,7 @@ class Gateway:
         await self._choose_replicas()
         if settings.auth == "token":
             await self._token_watcher.start()
-        try:
-            self._server = await self._listen()
-        except BaseException:
-            await self._token_watcher.stop()
-            await self._client.aclose()
-            await self._lookup_client.aclose()
-            raise
+        # The metrics listener first: once the device port answers, so does it.
         if settings.gateway_metrics_port:
             try:
                 self._metrics_server = await asyncio.start_server(
@@ -696,6 +690,15 @@ class Gateway:
             else:
                 log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_host,
                          settings.gateway_metrics_port)
+        try:
+            self._server = await self._listen()
+        except BaseException:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+            await self._token_watcher.stop()
+            await self._client.aclose()
+            await self._lookup_client.aclose()
+            raise
         self.producer.start()
         self.registry.start(self.on_control)
         loop = asyncio.get_running_loop()

@@ -2,6 +2,7 @@
 
 from fleetlog.store.base import (
     LogQuery,
+    ReadLimit,
     RecordRejected,
     Store,
     StoreMissing,
@@ -10,5 +11,5 @@ from fleetlog.store.base import (
     open_store,
 )
 
-__all__ = ["LogQuery", "RecordRejected", "Store", "StoreMissing", "StoreUnavailable",
+__all__ = ["LogQuery", "ReadLimit", "RecordRejected", "Store", "StoreMissing", "StoreUnavailable",
            "VolumeBucket", "open_store"]

@@ -51,15 +51,27 @@ Search
 folding) against the record as the device sent it, the same whichever part
 of the store answers: see :mod:`fleetlog.store.search`.  It is never handed
 to a query language (FTS syntax, ``LIKE`` patterns) unescaped.
+
+Time budgets
+------------
+A server must not let one read run for minutes: :meth:`Store.set_read_limit`
+gives the reads that follow a :class:`ReadLimit`, a deadline and a way for
+another thread to stop them (a client that went away).  A read past it stops
+(SQLite: a progress handler that interrupts; PostgreSQL: ``statement_timeout``
+and a cancel request) and raises :class:`~fleetlog.errors.ReadTimeout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 # Defined in errors.py (the one exception tree); importable from here as before.
+from fleetlog.errors import ReadTimeout as ReadTimeout
 from fleetlog.errors import RecordRejected as RecordRejected
 from fleetlog.errors import StoreMissing as StoreMissing
 from fleetlog.errors import StoreUnavailable as StoreUnavailable
@@ -93,6 +105,61 @@ class VolumeBucket:
     start: int  # ms, a multiple of the step
     level: str | None
     records: int
+
+
+class ReadLimit:
+    """How long reads may run, and a way for another thread to stop them at once.
+
+    ``seconds`` counts from the limit's creation (so time spent waiting for a
+    reader counts too); None: no deadline, only :meth:`cancel`.  A backend
+    polls :meth:`stopped` and registers a :meth:`stopper` for what it cannot
+    poll (a statement running on a server).
+    """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = seconds
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self._stoppers: list[Callable[[], object]] = []
+
+    def stopped(self) -> bool:
+        """True once cancelled or past the deadline."""
+        return self.cancelled or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (0 when past it or cancelled); None: no deadline."""
+        if self.cancelled:
+            return 0.0
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def cancel(self) -> None:
+        """Stop the reads under this limit now (callable from any thread)."""
+        with self._lock:
+            self.cancelled = True
+            stoppers = list(self._stoppers)
+        for stop in stoppers:
+            try:
+                stop()
+            except Exception:
+                pass
+
+    @contextmanager
+    def stopper(self, stop: Callable[[], object]) -> Iterator[None]:
+        """Call ``stop`` if the limit is cancelled while the block runs."""
+        with self._lock:
+            self._stoppers.append(stop)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._stoppers.remove(stop)
+
+    def error(self) -> ReadTimeout:
+        """The exception a stopped read raises."""
+        if self.cancelled:
+            return ReadTimeout("the read was cancelled (its caller went away)", cancelled=True)
+        return ReadTimeout(f"the read took longer than its {self.seconds or 0:g} s budget and was stopped")
 
 
 class Store(Protocol):
@@ -154,6 +221,9 @@ class Store(Protocol):
 
     def reopen(self) -> None:
         """Let go of the replaced store and open (create, migrate) the one at the URL."""
+
+    def set_read_limit(self, limit: ReadLimit | None) -> None:
+        """Hold the reads that follow to ``limit`` (None: no limit); see *Time budgets*."""
 
     def close(self) -> None: ...
 

@@ -4,6 +4,12 @@ Devices send any JSON.  When a record is an object with a time
 (``ts``/``time``/``timestamp``), a ``level`` or a message
 (``msg``/``message``), the store keeps those in their own columns so that
 reads can filter and sort on them; the full record is always kept too.
+
+Those columns are text, and PostgreSQL's text cannot hold U+0000: a NUL a
+device sent escaped (``"msg": "a\\u0000b"``) becomes U+FFFD (the replacement
+character) in ``level`` and ``message``, on every store alike, so that every
+store returns the same columns for the same record.  ``data`` keeps the record
+exactly as sent (the ``\\u0000`` escape included); searches look at ``data``.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
-__all__ = ["LEVELS", "Fields", "check_level", "extract", "normalise_level"]
+__all__ = ["ERROR_LEVELS", "LEVELS", "Fields", "check_level", "column_text", "extract",
+           "normalise_level"]
 
 _TIME_KEYS: Final = ("ts", "time", "timestamp")
 _MESSAGE_KEYS: Final = ("msg", "message")
@@ -19,6 +26,8 @@ _MESSAGE_KEYS: Final = ("msg", "message")
 #: Severity order used by ``--level`` (a level shows itself and everything above).
 LEVELS: Final = ("trace", "debug", "info", "warn", "error", "fatal")
 _ALIASES: Final = {"warning": "warn", "err": "error", "critical": "fatal", "crit": "fatal"}
+#: The levels (normalised) that count as an error: a device's ``last_error`` is its newest one.
+ERROR_LEVELS: Final = frozenset(("error", "fatal"))
 
 
 class Fields(NamedTuple):
@@ -37,6 +46,11 @@ def normalise_level(level: str) -> str:
         return normal
     lowered = level.strip().lower()
     return _ALIASES.get(lowered, lowered)
+
+
+def column_text(text: str) -> str:
+    """``text`` as a text column holds it on every store: NUL replaced by U+FFFD."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def check_level(level: str) -> str:
@@ -75,7 +89,7 @@ def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
 def extract(record: Any) -> Fields:
     """The record's own time (ms), level and message, where it has them."""
     if not isinstance(record, dict):
-        return Fields(None, None, record if isinstance(record, str) else None)
+        return Fields(None, None, column_text(record) if isinstance(record, str) else None)
     level = record.get("level")
     # The first key of each kind that is there, even with a null value: the usual
     # spelling ("ts", "msg") is looked at first, without a loop.
@@ -83,6 +97,6 @@ def extract(record: Any) -> Fields:
     message = record["msg"] if "msg" in record else _first(record, _MESSAGE_KEYS)
     return Fields(
         None if when is None else _epoch_ms(when),
-        normalise_level(level) if isinstance(level, str) else None,
-        message if isinstance(message, str) else None,
+        column_text(normalise_level(level)) if isinstance(level, str) else None,
+        column_text(message) if isinstance(message, str) else None,
     )

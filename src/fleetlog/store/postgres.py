@@ -41,7 +41,15 @@ logs``, the API) may read from replicas.  The design, and why:
   and a search matches the few records not indexed yet in Python.
 * **Per-device stats** are kept as insert-only deltas (``device_counts``), so
   two workers writing records of the same devices never wait on each other's
-  row locks; :meth:`PostgresStore.upkeep` folds them together.
+  row locks; :meth:`PostgresStore.upkeep` folds them together.  They hold what
+  the SQLite store's ``devices`` table holds: records, first and last seen, and
+  ``last_error``, the ``received_at`` of the device's newest ``error``/``fatal``
+  record (:data:`~fleetlog.store.fields.ERROR_LEVELS`), which retention leaves
+  as it is (as on SQLite).
+* **Text columns hold no NUL** (PostgreSQL's text cannot): a NUL sent escaped in
+  a record's JSON is U+FFFD in ``level`` and ``message`` on every store
+  (:func:`~fleetlog.store.fields.column_text`), and kept as sent in ``data``.
+  A record whose raw bytes hold a NUL is refused on every store.
 * **Readers** (``readonly=True``) never create nor migrate anything: a
   database without fleetlog's tables is :class:`StoreMissing`, and their
   sessions are read-only.
@@ -69,12 +77,13 @@ from fleetlog.config import mask_url
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store.base import (
     LogQuery,
+    ReadLimit,
     RecordRejected,
     StoreMissing,
     StoreUnavailable,
     VolumeBucket,
 )
-from fleetlog.store.fields import LEVELS, extract, normalise_level
+from fleetlog.store.fields import ERROR_LEVELS, LEVELS, extract, normalise_level
 from fleetlog.store.search import search_needle, search_text
 
 __all__ = ["DAYS_AHEAD", "MIGRATIONS", "SEQ_SHIFT", "PostgresStore"]
@@ -137,7 +146,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         VALUES ('store_id', lpad(to_hex((random() * 9.2e18)::bigint), 16, '0')),
                ('search_through', '0');
     """,
+    # 2: when each device last sent an error (or fatal) record, as the SQLite store keeps it
+    # (its migration 7): one delta row per device that has one, from the records stored.
+    """
+    ALTER TABLE device_counts ADD COLUMN last_error bigint;
+    INSERT INTO device_counts (device_id, records, first_seen, last_seen, last_error)
+    SELECT device_id, 0, min(received_at), max(received_at), max(received_at) FROM records
+    WHERE level IN ('error', 'fatal') GROUP BY device_id;
+    """,
 )
+#: The first schema with ``device_counts.last_error``; older ones (read-only) report None.
+_LAST_ERROR_SCHEMA: Final = 2
 
 _COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
 _STAGED: Final = "n, stream, qid, device_id, received_at, ts, level, message, data"
@@ -158,19 +177,24 @@ _INSERT: Final = f"""
                {_STAGED.removeprefix('n, ')}
         FROM staging ORDER BY n
         ON CONFLICT DO NOTHING
-        RETURNING device_id, received_at
+        RETURNING device_id, received_at, level
     )
-    SELECT device_id, received_at FROM new
+    SELECT device_id, received_at, level FROM new
 """
 _COUNT: Final = """
-    INSERT INTO device_counts (device_id, records, first_seen, last_seen)
-    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[])
+    INSERT INTO device_counts (device_id, records, first_seen, last_seen, last_error)
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
 """
 _FOLD: Final = """
     WITH gone AS (DELETE FROM device_counts RETURNING *)
-    INSERT INTO device_counts (device_id, records, first_seen, last_seen)
-    SELECT device_id, sum(records), min(first_seen), max(last_seen) FROM gone GROUP BY device_id
+    INSERT INTO device_counts (device_id, records, first_seen, last_seen, last_error)
+    SELECT device_id, sum(records), min(first_seen), max(last_seen), max(last_error)
+    FROM gone GROUP BY device_id
 """
+_DEVICES: Final = (
+    "SELECT device_id, greatest(sum(records), 0)::bigint, min(first_seen), max(last_seen), {}"
+    ' FROM device_counts GROUP BY device_id ORDER BY device_id COLLATE "C"'
+)
 _PARTITION: Final = re.compile(r"records_(\d{8})")
 #: Records indexed per upkeep transaction at most.
 _INDEX_CHUNK: Final = 20_000
@@ -219,18 +243,16 @@ def _prepare(record: QueuedRecord, n: int) -> tuple[Any, ...]:
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
     if "\x00" in text:
         raise RecordRejected(f"record {record.qid}: a NUL character (PostgreSQL text cannot hold it)")
+    # A NUL sent escaped (\u0000) is kept in ``data`` as sent; extract() made it U+FFFD in
+    # level and message, which are text (as on every store).
     ts, level, message = fields if fields is not None else (None, None, None)
-    # A NUL sent escaped (\u0000) is kept in ``data`` as sent; text columns cannot hold it.
-    if message is not None and "\x00" in message:
-        message = message.replace("\x00", "\ufffd")
     return (n, record.stream, record.qid, record.device_id, record.received_at, ts, level,
             message, text)
 
 
 def _body(data: str) -> str:
-    """What a search looks in (:func:`~fleetlog.store.search.search_text`), NUL-free for text."""
-    body = search_text(data)
-    return body.replace("\x00", "\ufffd") if "\x00" in body else body
+    """What a search looks in (:func:`~fleetlog.store.search.search_text`: NUL-free, as text)."""
+    return search_text(data)
 
 
 def _stamp(qid: str) -> int | None:
@@ -256,6 +278,8 @@ class PostgresStore:
         self._unfolded = 0
         self._lag_counted = 0  # records not indexed at the last count (-1: count again)
         self._lag_counted_at = float("-inf")
+        self._limit: ReadLimit | None = None
+        self._has_last_error = False  # the schema has device_counts.last_error (known so far)
         self._open()
 
     # -- connections ----------------------------------------------------------
@@ -335,11 +359,34 @@ class PostgresStore:
         time, the pool exhausted) become :class:`StoreUnavailable`; a broken
         connection is discarded by the pool, and the next call gets a fresh one.
         """
+        limit = self._limit
+        if limit is None:
+            try:
+                with self._pool.connection() as conn:
+                    yield conn
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
+            return
+        if limit.stopped():
+            raise limit.error()
         try:
-            with self._pool.connection() as conn:
-                yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+            with self._pool.connection(timeout=min(self.timeout, limit.remaining() or self.timeout)) as conn:
+                left = limit.remaining()
+                if left is not None:  # the budget left, for each statement of this transaction
+                    conn.execute(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
+                with limit.stopper(conn.cancel_safe):
+                    yield conn
+        except (psycopg.errors.QueryCanceled, PoolTimeout) as exc:
+            if limit.stopped() or isinstance(exc, psycopg.errors.QueryCanceled):
+                raise limit.error() from exc
             raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
+
+    def set_read_limit(self, limit: ReadLimit | None) -> None:
+        """Hold the reads that follow to ``limit``: ``statement_timeout`` set to what is left
+        of it in each transaction, and a cancel request sent when it is cancelled."""
+        self._limit = limit
 
     # -- identity ---------------------------------------------------------------
 
@@ -479,7 +526,7 @@ class PostgresStore:
             with conn.cursor() as cursor, cursor.copy(_COPY) as copy:
                 for values in rows:
                     copy.write_row((base + values[0], *values[1:]))
-            self._count(conn, [(values[3], values[4]) for values in rows])
+            self._count(conn, [(values[3], values[4], values[6]) for values in rows])
         return len(rows)
 
     def _merge(self, rows: list[tuple[Any, ...]]) -> int:
@@ -494,20 +541,24 @@ class PostgresStore:
             self._count(conn, new)
         return len(new)
 
-    def _count(self, conn: psycopg.Connection[Any], new: Sequence[tuple[str, int]]) -> None:
-        """Add the device-stat deltas of ``new`` (device, received_at) rows."""
-        stats: dict[str, list[int]] = {}
-        for device, at in new:
+    def _count(self, conn: psycopg.Connection[Any],
+               new: Sequence[tuple[str, int, str | None]]) -> None:
+        """Add the device-stat deltas of ``new`` (device, received_at, level) rows."""
+        stats: dict[str, list[int]] = {}  # device -> [records, first, last, last error (-1: none)]
+        for device, at, level in new:
+            error = at if level in ERROR_LEVELS else -1
             stat = stats.get(device)
             if stat is None:
-                stats[device] = [1, at, at]
+                stats[device] = [1, at, at, error]
             else:
                 stat[0] += 1
                 stat[1] = min(stat[1], at)
                 stat[2] = max(stat[2], at)
+                stat[3] = max(stat[3], error)
         if stats:
             conn.execute(_COUNT, (list(stats), [v[0] for v in stats.values()],
-                                  [v[1] for v in stats.values()], [v[2] for v in stats.values()]))
+                                  [v[1] for v in stats.values()], [v[2] for v in stats.values()],
+                                  [v[3] if v[3] >= 0 else None for v in stats.values()]))
         self._unfolded += len(stats)
 
     # -- upkeep ---------------------------------------------------------------------
@@ -752,7 +803,11 @@ class PostgresStore:
                 rows = self._select(conn, [*where, indexed], [*params, _like(needle), through],
                                     order, query.limit)
                 recent = self._select(conn, [*where, "seq > %s"], [*params, through], order, None)
-                rows += [row for row in recent if needle in _body(row.data)]
+                for row in recent:
+                    if self._limit is not None and self._limit.stopped():
+                        raise self._limit.error()
+                    if needle in _body(row.data):
+                        rows.append(row)
                 key = ((lambda r: (r.received_at, r.seq)) if newest_first
                        else (lambda r: (r.seq, 0)))
                 rows = sorted(rows, key=key, reverse=newest_first)[:query.limit]
@@ -833,11 +888,10 @@ class PostgresStore:
 
     def devices(self) -> list[DeviceStats]:
         with self._connection() as conn:
-            cursor = conn.execute(
-                "SELECT device_id, greatest(sum(records), 0)::bigint, min(first_seen),"
-                " max(last_seen) FROM device_counts GROUP BY device_id"
-                ' ORDER BY device_id COLLATE "C"'
-            )
+            if not self._has_last_error:  # an old store opened read-only has no last_error
+                self._has_last_error = self._version(conn) >= _LAST_ERROR_SCHEMA
+            last_error = "max(last_error)" if self._has_last_error else "NULL::bigint"
+            cursor = conn.execute(_DEVICES.format(last_error).encode())
             return [DeviceStats(*values) for values in cursor]
 
     def close(self) -> None:

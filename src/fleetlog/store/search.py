@@ -9,7 +9,10 @@ Both sides are Unicode case-folded (``str.casefold``), so ``café`` finds
 
 Every backend computes the searchable text with :func:`search_text` and the
 needle with :func:`search_needle`, so whichever part of a store answers (an
-index, or a scan of records not indexed yet) the answer is the same.
+index, or a scan of records not indexed yet) the answer is the same.  Both
+replace NUL (which PostgreSQL's text cannot hold) with U+FFFD, as the text
+columns do (:func:`fleetlog.store.fields.column_text`): a needle holding a NUL
+finds the records whose text holds one there, on every store.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 import orjson
+
+from fleetlog.store.fields import column_text
 
 __all__ = ["SEPARATOR", "search_needle", "search_text"]
 
@@ -50,10 +55,10 @@ def search_text(data: str | bytes) -> str:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         text = data.decode(errors="replace") if isinstance(data, bytes) else data
-        return text.casefold()
-    return SEPARATOR.join(_strings(value)).casefold()
+        return column_text(text.casefold())
+    return column_text(SEPARATOR.join(_strings(value)).casefold())
 
 
 def search_needle(text: str) -> str:
     """What to look for in :func:`search_text`: the user's text, case-folded."""
-    return text.casefold()
+    return column_text(text.casefold())

@@ -18,6 +18,20 @@ always complete.  Index and scan look at the same text
 case-folded), kept in the ``search`` table, so they give the same answers.
 
 Readers open the file with ``mode=ro``: they never create, migrate or write it.
+
+Readers must never stop ingest, nor let the WAL grow without end.  A checkpoint
+copies the WAL into the database, but only up to the oldest snapshot a reader
+still uses, and the WAL starts over from its beginning only once no reader uses
+it at all: with reads always in flight (a busy console, an API under load) the
+passive checkpoints SQLite runs after commits never complete, and the WAL grew
+to 500 MB, slowing every read and write.  So every read statement is short and
+runs on its own (no transaction is held across statements, pages or waits; a
+search scans the records the index does not cover yet in slices of
+:data:`_SCAN_SLICE` seqs, each its own statement); and the writer, once the WAL
+passes :data:`WAL_LIMIT` bytes, runs ``wal_checkpoint(RESTART)``: it holds new
+writes, waits (briefly) for the reads in flight to end and copies the WAL over,
+and the next commit writes the WAL from its start again, ``journal_size_limit``
+cutting the file back to :data:`WAL_LIMIT` (see :meth:`SQLiteStore._bound_wal`).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,15 +51,16 @@ import orjson
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store.base import (
     LogQuery,
+    ReadLimit,
     RecordRejected,
     StoreMissing,
     StoreUnavailable,
     VolumeBucket,
 )
-from fleetlog.store.fields import LEVELS, extract, normalise_level
+from fleetlog.store.fields import ERROR_LEVELS, LEVELS, extract, normalise_level
 from fleetlog.store.search import search_needle, search_text
 
-__all__ = ["MIGRATIONS", "SQLiteStore"]
+__all__ = ["MIGRATIONS", "WAL_LIMIT", "SQLiteStore"]
 
 log = logging.getLogger("fleetlog.store")
 
@@ -168,8 +184,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 #: The first schema with ``devices.last_error``; older ones (read-only) report None.
 _LAST_ERROR_SCHEMA: Final = 7
-#: The levels that count as an error for ``devices.last_error``.
-_ERROR_LEVELS: Final = frozenset(("error", "fatal"))
 #: The first schema with the ``search`` table; older ones (read-only) are scanned.
 _SEARCH_SCHEMA: Final = 6
 #: The first schema with the ``volume`` table; older ones (read-only) count records.
@@ -208,6 +222,29 @@ _UPSERT_DEVICE: Final = """
 _BUSY_TIMEOUT_MS: Final = 5000
 #: The shortest text the trigram index can find; shorter ``--grep`` scans.
 _TRIGRAM: Final = 3
+#: The most distinct trigrams of a ``--grep`` the index is asked for (see :func:`_fts_query`).
+_MAX_TRIGRAMS: Final = 32
+#: SQLite virtual-machine steps between two checks of a read's time budget.
+_PROGRESS_STEPS: Final = 1000
+#: Records indexed per transaction at most (a few MiB of WAL).
+_INDEX_CHUNK: Final = 5_000
+#: Seqs a fleet-wide read looks at per statement (FTS5 and the rowid seek to them):
+#: tens of ms for a word in a fifth of the records.
+_WINDOW_SLICE: Final = 32_768
+#: Seqs a search scans per statement among the records not indexed yet (about 10 ms).
+_SCAN_SLICE: Final = 1024
+#: The WAL size (bytes) past which a writer restarts the WAL (``wal_checkpoint(RESTART)``):
+#: just above what ``wal_autocheckpoint`` (10,000 pages, 39 MiB) lets it reach while no
+#: reader is in the way, so this acts when readers are.  Under four reading clients the
+#: WAL then peaks at about 47 MiB (``python -m bench.ingest_reads``).
+WAL_LIMIT: Final = 40 * 2**20
+#: How long the first try at restarting the WAL waits for the reads in flight (ms); each
+#: try that finds reads still in the way doubles it, up to :data:`_WAL_WAIT_MAX_MS`.
+_WAL_WAIT_MS: Final = 20
+_WAL_WAIT_MAX_MS: Final = 1000
+#: After a try that waited the longest in vain (a read holding a transaction open), the
+#: next comes this many seconds later: such a reader costs ingest at most a tenth.
+_WAL_STUCK_S: Final = 10.0
 
 
 def _row(values: tuple[Any, ...]) -> StoredRecord:
@@ -221,6 +258,8 @@ def _prepare(record: QueuedRecord) -> tuple[Any, ...]:
         text = record.data.decode()
     except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
+    if "\x00" in text:  # refused by every store alike (PostgreSQL's text cannot hold it)
+        raise RecordRejected(f"record {record.qid}: a NUL character (not JSON; text cannot hold it)")
     ts, level, message = fields if fields is not None else (None, None, None)
     return (record.qid, record.device_id, record.received_at, ts, level, message, text)
 
@@ -262,6 +301,25 @@ def _fts_phrase(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
+def _fts_query(needle: str) -> str:
+    """An FTS5 query (trigram index) matching at least every text that contains ``needle``.
+
+    Not the needle as one phrase: FTS5 matches a phrase by walking the position
+    lists of all its trigrams side by side, and a needle that repeats one trigram
+    (``aaaa...``) against texts that repeat it too cost minutes of CPU and
+    gigabytes (1,000 ``a`` against 8 records of 300,000 ``a``: 10 s).  Every
+    text holding the needle holds each of its trigrams, so the AND of its
+    distinct trigrams (at most :data:`_MAX_TRIGRAMS`, spread over the needle)
+    narrows as well and costs one doclist per trigram; ``instr`` on the same
+    text then decides, as it always did.
+    """
+    trigrams = list(dict.fromkeys(needle[i:i + _TRIGRAM] for i in range(len(needle) - _TRIGRAM + 1)))
+    if len(trigrams) > _MAX_TRIGRAMS:
+        step = len(trigrams) / _MAX_TRIGRAMS
+        trigrams = [trigrams[int(i * step)] for i in range(_MAX_TRIGRAMS)]
+    return " AND ".join(_fts_phrase(trigram) for trigram in trigrams)
+
+
 def _search_text(data: str | bytes | None) -> str:
     return search_text(data) if data is not None else ""
 
@@ -285,6 +343,12 @@ class SQLiteStore:
         self.readonly = readonly
         self._identity: tuple[int, int] | None = None
         self._store_id: str | None = None
+        self._limit: ReadLimit | None = None
+        #: The WAL's path, and how long the next try at restarting it may wait (ms).
+        self._wal = self.path.with_name(self.path.name + "-wal")
+        self._wal_wait_ms = _WAL_WAIT_MS
+        self._wal_next_try = 0.0  # monotonic
+        self._wal_tries = self._wal_restarts = 0
         self._open()
 
     def _open(self) -> None:
@@ -301,12 +365,16 @@ class SQLiteStore:
                 # Checkpoint (and fsync the database file) every ~40 MB of WAL rather
                 # than every 4 MB: ingest drains 10% faster; readers are unaffected.
                 self._db.execute("PRAGMA wal_autocheckpoint = 10000")
+                # A WAL that grew past the limit (readers in the way) is cut back to it when
+                # it starts over, so its file's size says how much it holds (_bound_wal).
+                self._db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
                 self._migrate()
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._db.create_function("fleetlog_search_text", 1, _search_text, deterministic=True)
+        self._db.create_function("fleetlog_search_text", 1, self._search_text, deterministic=True)
         self._identity = _file_identity(self.path)
         self._store_id = None
+        self.set_read_limit(self._limit)
 
     def _open_readonly(self) -> None:
         """Open for reading only: no directory, file, migration or write, ever."""
@@ -376,6 +444,25 @@ class SQLiteStore:
                 log.warning("removed %s: it belonged to the replaced store", side)
         self._open()
 
+    def _search_text(self, data: str | bytes | None) -> str:
+        """The SQL function ``fleetlog_search_text``: one call can be the costly step of a scan
+        (a large record), so it checks the read's budget too."""
+        if self._limit is not None and self._limit.stopped():
+            raise self._limit.error()  # SQLite stops the statement; _reading says why
+        return _search_text(data)
+
+    # -- time budgets -----------------------------------------------------------
+
+    def set_read_limit(self, limit: ReadLimit | None) -> None:
+        """Stop the reads that follow once ``limit`` is past or cancelled (a progress handler).
+
+        The handler runs every :data:`_PROGRESS_STEPS` steps of SQLite's virtual
+        machine, in the reading thread: SQLite then interrupts the statement,
+        which :meth:`_reading` turns into :class:`~fleetlog.errors.ReadTimeout`.
+        """
+        self._limit = limit
+        self._db.set_progress_handler(None if limit is None else limit.stopped, _PROGRESS_STEPS)
+
     # -- schema ---------------------------------------------------------------
 
     @property
@@ -399,6 +486,8 @@ class SQLiteStore:
         try:
             yield
         except sqlite3.OperationalError as exc:
+            if self._limit is not None and self._limit.stopped():
+                raise self._limit.error() from exc  # interrupted by the progress handler
             raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             if type(exc) is not sqlite3.DatabaseError:  # a subclass: a bug, not the store
@@ -449,9 +538,76 @@ class SQLiteStore:
             return 0
         try:
             with self._transaction() as db:
-                return self._insert(db, records)
+                new = self._insert(db, records)
         except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
             raise RecordRejected(f"SQLite refused the record: {exc}") from exc
+        self._bound_wal()
+        return new
+
+    def _bound_wal(self) -> None:
+        """Restart the WAL once it is over :data:`WAL_LIMIT` (after a commit; never raises).
+
+        ``wal_checkpoint(RESTART)`` takes the write lock (so every read that
+        starts meanwhile sees the newest state and is not in the way), copies
+        every frame into the database once the reads still on an older state
+        have ended, and returns once no read uses the WAL: the next commit
+        writes it from its start (and ``journal_size_limit`` cuts the file back
+        to :data:`WAL_LIMIT`; emptying it instead, ``TRUNCATE``, made the
+        commits after it grow the file again: ingest under reads went from
+        0.88 to 0.75 of its rate alone).  Reads are
+        single short statements, so the wait is short: it is polled every
+        millisecond (SQLite's own busy handler sleeps up to 100 ms at a time),
+        at first for :data:`_WAL_WAIT_MS`, doubled after each try that found
+        reads still in the way (a long search), up to :data:`_WAL_WAIT_MAX_MS`.
+        A try that could not finish has still copied what it could, and the
+        next one comes after the writer wrote for as long as it waited (so at
+        most half of its time goes to waiting), or :data:`_WAL_STUCK_S` later
+        once a wait of :data:`_WAL_WAIT_MAX_MS` was in vain: a reader that keeps
+        a transaction open lets the WAL grow, and costs ingest at most a tenth.
+        The commit stands either way.
+        """
+        try:
+            size = os.stat(self._wal).st_size
+        except OSError:
+            return
+        if size <= WAL_LIMIT:
+            return
+        started = time.monotonic()
+        if started < self._wal_next_try:
+            return
+        db = self._db
+        deadline = started + self._wal_wait_ms / 1000
+        self._wal_tries += 1
+        try:
+            db.execute("PRAGMA busy_timeout = 0")
+            try:
+                while True:
+                    busy, frames, copied = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    if not busy or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.001)
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            log.warning("SQLite %s: restarting the WAL failed (%s); trying after the next commit",
+                        self.path, exc)
+            return
+        now = time.monotonic()
+        if busy:
+            log.debug("WAL of %s not restarted: reads in the way for %d ms (%d of %d frames "
+                      "copied)", self.path, (now - started) * 1000, copied, frames)
+            if self._wal_wait_ms >= _WAL_WAIT_MAX_MS:
+                self._wal_next_try = now + _WAL_STUCK_S
+                log.warning("SQLite %s: a reader has held the WAL for over %d ms (%d MiB): "
+                            "trying again in %g s", self.path, _WAL_WAIT_MAX_MS, size >> 20,
+                            _WAL_STUCK_S)
+            else:
+                self._wal_next_try = now + (now - started)
+            self._wal_wait_ms = min(_WAL_WAIT_MAX_MS, 2 * self._wal_wait_ms)
+        else:
+            self._wal_wait_ms = _WAL_WAIT_MS
+            self._wal_next_try = 0.0
+            self._wal_restarts += 1
 
     def _insert(self, db: sqlite3.Connection, records: Sequence[QueuedRecord]) -> int:
         qids = [record.qid for record in records]
@@ -472,7 +628,7 @@ class SQLiteStore:
             row = _prepare(record)
             rows.append(row)
             received, level = record.received_at, row[4]
-            error = received if level in _ERROR_LEVELS else -1
+            error = received if level in ERROR_LEVELS else -1
             stats = devices.get(record.device_id)
             if stats is None:
                 devices[record.device_id] = [1, received, received, error]
@@ -507,7 +663,9 @@ class SQLiteStore:
 
         ``seqs``: only records of seq in ``[low, high]``.  ``indexed``: for a
         ``grep``, look only in the search index (True) or only scan the records
-        it does not cover yet (False); both (None) by default.
+        it does not cover yet (False: those of ``seqs``, which the caller knows
+        the index does not cover, else those past ``fts_through``); both (None)
+        by default.
         """
         where: list[str] = []
         params: list[Any] = []
@@ -554,7 +712,7 @@ class SQLiteStore:
                     search_params.extend(seqs)
                 if len(needle) >= _TRIGRAM:
                     fts = "SELECT rowid FROM search_fts WHERE search_fts MATCH ?"
-                    search_params.append(_fts_phrase(needle))
+                    search_params.append(_fts_query(needle))
                     if seqs is not None:  # FTS5 seeks its doclists to the first such rowid
                         fts += " AND rowid BETWEEN ? AND ?"
                         search_params.extend(seqs)
@@ -567,7 +725,7 @@ class SQLiteStore:
                     where.append(f"seq IN ({search})")
                     params.extend(search_params)
                 else:
-                    where.append(unindexed)
+                    where.append(scan if seqs is not None else unindexed)
                     params.append(needle)
         return where, params
 
@@ -575,8 +733,7 @@ class SQLiteStore:
         with self._reading():
             if (query.device_id is None and query.after_seq is None
                     and self.schema_version >= _RECEIVED_MAX_SCHEMA):
-                with self._snapshot():
-                    rows = self._newest_fleet(query)
+                rows = self._newest_fleet(query)
             else:
                 rows = self._select(query)
         if query.after_seq is None:
@@ -603,15 +760,24 @@ class SQLiteStore:
         word matches a fifth of the store: sorting every match for the newest 100
         took 0.5 s at 1M records.  But received_at mostly grows with seq, so this
         reads the newest seqs first, ``seq >= low`` (FTS5 and the rowid seek
-        there), and widens the window 4x at a time until it holds ``limit``
-        matches, the ``limit``-th of which is at least as new as anything below
-        ``low`` can be: ``received_max`` bounds the received_at of every seq under
-        ``low`` (a block boundary), and at an equal received_at a lower seq sorts
-        older.  So the answer is the one the full sort gives, also for records
-        that arrived out of seq order (a worker committing a later batch first, a
-        redelivery); only the work differs.  The records the index does not cover
-        yet (``received_max`` neither) are scanned once, whatever the window.
-        Runs in one snapshot.
+        there), and widens the window 4x at a time (reading only what it adds)
+        until it holds ``limit`` matches, the ``limit``-th of which is at least as
+        new as anything below ``low`` can be: ``received_max`` bounds the
+        received_at of every seq under ``low`` (a block boundary), and at an equal
+        received_at a lower seq sorts older.  So the answer is the one the full
+        sort gives, also for records that arrived out of seq order (a worker
+        committing a later batch first, a redelivery); only the work differs.
+        The records the index does not cover yet (``received_max`` neither) are
+        scanned once, whatever the window.
+
+        Every statement reads a slice of at most :data:`_WINDOW_SLICE` seqs
+        (:data:`_SCAN_SLICE` where it scans), and no transaction spans them: a
+        reader in a long statement or transaction keeps the writer from
+        restarting the WAL (see the module docstring); a common word absent from
+        the newest records took one statement of 0.5 s over a million seqs.
+        Every range is fixed by the first statement (``through``, ``top``), so
+        records written or indexed meanwhile change nothing, and one pruned
+        meanwhile may show or not, as it would a moment earlier or later.
         """
         if query.limit <= 0:
             return []
@@ -620,38 +786,39 @@ class SQLiteStore:
             " (SELECT coalesce(min(seq), 0) FROM records),"
             " (SELECT coalesce(max(seq), 0) FROM records)").fetchone()
         through = min(through, top)
-        unindexed = self._select(query, (through + 1, top), indexed=False) if top > through else []
-
-        def newest(rows: list[StoredRecord]) -> list[StoredRecord]:
-            rows.sort(key=lambda row: (row.received_at, row.seq), reverse=True)
-            return rows[:query.limit]
-
+        found = self._slices(query, through + 1, top, indexed=False,
+                             step=_SCAN_SLICE if query.grep else _WINDOW_SLICE)
+        high = through  # the seqs above it are read
         width = max(_FIRST_WINDOW, 16 * query.limit)
-        for _ in range(64):  # 4x wider each time: the whole store long before 64
+        while True:  # 4x wider each time: the whole store within 15 rounds
             low = (through + 1 - width) >> _BLOCK_BITS << _BLOCK_BITS
-            if low <= first:
-                break  # the window is the whole store
-            rows = newest(unindexed + self._select(query, (low, through), indexed=True))
-            if len(rows) == query.limit:
+            whole = low <= first
+            low = 0 if whole else low
+            found = self._newest(query, found + self._slices(query, low, high, indexed=True))
+            high = low - 1
+            if whole:
+                return found
+            if len(found) == query.limit:
                 (older,) = self._db.execute(
                     "SELECT max(received_at) FROM received_max WHERE block < ?",
                     (low >> _BLOCK_BITS,)).fetchone()
-                if older is None or rows[-1].received_at >= older:
-                    return rows
+                if older is None or found[-1].received_at >= older:
+                    return found
             width *= 4
-        return newest(unindexed + self._select(query, (0, through), indexed=True))
 
-    @contextmanager
-    def _snapshot(self) -> Iterator[None]:
-        """Several reads that see one state of the store (none when already in a transaction)."""
-        if self._db.in_transaction:
-            yield
-            return
-        self._db.execute("BEGIN")
-        try:
-            yield
-        finally:
-            self._db.execute("COMMIT")
+    @staticmethod
+    def _newest(query: LogQuery, rows: list[StoredRecord]) -> list[StoredRecord]:
+        rows.sort(key=lambda row: (row.received_at, row.seq), reverse=True)
+        return rows[:query.limit]
+
+    def _slices(self, query: LogQuery, low: int, high: int, *, indexed: bool,
+                step: int = _WINDOW_SLICE) -> list[StoredRecord]:
+        """The newest ``limit`` matches of seqs ``[low, high]``, one statement per ``step`` seqs."""
+        found: list[StoredRecord] = []
+        for top in range(high, low - 1, -step):
+            found = self._newest(query, found + self._select(
+                query, (max(low, top - step + 1), top), indexed=indexed))
+        return found
 
     def volume(self, device_id: str | None, since: int, until: int,
                step: int) -> list[VolumeBucket]:
@@ -738,9 +905,19 @@ class SQLiteStore:
         return len(rows)
 
     def upkeep(self, budget: int) -> int:
-        """Index up to ``budget`` records (see :meth:`index_step`); return the index lag."""
+        """Index up to ``budget`` records (see :meth:`index_step`); return the index lag.
+
+        In transactions of at most :data:`_INDEX_CHUNK` records, the WAL bounded
+        after each: one transaction's pages all go into the WAL, whatever the
+        readers (20,000 records: 6 to 13 MiB of it, measured).
+        """
         if budget > 0 and not self.readonly:
-            self.index_step(budget)
+            while budget > 0:
+                done = self.index_step(min(budget, _INDEX_CHUNK))
+                self._bound_wal()
+                if done == 0:
+                    break
+                budget -= done
         return self.index_lag()
 
     def used_bytes(self) -> int:
@@ -790,6 +967,7 @@ class SQLiteStore:
             # Blocks wholly pruned; the rest stay an upper bound, which is all reads need.
             db.execute("DELETE FROM received_max WHERE block <"
                        f" (SELECT coalesce(min(seq), 0) FROM records) >> {_BLOCK_BITS}")
+        self._bound_wal()
         return sum(gone.values())
 
     def max_seq(self) -> int:
