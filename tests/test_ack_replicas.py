@@ -179,3 +179,38 @@ def test_unavailable_means_not_stored_and_unconfirmed_means_maybe(
     stored = stored_seqs(data_dir)
     # Told "not stored": absent.  Told "unconfirmed", then resent: stored once.
     assert stored == Counter({0: 1, 1: 1, 4: 1}), stored
+
+
+def test_a_resend_is_not_acked_before_its_first_copy_is_replicated(
+        processes: Processes, master: RedisServer, tmp_path: Path) -> None:
+    """Replica stalled (SIGSTOP: still connected, acking nothing new): a frame is unconfirmed,
+    and so is its resend, though the master holds it as a duplicate; WAIT must cover the
+    first copy (a resend that wrote nothing used to be acked on the connection's older offset,
+    and a failover then lost it).  Once the replica is back, the resend is acked."""
+    replica = replica_of(master, tmp_path / "replica")
+    replica.start()
+    data_dir = tmp_path / "data"
+    try:
+        assert wait_until(lambda: linked(replica), 15)
+        _, port = processes.gateway(master.url, data_dir, env={"FLEETLOG_ACK_REPLICAS_TIMEOUT": "0.5"})
+        assert replica.process is not None
+
+        async def scenario() -> list[dict[str, Any]]:
+            async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+                replies = [await send(ws, 0)]
+                os.kill(replica.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+                try:
+                    replies += [await send(ws, 1), await send(ws, 1), await send(ws, 1)]
+                finally:
+                    os.kill(replica.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+                await asyncio.to_thread(wait_until, lambda: linked(replica), 15)
+                replies.append(await send(ws, 1))
+            return replies
+
+        first, *stalled, after = asyncio.run(scenario())
+        assert first["type"] == "ack"
+        assert [reply.get("code") for reply in stalled] == ["unconfirmed"] * 3, stalled
+        assert after["type"] == "ack" and after.get("duplicate"), after
+        assert queued_seqs(replica) == Counter({0: 1, 1: 1})  # the replica has it, once
+    finally:
+        replica.stop()

@@ -28,7 +28,13 @@ still work)::
      │    └── ServerNotReady   it exited at start or did not answer (also a RuntimeError)
      ├── CannotConnect         ``simulate`` cannot connect, and retrying will not help
      ├── UnknownToken          an operator (API) token command names a token that does not exist
-     └── ApiError              the HTTP API could not be reached or refused a request (``send``)
+     ├── ApiError              the HTTP API could not be reached or refused a request (``send``)
+     ├── BodyRefused           an HTTP request body the API will not take (fleetlog.api.limits)
+     │    ├── BodyTooLarge     over ``max_command_bytes`` (HTTP 413)
+     │    └── BodyTimeout      not sent whole within ``body_timeout`` (HTTP 408)
+     ├── InvalidRule           an alert rule that cannot be saved (also a ValueError)
+     ├── UnknownRule           no alert rule of that name
+     └── RuleExists            an alert rule of that name exists already
 """
 
 from __future__ import annotations
@@ -204,3 +210,51 @@ class UnknownToken(FleetlogError):
 
 class ApiError(FleetlogError):
     """Raised when the HTTP API could not be reached or refused the request."""
+
+
+class BodyRefused(FleetlogError):
+    """Raised while an API request's body is read, when it cannot be taken; answered with
+    ``status_code`` and ``detail`` (see :mod:`fleetlog.api.limits`)."""
+
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BodyTooLarge(BodyRefused):
+    """Raised when a request body goes over ``max_command_bytes``."""
+
+    status_code = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over the limit of {limit} bytes (max_command_bytes)")
+
+
+class BodyTimeout(BodyRefused):
+    """Raised when a request body is not sent whole within ``body_timeout``."""
+
+    status_code = 408
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s (body_timeout)")
+
+
+class InvalidRule(FleetlogError, ValueError):
+    """Raised for an alert rule that cannot be saved: ``field`` names what is wrong,
+    ``position`` where (line, column)."""
+
+    def __init__(self, message: str, field: str | None = None,
+                 position: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.position = position
+
+
+class UnknownRule(FleetlogError):
+    """Raised when no alert rule has that name."""
+
+
+class RuleExists(FleetlogError):
+    """Raised when an alert rule of that name exists already."""

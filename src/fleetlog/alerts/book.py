@@ -38,7 +38,7 @@ import orjson
 
 from fleetlog.alerts.engine import Changes, Firing, Note
 from fleetlog.alerts.rules import Rule, RuleSpec
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import FleetlogError, RuleExists, UnknownRule
 
 __all__ = ["HISTORY_KEPT", "AlertBook", "Cursor", "RuleExists", "UnknownRule"]
 
@@ -58,14 +58,6 @@ HISTORY: Final = _PREFIX + "history"
 NOTES: Final = _PREFIX + "notes"
 OUTBOX: Final = _PREFIX + "outbox"
 STATS: Final = _PREFIX + "stats"
-
-
-class UnknownRule(FleetlogError):
-    """No rule of that name."""
-
-
-class RuleExists(FleetlogError):
-    """A rule of that name exists already."""
 
 
 #: KEYS lease cursor groups presence firings history notes outbox stats; ARGV holder, payload.

@@ -40,7 +40,7 @@ import cel
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fleetlog.config import mask_url
-from fleetlog.errors import FleetlogError
+from fleetlog.errors import InvalidRule
 from fleetlog.timeparse import parse_duration
 
 __all__ = ["CONDITIONS", "RECORD_VARIABLES", "SAMPLES", "InvalidRule", "Kind", "Rule", "RuleSpec", "Selector",
@@ -58,16 +58,6 @@ Kind = Literal["records", "offline", "reconnects", "refusals", "backlog", "dead_
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _POSITION: Final = re.compile(r"<input>:(\d+):(\d+):\s*(.*)")
 _GLOB: Final = re.compile(r"[*?\[]")
-
-
-class InvalidRule(FleetlogError, ValueError):
-    """A rule that cannot be saved: ``field`` names what is wrong, ``position`` where (line, column)."""
-
-    def __init__(self, message: str, field: str | None = None,
-                 position: tuple[int, int] | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.position = position
 
 
 def _caret(expression: str, line: int, column: int) -> str:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetlog.api.auth import identify
+from fleetlog.errors import BodyRefused, BodyTimeout, BodyTooLarge
 from fleetlog.queue.connection import REDIS_DOWN
 
 __all__ = ["BodyLimits", "BodyTimeout", "BodyTooLarge"]
@@ -40,20 +41,9 @@ _CLOSE: Final = {"Connection": "close"}
 _READ_ONLY: Final = frozenset(("GET", "HEAD", "OPTIONS"))
 
 
-class BodyTooLarge(HTTPException):
-    """A body over the limit (raised inside ``receive``; FastAPI answers it as it is)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is over the limit of {limit} bytes "
-                         "(max_command_bytes)", headers=_CLOSE)
-
-
-class BodyTimeout(HTTPException):
-    """A body not sent whole within the time allowed."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(408, f"the request body did not arrive within {seconds:g} s (body_timeout)",
-                         headers=_CLOSE)
+def _as_http(refusal: BodyRefused) -> HTTPException:
+    """``refusal`` as FastAPI lets it through a route's body parsing (other errors become a 400)."""
+    return HTTPException(refusal.status_code, refusal.detail, headers=_CLOSE)
 
 
 def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -92,7 +82,7 @@ class BodyLimits:
                 await refusal(scope, receive, send)
                 return
         if length is not None and length > self.max_bytes:
-            await _answer(413, str(BodyTooLarge(self.max_bytes).detail))(scope, receive, send)
+            await _answer(413, BodyTooLarge(self.max_bytes).detail)(scope, receive, send)
             return
         await self._limited(scope, receive, send)
 
@@ -126,11 +116,11 @@ class BodyLimits:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                raise BodyTimeout(self.timeout) from None
+                raise _as_http(BodyTimeout(self.timeout)) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                    raise _as_http(BodyTooLarge(self.max_bytes))
                 body_done = not message.get("more_body", False)
             return message
 
@@ -141,7 +131,7 @@ class BodyLimits:
 
         try:
             await self.app(scope, limited_receive, watched_send)
-        except (BodyTooLarge, BodyTimeout) as exc:  # raised where nothing answers it
-            if started:
+        except HTTPException as exc:  # ours, raised where nothing answers it
+            if started or exc.status_code not in (BodyTooLarge.status_code, BodyTimeout.status_code):
                 raise
-            await _answer(exc.status_code, str(exc.detail))(scope, receive, send)
+            await _answer(exc.status_code, exc.detail)(scope, receive, send)

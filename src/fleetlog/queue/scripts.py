@@ -35,8 +35,9 @@ MAX_RANGES: Final = 64
 #: Dedupe state records only what was stored: a seq is a duplicate only if it is
 #: in a range of seqs this session stored, a frame id only if that frame was
 #: queued.  A refused call (backlog over its limit) returns before any write, and
-#: under maxmemory Redis refuses the call's first write (always an XADD, LPUSH or
-#: ZADD), so a refused frame changes no state and its resend is stored.
+#: under maxmemory Redis refuses the call's first write (always an XADD, LPUSH,
+#: ZADD, or a duplicate frame's PEXPIRE), so a refused frame changes no state and
+#: its resend is stored.
 #:
 #: Returns the backlog (a number) when it is over the limit and nothing was
 #: written; else per submission 0 (queued, no seqs tracked) or {duplicate_frame 0/1,
@@ -126,6 +127,11 @@ while i <= #ARGV do
   local dups = {}
   if duplicate_frame then
     i = i + 2 * n
+    -- A write, so the WAIT after this call covers the first copy of the frame too:
+    -- WAIT waits for the offset of this connection's last write, and a call that
+    -- wrote nothing would be acked on an older one (the first copy may be on the
+    -- master only: it was answered unconfirmed, and lost if the master fails now).
+    redis.call('PEXPIRE', frames_key, window)
   else
     local changed = false
     for _ = 1, n do
