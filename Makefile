@@ -8,7 +8,7 @@ FAULTS  := $(CURDIR)/.faults.jsonl
 
 .PHONY: install install-test install-bench lock up test faults lint bench screenshots clean
 
-LOCK    := requirements.lock
+LOCK    := deploy/requirements.lock
 PIP_VERSION := 26.3
 
 $(BIN)/python:

@@ -48,7 +48,8 @@ def test_the_wheel_installed_in_a_clean_venv_runs_everything(tmp_path: Path) -> 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
     installed = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "requirements.lock"), str(wheel)],
+        [str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "deploy" / "requirements.lock"),
+         str(wheel)],
         capture_output=True, text=True, timeout=400, env=env)
     assert installed.returncode == 0, installed.stderr[-3000:]
     fleetlog_bin = str(venv / "bin" / "fleetlog")
