@@ -22,7 +22,8 @@ write (with ``appendfsync always``, once it is on disk), or with the exception
 that says why it was not acknowledged: :class:`QueueFull` or
 :class:`QueueUnavailable` when nothing was queued, :class:`WriteUnconfirmed`
 when the call left and may have been queued (the connection failed after it
-was sent, or ``--ack-replicas`` replicas did not confirm it in time).
+was sent, or ``--ack-replicas`` replicas did not confirm it in time) or when an
+unexpected failure leaves that unknown.
 """
 
 from __future__ import annotations
@@ -288,11 +289,13 @@ class Producer:
             self.last_error = f"Redis refused the write: {exc}"
             self.last_problem = public_reason(exc)
             outcomes = [QueueUnavailable(self.last_error)] * len(call)
-        except Exception as exc:  # any other failure: still answer every submission
+        except Exception as exc:  # any other failure (a bug): still answer every submission
             log.exception("queueing %d submissions failed", len(call))
             self.last_error = f"queueing failed: {type(exc).__name__}: {exc}"
             self.last_problem = public_reason(exc)
-            outcomes = [QueueUnavailable(self.last_error)] * len(call)
+            # Whether the call had left is unknown here: "not stored" could be a lie.
+            self.unconfirmed += sum(submission.size for submission in call)
+            outcomes = [WriteUnconfirmed(self.last_error)] * len(call)
         finally:
             if self.last_error is not None:
                 self.failed_at = time.monotonic()
