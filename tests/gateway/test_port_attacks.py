@@ -283,6 +283,17 @@ def test_unfinished_messages_are_capped_and_their_memory_comes_back(
     metrics = gateway_metrics(metrics_port)
     assert metrics["fleetlog_gateway_buffer_full_closes_total"] > 0
     assert metrics["fleetlog_gateway_buffered_bytes"] == 0
+
+    async def resend() -> dict[str, Any]:  # a refused (1008) sender sends its message again, whole
+        async with websockets.connect(f"ws://127.0.0.1:{port}/?token={attackers[-1]}",
+                                      max_size=None) as ws:
+            await ws.send(json.dumps({"type": "log", "id": "again",
+                                      "records": [{"seq": 1, "msg": "x" * 900_000}]}))
+            reply: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            return reply
+
+    assert asyncio.run(resend())["type"] == "ack"
+    assert wait_until(lambda: any(device == "evil-1999" for _, device, _, _ in stored_rows(data_dir)), 30)
     assert not canaries.refused and sum(canaries.sent.values()) == len(canaries.acked)
     assert wait_until(lambda: {(device, seq) for _, device, seq, _ in stored_rows(data_dir)}
                       >= canaries.acked, 30)
