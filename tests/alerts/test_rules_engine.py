@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetlog.alerts.engine import Engine, Firing
+from fleetlog.alerts.engine import Engine, Firing, preview
 from fleetlog.alerts.rules import InvalidRule, Rule, Selector, compile_condition, display_url, parse_spec
 from fleetlog.records import StoredRecord
 
@@ -205,3 +205,17 @@ def test_conditions_fire_once_and_resolve_with_a_message() -> None:
     assert event == "firing"
     engine.conditions(offline, {}, T0 + 400_000)
     assert notes(engine) == [("resolved", firing_id)]
+
+
+def test_the_preview_runs_the_condition_as_the_alerter_does() -> None:
+    records = [record(1, T0, "door-1", message="door forced", data='{"temp": 91}'),
+               record(2, T0, "door-2", message="door closed", data='{"temp": 20}'),
+               record(3, T0, "kiosk-1", message="door forced", data='{"temp": 99}'),
+               record(4, T0, "door-3", message="door forced", data="{}")]
+    found = preview('message.contains("forced") && data.temp > 80', "door-*", records)
+    assert [r.seq for r in found.matched] == [1]
+    assert (found.checked, found.errors) == (3, 1) and found.first_error  # door-3 has no temp
+    assert [r.seq for r in preview("true", "kiosk-1", records).matched] == [3]
+    with pytest.raises(InvalidRule) as refused:
+        preview("data.temp >", "*", records)
+    assert refused.value.position == (1, 12)

@@ -47,7 +47,7 @@ import orjson
 from fleetlog.alerts.rules import SAMPLES, Rule, Selector, compile_condition
 from fleetlog.records import StoredRecord, iso_ms
 
-__all__ = ["FLEET", "Changes", "Engine", "Firing", "Note", "firing_id", "sample"]
+__all__ = ["FLEET", "Changes", "Engine", "Firing", "Note", "Preview", "firing_id", "preview", "sample"]
 
 log = logging.getLogger("fleetlog.alerts")
 
@@ -525,3 +525,41 @@ def _context(record: StoredRecord, with_data: bool) -> cel.Context:
         except orjson.JSONDecodeError:
             variables["data"] = record.data
     return cel.Context(variables=variables)
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """Which of some records a condition matches: what the console shows while a rule is typed."""
+
+    checked: int
+    matched: list[StoredRecord]
+    #: Records the expression failed on (a missing field, a type mismatch): they do not match.
+    errors: int
+    #: The first such failure, for the form to show.
+    first_error: str | None
+
+
+def preview(when: str, devices: str, records: Sequence[StoredRecord]) -> Preview:
+    """Run a record condition over ``records`` exactly as the alerter would.
+
+    The same compile (:class:`~fleetlog.errors.InvalidRule` for what could not
+    be saved), the same device selector and the same record variables as
+    :meth:`Engine.evaluate`; no threshold, no state.
+    """
+    program = compile_condition(when)
+    selector = Selector(devices)
+    uses_data = "data" in program.variables()
+    matched: list[StoredRecord] = []
+    checked = errors = 0
+    first_error: str | None = None
+    for record in records:
+        if not selector(record.device_id):
+            continue
+        checked += 1
+        try:
+            if program.execute(_context(record, uses_data)) is True:
+                matched.append(record)
+        except Exception as exc:  # as in evaluate(): no match
+            errors += 1
+            first_error = first_error or str(exc)[:200]
+    return Preview(checked, matched, errors, first_error)

@@ -122,10 +122,12 @@ def _find_name(expression: str, name: str) -> tuple[int, int] | None:
 class Selector:
     """Which devices a rule watches: all (``*``), one id, or a glob (``door-*``)."""
 
-    __slots__ = ("_match", "pattern")
+    __slots__ = ("_match", "device", "pattern")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
+        #: The one device id the selector names, if it names one (not ``*``, not a glob).
+        self.device = pattern if pattern not in ("", "*") and not _GLOB.search(pattern) else None
         self._match = self._matcher(pattern)
 
     @staticmethod

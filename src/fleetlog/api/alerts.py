@@ -11,15 +11,19 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Response
+import orjson
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from fleetlog.alerts.book import AlertBook, RuleExists, UnknownRule
 from fleetlog.alerts.delivery import send_test
-from fleetlog.alerts.engine import Firing, Note
-from fleetlog.alerts.rules import InvalidRule, Rule, RuleSpec, parse_spec
+from fleetlog.alerts.engine import Firing, Note, preview
+from fleetlog.alerts.rules import InvalidRule, Rule, RuleSpec, Selector, parse_spec
 from fleetlog.api.deps import ERRORS, Admin, Found, Reader
+from fleetlog.api.reads import read_store, record_row
+from fleetlog.errors import StoreMissing
 from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.reading import LogsRequest
 from fleetlog.records import iso_ms
 from fleetlog.timeparse import parse_duration
 
@@ -98,6 +102,23 @@ class Mute(BaseModel):
     duration: str = Field(alias="for", description="How long: 30m, 2h, 1d.", max_length=32)
 
 
+class PreviewIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    when: str = Field(max_length=4096, description="The CEL condition, as `when` in a rule.")
+    devices: str = Field(default="*", max_length=256, description="*, a device id, or a glob.")
+    recent: int = Field(default=500, ge=1, le=2000, description="How many of the newest records to try "
+                        "(of that device when `devices` is one id, else of the fleet).")
+
+
+class PreviewOut(BaseModel):
+    checked: int = Field(description="Records the selector admitted and the condition ran on.")
+    matched: int
+    errors: int = Field(description="Records the expression failed on (a missing field ...): no match.")
+    first_error: str | None
+    records: list[dict[str, Any]] = Field(description="The matching records, newest first (at most 50).")
+
+
 class TestOutcome(BaseModel):
     destination: str
     delivered: bool
@@ -133,6 +154,14 @@ def _firing(firing: Firing, notes: list[Note]) -> FiringOut:
                      notifications=[_note(note) for note in notes])
 
 
+def _rule_invalid(exc: InvalidRule) -> HTTPException:
+    """A 422 naming the field, and for a CEL error its line and column."""
+    problem: dict[str, Any] = {"loc": ["body", exc.field or "body"], "msg": str(exc), "type": "value_error"}
+    if exc.position is not None:
+        problem["position"] = {"line": exc.position[0], "column": exc.position[1]}
+    return HTTPException(422, [problem])
+
+
 def _unavailable(exc: BaseException) -> HTTPException:
     return HTTPException(503, "Redis is not answering; try again")
 
@@ -162,11 +191,7 @@ def add_alert(_token: Admin, found: Found,
     try:
         checked = parse_spec(spec)
     except InvalidRule as exc:
-        problem: dict[str, Any] = {"loc": ["body", exc.field or "body"], "msg": str(exc),
-                                   "type": "value_error"}
-        if exc.position is not None:
-            problem["position"] = {"line": exc.position[0], "column": exc.position[1]}
-        raise HTTPException(422, [problem]) from exc
+        raise _rule_invalid(exc) from exc
     try:
         rule = _book(found).add(checked, replace=replace)
     except RuleExists as exc:
@@ -174,6 +199,35 @@ def add_alert(_token: Admin, found: Found,
     except REDIS_DOWN as exc:
         raise _unavailable(exc) from exc
     return _out(rule, 0, _now())
+
+
+#: Matching records a preview returns at most (it counts them all).
+_PREVIEW_ROWS = 50
+
+
+@router.post("/api/alerts/preview", response_model=PreviewOut,
+             responses={422: {"description": "The condition could not be saved: as for POST /api/alerts."}},
+             summary="Which recent records a record condition matches (the console's live preview)")
+async def preview_condition(body: PreviewIn, _token: Reader, found: Found, request: Request) -> PreviewOut:
+    """The newest ``recent`` records, tried with the same compile, selector and variables as the alerter.
+
+    A read token may ask: it shows only records the token can read anyway.
+    The read runs on the reader pool under the read budget, like every read.
+    """
+    devices = body.devices.strip() or "*"
+    try:
+        preview(body.when, devices, [])  # refuse an invalid condition before reading anything
+    except InvalidRule as exc:
+        raise _rule_invalid(exc) from exc
+    wanted = LogsRequest(Selector(devices).device, limit=body.recent)
+    try:
+        found_ = await read_store(request, found, lambda reader: preview(body.when, devices,
+                                                                          reader.page(wanted).records))
+    except StoreMissing:
+        found_ = preview(body.when, devices, [])
+    return PreviewOut(checked=found_.checked, matched=len(found_.matched), errors=found_.errors,
+                      first_error=found_.first_error,
+                      records=[orjson.loads(record_row(r)) for r in found_.matched[:_PREVIEW_ROWS]])
 
 
 @router.get("/api/alerts/{name}", response_model=AlertDetail, responses=_NOT_FOUND,
