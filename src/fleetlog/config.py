@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     # before it is cut off (a tail resumes with Last-Event-ID).
     stream_buffer_bytes: int = Field(default=4 * MiB, ge=64 * 1024, le=1024 * MiB)
     stream_stall_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # Live tails one API process serves at once (each holds a connection and up to
+    # stream_buffer_bytes); more are answered 503 until one ends.
+    max_live_tails: int = Field(default=1000, ge=1, le=100_000)
 
     # Alerts (``fleetlog alerter``; see fleetlog.alerts).  Presence, refusals and the queue
     # are looked at every alert_poll s; one alerter holds a lease of alert_lease s; a

@@ -403,3 +403,52 @@ def test_stream_settings_are_documented() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for name in ("stream_buffer_bytes", "stream_stall_timeout", "4 MiB", "api-token revoke"):
         assert name in readme, name
+
+
+def status_of(sock: socket.socket) -> int:
+    """The status code of the answer on ``sock`` (its first line)."""
+    sock.settimeout(10)
+    head = b""
+    while b"\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def test_the_live_tail_limit_counts_tails_when_admitted_and_gives_slots_back(
+        redis_url: str, tmp_path: Path, processes: Processes) -> None:
+    """60 tails asked at once of a limit of 20: exactly 20 admitted; each one that ends frees its slot."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    client = redis.Redis.from_url(redis_url)
+    reader = OperatorTokens(client).add("viewer", "read")
+    client.close()
+    _, _, port = start_api(processes, redis_url, data_dir, env={"FLEETLOG_MAX_LIVE_TAILS": "20"})
+    burst = [raw_tail(port, reader) for _ in range(60)]  # every request sent before any answer is read
+    statuses = [status_of(sock) for sock in burst]
+    admitted = [sock for sock, status in zip(burst, statuses, strict=True) if status == 200]
+    assert sorted(set(statuses)) == [200, 503] and len(admitted) == 20, statuses
+    for sock in burst:
+        if sock not in admitted:
+            sock.close()
+    for sock in admitted[:5]:  # five tails end: five slots come back, no more
+        sock.close()
+
+    held: list[socket.socket] = []
+
+    def one_more_fits() -> bool:
+        sock = raw_tail(port, reader)
+        if status_of(sock) == 200:
+            held.append(sock)
+            return True
+        sock.close()
+        return False
+
+    for _ in range(5):  # each ended tail's slot comes back (when the server sees it close)
+        assert wait_until(one_more_fits, 10)
+    extra = raw_tail(port, reader)
+    assert status_of(extra) == 503  # 15 + 5: full again
+    for sock in [*admitted[5:], *held, extra]:
+        sock.close()

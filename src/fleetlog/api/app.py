@@ -30,7 +30,7 @@ from fleetlog.api import alerts, commands, console, device_tokens, health, reads
 from fleetlog.api.bus import Bus
 from fleetlog.api.commits import CommitFeed
 from fleetlog.api.deps import Reader, Services
-from fleetlog.api.guard import StreamGuard
+from fleetlog.api.guard import StreamGuard, TailSlots
 from fleetlog.api.limits import BodyLimits
 from fleetlog.config import Settings, mask_url
 from fleetlog.queue.connection import connect, connect_async
@@ -107,7 +107,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         aredis = connect_async(redis_url, timeout=settings.redis_timeout, pool_size=REDIS_POOL)
         readers = ReaderPool(settings.store_url, read_timeout=settings.read_timeout)
         services = Services(settings, redis_url, aredis, connect(redis_url, timeout=settings.redis_timeout),
-                            registry, sent, readers, CommitFeed(aredis), Bus(aredis))
+                            registry, sent, readers, CommitFeed(aredis), Bus(aredis),
+                            tails=TailSlots(settings.max_live_tails))
         holder[:] = [services]
         app.state.services = services
         services.feed.start()

@@ -23,7 +23,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from fleetlog.api.auth import OperatorToken, Role, allows, identify
 from fleetlog.api.bus import Bus
 from fleetlog.api.commits import CommitFeed
-from fleetlog.api.guard import MemoryTrim
+from fleetlog.api.guard import MemoryTrim, TailSlots
 from fleetlog.config import Settings
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.reading import ReaderPool
@@ -72,6 +72,7 @@ class Services:
     feed: CommitFeed  # the workers' commit announcements, for live tails
     bus: Bus  # token revocations, command replies: one subscription for the process
     memory: MemoryTrim = field(default_factory=MemoryTrim)  # gives memory back after large answers
+    tails: TailSlots = field(default_factory=TailSlots)  # live tails admitted, at most MAX_STREAMS
 
 
 def services(request: Request) -> Services:

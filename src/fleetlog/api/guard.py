@@ -44,7 +44,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any, Final
 
@@ -57,8 +57,8 @@ from fleetlog.reading import FOLLOW_BATCH, LogsRequest
 from fleetlog.reading import Reader as StoreReader
 from fleetlog.records import StoredRecord
 
-__all__ = ["CHUNK", "GUARDED", "TRIM_AFTER", "MemoryTrim", "ReadBudget", "StreamGuard", "drain",
-           "export_records", "record_bytes"]
+__all__ = ["CHUNK", "GUARDED", "MAX_STREAMS", "TRIM_AFTER", "MemoryTrim", "ReadBudget", "StreamGuard",
+           "TailSlots", "drain", "export_records", "record_bytes"]
 
 log = logging.getLogger("fleetlog.api")
 
@@ -72,6 +72,39 @@ TRIM_AFTER: Final = 1024 * 1024
 TRIM_EVERY: Final = 1.0
 #: What a record read from the store costs beyond its text (the object, its fields).
 _RECORD_OVERHEAD: Final = 400
+#: Live tails one API process serves at once by default (``max_live_tails``); more are refused (503).
+MAX_STREAMS: Final = 1000
+
+
+# -- how many -------------------------------------------------------------------------
+
+
+class TailSlots:
+    """The live tails one API process has admitted, counted when admitted.
+
+    Counting from the tail's first byte let a burst of requests all pass the
+    check before any of them counted (1,014 of a 1,000 limit).  A slot is taken
+    in the route, before the answer starts, and given back when the answer
+    ends, however it ends (:meth:`held`).  One event loop: no lock needed.
+    """
+
+    def __init__(self, limit: int = MAX_STREAMS) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Give the slot back when the block ends (the answer was sent, cut off or cancelled)."""
+        try:
+            yield
+        finally:
+            self.taken -= 1
 
 
 # -- memory ---------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from typing import Annotated, Final
 from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from fleetlog.api.deps import ERRORS, Found, Reader, Services, invalid
-from fleetlog.api.guard import CHUNK, ReadBudget
+from fleetlog.api.guard import CHUNK, MAX_STREAMS, ReadBudget, TailSlots
 from fleetlog.api.reads import DeviceParam, Level, Text, check_device, checked_request, record_row
 from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
 from fleetlog.reading import LogsRequest, decode_cursor, encode_cursor
@@ -45,8 +46,6 @@ __all__ = ["HEARTBEAT", "MAX_STREAMS", "router"]
 
 #: Seconds of quiet before a keepalive comment.
 HEARTBEAT: Final = 15.0
-#: Live tails one API process serves at once; more are refused (503).
-MAX_STREAMS: Final = 1000
 #: Seconds a client waits before reconnecting (sent as ``retry:``).
 RETRY_MS: Final = 2000
 
@@ -93,35 +92,38 @@ def _start(found: Services) -> int:
         return 0
 
 
-class _Streams:
-    """How many tails are open (one event loop: no lock needed)."""
+class _TailResponse(StreamingResponse):
+    """A live tail's answer: gives its slot back however it ends, even before its first byte."""
 
-    open = 0
+    def __init__(self, slots: TailSlots, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._slots.held():
+            await super().__call__(scope, receive, send)
 
 
 async def _tail(found: Services, request: LogsRequest, after: int) -> AsyncIterator[bytes]:
-    _Streams.open += 1
-    try:
-        yield f"retry: {RETRY_MS}\n: live tail open\n\n".encode()
-        settings = found.settings
-        budget = ReadBudget(settings.stream_buffer_bytes, settings.max_frame_bytes)
-        cursor = after
-        while True:
-            changed = found.feed.changed()  # before the read: a commit meanwhile sets it
-            try:
-                batch, more = await run_in_threadpool(_read, found, request, cursor, budget)
-            except StoreUnavailable:
-                batch, more = [], False  # the store is busy or gone for a moment: the next wake reads again
-            if batch:
-                cursor = batch[-1].seq
-                for chunk in _chunks(batch):
-                    yield chunk
-                if more:
-                    continue  # a burst: read on before sleeping
-            if not await found.feed.wait(changed, HEARTBEAT):
-                yield b": keepalive\n\n"
-    finally:
-        _Streams.open -= 1
+    yield f"retry: {RETRY_MS}\n: live tail open\n\n".encode()
+    settings = found.settings
+    budget = ReadBudget(settings.stream_buffer_bytes, settings.max_frame_bytes)
+    cursor = after
+    while True:
+        changed = found.feed.changed()  # before the read: a commit meanwhile sets it
+        try:
+            batch, more = await run_in_threadpool(_read, found, request, cursor, budget)
+        except StoreUnavailable:
+            batch, more = [], False  # the store is busy or gone for a moment: the next wake reads again
+        if batch:
+            cursor = batch[-1].seq
+            for chunk in _chunks(batch):
+                yield chunk
+            if more:
+                continue  # a burst: read on before sleeping
+        if not await found.feed.wait(changed, HEARTBEAT):
+            yield b": keepalive\n\n"
 
 
 @router.get("/api/stream", summary="Live tail of new records (Server-Sent Events)",
@@ -145,7 +147,6 @@ async def get_stream(
             after = await run_in_threadpool(_start, found)
         except StoreUnavailable as exc:
             raise HTTPException(503, f"the store is not answering: {exc}") from exc
-    if _Streams.open >= MAX_STREAMS:
-        raise HTTPException(503, f"{MAX_STREAMS} live tails open already; try again later")
-    return StreamingResponse(_tail(found, request, after), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if not found.tails.take():  # the last step before the answer: nothing after it can fail
+        raise HTTPException(503, f"{found.tails.limit} live tails open already; try again later")
+    return _TailResponse(found.tails, _tail(found, request, after))
