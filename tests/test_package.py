@@ -37,7 +37,9 @@ def test_the_wheel_installed_in_a_clean_venv_runs_everything(tmp_path: Path) -> 
     (sdist,) = dist.glob("fleetlog-*.tar.gz")
     assert wheel.name.startswith(f"fleetlog-{fleetlog.__version__}-")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("fleetlog/api/static/console.js", "fleetlog/api/static/index.html", "fleetlog/py.typed"):
+    modules = [f"fleetlog/api/static/{path.name}" for path in (ROOT / "src/fleetlog/api/static").glob("*.js")]
+    assert len(modules) > 1  # the console's modules: every one it imports is shipped
+    for needed in (*modules, "fleetlog/api/static/index.html", "fleetlog/py.typed"):
         assert needed in shipped, needed
     with tarfile.open(sdist) as archive:
         assert any(name.endswith("src/fleetlog/api/static/console.js") for name in archive.getnames())
@@ -81,7 +83,8 @@ def test_the_wheel_installed_in_a_clean_venv_runs_everything(tmp_path: Path) -> 
         api = f"http://127.0.0.1:{http_port}"
         auth = {"Authorization": f"Bearer {reader}"}
         assert "<html" in httpx.get(f"{api}/", timeout=10).text.lower()  # the console
-        assert httpx.get(f"{api}/console/console.js", timeout=10).status_code == 200
+        for module in modules:
+            assert httpx.get(f"{api}/console/{Path(module).name}", timeout=10).status_code == 200, module
 
         def stored() -> bool:
             answer = httpx.get(f"{api}/api/devices/door-1/logs", headers=auth, timeout=10)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from tests.helpers import RECEIVED, STORED, legacy_frame, stored_rows
 
 pytestmark = pytest.mark.slow
 
+LONG_ID = "kiosk-" + "x" * 122  # 128 characters, the most a device id may have
 CHROMIUM = os.environ.get("FLEETLOG_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -46,18 +45,6 @@ def send(ws: ClientConnection, frame: str) -> None:
     assert ws.recv(timeout=10) == STORED
 
 
-@pytest.fixture
-def screens(tmp_path: Path) -> Iterator[Path]:
-    folder = tmp_path / "screenshots"
-    folder.mkdir()
-    yield folder
-    keep = os.environ.get("FLEETLOG_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        for shot in folder.glob("*.png"):
-            shutil.copy(shot, Path(keep) / shot.name)
-
-
 def test_console_login_online_search_live_tail_command_export(
         api: Api, processes: Processes, screens: Path, tmp_path: Path) -> None:
     _, port = processes.gateway(api.redis_url, api.data_dir)
@@ -68,6 +55,10 @@ def test_console_login_online_search_live_tail_command_export(
                                              ("error", "温度传感器故障: sensor 3 not answering"),
                                              ("info", 'quote " and star * kept')]):
             send(ws, legacy_frame(device, seq, level=level, msg=text))
+        # A record that would read "abctxt.exe" if its bidi override were obeyed, from a device
+        # whose id is as long as ids may be.
+        with connect(f"ws://127.0.0.1:{port}") as other:  # a connection's device is its frames' device
+            send(other, legacy_frame(LONG_ID, 0, level="warn", msg="abc\u202eexe.txt"))
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900}, accept_downloads=True)
@@ -79,6 +70,20 @@ def test_console_login_online_search_live_tail_command_export(
             row.locator(".dot.on").wait_for(timeout=15_000)  # the device is online
             assert api.admin not in page.url
             page.screenshot(path=screens / "fleet.png", full_page=True)
+
+            # The 128-character id is cut short in the table, whole on hover; the page does not
+            # stretch past the window.
+            long_link = page.locator(f'tr[data-device="{LONG_ID}"] a')
+            assert long_link.get_attribute("title") == LONG_ID
+            box = long_link.bounding_box()
+            assert box is not None and box["width"] < 400, box
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1200
+            # Control characters are shown as escapes, as the CLI shows them.
+            page.fill("#fleet-search input[name=q]", "exe.txt")
+            page.press("#fleet-search input[name=q]", "Enter")
+            bidi = page.locator("#fleet-results .row").first
+            bidi.wait_for(timeout=10_000)
+            assert "abc\\u202eexe.txt" in bidi.inner_text() and "\u202e" not in bidi.inner_text()
 
             # Fleet search, Chinese text.
             page.fill("#fleet-search input[name=q]", "温度传感器")
@@ -99,8 +104,7 @@ def test_console_login_online_search_live_tail_command_export(
 
             # Live tail: a record sent now shows up on top within 2 s of its ack.
             page.click("#tail")
-            page.wait_for_function("document.querySelector('#tail-state').textContent === 'live'",
-                                   timeout=10_000)
+            page.locator("#tail-state", has_text="live").wait_for(timeout=10_000)
             send(ws, legacy_frame(device, 99, level="info", msg="实时记录 live one"))
             acked = time.monotonic()
             page.locator("#records .row", has_text="实时记录 live one").wait_for(timeout=2_000)
@@ -125,7 +129,30 @@ def test_console_login_online_search_live_tail_command_export(
             download.value.save_as(saved)
             lines: list[dict[str, Any]] = [json.loads(line) for line in saved.read_text("utf-8").splitlines()]
             assert [line["message"] for line in lines] == ["温度传感器故障: sensor 3 not answering"]
-            assert len(stored_rows(api.data_dir)) == 5
+            assert len(stored_rows(api.data_dir)) == 6
+
+            # A link that cannot be decoded says so, and the page before is gone.
+            page.goto(f"{api.url}/#/device/%E0%A4%A")
+            page.locator("#main .error", has_text="This link is broken").wait_for(timeout=10_000)
+            assert page.locator("#records").count() == 0 and page.locator("#filters").count() == 0
+
+            # The live tail's event parser: several data lines, CRLF, events cut anywhere.
+            parsed = page.evaluate("""async () => {
+                const { parseEvents } = await import('/console/tail.js');
+                const text = 'retry: 2000\\n: hi\\n\\nid: a\\r\\nevent: record\\r\\ndata: one\\r\\n'
+                           + 'data: two\\r\\n\\r\\nid: b\\nevent: record\\ndata: {}\\n\\n';
+                const seen = new Set();
+                for (let cut = 0; cut <= text.length; cut++) {
+                  let rest = '', events = [];
+                  for (const part of [text.slice(0, cut), text.slice(cut)]) {
+                    const got = parseEvents(rest + part); rest = got.rest; events.push(...got.events);
+                  }
+                  seen.add(JSON.stringify(events.map((e) => [e.id, e.event, e.data, e.retry])));
+                }
+                return [...seen];
+            }""")
+            assert parsed == [json.dumps([[None, "message", None, 2000], ["a", "record", "one\ntwo", None],
+                                          ["b", "record", "{}", None]], separators=(",", ":"))]
 
             # Phone width, dark mode (follows the system setting).
             phone = browser.new_page(viewport={"width": 390, "height": 844}, color_scheme="dark")
