@@ -603,7 +603,7 @@ def api(config: str | None, **flags: Any) -> int:
 
 @cli.group("api-token")
 def api_token() -> None:
-    """Operator tokens for the HTTP API: add, list, revoke."""
+    """Operator tokens for the HTTP API: add, list, role, revoke."""
 
 
 def _operator_tokens(config: str | None, flags: dict[str, Any]) -> Any:
@@ -645,6 +645,16 @@ def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
     """Delete the operator token NAME; requests with it are refused (401) at once."""
     _operator_tokens(config, flags).revoke(name)
     click.echo(f"revoked {name}", err=True)
+
+
+@api_token.command("role")
+@_redis_command
+@click.argument("name")
+@click.argument("role", type=click.Choice(["read", "admin"]))
+def api_token_role(config: str | None, name: str, role: str, **flags: Any) -> None:
+    """Give the operator token NAME another ROLE; the live tails and exports open with it end."""
+    _operator_tokens(config, flags).set_role(name, role)
+    click.echo(f"{name} is now {role}", err=True)
 
 
 #: sysexits' EX_USAGE: ``send``'s exit 2 means "timeout" (CONTRACT), so its usage errors differ.

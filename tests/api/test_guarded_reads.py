@@ -167,10 +167,14 @@ class Tail:
             self.opened.set()
 
 
+def fleetlog(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleetlog", *args, "--redis-url", redis_url],
+                          capture_output=True, text=True, timeout=60)
+
+
 def revoke(redis_url: str, name: str) -> float:
     """``fleetlog api-token revoke NAME``; when it returned (``time.monotonic()``)."""
-    done = subprocess.run([sys.executable, "-m", "fleetlog", "api-token", "revoke", name,
-                           "--redis-url", redis_url], capture_output=True, text=True, timeout=60)
+    done = fleetlog(redis_url, "api-token", "revoke", name)
     assert done.returncode == 0, done.stderr
     return time.monotonic()
 
@@ -218,6 +222,40 @@ async def test_revoking_a_token_ends_its_tails_and_exports_on_every_api_process(
             assert (await http.get(f"{other}/api/stream", headers=headers)).status_code == 401
             assert not admins.task.done()
             admins.task.cancel()
+    finally:
+        writer.close()
+
+
+async def test_a_new_role_ends_what_the_token_has_open_and_applies_at_once(
+        api: Api, processes: Processes) -> None:
+    """``fleetlog api-token role ops read``: the admin token's tails end on both API processes
+    within a second; it reads again at once, and may no longer send a command."""
+    _, other, _ = start_api(processes, api.redis_url, api.data_dir)
+    writer = Writer(api.data_dir, api.redis_url)
+    headers = {"Authorization": f"Bearer {api.admin}"}
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=30)) as http:
+            tails = [Tail(http, api.url, api.admin), Tail(http, other, api.admin)]
+            for tail in tails:
+                await asyncio.wait_for(tail.opened.wait(), 10)
+            done = await asyncio.to_thread(fleetlog, api.redis_url, "api-token", "role", "ops", "read")
+            changed = time.monotonic()
+            assert done.returncode == 0, done.stderr
+            await asyncio.wait_for(asyncio.gather(*(tail.task for tail in tails)), 5)
+            for tail in tails:
+                assert tail.ended_at is not None and tail.ended_at - changed < 1.0
+            command = await http.post(f"{other}/api/devices/d1/commands", json={"cmd": "x"}, headers=headers)
+            assert command.status_code == 403, command.text
+            again = Tail(http, other, api.admin)  # still a read token: it may tail
+            await asyncio.wait_for(again.opened.wait(), 10)
+            seqs = writer.write(1, 100, device="live")
+            assert await asyncio.to_thread(wait_until, lambda: again.seqs == seqs, 10)
+            again.task.cancel()
+        listed = await asyncio.to_thread(fleetlog, api.redis_url, "api-token", "list", "--json")
+        assert {row["name"]: row["role"] for row in orjson.loads(listed.stdout)} == {"ops": "read",
+                                                                                    "viewer": "read"}
+        unknown = await asyncio.to_thread(fleetlog, api.redis_url, "api-token", "role", "nobody", "admin")
+        assert unknown.returncode != 0 and "no API token named 'nobody'" in unknown.stderr
     finally:
         writer.close()
 

@@ -8,8 +8,9 @@ no slow hash, see :mod:`fleetlog.credentials`).  Keys:
   what every request looks up (one HGET);
 * ``fleetlog:api-token:<name>`` hash: ``token_hash``, ``role``, ``created_at``.
 
-Adding and revoking are each one Lua script over both keys, so a name never
-holds two tokens and a revoked token never lingers.  Revoking also publishes
+Adding, revoking and changing a role are each one Lua script over both keys, so a
+name never holds two tokens and a revoked token never lingers.  Revoking (or a
+new role, ``fleetlog api-token role``) also publishes
 the token's hash on :data:`fleetlog.keys.API_TOKEN_CHANGES` (in the same
 script): every API process ends the live tails and exports still open with
 it (:mod:`fleetlog.api.bus`).  On a Redis Cluster both
@@ -58,6 +59,18 @@ redis.call('PUBLISH', ARGV[1], old)
 return 1
 """
 
+#: KEYS = name record, token table; ARGV = role, JSON entry, the channel.  Nil if there is no such name.
+#: A new role ends what is open with the token, as a revocation does: a tail or an export
+#: admitted under the old role does not go on under the new one.
+_ROLE: Final = """
+local old = redis.call('HGET', KEYS[1], 'token_hash')
+if not old then return false end
+redis.call('HSET', KEYS[1], 'role', ARGV[1])
+redis.call('HSET', KEYS[2], old, ARGV[2])
+redis.call('PUBLISH', ARGV[3], old)
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class OperatorToken:
@@ -96,6 +109,7 @@ class OperatorTokens:
         self._keys = keys.api_token_keys(is_cluster(client))
         self._add = client.register_script(_ADD)
         self._revoke = client.register_script(_REVOKE)
+        self._role = client.register_script(_ROLE)
 
     def add(self, name: str, role: Role = "read") -> str:
         """Create a token named ``name``; return it (shown once, stored hashed)."""
@@ -116,6 +130,17 @@ class OperatorTokens:
         answers still open with it (on every API process) are ended."""
         if self._revoke(keys=[self._keys.name(name), self._keys.table],
                         args=[keys.API_TOKEN_CHANGES]) is None:
+            raise UnknownToken(f"no API token named {name!r}")
+
+    def set_role(self, name: str, role: Role) -> None:
+        """Give the token named ``name`` another role; its open answers end (on every API process)."""
+        if role not in ROLES:
+            raise FleetlogError(f"role must be one of {', '.join(ROLES)}")
+        record = self._client.hgetall(self._keys.name(name))
+        created = (record.get(b"created_at") or b"").decode()
+        entry = orjson.dumps({"name": name, "role": role, "created_at": created})
+        if self._role(keys=[self._keys.name(name), self._keys.table],
+                      args=[role, entry, keys.API_TOKEN_CHANGES]) is None:
             raise UnknownToken(f"no API token named {name!r}")
 
     def list(self) -> list[OperatorToken]:
