@@ -74,6 +74,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fleetlog.config import mask_url
+from fleetlog.errors import BatchTooLarge, InvalidRequest
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store.base import (
     LogQuery,
@@ -500,7 +501,7 @@ class PostgresStore:
             seen.add(key)
             rows.append(_prepare(record, len(rows) + 1))
         if len(rows) > MAX_BATCH:
-            raise ValueError(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}")
+            raise BatchTooLarge(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}")
         self._ensure_ahead()
         self._ensure_days({day_of(row[4]) for row in rows})
         try:
@@ -828,7 +829,7 @@ class PostgresStore:
                step: int) -> list[VolumeBucket]:
         """Records received in ``[since, until)`` per ``step`` ms and level (partitions pruned)."""
         if step <= 0:
-            raise ValueError("step must be positive")
+            raise InvalidRequest("step must be positive", "step")
         where = "received_at >= %s AND received_at < %s"
         params: list[Any] = [since, until]
         if device_id is not None:

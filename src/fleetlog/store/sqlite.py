@@ -48,6 +48,7 @@ from typing import Any, Final
 
 import orjson
 
+from fleetlog.errors import InvalidRequest
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store.base import (
     LogQuery,
@@ -826,7 +827,7 @@ class SQLiteStore:
     def volume(self, device_id: str | None, since: int, until: int,
                step: int) -> list[VolumeBucket]:
         if step <= 0:
-            raise ValueError("step must be positive")
+            raise InvalidRequest("step must be positive", "step")
         if (device_id is None and since >= 0 and since % _MINUTE == 0 and until % _MINUTE == 0
                 and step % _MINUTE == 0 and self.schema_version >= _VOLUME_SCHEMA):
             return self._fleet_volume(since, until, step)
