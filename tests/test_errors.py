@@ -55,6 +55,10 @@ def test_embedded_server_errors_keep_their_builtin_bases() -> None:
     assert issubclass(errors.ServerNotFound, FileNotFoundError)
     assert issubclass(errors.ServerNotReady, RuntimeError)
     assert issubclass(errors.InvalidDeviceId, ValueError)
+    # The store's refusals of bad input were bare ValueErrors before they joined the tree.
+    assert issubclass(errors.UnsupportedStore, ValueError)
+    assert issubclass(errors.BatchTooLarge, ValueError)
+    assert issubclass(errors.InvalidRequest, ValueError)
 
 
 def test_close_codes_are_the_contracts() -> None:

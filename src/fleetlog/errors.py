@@ -18,10 +18,12 @@ still work)::
      ├── StoreUnavailable      the store cannot be used right now; retrying may succeed
      │    └── ReadTimeout      a read ran past its time budget, or its caller left: it was stopped
      ├── StoreMissing          a reader found no store (nothing is created for it)
+     ├── UnsupportedStore      a store URL names no backend fleetlog has (also a ValueError)
      ├── RecordRejected        the store cannot take a record because of its own data
+     ├── BatchTooLarge         one write holds more records than a store takes (also a ValueError)
      ├── UnknownDevice         a credential command names a device that has none
      ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
-     ├── InvalidRequest        a read asks for something malformed: level, time, limit, cursor, q
+     ├── InvalidRequest        a read asks for something malformed: level, time, limit, step, cursor, q
      ├── ConfigError           settings that cannot work together
      ├── ServerError           the embedded Valkey/Redis server
      │    ├── ServerNotFound   no server binary (also a FileNotFoundError)
@@ -164,8 +166,17 @@ class StoreMissing(FleetlogError):
     """Raised when a reader opens a store that does not exist (nothing is created)."""
 
 
+class UnsupportedStore(FleetlogError, ValueError):
+    """Raised when a store URL names no backend fleetlog has; the message lists those it has."""
+
+
 class RecordRejected(FleetlogError):
     """Raised when the store cannot take a record because of the record's own data."""
+
+
+class BatchTooLarge(FleetlogError, ValueError):
+    """Raised when one :meth:`~fleetlog.store.base.Store.write_batch` holds more records
+    than the store takes in one transaction: the caller must split it (nothing was written)."""
 
 
 class UnknownDevice(FleetlogError):
@@ -177,7 +188,7 @@ class InvalidDeviceId(FleetlogError, ValueError):
 
 
 class InvalidRequest(FleetlogError, ValueError):
-    """Raised when a read asks for something malformed (level, time, limit, cursor, q).
+    """Raised when a read asks for something malformed (level, time, limit, step, cursor, q).
 
     ``field`` names the parameter at fault (``level``, ``since``...), for a
     front end to point at; the message says what is wrong with it.

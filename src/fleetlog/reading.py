@@ -145,10 +145,7 @@ def logs_request(
     :data:`~fleetlog.store.fields.LEVELS` (or an alias); ``q`` plain text of
     at most :data:`MAX_Q` characters.
     """
-    try:
-        checked_level = check_level(level) if level else None
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), "level") from None
+    checked_level = check_level(level) if level else None  # InvalidRequest naming the field
     return LogsRequest(
         device_id,
         since=_time("since", since, now_ms),

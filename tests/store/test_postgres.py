@@ -18,7 +18,7 @@ import pytest
 
 from fleetlog.protocol import encode_json
 from fleetlog.records import QueuedRecord
-from fleetlog.store.base import (
+from fleetlog.store import (
     LogQuery,
     RecordRejected,
     Store,

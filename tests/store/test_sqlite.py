@@ -13,10 +13,11 @@ import pytest
 
 from fleetlog.protocol import encode_json
 from fleetlog.records import DeviceStats, QueuedRecord
-from fleetlog.store.base import (
+from fleetlog.store import (
     LogQuery,
     RecordRejected,
     StoreUnavailable,
+    UnsupportedStore,
     VolumeBucket,
     open_store,
 )
@@ -296,7 +297,7 @@ def test_open_store_url(tmp_path: Path) -> None:
     assert opened.write_batch([rec("1-0")]) == 1
     opened.close()
     assert (tmp_path / "sub" / "x.db").is_file()
-    with pytest.raises(ValueError, match="unsupported store URL"):
+    with pytest.raises(UnsupportedStore, match="unsupported store URL"):
         open_store("mysql://nope")
 
 

@@ -16,7 +16,7 @@ meets each differently:
 * anything else is a bug: the worker stops (fatal-error record, exit 1)
   rather than dead-letter good records.
 
-Readers open a store read-only (``open_store(url, readonly=True)``): nothing
+Readers open a store read-only (``fleetlog.store.open_store(url, readonly=True)``): nothing
 is created or migrated, and a store that is not there is
 :class:`StoreMissing`, never an empty new one.
 
@@ -227,23 +227,3 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
-
-def open_store(url: str, *, readonly: bool = False) -> Store:
-    """Open the store a URL names.
-
-    ``sqlite:///PATH`` is relative to the working directory and
-    ``sqlite:////PATH`` absolute, as in SQLAlchemy.  ``postgresql://`` (or
-    ``postgres://``) is a libpq URL: what it leaves out (password, TLS) comes
-    from the ``PG*`` environment variables.
-    """
-    if url.startswith("sqlite:///"):
-        from fleetlog.store.sqlite import SQLiteStore
-
-        return SQLiteStore(url.removeprefix("sqlite:///"), readonly=readonly)
-    if url.startswith(("postgresql://", "postgres://")):
-        from fleetlog.store.postgres import PostgresStore
-
-        return PostgresStore(url, readonly=readonly)
-    raise ValueError(
-        f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
-    )

@@ -17,6 +17,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
+from fleetlog.errors import InvalidRequest
+
 __all__ = ["ERROR_LEVELS", "LEVELS", "Fields", "check_level", "column_text", "extract",
            "normalise_level"]
 
@@ -54,10 +56,10 @@ def column_text(text: str) -> str:
 
 
 def check_level(level: str) -> str:
-    """A level a reader asked for, normalised; ValueError naming the levels if unknown."""
+    """A level a reader asked for, normalised; :class:`InvalidRequest` naming the levels if unknown."""
     normal = normalise_level(level)
     if normal not in LEVELS:
-        raise ValueError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
+        raise InvalidRequest(f"unknown level {level!r}: use one of {', '.join(LEVELS)}", "level")
     return normal
 
 

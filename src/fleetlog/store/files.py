@@ -55,6 +55,7 @@ from typing import Any, Final
 
 import orjson
 
+from fleetlog.errors import InvalidRequest
 from fleetlog.records import StoredRecord, utc_day
 from fleetlog.store.base import Store, StoreUnavailable
 from fleetlog.view import record_line
@@ -185,7 +186,7 @@ class FilesSink:
         acknowledge the batch.
         """
         if limit is not None and limit <= 0:
-            raise ValueError(f"limit must be positive, not {limit}")
+            raise InvalidRequest(f"limit must be positive, not {limit}", "limit")
         try:
             with self._lock_path.open("a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)

@@ -68,13 +68,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import orjson
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fleetlog.config import mask_url
+from fleetlog.errors import BatchTooLarge
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
+from fleetlog.store import core
 from fleetlog.store.base import (
     LogQuery,
     ReadLimit,
@@ -83,7 +84,6 @@ from fleetlog.store.base import (
     StoreUnavailable,
     VolumeBucket,
 )
-from fleetlog.store.fields import ERROR_LEVELS, LEVELS, extract, normalise_level
 from fleetlog.store.search import search_needle, search_text
 
 __all__ = ["DAYS_AHEAD", "MIGRATIONS", "SEQ_SHIFT", "PostgresStore"]
@@ -158,12 +158,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 #: The first schema with ``device_counts.last_error``; older ones (read-only) report None.
 _LAST_ERROR_SCHEMA: Final = 2
 
-_COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
 _STAGED: Final = "n, stream, qid, device_id, received_at, ts, level, message, data"
 _COPY: Final = ("COPY records (seq, stream, qid, device_id, received_at, ts, level, message, data)"
                 " FROM STDIN")
 #: Everything below it is final: no transaction with a lower id can still commit.
 _HORIZON: Final = f"(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {SEQ_SHIFT})"
+#: How PostgreSQL spells the shared rules (:mod:`fleetlog.store.core`): a follow cursor
+#: reads only below the horizon (see the module docstring).
+DIALECT: Final = core.Dialect(param="%s", after_seq=f"seq > %s AND seq < {_HORIZON}",
+                              row_values=True, level_array=True)
+_AFTER: Final = core.after_statement(DIALECT).encode()
 _STAGING: Final = """
     CREATE TEMP TABLE IF NOT EXISTS staging (
         n integer, stream text, qid text, device_id text, received_at bigint, ts bigint,
@@ -228,31 +232,6 @@ def _partition_day(name: str) -> int | None:
 def _like(text: str) -> str:
     """An ILIKE pattern finding ``text`` anywhere, its wildcards taken literally."""
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def _row(values: tuple[Any, ...]) -> StoredRecord:
-    return StoredRecord(*values)
-
-
-def _prepare(record: QueuedRecord, n: int) -> tuple[Any, ...]:
-    """The row of one record (``n``: its place in the batch); RecordRejected if it cannot be."""
-    try:
-        text = record.data.decode()
-        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
-    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
-    if "\x00" in text:
-        raise RecordRejected(f"record {record.qid}: a NUL character (PostgreSQL text cannot hold it)")
-    # A NUL sent escaped (\u0000) is kept in ``data`` as sent; extract() made it U+FFFD in
-    # level and message, which are text (as on every store).
-    ts, level, message = fields if fields is not None else (None, None, None)
-    return (n, record.stream, record.qid, record.device_id, record.received_at, ts, level,
-            message, text)
-
-
-def _body(data: str) -> str:
-    """What a search looks in (:func:`~fleetlog.store.search.search_text`: NUL-free, as text)."""
-    return search_text(data)
 
 
 def _stamp(qid: str) -> int | None:
@@ -337,10 +316,7 @@ class PostgresStore:
                 raise StoreMissing(
                     f"no store at {where}: the database has no fleetlog tables "
                     "(nothing has been stored there); pass --store URL to read the store you mean")
-            if version > len(MIGRATIONS):
-                raise StoreUnavailable(
-                    f"{where} has schema {version}, newer than this fleetlog reads "
-                    f"({len(MIGRATIONS)}): upgrade fleetlog")
+            core.check_schema(where, version, len(MIGRATIONS))
             missing = [table for table in ("records", "device_counts", "meta")
                        if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,)]
             if missing:
@@ -498,9 +474,9 @@ class PostgresStore:
             if key in seen:
                 continue  # the same entry twice in one batch
             seen.add(key)
-            rows.append(_prepare(record, len(rows) + 1))
+            rows.append((len(rows) + 1, record.stream, *core.prepare(record)))
         if len(rows) > MAX_BATCH:
-            raise ValueError(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}")
+            raise BatchTooLarge(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}")
         self._ensure_ahead()
         self._ensure_days({day_of(row[4]) for row in rows})
         try:
@@ -543,22 +519,11 @@ class PostgresStore:
 
     def _count(self, conn: psycopg.Connection[Any],
                new: Sequence[tuple[str, int, str | None]]) -> None:
-        """Add the device-stat deltas of ``new`` (device, received_at, level) rows."""
-        stats: dict[str, list[int]] = {}  # device -> [records, first, last, last error (-1: none)]
-        for device, at, level in new:
-            error = at if level in ERROR_LEVELS else -1
-            stat = stats.get(device)
-            if stat is None:
-                stats[device] = [1, at, at, error]
-            else:
-                stat[0] += 1
-                stat[1] = min(stat[1], at)
-                stat[2] = max(stat[2], at)
-                stat[3] = max(stat[3], error)
-        if stats:
-            conn.execute(_COUNT, (list(stats), [v[0] for v in stats.values()],
-                                  [v[1] for v in stats.values()], [v[2] for v in stats.values()],
-                                  [v[3] if v[3] >= 0 else None for v in stats.values()]))
+        """Add the device-stat deltas (:func:`~fleetlog.store.core.device_stats`) of ``new``
+        (device, received_at, level) rows."""
+        stats = core.device_stats(new)
+        if stats:  # one array per column
+            conn.execute(_COUNT, [list(column) for column in zip(*stats, strict=True)])
         self._unfolded += len(stats)
 
     # -- upkeep ---------------------------------------------------------------------
@@ -601,7 +566,7 @@ class PostgresStore:
             with conn.cursor() as cursor, cursor.copy(
                     "COPY search (received_at, seq, body) FROM STDIN") as copy:
                 for received_at, seq, data in rows:
-                    copy.write_row((received_at, seq, _body(data)))
+                    copy.write_row((received_at, seq, search_text(data)))
             conn.execute("UPDATE meta SET value = %s WHERE key = 'search_through'",
                          (str(rows[-1][1]),))
         self._lag_counted -= len(rows)
@@ -762,36 +727,14 @@ class PostgresStore:
         (``seq <= search_through``), and the few stored since are read and
         matched here with the same :func:`~fleetlog.store.search.search_text`.
         """
-        where: list[str] = []
-        params: list[Any] = []
-        if query.device_id is not None:
-            where.append("device_id = %s")
-            params.append(query.device_id)
+        where, params = core.where(query, DIALECT)
         span = ""  # the time range again, for the search table's partitions
         if query.since is not None:
-            where.append("received_at >= %s")
-            params.append(query.since)
             span += f" AND received_at >= {int(query.since)}"
         if query.until is not None:
-            where.append("received_at < %s")
-            params.append(query.until)
             span += f" AND received_at < {int(query.until)}"
-        if query.after_seq is not None:
-            where.append(f"seq > %s AND seq < {_HORIZON}")
-            params.append(query.after_seq)
-        if query.before is not None:
-            where.append("(received_at, seq) < (%s, %s)")
-            params.extend(query.before)
-        if query.level:
-            normal = normalise_level(query.level)
-            if normal in LEVELS:
-                where.append("level = ANY(%s)")
-                params.append(list(LEVELS[LEVELS.index(normal):]))
-            else:
-                where.append("level = %s")
-                params.append(normal)
         newest_first = query.after_seq is None
-        order = "received_at DESC, seq DESC" if newest_first else "seq"
+        order = core.order_of(query)
         with self._connection() as conn:
             if not query.grep:
                 rows = self._select(conn, where, params, order, query.limit)
@@ -806,7 +749,7 @@ class PostgresStore:
                 for row in recent:
                     if self._limit is not None and self._limit.stopped():
                         raise self._limit.error()
-                    if needle in _body(row.data):
+                    if needle in search_text(row.data):
                         rows.append(row)
                 key = ((lambda r: (r.received_at, r.seq)) if newest_first
                        else (lambda r: (r.seq, 0)))
@@ -818,25 +761,18 @@ class PostgresStore:
     @staticmethod
     def _select(conn: psycopg.Connection[Any], where: list[str], params: list[Any], order: str,
                 limit: int | None) -> list[StoredRecord]:
-        statement = (f"SELECT {_COLUMNS} FROM records"
-                     f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}"
-                     + (" LIMIT %s" if limit is not None else ""))
+        statement = core.select_statement(DIALECT, where, order, limited=limit is not None)
         values = [*params, limit] if limit is not None else params
-        return [_row(row) for row in conn.execute(statement.encode(), values)]
+        return [core.row(row) for row in conn.execute(statement.encode(), values)]
 
     def volume(self, device_id: str | None, since: int, until: int,
                step: int) -> list[VolumeBucket]:
         """Records received in ``[since, until)`` per ``step`` ms and level (partitions pruned)."""
-        if step <= 0:
-            raise ValueError("step must be positive")
-        where = "received_at >= %s AND received_at < %s"
-        params: list[Any] = [since, until]
-        if device_id is not None:
-            where += " AND device_id = %s"
-            params.append(device_id)
+        core.check_step(step)
+        where, params = core.where(LogQuery(device_id, since=since, until=until), DIALECT)
         statement = (
             "SELECT received_at / %s * %s AS bucket, level, count(*) FROM records"
-            f" WHERE {where} GROUP BY bucket, level"
+            f" WHERE {' AND '.join(where)} GROUP BY bucket, level"
             ' ORDER BY bucket, level COLLATE "C" NULLS FIRST'
         )
         with self._connection() as conn:
@@ -846,11 +782,7 @@ class PostgresStore:
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         """Records after ``seq`` in store order, only those no late commit can precede."""
         with self._connection() as conn:
-            cursor = conn.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE seq > %s AND seq < {_HORIZON}"
-                " ORDER BY seq LIMIT %s", (seq, limit),
-            )
-            return [_row(values) for values in cursor]
+            return [core.row(values) for values in conn.execute(_AFTER, (seq, limit))]
 
     def seqs_of(self, qids: Sequence[str]) -> dict[str, int]:
         """The seq of each of ``qids`` held; a stream id's time names its partition."""

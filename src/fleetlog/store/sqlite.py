@@ -46,9 +46,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
-
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
+from fleetlog.store import core
 from fleetlog.store.base import (
     LogQuery,
     ReadLimit,
@@ -57,7 +56,6 @@ from fleetlog.store.base import (
     StoreUnavailable,
     VolumeBucket,
 )
-from fleetlog.store.fields import ERROR_LEVELS, LEVELS, extract, normalise_level
 from fleetlog.store.search import search_needle, search_text
 
 __all__ = ["MIGRATIONS", "WAL_LIMIT", "SQLiteStore"]
@@ -203,7 +201,10 @@ _UPSERT_VOLUME: Final = """
     ON CONFLICT (minute, level) DO UPDATE SET n = n + excluded.n
 """
 
-_COLUMNS: Final = "seq, qid, device_id, received_at, ts, level, message, data"
+#: How SQLite spells the shared rules (:mod:`fleetlog.store.core`): one writer at a time,
+#: so seq order is commit order and the follow cursor needs nothing more.
+DIALECT: Final = core.Dialect(param="?", after_seq="seq > ?", row_values=False, level_array=False)
+_AFTER: Final = core.after_statement(DIALECT)
 _INSERT: Final = (
     "INSERT INTO records (qid, device_id, received_at, ts, level, message, data)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -247,23 +248,6 @@ _WAL_WAIT_MAX_MS: Final = 1000
 #: After a try that waited the longest in vain (a read holding a transaction open), the
 #: next comes this many seconds later: such a reader costs ingest at most a tenth.
 _WAL_STUCK_S: Final = 10.0
-
-
-def _row(values: tuple[Any, ...]) -> StoredRecord:
-    return StoredRecord(*values)
-
-
-def _prepare(record: QueuedRecord) -> tuple[Any, ...]:
-    """The row of one record; :class:`RecordRejected` when its data cannot be stored."""
-    try:
-        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
-        text = record.data.decode()
-    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
-    if "\x00" in text:  # refused by every store alike (PostgreSQL's text cannot hold it)
-        raise RecordRejected(f"record {record.qid}: a NUL character (not JSON; text cannot hold it)")
-    ts, level, message = fields if fields is not None else (None, None, None)
-    return (record.qid, record.device_id, record.received_at, ts, level, message, text)
 
 
 def _file_identity(path: Path, *, missing_ok: bool = True) -> tuple[int, int] | None:
@@ -398,11 +382,11 @@ class SQLiteStore:
         if version == 0:
             self._db.close()
             raise StoreUnavailable(f"{self.path} is not a fleetlog store (no schema)")
-        if version > len(MIGRATIONS):
+        try:
+            core.check_schema(str(self.path), version, len(MIGRATIONS))
+        except StoreUnavailable:
             self._db.close()
-            raise StoreUnavailable(
-                f"{self.path} has schema {version}, newer than this fleetlog reads "
-                f"({len(MIGRATIONS)}): upgrade fleetlog")
+            raise
 
     # -- identity -------------------------------------------------------------
 
@@ -619,40 +603,22 @@ class SQLiteStore:
                 f"SELECT qid FROM records WHERE qid IN ({','.join('?' * len(qids))})", qids
             )
         }
-        rows = []
-        # device -> [records, first_seen, last_seen, last_error (-1: none)]
-        devices: dict[str, list[int]] = {}
+        rows: list[core.Row] = []
         volume: dict[tuple[int, str | bytes], int] = {}
         for record in records:
             if record.qid in known:
                 continue
             known.add(record.qid)  # the same entry twice in one batch
-            row = _prepare(record)
-            rows.append(row)
-            received, level = record.received_at, row[4]
-            error = received if level in ERROR_LEVELS else -1
-            stats = devices.get(record.device_id)
-            if stats is None:
-                devices[record.device_id] = [1, received, received, error]
-            else:
-                stats[0] += 1
-                if received < stats[1]:
-                    stats[1] = received
-                if received > stats[2]:
-                    stats[2] = received
-                if error > stats[3]:
-                    stats[3] = error
-            key = (received // _MINUTE, _NO_LEVEL if level is None else level)
+            new = core.prepare(record)
+            rows.append(new)
+            level = new[4]
+            key = (record.received_at // _MINUTE, _NO_LEVEL if level is None else level)
             volume[key] = volume.get(key, 0) + 1
         # Every row of ``rows`` is inserted or the transaction fails: the duplicates
         # (stored before, or twice in this batch) were left out above, so a
         # redelivered batch counts nothing twice.
         db.executemany(_INSERT, rows)
-        db.executemany(
-            _UPSERT_DEVICE,
-            [(device, count, first, last, None if error < 0 else error)
-             for device, (count, first, last, error) in devices.items()],
-        )
+        db.executemany(_UPSERT_DEVICE, core.device_stats((new[1], new[2], new[4]) for new in rows))
         db.executemany(_UPSERT_VOLUME, [(minute, level, n)
                                         for (minute, level), n in volume.items()])
         return len(rows)
@@ -661,7 +627,7 @@ class SQLiteStore:
 
     def _where(self, query: LogQuery, seqs: tuple[int, int] | None = None,
                indexed: bool | None = None) -> tuple[list[str], list[Any]]:
-        """The WHERE terms of ``query``.
+        """The WHERE terms of ``query`` (:func:`fleetlog.store.core.where`, and the search).
 
         ``seqs``: only records of seq in ``[low, high]``.  ``indexed``: for a
         ``grep``, look only in the search index (True) or only scan the records
@@ -674,30 +640,9 @@ class SQLiteStore:
         if seqs is not None:
             where.append("seq BETWEEN ? AND ?")
             params.extend(seqs)
-        if query.device_id is not None:
-            where.append("device_id = ?")
-            params.append(query.device_id)
-        if query.since is not None:
-            where.append("received_at >= ?")
-            params.append(query.since)
-        if query.until is not None:
-            where.append("received_at < ?")
-            params.append(query.until)
-        if query.after_seq is not None:
-            where.append("seq > ?")
-            params.append(query.after_seq)
-        if query.before is not None:
-            where.append("(received_at < ? OR (received_at = ? AND seq < ?))")
-            params.extend((query.before[0], query.before[0], query.before[1]))
-        if query.level:
-            level = normalise_level(query.level)
-            if level in LEVELS:
-                wanted = LEVELS[LEVELS.index(level):]
-                where.append(f"level IN ({','.join('?' * len(wanted))})")
-                params.extend(wanted)
-            else:
-                where.append("level = ?")
-                params.append(level)
+        shared, shared_params = core.where(query, DIALECT)
+        where += shared
+        params += shared_params
         if query.grep:
             needle = search_needle(query.grep)
             scan = "instr(fleetlog_search_text(data), ?) > 0"
@@ -746,14 +691,9 @@ class SQLiteStore:
                 indexed: bool | None = None) -> list[StoredRecord]:
         """The query's records (see :meth:`_where`), newest first (or seq order: follow)."""
         where, params = self._where(query, seqs, indexed)
-        order = ("seq" if query.after_seq is not None
-                 else "received_at DESC, seq DESC")
-        sql = (
-            f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where) or '1'}"
-            f" ORDER BY {order} LIMIT ?"
-        )
+        sql = core.select_statement(DIALECT, where, core.order_of(query), limited=True)
         params.append(query.limit)
-        return [_row(values) for values in self._db.execute(sql, params)]
+        return [core.row(values) for values in self._db.execute(sql, params)]
 
     def _newest_fleet(self, query: LogQuery) -> list[StoredRecord]:
         """The fleet's newest ``limit`` matches by ``(received_at, seq)``, newest first.
@@ -825,18 +765,13 @@ class SQLiteStore:
 
     def volume(self, device_id: str | None, since: int, until: int,
                step: int) -> list[VolumeBucket]:
-        if step <= 0:
-            raise ValueError("step must be positive")
+        core.check_step(step)
         if (device_id is None and since >= 0 and since % _MINUTE == 0 and until % _MINUTE == 0
                 and step % _MINUTE == 0 and self.schema_version >= _VOLUME_SCHEMA):
             return self._fleet_volume(since, until, step)
-        where = "received_at >= ? AND received_at < ?"
-        params: list[Any] = [since, until]
-        if device_id is not None:
-            where += " AND device_id = ?"
-            params.append(device_id)
+        where, params = core.where(LogQuery(device_id, since=since, until=until), DIALECT)
         sql = (f"SELECT received_at / ? * ? AS bucket, level, count(*) FROM records"
-               f" WHERE {where} GROUP BY bucket, level ORDER BY bucket, level")
+               f" WHERE {' AND '.join(where)} GROUP BY bucket, level ORDER BY bucket, level")
         with self._reading():
             return [VolumeBucket(*values)
                     for values in self._db.execute(sql, [step, step, *params])]
@@ -857,10 +792,7 @@ class SQLiteStore:
 
     def after(self, seq: int, limit: int) -> list[StoredRecord]:
         with self._reading():
-            cursor = self._db.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-            )
-            return [_row(values) for values in cursor]
+            return [core.row(values) for values in self._db.execute(_AFTER, (seq, limit))]
 
     def seqs_of(self, qids: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
