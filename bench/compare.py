@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 from bench.context import Bench, Server, start_server
 from bench.drain import drain
+from bench.floor import add_floor
 from bench.procs import ChildFailed, Children
 from bench.profile import FULL, QUICK
 from bench.revisions import Checkouts, RevisionError, Side, imported_from
@@ -60,6 +61,16 @@ METRICS = {
                       "{connections} connections (ms)", "ack_p99_ms", False),
     "drain": Metric("worker drain into SQLite, {records} records (records/s)", "records_per_s", True),
 }
+#: Read off the runs of another metric (key: the metric whose runs hold the field).
+DERIVED = {
+    "legacy_redis": ("legacy", Metric("legacy Redis CPU per record / plain pipelined XADD per record "
+                                      "(bench.floor), {connections} connections",
+                                      "redis_vs_plain_xadd", False)),
+    "v2_redis": ("v2", Metric(f"v2 Redis CPU per record / plain pipelined XADD per record "
+                              f"(bench.floor), {V2_BATCH} records/frame", "redis_vs_plain_xadd", False)),
+}
+#: Every metric a table may show.
+ALL_METRICS = {**METRICS, **{key: metric for key, (_, metric) in DERIVED.items()}}
 #: The profile's sizes that a comparison uses.
 PROFILE_KEYS = ("run_seconds", "latency_seconds", "latency_connections", "drain_records", "run_timeout")
 #: Metrics that drive a gateway (the others only need a worker).
@@ -77,7 +88,7 @@ class _Runs:
     def phase(self, metric: str, action: Callable[[str], dict[str, Any]]) -> None:
         """Run ``action(side)`` for every repeat and side, interleaved."""
         entry = self.metrics.setdefault(metric, {side: {"runs": []} for side in SIDES})
-        field = METRICS[metric].field
+        field = ALL_METRICS[metric].field
         for repeat in range(1, self.repeats + 1):
             for side in SIDES:
                 if "error" in entry[side]:
@@ -94,7 +105,7 @@ class _Runs:
 
     def median(self, metric: str, side: str) -> float | None:
         runs = self.metrics.get(metric, {}).get(side, {}).get("runs")
-        return statistics.median(run[METRICS[metric].field] for run in runs) if runs else None
+        return statistics.median(run[ALL_METRICS[metric].field] for run in runs) if runs else None
 
 
 def _measure(benches: dict[str, Bench], only: list[str], runs: _Runs) -> dict[str, Any]:
@@ -119,12 +130,13 @@ def _measure(benches: dict[str, Bench], only: list[str], runs: _Runs) -> dict[st
         # Every run of a metric does the same work on both sides, sized from the before side.
         probe_rate = probes.get("before") or probes.get("after") or 0.0
         if "legacy" in only:
-            runs.phase("legacy", lambda side: legacy_load(
-                benches[side], server(side), benches[side].profile.latency_connections, probe_rate))
+            runs.phase("legacy", lambda side: add_floor(benches[side], legacy_load(
+                benches[side], server(side), benches[side].profile.latency_connections, probe_rate)))
         max_rate = runs.median("legacy", "before")
         sizing = {"probe_records_per_s": probes, "before_legacy_records_per_s": max_rate}
         if "v2" in only:
-            runs.phase("v2", lambda side: v2_load(benches[side], server(side), max_rate or probe_rate))
+            runs.phase("v2", lambda side: add_floor(
+                benches[side], v2_load(benches[side], server(side), max_rate or probe_rate)))
         if "latency" in only and max_rate:
             runs.phase("latency", lambda side: half_load(benches[side], server(side), max_rate))
         elif "latency" in only:
@@ -134,6 +146,9 @@ def _measure(benches: dict[str, Bench], only: list[str], runs: _Runs) -> dict[st
             running.stop()
     if "drain" in only:
         runs.phase("drain", lambda side: drain(benches[side], "fleetlog", with_files=False))
+    for key, (source, _metric) in DERIVED.items():  # the same runs, another of their fields
+        if source in runs.metrics:
+            runs.metrics[key] = {side: {"runs": runs.metrics[source][side]["runs"]} for side in SIDES}
     return sizing
 
 
@@ -141,7 +156,8 @@ def _summarise(metrics: dict[str, dict[str, Any]]) -> None:
     """Add values, median, min, max per side and the after / before ratio of the medians."""
     for key, entry in metrics.items():
         for side in SIDES:
-            values = [run[METRICS[key].field] for run in entry[side]["runs"]]
+            values = [run[ALL_METRICS[key].field] for run in entry[side]["runs"]
+                      if run.get(ALL_METRICS[key].field) is not None]
             if values:
                 entry[side].update(values=values, median=statistics.median(values),
                                    min=min(values), max=max(values))
@@ -226,7 +242,7 @@ def _spread(entry: dict[str, Any]) -> str:
 def _label(key: str, entry: dict[str, Any], profile: dict[str, Any]) -> str:
     runs = entry["before"]["runs"] or entry["after"]["runs"]
     rate = runs[0].get("offered_rate") if runs else None
-    return METRICS[key].label.format(connections=profile.get("latency_connections"),
+    return ALL_METRICS[key].label.format(connections=profile.get("latency_connections"),
                                      rate=_fmt(rate), records=f"{profile.get('drain_records'):,}")
 
 
@@ -254,7 +270,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for key, entry in results.get("metrics", {}).items():
         ratio = f"{entry['ratio']:.3f}" if entry.get("ratio") is not None else "n/a"
-        better = "higher" if METRICS[key].higher_is_better else "lower"
+        better = "higher" if ALL_METRICS[key].higher_is_better else "lower"
         lines.append(f"| {_label(key, entry, profile)} | {better} | "
                      f"{_fmt(entry['before'].get('median'))} | {_fmt(entry['after'].get('median'))} "
                      f"| {ratio} | {_spread(entry['before'])} | {_spread(entry['after'])} |")

@@ -80,3 +80,40 @@ def run_fleetlog(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
     """Run a ``fleetlog`` command as a user would; its output as text."""
     return subprocess.run([sys.executable, "-m", "fleetlog", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def queued(client: Any, stream: str = "fleetlog:records") -> list[tuple[bytes, bytes]]:
+    """(device, record) of every record in ``stream``, in queue order, packed entries unpacked."""
+    from fleetlog.queue.consumer import unpack_entry
+
+    out: list[tuple[bytes, bytes]] = []
+    for _, fields in client.xrange(stream):
+        unpacked = unpack_entry(fields)
+        if unpacked is None:
+            out.append((fields[b"d"], fields[b"r"]))
+        else:
+            out += [(device.encode(), record) for device, record in unpacked]
+    return out
+
+
+def produce(redis_url: str, submissions: list[tuple[str, list[bytes]]], stream: str = "fleetlog:records"
+            ) -> None:
+    """Queue ``submissions`` (device, records) through the gateway's producer in ONE call: one
+    packed stream entry, as a gateway writes them in one loop turn."""
+    from fleetlog.queue.connection import connect_async
+    from fleetlog.queue.producer import Producer
+
+    async def run() -> None:
+        client = connect_async(redis_url)
+        producer = Producer(client, mode="stream", stream=stream, max_backlog=1_000_000)
+        outcomes: list[Any] = []
+        for device, records in submissions:
+            producer.submit(device, records, outcomes.append)
+        producer.start()
+        await producer.close()
+        await client.aclose()
+        assert len(outcomes) == len(submissions) and all(
+            not isinstance(outcome, Exception) for outcome in outcomes), outcomes
+        assert producer.calls == 1
+
+    asyncio.run(run())

@@ -164,6 +164,27 @@ def shard_lease(stream: str, shard: int, shards: int) -> str:
     return f"{shard_stream(stream, shard, shards)}:lease"
 
 
+def _hash_tag(key: str) -> str | None:
+    """The hash tag a Redis Cluster hashes ``key`` by, if it has one (``{s3}`` gives ``s3``)."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key[start + 1:end] if end > start + 1 else None
+
+
+def queue_backlog(stream: str) -> str:
+    """String key: the records queued in ``stream`` (a shard's) and not yet acknowledged.
+
+    The gateway's ingest script adds each packed entry's records, the worker's
+    acknowledgement takes them off (:data:`~fleetlog.queue.scripts.ACK`).  It
+    lives in the stream's cluster slot: ``fleetlog:{s3}:records:backlog`` beside
+    a shard's stream, ``{fleetlog:records}:backlog`` beside a stream without a
+    tag (a tag of the stream's whole name hashes as the name does).
+    """
+    if _hash_tag(stream) is not None or "}" in stream:
+        return f"{stream}:backlog"  # (a name with a stray "}" cannot share its slot this way)
+    return f"{{{stream}}}:backlog"
+
+
 def shard_workers(stream: str) -> str:
     """Sorted set: worker consumer name -> until when (ms) it counts as alive, for rebalancing."""
     return f"{stream}:workers"

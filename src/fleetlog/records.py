@@ -10,8 +10,10 @@ from datetime import UTC, datetime
 class QueuedRecord:
     """One record as a worker takes it off the queue.
 
-    ``qid`` is unique per record in the queue (a stream entry id, or a legacy
-    batch position), which is what makes every store write idempotent.  With
+    ``qid`` is unique per record in the queue (a stream entry id and the
+    record's place in it, ``1700000000000-0.7``; the entry id alone for an entry
+    of one record written before entries were packed; or a legacy batch
+    position), which is what makes every store write idempotent.  With
     several shards, equal entry ids occur in two streams, so the qid is the
     entry id after the shard (``s3:1700000000000-0``).  ``stream`` names the
     stream the record came from ('' for the legacy list).
@@ -26,6 +28,10 @@ class QueuedRecord:
     #: The stream (shard) the record was queued in: with ``qid``, its identity in a
     #: store that keeps several streams apart (PostgreSQL; SQLite keys on ``qid`` alone).
     stream: str = ""
+    #: Records in the packed stream entry it came in (its qid is the entry id, a dot and
+    #: its place there): the entry is acknowledged once all of them are done.  0: an
+    #: entry of its own (written before entries were packed) or the legacy list.
+    packed: int = 0
 
 
 @dataclass(frozen=True, slots=True)

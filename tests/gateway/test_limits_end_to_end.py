@@ -18,7 +18,7 @@ import redis
 import websockets
 
 from tests.conftest import Processes
-from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy, stored_rows, wait_until
+from tests.helpers import RECEIVED, STORED, legacy_frame, queued, send_legacy, stored_rows, wait_until
 
 MiB = 1024 * 1024
 STREAM = "fleetlog:records"
@@ -166,7 +166,7 @@ async def test_replies_keep_frame_order_through_a_rate_limit_delay(
     assert said == ["burst", "slowed", RECEIVED, "bad_frame"]
     client = redis.Redis.from_url(redis_url)
     try:
-        entries = client.xrange(STREAM)
+        entries = queued(client, STREAM)
     finally:
         client.close()
-    assert sum(1 for _, fields in entries if fields[b"d"] == device.encode()) == 30
+    assert sum(1 for queued_device, _ in entries if queued_device == device.encode()) == 30

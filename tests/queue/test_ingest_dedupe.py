@@ -21,6 +21,7 @@ from fleetlog.errors import FleetlogError, QueueFull
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import connect_async
 from fleetlog.queue.producer import IngestResult, Producer
+from tests.helpers import queued
 
 STREAM = "fleetlog:records"
 
@@ -57,8 +58,8 @@ async def send(producer: Producer, device: str, seqs: Sequence[int | None], *, s
 
 
 def queued_seqs(client: redis.Redis, device: str) -> list[int]:
-    return [json.loads(fields[b"r"])["seq"] for _, fields in client.xrange(STREAM)
-            if fields[b"d"].decode() == device]
+    return [json.loads(record)["seq"] for queued_device, record in queued(client, STREAM)
+            if queued_device.decode() == device]
 
 
 async def test_a_refused_frame_sent_again_is_stored(redis_url: str, client: redis.Redis) -> None:

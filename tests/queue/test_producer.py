@@ -13,7 +13,9 @@ from fleetlog import keys
 from fleetlog.embedded import RedisServer, free_port
 from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.queue.connection import connect_async
+from fleetlog.queue.consumer import StreamConsumer
 from fleetlog.queue.producer import IngestResult, Producer
+from tests.helpers import queued
 
 STREAM = "fleetlog:records"
 
@@ -55,10 +57,11 @@ async def make_producer(
 
 
 async def submit(
-    producer: Producer, device: str, records: Sequence[bytes], frame_id: str | None = None
+    producer: Producer, device: str, records: Sequence[bytes], frame_id: str | None = None,
+    seqs: Sequence[int | None] | None = None,
 ) -> Outcome:
     outcomes = Outcomes()
-    producer.submit(device, records, outcomes.callback(), frame_id=frame_id)
+    producer.submit(device, records, outcomes.callback(), frame_id=frame_id, seqs=seqs)
     (result,) = await outcomes.results()
     return result
 
@@ -76,7 +79,7 @@ async def producer(redis_url: str) -> AsyncIterator[Producer]:
 
 
 def stream_entries(client: redis.Redis) -> list[tuple[bytes, bytes]]:
-    return [(fields[b"d"], fields[b"r"]) for _, fields in client.xrange(STREAM)]
+    return queued(client, STREAM)
 
 
 async def test_submissions_are_queued_in_order_with_one_callback_each(
@@ -124,7 +127,7 @@ async def test_callback_comes_only_after_redis_has_the_record(
     finished = asyncio.Event()
 
     def done(outcome: Outcome) -> None:
-        seen.append(sync_client.xlen(STREAM))
+        seen.append(len(queued(sync_client, STREAM)))
         finished.set()
 
     producer.submit("D", [b'{"x":1}'], done)
@@ -140,8 +143,13 @@ async def test_queue_full_at_max_backlog(redis_url: str, sync_client: redis.Redi
         outcome = await submit(producer, "D", [b"3"])
         assert isinstance(outcome, QueueFull)
         assert "3" in str(outcome)
-        assert sync_client.xlen(STREAM) == 3, "nothing of a refused submission is queued"
-        sync_client.xtrim(STREAM, maxlen=2, approximate=False)  # a worker caught up
+        assert len(queued(sync_client, STREAM)) == 3, "nothing of a refused submission is queued"
+        worker = StreamConsumer(sync_client, stream=STREAM, group="g", consumer="w",
+                                dead_letter_stream="dead", claim_idle=30)
+        worker.ensure_group()
+        first = worker.fetch(1, None)
+        assert [record.data for record in first] == [b"0"]
+        worker.ack(first)  # a worker caught up with one record
         assert await submit(producer, "D", [b"4"]) == QUEUED
         assert [record for _, record in stream_entries(sync_client)] == [b"1", b"2", b"4"]
     finally:
@@ -178,7 +186,7 @@ async def test_redis_going_away_and_coming_back(private_redis: RedisServer) -> N
     finally:
         await producer.close()
     client = redis.Redis.from_url(private_redis.url)
-    records = [fields[b"r"] for _, fields in client.xrange(STREAM)]
+    records = [record for _, record in queued(client, STREAM)]
     client.close()
     assert records[0] == b"before", "the AOF kept what was acknowledged"
     assert b"lost" not in records
@@ -192,7 +200,7 @@ async def test_close_flushes_what_is_pending(redis_url: str, sync_client: redis.
         producer.submit("D", [str(n).encode()], outcomes.callback())
     await asyncio.wait_for(producer.close(), 10)
     assert all(future.done() and future.result() == QUEUED for future in outcomes.futures)
-    assert sync_client.xlen(STREAM) == 10
+    assert len(queued(sync_client, STREAM)) == 10
 
 
 async def test_submit_after_close_raises_and_queues_nothing(
@@ -265,3 +273,70 @@ async def test_a_frame_id_is_queued_once(producer: Producer, sync_client: redis.
     assert again.duplicate_frame
     assert await submit(producer, "E", [b"3"], frame_id="m-1") == QUEUED, "frame ids are per device"
     assert stream_entries(sync_client) == [(b"D", b"1"), (b"D", b"2"), (b"E", b"3")]
+
+
+# -- packed entries -------------------------------------------------------------------------
+
+
+async def test_one_call_is_one_packed_entry(redis_url: str, sync_client: redis.Redis) -> None:
+    """Legacy submissions of several devices and v2 frames in one loop turn: one stream entry
+    holding every record, in order, each with its device; the backlog counts the records."""
+    producer = await make_producer(redis_url)
+    try:
+        outcomes = Outcomes()
+        producer.submit("A", [b'{"a":1}'], outcomes.callback())
+        producer.submit("A", [b'{"a":2}'], outcomes.callback())
+        producer.submit("B", [b'{"b":1}'], outcomes.callback())
+        producer.submit("C", [b'{"seq":1}', b'{"seq":2}'], outcomes.callback(), seqs=[1, 2],
+                        session="s", frame_id="f1")
+        producer.submit("", [b'{"none":1}'], outcomes.callback())
+        results = await outcomes.results()
+        assert results[:3] + results[4:] == [QUEUED] * 4
+        assert results[3] == IngestResult(stored_through=2)
+    finally:
+        await producer.close()
+    assert producer.calls == 1
+    assert sync_client.xlen(STREAM) == 1, "one entry for the whole call"
+    assert stream_entries(sync_client) == [
+        (b"A", b'{"a":1}'), (b"A", b'{"a":2}'), (b"B", b'{"b":1}'), (b"C", b'{"seq":1}'),
+        (b"C", b'{"seq":2}'), (b"", b'{"none":1}')]
+    assert int(sync_client.get(keys.queue_backlog(STREAM)) or 0) == 6
+
+
+async def test_the_backlog_limit_counts_records_not_entries(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    producer = await make_producer(redis_url, max_backlog=5)
+    try:
+        assert await submit(producer, "D", [b"1", b"2", b"3", b"4", b"5"]) == QUEUED
+        assert sync_client.xlen(STREAM) == 1
+        assert isinstance(await submit(producer, "D", [b"6"]), QueueFull), "5 records: full"
+        worker = StreamConsumer(sync_client, stream=STREAM, group="g", consumer="w",
+                                dead_letter_stream="dead", claim_idle=30)
+        worker.ensure_group()
+        records = worker.fetch(10, None)
+        assert [record.data for record in records] == [b"1", b"2", b"3", b"4", b"5"]
+        worker.ack(records[:4])
+        assert isinstance(await submit(producer, "D", [b"6"]), QueueFull), "an entry half done stays"
+        worker.ack(records)
+        assert not sync_client.exists(keys.queue_backlog(STREAM)), "acknowledged: nothing counted"
+        assert await submit(producer, "D", [b"6"]) == QUEUED
+    finally:
+        await producer.close()
+
+
+async def test_partial_seq_duplicates_keep_the_rest_packed(
+    producer: Producer, sync_client: redis.Redis
+) -> None:
+    assert await submit(producer, "D", [b'{"seq":2}'], frame_id="a", seqs=[2]) != QUEUED
+    again = await submit(producer, "D", [b'{"seq":1}', b'{"seq":2}', b'{"seq":3}', b'{"x":0}'],
+                         frame_id="b", seqs=[1, 2, 3, None])
+    assert isinstance(again, IngestResult)
+    assert again.duplicates == [2]
+    assert [record for _, record in stream_entries(sync_client)] == [
+        b'{"seq":2}', b'{"seq":1}', b'{"seq":3}', b'{"x":0}']
+
+
+async def test_a_record_with_a_raw_newline_is_refused_at_submit(producer: Producer) -> None:
+    with pytest.raises(ValueError, match="raw newline"):
+        producer.submit("D", [b'{"a":\n1}'], lambda outcome: None)

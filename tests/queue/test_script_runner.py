@@ -13,6 +13,7 @@ from fleetlog.net import free_port
 from fleetlog.queue.connection import REDIS_DOWN, connect_async
 from fleetlog.queue.producer import IngestResult, Producer
 from fleetlog.queue.script_runner import RedisScript, ScriptRunner
+from tests.helpers import queued
 
 _APPEND = "for i, v in ipairs(ARGV) do redis.call('RPUSH', KEYS[1], v) end return redis.call('LLEN', KEYS[1])"
 
@@ -81,5 +82,5 @@ def test_the_producer_queues_after_redis_restarted_empty(private_redis: RedisSer
 
     assert asyncio.run(run()) == [IngestResult(), IngestResult()]
     sync = redis.Redis.from_url(private_redis.url)
-    assert sync.xlen("fleetlog:records") == 3
+    assert [record for _, record in queued(sync, "fleetlog:records")] == [b"r1", b"r2", b"r3"]
     sync.close()

@@ -32,7 +32,7 @@ from fleetlog.store.files import FilesSink
 from fleetlog.store.sqlite import SQLiteStore
 from fleetlog.worker.runner import Worker
 from tests.conftest import Processes
-from tests.helpers import file_lines, legacy_device, run_fleetlog, stored_rows, wait_until
+from tests.helpers import file_lines, legacy_device, produce, run_fleetlog, stored_rows, wait_until
 
 STREAM, GROUP, DEAD = "fleetlog:records", "fleetlog:workers", "fleetlog:dead"
 
@@ -346,3 +346,49 @@ def test_store_file_replaced_under_a_running_worker(
     assert max(lines.values()) == 1
     log = (tmp_path / "worker-1.log").read_text()
     assert "is no longer the file this worker has open" in log
+
+
+# -- packed entries (one per gateway call) --------------------------------------------
+
+
+def test_a_poison_record_in_a_packed_entry_is_dead_lettered_alone(
+    redis_url: str, client: redis.Redis, tmp_path: Path
+) -> None:
+    """Its neighbours in the entry are stored at the first delivery; it alone goes to the
+    dead letters after --max-deliveries; then the entry is acknowledged and uncounted."""
+    good = [json.dumps({"seq": seq}).encode() for seq in range(6)]
+    produce(redis_url, [("d1", good[:2]), ("bad", [b'{"seq": 99, broken']), ("d2", good[2:4]),
+                        ("d1", good[4:])])
+    assert client.xlen(STREAM) == 1
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                        "--max-deliveries", "2", "--claim-idle", "0.3", "--max-runtime", "4")
+    assert done.returncode == 0, done.stderr
+    rows = stored_rows(tmp_path)
+    assert [(device, seq) for _, device, seq, _ in rows] == [
+        ("d1", 0), ("d1", 1), ("d2", 2), ("d2", 3), ("d1", 4), ("d1", 5)], "stored once, in order"
+    (entry,) = {qid.partition(".")[0] for qid, *_ in rows}
+    assert [qid for qid, *_ in rows] == [f"{entry}.{k}" for k in (0, 1, 3, 4, 5, 6)]
+    dead = client.xrange(DEAD)
+    assert [(fields[b"qid"], fields[b"d"], fields[b"r"]) for _, fields in dead] == [
+        (f"{entry}.2".encode(), b"bad", b'{"seq": 99, broken')]
+    assert int(dead[0][1][b"deliveries"]) >= 2
+    assert _pending(client) == 0
+    assert not client.exists(keys.queue_backlog(STREAM)), "the backlog counts it no more"
+
+
+def test_entries_of_the_previous_version_drain_with_packed_ones(
+    redis_url: str, client: redis.Redis, tmp_path: Path
+) -> None:
+    """A queue written before the upgrade (one record per entry) drains, then what the new
+    gateway packed, in queue order, each record once."""
+    _xadd(client, 5, device="old")
+    produce(redis_url, [("new", [json.dumps({"seq": seq}).encode() for seq in range(5, 9)])])
+    _xadd(client, 2, device="old", start=9)
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                        "--max-messages", "11", "--max-runtime", "10")
+    assert done.returncode == 0, done.stderr
+    rows = stored_rows(tmp_path)
+    assert [(device, seq) for _, device, seq, _ in rows] == [
+        *(("old", n) for n in range(5)), *(("new", n) for n in range(5, 9)), ("old", 9), ("old", 10)]
+    assert sum("." in qid for qid, *_ in rows) == 4, "old entries keep their qid: the entry id"
+    assert _pending(client) == 0

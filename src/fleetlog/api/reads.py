@@ -115,7 +115,8 @@ class OverviewOut(BaseModel):
     devices: int
     online: int
     records: int
-    backlog: int | None = Field(description="Entries kept in the queue (null: Redis not answering).")
+    backlog: int | None = Field(
+        description="Records queued, not yet acknowledged (null: Redis not answering).")
     lag: int | None
     pending: int | None
     dead_letters: int | None

@@ -2,12 +2,17 @@
 
 Two consumers with one interface (:class:`Consumer`):
 
-* :class:`StreamConsumer` reads a Redis Stream through a consumer group.  A
-  record stays in the group's pending list until :meth:`ack`; when a worker
-  dies, another one claims its records with XAUTOCLAIM once they have been idle
-  for ``claim_idle`` seconds.  Acknowledged entries are trimmed (never one that
-  some group has not acknowledged), which keeps XLEN equal to the backlog the
-  gateway limits.
+* :class:`StreamConsumer` reads a Redis Stream through a consumer group.  An
+  entry is packed: the records of one gateway call (:func:`unpack_entry`; an
+  entry of one record, written before packing, is read too), each with a qid
+  of its own.  An entry stays in the group's pending list until :meth:`ack`
+  was given all its records (stored or dead-lettered: a poison record blocks
+  none of its neighbours, which are stored, and only the entry's ack waits for
+  it); when a worker dies, another one claims its entries with XAUTOCLAIM once
+  they have been idle for ``claim_idle`` seconds.  The ack takes the entry's
+  records off the backlog counter the gateway limits
+  (:func:`fleetlog.keys.queue_backlog`); acknowledged entries are trimmed
+  (never one that some group has not acknowledged).
 * :class:`ListConsumer` drains the original design's ``device:log:list``
   without its flaw: BLMOVE puts each batch on a processing list of its own
   before anything is written, so a worker killed mid-batch loses nothing; a
@@ -49,6 +54,10 @@ _MAX_REASON_CHARS = 2000
 #: Never look for idle records to claim more often than this (seconds), however
 #: short ``claim_idle`` is: XAUTOCLAIM scans the pending list.
 _MIN_CLAIM_EVERY = 0.2
+#: Entries a reader asks for before it knows their size: entries are packed (a
+#: gateway call's records, up to 2,000), so ``count`` entries could be thousands
+#: of times ``count`` records.
+_FIRST_ENTRIES = 256
 #: The shortest blocking read of the legacy list (ms): BLMOVE with a smaller
 #: timeout would spin.
 _MIN_LEGACY_BLOCK_MS = 10
@@ -90,8 +99,34 @@ def _next_id(entry_id: str) -> str:
 
 
 def entry_id(qid: str) -> str:
-    """The stream entry id of a record's qid (the qid itself, or after its shard: ``s3:``)."""
-    return qid.rpartition(":")[2]
+    """The stream entry id of a record's qid (after its shard, ``s3:``; before its place, ``.7``)."""
+    return qid.rpartition(":")[2].partition(".")[0]
+
+
+def unpack_entry(fields: dict[bytes, bytes]) -> list[tuple[str, bytes]] | None:
+    """(device, record JSON) of each record of a packed stream entry, in queue order.
+
+    The ingest script (:data:`~fleetlog.queue.scripts.INGEST`) writes ``n``
+    records, ``r`` newline-joined, ``d`` the devices of its runs (newline-joined)
+    and ``c`` the runs' lengths.  Returns None for an entry that is not packed
+    (``d`` and ``r``, one record, as written before packing) and raises
+    :class:`ValueError` for one whose parts do not agree.
+    """
+    count = fields.get(b"n")
+    if count is None:
+        return None
+    data = fields.get(b"r", b"").split(b"\n")
+    devices = fields.get(b"d", b"").split(b"\n")
+    runs = [int(run) for run in fields.get(b"c", b"").split(b",")]
+    if not (int(count) == len(data) == sum(runs)) or len(runs) != len(devices):
+        raise ValueError(f"a packed entry of {count!r} records does not add up")
+    out: list[tuple[str, bytes]] = []
+    at = 0
+    for device, run in zip(devices, runs, strict=True):
+        name = device.decode(errors="replace")
+        out += [(name, record) for record in data[at:at + run]]
+        at += run
+    return out
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -131,6 +166,12 @@ class StreamConsumer:
         self._trim_interval = trim_interval
         self._next_trim = 0.0
         self._untrimmed = False
+        self._backlog = keys.queue_backlog(stream)
+        self._ack = client.register_script(scripts.ACK)
+        self._ack_old = client.register_script(scripts.ACK.partition("\n")[2])
+        self._ack_flags = True  # False: the server predates script flags
+        #: Records per entry in the last read (0: none yet): how many entries the next read asks for.
+        self.per_entry = 0
 
     def ensure_group(self) -> None:
         """Create the group (reading from the very first entry) if it is missing.
@@ -153,15 +194,55 @@ class StreamConsumer:
                 raise
 
     def _records(self, entries: list[Any], deliveries: dict[str, int]) -> list[QueuedRecord]:
-        records = []
+        records: list[QueuedRecord] = []
         prefix, stream = self._qid_prefix, self.stream
         for raw_id, fields in entries:
             entry = raw_id.decode()
-            records.append(QueuedRecord(  # positional: this runs for every record
+            received, delivered = int(entry.partition("-")[0]), deliveries.get(entry, 1)
+            count = fields.get(b"n")
+            if count is not None:  # packed: the usual case
+                data = fields.get(b"r", b"").split(b"\n")
+                devices = fields.get(b"d", b"").split(b"\n")
+                runs = fields.get(b"c", b"").split(b",")
+                total = len(data)
+                if len(devices) == 1 and runs[0] == count and int(count) == total:  # one device
+                    device = devices[0].decode(errors="replace")
+                    qid = f"{prefix}{entry}."
+                    records += [QueuedRecord(qid + str(k), device, received, record, delivered, stream,
+                                             total)
+                                for k, record in enumerate(data)]
+                    continue
+                try:
+                    unpacked = unpack_entry(fields)
+                except ValueError:  # cannot happen short of a bug: one record, which the store rejects
+                    unpacked = None
+                if unpacked is None:
+                    records.append(QueuedRecord(f"{prefix}{entry}.0", "", received, fields.get(b"r", b""),
+                                                delivered, stream, 1))
+                    continue
+                qid = f"{prefix}{entry}."
+                total = len(unpacked)
+                records += [QueuedRecord(qid + str(k), device, received, record, delivered, stream, total)
+                            for k, (device, record) in enumerate(unpacked)]
+                continue
+            records.append(QueuedRecord(  # positional: an entry of one record, as written before packing
                 prefix + entry, fields.get(b"d", b"").decode(errors="replace"),
-                int(entry.partition("-")[0]), fields.get(b"r", b""), deliveries.get(entry, 1), stream,
+                received, fields.get(b"r", b""), delivered, stream,
             ))
+        if entries:
+            self.per_entry = max(1, len(records) // len(entries))
         return records
+
+    def entries_for(self, count: int) -> int:
+        """How many entries to read for about ``count`` records (entries hold several).
+
+        Before the first read the size of an entry is unknown: at most
+        :data:`_FIRST_ENTRIES` entries then, so a queue of big entries does not
+        bring in thousands of times ``count`` records at once.
+        """
+        if not self.per_entry:
+            return max(1, min(count, _FIRST_ENTRIES))
+        return max(1, count // self.per_entry)
 
     def take_over(self) -> None:
         """This consumer now holds the stream alone (a lease): claim every pending
@@ -209,7 +290,7 @@ class StreamConsumer:
 
     def _read(self, start: str, count: int, block_ms: int | None) -> list[QueuedRecord]:
         reply = self._client.xreadgroup(
-            self.group, self.consumer, {self.stream: start}, count=count, block=block_ms
+            self.group, self.consumer, {self.stream: start}, count=self.entries_for(count), block=block_ms
         )
         if not reply:
             return []
@@ -226,7 +307,7 @@ class StreamConsumer:
             self.consumer,
             min_idle_time=self._claim_idle_ms if idle_ms is None else idle_ms,
             start_id=self._claim_cursor,
-            count=count,
+            count=self.entries_for(count),
         )
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         entries = [entry for entry in entries if entry[1]]
@@ -235,12 +316,36 @@ class StreamConsumer:
         return self._records(entries, self._delivery_counts(entries))
 
     def ack(self, records: Sequence[QueuedRecord]) -> None:
+        """Acknowledge the entries whose records are all in ``records`` (the others stay pending)."""
         if records:
-            cut = len(self._qid_prefix)  # each qid is the prefix and the entry id
-            self._client.xack(self.stream, self.group, *[record.qid[cut:] for record in records])
-            self._untrimmed = True
+            done: dict[str, int] = {}
+            sizes: dict[str, int] = {}
+            for record in records:
+                entry = entry_id(record.qid)
+                done[entry] = done.get(entry, 0) + 1
+                sizes[entry] = record.packed
+            args: list[Any] = [self.group]
+            for entry, size in sizes.items():
+                if done[entry] >= size:  # an unpacked entry (0) is its one record
+                    args += (entry, size)
+            if len(args) > 1:
+                self._acknowledge(args)
+                self._untrimmed = True
         if time.monotonic() >= self._next_trim:
             self.trim()
+
+    def _acknowledge(self, args: list[Any]) -> None:
+        """XACK entries, taking their records off the backlog counter, as one step."""
+        if self._ack_flags:
+            try:
+                self._ack(keys=[self.stream, self._backlog], args=args)
+                return
+            except redis.ResponseError as exc:
+                text = str(exc).lower()
+                if not ("compiling" in text or "shebang" in text):
+                    raise
+                self._ack_flags = False  # Redis < 7 reads no shebang
+        self._ack_old(keys=[self.stream, self._backlog], args=args)
 
     def trim(self) -> int:
         """Delete the entries every group has acknowledged; return how many."""
@@ -263,6 +368,15 @@ class StreamConsumer:
         return trimmed
 
     def dead_letter(self, record: QueuedRecord, reason: str) -> None:
+        """Dead-letter one record; its entry is acknowledged by :meth:`ack` with the rest of it.
+
+        A record of a packed entry is only added to the dead letters: its
+        neighbours may still be pending.  A crash before that ack redelivers the
+        entry, and the record may be dead-lettered twice, never lost.
+        """
+        if record.packed:
+            self._client.xadd(self._dead, _dead_letter_fields(record, reason))
+            return
         if is_cluster(self._client):
             # Two slots: no transaction.  Dead-lettered first, so a crash between
             # the two can only dead-letter it twice, never lose it.

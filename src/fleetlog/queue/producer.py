@@ -34,7 +34,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import redis.asyncio
 import redis.exceptions
@@ -104,6 +104,44 @@ def _result(raw: Any) -> IngestResult:
     )
 
 
+def _group(plain: list[_Submission]) -> list[ScriptArg]:
+    """One group of the ingest script for consecutive submissions without dedupe.
+
+    Their devices go as runs (a device and how many records in a row are its),
+    their records joined: the script copies them as one string.
+    """
+    if len(plain) == 1:
+        return plain[0].args
+    devices: list[str] = []
+    counts: list[int] = []
+    for submission in plain:
+        if devices and devices[-1] == submission.device_id:
+            counts[-1] += submission.size
+        else:
+            devices.append(submission.device_id)
+            counts.append(submission.size)
+    records = b"\n".join([cast(bytes, submission.args[8]) for submission in plain])
+    return [0, "", 0, "", sum(counts), "", "\n".join(devices), ",".join(map(str, counts)), records]
+
+
+def _outcomes(call: list[_Submission], reply: list[Any]) -> list[IngestResult | FleetlogError]:
+    """Each submission's result from the script's reply: one per group (see :func:`_group`)."""
+    outcomes: list[IngestResult | FleetlogError] = []
+    replies = iter(reply)
+    plain = False  # inside a run of plain submissions, whose group answered once
+    outcome: IngestResult | FleetlogError = _QUEUED
+    for submission in call:
+        if submission.frames_key or submission.seqs_key:
+            plain = False
+            outcomes.append(_result(next(replies)))
+            continue
+        if not plain:
+            plain = True
+            outcome = _result(next(replies))
+        outcomes.append(outcome)
+    return outcomes
+
+
 class Producer:
     """Batches submissions into atomic Lua calls; see the module docstring."""
 
@@ -125,8 +163,11 @@ class Producer:
         #: client passes its own ``runner``).
         self._ingest: ScriptRunner = runner or RedisScript(client, scripts.INGEST)
         self._shards = shards
-        self._streams = ([keys.shard_stream(stream, k, shards) for k in range(shards)]
-                         if mode == "stream" else [keys.LEGACY_LIST])
+        #: KEYS that start each call: a shard's stream and its backlog counter, or the list.
+        self._queue_keys: list[list[ScriptArg]] = [
+            [name, keys.queue_backlog(name)]
+            for name in (keys.shard_stream(stream, k, shards) for k in range(shards))
+        ] if mode == "stream" else [[keys.LEGACY_LIST]]
         self._tags = [keys.shard_tag(k, shards) for k in range(shards)]
         # The backlog limit is the whole queue's: each shard gets its part.
         self._head = [-(-max_backlog // shards), int(dedupe_window * 1000), mode,
@@ -179,20 +220,31 @@ class Producer:
         """
         if self._closing:
             raise QueueClosed("this gateway is shutting down")
+        count = len(records)
+        blob = b"\n".join(records)
+        if blob.count(b"\n") != count - 1:
+            raise ValueError("a record holds a raw newline: records are queued as compact JSON")
+        if "\n" in device_id:
+            raise ValueError("a device id holds a newline")  # (device_id.py forbids it)
         tracked = seqs is not None and any(seq is not None for seq in seqs)
         shard = keys.shard_of(device_id, self._shards)
         tag = self._tags[shard]
-        args: list[ScriptArg] = [0, frame_id or "", device_id, 0, session, len(records)]
+        seqs_text = ""
         if tracked:
             assert seqs is not None
-            for seq, record in zip(seqs, records, strict=True):
-                args += ("" if seq is None else str(seq), record)
-        else:
-            for record in records:
-                args += ("", record)
+            if len(seqs) != count:
+                raise ValueError(f"{len(seqs)} seqs for {count} records")
+            first = seqs[0]
+            if first is not None and seqs[-1] == first + count - 1 and list(seqs) == list(
+                    range(first, first + count)):
+                seqs_text = f"{first}-{first + count - 1}"  # the usual case: checked as one range
+            else:
+                seqs_text = ",".join("-" if seq is None else str(seq) for seq in seqs)
+        args: list[ScriptArg] = [0, frame_id or "", 0, session, count, seqs_text, device_id,
+                                 count, blob]
         self._waiting.append(_Submission(
             device_id, shard, keys.recent_frames(device_id, tag) if frame_id is not None else "",
-            keys.stored_seqs(device_id, tag) if tracked else "", args, len(records), done))
+            keys.stored_seqs(device_id, tag) if tracked else "", args, count, done))
         self._wakeup.set()
 
     async def _run(self) -> None:
@@ -242,7 +294,7 @@ class Producer:
         return taken
 
     async def _call(self, shard: int, call: list[_Submission]) -> None:
-        declared: list[ScriptArg] = [self._streams[shard]]
+        declared: list[ScriptArg] = [*self._queue_keys[shard]]
         at: dict[str, int] = {}  # key -> its index in KEYS (1-based, as Lua counts)
 
         def index_of(key: str) -> int:
@@ -253,13 +305,22 @@ class Producer:
             return index
 
         args: list[ScriptArg] = [*self._head]
+        plain: list[_Submission] = []  # consecutive submissions without dedupe: one group
         for submission in call:
+            if not submission.frames_key and not submission.seqs_key:
+                plain.append(submission)
+                continue
+            if plain:
+                args += _group(plain)
+                plain = []
             submission_args = submission.args
             if submission.frames_key:
                 submission_args[0] = index_of(submission.frames_key)
             if submission.seqs_key:
-                submission_args[3] = index_of(submission.seqs_key)
+                submission_args[2] = index_of(submission.seqs_key)
             args += submission_args
+        if plain:
+            args += _group(plain)
         outcomes: list[IngestResult | FleetlogError]
         previous = self.last_error
         try:
@@ -270,7 +331,7 @@ class Producer:
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")
                 outcomes = [full] * len(call)
             else:
-                outcomes = [_result(raw) for raw in reply]
+                outcomes = _outcomes(call, reply)
         except REDIS_DOWN as exc:
             self.last_error = f"Redis unavailable: {exc}"
             self.last_problem = public_reason(exc)

@@ -22,33 +22,53 @@ MAX_RANGES: Final = 64
 #: Queue submissions atomically: the backlog check, v2 frame-id dedupe, per-device
 #: seq bookkeeping and the writes themselves happen as one step.
 #:
-#: KEYS[1] the stream (or the legacy list), then every per-device key the call
-#: touches, each once: the script touches no key it was not given, so on a Redis
-#: Cluster one call is one slot (a shard's keys share its hash tag).  ARGV[1] max
-#: backlog, ARGV[2] dedupe window (ms), ARGV[3] 'stream' or 'list', ARGV[4..6]
-#: MAX_FRAMES, MAX_SESSIONS, MAX_RANGES; then per submission: the index in KEYS
-#: of its recent-frames key (0: none), frame id, device id, the index of its
-#: stored-seqs key (0: none), session, record count n, and n pairs of (seq or
-#: '', record JSON).  List mode LPUSHes the record JSON, exactly the original
-#: design's write.
+#: KEYS[1] the stream (or the legacy list); in stream mode KEYS[2] its backlog
+#: counter (:func:`fleetlog.keys.queue_backlog`, same slot); then every per-device
+#: key the call touches, each once: the script touches no key it was not given,
+#: so on a Redis Cluster one call is one slot (a shard's keys share its hash
+#: tag).  ARGV[1] max backlog (records), ARGV[2] dedupe window (ms), ARGV[3]
+#: 'stream' or 'list', ARGV[4..6] MAX_FRAMES, MAX_SESSIONS, MAX_RANGES; then 9
+#: per group of records: the index in KEYS of its recent-frames key (0: none),
+#: frame id, the index of its stored-seqs key (0: none), session, record count
+#: n, seqs ('' untracked; 'a-b' the n consecutive seqs a..b; else n
+#: comma-separated seqs, '-' for a record without one), its devices (runs of
+#: records of one device: the runs' devices joined by newlines), the runs'
+#: record counts (comma-separated), and the n records joined by newlines (a
+#: record is compact JSON, which holds no raw newline).  A v2 frame is a group of
+#: one device; consecutive legacy submissions go as one group.
+#:
+#: Stream mode writes ONE entry for the whole call (the packed entry the worker
+#: splits, :mod:`fleetlog.queue.consumer`): ``n`` records, ``d`` the runs'
+#: devices, ``c`` their counts, ``r`` the records, newline-joined; and adds n to
+#: the backlog counter, which the worker takes them off when it acknowledges the
+#: entry.  The backlog is that counter, or XLEN if more (entries written before
+#: the counter existed count one each); an empty stream has none.  List mode
+#: LPUSHes each record JSON, exactly the original design's write.
 #:
 #: Dedupe state records only what was stored: a seq is a duplicate only if it is
 #: in a range of seqs this session stored, a frame id only if that frame was
 #: queued.  A refused call (backlog over its limit) returns before any write, and
 #: under maxmemory Redis refuses the call's first write (always an XADD, LPUSH,
-#: ZADD, or a duplicate frame's PEXPIRE), so a refused frame changes no state and
-#: its resend is stored.
+#: ZADD, HSET or a duplicate frame's PEXPIRE), so a refused frame changes no
+#: state and its resend is stored.  Consecutive seqs are checked and stored as a
+#: range, at once: per record the script only copies bytes.
 #:
 #: Returns the backlog (a number) when it is over the limit and nothing was
-#: written; else per submission 0 (queued, no seqs tracked) or {duplicate_frame 0/1,
+#: written; else per group 0 (queued, no seqs tracked) or {duplicate_frame 0/1,
 #: {duplicate seqs}, stored_through or -1, {missing ranges flattened: from, to, ...}}, where
 #: stored_through ends the session's lowest stored range and missing are the gaps
 #: above it.  Seqs travel as canonical decimal strings (< 2^53, exact in Lua's
 #: doubles); '%.0f' writes them back in the same form.
 INGEST: Final = """
 local key, mode = KEYS[1], ARGV[3]
-local backlog
-if mode == 'list' then backlog = redis.call('LLEN', key) else backlog = redis.call('XLEN', key) end
+local stream = mode ~= 'list'
+local backlog, length = 0, 0
+if stream then
+  length = redis.call('XLEN', key)
+  if length > 0 then backlog = math.max(length, tonumber(redis.call('GET', KEYS[2]) or '0') or 0) end
+else
+  backlog = redis.call('LLEN', key)
+end
 if backlog >= tonumber(ARGV[1]) then return backlog end
 local window = tonumber(ARGV[2])
 local max_frames, max_sessions, max_ranges = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -62,6 +82,34 @@ local function clock()
 end
 local function fmt(x) return string.format('%.0f', x) end
 
+-- The records of a group, in order.
+local function split(blob)
+  local out, at = {}, 1
+  while true do
+    local nl = string.find(blob, '\\n', at, true)
+    if not nl then
+      out[#out + 1] = string.sub(blob, at)
+      return out
+    end
+    out[#out + 1] = string.sub(blob, at, nl - 1)
+    at = nl + 1
+  end
+end
+-- The n seqs of a group (false: none).
+local function seq_list(text, n)
+  local list = {}
+  local a = string.match(text, '^(%d+)%-%d+$')
+  if a then
+    local first = tonumber(a)
+    for k = 1, n do list[k] = first + k - 1 end
+    return list
+  end
+  for s in string.gmatch(text, '[^,]+') do
+    if s == '-' then list[#list + 1] = false else list[#list + 1] = tonumber(s) end
+  end
+  return list
+end
+
 -- A session's stored seqs: sorted, disjoint, non-adjacent {from, to} ranges.
 local function parse(value)
   local ranges = {}
@@ -74,45 +122,60 @@ local function serialise(ranges)
   for k, r in ipairs(ranges) do parts[k] = fmt(r[1]) .. '-' .. fmt(r[2]) end
   return fmt(clock()) .. '|' .. table.concat(parts, ',')
 end
--- Adds s; false if it was there already.
-local function add(ranges, s)
+-- Adds the seqs a..b; false (and nothing changed) if any of them was there already.
+local function add(ranges, a, b)
   local last = ranges[#ranges]
-  if last and s == last[2] + 1 then  -- the usual case: the next seq after the highest stored
-    last[2] = s
+  if last == nil or a > last[2] + 1 then  -- the usual cases: above everything stored
+    ranges[#ranges + 1] = {a, b}
+    return true
+  end
+  if a == last[2] + 1 then  -- right after the highest stored
+    last[2] = b
     return true
   end
   local lo, hi = 1, #ranges
-  while lo <= hi do  -- the first range ending at or above s
+  while lo <= hi do  -- the first range ending at or above a
     local mid = math.floor((lo + hi) / 2)
-    if ranges[mid][2] < s then lo = mid + 1 else hi = mid - 1 end
+    if ranges[mid][2] < a then lo = mid + 1 else hi = mid - 1 end
   end
   local after, before = ranges[lo], ranges[lo - 1]
-  if after and after[1] <= s then return false end
-  local join_before = before ~= nil and before[2] == s - 1
-  local join_after = after ~= nil and after[1] == s + 1
+  if after and after[1] <= b then return false end
+  local join_before = before ~= nil and before[2] == a - 1
+  local join_after = after ~= nil and after[1] == b + 1
   if join_before and join_after then
     before[2] = after[2]
     table.remove(ranges, lo)
   elseif join_before then
-    before[2] = s
+    before[2] = b
   elseif join_after then
-    after[1] = s
+    after[1] = a
   else
-    table.insert(ranges, lo, {s, s})
+    table.insert(ranges, lo, {a, b})
   end
   return true
+end
+
+local devices, counts, blobs, total = {}, {}, {}, 0
+local function keep(group_devices, group_counts, blob, n)
+  if stream then
+    devices[#devices + 1], counts[#counts + 1], blobs[#blobs + 1] = group_devices, group_counts, blob
+    total = total + n
+  else
+    for _, record in ipairs(split(blob)) do redis.call('LPUSH', key, record) end
+  end
 end
 
 local out = {}
 local i = 7
 while i <= #ARGV do
-  local frames_at, frame_id, device = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
-  local seqs_at, session = tonumber(ARGV[i + 3]), ARGV[i + 4]
+  local frames_at, frame_id = tonumber(ARGV[i]), ARGV[i + 1]
+  local seqs_at, session = tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local n, seqs, group_devices, group_counts, blob =
+    tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+  i = i + 9
   local frames_key, seqs_key = '', ''
   if frames_at > 0 then frames_key = KEYS[frames_at] end
   if seqs_at > 0 then seqs_key = KEYS[seqs_at] end
-  local n = tonumber(ARGV[i + 5])
-  i = i + 6
   local duplicate_frame = false
   if frames_key ~= '' then
     local score = redis.call('ZSCORE', frames_key, frame_id)
@@ -126,7 +189,6 @@ while i <= #ARGV do
   end
   local dups = {}
   if duplicate_frame then
-    i = i + 2 * n
     -- A write, so the WAIT after this call covers the first copy of the frame too:
     -- WAIT waits for the offset of this connection's last write, and a call that
     -- wrote nothing would be acked on an older one (the first copy may be on the
@@ -134,22 +196,25 @@ while i <= #ARGV do
     redis.call('PEXPIRE', frames_key, window)
   else
     local changed = false
-    for _ = 1, n do
-      local seq, record = ARGV[i], ARGV[i + 1]
-      i = i + 2
-      local keep = true
-      if seq ~= '' and ranges then
-        if add(ranges, tonumber(seq)) then changed = true else
-          dups[#dups + 1] = tonumber(seq)
-          keep = false
+    if ranges == nil or seqs == '' then
+      keep(group_devices, group_counts, blob, n)
+    else
+      local a, b = string.match(seqs, '^(%d+)%-(%d+)$')
+      if a and add(ranges, tonumber(a), tonumber(b)) then  -- none stored yet: all at once
+        changed = true
+        keep(group_devices, group_counts, blob, n)
+      else
+        local records, list, kept = split(blob), seq_list(seqs, n), {}
+        for k = 1, n do
+          local s = list[k]
+          if s and not add(ranges, s, s) then
+            dups[#dups + 1] = s
+          else
+            if s then changed = true end
+            kept[#kept + 1] = records[k]
+          end
         end
-      end
-      if keep then
-        if mode == 'list' then
-          redis.call('LPUSH', key, record)
-        else
-          redis.call('XADD', key, '*', 'd', device, 'r', record)
-        end
+        if #kept > 0 then keep(group_devices, tostring(#kept), table.concat(kept, '\\n'), #kept) end
       end
     end
     if frames_key ~= '' then
@@ -192,7 +257,32 @@ while i <= #ARGV do
     out[#out + 1] = 0  -- queued, nothing to report: the usual legacy frame
   end
 end
+if total > 0 then
+  local blob = blobs[1]
+  if #blobs > 1 then blob = table.concat(blobs, '\\n') end
+  redis.call('XADD', key, '*', 'n', total, 'd', table.concat(devices, '\\n'),
+             'c', table.concat(counts, ','), 'r', blob)
+  if length == 0 then redis.call('SET', KEYS[2], total) else redis.call('INCRBY', KEYS[2], total) end
+end
 return out
+"""
+
+#: Acknowledge stream entries and take their records off the backlog counter.
+#:
+#: KEYS[1] the stream, KEYS[2] its backlog counter; ARGV[1] the group, then pairs
+#: (entry id, records it counts in the backlog: its ``n``, or 0 for an entry of
+#: one record written before packing, which was never counted).  Only an entry
+#: this call acknowledged counts, so acknowledging twice takes off once.  Allowed
+#: when Redis is out of memory: acknowledging is what lets the worker free it.
+ACK: Final = """#!lua flags=allow-oom
+local taken = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then taken = taken + tonumber(ARGV[i + 1]) end
+end
+if taken > 0 then
+  if redis.call('DECRBY', KEYS[2], taken) <= 0 then redis.call('DEL', KEYS[2]) end
+end
+return taken
 """
 
 #: KEYS[1] device:links; ARGV[1] device, ARGV[2] link JSON, ARGV[3] this node,

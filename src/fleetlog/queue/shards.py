@@ -173,7 +173,7 @@ class ShardedConsumer:
             return []
         reply = self._client.xreadgroup(
             self.group, self.consumer, {self.held[shard].stream: ">" for shard in held},
-            count=count, block=wait_ms)
+            count=self.held[held[0]].entries_for(count), block=wait_ms)
         records = []
         for raw_stream, entries in reply or []:
             name = raw_stream.decode() if isinstance(raw_stream, bytes) else raw_stream

@@ -22,8 +22,11 @@ __all__ = ["QueueCollector", "QueueStats", "queue_stats", "queue_stats_for"]
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """``backlog``: entries kept in the queue; ``lag``: not yet read by the workers' group;
-    ``pending``: read but not acknowledged; ``dead_letters``: given up on."""
+    """``backlog``: records queued and not yet acknowledged (the number the gateway's
+    ``max_backlog`` limits); ``lag``: stream entries not yet read by the workers'
+    group; ``pending``: entries read but not acknowledged (an entry holds the records
+    of one gateway call; in list mode, records and batches); ``dead_letters``: records
+    given up on."""
 
     backlog: int
     lag: int
@@ -66,7 +69,7 @@ class QueueCollector(Collector):
         except Exception:  # the gauges cannot be read now; the rest of the scrape can
             return
         for name, documentation, value in (
-            ("fleetlog_queue_backlog", "Entries kept in the queue.", stats.backlog),
+            ("fleetlog_queue_backlog", "Records queued, not yet acknowledged.", stats.backlog),
             ("fleetlog_queue_consumer_lag", "Entries the workers' group has not read yet.", stats.lag),
             ("fleetlog_queue_pending", "Entries read but not acknowledged.", stats.pending),
             ("fleetlog_queue_dead_letters", "Entries in the dead-letter stream.", stats.dead_letters),
@@ -75,8 +78,10 @@ class QueueCollector(Collector):
 
 
 def _stream_stats(client: Any, stream: str, group: str) -> tuple[int, int, int]:
-    """(backlog, lag, pending) of one stream."""
-    backlog = int(client.xlen(stream))
+    """(backlog, lag, pending) of one stream; the backlog as the ingest script counts it."""
+    length = int(client.xlen(stream))
+    counted = client.get(keys.queue_backlog(stream)) if length else None
+    backlog = max(length, int(counted or 0))
     try:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError:  # no stream yet
@@ -87,5 +92,5 @@ def _stream_stats(client: Any, stream: str, group: str) -> tuple[int, int, int]:
             lag = info.get("lag")
             pending = int(info.get("pending") or 0)
             # ``lag`` is None when Redis cannot tell (after deletions): count it all then.
-            return backlog, backlog if lag is None else int(lag), pending
-    return backlog, backlog, 0
+            return backlog, length if lag is None else int(lag), pending
+    return backlog, length, 0
