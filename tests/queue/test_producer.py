@@ -12,6 +12,7 @@ import redis
 from fleetlog import keys
 from fleetlog.embedded import RedisServer, free_port
 from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavailable
+from fleetlog.queue import scripts
 from fleetlog.queue.connection import connect_async
 from fleetlog.queue.consumer import StreamConsumer
 from fleetlog.queue.producer import IngestResult, Producer
@@ -340,3 +341,26 @@ async def test_partial_seq_duplicates_keep_the_rest_packed(
 async def test_a_record_with_a_raw_newline_is_refused_at_submit(producer: Producer) -> None:
     with pytest.raises(ValueError, match="raw newline"):
         producer.submit("D", [b'{"a":\n1}'], lambda outcome: None)
+
+
+def test_the_fast_path_writes_what_the_whole_script_writes(sync_client: redis.Redis) -> None:
+    """INGEST_PLAIN (a call without dedupe state) and INGEST, given the same group: the same entry,
+    the same counter, the same refusal over the limit."""
+    group = [3, "A\nB", "2,1", b'{"a":1}\n{"a":2}\n{"b":1}']
+    head = [1_000_000, 86_400_000, "stream", scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
+    seen = []
+    for name, script, args in (
+            ("whole", scripts.INGEST, [*head, 0, "", 0, "", group[0], "", *group[1:]]),
+            ("plain", scripts.INGEST_PLAIN, [head[0], *group])):
+        stream = f"fleetlog:fast-{name}"
+        counter = keys.queue_backlog(stream)
+        run = sync_client.register_script(script)
+        assert run(keys=[stream, counter], args=args) == [0]
+        assert run(keys=[stream, counter], args=args) == [0]
+        [(_, first), (_, second)] = sync_client.xrange(stream)
+        assert first == second
+        over = list(args)
+        over[0] = 6  # the limit: 6 records are queued
+        assert run(keys=[stream, counter], args=over) == 6
+        seen.append((first, sync_client.get(counter), sync_client.xlen(stream)))
+    assert seen[0] == seen[1] == ({b"n": b"3", b"d": b"A\nB", b"c": b"2,1", b"r": group[3]}, b"6", 2)

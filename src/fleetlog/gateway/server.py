@@ -372,15 +372,18 @@ class Gateway:
             settings.auth, self.tokens, jwt_secret=settings.jwt_secret,
             jwt_public_key=settings.jwt_public_key,
         )
-        self._ingest = (ClusterScript if is_cluster(client) else RedisScript)(
-            client, scripts.INGEST, replicas=settings.ack_replicas or 0,
+        runner = ClusterScript if is_cluster(client) else RedisScript
+        self._ingest, self._ingest_plain = (runner(
+            client, script, replicas=settings.ack_replicas or 0,
             # within the socket timeout, so WAIT's own answer comes back
             replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2))
+            for script in (scripts.INGEST, scripts.INGEST_PLAIN))
         #: Whether ``--ack-replicas`` is still to be chosen from the topology (see start).
         self._replicas_unknown = settings.ack_replicas is None
         self.producer = Producer(
             client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
-            shards=settings.shards, runner=self._ingest, dedupe_window=int(settings.dedupe_window),
+            shards=settings.shards, runner=self._ingest, plain_runner=self._ingest_plain,
+            dedupe_window=int(settings.dedupe_window),
         )
         self.registry = LinkRegistry(
             client,
@@ -734,6 +737,7 @@ class Gateway:
             self._replicas_unknown = False
             if replicas:
                 self._ingest.wait_for(1)
+                self._ingest_plain.wait_for(1)
                 log.info("every Redis master has a replica: acking a frame once one replica has "
                          "its records (--ack-replicas 0 acks on the master alone: faster, but a "
                          "failover can lose acked records)")

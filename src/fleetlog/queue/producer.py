@@ -155,6 +155,7 @@ class Producer:
         dedupe_window: float = 86_400,
         max_in_flight: int = 2,
         runner: ScriptRunner | None = None,
+        plain_runner: ScriptRunner | None = None,
         shards: int = 1,
     ) -> None:
         if shards < 1 or (shards > 1 and mode == "list"):
@@ -162,6 +163,11 @@ class Producer:
         #: The ingest script on Redis: all the producer needs of it (a cluster
         #: client passes its own ``runner``).
         self._ingest: ScriptRunner = runner or RedisScript(client, scripts.INGEST)
+        #: Its fast path for calls without dedupe state, in stream mode (:data:`~.scripts.INGEST_PLAIN`).
+        self._ingest_plain: ScriptRunner | None = None
+        if mode == "stream":
+            self._ingest_plain = plain_runner or (RedisScript(client, scripts.INGEST_PLAIN)
+                                                  if runner is None else None)
         self._shards = shards
         #: KEYS that start each call: a shard's stream and its backlog counter, or the list.
         self._queue_keys: list[list[ScriptArg]] = [
@@ -304,6 +310,7 @@ class Producer:
                 index = at[key] = len(declared)
             return index
 
+        runner = self._ingest
         args: list[ScriptArg] = [*self._head]
         plain: list[_Submission] = []  # consecutive submissions without dedupe: one group
         for submission in call:
@@ -320,12 +327,16 @@ class Producer:
                 submission_args[2] = index_of(submission.seqs_key)
             args += submission_args
         if plain:
-            args += _group(plain)
+            if len(plain) == len(call) and self._ingest_plain is not None:  # no dedupe at all
+                group = _group(plain)
+                runner, args = self._ingest_plain, [self._head[0], group[4], group[6], group[7], group[8]]
+            else:
+                args += _group(plain)
         outcomes: list[IngestResult | FleetlogError]
         previous = self.last_error
         try:
             self.calls += 1
-            reply = await self._ingest.run(declared, args)
+            reply = await runner.run(declared, args)
             self.last_error = self.last_problem = None
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")

@@ -285,6 +285,24 @@ end
 return taken
 """
 
+#: :data:`INGEST` for a call whose submissions all go without dedupe state (legacy
+#: frames: the usual call of a legacy fleet), in stream mode: the same backlog check,
+#: the same one entry and the same counter, and nothing per record or per submission,
+#: so Redis parses four arguments and copies one string whatever the call holds.
+#: KEYS[1] the stream, KEYS[2] its backlog counter; ARGV[1] max backlog, ARGV[2] the
+#: record count, ARGV[3] the devices' runs, ARGV[4] the runs' lengths, ARGV[5] the
+#: records, newline-joined (see :func:`fleetlog.queue.producer._group`).  Returns the
+#: backlog (a number) when it is over the limit and nothing was written, else ``{0}``
+#: (one group, queued), as :data:`INGEST` answers the same call.
+INGEST_PLAIN: Final = """
+local length, backlog = redis.call('XLEN', KEYS[1]), 0
+if length > 0 then backlog = math.max(length, tonumber(redis.call('GET', KEYS[2]) or '0') or 0) end
+if backlog >= tonumber(ARGV[1]) then return backlog end
+redis.call('XADD', KEYS[1], '*', 'n', ARGV[2], 'd', ARGV[3], 'c', ARGV[4], 'r', ARGV[5])
+if length == 0 then redis.call('SET', KEYS[2], ARGV[2]) else redis.call('INCRBY', KEYS[2], ARGV[2]) end
+return {0}
+"""
+
 #: KEYS[1] device:links; ARGV[1] device, ARGV[2] link JSON, ARGV[3] this node,
 #: ARGV[4] this connection, ARGV[5] control channel prefix, ARGV[6] '1' to take over.
 #: Points the device at this connection; with take-over, tells the node of the
