@@ -1,7 +1,9 @@
 """Worker drain: preload N records, time a worker from its loop start to its exit after N.
 
-The queue is filled directly (pipelined), the way each system's gateway fills
-it, so that only the worker is measured.  The clock starts at the worker's
+The queue is filled the way each system's gateway fills it, so that only the
+worker is measured: the seed's list by pipelined ``LPUSH``es, fleetlog's stream
+by the revision's own producer (:mod:`bench.preload`: packed entries where the
+revision packs them).  The clock starts at the worker's
 ``worker draining`` stderr line (after imports, Redis connect, store open),
 and its CPU is counted from the same moment to its exit (rusage).  What it
 stored is read back and must match what was queued, or the drain failed.
@@ -13,7 +15,7 @@ import time
 from typing import Any
 
 from bench import systems
-from bench.context import Bench
+from bench.context import PY, Bench
 from bench.procs import ChildFailed
 
 __all__ = ["drain"]
@@ -22,7 +24,13 @@ __all__ = ["drain"]
 def drain(bench: Bench, system: str, with_files: bool) -> dict[str, Any]:
     records = bench.profile.drain_records
     bench.reset_redis()
-    systems.preload(system, bench.client, records)
+    if system == "fleetlog":  # as this revision's own gateway queues them (packed entries)
+        loader = bench.children.start("preload", [PY, "-m", "bench.preload", "--redis-url",
+                                                  bench.redis_server.url, "--records", str(records)])
+        if loader.wait(bench.profile.run_timeout) != 0:
+            raise ChildFailed(f"preload exited with {loader.popen.returncode}:\n{loader.tail()}")
+    else:
+        systems.preload(system, bench.client, records)
     sink = "files" if system == "baseline" else ("sqlite+files" if with_files else "sqlite")
     data_dir = bench.fresh_dir(f"drain-{system}-{sink.replace('+', '-')}")
     files = data_dir / "files" if with_files or system == "baseline" else None
