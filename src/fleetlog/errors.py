@@ -20,6 +20,7 @@ still work)::
      ├── StoreMissing          a reader found no store (nothing is created for it)
      ├── RecordRejected        the store cannot take a record because of its own data
      ├── UnknownDevice         a credential command names a device that has none
+     ├── DeviceExists          a device to be given a token has one already
      ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
      ├── InvalidRequest        a read asks for something malformed: level, time, limit, cursor, q
      ├── ConfigError           settings that cannot work together
@@ -170,6 +171,10 @@ class RecordRejected(FleetlogError):
 
 class UnknownDevice(FleetlogError):
     """Raised when a credential command names a device that has none."""
+
+
+class DeviceExists(FleetlogError):
+    """Raised when ``device add`` names a device that has a token already."""
 
 
 class InvalidDeviceId(FleetlogError, ValueError):
