@@ -133,6 +133,20 @@ def test_invalid_file_value_raises_validation_error(tmp_path: Path, text: str) -
         load_settings(config)
 
 
+@pytest.mark.parametrize("env", [
+    {"FLEETLOG_QUEUE": "list", "FLEETLOG_REDIS_URL": "redis+cluster://127.0.0.1:7000"},
+    {"FLEETLOG_QUEUE": "list", "FLEETLOG_REDIS_CLUSTER": "true"},
+])
+def test_the_list_queue_on_a_cluster_is_refused_from_any_source(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Checked by the settings, not by the CLI only: an env var or the TOML file gets it too."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match="queue = list cannot run on a Redis Cluster"):
+        load_settings()
+    assert load_settings(queue="stream").on_cluster
+
+
 def test_a_flag_replaces_an_invalid_env_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEETLOG_WS_PORT", "abc")
     assert load_settings(ws_port=9000).ws_port == 9000, "the flag replaces the bad value"
@@ -188,6 +202,13 @@ def test_config_command_with_an_invalid_value_fails_clearly(tmp_path: Path) -> N
     assert "invalid configuration" in result.stderr
     assert "ws_port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_command_names_a_check_of_several_settings_without_a_stray_colon(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "bad.toml", "queue = 'list'\nshards = 2\n")
+    result = run_config("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "fleetlog: invalid configuration: Value error, shards > 1 needs queue = stream" in result.stderr
 
 
 def test_config_command_masks_secrets(tmp_path: Path) -> None:

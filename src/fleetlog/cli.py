@@ -1,25 +1,33 @@
 """The ``fleetlog`` command: parse arguments, build settings, call a ``run_*``.
 
 Nothing else lives here.  Every flag defaults to ``None`` so that only the
-flags a user typed override ``FLEETLOG_*`` variables and the TOML file.
+flags a user typed override ``FLEETLOG_*`` variables and the TOML file; the
+options several commands take are declared once, in :mod:`fleetlog.options`,
+and what their values may be is checked by :class:`~fleetlog.config.Settings`.
+Every Redis client a command opens is closed when the command ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import orjson
 from pydantic import ValidationError
 
+from fleetlog import options
 from fleetlog.config import Settings, load_settings
 from fleetlog.errors import ConfigError
+
+if TYPE_CHECKING:
+    import redis
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,7 +35,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_LIMIT = 1_000_000  # fleetlog.reading.MAX_LIMIT (not imported: it would slow every command)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"fleetlog: {message}", err=True)
     sys.exit(2)
 
@@ -37,30 +45,18 @@ def _settings(config: str | None, **flags: Any) -> Settings:
         return load_settings(config, **flags)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+            # A check of several settings together has no location: its message names them.
+            ": ".join(filter(None, (".".join(str(p) for p in error["loc"]), error["msg"])))
+            for error in exc.errors()
         )
         _fail(f"invalid configuration: {problems}")
     except FileNotFoundError as exc:
         _fail(str(exc))
-    raise AssertionError("unreachable")
-
-
-def _common(function: F) -> F:
-    """``--data-dir`` and ``--config``, which every command takes."""
-    function = click.option(
-        "--config", "config", type=click.Path(dir_okay=False), default=None,
-        help="TOML config file (default: $FLEETLOG_CONFIG, else ./fleetlog.toml).",
-    )(function)
-    function = click.option(
-        "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="Where fleetlog keeps its data (default ./fleetlog-data).",
-    )(function)
-    return function
 
 
 def _gateway_options(function: F) -> F:
     """Flags shared by ``gateway`` and ``up`` (device-facing settings)."""
-    options = [
+    declared = [
         click.option("--auth", type=click.Choice(["none", "token", "jwt"]), default=None,
                      help="Device authentication (default token; none only for legacy fleets)."),
         click.option("--jwt-secret", default=None, help="HS256 secret for --auth jwt."),
@@ -86,14 +82,13 @@ def _gateway_options(function: F) -> F:
         click.option("--gateway-metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                      help="Serve the gateway's /metrics and detailed /healthz here, on "
                           "--metrics-host (127.0.0.1); 0: off (default; up: HTTP port + 2)."),
-        click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
-                     help="Queue streams (default 1); gateways and workers must agree."),
+        options.SHARDS,
         click.option("--ack-replicas", type=click.IntRange(min=0, max=16), default=None,
                      help="Ack only once N replicas have the records (WAIT). Default: 1 when every "
                           "master has a replica, else 0; 0 acks on the master alone (a failover "
                           "can lose acked records)."),
     ]
-    for option in reversed(options):
+    for option in reversed(declared):
         function = option(function)
     return function
 
@@ -110,18 +105,22 @@ def _logging() -> None:
 def _redis_url(settings: Settings) -> str:
     """The Redis URL to use; a cluster's as ``redis+cluster://`` (``--redis-cluster``)."""
     from fleetlog.embedded import resolve_redis_url
-    from fleetlog.queue.connection import cluster_url, is_cluster_url
+    from fleetlog.queue.connection import cluster_url
 
     try:
         url = resolve_redis_url(settings.redis_url, settings.data_dir)
     except ConfigError as exc:
         _fail(str(exc))
-    if settings.redis_cluster:
-        url = cluster_url(url)
-    if is_cluster_url(url) and settings.queue == "list":
-        _fail("--queue list cannot run on a Redis Cluster (its scripts span keys of "
-              "several slots); use --queue stream")
-    return url
+    return cluster_url(url) if settings.redis_cluster else url
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    """A client of the command's Redis, closed when the command ends (however it ends)."""
+    from fleetlog.queue.connection import connect
+
+    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
+    click.get_current_context().with_resource(client)  # its __exit__ closes it
+    return client
 
 
 def _exit_code(function: Callable[..., int]) -> Callable[..., None]:
@@ -149,13 +148,12 @@ def main() -> None:
 
 
 @cli.command()
-@_common
-@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@options.common
+@options.HOST
 @click.option("--ws-port", type=int, default=None, help="Device WebSocket port (default 8765).")
 @click.option("--http-port", type=int, default=None, help="HTTP API port (default 8080).")
-@click.option("--redis-url", default=None, help="Use this Redis instead of an embedded one.")
-@click.option("--redis-cluster", is_flag=True, default=None,
-              help="The Redis URL names a node of a Redis Cluster.")
+@options.REDIS_URL
+@options.REDIS_CLUSTER
 @click.option("--no-files", is_flag=True, default=None, help="Do not write the daily files.")
 @_gateway_options
 @_exit_code
@@ -174,14 +172,12 @@ def up(config: str | None, **flags: Any) -> int:
 
 
 @cli.command()
-@_common
-@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@options.common
+@options.HOST
 @click.option("--port", "ws_port", type=int, default=None, help="Port (default 8765).")
-@click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
-@click.option("--redis-cluster", is_flag=True, default=None,
-              help="The Redis URL names a node of a Redis Cluster.")
-@click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
-              help="stream (default) or list: LPUSH device:log:list like the original.")
+@options.REDIS_URL
+@options.REDIS_CLUSTER
+@options.QUEUE
 @_gateway_options
 @_exit_code
 def gateway(config: str | None, **flags: Any) -> int:
@@ -198,27 +194,22 @@ def gateway(config: str | None, **flags: Any) -> int:
 
 
 @cli.command()
-@_common
-@click.option("--redis-url", default=None, help="Redis URL, e.g. redis://127.0.0.1:6379/15.")
-@click.option("--redis-cluster", is_flag=True, default=None,
-              help="The Redis URL names a node of a Redis Cluster.")
-@click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
-@click.option("--files", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write daily files under DIR/device/log/.")
+@options.common
+@options.REDIS_URL
+@options.REDIS_CLUSTER
+@options.STORE
+@options.FILES
 @click.option("--batch", type=int, default=None, help="Records per batch (default 500).")
 @click.option("--max-runtime", type=float, default=None, help="Planned exit after S seconds.")
 @click.option("--max-messages", type=int, default=None, help="Planned exit after N records.")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter after N failures.")
 @click.option("--claim-idle", type=float, default=None,
               help="Claim records idle this long on a dead worker (default 30 s).")
-@click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
-              help="Drain the stream (default) or the legacy device:log:list.")
+@options.QUEUE
 @click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")
-@click.option("--shards", type=click.IntRange(min=1, max=1024), default=None,
-              help="Queue streams (default 1); workers split them with leases.")
-@click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
-@click.option("--retention-bytes", type=int, default=None,
-              help="Prune the oldest records while the store is bigger than this.")
+@options.SHARDS
+@options.RETENTION
+@options.RETENTION_BYTES
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus /metrics on this port (default 0: off).")
 @_exit_code
@@ -232,7 +223,7 @@ def worker(config: str | None, **flags: Any) -> int:
 
 
 @cli.command()
-@_common
+@options.common
 @click.argument("device_id")
 @click.option("--since", default=None, help="1h, 30m, 2d, or an ISO 8601 time.")
 @click.option("--until", default=None, help="Same forms as --since.")
@@ -243,7 +234,7 @@ def worker(config: str | None, **flags: Any) -> int:
 @click.option("--limit", type=click.IntRange(min=1, max=MAX_LIMIT), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new records.")
-@click.option("--store", default=None, help="Store URL.")
+@options.STORE
 @_exit_code
 def logs(config: str | None, device_id: str, since: str | None, until: str | None,
          grep: str | None, level: str | None, limit: int, as_json: bool, follow: bool,
@@ -287,10 +278,10 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
 
 
 @cli.command()
-@_common
+@options.common
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
-@click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")
-@click.option("--store", default=None, help="Store URL.")
+@options.REDIS_URL
+@options.STORE
 def devices(config: str | None, as_json: bool, **flags: Any) -> None:
     """Every known device (stored records, a live link, or a token): online, node,
     connected since, last seen, records."""
@@ -306,12 +297,10 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
             redis_url = None
             click.echo("fleetlog: no Redis found; online state unknown (shown as offline)",
                        err=True)
-        client = connect(redis_url, timeout=settings.redis_timeout) if redis_url else None
-        try:
-            rows, warning = reader.devices(client)
-        finally:
-            if client is not None:
-                client.close()
+        client: contextlib.AbstractContextManager[redis.Redis | None] = (
+            connect(redis_url, timeout=settings.redis_timeout) if redis_url else contextlib.nullcontext())
+        with client as redis_client:
+            rows, warning = reader.devices(redis_client)
     if warning:
         click.echo(f"fleetlog: {warning}", err=True)
     if as_json:
@@ -347,8 +336,8 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
               help="0: legacy frames; N: v2 log frames of N records.")
 @click.option("--provision", is_flag=True,
               help="Create (or rotate) a token for each simulated device; needs Redis.")
-@_common
-@click.option("--redis-url", default=None, help="With --provision: Redis URL.")
+@options.common
+@options.REDIS_URL
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
@@ -399,16 +388,13 @@ def _provision(redis_url: str, devices: list[str]) -> dict[str, str]:
     from fleetlog.credentials import Credentials
     from fleetlog.queue.connection import connect
 
-    client = connect(redis_url)
-    try:
+    with connect(redis_url) as client:
         credentials = Credentials(client)
         known = {credential.device_id for credential in credentials.list()}
         return {
             device: credentials.rotate(device) if device in known else credentials.add(device)
             for device in devices
         }
-    finally:
-        client.close()
 
 
 @cli.group()
@@ -418,12 +404,8 @@ def device() -> None:
 
 def _credentials(config: str | None, flags: dict[str, Any]) -> Any:
     from fleetlog.credentials import Credentials
-    from fleetlog.queue.connection import connect
 
-    settings = _settings(config, **flags)
-    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
-    click.get_current_context().call_on_close(client.close)  # when the command ends, any way
-    return Credentials(client)
+    return Credentials(_redis(_settings(config, **flags)))
 
 
 def _warn_unconfirmed(credentials: Any) -> None:
@@ -433,14 +415,8 @@ def _warn_unconfirmed(credentials: Any) -> None:
                    "within 2 s; they apply it within half a second of reaching Redis", err=True)
 
 
-def _redis_command(function: F) -> F:
-    function = click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")(
-        function)
-    return _common(function)
-
-
 @device.command("add")
-@_redis_command
+@options.redis_command
 @click.argument("device_id")
 def device_add(config: str | None, device_id: str, **flags: Any) -> None:
     """Create DEVICE_ID's token and print it (alone, once: it is stored only as a hash).
@@ -453,7 +429,7 @@ def device_add(config: str | None, device_id: str, **flags: Any) -> None:
 
 
 @device.command("rotate")
-@_redis_command
+@options.redis_command
 @click.argument("device_id")
 def device_rotate(config: str | None, device_id: str, **flags: Any) -> None:
     """Replace DEVICE_ID's token and print the new one; open connections are closed (4401)."""
@@ -463,7 +439,7 @@ def device_rotate(config: str | None, device_id: str, **flags: Any) -> None:
 
 
 @device.command("revoke")
-@_redis_command
+@options.redis_command
 @click.argument("device_id")
 def device_revoke(config: str | None, device_id: str, **flags: Any) -> None:
     """Delete DEVICE_ID's token; its open connections are closed (4401) on every gateway."""
@@ -474,7 +450,7 @@ def device_revoke(config: str | None, device_id: str, **flags: Any) -> None:
 
 
 @device.command("list")
-@_redis_command
+@options.redis_command
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
 def device_list(config: str | None, as_json: bool, **flags: Any) -> None:
     """Every device with a token (never the token itself)."""
@@ -491,13 +467,11 @@ def device_list(config: str | None, as_json: bool, **flags: Any) -> None:
 
 
 @cli.command()
-@_common
-@click.option("--retention", default=None, help="Prune records older than this (30d, 12h...).")
-@click.option("--retention-bytes", type=int, default=None,
-              help="Prune the oldest records while the store is bigger than this.")
-@click.option("--store", default=None, help="Store URL.")
-@click.option("--files", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also remove daily files under DIR/device/log/ past retention.")
+@options.common
+@options.RETENTION
+@options.RETENTION_BYTES
+@options.STORE
+@options.FILES
 def prune(config: str | None, **flags: Any) -> None:
     """Apply retention once, now (the worker also does it in the background)."""
     from fleetlog.store import open_store
@@ -523,18 +497,15 @@ def dlq() -> None:
 
 
 def _dead_letters(config: str | None, flags: dict[str, Any]) -> Any:
-    from fleetlog.queue.connection import connect
     from fleetlog.queue.deadletter import DeadLetters
 
     settings = _settings(config, **flags)
-    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
-    click.get_current_context().call_on_close(client.close)  # when the command ends, any way
-    return DeadLetters(client, dead_letter_stream=settings.dead_letter_stream, stream=settings.stream,
-                       queue=settings.queue, shards=settings.shards)
+    return DeadLetters(_redis(settings), dead_letter_stream=settings.dead_letter_stream,
+                       stream=settings.stream, queue=settings.queue, shards=settings.shards)
 
 
 @dlq.command("list")
-@_redis_command
+@options.redis_command
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def dlq_list(config: str | None, as_json: bool, **flags: Any) -> None:
     """Every dead letter: id, device, deliveries, when, and the error."""
@@ -547,7 +518,7 @@ def dlq_list(config: str | None, as_json: bool, **flags: Any) -> None:
 
 
 @dlq.command("show")
-@_redis_command
+@options.redis_command
 @click.argument("entry_id")
 def dlq_show(config: str | None, entry_id: str, **flags: Any) -> None:
     """One dead letter in full, with its record."""
@@ -558,11 +529,10 @@ def dlq_show(config: str | None, entry_id: str, **flags: Any) -> None:
 
 
 @dlq.command("replay")
-@_redis_command
+@options.redis_command
 @click.argument("entry_ids", nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
-@click.option("--queue", type=click.Choice(["stream", "list"]), default=None,
-              help="Queue to put them back on: the stream (default) or device:log:list.")
+@options.QUEUE
 def dlq_replay(config: str | None, entry_ids: tuple[str, ...], replay_all: bool,
                **flags: Any) -> None:
     """Queue dead letters again (after fixing what rejected them)."""
@@ -573,7 +543,7 @@ def dlq_replay(config: str | None, entry_ids: tuple[str, ...], replay_all: bool,
 
 
 @dlq.command("purge")
-@_redis_command
+@options.redis_command
 @click.argument("entry_ids", nargs=-1)
 @click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter.")
 def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
@@ -586,11 +556,11 @@ def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
 
 
 @cli.command()
-@_common
-@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@options.common
+@options.HOST
 @click.option("--port", "http_port", type=int, default=None, help="Port (default 8080).")
-@click.option("--redis-url", default=None, help="Redis URL (default: the running `up`).")
-@click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
+@options.REDIS_URL
+@options.STORE
 @_exit_code
 def api(config: str | None, **flags: Any) -> int:
     """The HTTP API: commands, device tokens, health, metrics (tokens: `api-token add`)."""
@@ -608,14 +578,12 @@ def api_token() -> None:
 
 def _operator_tokens(config: str | None, flags: dict[str, Any]) -> Any:
     from fleetlog.api.auth import OperatorTokens
-    from fleetlog.queue.connection import connect
 
-    settings = _settings(config, **flags)
-    return OperatorTokens(connect(_redis_url(settings), timeout=settings.redis_timeout))
+    return OperatorTokens(_redis(_settings(config, **flags)))
 
 
 @api_token.command("add")
-@_redis_command
+@options.redis_command
 @click.argument("name")
 @click.option("--role", type=click.Choice(["read", "admin"]), default="read", show_default=True,
               help="read: every reading route; admin: also commands and device tokens.")
@@ -625,7 +593,7 @@ def api_token_add(config: str | None, name: str, role: str, **flags: Any) -> Non
 
 
 @api_token.command("list")
-@_redis_command
+@options.redis_command
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
 def api_token_list(config: str | None, as_json: bool, **flags: Any) -> None:
     """Every operator token's name, role and creation time (never the token)."""
@@ -639,7 +607,7 @@ def api_token_list(config: str | None, as_json: bool, **flags: Any) -> None:
 
 
 @api_token.command("revoke")
-@_redis_command
+@options.redis_command
 @click.argument("name")
 def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
     """Delete the operator token NAME; requests with it are refused (401) at once."""
@@ -648,7 +616,7 @@ def api_token_revoke(config: str | None, name: str, **flags: Any) -> None:
 
 
 @api_token.command("role")
-@_redis_command
+@options.redis_command
 @click.argument("name")
 @click.argument("role", type=click.Choice(["read", "admin"]))
 def api_token_role(config: str | None, name: str, role: str, **flags: Any) -> None:
@@ -676,7 +644,7 @@ class _SendCommand(click.Command):
 
 
 @cli.command(cls=_SendCommand)
-@_common
+@options.common
 @click.argument("device_id")
 @click.argument("body")
 @click.option("--wait", type=click.FloatRange(0, 60), default=0.0, show_default=True,
@@ -713,7 +681,7 @@ def send(config: str | None, device_id: str, body: str, wait: float, **flags: An
 
 
 @cli.command("config")
-@_common
+@options.common
 def show_config(config: str | None, **flags: Any) -> None:
     """Print the effective configuration (flags > FLEETLOG_* > TOML > defaults), secrets masked."""
     values = _settings(config, **flags).for_display()

@@ -29,9 +29,12 @@ from pydantic_settings import (
 
 from fleetlog.timeparse import parse_duration
 
-__all__ = ["MASK", "Settings", "load_settings", "mask_url"]
+__all__ = ["CLUSTER_SCHEMES", "MASK", "Settings", "load_settings", "mask_url"]
 
 MiB = 1024 * 1024
+
+#: URL schemes that mean a Redis Cluster (the rest of the URL names any one node).
+CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 
 #: What ``fleetlog config``, logs and banners show instead of a secret.
 MASK: Final = "********"
@@ -218,10 +221,22 @@ class Settings(BaseSettings):
         """The store URL, defaulting to the SQLite file inside the data dir."""
         return self.store or f"sqlite:///{self.data_dir / 'fleetlog.db'}"
 
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the Redis is a Redis Cluster (``redis_cluster``, or a ``redis+cluster://`` URL)."""
+        return self.redis_cluster or (self.redis_url or "").startswith(CLUSTER_SCHEMES)
+
     @model_validator(mode="after")
     def _shards_need_streams(self) -> Settings:
         if self.shards > 1 and self.queue == "list":
             raise ValueError("shards > 1 needs queue = stream (the legacy list is one list)")
+        return self
+
+    @model_validator(mode="after")
+    def _list_needs_one_redis(self) -> Settings:
+        if self.queue == "list" and self.on_cluster:
+            raise ValueError("queue = list cannot run on a Redis Cluster (its scripts span keys of "
+                             "several slots); use queue = stream")
         return self
 
     @field_validator("retention")

@@ -44,7 +44,7 @@ import orjson
 
 from fleetlog import keys
 from fleetlog.device_id import check_device_id
-from fleetlog.errors import FleetlogError, UnknownDevice
+from fleetlog.errors import DeviceExists, UnknownDevice
 from fleetlog.queue.connection import REDIS_DOWN, is_cluster
 from fleetlog.records import iso_ms
 
@@ -199,12 +199,12 @@ class Credentials:
         """Create the device's credential; return the token (shown once).
 
         Raises :class:`~fleetlog.device_id.InvalidDeviceId` for an id against
-        the policy, :class:`FleetlogError` if the device has a token already.
+        the policy, :class:`~fleetlog.errors.DeviceExists` if the device has a token already.
         """
         check_device_id(device_id)
         token, args = self._install_args(device_id)
         if not self._change(self._add, device_id, *args):
-            raise FleetlogError(f"device {device_id!r} already has a token: use `device rotate`")
+            raise DeviceExists(f"device {device_id!r} already has a token: use `device rotate`")
         return token
 
     def rotate(self, device_id: str) -> str:

@@ -22,6 +22,7 @@ still work)::
      ├── RecordRejected        the store cannot take a record because of its own data
      ├── BatchTooLarge         one write holds more records than a store takes (also a ValueError)
      ├── UnknownDevice         a credential command names a device that has none
+     ├── DeviceExists          a device to be given a token has one already
      ├── InvalidDeviceId       a device id breaks the policy (also a ValueError)
      ├── InvalidRequest        a read asks for something malformed: level, time, limit, step, cursor, q
      ├── ConfigError           settings that cannot work together
@@ -181,6 +182,10 @@ class BatchTooLarge(FleetlogError, ValueError):
 
 class UnknownDevice(FleetlogError):
     """Raised when a credential command names a device that has none."""
+
+
+class DeviceExists(FleetlogError):
+    """Raised when ``device add`` names a device that has a token already."""
 
 
 class InvalidDeviceId(FleetlogError, ValueError):

@@ -8,43 +8,25 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn
 
 import click
 import orjson
 
-F = TypeVar("F", bound=Callable[..., Any])
+from fleetlog import options
 
 __all__ = ["alert", "alerter"]
 
 
-def _options(function: F) -> F:
-    """``--data-dir``, ``--config`` and ``--redis-url``, as every Redis command takes them."""
-    for option in (
-        click.option("--redis-url", default=None, help="Redis URL (default: the running `up`)."),
-        click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-                     help="TOML config file (default: $FLEETLOG_CONFIG, else ./fleetlog.toml)."),
-        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Where fleetlog keeps its data (default ./fleetlog-data)."),
-    ):
-        function = option(function)
-    return function
-
-
 def _book(config: str | None, flags: dict[str, Any]) -> Any:
     from fleetlog.alerts.book import AlertBook
-    from fleetlog.cli import _redis_url, _settings
-    from fleetlog.queue.connection import connect
+    from fleetlog.cli import _redis, _settings
 
-    settings = _settings(config, **flags)
-    client = connect(_redis_url(settings), timeout=settings.redis_timeout)
-    click.get_current_context().call_on_close(client.close)
-    return AlertBook(client)
+    return AlertBook(_redis(_settings(config, **flags)))  # closed when the command ends
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"fleetlog: {message}", err=True)
     sys.exit(code)
 
@@ -59,7 +41,7 @@ def alert() -> None:
 
 
 @alert.command("add")
-@_options
+@options.redis_command
 @click.argument("name")
 @click.option("--when", default=None, help="CEL over each record: level, message, device_id, received_at "
               "(ms), data (its JSON). E.g. 'level == \"error\"', 'data.temp > 80', "
@@ -132,7 +114,7 @@ def _state(rule: Any, open_firings: int, now: int) -> str:
 
 
 @alert.command("list")
-@_options
+@options.redis_command
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 def alert_list(config: str | None, as_json: bool, **flags: Any) -> None:
     """Every rule: its condition, devices, destinations (masked) and state."""
@@ -157,7 +139,7 @@ def alert_list(config: str | None, as_json: bool, **flags: Any) -> None:
 
 
 @alert.command("show")
-@_options
+@options.redis_command
 @click.argument("name")
 @click.option("--limit", type=click.IntRange(min=1, max=100), default=20, show_default=True,
               help="Firings to show, newest first.")
@@ -206,7 +188,7 @@ def _note(note: Any) -> dict[str, Any]:
 
 
 @alert.command("test")
-@_options
+@options.redis_command
 @click.argument("name")
 def alert_test(config: str | None, name: str, **flags: Any) -> None:
     """Send a sample notification to each of NAME's destinations now (exit 1 if one fails)."""
@@ -229,7 +211,7 @@ def alert_test(config: str | None, name: str, **flags: Any) -> None:
 
 
 @alert.command("mute")
-@_options
+@options.redis_command
 @click.argument("name")
 @click.option("--for", "duration", required=True, metavar="DURATION", help="How long (30m, 2h, 1d).")
 def alert_mute(config: str | None, name: str, duration: str, **flags: Any) -> None:
@@ -250,7 +232,7 @@ def alert_mute(config: str | None, name: str, duration: str, **flags: Any) -> No
 
 
 @alert.command("unmute")
-@_options
+@options.redis_command
 @click.argument("name")
 def alert_unmute(config: str | None, name: str, **flags: Any) -> None:
     """Send NAME's notifications again."""
@@ -264,7 +246,7 @@ def alert_unmute(config: str | None, name: str, **flags: Any) -> None:
 
 
 @alert.command("remove")
-@_options
+@options.redis_command
 @click.argument("name")
 def alert_remove(config: str | None, name: str, **flags: Any) -> None:
     """Delete NAME, its history and its notifications not sent yet."""
@@ -278,12 +260,11 @@ def alert_remove(config: str | None, name: str, **flags: Any) -> None:
 
 
 @click.command()
-@_options
-@click.option("--store", default=None, help="Store URL (default sqlite:///DATA_DIR/fleetlog.db).")
+@options.redis_command
+@options.STORE
 @click.option("--consumer", default=None,
               help="This alerter's name for the lease (default alerter-HOST-PID).")
-@click.option("--redis-cluster", is_flag=True, default=None,
-              help="The Redis URL names a node of a Redis Cluster.")
+@options.REDIS_CLUSTER
 def alerter(config: str | None, **flags: Any) -> None:
     """Evaluate the alert rules and send their notifications (one active at a time, others standby)."""
     from fleetlog.alerts.alerter import run_alerter

@@ -15,14 +15,12 @@ import orjson
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from fleetlog.alerts.book import AlertBook, RuleExists, UnknownRule
+from fleetlog.alerts.book import AlertBook
 from fleetlog.alerts.delivery import send_test
 from fleetlog.alerts.engine import Firing, Note, preview
-from fleetlog.alerts.rules import InvalidRule, Rule, RuleSpec, Selector, parse_spec
-from fleetlog.api.deps import ERRORS, Admin, Found, Reader
+from fleetlog.alerts.rules import Rule, RuleSpec, Selector, parse_spec
+from fleetlog.api.deps import ERRORS, AdminToken, Found, ReadToken
 from fleetlog.api.reads import read_store, record_row
-from fleetlog.errors import StoreMissing
-from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.reading import LogsRequest
 from fleetlog.records import iso_ms
 from fleetlog.timeparse import parse_duration
@@ -154,25 +152,10 @@ def _firing(firing: Firing, notes: list[Note]) -> FiringOut:
                      notifications=[_note(note) for note in notes])
 
 
-def _rule_invalid(exc: InvalidRule) -> HTTPException:
-    """A 422 naming the field, and for a CEL error its line and column."""
-    problem: dict[str, Any] = {"loc": ["body", exc.field or "body"], "msg": str(exc), "type": "value_error"}
-    if exc.position is not None:
-        problem["position"] = {"line": exc.position[0], "column": exc.position[1]}
-    return HTTPException(422, [problem])
-
-
-def _unavailable(exc: BaseException) -> HTTPException:
-    return HTTPException(503, "Redis is not answering; try again")
-
-
 @router.get("/api/alerts", response_model=list[AlertOut], summary="Every alert rule and its state")
-def list_alerts(_token: Reader, found: Found) -> list[AlertOut]:
+def list_alerts(_token: ReadToken, found: Found) -> list[AlertOut]:
     book = _book(found)
-    try:
-        rules, open_firings = book.rules(), book.open_firings()
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+    rules, open_firings = book.rules(), book.open_firings()
     now = _now()
     return [_out(rule, open_firings.get(rule.id, 0), now) for rule in rules]
 
@@ -184,20 +167,11 @@ def list_alerts(_token: Reader, found: Found) -> list[AlertOut]:
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": RuleSpec.model_json_schema()}}}},
              summary="Add an alert rule")
-def add_alert(_token: Admin, found: Found,
+def add_alert(_token: AdminToken, found: Found,
               spec: Annotated[dict[str, Any], Body(description="A rule (the RuleSpec schema).")],
               replace: Annotated[bool, Query(description="Replace the rule of that name.")] = False,
               ) -> AlertOut:
-    try:
-        checked = parse_spec(spec)
-    except InvalidRule as exc:
-        raise _rule_invalid(exc) from exc
-    try:
-        rule = _book(found).add(checked, replace=replace)
-    except RuleExists as exc:
-        raise HTTPException(409, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+    rule = _book(found).add(parse_spec(spec), replace=replace)
     return _out(rule, 0, _now())
 
 
@@ -208,23 +182,18 @@ _PREVIEW_ROWS = 50
 @router.post("/api/alerts/preview", response_model=PreviewOut,
              responses={422: {"description": "The condition could not be saved: as for POST /api/alerts."}},
              summary="Which recent records a record condition matches (the console's live preview)")
-async def preview_condition(body: PreviewIn, _token: Reader, found: Found, request: Request) -> PreviewOut:
+async def preview_condition(body: PreviewIn, _token: ReadToken, found: Found, request: Request) -> PreviewOut:
     """The newest ``recent`` records, tried with the same compile, selector and variables as the alerter.
 
     A read token may ask: it shows only records the token can read anyway.
     The read runs on the reader pool under the read budget, like every read.
     """
     devices = body.devices.strip() or "*"
-    try:
-        preview(body.when, devices, [])  # refuse an invalid condition before reading anything
-    except InvalidRule as exc:
-        raise _rule_invalid(exc) from exc
+    nothing = preview(body.when, devices, [])  # refuse an invalid condition before reading anything
     wanted = LogsRequest(Selector(devices).device, limit=body.recent)
-    try:
-        found_ = await read_store(request, found, lambda reader: preview(body.when, devices,
-                                                                          reader.page(wanted).records))
-    except StoreMissing:
-        found_ = preview(body.when, devices, [])
+    found_ = await read_store(request, found,
+                              lambda reader: preview(body.when, devices, reader.page(wanted).records),
+                              lambda: nothing)
     return PreviewOut(checked=found_.checked, matched=len(found_.matched), errors=found_.errors,
                       first_error=found_.first_error,
                       records=[orjson.loads(record_row(r)) for r in found_.matched[:_PREVIEW_ROWS]])
@@ -232,16 +201,11 @@ async def preview_condition(body: PreviewIn, _token: Reader, found: Found, reque
 
 @router.get("/api/alerts/{name}", response_model=AlertDetail, responses=_NOT_FOUND,
             summary="A rule and its history (firings, newest first, with their notifications)")
-def show_alert(name: Name, _token: Reader, found: Found,
+def show_alert(name: Name, _token: ReadToken, found: Found,
                limit: Annotated[int, Query(ge=1, le=100)] = 20) -> AlertDetail:
     book = _book(found)
-    try:
-        rule = book.get(name)
-        history = book.history(rule, limit)
-    except UnknownRule as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+    rule = book.get(name)
+    history = book.history(rule, limit)
     open_now = sum(1 for firing, _ in history if firing.state == "firing")
     return AlertDetail(rule=_out(rule, open_now, _now()),
                        firings=[_firing(firing, notes) for firing, notes in history])
@@ -249,29 +213,19 @@ def show_alert(name: Name, _token: Reader, found: Found,
 
 @router.delete("/api/alerts/{name}", status_code=204, response_class=Response, responses=_NOT_FOUND,
                summary="Remove a rule, its history and its unsent notifications")
-def remove_alert(name: Name, _token: Admin, found: Found) -> Response:
-    try:
-        _book(found).remove(name)
-    except UnknownRule as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+def remove_alert(name: Name, _token: AdminToken, found: Found) -> Response:
+    _book(found).remove(name)
     return Response(status_code=204)
 
 
 def _mute(found: Found, name: str, until: int | None) -> AlertOut:
-    try:
-        rule = _book(found).mute(name, until)
-    except UnknownRule as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+    rule = _book(found).mute(name, until)
     return _out(rule, 0, _now())
 
 
 @router.post("/api/alerts/{name}/mute", response_model=AlertOut, responses=_NOT_FOUND,
              summary="Mute a rule for a while: its firings are recorded, not sent")
-def mute_alert(name: Name, mute: Mute, _token: Admin, found: Found) -> AlertOut:
+def mute_alert(name: Name, mute: Mute, _token: AdminToken, found: Found) -> AlertOut:
     try:
         length = parse_duration(mute.duration)
     except ValueError as exc:
@@ -281,31 +235,23 @@ def mute_alert(name: Name, mute: Mute, _token: Admin, found: Found) -> AlertOut:
 
 @router.delete("/api/alerts/{name}/mute", response_model=AlertOut, responses=_NOT_FOUND,
                summary="Unmute a rule")
-def unmute_alert(name: Name, _token: Admin, found: Found) -> AlertOut:
+def unmute_alert(name: Name, _token: AdminToken, found: Found) -> AlertOut:
     return _mute(found, name, None)
 
 
 @router.post("/api/alerts/{name}/test", response_model=list[TestOutcome], responses=_NOT_FOUND,
              summary="Send a sample notification to each of the rule's destinations, now")
-def send_sample(name: Name, _token: Admin, found: Found) -> list[TestOutcome]:
-    try:
-        rule = _book(found).get(name)
-    except UnknownRule as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+def send_sample(name: Name, _token: AdminToken, found: Found) -> list[TestOutcome]:
+    rule = _book(found).get(name)
     return [TestOutcome(**outcome) for outcome in send_test(rule, timeout=found.settings.alert_send_timeout)]
 
 
 @router.get("/api/notifications", response_model=list[NotificationOut],
             summary="Alert notifications, newest first (status=failed: those given up on)")
 def list_notifications(
-        _token: Reader, found: Found,
+        _token: ReadToken, found: Found,
         status: Annotated[Literal["pending", "delivered", "failed", "muted", "cancelled"] | None,
                           Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[NotificationOut]:
-    try:
-        return [_note(note) for note in _book(found).notes(status, limit)]
-    except REDIS_DOWN as exc:
-        raise _unavailable(exc) from exc
+    return [_note(note) for note in _book(found).notes(status, limit)]
 

@@ -2,7 +2,8 @@
 
 Routes live in their own modules (``commands``, ``device_tokens``,
 ``health``); this one wires them, owns the clients' lifetime (opened at
-startup, closed at shutdown), and counts requests for ``/metrics``.  Every
+startup, closed at shutdown), counts requests for ``/metrics``, and answers
+fleetlog's errors the same way on every route (:mod:`.failures`).  Every
 route but ``/healthz`` needs an operator token (:mod:`.auth`), ``/openapi.json``
 included.  Request bodies are authenticated before they are read, and bounded
 (:mod:`.limits`); a path with a trailing slash too many (or too few) is
@@ -26,10 +27,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleetlog.alerts.book import AlertBook
 from fleetlog.alerts.metrics import AlertsCollector
-from fleetlog.api import alerts, commands, console, device_tokens, health, reads, stream
+from fleetlog.api import alerts, commands, console, device_tokens, failures, health, reads, stream
 from fleetlog.api.bus import Bus
 from fleetlog.api.commits import CommitFeed
-from fleetlog.api.deps import Reader, Services
+from fleetlog.api.deps import ReadToken, Services
 from fleetlog.api.guard import StreamGuard, TailSlots
 from fleetlog.api.limits import BodyLimits
 from fleetlog.config import Settings, mask_url
@@ -129,11 +130,12 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     for module in (health, reads, stream, commands, device_tokens, alerts, console):
         app.include_router(module.router)
     app.router.default = _relative_slash_redirect(app.router)
+    failures.install(app)  # fleetlog's errors as HTTP answers, one table for every route
     # Inside the request counter below (added later, so outside): its answers are counted too.
     app.add_middleware(BodyLimits, max_bytes=settings.max_command_bytes, timeout=settings.body_timeout)
 
     @app.get("/openapi.json", include_in_schema=False)
-    def openapi(_token: Reader) -> dict[str, Any]:
+    def openapi(_token: ReadToken) -> dict[str, Any]:
         return app.openapi()
 
     @app.middleware("http")

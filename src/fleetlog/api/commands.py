@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from fleetlog import keys
 from fleetlog.api.bus import Bus
-from fleetlog.api.deps import ERRORS, Admin, Found, invalid
+from fleetlog.api.deps import ERRORS, AdminToken, Found, invalid
 from fleetlog.device_id import device_id_problem
 from fleetlog.links import parse_link
 from fleetlog.queue.connection import REDIS_DOWN
@@ -127,7 +127,7 @@ async def post_command(
     device_id: Annotated[str, Path(description="The device's id.")],
     body: Annotated[Any, Body(description="Any JSON: a legacy device receives it as it is, a v2 "
                               'device as {"type": "command", "id": ..., ...body}.')],
-    _token: Admin,
+    _token: AdminToken,
     found: Found,
     wait: Annotated[float, Query(ge=0.0, le=MAX_WAIT, description=(
         "Seconds to wait for a v2 device's command_result (0: do not)."))] = 0.0,

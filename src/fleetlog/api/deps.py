@@ -3,7 +3,8 @@
 :class:`Services` lives on ``app.state.services`` from startup to shutdown.
 :func:`require` builds the dependency a route declares to need a role:
 no or an unknown token is 401 (with ``WWW-Authenticate: Bearer``), a role
-too weak is 403, Redis not answering is 503.
+too weak is 403; Redis not answering goes through to the app's handler (503,
+:mod:`.failures`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ from fleetlog.config import Settings
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.reading import ReaderPool
 
-__all__ = ["ERRORS", "Admin", "Found", "Reader", "ReaderUnlessRedisDown", "Services", "invalid", "require",
-           "require_unless_redis_down", "services"]
-
-
+__all__ = ["ERRORS", "AdminToken", "Found", "ReadToken", "ReadTokenUnlessRedisDown", "Services", "invalid",
+           "require", "require_unless_redis_down", "services"]
 
 _DETAIL: Final = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
@@ -40,7 +39,7 @@ _DETAIL: Final = {"content": {"application/json": {"schema": {
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"description": "No token, or an unknown or revoked one.", **_DETAIL},
     403: {"description": "The token's role may not do this.", **_DETAIL},
-    503: {"description": "Redis is not answering.", **_DETAIL},
+    503: {"description": "Redis (or, for a read, the store) is not answering.", **_DETAIL},
 }
 
 
@@ -101,10 +100,7 @@ def require(role: Role) -> Callable[..., Awaitable[OperatorToken]]:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(401, "an operator token is needed: Authorization: Bearer TOKEN",
                                 headers={"WWW-Authenticate": "Bearer"})
-        try:
-            token = await identify(found.aredis, credentials.credentials)
-        except REDIS_DOWN as exc:
-            raise HTTPException(503, "Redis is not answering; try again") from exc
+        token = await identify(found.aredis, credentials.credentials)  # Redis down: a 503
         if token is None:
             raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
         if not allows(token.role, role):
@@ -129,17 +125,15 @@ def require_unless_redis_down(role: Role) -> Callable[..., Awaitable[OperatorTok
     ) -> OperatorToken | None:
         try:
             return await checked(credentials, found)
-        except HTTPException as exc:
-            if exc.status_code == 503 and isinstance(exc.__cause__, REDIS_DOWN):
-                return None
-            raise
+        except REDIS_DOWN:
+            return None
 
     return check
 
 
 #: A route's parameter that needs a ``read`` (or ``admin``) token.
-Reader = Annotated[OperatorToken, Depends(require("read"))]
-#: :data:`Reader`, or None when the token cannot be checked because Redis is down.
-ReaderUnlessRedisDown = Annotated[OperatorToken | None, Depends(require_unless_redis_down("read"))]
+ReadToken = Annotated[OperatorToken, Depends(require("read"))]
+#: :data:`ReadToken`, or None when the token cannot be checked because Redis is down.
+ReadTokenUnlessRedisDown = Annotated[OperatorToken | None, Depends(require_unless_redis_down("read"))]
 #: A route's parameter that needs an ``admin`` token.
-Admin = Annotated[OperatorToken, Depends(require("admin"))]
+AdminToken = Annotated[OperatorToken, Depends(require("admin"))]

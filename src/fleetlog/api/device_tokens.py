@@ -2,21 +2,20 @@
 
 Each route calls :class:`fleetlog.credentials.Credentials` (blocking, so the
 routes are plain functions that FastAPI runs in its thread pool); like the
-CLI, a change returns once every live gateway confirmed it.
+CLI, a change returns once every live gateway confirmed it.  No token (404), one
+already (409) and Redis down (503) are answered by the app's handlers (:mod:`.failures`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel
 
-from fleetlog.api.deps import ERRORS, Admin, Found, Reader, invalid
-from fleetlog.credentials import Credentials, UnknownDevice
+from fleetlog.api.deps import ERRORS, AdminToken, Found, ReadToken, invalid
+from fleetlog.credentials import Credentials
 from fleetlog.device_id import InvalidDeviceId
-from fleetlog.errors import FleetlogError
-from fleetlog.queue.connection import REDIS_DOWN
 
 __all__ = ["router"]
 
@@ -49,52 +48,35 @@ def _credentials(found: Found) -> Credentials:
 
 @router.get("/api/device-tokens", response_model=list[DeviceCredential],
             summary="Every device with a token (never the token)")
-def list_device_tokens(_token: Reader, found: Found) -> list[DeviceCredential]:
-    try:
-        return [DeviceCredential(device_id=c.device_id, created_at=c.created_at, rotated_at=c.rotated_at)
-                for c in _credentials(found).list()]
-    except REDIS_DOWN as exc:
-        raise HTTPException(503, "Redis is not answering") from exc
+def list_device_tokens(_token: ReadToken, found: Found) -> list[DeviceCredential]:
+    return [DeviceCredential(device_id=c.device_id, created_at=c.created_at, rotated_at=c.rotated_at)
+            for c in _credentials(found).list()]
 
 
 @router.post("/api/device-tokens", response_model=IssuedToken, status_code=201,
              responses={409: {"description": "The device has a token already."}},
              summary="Create a device's token")
-def add_device_token(new: NewDevice, _token: Admin, found: Found) -> IssuedToken:
+def add_device_token(new: NewDevice, _token: AdminToken, found: Found) -> IssuedToken:
     credentials = _credentials(found)
     try:
         token = credentials.add(new.device_id)
     except InvalidDeviceId as exc:
         raise invalid("body", "device_id", str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise HTTPException(503, "Redis is not answering") from exc
-    except FleetlogError as exc:
-        raise HTTPException(409, str(exc)) from exc
     return IssuedToken(device_id=new.device_id, token=token, unconfirmed_gateways=credentials.unconfirmed)
 
 
 @router.post("/api/device-tokens/{device_id:device}/rotate", response_model=IssuedToken,
              responses={404: {"description": "The device has no token."}},
              summary="Replace a device's token; its connections are closed")
-def rotate_device_token(device_id: DeviceId, _token: Admin, found: Found) -> IssuedToken:
+def rotate_device_token(device_id: DeviceId, _token: AdminToken, found: Found) -> IssuedToken:
     credentials = _credentials(found)
-    try:
-        token = credentials.rotate(device_id)
-    except UnknownDevice as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise HTTPException(503, "Redis is not answering") from exc
+    token = credentials.rotate(device_id)
     return IssuedToken(device_id=device_id, token=token, unconfirmed_gateways=credentials.unconfirmed)
 
 
 @router.delete("/api/device-tokens/{device_id:device}", status_code=204, response_class=Response,
                responses={404: {"description": "The device has no token."}},
                summary="Delete a device's token; its connections are closed")
-def revoke_device_token(device_id: DeviceId, _token: Admin, found: Found) -> Response:
-    try:
-        _credentials(found).revoke(device_id)
-    except UnknownDevice as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise HTTPException(503, "Redis is not answering") from exc
+def revoke_device_token(device_id: DeviceId, _token: AdminToken, found: Found) -> Response:
+    _credentials(found).revoke(device_id)
     return Response(status_code=204)

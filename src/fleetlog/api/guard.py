@@ -53,8 +53,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetlog.credentials import hash_token
-from fleetlog.reading import FOLLOW_BATCH, LogsRequest
-from fleetlog.reading import Reader as StoreReader
+from fleetlog.reading import FOLLOW_BATCH, LogsRequest, Reader
 from fleetlog.records import StoredRecord
 
 __all__ = ["CHUNK", "GUARDED", "MAX_STREAMS", "TRIM_AFTER", "MemoryTrim", "ReadBudget", "StreamGuard",
@@ -156,7 +155,7 @@ def drain(records: list[StoredRecord]) -> Iterator[StoredRecord]:
         yield records.pop()
 
 
-def export_records(reader: StoreReader, request: LogsRequest, budget: ReadBudget,
+def export_records(reader: Reader, request: LogsRequest, budget: ReadBudget,
                    before_page: Callable[[], None] = lambda: None) -> Iterator[StoredRecord]:
     """Every record ``request`` matches, newest first, a keyset page of ``budget.limit`` at a time.
 

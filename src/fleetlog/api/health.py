@@ -22,7 +22,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fleetlog.api.deps import ERRORS, Found, Reader, ReaderUnlessRedisDown, Services
+from fleetlog.api.deps import ERRORS, Found, ReadToken, ReadTokenUnlessRedisDown, Services
 from fleetlog.embedded import up_parts
 from fleetlog.metrics import CONTENT_TYPE, render
 from fleetlog.queue.stats import queue_stats_for
@@ -105,7 +105,7 @@ def readiness(found: Services, *, verified: bool = True) -> Readiness:
             responses={**ERRORS, 503: {"model": Readiness, "description": "Not ready: see checks."}},
             summary="Redis answers, the store is writable, the consumer lag is under its limit; "
                     "under fleetlog up, which part is down")
-def readyz(token: ReaderUnlessRedisDown, found: Found) -> Any:
+def readyz(token: ReadTokenUnlessRedisDown, found: Found) -> Any:
     answer = readiness(found, verified=token is not None)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)
 
@@ -114,5 +114,5 @@ def readyz(token: ReaderUnlessRedisDown, found: Found) -> Any:
     **ERRORS, 200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
                     "description": "Prometheus text format."}},
     summary="Prometheus metrics of this API process and of the queue")
-def metrics(_token: Reader, found: Found) -> Response:
+def metrics(_token: ReadToken, found: Found) -> Response:
     return Response(render(found.registry), media_type=CONTENT_TYPE)

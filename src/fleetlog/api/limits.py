@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetlog.api.auth import identify
+from fleetlog.api.failures import REDIS_NOT_ANSWERING
 from fleetlog.errors import BodyRefused, BodyTimeout, BodyTooLarge
 from fleetlog.queue.connection import REDIS_DOWN
 
@@ -95,7 +96,7 @@ class BodyLimits:
         try:
             known = await identify(scope["app"].state.services.aredis, token.strip())
         except REDIS_DOWN:
-            return _answer(503, "Redis is not answering; try again")
+            return _answer(503, REDIS_NOT_ANSWERING)
         if known is None:
             return _answer(401, "unknown or revoked token", {"WWW-Authenticate": "Bearer"})
         return None

@@ -31,28 +31,28 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from fleetlog.api.deps import ERRORS, Found, Reader, Services, invalid
+from fleetlog.api.deps import ERRORS, Found, ReadToken, Services, invalid
 from fleetlog.api.guard import CHUNK, ReadBudget, drain, export_records
 from fleetlog.device_id import device_id_problem
-from fleetlog.errors import InvalidRequest, ReadTimeout, StoreMissing, StoreUnavailable
+from fleetlog.errors import StoreMissing
 from fleetlog.queue.connection import REDIS_DOWN
 from fleetlog.queue.stats import queue_stats_for
 from fleetlog.reading import (
     MAX_Q,
     LogsRequest,
     Page,
+    Reader,
     SortKey,
     encode_cursor,
     list_devices,
     logs_request,
     volume_request,
 )
-from fleetlog.reading import Reader as StoreReader
 from fleetlog.records import StoredRecord, iso_ms
 from fleetlog.store import ReadLimit
 from fleetlog.view import record_line
 
-__all__ = ["check_device", "checked_request", "record_row", "router"]
+__all__ = ["check_device", "checked_request", "read_now", "read_store", "record_row", "router"]
 
 #: Records of one page when the caller does not say (the console's page size too).
 PAGE: Final = 100
@@ -136,23 +136,13 @@ def _now_ms() -> int:
 
 
 def checked_request(device_id: str | None, **fields: Any) -> LogsRequest:
-    """A validated :class:`LogsRequest`; a 422 naming the field otherwise."""
-    try:
-        return logs_request(device_id, now_ms=_now_ms(), **fields)
-    except InvalidRequest as exc:
-        raise invalid("query", exc.field or "query", str(exc)) from None
+    """A validated :class:`LogsRequest`; InvalidRequest (a 422 naming the field) otherwise."""
+    return logs_request(device_id, now_ms=_now_ms(), **fields)
 
 
 def check_device(device_id: str | None, where: str = "query", name: str = "device") -> None:
     if device_id is not None and (problem := device_id_problem(device_id)):
         raise invalid(where, name, problem)
-
-
-def _unavailable(exc: Exception) -> HTTPException:
-    if isinstance(exc, ReadTimeout):
-        return HTTPException(503, f"{exc}: narrow the search (one device, a shorter since/until, "
-                             "a level, a longer or rarer q)")
-    return HTTPException(503, f"the store is not answering: {exc}")
 
 
 T = TypeVar("T")
@@ -169,11 +159,14 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # read by nobody when the client left: not "never retrieved"
 
 
-async def read_store(request: Request, found: Services, work: Callable[[StoreReader], T]) -> T:
+async def read_store(request: Request, found: Services, work: Callable[[Reader], T],
+                     missing: Callable[[], T]) -> T:
     """``work(reader)`` on the reader pool's threads, under the read budget.
 
-    Stopped at once when the client goes away; StoreMissing passes through, a
-    store fault or a read past its budget is a 503.
+    ``missing()`` is the answer while nothing is stored yet (no store file): each
+    route says what that is, usually an empty one; it runs in a thread (it may ask
+    Redis).  Stopped at once when the client goes away (503); a store fault or a
+    read past its budget goes through to the app's handler (503, :mod:`.failures`).
     """
     limit = found.readers.limit() or ReadLimit()
     result = asyncio.wrap_future(found.readers.submit(work, limit))
@@ -192,16 +185,21 @@ async def read_store(request: Request, found: Services, work: Callable[[StoreRea
     try:
         return result.result()
     except StoreMissing:
-        raise
-    except StoreUnavailable as exc:
-        raise _unavailable(exc) from exc
+        return await asyncio.to_thread(missing)
+
+
+def read_now(found: Services, work: Callable[[Reader], T], missing: Callable[[], T]) -> T:
+    """:func:`read_store` for a caller already off the event loop: ``work(reader)`` in this
+    thread, under the read budget; ``missing()`` while nothing is stored yet."""
+    try:
+        with found.readers.reader() as reader:
+            return work(reader)
+    except StoreMissing:
+        return missing()
 
 
 async def _page(request: Request, found: Services, logs: LogsRequest) -> Response:
-    try:
-        page = await read_store(request, found, lambda reader: reader.page(logs))
-    except StoreMissing:
-        page = Page([], None)
+    page = await read_store(request, found, lambda reader: reader.page(logs), lambda: Page([], None))
     cursor = b"null" if page.next_cursor is None else b'"' + page.next_cursor.encode() + b'"'
     body = (b'{"records":[' + b",".join(record_row(r) for r in page.records)
             + b'],"next_cursor":' + cursor + b"}")
@@ -224,7 +222,7 @@ DeviceParam = Annotated[str | None, Query(description="One device's id (none: th
 
 @router.get("/api/devices", response_model=DevicesOut, summary="Every known device")
 async def get_devices(
-    _token: Reader, found: Found, request: Request,
+    _token: ReadToken, found: Found, request: Request,
     prefix: Annotated[str, Query(description="Only ids starting with this.")] = "",
     online: Annotated[bool | None, Query(description="Only online (true) or offline (false) ones.")] = None,
     sort: Annotated[SortKey, Query(description="Sort key.")] = "device_id",
@@ -232,11 +230,8 @@ async def get_devices(
 ) -> DevicesOut:
     options: dict[str, Any] = {"prefix": prefix, "online": online, "sort": sort,
                                "descending": order == "desc"}
-    try:
-        rows, warning = await read_store(request, found,
-                                         lambda reader: reader.devices(found.redis, **options))
-    except StoreMissing:
-        rows, warning = await asyncio.to_thread(list_devices, None, found.redis, **options)
+    rows, warning = await read_store(request, found, lambda reader: reader.devices(found.redis, **options),
+                                     lambda: list_devices(None, found.redis, **options))
     return DevicesOut(devices=[DeviceOut(**row.as_dict()) for row in rows], warning=warning)
 
 
@@ -244,7 +239,7 @@ async def get_devices(
             summary="One device's records, newest first (keyset pages)")
 async def get_device_logs(
     device_id: Annotated[str, Path(description="The device's id.")],
-    _token: Reader, found: Found, request: Request,
+    _token: ReadToken, found: Found, request: Request,
     q: Text = None, level: Level = None, since: Since = None, until: Until = None,
     limit: Limit = PAGE, cursor: Cursor = None,
 ) -> Response:
@@ -255,7 +250,7 @@ async def get_device_logs(
 
 @router.get("/api/logs", response_model=PageOut, summary="The fleet's records, newest first (keyset pages)")
 async def get_logs(
-    _token: Reader, found: Found, request: Request,
+    _token: ReadToken, found: Found, request: Request,
     q: Text = None, level: Level = None, since: Since = None, until: Until = None,
     device: DeviceParam = None, limit: Limit = PAGE, cursor: Cursor = None,
 ) -> Response:
@@ -266,20 +261,14 @@ async def get_logs(
 
 @router.get("/api/stats/volume", response_model=VolumeOut, summary="Records per time step and level")
 async def get_volume(
-    _token: Reader, found: Found, request: Request, device: DeviceParam = None,
+    _token: ReadToken, found: Found, request: Request, device: DeviceParam = None,
     since: Annotated[str | None, Query(description="Start (default 1h ago).")] = None,
     until: Annotated[str | None, Query(description="End (default now).")] = None,
     step: Annotated[str, Query(description="minute, hour, day, or a duration (5m).")] = "minute",
 ) -> VolumeOut:
     check_device(device)
-    try:
-        asked = volume_request(device, now_ms=_now_ms(), since=since, until=until, step=step)
-    except InvalidRequest as exc:
-        raise invalid("query", exc.field or "query", str(exc)) from None
-    try:
-        buckets = await read_store(request, found, lambda reader: reader.volume(asked))
-    except StoreMissing:
-        buckets = []
+    asked = volume_request(device, now_ms=_now_ms(), since=since, until=until, step=step)
+    buckets = await read_store(request, found, lambda reader: reader.volume(asked), lambda: [])
     return VolumeOut(since=iso_ms(asked.since), until=iso_ms(asked.until),
                      step_seconds=asked.step // 1000,
                      buckets=[BucketOut(start=iso_ms(b.start), level=b.level, records=b.records)
@@ -362,7 +351,7 @@ def _export(found: Services, request: LogsRequest, form: str, first: list[Stored
                 "content": {"application/x-ndjson": {"schema": {"type": "string"}},
                             "text/csv": {"schema": {"type": "string"}}}}})
 async def get_export(
-    _token: Reader, found: Found, request: Request, device: DeviceParam = None, since: Since = None,
+    _token: ReadToken, found: Found, request: Request, device: DeviceParam = None, since: Since = None,
     until: Until = None, q: Text = None, level: Level = None,
     format: Annotated[Literal["ndjson", "csv"], Query(description="ndjson or csv.")] = "ndjson",
 ) -> StreamingResponse:
@@ -370,10 +359,8 @@ async def get_export(
     budget = ReadBudget(found.settings.stream_buffer_bytes, found.settings.max_frame_bytes)
     asked = replace(checked_request(device, q=q, level=level, since=since, until=until),
                     limit=budget.limit)
-    try:  # the first page before the answer starts: a search past its budget is still a 503
-        first = await read_store(request, found, lambda reader: reader.page(asked).records)
-    except StoreMissing:
-        first = []
+    # The first page before the answer starts: a search past its budget is still a 503.
+    first = await read_store(request, found, lambda reader: reader.page(asked).records, lambda: [])
     more = len(first) == asked.limit
     more = not budget.keep(first) or more
     name = f"fleetlog-{device or 'fleet'}.{format}".replace('"', "_").replace("/", "_")
@@ -384,15 +371,13 @@ async def get_export(
 
 
 @router.get("/api/overview", response_model=OverviewOut, summary="Fleet totals and the queue's state")
-async def get_overview(_token: Reader, found: Found, request: Request) -> OverviewOut:
-    try:
-        rows, warning = await read_store(request, found, lambda reader: reader.devices(found.redis))
-    except StoreMissing:
-        rows, warning = await asyncio.to_thread(list_devices, None, found.redis)
+async def get_overview(_token: ReadToken, found: Found, request: Request) -> OverviewOut:
+    rows, warning = await read_store(request, found, lambda reader: reader.devices(found.redis),
+                                     lambda: list_devices(None, found.redis))
     settings = found.settings
     try:
         stats: Any = await asyncio.to_thread(queue_stats_for, found.redis, settings)
-    except REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:  # the totals are still worth showing
         stats = None
         warning = warning or f"Redis unavailable ({exc})"
     return OverviewOut(

@@ -35,10 +35,10 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from fleetlog.api.deps import ERRORS, Found, Reader, Services, invalid
+from fleetlog.api.deps import ERRORS, Found, ReadToken, Services, invalid
 from fleetlog.api.guard import CHUNK, MAX_STREAMS, ReadBudget, TailSlots
-from fleetlog.api.reads import DeviceParam, Level, Text, check_device, checked_request, record_row
-from fleetlog.errors import InvalidRequest, StoreMissing, StoreUnavailable
+from fleetlog.api.reads import DeviceParam, Level, Text, check_device, checked_request, read_now, record_row
+from fleetlog.errors import InvalidRequest, StoreUnavailable
 from fleetlog.reading import LogsRequest, decode_cursor, encode_cursor
 from fleetlog.records import StoredRecord
 
@@ -61,12 +61,8 @@ def _read(found: Services, request: LogsRequest, after: int,
           budget: ReadBudget) -> tuple[list[StoredRecord], bool]:
     """The records after ``after`` that fit ``budget``, and whether more may follow at once."""
     limit = budget.limit
-    try:
-        with found.readers.reader() as reader:
-            batch = reader.store.query(replace(request.store_query(), limit=limit,
-                                               before=None, after_seq=after))
-    except StoreMissing:
-        return [], False
+    query = replace(request.store_query(), limit=limit, before=None, after_seq=after)
+    batch = read_now(found, lambda reader: reader.store.query(query), lambda: [])
     full = len(batch) == limit
     whole = budget.keep(batch)
     return batch, full or not whole
@@ -85,11 +81,7 @@ def _chunks(batch: list[StoredRecord]) -> Iterator[bytes]:
 
 
 def _start(found: Services) -> int:
-    try:
-        with found.readers.reader() as reader:
-            return reader.position()
-    except StoreMissing:
-        return 0
+    return read_now(found, lambda reader: reader.position(), lambda: 0)
 
 
 class _TailResponse(StreamingResponse):
@@ -131,7 +123,7 @@ async def _tail(found: Services, request: LogsRequest, after: int) -> AsyncItera
                 "description": "text/event-stream: `id: CURSOR`, `event: record`, `data: RECORD`.",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def get_stream(
-    _token: Reader, found: Found, device: DeviceParam = None, level: Level = None, q: Text = None,
+    _token: ReadToken, found: Found, device: DeviceParam = None, level: Level = None, q: Text = None,
     last_event_id: Annotated[str | None, Header(description=(
         "The id of the last event received: the tail resumes just after it."))] = None,
 ) -> StreamingResponse:
@@ -143,10 +135,7 @@ async def get_stream(
         except InvalidRequest as exc:
             raise invalid("header", "last-event-id", str(exc)) from None
     else:
-        try:
-            after = await run_in_threadpool(_start, found)
-        except StoreUnavailable as exc:
-            raise HTTPException(503, f"the store is not answering: {exc}") from exc
+        after = await run_in_threadpool(_start, found)  # the store not answering: a 503
     if not found.tails.take():  # the last step before the answer: nothing after it can fail
         raise HTTPException(503, f"{found.tails.limit} live tails open already; try again later")
     return _TailResponse(found.tails, _tail(found, request, after))

@@ -8,7 +8,7 @@ device ``unavailable`` promptly rather than hang.  Callers own the retry policy
 
 from __future__ import annotations
 
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -17,6 +17,8 @@ import redis.asyncio.retry
 import redis.backoff
 import redis.cluster
 import redis.retry
+
+from fleetlog.config import CLUSTER_SCHEMES
 
 #: Errors that mean "Redis is not there right now", as opposed to a bug.
 REDIS_DOWN: tuple[type[BaseException], ...] = (
@@ -53,10 +55,6 @@ def public_reason(exc: BaseException) -> str:
     if isinstance(exc, redis.exceptions.RedisError):
         return REDIS_REFUSING_WRITES
     return INTERNAL_ERROR
-
-
-#: URL schemes that mean a Redis Cluster (the rest of the URL names any one node).
-CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 
 
 def is_cluster_url(url: str) -> bool:
