@@ -73,7 +73,7 @@ from fleetlog.store.files import FilesSink
 from fleetlog.worker.commits import CommitAnnouncer
 from fleetlog.worker.retention import Pruner
 
-__all__ = ["Backoff", "Worker", "run_worker"]
+__all__ = ["Backoff", "Worker", "next_batch", "run_worker"]
 
 log = logging.getLogger("fleetlog.worker")
 
@@ -108,9 +108,24 @@ _STORE_START_BACKOFF = (0.2, 2.0)
 #: A quiet worker exports to the daily files at most this often (seconds), so what
 #: an export after a batch could not take yet is in the files a second or so later.
 _IDLE_EXPORT_EVERY = 0.5
+#: Behind (the last read came back full), a transaction takes up to this many times
+#: ``batch`` records, doubling read by read: each commit is an fsync (SQLite's
+#: ``synchronous=FULL``), and 500-record commits were a seventh of a drain.  The first
+#: short read goes back to ``batch``, so a worker that keeps up commits as before.
+_BEHIND_GROWTH = 8
+#: ... unless its records already hold this many bytes: big records stay in batches of ``batch``.
+_BEHIND_MAX_BYTES = 8 * 1024 * 1024
 #: Records one quiet export reads at most: a long catch-up (a restart after the
 #: files fell far behind) goes in steps, with the queue looked at between them.
 _IDLE_EXPORT_STEP = 20_000
+
+
+def next_batch(base: int, batch: int, records: Sequence[QueuedRecord], asked: int) -> int:
+    """How many records to ask for after a read of ``asked`` gave ``records``: ``base``
+    while the worker keeps up, doubling up to :data:`_BEHIND_GROWTH` times it while behind."""
+    if len(records) < asked or sum(len(record.data) for record in records) > _BEHIND_MAX_BYTES:
+        return base
+    return min(batch * 2, base * _BEHIND_GROWTH)
 
 
 class Worker:
@@ -154,6 +169,7 @@ class Worker:
         self._deadline = time.monotonic() + runtime if runtime is not None else float("inf")
         limit = self.settings.max_messages
         backoff = Backoff(*_REDIS_BACKOFF)
+        batch = self.settings.batch
         while not self.stopping.is_set():
             if time.monotonic() >= self._deadline:
                 log.info("max runtime of %ss reached: planned exit", runtime)
@@ -161,7 +177,7 @@ class Worker:
             if limit is not None and self.stored + self.dead_lettered >= limit:
                 log.info("max messages (%d) reached: planned exit", limit)
                 break
-            count = self.settings.batch
+            count = batch
             if limit is not None:
                 count = min(count, limit - self.stored - self.dead_lettered)
             try:
@@ -172,6 +188,7 @@ class Worker:
                 backoff.reset()
                 if records:
                     self._handle(records)
+                batch = next_batch(self.settings.batch, batch, records, count)
                 self._upkeep(fetched=len(records), wanted=count)
             except REDIS_DOWN as exc:
                 # Whatever was taken stays pending in Redis and comes back.
