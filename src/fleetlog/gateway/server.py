@@ -115,7 +115,7 @@ class DeviceConnection(WSListener):
     """
 
     __slots__ = ("_hang_up", "_peer", "_transport", "conn", "conn_id",
-                 "gateway", "on_outcome")
+                 "gateway", "heard", "on_outcome", "pinged")
 
     def __init__(self, gateway: Gateway, conn_id: str, identity: Identity | None) -> None:
         self.gateway = gateway
@@ -130,6 +130,10 @@ class DeviceConnection(WSListener):
         self._transport: WSTransport | None = None
         self._peer: str | None = None
         self._hang_up: asyncio.TimerHandle | None = None  # see _close()
+        #: When the device last sent a frame of any kind (data, pong; our clock).
+        self.heard = self.conn.last_activity
+        #: When our ping went out that the device has not answered with a frame yet (0.0: none).
+        self.pinged = 0.0
 
     @property
     def identity(self) -> Identity | None:
@@ -184,6 +188,9 @@ class DeviceConnection(WSListener):
         self._perform()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        now = time.monotonic()
+        self.heard = now
+        self.pinged = 0.0
         msg_type = frame.msg_type
         if msg_type == WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:  # else it answers ours
@@ -191,7 +198,7 @@ class DeviceConnection(WSListener):
             transport.disconnect()
             return
         if msg_type not in _DATA:
-            return  # PONG: picows' keepalive already noted it
+            return  # PONG: noted above (see keep_alive)
         self.gateway.frames_in += 1
         if transport.is_close_frame_sent:
             # Closing: nothing more is read.  picows sends 1009 on the header of a
@@ -199,7 +206,7 @@ class DeviceConnection(WSListener):
             # and would hand us the whole oversized frame once it has arrived.
             return
         self.conn.receive_frame(msg_type.value, frame.fin, frame.get_payload_as_bytes(),
-                                frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3, time.monotonic())
+                                frame.rsv1 << 2 | frame.rsv2 << 1 | frame.rsv3, now)
         self._perform()
 
     # -- the connection's events that are not picows' ------------------------------
@@ -236,6 +243,26 @@ class DeviceConnection(WSListener):
         sent = self.conn.send_command(wire)
         self._perform()
         return sent
+
+    def keep_alive(self, now: float, interval: float) -> None:
+        """The device sent nothing for ``interval`` seconds: ping it, or give up on it.
+
+        Called by the gateway's one sweep over every connection (:meth:`Gateway._keep_alive`),
+        as picows' own keepalive would, without its task and timer per connection: a
+        ping; if no frame answered it ``interval`` seconds later, a close frame (1001)
+        and the socket aborted (a peer that is gone may never acknowledge what was sent).
+        """
+        transport = self._transport
+        if transport is None or transport.is_close_frame_sent:
+            return
+        if not self.pinged:
+            self.pinged = now
+            transport.send_ping()
+        elif now - self.pinged >= interval:
+            transport.send_close(CloseCode.GOING_AWAY,  # type: ignore[arg-type]  # any int goes
+                                 b"no pong within %g s" % interval)
+            self._hang_up = asyncio.get_running_loop().call_later(
+                _POLICY_CLOSE_TIMEOUT, transport.underlying_transport.abort)
 
     def disconnect(self) -> None:
         """Close the socket now (what a close does once the device answered)."""
@@ -627,7 +654,9 @@ class Gateway:
             _PICOWS_LOG,
             True,  # disconnect_on_exception
             settings.handshake_timeout,
-            True, settings.ping_interval, settings.ping_interval,  # auto ping: idle, reply timeouts
+            # No auto ping: picows would run a task and a timer per connection for it
+            # (~1.2 KiB each); the gateway pings in one sweep instead (_keep_alive).
+            False, settings.ping_interval, settings.ping_interval,
             WSAutoPingStrategy.PING_WHEN_IDLE,
             True,  # enable_auto_pong
             settings.max_frame_bytes,
@@ -700,7 +729,8 @@ class Gateway:
         self.producer.start()
         self.registry.start(self.on_control)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping")]
+        self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping"),
+                       loop.create_task(self._keep_alive(), name="keepalive")]
         if settings.auth == "token":
             self._tasks.append(loop.create_task(self._token_watcher.run(), name="tokens"))
         for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
@@ -803,6 +833,24 @@ class Gateway:
         exc = None if task.cancelled() else task.exception()
         log.error("background task %s stopped: %r; this node is unhealthy", task.get_name(), exc,
                   exc_info=exc)
+
+    async def _keep_alive(self) -> None:
+        """Ping the devices quiet for ``ping_interval``; close those that then stay quiet as long.
+
+        One sweep every quarter interval over every connection, instead of
+        picows' task and timer per connection: a device is pinged 1 to 1.25
+        intervals after its last frame and closed (1001) 1 to 1.25 intervals
+        after an unanswered ping.  Any frame answers a ping.
+        """
+        interval = self.settings.ping_interval
+        while True:
+            await asyncio.sleep(interval / 4)
+            try:
+                now = time.monotonic()
+                for connection in [c for c in self.connections if now - c.heard >= interval]:
+                    connection.keep_alive(now, interval)
+            except Exception as exc:  # a bug: say so, and try again next round
+                log_failure("keepalive", exc)
 
     async def _housekeeping(self) -> None:
         """Close idle connections; forget rate limiters with nothing to remember."""
