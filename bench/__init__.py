@@ -1,1 +1,1 @@
-"""fleetlog's benchmark suite: ``python -m bench [--quick]`` (see README.md)."""
+"""fleetlog's benchmark suite: ``python -m bench [--quick]`` (see bench/README.md, docs/performance.md)."""

@@ -1,4 +1,4 @@
-"""``python -m bench [--quick]``: fleetlog against the original design; see README.md."""
+"""``python -m bench [--quick]``: fleetlog against the original design; see bench/README.md."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ find a record by search (Chinese too), see a record sent during the test
 appear in the live tail, send a command the device receives, export a range.
 
 Screenshots are kept in the test's tmp dir; with ``FLEETLOG_SCREENSHOTS=DIR``
-(``make screenshots``) they are copied there too (the README shows
+(``make screenshots``) they are copied there too (docs/api.md shows
 ``docs/screenshots``).
 """
 

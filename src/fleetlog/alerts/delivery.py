@@ -102,7 +102,7 @@ def text(rule: Rule, firing: Firing, event: str) -> str:
 
 
 def body(rule: Rule, firing: Firing, note_id: str, event: str, now: int | None = None) -> dict[str, Any]:
-    """The webhook's JSON body (documented in the README, *Alerts*)."""
+    """The webhook's JSON body (documented in docs/alerts.md)."""
     return {
         "version": 1,
         "id": note_id,
