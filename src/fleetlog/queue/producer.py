@@ -4,8 +4,8 @@ A gateway calls :meth:`Producer.submit` from its frame handlers; nothing is
 awaited there.  A flusher task wakes once per loop turn, sends every record
 submitted since in one atomic Lua call, and then calls each submitter back
 with the outcome.  Up to ``max_in_flight`` calls run at once, on separate
-connections, so Redis can fsync them together (2 measured best for legacy
-ingest and no worse for v2); a device whose records are in a call waits for it
+connections, so Redis can fsync them together (2 by default: see
+``bench.compare`` for what other values do); a device whose records are in a call waits for it
 before its next records go, so one device's records reach the stream in the
 order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
