@@ -3,10 +3,14 @@
 ``python -m bench.scale [--quick]`` measures, on this machine, against private
 servers it starts and always stops:
 
-* **ingest, 1 vs 2 gateway processes** (``fleetlog gateway --processes N``,
-  one port): legacy (one record per frame, closed loop) and v2 (100 records
-  per frame), 100 devices from one ``fleetlog simulate`` process per gateway
-  process, so the load side grows with the server side;
+* **ingest against gateway processes, 1 .. the cores** (``fleetlog gateway
+  --processes N``, one port; N in 1, 2, 4, 8, 12, 16, ... up to the cores, or
+  ``--processes 1,2,4``): legacy (one record per frame, closed loop) and v2
+  (100 records per frame), 100 devices from one ``fleetlog simulate`` process
+  per gateway process, so the load side grows with the server side; with the
+  Redis CPU per record of each point (``INFO cpu``), since one Redis core is
+  what a shard is bounded by.  Run unchanged on a machine with many cores, it
+  gives the whole curve;
 * **drain, 1, 2 and 4 workers over 4 shards**: records preloaded into the 4
   shard streams the way a gateway queues them, then the time from the first
   worker's ``worker draining`` line until the shared SQLite store holds them
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sqlite3
 import sys
@@ -123,16 +128,31 @@ def _ingest(children: Children, url: str, scale: Scale, clients: int, *, v2: boo
     }
 
 
+def process_counts(cores: int | None = None) -> list[int]:
+    """1, 2, 4, 8, 12, 16, 24, 32 ... up to the machine's cores, and the cores themselves."""
+    cores = cores or os.cpu_count() or 1
+    steps = [1, 2, 4, 8, *range(12, cores + 1, 4)]
+    return sorted({n for n in steps if n <= cores} | {cores})
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 def ingest_processes(children: Children, redis_url: str, client: redis.Redis, scratch: Path,
-                     scale: Scale) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for processes in (1, 2):
+                     scale: Scale, counts: list[int]) -> dict[str, Any]:
+    results: dict[str, Any] = {"counts": counts}
+    for processes in counts:
         for v2 in (False, True):
             client.flushall()
             with _gateway(children, redis_url, scratch / f"gw-{processes}", "--processes",
                           str(processes)) as url:
-                results[f"{'v2' if v2 else 'legacy'}_{processes}p"] = _ingest(
-                    children, url, scale, processes, v2=v2)
+                before = _redis_cpu(client)
+                run = _ingest(children, url, scale, processes, v2=v2)
+                spent = _redis_cpu(client) - before
+                run["redis_us_per_record"] = round(spent * 1e6 / run["acked"], 3) if run["acked"] else None
+                results[f"{'v2' if v2 else 'legacy'}_{processes}p"] = run
     return results
 
 
@@ -258,8 +278,13 @@ def markdown(results: dict[str, Any]) -> str:
     rows = ["| measurement | A | B | B / A |", "|---|---:|---:|---:|"]
     ingest = results.get("ingest_processes", {})
     for kind in ("legacy", "v2"):
-        one, two = (ingest.get(f"{kind}_{n}p", {}).get("records_per_s") for n in (1, 2))
-        rows.append(_row(f"{kind} ingest records/s: 1 vs 2 gateway processes", one, two))
+        one = ingest.get(f"{kind}_1p", {})
+        for n in ingest.get("counts", [1, 2])[1:]:
+            other = ingest.get(f"{kind}_{n}p", {})
+            rows.append(_row(f"{kind} ingest records/s: 1 vs {n} gateway processes",
+                             one.get("records_per_s"), other.get("records_per_s")))
+            rows.append(_row(f"{kind} Redis CPU µs per record: 1 vs {n} gateway processes",
+                             one.get("redis_us_per_record"), other.get("redis_us_per_record")))
     drain = results.get("drain_workers", {})
     base = drain.get("1_workers", {}).get("records_per_s")
     for workers in (2, 4):
@@ -281,7 +306,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(scale: Scale, out_dir: Path) -> int:
+def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[str] | None = None) -> int:
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     children = Children(scratch, child_env())
@@ -294,12 +319,15 @@ def run(scale: Scale, out_dir: Path) -> int:
         client = redis.Redis.from_url(server.url)
         results["machine"] = machine_info(client)
         steps: list[tuple[str, Callable[[], Any]]] = [
-            ("ingest_processes", lambda: ingest_processes(children, server.url, client, scratch, scale)),
+            ("ingest_processes", lambda: ingest_processes(children, server.url, client, scratch, scale,
+                                                          counts or process_counts())),
             ("drain_workers", lambda: drain_workers(children, server.url, client, scratch, scale)),
             ("cluster_vs_single", lambda: cluster_vs_single(children, server.url, client, scratch, scale)),
             ("ack_replicas", lambda: ack_replicas(children, scratch, scale)),
         ]
         for name, step in steps:
+            if only is not None and name not in only:
+                continue
             print(f"[{time.perf_counter() - started:6.1f}s] {name} ...", file=sys.stderr, flush=True)
             try:
                 results[name] = step()
@@ -326,8 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--processes", default=None,
+                        help="Gateway process counts to measure, e.g. 1,2,4,8,12 (default: 1, 2, 4, 8, "
+                             "12 ... up to the cores).")
+    parser.add_argument("--only", default=None, help="Comma-separated steps: ingest_processes, "
+                        "drain_workers, cluster_vs_single, ack_replicas (default: all).")
     args = parser.parse_args(argv)
-    return run(QUICK if args.quick else FULL, args.out)
+    counts = [int(n) for n in args.processes.split(",")] if args.processes else None
+    only = set(args.only.split(",")) if args.only else None
+    return run(QUICK if args.quick else FULL, args.out, counts, only)
 
 
 if __name__ == "__main__":
