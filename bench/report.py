@@ -94,6 +94,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
             _ingest(results, "baseline", connections, "records_per_s"), v2["records_per_s"]))
     else:
         table.append(Row("v2 batched ingest (records/s)", None, None, V2_NOTE))
+    # The Redis work per record against its floor (bench.floor: plain pipelined XADDs, one
+    # entry per record, measured right after on the same server).
+    table.append(Row(
+        "legacy: Redis CPU per record / plain pipelined XADD per record (100 connections)", None,
+        _ingest(results, "fleetlog", 100, "redis_vs_plain_xadd"),
+        "<= 0.6", lambda value, _r: value <= 0.6))
+    table.append(Row(
+        "v2: Redis CPU per record / plain pipelined XADD per record (100 records/frame)", None,
+        (v2 or {}).get("redis_vs_plain_xadd"), "<= 0.3", lambda value, _r: value <= 0.3))
     for connections in counts:
         echo_ws = _get(results, "echo", "websockets", "runs", _run(connections), "records_per_s")
         echo_pw = _get(results, "echo", "picows", "runs", _run(connections), "records_per_s")

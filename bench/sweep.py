@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from bench.context import PY, Bench, Server, start_server
+from bench.floor import add_floor
 from bench.procs import ChildFailed
 from bench.systems import SYSTEMS
 from bench.usage import Usage
@@ -145,6 +146,8 @@ def sweep(bench: Bench) -> dict[str, dict[str, Any]]:
                     rate = float((results[name].get("probe") or {}).get("records_per_s", 0))
                     run = attempt(name, lambda s=server, c=connections, r=rate: legacy_load(
                         bench, s, c, r))
+                    if run is not None and name == "fleetlog" and connections == profile.latency_connections:
+                        add_floor(bench, run)  # Redis CPU per record against plain XADDs
                     if run is not None:
                         repeats[name].append(run)
             for name, runs in repeats.items():
@@ -161,7 +164,8 @@ def sweep(bench: Bench) -> dict[str, dict[str, Any]]:
             results[name]["half_load"] = attempt(
                 name, lambda s=servers[name], r=max_rate: half_load(bench, s, r))
             if name == "fleetlog" and v2_supported():
-                results[name]["v2"] = attempt(name, lambda s=servers[name], r=max_rate: v2_load(bench, s, r))
+                results[name]["v2"] = attempt(name, lambda s=servers[name], r=max_rate: add_floor(
+                    bench, v2_load(bench, s, r)))
     finally:
         for server in servers.values():
             server.stop()
