@@ -52,7 +52,6 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -61,6 +60,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
+from fleetlog.lifecycle import EXIT_FORCED, Shutdown
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
 from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
@@ -79,7 +79,6 @@ log = logging.getLogger("fleetlog.worker")
 
 EXIT_PLANNED = 0
 EXIT_FATAL = 1
-EXIT_FORCED = 130  # 128 + SIGINT: a second interrupt
 
 #: How many times in a row one batch is written again because the store file was
 #: replaced under it, before that counts as the store being unavailable.
@@ -388,19 +387,17 @@ def run_worker(settings: Settings, redis_url: str) -> int:
     SQLite or Redis.  Exiting then is safe: a record is acknowledged only
     after it is stored, so whatever is in hand stays pending and comes back.
     """
-    stopping = threading.Event()
 
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and stopping.is_set():
-            log.warning("second interrupt: exiting now; the batch in hand stays pending")
-            os._exit(EXIT_FORCED)
-        if not stopping.is_set():
-            log.info("stopping after this batch (interrupt again to exit at once)")
-        stopping.set()
+    def force() -> None:
+        log.warning("second interrupt: exiting now; the batch in hand stays pending")
+        os._exit(EXIT_FORCED)
 
-    # First thing: a SIGTERM during start-up is a planned stop too.
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    # First thing: a SIGTERM during start-up is a planned stop too.  Only a second
+    # SIGINT forces (a supervisor's SIGTERM after a Ctrl-C must not cut the batch short).
+    stopping = Shutdown(
+        force_on={signal.SIGINT}, on_force=force,
+        on_stop=lambda: log.info("stopping after this batch (interrupt again to exit at once)"),
+    ).install().should_exit
     exit_code = [EXIT_FATAL]
 
     def work() -> None:
