@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from fleetlog.process import (
     HEALTHY_RUN,
     PLANNED_EXIT_MIN_RUN,
     Child,
+    Supervisor,
     give_memory_back,
     raise_descriptor_limit,
     stop_children,
@@ -99,6 +102,30 @@ def test_stop_children_terms_every_child_at_once_and_kills_what_does_not_stop() 
     assert polite.process is not None and polite.process.returncode == -signal.SIGTERM
     assert stubborn.process.returncode == -signal.SIGKILL
     assert took < 10  # the one timeout for all, not one per child
+
+
+STUBBORN = [PY, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                     "print('ready', flush=True); time.sleep(60)"]
+
+
+def test_the_supervisor_stops_in_order_and_a_second_signal_kills_what_it_waits_for() -> None:
+    stubborn = Child("stubborn", STUBBORN)
+    polite = Child("polite", [PY, "-c", "import time; time.sleep(60)"])
+    supervisor = Supervisor([stubborn, polite], logger=logging.getLogger("test"), forcing="forced",
+                            force_on={signal.SIGINT})
+    supervisor.start()
+    time.sleep(0.5)  # let the stubborn one ignore SIGTERM before it is sent
+    supervisor.shutdown.handle(signal.SIGTERM)
+    assert supervisor.stopping.is_set() and not supervisor.forced
+    stopping = threading.Thread(target=supervisor.stop, args=(30.0,), kwargs={"in_order": True})
+    stopping.start()
+    time.sleep(0.5)
+    assert polite.alive(), "in order: the second waits for the first to stop"
+    supervisor.shutdown.handle(signal.SIGINT)
+    stopping.join(10)
+    assert not stopping.is_alive() and supervisor.forced
+    assert stubborn.process is not None and stubborn.process.returncode == -signal.SIGKILL
+    assert polite.process is not None and polite.process.returncode == -signal.SIGKILL
 
 
 def test_a_child_dies_with_its_supervisor(tmp_path: Path) -> None:

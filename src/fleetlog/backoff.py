@@ -10,9 +10,16 @@ from zero to the current ceiling) spreads them most for the same mean wait
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "retry"]
+
+T = TypeVar("T")
 
 
 class Backoff:
@@ -57,3 +64,40 @@ class Backoff:
     def reset(self) -> None:
         """After a success: the next failure starts again from ``initial``."""
         self._attempt = 0
+
+
+def retry(
+    operation: Callable[[], T],
+    errors: tuple[type[BaseException], ...],
+    backoff: Backoff,
+    stopping: threading.Event,
+    describe: Callable[[BaseException, float], object],
+    *,
+    deadline: float = math.inf,
+    finish_when_stopping: bool = False,
+) -> T | None:
+    """``operation()``'s result, tried again after each failure in ``errors``; None if given up.
+
+    After a failure, ``describe(exc, delay)`` says so (the caller's log line)
+    and the retry waits ``delay`` (from ``backoff``), cut short by ``stopping``
+    or at ``deadline`` (``time.monotonic()``); it gives up when either comes.
+    ``backoff`` is reset after a success, so a caller may keep one across calls.
+    With ``finish_when_stopping`` (an ack: what it acknowledges is stored) a stop
+    cuts the wait short but the operation is still tried once more, and a
+    failure once stopping gives up at once, without a word.  ``operation``
+    must not return None.  Exceptions not in ``errors`` escape.
+    """
+    while True:
+        try:
+            result = operation()
+        except errors as exc:
+            if finish_when_stopping and stopping.is_set():
+                return None
+            delay = backoff.next_delay()
+            describe(exc, delay)
+            stopped = stopping.wait(min(delay, max(0.0, deadline - time.monotonic())))
+            if (stopped and not finish_when_stopping) or time.monotonic() >= deadline:
+                return None
+        else:
+            backoff.reset()
+            return result

@@ -1,8 +1,8 @@
 """Child-process hygiene shared by everything that starts processes.
 
-:class:`Child` and :func:`tend` are the restart policy of both supervisors:
-``fleetlog up`` (embedded Redis, gateway, worker, API) and ``fleetlog gateway --processes N``
-(N gateway processes on one port).
+:class:`Child` and :func:`tend` are the restart policy, :class:`Supervisor` the core of
+both supervisors: ``fleetlog up`` (embedded Redis, gateway, worker, API, alerter) and
+``fleetlog gateway --processes N`` (N gateway processes on one port).
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import logging
 import resource
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from fleetlog.backoff import Backoff
+from fleetlog.lifecycle import SIGNALS, Shutdown
 
-__all__ = ["Child", "big_buffers_outside_the_heap", "die_with_parent", "give_memory_back",
-           "raise_descriptor_limit", "stop_children", "tend"]
+__all__ = ["Child", "Supervisor", "big_buffers_outside_the_heap", "die_with_parent",
+           "give_memory_back", "raise_descriptor_limit", "stop_children", "tend"]
 
 log = logging.getLogger("fleetlog.process")
 
@@ -154,20 +156,104 @@ def tend(child: Child, now: float) -> None:
     child.start()
 
 
-def stop_children(children: list[Child], timeout: float) -> None:
-    """SIGTERM every live child at once, wait up to ``timeout`` in all, SIGKILL the rest."""
-    for child in children:
-        if child.alive():
-            assert child.process is not None
-            child.process.send_signal(signal.SIGTERM)
+def stop_children(children: list[Child], timeout: float, *, in_order: bool = False,
+                  logger: logging.Logger = log) -> None:
+    """SIGTERM the live children, wait, SIGKILL those that do not stop in time.
+
+    At once (the default): every child gets SIGTERM together, and ``timeout``
+    in all.  ``in_order``: each gets SIGTERM once the one before it has
+    stopped, and ``timeout`` of its own (``up``: the gateway's last replies and
+    the worker's last ack need Redis, stopped after them).
+    """
+    if not in_order:
+        for child in children:
+            if child.alive():
+                assert child.process is not None
+                child.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for child in children:
         if child.process is None:
             continue
+        if in_order:
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
         try:
             child.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs; killing it", child.name, timeout)
+            logger.warning("%s did not stop in %.0fs; killing it", child.name, timeout)
             child.process.kill()
             child.process.wait()
-        log.info("stopped: %s (exit %s)", child.name, child.process.returncode)
+        logger.info("stopped: %s (exit %s)", child.name, child.process.returncode)
+
+
+class Supervisor:
+    """Children started, restarted when they exit (:func:`tend`), stopped on a signal.
+
+    The core of both supervisors, ``fleetlog up`` and ``fleetlog gateway
+    --processes N``.  :meth:`install` takes SIGINT and SIGTERM
+    (:class:`~fleetlog.lifecycle.Shutdown`): the first sets :attr:`stopping`,
+    which ends :meth:`watch`, and the caller then runs :meth:`stop`; a second
+    (of ``force_on``) logs ``forcing`` and SIGKILLs every live child, so
+    whatever :meth:`stop` waits for ends at once.
+    """
+
+    def __init__(
+        self,
+        children: list[Child],
+        *,
+        logger: logging.Logger,
+        forcing: str,
+        force_on: Collection[int] = SIGNALS,
+        on_stop: Callable[[], object] | None = None,
+        watch_interval: float = 0.2,
+    ) -> None:
+        self.children = children
+        self.log = logger
+        self.forcing = forcing
+        self.watch_interval = watch_interval
+        self.shutdown = Shutdown(force_on=force_on, on_stop=on_stop, on_force=self.kill)
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set at the first signal (or by :meth:`request_stop`)."""
+        return self.shutdown.should_exit
+
+    @property
+    def forced(self) -> bool:
+        """Whether a second signal killed the children."""
+        return self.shutdown.force_exit
+
+    def install(self) -> None:
+        """Take SIGINT and SIGTERM (main thread only)."""
+        self.shutdown.install()
+
+    def request_stop(self) -> None:
+        """What a signal does, without one."""
+        self.stopping.set()
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start()
+
+    def watch(self) -> None:
+        """Until told to stop: every ``watch_interval``, :meth:`tend` the children."""
+        while not self.stopping.wait(self.watch_interval):
+            self.tend(time.monotonic())
+
+    def tend(self, now: float) -> None:
+        """Restart the children that exited (a subclass adds what it watches besides)."""
+        for child in self.children:
+            tend(child, now)
+
+    def kill(self) -> None:
+        """The forced stop: SIGKILL every live child now (runs in the signal handler)."""
+        self.log.warning(self.forcing)
+        for child in self.children:
+            if child.alive():
+                assert child.process is not None
+                child.process.kill()
+
+    def stop(self, timeout: float, *, in_order: bool = False) -> None:
+        """Stop the children (:func:`stop_children`), logging on this supervisor's logger."""
+        stop_children(self.children, timeout, in_order=in_order, logger=self.log)

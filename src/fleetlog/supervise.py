@@ -41,18 +41,16 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from types import FrameType
 
 from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.embedded import RedisServer
+from fleetlog.lifecycle import EXIT_FORCED
 from fleetlog.net import PortWait, wait_for_port
-from fleetlog.process import Child, tend
+from fleetlog.process import Child, Supervisor, tend
 from fleetlog.records import iso_ms
 
 __all__ = ["run_up"]
@@ -61,7 +59,6 @@ log = logging.getLogger("fleetlog.up")
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
-EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 _LOCK_FILE = "up.lock"
 #: How long each child gets to stop after SIGTERM: above the gateway's own
@@ -187,36 +184,25 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
     ])
 
 
-class Supervisor:
+class Up(Supervisor):
+    """``up``'s supervisor: the core's children, plus the embedded Redis and the parts' states."""
+
     def __init__(self, settings: Settings, config_file: str | None) -> None:
+        # Only a second SIGINT forces: a SIGTERM after a Ctrl-C still stops in order.
+        super().__init__([], logger=log, forcing="second interrupt: killing the children now",
+                         force_on={signal.SIGINT}, watch_interval=_WATCH_INTERVAL,
+                         on_stop=lambda: log.info("stopping (interrupt again to stop at once)"))
         self.settings = settings
         self.config_file = config_file
-        self.stopping = threading.Event()
-        self.forced = False
         self.redis: RedisServer | None = None
         #: The embedded Redis as a :class:`Child`: restarted by :func:`tend`, like the others.
         self.redis_child: Child | None = None
         #: Whether the Redis started last has answered PING (loaded its AOF) since.
         self.redis_answers = False
-        self.children: list[Child] = []
         #: Each part's state: ``OK``, or why not (what ``/readyz`` shows, via the up file).
         self.parts: dict[str, str] = {}
         #: When each part that was said to be down went down (monotonic), to say for how long.
         self.down_since: dict[str, float] = {}
-
-    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        """Signal handler: the first asks for the orderly shutdown, a second SIGINT forces it."""
-        if self.stopping.is_set() and signum == signal.SIGINT and not self.forced:
-            self.forced = True
-            log.warning("second interrupt: killing the children now")
-            for child in self.children:
-                if child.alive():
-                    assert child.process is not None
-                    child.process.kill()
-            return
-        if not self.stopping.is_set():
-            log.info("stopping (interrupt again to stop at once)")
-        self.stopping.set()
 
     def _argv(self, command: str, *extra: str) -> list[str]:
         argv = [sys.executable, "-m", "fleetlog", command, "--data-dir", str(self.settings.data_dir)]
@@ -267,14 +253,13 @@ class Supervisor:
                     "alerter", "--redis-url", redis_url, "--consumer", f"up-alerter-{settings.node_id}",
                 ), env=env),
             ]
-            for child in self.children:
-                child.start()
+            self.start()
             problem = self._wait_for_gateway(timeout=_GATEWAY_START_TIMEOUT)
             if problem:
                 log.error("%s; stopping", problem)
                 return EXIT_REFUSED
             print(_banner(settings, redis_url, self.redis is not None), flush=True)
-            self._watch()
+            self.watch()
         finally:
             self._shutdown()
         return EXIT_FORCED if self.forced else EXIT_OK
@@ -292,14 +277,12 @@ class Supervisor:
             return f"the gateway exited with {code} before listening on port {port}"
         return None
 
-    def _watch(self) -> None:
-        while not self.stopping.wait(_WATCH_INTERVAL):
-            now = time.monotonic()
-            if self.redis_child is not None:
-                self._tend_redis(self.redis_child, now)
-            for child in self.children:
-                tend(child, now)
-                self._note(child, OK if child.alive() else self._down(child), now)
+    def tend(self, now: float) -> None:
+        if self.redis_child is not None:
+            self._tend_redis(self.redis_child, now)
+        for child in self.children:
+            tend(child, now)
+            self._note(child, OK if child.alive() else self._down(child), now)
 
     def _tend_redis(self, child: Child, now: float) -> None:
         """Restart the embedded Redis if it died; it is up again once it answers PING.
@@ -369,19 +352,7 @@ class Supervisor:
         Each waits for the one before it: the gateway's last replies need Redis,
         and the worker's last batch needs Redis to be acked.
         """
-        for child in self.children:
-            if child.process is None:
-                continue
-            if child.alive():
-                child.process.send_signal(signal.SIGTERM)
-                try:
-                    child.process.wait(_CHILD_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in %.0fs; killing it", child.name,
-                                _CHILD_STOP_TIMEOUT)
-                    child.process.kill()
-            child.process.wait()
-            log.info("stopped: %s (exit %s)", child.name, child.process.returncode)
+        self.stop(_CHILD_STOP_TIMEOUT, in_order=True)
         if self.redis is not None:
             self.redis.stop()
             self.redis.remove_up_file()
@@ -395,9 +366,8 @@ def run_up(settings: Settings, config_file: str | None = None) -> int:
     0 after an orderly stop; 1 when it could not start (another ``up`` holds
     the data dir, the port is taken); 130 after a forced stop (second SIGINT).
     """
-    supervisor = Supervisor(settings, config_file)
-    signal.signal(signal.SIGINT, supervisor.request_stop)
-    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    supervisor = Up(settings, config_file)
+    supervisor.install()
     lock = _lock_data_dir(settings.data_dir)
     if lock is None:
         return EXIT_REFUSED

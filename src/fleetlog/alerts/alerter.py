@@ -36,7 +36,6 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import FrameType
 from typing import Any, Final
 
 import redis
@@ -50,6 +49,7 @@ from fleetlog.alerts.watch import Presence, RefusalRates, online_devices, queue_
 from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.errors import StoreMissing, StoreUnavailable
+from fleetlog.lifecycle import EXIT_FORCED, Shutdown
 from fleetlog.queue.connection import REDIS_DOWN, connect
 from fleetlog.queue.lease import Lease
 from fleetlog.store import Store, open_store
@@ -520,9 +520,7 @@ class Alerter:
                 pass
             self._pubsub = None
 
-    def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        if self.stopping.is_set() and signum == signal.SIGINT:
-            os._exit(130)  # a second Ctrl-C: claims run out and are sent by the next holder
+    def stop(self) -> None:
         self.stopping.set()
 
     def _shutdown(self) -> None:
@@ -558,6 +556,7 @@ def run_alerter(settings: Settings, redis_url: str) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     _lower_priority(settings.alert_nice)
     alerter = Alerter(settings, redis_url, holder=holder)
-    signal.signal(signal.SIGINT, alerter.stop)
-    signal.signal(signal.SIGTERM, alerter.stop)
+    # A second Ctrl-C exits at once: its claims run out and are sent by the next holder.
+    Shutdown(force_on={signal.SIGINT}, on_stop=alerter.stop,
+             on_force=lambda: os._exit(EXIT_FORCED)).install()
     return alerter.run()

@@ -13,11 +13,14 @@ header.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -34,9 +37,13 @@ from fleetlog.api.deps import ReadToken, Services
 from fleetlog.api.guard import StreamGuard, TailSlots
 from fleetlog.api.limits import BodyLimits
 from fleetlog.config import Settings, mask_url
+from fleetlog.lifecycle import Shutdown
 from fleetlog.queue.connection import connect, connect_async
 from fleetlog.queue.stats import QueueCollector, queue_stats_for
 from fleetlog.reading import ReaderPool
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["create_app", "run_api"]
 
@@ -150,6 +157,35 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     return app
 
 
+def _server(config: uvicorn.Config) -> uvicorn.Server:
+    """uvicorn's server, its signals taken by :class:`~fleetlog.lifecycle.Shutdown` (uvicorn's rules).
+
+    The first SIGINT or SIGTERM stops it in order (stop accepting, let the
+    requests in hand finish); a second SIGINT stops waiting for them.  As
+    uvicorn does, once stopped the process gets the signals again, its previous
+    handlers back: a SIGTERM ends it as SIGTERM would have.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield  # signals reach the main thread only
+                return
+            shutdown = Shutdown(force_on={signal.SIGINT},
+                                on_stop=lambda: setattr(self, "should_exit", True),
+                                on_force=lambda: setattr(self, "force_exit", True)).install()
+            try:
+                yield
+            finally:
+                shutdown.restore()
+            for signum in reversed(shutdown.received):
+                signal.raise_signal(signum)
+
+    return Server(config)
+
+
 def run_api(settings: Settings, redis_url: str, port: int) -> int:
     """Entry point of ``fleetlog api``: serve until SIGINT/SIGTERM, return the exit code."""
     import uvicorn
@@ -159,7 +195,7 @@ def run_api(settings: Settings, redis_url: str, port: int) -> int:
              mask_url(settings.store_url))
     config = uvicorn.Config(app, host=settings.host, port=port, loop="uvloop", log_level="warning",
                             access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _server(config)
     try:
         server.run()
     except OSError as exc:

@@ -24,17 +24,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
-import time
-from types import FrameType
 from typing import Final
 
 from fleetlog.config import Settings
 from fleetlog.net import PortWait, wait_for_port
-from fleetlog.process import Child, stop_children, tend
+from fleetlog.process import Child, Supervisor
 
 __all__ = ["child_node_id", "run_pool"]
 
@@ -79,38 +75,24 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Pool:
+class _Pool(Supervisor):
     def __init__(self, settings: Settings, redis_url: str, port: int) -> None:
         count = settings.gateway_processes
         env = {**os.environ, **settings.as_env(), "FLEETLOG_REDIS_URL": redis_url,
                "FLEETLOG_WS_PORT": str(port), "FLEETLOG_PROCESSES": "1",
                "FLEETLOG_REUSE_PORT": "true"}
         argv = [sys.executable, "-m", "fleetlog", "gateway"]
-        self.children = [
+        super().__init__([
             Child(f"gateway {child_node_id(settings.node_id, k)}", argv, env=env,
                   env_for_start=functools.partial(_node_env, settings.node_id, k,
                                                   settings.gateway_metrics_port))
             for k in range(count)
-        ]
-        self.stopping = threading.Event()
-        self.forced = False
-
-    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        """Signal handler: the first stops the children in order, a second kills them."""
-        if self.stopping.is_set() and not self.forced:
-            self.forced = True
-            log.warning("second signal: killing the gateway processes now")
-            for child in self.children:
-                if child.alive():
-                    assert child.process is not None
-                    child.process.kill()
-            return
-        self.stopping.set()
+        ], logger=log, forcing="second signal: killing the gateway processes now",
+            watch_interval=_WATCH_INTERVAL)
 
     def run(self, host: str, port: int) -> int:
         try:
-            for child in self.children:
-                child.start()
+            self.start()
             outcome = wait_for_port(port, host=host, timeout=_START_TIMEOUT, gone=lambda: (
                 self.stopping.is_set() or not any(child.alive() for child in self.children)))
             if outcome is PortWait.TIMED_OUT:
@@ -121,13 +103,10 @@ class _Pool:
                 log.error("gateway cannot start: every gateway process exited before listening")
                 return 1
             log.info("%d gateway processes on port %d", len(self.children), port)
-            while not self.stopping.wait(_WATCH_INTERVAL):
-                now = time.monotonic()
-                for child in self.children:
-                    tend(child, now)
+            self.watch()
         finally:
             log.info("gateway stopping")
-            stop_children(self.children, _STOP_TIMEOUT)
+            self.stop(_STOP_TIMEOUT)  # all at once: they share nothing but the port
         return 1 if self.forced else 0
 
 
@@ -144,8 +123,7 @@ def run_pool(settings: Settings, redis_url: str) -> int:
     try:
         port: int = reservation.getsockname()[1]
         pool = _Pool(settings, redis_url, port)
-        signal.signal(signal.SIGINT, pool.request_stop)
-        signal.signal(signal.SIGTERM, pool.request_stop)
+        pool.install()
         return pool.run(host, port)
     finally:
         reservation.close()

@@ -940,21 +940,19 @@ def run_gateway(settings: Settings, redis_url: str) -> int:
     once, returning 1: the replies still in flight are not sent, so their
     devices send those records again.
     """
+    from fleetlog.lifecycle import Shutdown
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         main_task = asyncio.current_task()
         assert main_task is not None
 
-        def on_signal() -> None:
-            if stop.is_set():
-                log.warning("second signal: exiting now, without waiting for the replies in flight")
-                main_task.cancel()
-            stop.set()
+        def force() -> None:
+            log.warning("second signal: exiting now, without waiting for the replies in flight")
+            main_task.cancel()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal)
+        # Either signal, twice, forces: the replies in flight are not sent, their frames come again.
+        shutdown = Shutdown(force_on=(signal.SIGINT, signal.SIGTERM), on_force=force)
+        stop = shutdown.install_in(asyncio.get_running_loop())
         await serve(settings, redis_url, stop)
 
     big_buffers_outside_the_heap()

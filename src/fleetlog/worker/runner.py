@@ -44,6 +44,7 @@ come to export it, nor to a restarted worker with an empty queue.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -52,15 +53,15 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import orjson
 from prometheus_client import CollectorRegistry, start_http_server
 
-from fleetlog.backoff import Backoff
+from fleetlog.backoff import Backoff, retry
 from fleetlog.config import Settings, mask_url
+from fleetlog.lifecycle import EXIT_FORCED, Shutdown
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
 from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
@@ -79,7 +80,6 @@ log = logging.getLogger("fleetlog.worker")
 
 EXIT_PLANNED = 0
 EXIT_FATAL = 1
-EXIT_FORCED = 130  # 128 + SIGINT: a second interrupt
 
 #: How many times in a row one batch is written again because the store file was
 #: replaced under it, before that counts as the store being unavailable.
@@ -118,6 +118,18 @@ _BEHIND_MAX_BYTES = 8 * 1024 * 1024
 #: Records one quiet export reads at most: a long catch-up (a restart after the
 #: files fell far behind) goes in steps, with the queue looked at between them.
 _IDLE_EXPORT_STEP = 20_000
+
+
+#: What a retry on Redis waits out: Redis down, or refusing writes (out of memory).
+_REDIS_ERRORS = (*REDIS_DOWN, *REDIS_REFUSING)
+
+
+def _redis_trouble(exc: BaseException, delay: float) -> None:
+    """The read loop's line for a failure it waits out."""
+    if isinstance(exc, REDIS_DOWN):
+        log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+    else:  # only a queue that needs writes to read (the legacy list) gets here
+        log.warning("Redis refuses writes (%s); retrying in %.1fs", exc, delay)
 
 
 def next_batch(base: int, batch: int, records: Sequence[QueuedRecord], asked: int) -> int:
@@ -180,28 +192,24 @@ class Worker:
             count = batch
             if limit is not None:
                 count = min(count, limit - self.stored - self.dead_lettered)
-            try:
-                # While upkeep is behind, do not sit in a blocking read.
-                lagging = self._owed or self._files_behind
-                block = _LAGGING_BLOCK_MS if lagging else self.settings.block_ms
-                records = self.consumer.fetch(count, block)
-                backoff.reset()
-                if records:
-                    self._handle(records)
+            # Redis trouble: whatever was taken stays pending in Redis and comes back.
+            records = retry(functools.partial(self._step, count), _REDIS_ERRORS, backoff,
+                            self.stopping, _redis_trouble, deadline=self._deadline)
+            if records is not None:
                 batch = next_batch(self.settings.batch, batch, records, count)
-                self._upkeep(fetched=len(records), wanted=count)
-            except REDIS_DOWN as exc:
-                # Whatever was taken stays pending in Redis and comes back.
-                delay = backoff.next_delay()
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                self.stopping.wait(delay)
-            except REDIS_REFUSING as exc:
-                # Only a queue that needs writes to read (the legacy list) gets here.
-                delay = backoff.next_delay()
-                log.warning("Redis refuses writes (%s); retrying in %.1fs", exc, delay)
-                self.stopping.wait(delay)
         log.info("worker stopped: %d stored, %d dead-lettered", self.stored, self.dead_lettered)
         return EXIT_PLANNED
+
+    def _step(self, count: int) -> list[QueuedRecord]:
+        """Read up to ``count`` records, store and ack them, do some upkeep; the records read."""
+        # While upkeep is behind, do not sit in a blocking read.
+        lagging = self._owed or self._files_behind
+        block = _LAGGING_BLOCK_MS if lagging else self.settings.block_ms
+        records = self.consumer.fetch(count, block)
+        if records:
+            self._handle(records)
+        self._upkeep(fetched=len(records), wanted=count)
+        return records
 
     def _upkeep(self, fetched: int, wanted: int) -> None:
         """Index, prune and (when quiet) export in bounded steps; a fault only postpones them."""
@@ -248,19 +256,19 @@ class Worker:
         done = self._store(records)
         if done is None:
             return  # stopping while the store is down: the records stay pending
-        backoff = Backoff(*_REDIS_BACKOFF)
-        while True:
-            try:
-                self.consumer.ack(done)
-                if self.commits is not None and done:
-                    self._announce(done)
-                return
-            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
-                if self.stopping.is_set():
-                    return  # stored already; redelivery will find them and not store twice
-                delay = backoff.next_delay()
-                log.warning("ack failed, Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                self.stopping.wait(delay)
+
+        def ack() -> bool:
+            self.consumer.ack(done)
+            if self.commits is not None and done:
+                self._announce(done)
+            return True
+
+        # Tried even when stopping; given up then: stored already, redelivery will
+        # find them and not store twice.
+        retry(ack, _REDIS_ERRORS, Backoff(*_REDIS_BACKOFF), self.stopping,
+              lambda exc, delay: log.warning("ack failed, Redis unavailable (%s); retrying in %.1fs",
+                                             exc, delay),
+              finish_when_stopping=True)
 
     def _announce(self, done: Sequence[QueuedRecord]) -> None:
         """Tell live readers the store moved (after the ack: what they read is final)."""
@@ -278,18 +286,11 @@ class Worker:
         Returns None when told to stop while the store is unavailable.  Any
         exception other than the store's own (a bug) escapes: nothing is acknowledged.
         """
-        backoff = Backoff(*_STORE_BACKOFF)
-        while True:
-            try:
-                return self._store_once(records)
-            except StoreUnavailable as exc:
-                delay = backoff.next_delay()
-                log.error("store unavailable, not acknowledging %d records: %s; retrying in %.1fs",
-                          len(records), exc, delay)
-                if self.stopping.wait(min(delay, max(0.0, self._deadline - time.monotonic()))):
-                    return None
-                if time.monotonic() >= self._deadline:
-                    return None  # max runtime: a planned exit, the records stay pending
+        # Max runtime while the store is down: a planned exit, the records stay pending.
+        return retry(lambda: self._store_once(records), (StoreUnavailable,), Backoff(*_STORE_BACKOFF),
+                     self.stopping, lambda exc, delay: log.error(
+                         "store unavailable, not acknowledging %d records: %s; retrying in %.1fs",
+                         len(records), exc, delay), deadline=self._deadline)
 
     def _store_once(self, records: Sequence[QueuedRecord]) -> list[QueuedRecord]:
         """One attempt; written again into the file at the path if the store was replaced."""
@@ -388,19 +389,17 @@ def run_worker(settings: Settings, redis_url: str) -> int:
     SQLite or Redis.  Exiting then is safe: a record is acknowledged only
     after it is stored, so whatever is in hand stays pending and comes back.
     """
-    stopping = threading.Event()
 
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and stopping.is_set():
-            log.warning("second interrupt: exiting now; the batch in hand stays pending")
-            os._exit(EXIT_FORCED)
-        if not stopping.is_set():
-            log.info("stopping after this batch (interrupt again to exit at once)")
-        stopping.set()
+    def force() -> None:
+        log.warning("second interrupt: exiting now; the batch in hand stays pending")
+        os._exit(EXIT_FORCED)
 
-    # First thing: a SIGTERM during start-up is a planned stop too.
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    # First thing: a SIGTERM during start-up is a planned stop too.  Only a second
+    # SIGINT forces (a supervisor's SIGTERM after a Ctrl-C must not cut the batch short).
+    stopping = Shutdown(
+        force_on={signal.SIGINT}, on_force=force,
+        on_stop=lambda: log.info("stopping after this batch (interrupt again to exit at once)"),
+    ).install().should_exit
     exit_code = [EXIT_FATAL]
 
     def work() -> None:
@@ -515,15 +514,11 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
 
 def _open_store(url: str, stopping: threading.Event) -> Store | None:
     """Open the store, waiting while it is unavailable (locked); None if told to stop."""
-    backoff = Backoff(*_STORE_START_BACKOFF)
-    while not stopping.is_set():
-        try:
-            return open_store(url)
-        except StoreUnavailable as exc:
-            delay = backoff.next_delay()
-            log.error("store unavailable at start (%s); retrying in %.1fs", exc, delay)
-            stopping.wait(delay)
-    return None
+    if stopping.is_set():
+        return None
+    return retry(lambda: open_store(url), (StoreUnavailable,), Backoff(*_STORE_START_BACKOFF), stopping,
+                 lambda exc, delay: log.error("store unavailable at start (%s); retrying in %.1fs",
+                                              exc, delay))
 
 
 def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
@@ -532,18 +527,18 @@ def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
     A group that exists needs no write, so a Redis that refuses writes (out of
     memory) does not keep the worker that would free it from starting.
     """
-    backoff = Backoff(*_REDIS_START_BACKOFF)
-    while not stopping.is_set():
-        try:
-            consumer.ensure_group()
-            return True
-        except REDIS_DOWN as exc:
-            delay = backoff.next_delay()
+    if stopping.is_set():
+        return False
+
+    def ensure() -> bool:
+        consumer.ensure_group()
+        return True
+
+    def trouble(exc: BaseException, delay: float) -> None:
+        if isinstance(exc, REDIS_DOWN):
             log.warning("Redis unavailable at start (%s); retrying in %.1fs", exc, delay)
-            stopping.wait(delay)
-        except REDIS_REFUSING as exc:
-            delay = backoff.next_delay()
+        else:
             log.warning("Redis refuses writes (%s) and group %s of %s does not exist yet; "
                         "retrying in %.1fs", exc, consumer.group, consumer.stream, delay)
-            stopping.wait(delay)
-    return False
+
+    return retry(ensure, _REDIS_ERRORS, Backoff(*_REDIS_START_BACKOFF), stopping, trouble) is not None
