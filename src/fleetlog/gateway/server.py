@@ -45,7 +45,7 @@ from picows import (
 )
 from prometheus_client import CollectorRegistry
 
-from fleetlog import protocol
+from fleetlog import control, protocol
 from fleetlog.config import Settings
 from fleetlog.credentials import TokenCache, hash_token
 from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, TooManyAuthFailures
@@ -634,13 +634,19 @@ class Gateway:
 
     def on_control(self, message: dict[str, Any]) -> None:
         """A message on this node's control channel: another node's take-over, or a command."""
-        op = message.get("op")
-        if op == "takeover":
-            connection = self._by_conn.get(str(message.get("conn")))
+        try:
+            parsed = control.parse_control(message)
+        except ValueError:
+            shown = repr(message)
+            log.warning("ignoring a malformed command: %s", shown if len(shown) <= 200
+                        else f"{shown[:200]}... ({len(shown)} characters)")
+            return
+        if isinstance(parsed, control.Takeover):
+            connection = self._by_conn.get(parsed.conn)
             if connection is not None:
                 connection.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
-        elif op == "command":
-            self.relay.deliver(message)
+        elif isinstance(parsed, control.Command):
+            self.relay.deliver(parsed)
 
     def _recipient(self, conn_id: str, device_id: str) -> DeviceConnection | None:
         """The connection a command's link named, or, if that one is gone, the device's here."""
