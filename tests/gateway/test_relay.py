@@ -18,10 +18,13 @@ import pytest
 import redis.asyncio
 
 from fleetlog import keys
+from fleetlog.config import Settings
 from fleetlog.control import Command, parse_control
 from fleetlog.embedded import RedisServer
 from fleetlog.gateway.connection import CommandAnswer
 from fleetlog.gateway.relay import CommandRelay, Recipient
+from fleetlog.gateway.server import Gateway
+from fleetlog.gateway.wiring import wire
 from fleetlog.queue.connection import connect_async
 
 
@@ -117,6 +120,22 @@ async def test_offline_when_nothing_was_written(client: redis.asyncio.Redis,
     assert relay.counts == {"offline": 1}
 
 
+
+
+async def test_a_malformed_command_is_logged_and_ignored(redis_url: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The node's control handler reads it (:func:`fleetlog.control.parse_control`); no reply."""
+    gateway = Gateway(wire(Settings(host="127.0.0.1", ws_port=0), redis_url))
+    try:
+        for message in ({"op": "command", "id": 7, "device": "door", "body": {}},
+                        {"op": "command", "id": "c4", "device": "door"},
+                        {"op": "command", "id": "c4", "device": None, "body": {}}):
+            gateway.on_control(message)
+        assert caplog.text.count("ignoring a malformed command") == 3
+        assert gateway.parts.relay.counts == {} and gateway.parts.relay.in_flight == 0
+    finally:
+        await gateway.parts.client.aclose()
+        await gateway.parts.lookup_client.aclose()
 
 
 async def test_a_command_result_is_published_verbatim(client: redis.asyncio.Redis) -> None:
