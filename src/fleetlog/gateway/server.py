@@ -24,6 +24,7 @@ is used only in this module and :mod:`.handshake`, so it can be swapped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -363,6 +364,8 @@ class Gateway:
         self._server: Listener | None = None
         self._metrics_server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: What :meth:`start` opened, closed in reverse by :meth:`stop` (or by a failed start).
+        self._resources: contextlib.AsyncExitStack | None = None
         self._stopping = False
         #: Whether ``--ack-replicas`` is still to be chosen from the topology (see start).
         self._replicas_unknown = settings.ack_replicas is None
@@ -553,50 +556,56 @@ class Gateway:
         )
 
     async def start(self) -> None:
-        """Listen first (a taken port fails here, before anything else started), then run."""
+        """Connect, listen, then run; a failure part-way closes what was opened, in reverse.
+
+        Each resource goes on one exit stack as it is opened (the Redis clients,
+        the token subscription, the listeners, the background work); :meth:`stop`
+        closes the same stack once it drained.  The device port is listened on
+        before the producer, the registry and the tasks start: a taken port fails
+        there, with nothing but the connections to Redis to close.
+        """
         parts, settings = self.parts, self.settings
         if settings.auth == "none":
             log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
                         "Use --auth token unless this is a legacy fleet on a closed network.")
-        try:
+        async with contextlib.AsyncExitStack() as resources:
+            resources.push_async_callback(parts.lookup_client.aclose)
+            resources.push_async_callback(parts.client.aclose)
             await initialize(parts.client)
             await initialize(parts.lookup_client)
-        except BaseException:
-            await parts.client.aclose()
-            await parts.lookup_client.aclose()
-            raise
-        await self._choose_replicas()
-        if settings.auth == "token":
-            await parts.token_watcher.start()
-        # The metrics listener first: once the device port answers, so does it.
-        if settings.gateway_metrics_port:
-            try:
-                self._metrics_server = await asyncio.start_server(
-                    self._serve_metrics, settings.metrics_host, settings.gateway_metrics_port)
-            except OSError as exc:  # a taken port costs the metrics, never the devices
-                log.error("gateway metrics not served on %s:%d: %s", settings.metrics_host,
-                          settings.gateway_metrics_port, exc)
-            else:
-                log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_host,
-                         settings.gateway_metrics_port)
-        try:
+            await self._choose_replicas()
+            # (Once run() ended, it has unsubscribed and stop() finds nothing to do.)
+            resources.push_async_callback(parts.token_watcher.stop)
+            if settings.auth == "token":
+                await parts.token_watcher.start()
+            # The metrics listener first: once the device port answers, so does it.
+            if settings.gateway_metrics_port:
+                try:
+                    self._metrics_server = await asyncio.start_server(
+                        self._serve_metrics, settings.metrics_host, settings.gateway_metrics_port)
+                except OSError as exc:  # a taken port costs the metrics, never the devices
+                    log.error("gateway metrics not served on %s:%d: %s", settings.metrics_host,
+                              settings.gateway_metrics_port, exc)
+                else:
+                    resources.callback(self._metrics_server.close)
+                    log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_host,
+                             settings.gateway_metrics_port)
             self._server = await self._listen()
-        except BaseException:
-            if self._metrics_server is not None:
-                self._metrics_server.close()
-            await parts.token_watcher.stop()
-            await parts.client.aclose()
-            await parts.lookup_client.aclose()
-            raise
-        parts.producer.start()
-        parts.registry.start(self.on_control)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping"),
-                       loop.create_task(self._keep_alive(), name="keepalive")]
-        if settings.auth == "token":
-            self._tasks.append(loop.create_task(parts.token_watcher.run(), name="tokens"))
-        for task in [*self._tasks, *parts.registry.tasks, *parts.producer.tasks]:
-            task.add_done_callback(self._task_ended)
+            resources.callback(self._server.close)
+            parts.producer.start()  # closed by stop()'s drain, before its connections close
+            parts.registry.start(self.on_control)
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping"),
+                           loop.create_task(self._keep_alive(), name="keepalive")]
+            if settings.auth == "token":
+                self._tasks.append(loop.create_task(parts.token_watcher.run(), name="tokens"))
+            for task in [*self._tasks, *parts.registry.tasks, *parts.producer.tasks]:
+                task.add_done_callback(self._task_ended)
+            # Closed in reverse: the registry first (it writes the unlinks of the connections
+            # the drain closed), then the tasks the drain cancelled are awaited.
+            resources.push_async_callback(self._tasks_ended)
+            resources.push_async_callback(parts.registry.close)
+            self._resources = resources.pop_all()
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
@@ -661,6 +670,10 @@ class Gateway:
             server.resume()
             log.info("%d connections open: accepting again", total)
 
+    async def _tasks_ended(self) -> None:
+        """Wait for the server's tasks, cancelled by :meth:`stop`, to end."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""
         if self._stopping:
@@ -714,6 +727,9 @@ class Gateway:
            once Redis has it or an error; a frame still waiting out a rate-limit
            delay is answered ``unavailable`` (:class:`QueueClosed`).
         3. Close every connection with 1001 and wait for them to go.
+        4. Close what :meth:`start` opened, in reverse: the registry (the links'
+           last changes written, the heartbeat removed), the tasks, the
+           listeners, the token subscription, the Redis clients.
         Each wait is bounded: a frame that got no reply when its connection
         closed was not acked, and the device sends it again elsewhere.
         """
@@ -740,10 +756,9 @@ class Gateway:
             await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.disconnect()
-        await self.parts.registry.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.parts.client.aclose()
-        await self.parts.lookup_client.aclose()
+        resources, self._resources = self._resources, None
+        if resources is not None:
+            await resources.aclose()
 
 
 async def _raise(exc: BaseException) -> None:
