@@ -14,6 +14,7 @@ from fleetlog.config import Settings
 from fleetlog.credentials import Credentials
 from fleetlog.gateway.handshake import token_in_head
 from fleetlog.gateway.server import Gateway
+from fleetlog.gateway.wiring import wire
 from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy
 
 
@@ -52,7 +53,7 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
     client = redis.Redis.from_url(redis_url)
     token = Credentials(client).add("handshake-door")  # before the gateway starts: not cached
     client.close()
-    gateway = Gateway(Settings(host="127.0.0.1", ws_port=0, auth="token"), redis_url)
+    gateway = Gateway(wire(Settings(host="127.0.0.1", ws_port=0, auth="token"), redis_url))
     await gateway.start()
     try:
         async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/?token={token}") as ws:

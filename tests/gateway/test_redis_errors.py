@@ -24,6 +24,7 @@ import websockets
 from fleetlog.config import Settings
 from fleetlog.embedded import RedisServer
 from fleetlog.gateway.server import Gateway
+from fleetlog.gateway.wiring import wire
 from tests.conftest import Processes
 from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy, wait_until
 
@@ -110,7 +111,7 @@ async def test_background_tasks_survive_redis_out_of_memory(
 async def test_a_background_task_that_ends_makes_healthz_503(redis_url: str) -> None:
     """However a long-lived task ends before shutdown, the node says it is unhealthy."""
     settings = Settings(host="127.0.0.1", ws_port=0, auth="none", heartbeat_ttl=HEARTBEAT_TTL)
-    gateway = Gateway(settings, redis_url)
+    gateway = Gateway(wire(settings, redis_url))
     await gateway.start()
     try:
         assert (await asyncio.to_thread(healthz, gateway.port))[0] == 200
@@ -132,7 +133,7 @@ async def test_healthz_gives_a_generic_reason_when_redis_is_unreachable(
     The connection error names Redis' host and port; that detail goes to the log.
     """
     settings = Settings(host="127.0.0.1", ws_port=0, auth="none", heartbeat_ttl=HEARTBEAT_TTL)
-    gateway = Gateway(settings, private_redis.url)
+    gateway = Gateway(wire(settings, private_redis.url))
     await gateway.start()
     try:
         private_redis.kill()

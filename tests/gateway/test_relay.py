@@ -18,9 +18,13 @@ import pytest
 import redis.asyncio
 
 from fleetlog import keys
+from fleetlog.config import Settings
+from fleetlog.control import Command, parse_control
 from fleetlog.embedded import RedisServer
 from fleetlog.gateway.connection import CommandAnswer
 from fleetlog.gateway.relay import CommandRelay, Recipient
+from fleetlog.gateway.server import Gateway
+from fleetlog.gateway.wiring import wire
 from fleetlog.queue.connection import connect_async
 
 
@@ -62,6 +66,13 @@ async def _replies(client: redis.asyncio.Redis, command_id: str, count: int,
         await pubsub.aclose()
 
 
+def _command(message: dict[str, Any]) -> Command:
+    """A command as the node reads it off its control channel."""
+    command = parse_control(message)
+    assert isinstance(command, Command)
+    return command
+
+
 def _relay(client: redis.asyncio.Redis, devices: dict[str, Device],
            by_conn: dict[str, Device] | None = None) -> CommandRelay:
     def find(conn_id: str, device_id: str) -> Recipient | None:
@@ -74,8 +85,8 @@ async def test_a_command_reaches_a_v2_device_and_delivered_is_published(
         client: redis.asyncio.Redis) -> None:
     door = Device("door:1")
     relay = _relay(client, {"door:1": door})
-    replies = await _replies(client, "c1", 1, lambda: relay.deliver(
-        {"op": "command", "id": "c1", "device": "door:1", "conn": "x", "body": {"open": True}}))
+    replies = await _replies(client, "c1", 1, lambda: relay.deliver(_command(
+        {"op": "command", "id": "c1", "device": "door:1", "conn": "x", "body": {"open": True}})))
     assert replies == [{"id": "c1", "device": "door:1", "status": "delivered", "node": "node-a"}]
     assert len(door.written) == 1
     assert b'"type":"command"' in door.written[0] and b'"id":"c1"' in door.written[0]
@@ -85,8 +96,8 @@ async def test_a_command_reaches_a_v2_device_and_delivered_is_published(
 async def test_a_legacy_device_gets_the_body_as_it_is(client: redis.asyncio.Redis) -> None:
     kiosk = Device("kiosk", v2=False)
     relay = _relay(client, {"kiosk": kiosk})
-    await _replies(client, "c2", 1, lambda: relay.deliver(
-        {"op": "command", "id": "c2", "device": "kiosk", "conn": "x", "body": {"reboot": 1}}))
+    await _replies(client, "c2", 1, lambda: relay.deliver(_command(
+        {"op": "command", "id": "c2", "device": "kiosk", "conn": "x", "body": {"reboot": 1}})))
     assert kiosk.written and kiosk.written[0].endswith(b'{"reboot":1}')
 
 
@@ -102,22 +113,29 @@ async def test_offline_when_nothing_was_written(client: redis.asyncio.Redis,
                                                 devices: dict[str, Device],
                                                 by_conn: dict[str, Device]) -> None:
     relay = _relay(client, devices, by_conn)
-    replies = await _replies(client, "c3", 1, lambda: relay.deliver(
-        {"op": "command", "id": "c3", "device": "door", "conn": "conn-1", "body": {}}))
+    replies = await _replies(client, "c3", 1, lambda: relay.deliver(_command(
+        {"op": "command", "id": "c3", "device": "door", "conn": "conn-1", "body": {}})))
     assert [reply["status"] for reply in replies] == ["offline"]
     assert not any(device.written for device in [*devices.values(), *by_conn.values()])
     assert relay.counts == {"offline": 1}
 
 
-async def test_a_malformed_command_is_ignored(client: redis.asyncio.Redis) -> None:
-    door = Device("door")
-    relay = _relay(client, {"door": door})
-    for message in ({"op": "command", "id": 7, "device": "door", "body": {}},
-                    {"op": "command", "id": "c4", "device": "door"},
-                    {"op": "command", "id": "c4", "device": None, "body": {}}):
-        relay.deliver(message)
-    await asyncio.sleep(0.1)
-    assert door.written == [] and relay.counts == {}
+
+
+async def test_a_malformed_command_is_logged_and_ignored(redis_url: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The node's control handler reads it (:func:`fleetlog.control.parse_control`); no reply."""
+    gateway = Gateway(wire(Settings(host="127.0.0.1", ws_port=0), redis_url))
+    try:
+        for message in ({"op": "command", "id": 7, "device": "door", "body": {}},
+                        {"op": "command", "id": "c4", "device": "door"},
+                        {"op": "command", "id": "c4", "device": None, "body": {}}):
+            gateway.on_control(message)
+        assert caplog.text.count("ignoring a malformed command") == 3
+        assert gateway.parts.relay.counts == {} and gateway.parts.relay.in_flight == 0
+    finally:
+        await gateway.parts.client.aclose()
+        await gateway.parts.lookup_client.aclose()
 
 
 async def test_a_command_result_is_published_verbatim(client: redis.asyncio.Redis) -> None:
@@ -137,7 +155,8 @@ async def test_redis_down_loses_the_reply_not_the_relay(private_redis: RedisServ
     relay = _relay(client, {"door": door})
     private_redis.stop()
     try:
-        relay.deliver({"op": "command", "id": "c6", "device": "door", "conn": "x", "body": {}})
+        relay.deliver(_command({"op": "command", "id": "c6", "device": "door", "conn": "x",
+                                "body": {}}))
         await asyncio.sleep(1.5)
         assert len(door.written) == 1, "the device got its command even though the reply was lost"
         assert "publishing a command reply failed: Redis unavailable" in caplog.text
@@ -160,8 +179,8 @@ async def test_replies_over_the_in_flight_limit_are_dropped_not_the_commands(
         private_redis.process.send_signal(signal.SIGSTOP)
         try:
             for command_id in ("c1", "c2"):
-                relay.deliver({"op": "command", "id": command_id, "device": "door", "conn": "x",
-                               "body": {}})
+                relay.deliver(_command({"op": "command", "id": command_id, "device": "door",
+                                        "conn": "x", "body": {}}))
             await asyncio.sleep(0.2)
         finally:
             private_redis.process.send_signal(signal.SIGCONT)
@@ -181,7 +200,8 @@ async def test_replies_over_the_in_flight_limit_are_dropped_not_the_commands(
                 break
             await asyncio.sleep(0.01)
         assert relay.in_flight == 0
-        relay.deliver({"op": "command", "id": "c3", "device": "door", "conn": "x", "body": {}})
+        relay.deliver(_command({"op": "command", "id": "c3", "device": "door", "conn": "x",
+                                "body": {}}))
         await hear("c3")  # room again: the next reply is published
         await asyncio.sleep(0.2)
         while (message := await pubsub.get_message(ignore_subscribe_messages=True)) is not None:

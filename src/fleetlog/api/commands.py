@@ -5,10 +5,11 @@ that hold it.  With no link, or a node whose heartbeat is gone, the answer is
 ``offline`` at once.  Otherwise the API subscribes to the command's reply
 channel (:func:`fleetlog.keys.command_reply`), *then* publishes
 ``{"op": "command", "id", "device", "conn", "body"}`` on the node's control
-channel; the node writes the frame to the device and answers ``delivered``
-(or ``offline`` if the connection is gone), and later relays the device's
-``command_result`` on the same channel.  Every wait is bounded:
-:data:`DELIVERY_TIMEOUT` for the node, ``wait`` seconds for the result.
+channel (the messages: :mod:`fleetlog.control`); the node writes the frame to
+the device and answers ``delivered`` (or ``offline`` if the connection is
+gone), and later relays the device's ``command_result`` on the same channel.
+Every wait is bounded: :data:`DELIVERY_TIMEOUT` for the node, ``wait`` seconds
+for the result.
 
 The subscription is made on the process's one pub/sub connection
 (:meth:`fleetlog.api.bus.Bus.replies`), not on a connection of its own: a
@@ -30,12 +31,11 @@ import secrets
 import time
 from typing import Annotated, Any, Final, Literal
 
-import orjson
 import redis.asyncio
 from fastapi import APIRouter, Body, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
-from fleetlog import keys
+from fleetlog import control, keys
 from fleetlog.api.bus import Bus
 from fleetlog.api.deps import ERRORS, AdminToken, Found, invalid
 from fleetlog.device_id import device_id_problem
@@ -88,15 +88,15 @@ async def send_command(client: redis.asyncio.Redis, bus: Bus, device_id: str, bo
             link = await _link(client, device_id)
             if link is None:
                 break
-            message = orjson.dumps({"op": "command", "id": command_id, "device": device_id,
-                                    "conn": link.get("conn"), "body": body})
+            message = control.command_message(command_id, device_id, link.get("conn"), body)
             if not await client.publish(keys.node_control(link["node"]), message):
                 break  # the node is not listening: it is gone
-            reply = await replies.next(time.monotonic() + DELIVERY_TIMEOUT)
-            if reply is None:
+            answer = await replies.next(time.monotonic() + DELIVERY_TIMEOUT)
+            if answer is None:
                 return CommandOutcome(id=command_id, device_id=device_id, status="timeout",
                                       delivered=False)
-            if reply.get("status") == "delivered" and reply.get("device") == device_id:
+            reply = control.parse_reply(answer)
+            if reply.status == "delivered" and reply.device_id == device_id:
                 delivered = True
                 break
             # offline: the device may have moved to another node meanwhile; look again.
@@ -106,11 +106,12 @@ async def send_command(client: redis.asyncio.Redis, bus: Bus, device_id: str, bo
             return CommandOutcome(id=command_id, device_id=device_id, status="delivered", delivered=True)
         deadline = time.monotonic() + wait
         try:
-            while (reply := await replies.next(deadline)) is not None:
+            while (answer := await replies.next(deadline)) is not None:
+                reply = control.parse_reply(answer)
                 # Only the device the command went to may answer it.
-                if reply.get("status") == "result" and reply.get("device") == device_id:
+                if reply.status == "result" and reply.device_id == device_id:
                     return CommandOutcome(id=command_id, device_id=device_id, status="delivered",
-                                          delivered=True, result=reply.get("result"))
+                                          delivered=True, result=reply.result)
         except REDIS_DOWN:
             pass  # sent, but its answer can no longer come: no answer in time
         return CommandOutcome(id=command_id, device_id=device_id, status="timeout", delivered=True)

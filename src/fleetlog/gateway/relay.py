@@ -1,12 +1,12 @@
 """Commands for the devices on this node, and their answers, over Redis pub/sub.
 
-The API (:mod:`fleetlog.api.commands`) publishes ``{"op": "command", "id",
-"device", "conn", "body"}`` on the control channel of the node the device's
-link names.  :class:`CommandRelay` writes the command to that connection (or,
-if it is gone, to the device's current connection on this node) and publishes
-on the command's reply channel (:func:`fleetlog.keys.command_reply`) whether it
-went out, ``delivered`` or ``offline``; a v2 device's ``command_result`` frame
-follows there as ``result``.
+The API (:mod:`fleetlog.api.commands`) publishes a command (:class:`fleetlog.control.Command`)
+on the control channel of the node the device's link names.  :class:`CommandRelay`
+writes the command to that connection (or, if it is gone, to the device's current
+connection on this node) and publishes on the command's reply channel
+(:func:`fleetlog.keys.command_reply`) whether it went out, ``delivered`` or
+``offline``; a v2 device's ``command_result`` frame follows there as ``result``
+(the messages: :mod:`fleetlog.control`).
 
 Publishing runs in the background, bounded: a reply that is lost (Redis down,
 too many in flight) is the sender's timeout, nothing worse, and a device's
@@ -20,9 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-import orjson
-
-from fleetlog import keys, protocol
+from fleetlog import control, keys, protocol
 from fleetlog.gateway.connection import CommandAnswer
 from fleetlog.gateway.registry import log_failure
 
@@ -73,33 +71,25 @@ class CommandRelay:
         """Replies being published now (at most ``max_publishing``)."""
         return len(self._publishing)
 
-    def deliver(self, message: dict[str, Any]) -> None:
+    def deliver(self, command: control.Command) -> None:
         """Write a command to its device and say on its reply channel whether it went out."""
-        command_id, device_id = message.get("id"), message.get("device")
-        if not isinstance(command_id, str) or not isinstance(device_id, str) or "body" not in message:
-            shown = repr(message)
-            log.warning("ignoring a malformed command: %s", shown if len(shown) <= 200
-                        else f"{shown[:200]}... ({len(shown)} characters)")
-            return
-        recipient = self._find(str(message.get("conn")), device_id)
-        status = "offline"
+        command_id, device_id = command.command_id, command.device_id
+        recipient = self._find(command.conn, device_id)
+        status: control.DeliveryStatus = "offline"
         if recipient is not None and recipient.device_id == device_id:
             wire = protocol.server_text_frame(
-                protocol.command_frame(command_id, message["body"], v2=recipient.v2))
+                protocol.command_frame(command_id, command.body, v2=recipient.v2))
             if recipient.send_command(wire):
                 status = "delivered"
         self._count(status)
         self._publish(keys.command_reply(command_id),
-                      orjson.dumps({"id": command_id, "device": device_id, "status": status,
-                                    "node": self._node_id}))
+                      control.delivery_reply(command_id, device_id, status, self._node_id))
 
     def answer(self, answer: CommandAnswer) -> None:
         """Hand a device's ``command_result`` to the command's sender (on its reply channel)."""
         self._count("answered")
         self._publish(keys.command_reply(answer.command_id),
-                      b'{"id":%s,"device":%s,"status":"result","result":%s}' % (
-                          orjson.dumps(answer.command_id), orjson.dumps(answer.device_id),
-                          answer.payload))
+                      control.result_reply(answer.command_id, answer.device_id, answer.payload))
 
     def _count(self, status: str) -> None:
         self.counts[status] = self.counts.get(status, 0) + 1

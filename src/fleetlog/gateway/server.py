@@ -10,11 +10,12 @@ answered (:meth:`Gateway._lookup_first`); ``GET /healthz`` is answered there too
 pair, identity, rate-limit delays, when to stop reading) live in
 :class:`~fleetlog.gateway.connection.Connection`, which does no I/O:
 :class:`DeviceConnection` feeds it picows' callbacks and performs the
-actions it returns (writes, producer submissions, timers, close).  The
-:class:`Gateway` holds what connections share: the per-address limit
-(:mod:`.addresses`), the per-device rate limiters (:mod:`.limits`), the
-producer, the link registry, the token table, and the relay of commands to
-devices (:mod:`.relay`).
+actions it returns (writes, producer submissions, timers, close), using
+nothing of the node but :class:`~.wiring.Shared`.  What connections share is
+built from the settings apart (:func:`~.wiring.wire`: the per-address limit,
+the per-device rate limiters, the producer, the link registry and the table of
+connections (:mod:`.devices`), the token table, the relay of commands to
+devices); the :class:`Gateway` takes those parts, listens and serves.
 
 The WebSocket library is picows (chosen by measurement, see ``bench/``); it
 is used only in this module and :mod:`.handshake`, so it can be swapped.
@@ -23,6 +24,7 @@ is used only in this module and :mod:`.handshake`, so it can be swapped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -43,15 +45,13 @@ from picows import (
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
-from prometheus_client import CollectorRegistry
 
-from fleetlog import protocol
+from fleetlog import control, protocol
 from fleetlog.config import Settings
-from fleetlog.credentials import TokenCache, hash_token
+from fleetlog.credentials import hash_token
 from fleetlog.errors import ErrorCode, FleetlogError, QueueClosed, TooManyAuthFailures
 from fleetlog.gateway import health
-from fleetlog.gateway.addresses import AddressLimit
-from fleetlog.gateway.auth import Authenticator, Identity, Refused
+from fleetlog.gateway.auth import Identity, Refused
 from fleetlog.gateway.connection import (
     Action,
     Close,
@@ -66,20 +66,15 @@ from fleetlog.gateway.connection import (
     queue_error_code,
 )
 from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
-from fleetlog.gateway.limits import AuthFailures, DeviceLimiters
 from fleetlog.gateway.listener import Listener, listen
-from fleetlog.gateway.messages import BufferBudget, CloseCode
+from fleetlog.gateway.messages import CloseCode
 from fleetlog.gateway.registry import LinkRegistry, log_failure
-from fleetlog.gateway.relay import CommandRelay
 from fleetlog.gateway.tls import server_context
-from fleetlog.gateway.tokens import TokenWatcher
-from fleetlog.metrics import CONTENT_TYPE, Histogram, TallyCollector, render
-from fleetlog.process import big_buffers_outside_the_heap, give_memory_back, raise_descriptor_limit
-from fleetlog.queue import scripts
-from fleetlog.queue.connection import REDIS_DOWN, connect_async, fewest_replicas, initialize, is_cluster
-from fleetlog.queue.producer import IngestResult, Producer
-from fleetlog.queue.script_runner import ClusterScript, RedisScript
-from fleetlog.quietlog import RateLimitedLog
+from fleetlog.gateway.wiring import GatewayParts, Shared, wire
+from fleetlog.metrics import CONTENT_TYPE, render
+from fleetlog.process import big_buffers_outside_the_heap, raise_descriptor_limit
+from fleetlog.queue.connection import REDIS_DOWN, fewest_replicas, initialize
+from fleetlog.queue.producer import IngestResult
 
 __all__ = ["DeviceConnection", "Gateway", "run_gateway"]
 
@@ -115,16 +110,16 @@ class DeviceConnection(WSListener):
     """
 
     __slots__ = ("_hang_up", "_peer", "_transport", "conn", "conn_id",
-                 "gateway", "heard", "on_outcome", "pinged")
+                 "heard", "on_outcome", "pinged", "shared")
 
-    def __init__(self, gateway: Gateway, conn_id: str, identity: Identity | None) -> None:
-        self.gateway = gateway
+    def __init__(self, shared: Shared, conn_id: str, identity: Identity | None) -> None:
+        #: All it uses of the gateway (see :class:`~.wiring.Shared`).
+        self.shared = shared
         self.conn_id = conn_id
-        settings = gateway.settings
-        self.conn = Connection(identity, max_message_bytes=settings.max_frame_bytes,
-                               max_records_per_frame=settings.max_records_per_frame,
-                               limiter_for=gateway.limiters.get, now=time.monotonic(),
-                               budget=gateway.buffered)
+        self.conn = Connection(identity, max_message_bytes=shared.max_message_bytes,
+                               max_records_per_frame=shared.max_records_per_frame,
+                               limiter_for=shared.limiter_for, now=time.monotonic(),
+                               budget=shared.budget)
         #: What the producer calls with a submission's outcome (bound once, not per frame).
         self.on_outcome = self._on_outcome
         self._transport: WSTransport | None = None
@@ -152,6 +147,15 @@ class DeviceConnection(WSListener):
         return self._peer
 
     @property
+    def linked(self) -> bool:
+        """Whether it holds its device's link (``--auth none``: see :meth:`.Devices.claim`)."""
+        return self.conn.linked
+
+    @linked.setter
+    def linked(self, value: bool) -> None:
+        self.conn.linked = value
+
+    @property
     def v2(self) -> bool:
         """Whether the device speaks v2 (how a command is framed for it)."""
         return self.conn.v2
@@ -167,13 +171,12 @@ class DeviceConnection(WSListener):
         # (A read-only proxy where picows' stubs say CIMultiDict: no one may add to it.)
         transport.request.headers = _NO_HEADERS  # type: ignore[assignment]
         transport.response.headers = _NO_HEADERS  # type: ignore[assignment]
-        gateway = self.gateway
         peer = transport.underlying_transport.get_extra_info("peername")
         self._peer = peer[0] if peer else None
-        gateway.connect(self)
+        self.shared.devices.connect(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.gateway.release(self)
+        self.shared.devices.release(self)
         self.conn.connection_lost()
         self._transport = None
         if self._hang_up is not None:
@@ -199,7 +202,7 @@ class DeviceConnection(WSListener):
             return
         if msg_type not in _DATA:
             return  # PONG: noted above (see keep_alive)
-        self.gateway.frames_in += 1
+        self.shared.counts.frames_in += 1
         if transport.is_close_frame_sent:
             # Closing: nothing more is read.  picows sends 1009 on the header of a
             # frame over max_frame_size but keeps parsing until it disconnects,
@@ -212,13 +215,12 @@ class DeviceConnection(WSListener):
     # -- the connection's events that are not picows' ------------------------------
 
     def _on_outcome(self, submission: Submission, outcome: IngestResult | FleetlogError) -> None:
-        gateway = self.gateway
+        counts = self.shared.counts
         if isinstance(outcome, FleetlogError):
-            code = queue_error_code(outcome)
-            gateway.errors[code] = gateway.errors.get(code, 0) + 1
+            counts.error(queue_error_code(outcome))
         else:
-            gateway.acks += 1
-            gateway.ack_latency.observe(time.monotonic() - submission.queued_at)
+            counts.acks += 1
+            counts.ack_latency.observe(time.monotonic() - submission.queued_at)
         self.conn.receive_outcome(submission, outcome)
         self._perform()
 
@@ -292,7 +294,7 @@ class DeviceConnection(WSListener):
         """Hand records to the producer; once it is closed (shutdown), answer ``unavailable`` now."""
         submission.queued_at = time.monotonic()
         try:
-            self.gateway.producer.submit(
+            self.shared.submit(
                 submission.device_id, submission.records, functools.partial(self.on_outcome, submission),
                 seqs=submission.seqs, session=submission.session, frame_id=submission.frame_id,
             )
@@ -302,7 +304,7 @@ class DeviceConnection(WSListener):
     def _act(self, action: Action) -> None:
         """The actions that are not per frame."""
         transport = self._transport
-        registry = self.gateway.registry
+        shared = self.shared
         if isinstance(action, Reading):
             if transport is not None:
                 if action is Reading.PAUSE:
@@ -310,15 +312,14 @@ class DeviceConnection(WSListener):
                 else:
                     transport.underlying_transport.resume_reading()
         elif isinstance(action, Link):
-            self.gateway.claim(self, action.device_id)
+            shared.devices.claim(self, action.device_id)
         elif isinstance(action, Unlink):
-            self.gateway.unclaim(self, action.device_id)
+            shared.devices.unclaim(self, action.device_id)
         elif isinstance(action, Refusal):
-            registry.count_refusal(action.device_id, action.reason)
-            errors = self.gateway.errors
-            errors[action.reason] = errors.get(action.reason, 0) + 1
+            shared.count_refusal(action.device_id, action.reason)
+            shared.counts.error(action.reason)
         elif isinstance(action, CommandAnswer):
-            self.gateway.relay.answer(action)
+            shared.answer(action)
         elif isinstance(action, SetTimer):
             asyncio.get_running_loop().call_later(action.delay, self._delay_elapsed)
         elif isinstance(action, Close):
@@ -344,82 +345,30 @@ class DeviceConnection(WSListener):
 
 
 class Gateway:
-    """A gateway node: WebSocket server, producer, link registry, credentials."""
+    """A gateway node's server: accepts device connections and serves them, on built parts.
 
-    def __init__(self, settings: Settings, redis_url: str) -> None:
-        self.settings = settings
-        self.redis_url = redis_url
-        self.connections: set[DeviceConnection] = set()
-        #: The connection here that holds each device's link.
-        self._by_device: dict[str, DeviceConnection] = {}
-        #: ``--auth none``: the connections here that spoke for each device, the latest
-        #: last (a dict as an ordered set).
-        self._claims: dict[str, dict[DeviceConnection, None]] = {}
-        self._by_conn: dict[str, DeviceConnection] = {}
-        self._addresses = AddressLimit(settings.max_connections_per_ip)
-        #: Bytes held in unfinished (fragmented) messages, all connections together.
-        self.buffered = BufferBudget(settings.max_buffered_bytes)
+    The parts (:func:`~.wiring.wire`, from the settings) are the Redis
+    clients, the producer, the registry, the connections' table, the relay,
+    the tokens; the server adds the listeners and its background tasks, and
+    runs ``start -> serve -> stop`` (:meth:`start`, :meth:`stop`).
+    """
+
+    def __init__(self, parts: GatewayParts) -> None:
+        self.parts = parts
+        self.settings = settings = parts.settings
         # File descriptors: the process' limit, raised to its hard limit, less a reserve.
         self._descriptor_limit = raise_descriptor_limit()
         self._descriptor_ceiling = max(1, self._descriptor_limit - settings.fd_reserve)
         self._accept_paused = False
-        #: Connections closed so far, and both counts at the last heap trim.
-        self.closed = 0
-        self._trimmed_at = (0, 0)
-        self._trim_due = 0.0
-        self.limiters = DeviceLimiters(
-            records_per_s=settings.rate_records, bytes_per_s=settings.rate_bytes,
-            burst=settings.rate_burst, max_delay=settings.rate_max_delay,
-        )
         self._ids = itertools.count(1)
-        # Counted in plain attributes on the hot path, read at scrape time (fleetlog.metrics).
-        self.frames_in = 0
-        self.acks = 0
-        self.errors: dict[str, int] = {}
-        self.ack_latency = Histogram()
-        self.metrics = self._metrics_registry()
         self._server: Listener | None = None
         self._metrics_server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: What :meth:`start` opened, closed in reverse by :meth:`stop` (or by a failed start).
+        self._resources: contextlib.AsyncExitStack | None = None
         self._stopping = False
-        client = connect_async(redis_url, timeout=settings.redis_timeout)
-        self._client = client
-        self.tokens = TokenCache()
-        # Token lookups have their own client and pool (see _look_up).
-        self._lookup_client = connect_async(redis_url, timeout=settings.redis_timeout,
-                                            pool_size=settings.token_lookups)
-        self._lookup_slots = asyncio.Semaphore(settings.token_lookups)
-        self.auth_failures = AuthFailures(per_s=settings.auth_failures_per_ip,
-                                          burst=settings.auth_failures_burst)
-        self.lookup_failures = RateLimitedLog(log, interval=10.0)
-        self._token_watcher = TokenWatcher(client, self.tokens, node_id=settings.node_id,
-                                           on_revoked=self._close_revoked,
-                                           connected=self._connected_tokens)
-        self.auth = Authenticator(
-            settings.auth, self.tokens, jwt_secret=settings.jwt_secret,
-            jwt_public_key=settings.jwt_public_key,
-        )
-        runner = ClusterScript if is_cluster(client) else RedisScript
-        self._ingest, self._ingest_plain = (runner(
-            client, script, replicas=settings.ack_replicas or 0,
-            # within the socket timeout, so WAIT's own answer comes back
-            replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2))
-            for script in (scripts.INGEST, scripts.INGEST_PLAIN))
         #: Whether ``--ack-replicas`` is still to be chosen from the topology (see start).
         self._replicas_unknown = settings.ack_replicas is None
-        self.producer = Producer(
-            client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
-            shards=settings.shards, runner=self._ingest, plain_runner=self._ingest_plain,
-            dedupe_window=int(settings.dedupe_window),
-        )
-        self.registry = LinkRegistry(
-            client,
-            node_id=settings.node_id,
-            heartbeat_ttl=settings.heartbeat_ttl,
-            info={"host": settings.host, "port": settings.ws_port},
-            take_over=settings.auth != "none",
-        )
-        self.relay = CommandRelay(client, settings.node_id, self._recipient)
 
     @property
     def port(self) -> int:
@@ -427,35 +376,15 @@ class Gateway:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    # -- connections ----------------------------------------------------------------
+    @property
+    def connections(self) -> set[DeviceConnection]:
+        return self.parts.devices.connections
 
-    def _metrics_registry(self) -> CollectorRegistry:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(TallyCollector([
-            ("gauge", "fleetlog_gateway_connections", "Open device connections.",
-             lambda: len(self.connections)),
-            ("counter", "fleetlog_gateway_frames_total", "Data frames received from devices.",
-             lambda: self.frames_in),
-            ("counter", "fleetlog_gateway_acks_total",
-             "Frames acknowledged to devices once Redis had their records.", lambda: self.acks),
-            ("counter", "fleetlog_gateway_errors_total|code",
-             "Frames and connections refused, by error code.", lambda: self.errors),
-            ("gauge", "fleetlog_gateway_buffered_bytes",
-             "Bytes held in unfinished fragmented messages, all connections together.",
-             lambda: self.buffered.held),
-            ("counter", "fleetlog_gateway_buffer_full_closes_total",
-             "Connections closed (1008) because max_buffered_bytes was held already.",
-             lambda: self.buffered.refused),
-            ("counter", "fleetlog_gateway_unconfirmed_records_total",
-             "Records answered unconfirmed: sent to Redis, perhaps queued, not acknowledged.",
-             lambda: self.producer.unconfirmed),
-            ("histogram", "fleetlog_gateway_ack_latency_seconds",
-             "From handing a frame's records to the producer to Redis' answer.",
-             lambda: self.ack_latency),
-            ("counter", "fleetlog_gateway_commands_total|status",
-             "Commands for devices on this node, by outcome.", lambda: self.relay.counts),
-        ]))
-        return registry
+    @property
+    def registry(self) -> LinkRegistry:
+        return self.parts.registry
+
+    # -- handshakes ----------------------------------------------------------------------
 
     def _accept(self, request: WSUpgradeRequest) -> Any:
         path = request.path.split(b"?")[0]
@@ -464,21 +393,21 @@ class Gateway:
         if path == b"/metrics":
             if self.settings.metrics_on_device_port:
                 response = WSUpgradeResponse.create_ok_response(
-                    render(self.metrics), extra_headers={"Content-Type": CONTENT_TYPE})
+                    render(self.parts.metrics), extra_headers={"Content-Type": CONTENT_TYPE})
             else:  # on the metrics listener (--gateway-metrics-port), not here
                 response = WSUpgradeResponse.create_error_response(
                     404, b"not served on the device port\n", extra_headers={"Content-Type": "text/plain"})
             return WSUpgradeResponseWithListener(response, None)
         try:
-            identity = self.auth.identify(request.headers.get("Authorization"), request.path)
+            identity = self.parts.auth.identify(request.headers.get("Authorization"), request.path)
         except Refused as exc:
-            self.registry.count_refusal(None, ErrorCode.UNAUTHORIZED)
+            self.parts.registry.count_refusal(None, ErrorCode.UNAUTHORIZED)
             body = protocol.error_frame(ErrorCode.UNAUTHORIZED, str(exc))
             response = WSUpgradeResponse.create_error_response(
                 401, body, extra_headers={"WWW-Authenticate": "Bearer",
                                           "Content-Type": "application/json"})
             return WSUpgradeResponseWithListener(response, None)
-        return DeviceConnection(self, f"{self.settings.node_id}/{next(self._ids)}", identity)
+        return DeviceConnection(self.parts.shared, f"{self.settings.node_id}/{next(self._ids)}", identity)
 
     def _lookup_first(self, head: bytes, peer: str | None) -> Awaitable[object] | None:
         """For a request head whose token the cache does not hold: its lookup, to await first.
@@ -492,11 +421,11 @@ class Gateway:
         if token is None:
             return None
         digest = hash_token(token)
-        if self.tokens.cached(digest):
+        if self.parts.tokens.cached(digest):
             return None
-        wait = self.auth_failures.retry_after(peer, time.monotonic())
+        wait = self.parts.auth_failures.retry_after(peer, time.monotonic())
         if wait:
-            self.errors["auth_throttled"] = self.errors.get("auth_throttled", 0) + 1
+            self.parts.counts.error("auth_throttled")
             return _raise(TooManyAuthFailures(wait))
         return self._look_up(digest, peer)
 
@@ -507,14 +436,15 @@ class Gateway:
         flood of unknown tokens queues here instead (each lookup is one HGET).
         A Redis outage is logged once per interval with a count, not per lookup.
         """
-        async with self._lookup_slots:
+        parts = self.parts
+        async with parts.lookup_slots:
             try:
-                device_id = await self.tokens.fetch(self._lookup_client, digest)
+                device_id = await parts.tokens.fetch(parts.lookup_client, digest)
             except REDIS_DOWN as exc:
-                self.lookup_failures.note(f"cannot look device tokens up (503): {exc}")
+                parts.lookup_failures.note(f"cannot look device tokens up (503): {exc}")
                 raise
         if device_id is None:
-            self.auth_failures.failed(peer, time.monotonic())
+            parts.auth_failures.failed(peer, time.monotonic())
 
     def _health(self) -> Any:
         """``GET /healthz`` on the device port (see :mod:`.health`): no node id, no counts."""
@@ -527,10 +457,11 @@ class Gateway:
         return WSUpgradeResponseWithListener(response, None)
 
     def _health_answer(self, *, detail: bool) -> health.Health:
+        registry, producer = self.parts.registry, self.parts.producer
         return health.health(
             node_id=self.settings.node_id, connections=len(self.connections),
-            redis=health.redis_problem(self.registry, self.producer),
-            tasks=health.dead_task([*self._tasks, *self.registry.tasks, *self.producer.tasks]),
+            redis=health.redis_problem(registry, producer),
+            tasks=health.dead_task([*self._tasks, *registry.tasks, *producer.tasks]),
             detail=detail,
         )
 
@@ -547,7 +478,7 @@ class Gateway:
             target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
             path = target.split(b"?")[0]
             if path == b"/metrics":
-                status, kind, body = 200, CONTENT_TYPE, render(self.metrics)
+                status, kind, body = 200, CONTENT_TYPE, render(self.parts.metrics)
             elif path == b"/healthz":
                 answer = self._health_answer(detail=True)
                 status, kind, body = answer.status, "application/json", answer.body
@@ -563,88 +494,19 @@ class Gateway:
         finally:
             writer.close()
 
-    def connect(self, connection: DeviceConnection) -> None:
-        """Register a new connection (its address was counted at accept: see :mod:`.handshake`).
-
-        An authenticated device is linked at once and takes over its older
-        connection, on this node or (through the registry) on another.
-        """
-        self.connections.add(connection)
-        self._by_conn[connection.conn_id] = connection
-        device_id = connection.device_id
-        if connection.identity is not None and device_id is not None:
-            previous = self._by_device.get(device_id)
-            self._by_device[device_id] = connection
-            if previous is not None:
-                previous.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
-            self.registry.link(device_id, connection.conn_id)
-
-    def claim(self, connection: DeviceConnection, device_id: str) -> None:
-        """``--auth none``: ``connection`` sent a frame as ``device_id``: the link is its now.
-
-        The connection that held it here is told (so its next frame takes it
-        back); every connection that spoke for the device is remembered, so that
-        the loss of one hands the link to another instead of marking the device
-        offline while it still has a connection.
-        """
-        claims = self._claims.setdefault(device_id, {})
-        claims.pop(connection, None)
-        claims[connection] = None  # the latest to speak last
-        holder = self._by_device.get(device_id)
-        if holder is not None and holder is not connection:
-            holder.conn.linked = False
-        self._by_device[device_id] = connection
-        self.registry.link(device_id, connection.conn_id)
-
-    def unclaim(self, connection: DeviceConnection, device_id: str) -> None:
-        """``connection`` no longer speaks for ``device_id`` (it claimed another id, or closed)."""
-        claims = self._claims.get(device_id)
-        if claims is not None:
-            claims.pop(connection, None)
-            if not claims:
-                del self._claims[device_id]
-        if self._by_device.get(device_id) is not connection:
-            return  # another connection holds the link: it stays
-        successor = next(reversed(claims), None) if claims else None  # the latest to speak
-        if successor is None:
-            del self._by_device[device_id]
-            self.registry.unlink(device_id, connection.conn_id)
-        else:
-            self._by_device[device_id] = successor
-            successor.conn.linked = True
-            self.registry.link(device_id, successor.conn_id)
-
-    def release(self, connection: DeviceConnection) -> None:
-        if connection not in self.connections:
-            return
-        self.closed += 1
-        if self.closed - self._trimmed_at[1] >= _TRIM_AFTER_CLOSES:
-            self._give_memory_back()
-        self.connections.discard(connection)
-        self._by_conn.pop(connection.conn_id, None)
-        device_id = connection.device_id
-        if device_id is None:
-            return
-        if connection.identity is None:
-            self.unclaim(connection, device_id)
-            return
-        if self._by_device.get(device_id) is connection:
-            del self._by_device[device_id]
-        self.registry.unlink(device_id, connection.conn_id)
-
     def on_control(self, message: dict[str, Any]) -> None:
         """A message on this node's control channel: another node's take-over, or a command."""
-        op = message.get("op")
-        if op == "takeover":
-            connection = self._by_conn.get(str(message.get("conn")))
-            if connection is not None:
-                connection.close(CloseCode.TAKEN_OVER, "replaced by a newer connection of this device")
-        elif op == "command":
-            self.relay.deliver(message)
-
-    def _recipient(self, conn_id: str, device_id: str) -> DeviceConnection | None:
-        """The connection a command's link named, or, if that one is gone, the device's here."""
-        return self._by_conn.get(conn_id) or self._by_device.get(device_id)
+        try:
+            parsed = control.parse_control(message)
+        except ValueError:
+            shown = repr(message)
+            log.warning("ignoring a malformed command: %s", shown if len(shown) <= 200
+                        else f"{shown[:200]}... ({len(shown)} characters)")
+            return
+        if isinstance(parsed, control.Takeover):
+            self.parts.devices.take_over(parsed.conn)
+        elif isinstance(parsed, control.Command):
+            self.parts.relay.deliver(parsed)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -669,7 +531,7 @@ class Gateway:
             2048,
         )
         protocol.lookup = self._lookup_first
-        protocol.addresses = self._addresses
+        protocol.addresses = self.parts.addresses
         protocol.counted = self._watch_descriptors
         protocol.head_timeout = settings.handshake_timeout
         return protocol
@@ -694,50 +556,56 @@ class Gateway:
         )
 
     async def start(self) -> None:
-        """Listen first (a taken port fails here, before anything else started), then run."""
-        settings = self.settings
+        """Connect, listen, then run; a failure part-way closes what was opened, in reverse.
+
+        Each resource goes on one exit stack as it is opened (the Redis clients,
+        the token subscription, the listeners, the background work); :meth:`stop`
+        closes the same stack once it drained.  The device port is listened on
+        before the producer, the registry and the tasks start: a taken port fails
+        there, with nothing but the connections to Redis to close.
+        """
+        parts, settings = self.parts, self.settings
         if settings.auth == "none":
             log.warning("AUTH IS OFF (--auth none): any client can write records as any device. "
                         "Use --auth token unless this is a legacy fleet on a closed network.")
-        try:
-            await initialize(self._client)
-            await initialize(self._lookup_client)
-        except BaseException:
-            await self._client.aclose()
-            await self._lookup_client.aclose()
-            raise
-        await self._choose_replicas()
-        if settings.auth == "token":
-            await self._token_watcher.start()
-        # The metrics listener first: once the device port answers, so does it.
-        if settings.gateway_metrics_port:
-            try:
-                self._metrics_server = await asyncio.start_server(
-                    self._serve_metrics, settings.metrics_host, settings.gateway_metrics_port)
-            except OSError as exc:  # a taken port costs the metrics, never the devices
-                log.error("gateway metrics not served on %s:%d: %s", settings.metrics_host,
-                          settings.gateway_metrics_port, exc)
-            else:
-                log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_host,
-                         settings.gateway_metrics_port)
-        try:
+        async with contextlib.AsyncExitStack() as resources:
+            resources.push_async_callback(parts.lookup_client.aclose)
+            resources.push_async_callback(parts.client.aclose)
+            await initialize(parts.client)
+            await initialize(parts.lookup_client)
+            await self._choose_replicas()
+            # (Once run() ended, it has unsubscribed and stop() finds nothing to do.)
+            resources.push_async_callback(parts.token_watcher.stop)
+            if settings.auth == "token":
+                await parts.token_watcher.start()
+            # The metrics listener first: once the device port answers, so does it.
+            if settings.gateway_metrics_port:
+                try:
+                    self._metrics_server = await asyncio.start_server(
+                        self._serve_metrics, settings.metrics_host, settings.gateway_metrics_port)
+                except OSError as exc:  # a taken port costs the metrics, never the devices
+                    log.error("gateway metrics not served on %s:%d: %s", settings.metrics_host,
+                              settings.gateway_metrics_port, exc)
+                else:
+                    resources.callback(self._metrics_server.close)
+                    log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_host,
+                             settings.gateway_metrics_port)
             self._server = await self._listen()
-        except BaseException:
-            if self._metrics_server is not None:
-                self._metrics_server.close()
-            await self._token_watcher.stop()
-            await self._client.aclose()
-            await self._lookup_client.aclose()
-            raise
-        self.producer.start()
-        self.registry.start(self.on_control)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping"),
-                       loop.create_task(self._keep_alive(), name="keepalive")]
-        if settings.auth == "token":
-            self._tasks.append(loop.create_task(self._token_watcher.run(), name="tokens"))
-        for task in [*self._tasks, *self.registry.tasks, *self.producer.tasks]:
-            task.add_done_callback(self._task_ended)
+            resources.callback(self._server.close)
+            parts.producer.start()  # closed by stop()'s drain, before its connections close
+            parts.registry.start(self.on_control)
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._housekeeping(), name="housekeeping"),
+                           loop.create_task(self._keep_alive(), name="keepalive")]
+            if settings.auth == "token":
+                self._tasks.append(loop.create_task(parts.token_watcher.run(), name="tokens"))
+            for task in [*self._tasks, *parts.registry.tasks, *parts.producer.tasks]:
+                task.add_done_callback(self._task_ended)
+            # Closed in reverse: the registry first (it writes the unlinks of the connections
+            # the drain closed), then the tasks the drain cancelled are awaited.
+            resources.push_async_callback(self._tasks_ended)
+            resources.push_async_callback(parts.registry.close)
+            self._resources = resources.pop_all()
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("gateway %s listening on %s://%s:%d (queue: %s, auth: %s)",
                  settings.node_id, scheme, settings.host, self.port, settings.queue, settings.auth)
@@ -755,7 +623,7 @@ class Gateway:
         """
         chosen = self.settings.ack_replicas
         try:
-            replicas = await fewest_replicas(self._client)
+            replicas = await fewest_replicas(self.parts.client)
         except REDIS_DOWN as exc:
             if self._replicas_unknown:
                 log.warning("cannot tell yet whether Redis has replicas (%s): acking on the master "
@@ -764,8 +632,8 @@ class Gateway:
         if chosen is None:
             self._replicas_unknown = False
             if replicas:
-                self._ingest.wait_for(1)
-                self._ingest_plain.wait_for(1)
+                self.parts.ingest.wait_for(1)
+                self.parts.ingest_plain.wait_for(1)
                 log.info("every Redis master has a replica: acking a frame once one replica has "
                          "its records (--ack-replicas 0 acks on the master alone: faster, but a "
                          "failover can lose acked records)")
@@ -788,13 +656,13 @@ class Gateway:
         that come meanwhile wait in the kernel's accept queue.
         """
         server = self._server
-        total = self._addresses.total
+        total = self.parts.addresses.total
         if server is None or self._stopping:
             return
         if not self._accept_paused and total >= self._descriptor_ceiling:
             self._accept_paused = True
             server.pause()
-            self.errors["accept_paused"] = self.errors.get("accept_paused", 0) + 1
+            self.parts.counts.error("accept_paused")
             log.warning("%d connections open, near this process' limit of %d file descriptors: "
                         "not accepting more until some close", total, self._descriptor_limit)
         elif self._accept_paused and total <= self._descriptor_ceiling * 0.9:
@@ -802,33 +670,9 @@ class Gateway:
             server.resume()
             log.info("%d connections open: accepting again", total)
 
-    def _give_memory_back(self) -> None:
-        """After many connections closed or many buffered bytes were freed: trim the heap.
-
-        Without it, memory an attack made the gateway hold (unfinished messages,
-        the read buffers of thousands of connections) stays in the process for
-        good once freed: 2,891 MB after 3,000 such connections closed, against
-        170 MB before.
-        """
-        freed = self.buffered.given - self._trimmed_at[0]
-        closed = self.closed - self._trimmed_at[1]
-        now = time.monotonic()
-        if (freed >= _TRIM_AFTER_BYTES or closed >= _TRIM_AFTER_CLOSES) and now >= self._trim_due:
-            self._trimmed_at = (self.buffered.given, self.closed)
-            self._trim_due = now + _TRIM_EVERY
-            give_memory_back()
-
-    def _close_revoked(self, token_hashes: set[str]) -> None:
-        """Close the connections of tokens revoked or rotated (4401)."""
-        for connection in list(self.connections):
-            identity = connection.identity
-            if identity and identity.token_hash in token_hashes:
-                connection.close(CloseCode.REVOKED, "credentials revoked or rotated")
-
-    def _connected_tokens(self) -> list[str]:
-        """The token hashes of the connected devices (checked after missed changes)."""
-        return [connection.identity.token_hash for connection in self.connections
-                if connection.identity is not None and connection.identity.token_hash]
+    async def _tasks_ended(self) -> None:
+        """Wait for the server's tasks, cancelled by :meth:`stop`, to end."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""
@@ -866,9 +710,9 @@ class Gateway:
                 deadline = now - timeout
                 for connection in [c for c in self.connections if c.last_activity < deadline]:
                     connection.close(CloseCode.NORMAL, "idle timeout")
-                self.limiters.forget_idle(now)
-                self.auth_failures.forget_idle(now)
-                self._give_memory_back()
+                self.parts.limiters.forget_idle(now)
+                self.parts.auth_failures.forget_idle(now)
+                self.parts.trim.maybe()
                 if self._replicas_unknown:
                     await self._choose_replicas()
             except Exception as exc:  # a bug: say so, and try again next round
@@ -883,6 +727,9 @@ class Gateway:
            once Redis has it or an error; a frame still waiting out a rate-limit
            delay is answered ``unavailable`` (:class:`QueueClosed`).
         3. Close every connection with 1001 and wait for them to go.
+        4. Close what :meth:`start` opened, in reverse: the registry (the links'
+           last changes written, the heartbeat removed), the tasks, the
+           listeners, the token subscription, the Redis clients.
         Each wait is bounded: a frame that got no reply when its connection
         closed was not acked, and the device sends it again elsewhere.
         """
@@ -896,7 +743,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         try:
-            await asyncio.wait_for(self.producer.close(), _DRAIN_TIMEOUT + self.settings.redis_timeout)
+            await asyncio.wait_for(self.parts.producer.close(),
+                                   _DRAIN_TIMEOUT + self.settings.redis_timeout)
         except TimeoutError:
             log.warning("records in flight not answered within the shutdown limit; "
                         "their devices will send them again")
@@ -908,17 +756,9 @@ class Gateway:
             await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.disconnect()
-        await self.registry.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._client.aclose()
-        await self._lookup_client.aclose()
-
-
-#: Trim the heap after this many buffered bytes were freed, or connections closed.
-_TRIM_AFTER_BYTES = 32 * 2**20
-_TRIM_AFTER_CLOSES = 200
-#: ... and at most this often (seconds): a trim walks the whole heap.
-_TRIM_EVERY = 1.0
+        resources, self._resources = self._resources, None
+        if resources is not None:
+            await resources.aclose()
 
 
 async def _raise(exc: BaseException) -> None:
@@ -926,7 +766,7 @@ async def _raise(exc: BaseException) -> None:
 
 
 async def serve(settings: Settings, redis_url: str, stop: asyncio.Event) -> None:
-    gateway = Gateway(settings, redis_url)
+    gateway = Gateway(wire(settings, redis_url))
     await gateway.start()
     await stop.wait()
     log.info("gateway stopping")

@@ -306,7 +306,11 @@ return {0}
 #: KEYS[1] device:links; ARGV[1] device, ARGV[2] link JSON, ARGV[3] this node,
 #: ARGV[4] this connection, ARGV[5] control channel prefix, ARGV[6] '1' to take over.
 #: Points the device at this connection; with take-over, tells the node of the
-#: connection it replaces (if another node) to close that one.
+#: connection it replaces (if another node) to close that one: it publishes
+#: ``{"op": "takeover", "device": <ARGV[1]>, "conn": <the old link's conn>}`` (keys in
+#: any order) on that node's control channel, which the node reads with
+#: :func:`fleetlog.control.parse_control` (the one message of :mod:`fleetlog.control`
+#: built here, in Lua).
 LINK: Final = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
