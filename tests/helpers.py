@@ -41,6 +41,20 @@ async def legacy_device(url: str, device_id: str, count: int) -> list[int]:
     return acked
 
 
+def stored_count(data_dir: Path) -> int:
+    """How many records the store holds: cheap enough to poll while a worker drains."""
+    path = data_dir / "fleetlog.db"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("SELECT count(*) FROM records").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
 def stored_rows(data_dir: Path) -> list[tuple[str, str, int, str]]:
     """(qid, device_id, seq, data) of every stored record, in store order."""
     path = data_dir / "fleetlog.db"

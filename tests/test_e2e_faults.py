@@ -15,9 +15,9 @@ import websockets
 
 from fleetlog.embedded import RedisServer
 from tests.conftest import Processes
-from tests.helpers import STORED, file_lines, legacy_frame, send_legacy, stored_rows, wait_until
+from tests.helpers import STORED, file_lines, legacy_frame, send_legacy, stored_count, stored_rows, wait_until
 
-RECORDS = 20_000
+RECORDS = 40_000
 
 
 def _health(port: int) -> tuple[int, dict[str, object]]:
@@ -49,12 +49,13 @@ def test_worker_killed_mid_drain_loses_and_doubles_nothing(
     kills = 0
     for consumer, threshold in (("a", 3000), ("b", 9000), ("a", 14000)):
         worker = processes.worker(redis_url, data_dir, "--consumer", consumer, *common)
-        assert wait_until(lambda t=threshold: len(stored_rows(data_dir)) >= t, timeout=60)
+        # Polled by count (a full read of the rows took longer than a fast drain's tail).
+        assert wait_until(lambda t=threshold: stored_count(data_dir) >= t, timeout=60, interval=0.02)
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         kills += 1
     assert kills == 3
-    assert len(stored_rows(data_dir)) < RECORDS, "the kills happened mid-drain"
+    assert stored_count(data_dir) < RECORDS, "the kills happened mid-drain"
 
     processes.worker(redis_url, data_dir, "--consumer", "c", *common)
     assert wait_until(lambda: len(stored_rows(data_dir)) >= RECORDS, timeout=90)

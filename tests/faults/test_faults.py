@@ -314,17 +314,23 @@ def test_worker_starts_while_redis_is_out_of_memory(fleet: Fleet) -> None:
     with fleet.redis_client() as client:
         client.xgroup_create("fleetlog:records", "fleetlog:workers", id="0", mkstream=True)
         fleet.start_gateway()
-        fleet.simulate(devices=20, messages=300, rate=3000)
-        time.sleep(1.5)  # a backlog builds with no worker
+        fleet.simulate(devices=20, messages=1500, rate=4000)  # 7.5 s: it goes on under the OOM
+        time.sleep(3.0)  # a backlog builds with no worker
         used = client.info("memory")["used_memory"]
+        # Full by a quarter of what the queue holds, a backlog of over a megabyte: draining it
+        # must bring Redis well below the limit whatever else moves meanwhile.  Valkey keeps
+        # ~0.3 MB of what a drained stream took, client buffers move by ~0.1 MB, and packed
+        # entries hold ~118 B a record: a fixed 100 KB under a small backlog was within that.
+        queued = int(client.memory_usage("fleetlog:records", samples=0) or 0)
+        assert queued > 1_000_000, f"a backlog of {queued} bytes is too small to mean anything"
         client.config_set("maxmemory-policy", "noeviction")
-        client.config_set("maxmemory", used - 100_000)
+        client.config_set("maxmemory", used - queued // 4)
         time.sleep(1.0)
         fleet.start_worker()
         started = time.monotonic()
         fleet.wait_drained(1)
         recovery = time.monotonic() - started
-        summary = fleet.wait_simulation(acked=6000)
+        summary = fleet.wait_simulation(acked=30000)
     assert fleet.worker is not None and fleet.worker.poll() is None, "the worker started and stayed"
     assert summary["errors"].get("unavailable", 0) > 0, "Redis did refuse the gateway's writes"
     fleet.verify_clean("worker starts while Redis is OOM", recovery,
