@@ -287,15 +287,16 @@ def markdown(results: dict[str, Any]) -> str:
                              one.get("redis_us_per_record"), other.get("redis_us_per_record")))
     drain = results.get("drain_workers", {})
     base = drain.get("1_workers", {}).get("records_per_s")
-    for workers in (2, 4):
+    for workers in (2, 4) if drain else ():
         other = drain.get(f"{workers}_workers", {}).get("records_per_s")
         rows.append(_row(f"drain records/s over 4 shards: 1 vs {workers} workers", base, other))
     cluster = results.get("cluster_vs_single", {})
     single, many = (cluster.get(k, {}).get("records_per_s") for k in ("single", "cluster"))
-    rows.append(_row("v2 ingest records/s, 1 gateway process, 4 shards: single Redis vs 6-node cluster",
+    if cluster:
+        rows.append(_row("v2 ingest records/s, 1 gateway process, 4 shards: single Redis vs 6-node cluster",
                      single, many))
     acks = results.get("ack_replicas", {})
-    for key in ("ack_p50_ms", "ack_p99_ms"):
+    for key in ("ack_p50_ms", "ack_p99_ms") if acks else ():
         no, yes = (acks.get(f"replicas_{n}", {}).get(key) for n in (0, 1))
         rows.append(_row(f"{key.replace('_', ' ')} at {acks.get('offered_rate')} records/s: "
                          "without vs with --ack-replicas 1", no, yes))
