@@ -324,6 +324,8 @@ async def test_the_backlog_limit_counts_records_not_entries(
         assert await submit(producer, "D", [b"6"]) == QUEUED
     finally:
         await producer.close()
+    # The refused record was never written; sent again once there was room, it is there once.
+    assert [record for _, record in stream_entries(sync_client)].count(b"6") == 1
 
 
 async def test_partial_seq_duplicates_keep_the_rest_packed(
