@@ -80,7 +80,12 @@ def record_json(device: str, seq: int) -> bytes:
 
 
 def preload(system: str, client: Any, records: int, devices: int = 100) -> None:
-    """Queue ``records`` records the way ``system``'s gateway would, 2000 per pipeline."""
+    """Queue ``records`` records, 2000 per pipeline: as the seed's gateway does (LPUSH), or
+    for fleetlog one stream entry per record, the format every fleetlog worker reads.
+
+    The drain benchmark fills fleetlog's stream with the revision's own producer instead
+    (:mod:`bench.preload`: packed entries where the revision packs them).
+    """
     pipe = client.pipeline(transaction=False)
     for seq in range(records):
         device = f"drain-{seq % devices:04d}"
