@@ -116,7 +116,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         readers = ReaderPool(settings.store_url, read_timeout=settings.read_timeout)
         services = Services(settings, redis_url, aredis, connect(redis_url, timeout=settings.redis_timeout),
                             registry, sent, readers, CommitFeed(aredis), Bus(aredis),
-                            tails=TailSlots(settings.max_live_tails))
+                            TailSlots(settings.max_live_tails))
         holder[:] = [services]
         app.state.services = services
         services.feed.start()

@@ -70,8 +70,8 @@ class Services:
     readers: ReaderPool  # the store, read-only, one reader per thread at a time
     feed: CommitFeed  # the workers' commit announcements, for live tails
     bus: Bus  # token revocations, command replies: one subscription for the process
+    tails: TailSlots  # live tails admitted, at most settings.max_live_tails
     memory: MemoryTrim = field(default_factory=MemoryTrim)  # gives memory back after large answers
-    tails: TailSlots = field(default_factory=TailSlots)  # live tails admitted, at most MAX_STREAMS
 
 
 def services(request: Request) -> Services:

@@ -56,7 +56,7 @@ from fleetlog.credentials import hash_token
 from fleetlog.reading import FOLLOW_BATCH, LogsRequest, Reader
 from fleetlog.records import StoredRecord
 
-__all__ = ["CHUNK", "GUARDED", "MAX_STREAMS", "TRIM_AFTER", "MemoryTrim", "ReadBudget", "StreamGuard",
+__all__ = ["CHUNK", "GUARDED", "TRIM_AFTER", "MemoryTrim", "ReadBudget", "StreamGuard",
            "TailSlots", "drain", "export_records", "record_bytes"]
 
 log = logging.getLogger("fleetlog.api")
@@ -71,8 +71,6 @@ TRIM_AFTER: Final = 1024 * 1024
 TRIM_EVERY: Final = 1.0
 #: What a record read from the store costs beyond its text (the object, its fields).
 _RECORD_OVERHEAD: Final = 400
-#: Live tails one API process serves at once by default (``max_live_tails``); more are refused (503).
-MAX_STREAMS: Final = 1000
 
 
 # -- how many -------------------------------------------------------------------------
@@ -87,7 +85,7 @@ class TailSlots:
     ends, however it ends (:meth:`held`).  One event loop: no lock needed.
     """
 
-    def __init__(self, limit: int = MAX_STREAMS) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.taken = 0
 

@@ -36,13 +36,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from fleetlog.api.deps import ERRORS, Found, ReadToken, Services, invalid
-from fleetlog.api.guard import CHUNK, MAX_STREAMS, ReadBudget, TailSlots
+from fleetlog.api.guard import CHUNK, ReadBudget, TailSlots
 from fleetlog.api.reads import DeviceParam, Level, Text, check_device, checked_request, read_now, record_row
 from fleetlog.errors import InvalidRequest, StoreUnavailable
 from fleetlog.reading import LogsRequest, decode_cursor, encode_cursor
 from fleetlog.records import StoredRecord
 
-__all__ = ["HEARTBEAT", "MAX_STREAMS", "router"]
+__all__ = ["HEARTBEAT", "router"]
 
 #: Seconds of quiet before a keepalive comment.
 HEARTBEAT: Final = 15.0
