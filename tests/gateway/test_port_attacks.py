@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import redis
@@ -366,12 +367,29 @@ def test_tiny_fragments_are_bounded(
                       >= canaries.acked, 30)
 
 
+def open_connections(metrics_port: int) -> float | None:
+    """The gateway's ``fleetlog_gateway_connections`` gauge, from its metrics listener."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("fleetlog_gateway_connections "):
+            return float(line.split()[1])
+    return None
+
+
 def test_handshakes_count_against_the_address_and_a_slow_head_gets_408(
         processes: Processes, private_redis: RedisServer, tmp_path: Path) -> None:
     """Connections still in the handshake count (the 6th of 5 gets 429 before a byte is read);
     a head that does not arrive within the handshake timeout is answered 408, not a bare close."""
+    metrics = free_port()
     _, port = processes.gateway(private_redis.url, tmp_path / "data", "--max-connections-per-ip", "5",
+                                "--gateway-metrics-port", str(metrics),
                                 env={"FLEETLOG_HANDSHAKE_TIMEOUT": "3.0"})
+    # The start-up probe's connection is gone before the five take the address's slots
+    # (one still counted would make the fifth, not the sixth, the one refused).
+    assert wait_until(lambda: open_connections(metrics) == 0, 10)
 
     async def scenario() -> tuple[bytes, list[bytes], float]:
         started = time.monotonic()
