@@ -14,7 +14,7 @@ import time
 
 from fleetlog import keys
 from tests.faults.harness import Fleet
-from tests.helpers import run_fleetlog
+from tests.helpers import run_fleetlog, wait_until
 from tests.pg import PostgresServer
 
 
@@ -315,7 +315,9 @@ def test_worker_starts_while_redis_is_out_of_memory(fleet: Fleet) -> None:
         client.xgroup_create("fleetlog:records", "fleetlog:workers", id="0", mkstream=True)
         fleet.start_gateway()
         fleet.simulate(devices=20, messages=1500, rate=4000)  # 7.5 s: it goes on under the OOM
-        time.sleep(3.0)  # a backlog builds with no worker
+        # A backlog builds with no worker (waited for by size: a loaded machine is slower).
+        assert wait_until(lambda: int(client.memory_usage("fleetlog:records", samples=0) or 0) > 1_000_000,
+                          60, interval=0.05)
         used = client.info("memory")["used_memory"]
         # Full by a quarter of what the queue holds, a backlog of over a megabyte: draining it
         # must bring Redis well below the limit whatever else moves meanwhile.  Valkey keeps
