@@ -155,6 +155,22 @@ def test_a_child_dies_with_its_supervisor(tmp_path: Path) -> None:
         supervisor.kill()
 
 
+def test_a_child_started_from_a_thread_outlives_the_thread() -> None:
+    """The parent-death signal follows the forking *thread*: a child started from a pool
+    thread (a test's ``asyncio.to_thread(server.start)``) used to get SIGTERM when that thread
+    ended.  Started elsewhere than the main thread, it is left to its owner's shutdown path."""
+    child = Child("sleeper", [PY, "-c", "import time; time.sleep(120)"])
+    starter = threading.Thread(target=child.start)
+    starter.start()
+    starter.join(10)
+    try:
+        assert child.process is not None
+        time.sleep(0.5)  # the signal, were it set, comes as soon as the thread is gone
+        assert child.process.poll() is None
+    finally:
+        stop_children([child], 5)
+
+
 def test_the_descriptor_limit_is_raised_to_the_hard_limit_and_memory_can_be_given_back() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -30,7 +30,7 @@ from redis.retry import Retry
 
 from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
 from fleetlog.net import free_port
-from fleetlog.process import die_with_parent
+from fleetlog.process import parent_death_hook
 
 __all__ = ["LocalCluster", "RedisServer", "find_server_binary", "free_port", "resolve_redis_url",
            "up_parts"]
@@ -114,7 +114,7 @@ class RedisServer:
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             # A group of its own: a terminal's Ctrl-C must not stop Redis before those
             # that use it; its owner stops it (and PR_SET_PDEATHSIG if the owner dies).
-            preexec_fn=die_with_parent, process_group=0,
+            preexec_fn=parent_death_hook(), process_group=0,
         )
         return self.process
 

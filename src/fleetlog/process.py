@@ -20,8 +20,17 @@ from dataclasses import dataclass, field
 from fleetlog.backoff import Backoff
 from fleetlog.lifecycle import SIGNALS, Shutdown
 
-__all__ = ["Child", "Supervisor", "big_buffers_outside_the_heap", "die_with_parent",
-           "give_memory_back", "raise_descriptor_limit", "stop_children", "tend"]
+__all__ = [
+    "Child",
+    "Supervisor",
+    "big_buffers_outside_the_heap",
+    "die_with_parent",
+    "give_memory_back",
+    "parent_death_hook",
+    "raise_descriptor_limit",
+    "stop_children",
+    "tend",
+]
 
 log = logging.getLogger("fleetlog.process")
 
@@ -39,12 +48,25 @@ def die_with_parent() -> None:
     """``preexec_fn``: the child gets SIGTERM when its parent dies, however it dies.
 
     Linux only (prctl PR_SET_PDEATHSIG); elsewhere it does nothing and the
-    parent's own shutdown path is the only guarantee.
+    parent's own shutdown path is the only guarantee.  Use it through
+    :func:`parent_death_hook`: the signal follows the *thread* that forked.
     """
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+
+
+def parent_death_hook() -> Callable[[], None] | None:
+    """:func:`die_with_parent` when called on the main thread, else ``None``.
+
+    Linux sends the parent-death signal when the thread that forked the child
+    ends, not the process: a Redis restarted from a pool thread
+    (``asyncio.to_thread``) was sent SIGTERM 0.1 s later, when ``asyncio.run``
+    shut its executor down.  A child started elsewhere than the main thread is
+    stopped by its owner's shutdown path alone.
+    """
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def give_memory_back() -> bool:
@@ -126,7 +148,7 @@ class Child:
             env = self.env if self.env_for_start is None else {**self.env, **self.env_for_start(self.starts)}
             # A group of its own: only the supervisor decides when and in which order its
             # children stop (a terminal's Ctrl-C reaches the supervisor alone).
-            self.process = subprocess.Popen(self.argv, env=env, preexec_fn=die_with_parent,
+            self.process = subprocess.Popen(self.argv, env=env, preexec_fn=parent_death_hook(),
                                             process_group=0)
         self.starts += 1
         self.started_at = time.monotonic()
