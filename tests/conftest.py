@@ -24,6 +24,18 @@ from fleetlog.net import free_port
 from tests.pg import pg_url, postgres_server, private_postgres  # noqa: F401  (fixtures)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Let Ctrl-C reach the processes the tests start, however the suite was started.
+
+    A shell without job control starts a background command (``make test &``)
+    with SIGINT ignored, and an ignored signal stays ignored across ``exec``:
+    every ``fleetlog`` a test started then ignored the SIGINT the test sent it
+    (8 order tests and the ``up`` Ctrl-C test failed that way).
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One private Redis for the session (AOF, appendfsync always, like `up`)."""

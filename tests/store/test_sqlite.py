@@ -16,6 +16,7 @@ from fleetlog.records import DeviceStats, QueuedRecord
 from fleetlog.store import (
     LogQuery,
     RecordRejected,
+    StoreMissing,
     StoreUnavailable,
     UnsupportedStore,
     VolumeBucket,
@@ -397,6 +398,11 @@ def test_readers_refuse_a_newer_schema_and_a_foreign_file(tmp_path: Path) -> Non
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(StoreUnavailable, match="not a fleetlog store"):
         SQLiteStore(other, readonly=True)
+    # An empty file is a store its writer has not created yet (`up` starting): missing, not
+    # broken (a reader waits for it quietly; the alerter used to warn "store unavailable").
+    (tmp_path / "new.db").touch()
+    with pytest.raises(StoreMissing, match="yet"):
+        SQLiteStore(tmp_path / "new.db", readonly=True)
 
 
 def test_devices_know_when_each_last_sent_an_error(store: SQLiteStore) -> None:

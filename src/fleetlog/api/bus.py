@@ -37,6 +37,7 @@ import redis.asyncio
 from fleetlog import keys
 from fleetlog.api.auth import known_entry
 from fleetlog.queue.connection import REDIS_DOWN, initialize, is_cluster
+from fleetlog.queue.subscription import Messages
 
 __all__ = ["RECHECK", "Bus", "Replies"]
 
@@ -222,6 +223,7 @@ class Bus:
     async def _run(self) -> None:
         while True:
             pubsub = self._client.pubsub()
+            messages = Messages(pubsub)
             try:
                 await initialize(self._client)
                 await pubsub.subscribe(self._channel)
@@ -229,7 +231,7 @@ class Bus:
                 check_at = float("inf")  # from the confirmation on
                 while True:
                     wait = max(0.0, min(check_at - time.monotonic(), self._recheck_every))
-                    message = await pubsub.get_message(timeout=wait)
+                    message = await messages.get(wait)
                     if message is not None and self._dispatch(message):
                         self._up.set()
                         check_at = 0.0  # (re)subscribed: what was announced meanwhile is lost
@@ -246,5 +248,6 @@ class Bus:
                 for replies in list(self._replies.values()):
                     replies.lose()
                 with contextlib.suppress(Exception):
+                    await asyncio.shield(messages.close())
                     await asyncio.shield(pubsub.aclose())
             await asyncio.sleep(RESUBSCRIBE_DELAY)

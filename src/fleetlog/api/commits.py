@@ -29,6 +29,7 @@ import redis.asyncio
 
 from fleetlog import keys
 from fleetlog.queue.connection import REDIS_DOWN
+from fleetlog.queue.subscription import Messages
 
 __all__ = ["Commit", "CommitFeed", "CommitSubscriber"]
 
@@ -66,25 +67,30 @@ class CommitSubscriber:
         self._client = client
         self._channel = channel
         self._pubsub: Any = None
+        self._messages: Messages | None = None
 
     async def __aenter__(self) -> CommitSubscriber:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self._channel)
         self._pubsub = pubsub
+        self._messages = Messages(pubsub, ignore_subscribe_messages=True)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        messages, self._messages = self._messages, None
+        if messages is not None:
+            await messages.close()
         if pubsub is not None:
             await pubsub.aclose()
 
     async def next(self, timeout: float) -> Commit | None:
         """The next announcement, or ``None`` after ``timeout`` seconds without one."""
-        assert self._pubsub is not None, "use it as `async with`"
+        assert self._messages is not None, "use it as `async with`"
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+            message = await self._messages.get(left)
             if message is None:
                 continue
             try:

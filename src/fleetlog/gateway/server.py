@@ -671,8 +671,17 @@ class Gateway:
             log.info("%d connections open: accepting again", total)
 
     async def _tasks_ended(self) -> None:
-        """Wait for the server's tasks, cancelled by :meth:`stop`, to end."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for the server's tasks, cancelled by :meth:`stop`, to end (bounded, as every wait
+        of the shutdown: a task that does not end is named and left behind)."""
+        if not self._tasks:
+            return
+        done, unfinished = await asyncio.wait(self._tasks, timeout=_CLOSE_TIMEOUT)
+        for task in done:  # retrieved: what a task raised while stopping is no news
+            if not task.cancelled():
+                task.exception()
+        for task in unfinished:
+            log.warning("background task %s did not end within %.0f s of shutdown",
+                        task.get_name(), _CLOSE_TIMEOUT)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """Say so when a long-lived task ends before shutdown: ``/healthz`` is 503 from now on."""

@@ -28,6 +28,7 @@ from fleetlog import keys
 from fleetlog.backoff import Backoff
 from fleetlog.credentials import TokenCache, TokenChange, current_version, missing
 from fleetlog.queue.connection import REDIS_DOWN, is_cluster
+from fleetlog.queue.subscription import Messages
 
 __all__ = ["TokenWatcher"]
 
@@ -60,6 +61,7 @@ class TokenWatcher:
         self._connected = connected
         self._poll_interval = poll_interval
         self._pubsub: Any = None
+        self._messages: Messages | None = None
         #: On a cluster, the changes come on a sharded channel (SSUBSCRIBE).
         self._sharded = is_cluster(client)
 
@@ -84,11 +86,8 @@ class TokenWatcher:
                     if self._pubsub is None:
                         await self._connect()
                         backoff.reset()
-                    wait = max(0.0, next_poll - time.monotonic())
-                    message = await (
-                        self._pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=wait)
-                        if self._sharded else
-                        self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait))
+                    assert self._messages is not None
+                    message = await self._messages.get(next_poll - time.monotonic())
                     if message is not None:
                         await self._receive(message["data"])
                     if time.monotonic() >= next_poll:
@@ -125,6 +124,7 @@ class TokenWatcher:
             await pubsub.aclose()
             raise
         self._pubsub = pubsub
+        self._messages = Messages(pubsub, ignore_subscribe_messages=True)
 
     async def _resync(self) -> None:
         """After missed changes: close the connections whose token Redis no longer holds."""
@@ -140,6 +140,9 @@ class TokenWatcher:
 
     async def _disconnect(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        messages, self._messages = self._messages, None
+        if messages is not None:
+            await messages.close()
         if pubsub is not None:
             await pubsub.aclose()
 

@@ -381,7 +381,14 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(f"cannot read {self.path}: {exc}") from exc
         if version == 0:
-            self._db.close()
+            try:
+                empty = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailable(f"cannot read {self.path}: {exc}") from exc
+            finally:
+                self._db.close()
+            if empty:  # a writer has created the file and not yet its schema (one transaction)
+                raise StoreMissing(f"no store at {self.path} yet: its writer is creating it")
             raise StoreUnavailable(f"{self.path} is not a fleetlog store (no schema)")
         try:
             core.check_schema(str(self.path), version, len(MIGRATIONS))
