@@ -207,7 +207,7 @@ DIALECT: Final = core.Dialect(param="?", after_seq="seq > ?", row_values=False, 
 _AFTER: Final = core.after_statement(DIALECT)
 _INSERT: Final = (
     "INSERT INTO records (qid, device_id, received_at, ts, level, message, data)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (qid) DO NOTHING"
 )
 _UPSERT_DEVICE: Final = """
     INSERT INTO devices (device_id, records, first_seen, last_seen, last_error)
@@ -604,29 +604,28 @@ class SQLiteStore:
             self._wal_restarts += 1
 
     def _insert(self, db: sqlite3.Connection, records: Sequence[QueuedRecord]) -> int:
-        qids = [record.qid for record in records]
-        known = {
-            qid
-            for (qid,) in db.execute(
-                f"SELECT qid FROM records WHERE qid IN ({','.join('?' * len(qids))})", qids
-            )
-        }
-        rows: list[core.Row] = []
+        rows = [core.prepare(record) for record in records]
+        # A record stored before (a redelivery) is skipped by the insert itself (the
+        # unique qid), not by a lookup of every qid first: the usual batch has none.
+        top = db.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
+        inserted = db.executemany(_INSERT, rows).rowcount
+        if inserted != len(rows):
+            # Some were there already, or twice in this batch: the new rows are the
+            # ones above the old top seq (a new row's seq is above every seq there).
+            new = {qid for (qid,) in db.execute("SELECT qid FROM records WHERE seq > ?", (top,))}
+            kept = []
+            for row in rows:
+                if row[0] in new:  # its first copy in the batch: the one inserted
+                    new.discard(row[0])
+                    kept.append(row)
+            rows = kept
         volume: dict[tuple[int, str | bytes], int] = {}
-        for record in records:
-            if record.qid in known:
-                continue
-            known.add(record.qid)  # the same entry twice in one batch
-            new = core.prepare(record)
-            rows.append(new)
-            level = new[4]
-            key = (record.received_at // _MINUTE, _NO_LEVEL if level is None else level)
+        for row in rows:
+            level = row[4]
+            key = (row[2] // _MINUTE, _NO_LEVEL if level is None else level)
             volume[key] = volume.get(key, 0) + 1
-        # Every row of ``rows`` is inserted or the transaction fails: the duplicates
-        # (stored before, or twice in this batch) were left out above, so a
-        # redelivered batch counts nothing twice.
-        db.executemany(_INSERT, rows)
-        db.executemany(_UPSERT_DEVICE, core.device_stats((new[1], new[2], new[4]) for new in rows))
+        # Every row of ``rows`` was inserted: a redelivered batch counts nothing twice.
+        db.executemany(_UPSERT_DEVICE, core.device_stats((row[1], row[2], row[4]) for row in rows))
         db.executemany(_UPSERT_VOLUME, [(minute, level, n)
                                         for (minute, level), n in volume.items()])
         return len(rows)
