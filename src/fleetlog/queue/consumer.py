@@ -103,8 +103,8 @@ def entry_id(qid: str) -> str:
     return qid.rpartition(":")[2].partition(".")[0]
 
 
-def unpack_entry(fields: dict[bytes, bytes]) -> list[tuple[str, bytes]] | None:
-    """(device, record JSON) of each record of a packed stream entry, in queue order.
+def packed_runs(fields: dict[bytes, bytes]) -> list[tuple[str, list[bytes]]] | None:
+    """(device, its record JSONs) of each run of a packed stream entry, in queue order.
 
     The ingest script (:data:`~fleetlog.queue.scripts.INGEST`) writes ``n``
     records, ``r`` newline-joined, ``d`` the devices of its runs (newline-joined)
@@ -117,16 +117,27 @@ def unpack_entry(fields: dict[bytes, bytes]) -> list[tuple[str, bytes]] | None:
         return None
     data = fields.get(b"r", b"").split(b"\n")
     devices = fields.get(b"d", b"").split(b"\n")
+    if len(devices) == 1:  # one device (the usual entry of a busy device or a v2 frame)
+        if fields.get(b"c") != count or int(count) != len(data):
+            raise ValueError(f"a packed entry of {count!r} records does not add up")
+        return [(devices[0].decode(errors="replace"), data)]
     runs = [int(run) for run in fields.get(b"c", b"").split(b",")]
     if not (int(count) == len(data) == sum(runs)) or len(runs) != len(devices):
         raise ValueError(f"a packed entry of {count!r} records does not add up")
-    out: list[tuple[str, bytes]] = []
+    out: list[tuple[str, list[bytes]]] = []
     at = 0
     for device, run in zip(devices, runs, strict=True):
-        name = device.decode(errors="replace")
-        out += [(name, record) for record in data[at:at + run]]
+        out.append((device.decode(errors="replace"), data[at:at + run]))
         at += run
     return out
+
+
+def unpack_entry(fields: dict[bytes, bytes]) -> list[tuple[str, bytes]] | None:
+    """(device, record JSON) of each record of a packed stream entry (:func:`packed_runs`)."""
+    runs = packed_runs(fields)
+    if runs is None:
+        return None
+    return [(device, record) for device, records in runs for record in records]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -199,31 +210,20 @@ class StreamConsumer:
         for raw_id, fields in entries:
             entry = raw_id.decode()
             received, delivered = int(entry.partition("-")[0]), deliveries.get(entry, 1)
-            count = fields.get(b"n")
-            if count is not None:  # packed: the usual case
-                data = fields.get(b"r", b"").split(b"\n")
-                devices = fields.get(b"d", b"").split(b"\n")
-                runs = fields.get(b"c", b"").split(b",")
-                total = len(data)
-                if len(devices) == 1 and runs[0] == count and int(count) == total:  # one device
-                    device = devices[0].decode(errors="replace")
-                    qid = f"{prefix}{entry}."
-                    records += [QueuedRecord(qid + str(k), device, received, record, delivered, stream,
-                                             total)
-                                for k, record in enumerate(data)]
-                    continue
-                try:
-                    unpacked = unpack_entry(fields)
-                except ValueError:  # cannot happen short of a bug: one record, which the store rejects
-                    unpacked = None
-                if unpacked is None:
-                    records.append(QueuedRecord(f"{prefix}{entry}.0", "", received, fields.get(b"r", b""),
-                                                delivered, stream, 1))
-                    continue
+            try:
+                runs = packed_runs(fields)
+            except ValueError:  # cannot happen short of a bug: one record, which the store rejects
+                records.append(QueuedRecord(f"{prefix}{entry}.0", "", received, fields.get(b"r", b""),
+                                            delivered, stream, 1))
+                continue
+            if runs is not None:  # packed: the usual case
                 qid = f"{prefix}{entry}."
-                total = len(unpacked)
-                records += [QueuedRecord(qid + str(k), device, received, record, delivered, stream, total)
-                            for k, (device, record) in enumerate(unpacked)]
+                total = sum(len(run) for _, run in runs)
+                at = 0
+                for device, run in runs:
+                    records += [QueuedRecord(qid + str(k), device, received, record, delivered, stream, total)
+                                for k, record in enumerate(run, at)]
+                    at += len(run)
                 continue
             records.append(QueuedRecord(  # positional: an entry of one record, as written before packing
                 prefix + entry, fields.get(b"d", b"").decode(errors="replace"),
