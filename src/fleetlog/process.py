@@ -24,7 +24,6 @@ __all__ = [
     "Child",
     "Supervisor",
     "big_buffers_outside_the_heap",
-    "die_with_parent",
     "give_memory_back",
     "parent_death_hook",
     "raise_descriptor_limit",
@@ -44,12 +43,12 @@ PLANNED_EXIT_MIN_RUN = 5.0
 HEALTHY_RUN = 60.0
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """``preexec_fn``: the child gets SIGTERM when its parent dies, however it dies.
 
     Linux only (prctl PR_SET_PDEATHSIG); elsewhere it does nothing and the
-    parent's own shutdown path is the only guarantee.  Use it through
-    :func:`parent_death_hook`: the signal follows the *thread* that forked.
+    parent's own shutdown path is the only guarantee.  Given through
+    :func:`parent_death_hook` only: the signal follows the *thread* that forked.
     """
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -58,7 +57,7 @@ def die_with_parent() -> None:
 
 
 def parent_death_hook() -> Callable[[], None] | None:
-    """:func:`die_with_parent` when called on the main thread, else ``None``.
+    """:func:`_die_with_parent` when called on the main thread, else ``None``.
 
     Linux sends the parent-death signal when the thread that forked the child
     ends, not the process: a Redis restarted from a pool thread
@@ -66,7 +65,7 @@ def parent_death_hook() -> Callable[[], None] | None:
     shut its executor down.  A child started elsewhere than the main thread is
     stopped by its owner's shutdown path alone.
     """
-    return die_with_parent if threading.current_thread() is threading.main_thread() else None
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def give_memory_back() -> bool:

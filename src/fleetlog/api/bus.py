@@ -248,6 +248,5 @@ class Bus:
                 for replies in list(self._replies.values()):
                     replies.lose()
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(messages.close())
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(messages.aclose())
             await asyncio.sleep(RESUBSCRIBE_DELAY)

@@ -22,7 +22,6 @@ import logging
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import orjson
 import redis.asyncio
@@ -66,24 +65,19 @@ class CommitSubscriber:
     def __init__(self, client: redis.asyncio.Redis, channel: str = keys.COMMITS) -> None:
         self._client = client
         self._channel = channel
-        self._pubsub: Any = None
         self._messages: Messages | None = None
 
     async def __aenter__(self) -> CommitSubscriber:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self._channel)
-        self._pubsub = pubsub
         self._messages = Messages(pubsub, ignore_subscribe_messages=True)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
-        pubsub, self._pubsub = self._pubsub, None
         messages, self._messages = self._messages, None
         if messages is not None:
-            await messages.close()
-        if pubsub is not None:
-            await pubsub.aclose()
+            await messages.aclose()
 
     async def next(self, timeout: float) -> Commit | None:
         """The next announcement, or ``None`` after ``timeout`` seconds without one."""

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection
-from typing import Any, Final
+from typing import Final
 
 import redis.asyncio
 
@@ -60,7 +60,6 @@ class TokenWatcher:
         self._on_revoked = on_revoked
         self._connected = connected
         self._poll_interval = poll_interval
-        self._pubsub: Any = None
         self._messages: Messages | None = None
         #: On a cluster, the changes come on a sharded channel (SSUBSCRIBE).
         self._sharded = is_cluster(client)
@@ -83,7 +82,7 @@ class TokenWatcher:
         try:
             while True:
                 try:
-                    if self._pubsub is None:
+                    if self._messages is None:
                         await self._connect()
                         backoff.reset()
                     assert self._messages is not None
@@ -123,7 +122,6 @@ class TokenWatcher:
         except BaseException:
             await pubsub.aclose()
             raise
-        self._pubsub = pubsub
         self._messages = Messages(pubsub, ignore_subscribe_messages=True)
 
     async def _resync(self) -> None:
@@ -139,12 +137,9 @@ class TokenWatcher:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
         messages, self._messages = self._messages, None
         if messages is not None:
-            await messages.close()
-        if pubsub is not None:
-            await pubsub.aclose()
+            await messages.aclose()
 
     async def _receive(self, raw: bytes) -> None:
         try:

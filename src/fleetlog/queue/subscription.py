@@ -24,8 +24,9 @@ class Messages:
     """The messages of ``pubsub`` (subscribed already), one :meth:`get` at a time.
 
     A read left waiting when :meth:`get` times out is kept for the next call,
-    so no message is lost between calls.  :meth:`close` (in a ``finally``) ends
-    a read still waiting; it does not close ``pubsub``.
+    so no message is lost between calls.  :meth:`close` ends a read still
+    waiting (``pubsub`` stays open); :meth:`aclose` (in a ``finally``) ends it
+    and closes ``pubsub``.
     """
 
     def __init__(self, pubsub: Any, *, ignore_subscribe_messages: bool = False) -> None:
@@ -57,3 +58,8 @@ class Messages:
             return
         read.cancel()
         await asyncio.gather(read, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """End the read still waiting, then close the pubsub (its connection goes back)."""
+        await self.close()
+        await self._pubsub.aclose()
