@@ -215,7 +215,13 @@ def test_postgresql_stopped_and_restarted(pg_fleet: Fleet,
     recovery = fleet.until_flowing()
     summary = fleet.wait_simulation(acked=10_000)
     assert fleet.worker is not None and fleet.worker.poll() is None, "the worker waited"
-    assert "store unavailable, not acknowledging" in fleet.worker_log()
+    # It met the outage in a batch write, the index step or the idle files step,
+    # whichever came first; a write that then waits its 3 s in the pool may simply
+    # succeed once the server is back, so no one of these messages is certain.
+    log = fleet.worker_log()
+    assert any(said in log for said in ("store unavailable, not acknowledging",
+                                        "index and retention postponed",
+                                        "daily files not caught up now")), log
     fleet.verify_clean("PostgreSQL stopped (immediate) 5 s + restarted", recovery,
                        f"{summary['errors'].get('busy', 0)} busy replies; worker RSS {rss:.0f} MB")
 
