@@ -121,6 +121,32 @@ async def test_order_holds_across_many_calls(producer: Producer, sync_client: re
     assert producer.calls >= 2
 
 
+async def test_a_second_call_waits_for_enough_records(
+    producer: Producer, sync_client: redis.Redis
+) -> None:
+    """While one call is in flight, a few records wait for it rather than make a small call."""
+    outcomes = Outcomes()
+    sync_client.client_pause(2000, all=False)  # writes wait: the first call stays in flight
+    try:
+        producer.submit("A", [b"a"], outcomes.callback())
+        await asyncio.sleep(0.05)
+        assert producer.calls == 1
+        for device in "BCDEF":  # one loop turn each: each could have been a call of its own
+            producer.submit(device, [device.encode()], outcomes.callback())
+            await asyncio.sleep(0.01)
+        assert producer.calls == 1, "a handful of records does not make a second call"
+        producer.submit("G", [b"g"] * 150, outcomes.callback())
+        await asyncio.sleep(0.05)
+        assert producer.calls == 2, "enough records make a second call at once"
+    finally:
+        sync_client.execute_command("CLIENT", "UNPAUSE")
+    assert await outcomes.results() == [QUEUED] * 7
+    assert producer.calls == 2
+    entries = stream_entries(sync_client)
+    assert sorted(entries) == sorted([(b"A", b"a"), *((d.encode(), d.encode()) for d in "BCDEF"),
+                                      *[(b"G", b"g")] * 150])
+
+
 async def test_callback_comes_only_after_redis_has_the_record(
     producer: Producer, sync_client: redis.Redis
 ) -> None:

@@ -5,7 +5,8 @@ awaited there.  A flusher task wakes once per loop turn, sends every record
 submitted since in one atomic Lua call, and then calls each submitter back
 with the outcome.  Up to ``max_in_flight`` calls run at once, on separate
 connections, so Redis can fsync them together (2 by default: see
-``bench.compare`` for what other values do); a device whose records are in a call waits for it
+``bench.compare`` for what other values do), the second only once enough records
+wait for it (``_SECOND_CALL_RECORDS``); a device whose records are in a call waits for it
 before its next records go, so one device's records reach the stream in the
 order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
@@ -75,6 +76,14 @@ Done = Callable[[IngestResult | FleetlogError], None]
 #: Records per Lua call: big enough to amortise the round trip, small enough
 #: that one call does not stall Redis for other clients.
 _MAX_PER_CALL: Final = 2000
+
+#: While a shard has a call in flight, a second one goes only once this many
+#: records wait for it; fewer wait for the first call to finish and go with
+#: what arrives meanwhile (Nagle's rule for calls).  One small call after
+#: another cost Redis its per-call overhead each (socket, event loop, script
+#: set-up) for a handful of records: one-record legacy frames filled calls of
+#: ~25 records this way.  The wait is one call at most, and none when idle.
+_SECOND_CALL_RECORDS: Final = 100
 
 
 @dataclass(slots=True)
@@ -179,6 +188,7 @@ class Producer:
         self._head = [-(-max_backlog // shards), int(dedupe_window * 1000), mode,
                       scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
         self._waiting: deque[_Submission] = deque()
+        self._waiting_records = [0] * shards  # records in ``_waiting`` per shard
         self._busy: Counter[str] = Counter()  # devices with a call in flight
         self._calls: set[asyncio.Task[None]] = set()
         self._in_flight = [0] * shards  # calls in flight per shard
@@ -251,6 +261,7 @@ class Producer:
         self._waiting.append(_Submission(
             device_id, shard, keys.recent_frames(device_id, tag) if frame_id is not None else "",
             keys.stored_seqs(device_id, tag) if tracked else "", args, count, done))
+        self._waiting_records[shard] += count
         self._wakeup.set()
 
     async def _run(self) -> None:
@@ -270,21 +281,24 @@ class Producer:
         """Whole submissions of one shard for one call, up to about ``_MAX_PER_CALL`` records.
 
         The shard is that of the first submission that may go (its shard has
-        room for a call).  A device with a call in flight waits for it: calls
-        may complete in any order, and one device's records must reach the
-        stream in order.
+        room for a call, and for a second one only with
+        ``_SECOND_CALL_RECORDS`` waiting).  A device with a call in flight waits
+        for it: calls may complete in any order, and one device's records must
+        reach the stream in order.
         """
         taken: list[_Submission] = []
         kept: deque[_Submission] = deque()
         held: set[str] = set()  # devices with a submission kept back in this pass
         busy = self._busy
-        in_flight, most = self._in_flight, self._max_in_flight
+        in_flight, most, waiting = self._in_flight, self._max_in_flight, self._waiting_records
         shard = -1
         records = 0
         for submission in self._waiting:
             device = submission.device_id
             if (device in busy or device in held or (submission.shard != shard and (
-                    shard >= 0 or in_flight[submission.shard] >= most))
+                    shard >= 0 or in_flight[submission.shard] >= most or (
+                        in_flight[submission.shard] and waiting[submission.shard]
+                        < _SECOND_CALL_RECORDS)))
                     or (taken and records + submission.size > _MAX_PER_CALL)):
                 held.add(device)
                 kept.append(submission)
@@ -296,6 +310,7 @@ class Producer:
             busy[submission.device_id] += 1
         if taken:
             in_flight[shard] += 1
+            waiting[shard] -= records
         self._waiting = kept
         return taken
 
