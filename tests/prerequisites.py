@@ -1,6 +1,6 @@
 """What the suite needs from the machine beyond Python packages, and the one command that gets it.
 
-``make test`` runs this before pytest: a missing Chromium or PostgreSQL stops the run
+``make test`` runs this before pytest: a missing Chromium, PostgreSQL or systemd-analyze stops the run
 with the command to install them, instead of tests skipped in silence (the browser test)
 or failing one by one (the PostgreSQL store).  Exit status 0 when all is there, else 2.
 """
@@ -18,6 +18,7 @@ NEEDED = {
     "chromium": "headless Chromium for the console's browser test (FLEETLOG_CHROMIUM to use another)",
     "postgresql": "initdb and pg_ctl for the PostgreSQL store's private servers",
     "postgresql-contrib": "pg_trgm for PostgreSQL search",
+    "systemd": "systemd-analyze, which verifies the unit files in deploy/systemd",
 }
 
 
@@ -32,6 +33,8 @@ def missing() -> list[str]:
         lacking.append("chromium")
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb") and not shutil.which("initdb"):
         lacking += ["postgresql", "postgresql-contrib"]
+    if not shutil.which("systemd-analyze"):
+        lacking.append("systemd")
     return lacking
 
 

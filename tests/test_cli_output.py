@@ -95,6 +95,7 @@ def test_a_level_alias_is_accepted(data_dir: Path) -> None:
 def test_safe_text_and_record_line_units() -> None:
     assert safe_text("a\tb\x00\x7f\x9b") == "a\\tb\\x00\\x7f\\x9b"
     assert safe_text("👨\u200d👩 中文") == "👨\u200d👩 中文"
+    assert safe_text("door\u200b-1 \u061cx \u2060y") == "door\\u200b-1 \\u061cx \\u2060y"
     record = StoredRecord(1, "1-0", "d\u2028x", 0, None, "in\nfo", "m", '{\n  "a": "\u2029"\n}')
     line = record_line(record)
     assert len(line.decode().splitlines()) == 1

@@ -12,8 +12,8 @@ class QueuedRecord(NamedTuple):
     """One record as a worker takes it off the queue.
 
     A named tuple, not a frozen dataclass: a worker makes one per record
-    drained, and a tuple is made three times faster (a frozen dataclass sets
-    each field through ``object.__setattr__``): 4% of a drain.
+    drained, and a frozen dataclass sets each field through
+    ``object.__setattr__``, which a drain felt (docs/performance.md).
 
     ``qid`` is unique per record in the queue (a stream entry id and the
     record's place in it, ``1700000000000-0.7``; the entry id alone for an entry

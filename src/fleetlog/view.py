@@ -18,11 +18,15 @@ from fleetlog.records import StoredRecord, iso_ms
 
 __all__ = ["record_json", "record_line", "record_text", "safe_text"]
 
-#: Characters that move the cursor, end a line or reorder text: C0/C1 controls,
-#: DEL, line/paragraph separators, the bidirectional overrides (Trojan Source),
-#: and lone surrogates (which cannot even be written out as UTF-8).
+#: Characters that move the cursor, end a line, reorder text or hide: C0/C1 controls,
+#: DEL, line/paragraph separators, the bidirectional marks and overrides (Trojan
+#: Source; U+061C too), the invisible zero-width space, word joiner and operators
+#: (U+200B, U+2060-2064: two ids that look alike), the BOM, and lone surrogates
+#: (which cannot even be written out as UTF-8).  The joiners U+200C/U+200D stay:
+#: scripts and emoji sequences need them.
 _UNSAFE: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]"
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u2069"
+    "\ufeff\ud800-\udfff]"
 )
 _SHORT: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 

@@ -1,6 +1,6 @@
 // Alerts: the rules (with mute, test, remove), a form for a new rule with a live preview of the
-// recent records its condition matches, what is firing, the notifications and delivery failures;
-// and one rule's history.  The same /api/alerts a script or `fleetlog alert` uses.
+// recent records its condition matches, what is firing and what resolved, the notifications and
+// delivery failures; and one rule's history.  The same /api/alerts a script or `fleetlog alert` uses.
 import { ApiError, Unauthorized, json, send } from "./api.js";
 import { colourJson, deviceLink, el, stamp, table, visible } from "./dom.js";
 import { recordRow } from "./records.js";
@@ -15,6 +15,10 @@ const KINDS = {
   dead_letters: { field: "dead_letters", label: "dead letters above", placeholder: "0", number: true },
   lag: { field: "lag", label: "worker behind by more than", placeholder: "30s" },
 };
+
+// What the page reads and shows at most: the rules whose firings it fetches, the resolved ones it lists.
+const MAX_RULES_SHOWN = 100;
+const MAX_RESOLVED_SHOWN = 20;
 
 const alertHash = (name) => `#/alert/${encodeURIComponent(name)}`;
 const fail = (box) => (e) => { if (!(e instanceof Unauthorized)) box.replaceChildren(el("p", { class: "error", text: e.message })); };
@@ -55,6 +59,7 @@ export async function alertsPage(main, crumbs, life) {
   crumbs.replaceChildren(el("a", { href: "#/", text: "Fleet" }), document.createTextNode(" / "), el("span", { text: "Alerts" }));
   const rules = el("tbody", { id: "rules" });
   const firing = el("div", { id: "firing" });
+  const resolved = el("div", { id: "resolved" });
   const notes = el("tbody", { id: "notifications" });
   const failures = el("tbody", { id: "failures" });
   const actionResult = el("div", { id: "action-result", role: "status" });
@@ -64,6 +69,7 @@ export async function alertsPage(main, crumbs, life) {
     table(["Rule", "Condition", { text: "Devices", class: "hide-narrow" }, { text: "To", class: "hide-narrow" }, "State", ""], rules),
     form.box,
     el("h3", { text: "Firing now" }), firing,
+    el("h3", { text: "Resolved in the last 24 hours" }), resolved,
     el("h3", { text: "Delivery failures" }), table(NOTE_HEADERS, failures),
     el("h3", { text: "Notifications" }), table(NOTE_HEADERS, notes));
 
@@ -98,9 +104,17 @@ export async function alertsPage(main, crumbs, life) {
     form.box.open = form.box.open || !list.length;
     notificationRows(recent, notes);
     notificationRows(failed, failures);
-    const open = await Promise.all(list.filter((r) => r.firing).map((r) => json(`/api/alerts/${encodeURIComponent(r.name)}`, { limit: 10 })));
-    const blocks = open.flatMap((d) => d.firings.filter((f) => f.state === "firing").map((f) => firingBlock(d.rule.name, f)));
-    firing.replaceChildren(...(blocks.length ? blocks : [el("p", { class: "muted", text: "Nothing is firing." })]));
+    // Each rule's latest firings: the open ones, and those resolved in the last day.
+    const details = await Promise.all(list.slice(0, MAX_RULES_SHOWN).map((r) => json(`/api/alerts/${encodeURIComponent(r.name)}`, { limit: 10 })));
+    const firings = details.flatMap((d) => d.firings.map((f) => ({ rule: d.rule.name, f })));
+    const since = Date.now() - 86_400_000;
+    const open = firings.filter(({ f }) => f.state === "firing");
+    const ended = firings.filter(({ f }) => f.state === "resolved" && Date.parse(f.resolved_at) >= since)
+      .sort((a, b) => Date.parse(b.f.resolved_at) - Date.parse(a.f.resolved_at)).slice(0, MAX_RESOLVED_SHOWN);
+    firing.replaceChildren(...(open.length ? open.map(({ rule, f }) => firingBlock(rule, f))
+      : [el("p", { class: "muted", text: "Nothing is firing." })]));
+    resolved.replaceChildren(...(ended.length ? ended.map(({ rule, f }) => firingBlock(rule, f))
+      : [el("p", { class: "muted", text: "Nothing resolved in the last 24 hours." })]));
   };
   await update();
   life.every(() => update().catch(() => {}), 5000);

@@ -15,9 +15,10 @@ export function el(tag, attrs = {}, ...children) {
 }
 
 // C0/C1 controls, DEL, line and paragraph separators, the bidirectional marks and overrides
-// (Trojan Source: "abc\u202eexe.txt" reads as "abctxt.exe"), BOM, lone surrogates: the same
-// set as fleetlog.view.safe_text.
-const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]/gu;
+// (Trojan Source: "abc\u202eexe.txt" reads as "abctxt.exe"; U+061C too), the zero-width space,
+// word joiner and invisible operators, BOM, lone surrogates: the same set as
+// fleetlog.view.safe_text.
+const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ud800-\udfff]/gu;
 const SHORT = { "\n": "\\n", "\r": "\\r", "\t": "\\t", "\u001b": "\\e" };
 const hex = (code, width) => code.toString(16).padStart(width, "0");
 
