@@ -16,7 +16,7 @@ import orjson
 
 from fleetlog.records import StoredRecord, iso_ms
 
-__all__ = ["record_json", "record_line", "record_text", "safe_text"]
+__all__ = ["file_line", "record_json", "record_line", "record_text", "safe_text"]
 
 #: Characters that move the cursor, end a line, reorder text or hide: C0/C1 controls,
 #: DEL, line/paragraph separators, the bidirectional marks and overrides (Trojan
@@ -58,6 +58,8 @@ def _one_line(data: str) -> bytes:
     raw = data.encode()
     if b"\n" in raw or b"\r" in raw:  # pretty-printed by some other producer
         raw = orjson.dumps(orjson.loads(raw))
+    if raw.isascii():
+        return raw
     for char, escaped in _LINE_BREAKS_IN_STRINGS:
         if char in raw:
             raw = raw.replace(char, escaped)
@@ -89,6 +91,29 @@ def record_line(record: StoredRecord, *, fields: bool = True, qid: bool = False)
         if char in line:
             line = line.replace(char, escaped)
     return line[:-1] + b',"data":' + _one_line(record.data) + b"}"
+
+
+def file_line(seq: int, qid: str, device_id: str, received_at: int, data: str) -> bytes:
+    """``record_line(record, fields=False, qid=True)`` from the columns themselves.
+
+    What the daily files write for every record drained, so it is built without
+    a record object or a dict to serialise (a batch's rows go to the files as
+    they were written: :class:`~fleetlog.store.base.Appended`).
+    """
+    return b'{"seq":%d,"qid":%b,"device_id":%b,"received_at":"%b","data":%b}' % (
+        seq, _one_line_string(qid), _one_line_string(device_id), iso_ms(received_at).encode(),
+        _one_line(data))
+
+
+def _one_line_string(text: str) -> bytes:
+    """``text`` as a JSON string, the line breaks JSON leaves raw escaped."""
+    raw = orjson.dumps(text)
+    if raw.isascii():  # the usual id: none of them (each has a byte above 0x7f)
+        return raw
+    for char, escaped in _LINE_BREAKS_IN_STRINGS:
+        if char in raw:
+            raw = raw.replace(char, escaped)
+    return raw
 
 
 def record_json(record: StoredRecord) -> bytes:

@@ -222,3 +222,80 @@ def test_file_lines_and_logs_json_share_one_serializer() -> None:
                        "received_at": "1970-01-01T00:00:00.000Z", "data": {"msg": "m\u2029"}}
     assert {k: v for k, v in as_logs.items() if k not in ("ts", "level", "message")} == \
         {k: v for k, v in as_file.items() if k != "qid"}
+
+
+def test_a_file_line_is_record_line_of_the_columns() -> None:
+    """The daily files' formatter (from a row's columns) writes byte for byte what record_line does."""
+    from fleetlog.records import StoredRecord
+    from fleetlog.view import file_line, record_line
+
+    for record in [StoredRecord(7, "1-0", "门\u2028禁", 0, 1000, "info", "m", '{\n "msg": "m\u2029"\n}'),
+                   StoredRecord(1, "17-0.3", 'd"\\\x00', -5, None, None, None, '[1,\r\n 2]'),
+                   StoredRecord(2, "q\u0085", "door-1", 1_795_737_599_999, None, None, None,
+                                '"text \u2028 with a separator"'),
+                   StoredRecord(3, "9-9", "plain", 1, None, None, None, '{"msg":"ascii"}')]:
+        assert file_line(record.seq, record.qid, record.device_id, record.received_at,
+                         record.data) == record_line(record, fields=False, qid=True)
+
+
+def _batch(store: SQLiteStore, qids: list[str], at: int = DAY1_LATE - 60_000) -> None:
+    store.write_batch([QueuedRecord(qid, f"D{n % 3}", at + n, encode_json({"n": qid}))
+                       for n, qid in enumerate(qids)])
+
+
+def test_a_batch_goes_to_the_files_from_what_was_written_as_the_store_has_it(tmp_path: Path) -> None:
+    """Exported with what the batch appended or read back from the store: the same bytes."""
+    fast_store, slow_store = SQLiteStore(tmp_path / "a.db"), SQLiteStore(tmp_path / "b.db")
+    fast, slow = FilesSink(tmp_path / "fast"), FilesSink(tmp_path / "slow")
+    try:
+        for batch in (["1-0", "1-1", "1-2"], ["2-0"], ["3-0", "3-1"]):
+            _batch(fast_store, batch)
+            _batch(slow_store, batch)
+            appended = fast_store.appended
+            assert appended is not None and [row[0] for row in appended.rows] == batch
+            assert fast.export(fast_store, appended=appended) == len(batch)
+            assert slow.export(slow_store) == len(batch)
+        assert (fast.directory / f"{DAY1}.log").read_bytes() == (slow.directory / f"{DAY1}.log").read_bytes()
+        assert seqs(fast, DAY1) == list(range(1, 7))
+        assert fast.export(fast_store) == 0, "the cursor moved as a read-back export moves it"
+    finally:
+        fast_store.close()
+        slow_store.close()
+
+
+def test_what_a_batch_appended_is_used_only_where_the_files_stop(
+        store: SQLiteStore, sink: FilesSink) -> None:
+    """A batch not exported, a batch with a stored record, a stale description: all read back."""
+    _batch(store, ["1-0", "1-1"])
+    assert sink.export(store, appended=store.appended) == 2
+    _batch(store, ["2-0", "2-1"])  # written, not exported (a crash before the export)
+    _batch(store, ["3-0"])
+    behind = store.appended
+    assert behind is not None and behind.after == 4
+    assert sink.export(store, appended=behind) == 3, "the files stop at 2: read back from there"
+    assert seqs(sink, DAY1) == [1, 2, 3, 4, 5]
+    assert sink.export(store, appended=behind) == 0, "a stale description writes nothing twice"
+    store.write_batch([QueuedRecord("3-0", "D0", DAY1_LATE, encode_json({"n": "3-0"})),
+                       QueuedRecord("4-0", "D0", DAY1_LATE, encode_json({"n": "4-0"}))])
+    assert store.appended is None, "a batch that held a stored record appends what is not known"
+    assert sink.export(store, appended=store.appended) == 1
+    assert seqs(sink, DAY1) == [1, 2, 3, 4, 5, 6]
+    assert [line["qid"] for line in lines(sink, DAY1)] == ["1-0", "1-1", "2-0", "2-1", "3-0", "4-0"]
+
+
+def test_a_new_store_into_files_that_hold_another_stores_lines_is_matched_by_qid(
+        tmp_path: Path, sink: FilesSink) -> None:
+    """Without a cursor but with day files (another store's), the first batch is a resync."""
+    old = SQLiteStore(tmp_path / "old.db")
+    _batch(old, ["1-0", "1-1"])
+    assert sink.export(old, appended=old.appended) == 2
+    old.close()
+    (sink.directory / ".cursor").unlink()
+    new = SQLiteStore(tmp_path / "new.db")
+    try:
+        _batch(new, ["1-1", "2-0"])  # one record both stores kept (a batch written again)
+        assert new.appended is not None and new.appended.after == 0
+        assert sink.export(new, appended=new.appended) == 1, "1-1 is in the files already"
+        assert [line["qid"] for line in lines(sink, DAY1)] == ["1-0", "1-1", "2-0"]
+    finally:
+        new.close()

@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 # Defined in errors.py (the one exception tree); importable from here as before.
 from fleetlog.errors import ReadTimeout as ReadTimeout
@@ -76,6 +76,9 @@ from fleetlog.errors import RecordRejected as RecordRejected
 from fleetlog.errors import StoreMissing as StoreMissing
 from fleetlog.errors import StoreUnavailable as StoreUnavailable
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
+
+if TYPE_CHECKING:
+    from fleetlog.store.core import Row
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +165,29 @@ class ReadLimit:
         return ReadTimeout(f"the read took longer than its {self.seconds or 0:g} s budget and was stopped")
 
 
+class Appended(NamedTuple):
+    """What one batch appended to a store, when that is all the store holds after a seq.
+
+    The rows have the seqs ``after + 1``, ``after + 2`` ... in order, so a
+    reader that had the store through ``after`` has it through the last of
+    them with these rows alone: the daily files export a batch from here,
+    without reading back what was just written (:class:`~fleetlog.store.files.FilesSink`).
+    """
+
+    store_id: str
+    after: int
+    rows: Sequence[Row]
+
+
 class Store(Protocol):
     def write_batch(self, records: Sequence[QueuedRecord]) -> int:
         """Store ``records`` in one transaction; return how many were new."""
+
+    @property
+    def appended(self) -> Appended | None:
+        """What the last :meth:`write_batch` appended, when it is known to be every record
+        after a seq (SQLite, a batch of new records only); else None (PostgreSQL, whose
+        seqs are not commit order, a batch that held stored records, a failed one)."""
 
     def query(self, query: LogQuery) -> list[StoredRecord]:
         """The newest ``query.limit`` matching records, oldest first.

@@ -57,8 +57,8 @@ import orjson
 
 from fleetlog.errors import InvalidRequest
 from fleetlog.records import StoredRecord, utc_day
-from fleetlog.store.base import Store, StoreUnavailable
-from fleetlog.view import record_line
+from fleetlog.store.base import Appended, Store, StoreUnavailable
+from fleetlog.view import file_line
 
 __all__ = ["FilesSink", "format_line"]
 
@@ -83,7 +83,8 @@ def format_line(record: StoredRecord) -> bytes:
     breaks between its tokens (pretty-printed by some other producer) is
     compacted, since a line must stay a line (:func:`fleetlog.view.record_line`).
     """
-    return record_line(record, fields=False, qid=True) + b"\n"
+    return file_line(record.seq, record.qid, record.device_id, record.received_at,
+                     record.data) + b"\n"
 
 
 def _last_line(path: Path) -> dict[str, Any] | None:
@@ -171,8 +172,14 @@ class FilesSink:
                 removed.append(path)
         return removed
 
-    def export(self, store: Store, limit: int | None = None) -> int:
+    def export(self, store: Store, limit: int | None = None, appended: Appended | None = None) -> int:
         """Append every stored record not yet in the files; fsync; return how many.
+
+        ``appended``: what the batch just written appended (:attr:`Store.appended
+        <fleetlog.store.base.Store.appended>`).  When the files hold the store
+        through the seq right before it (or hold nothing, and it is the store's
+        first records), that batch is all they lack, and its rows are written as
+        they are instead of read back from the store.
 
         ``limit`` bounds one call's work, so that catching up a long way never
         holds a worker off its queue for long: it stops once about ``limit``
@@ -191,8 +198,15 @@ class FilesSink:
             with self._lock_path.open("a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 cursor = self._read_cursor()
+                fits = appended is not None and (limit is None or len(appended.rows) <= limit)
+                if cursor is None and fits and appended is not None and appended.after == 0 \
+                        and not any(self.directory.glob("????-??-??.log")):
+                    return self._export_appended(appended)  # a new store into new files
                 if self._valid(cursor, store):
                     assert cursor is not None
+                    if (fits and appended is not None and appended.store_id == cursor.store_id
+                            and appended.after == cursor.seq):
+                        return self._export_appended(appended)
                     return self._export_after(store, cursor.seq, limit)
                 return self._resync(store, cursor)
         except OSError as exc:
@@ -243,6 +257,23 @@ class FilesSink:
             return True
 
         return self._export_from(store, cursor, wanted, limit)
+
+    def _export_appended(self, appended: Appended) -> int:
+        """The files hold the store through ``appended.after``: append its rows.
+
+        No day file can hold a line past the cursor here (such a line is a record
+        of this store above the cursor, and the store had none), so unlike
+        :meth:`_export_after` no file's last line needs looking at.
+        """
+        by_day: dict[str, list[bytes]] = defaultdict(list)
+        seq = appended.after
+        for qid, device_id, received_at, _ts, _level, _message, data in appended.rows:
+            seq += 1
+            by_day[utc_day(received_at)].append(
+                file_line(seq, qid, device_id, received_at, data) + b"\n")
+        written = self._append(by_day)
+        self._write_cursor(appended.store_id, seq, appended.rows[-1][0])
+        return written
 
     def _export_from(self, store: Store, cursor: int,
                      wanted: Callable[[str, StoredRecord], bool], limit: int | None = None) -> int:

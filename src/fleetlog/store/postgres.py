@@ -77,6 +77,7 @@ from fleetlog.errors import BatchTooLarge
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store import core
 from fleetlog.store.base import (
+    Appended,
     LogQuery,
     ReadLimit,
     RecordRejected,
@@ -455,6 +456,11 @@ class PostgresStore:
         self._ahead_until = today + DAYS_AHEAD
 
     # -- writes -------------------------------------------------------------------
+
+    @property
+    def appended(self) -> Appended | None:
+        """Never known: seqs drawn at insert are not commit order here (the horizon)."""
+        return None
 
     def write_batch(self, records: Sequence[QueuedRecord]) -> int:
         """Store ``records`` in one transaction; return how many were new.

@@ -49,6 +49,7 @@ from typing import Any, Final
 from fleetlog.records import DeviceStats, QueuedRecord, StoredRecord
 from fleetlog.store import core
 from fleetlog.store.base import (
+    Appended,
     LogQuery,
     ReadLimit,
     RecordRejected,
@@ -335,6 +336,7 @@ class SQLiteStore:
         self._wal_wait_ms = _WAL_WAIT_MS
         self._wal_next_try = 0.0  # monotonic
         self._wal_tries = self._wal_restarts = 0
+        self._appended: Appended | None = None
         self._open()
 
     def _open(self) -> None:
@@ -431,6 +433,7 @@ class SQLiteStore:
         has open, never ones another process created for the new file.
         """
         stale = _own_sidecars(self.path)
+        self._appended = None
         self._db.close()
         for side, identity in stale:
             if _file_identity(side) == identity:
@@ -528,15 +531,21 @@ class SQLiteStore:
         (nothing of the batch is then kept: the caller may store them one by one)
         and :class:`StoreUnavailable` for a fault of the store.
         """
+        self._appended = None
         if not records:
             return 0
         try:
             with self._transaction() as db:
-                new = self._insert(db, records)
+                new, appended = self._insert(db, records)
         except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
             raise RecordRejected(f"SQLite refused the record: {exc}") from exc
+        self._appended = appended  # committed
         self._bound_wal()
         return new
+
+    @property
+    def appended(self) -> Appended | None:
+        return self._appended
 
     def _bound_wal(self) -> None:
         """Restart the WAL once it is over :data:`WAL_LIMIT` (after a commit; never raises).
@@ -603,13 +612,19 @@ class SQLiteStore:
             self._wal_next_try = 0.0
             self._wal_restarts += 1
 
-    def _insert(self, db: sqlite3.Connection, records: Sequence[QueuedRecord]) -> int:
+    def _insert(self, db: sqlite3.Connection,
+                records: Sequence[QueuedRecord]) -> tuple[int, Appended | None]:
+        """Insert the new ones of ``records``; how many, and what was appended if only new ones."""
         rows = [core.prepare(record) for record in records]
         # A record stored before (a redelivery) is skipped by the insert itself (the
         # unique qid), not by a lookup of every qid first: the usual batch has none.
         top = db.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
         inserted = db.executemany(_INSERT, rows).rowcount
-        if inserted != len(rows):
+        if inserted == len(rows):
+            # A new row's seq (the rowid) is one above the largest: these are top + 1 on.
+            appended: Appended | None = Appended(self.store_id, top, rows)
+        else:
+            appended = None
             # Some were there already, or twice in this batch: the new rows are the
             # ones above the old top seq (a new row's seq is above every seq there).
             new = {qid for (qid,) in db.execute("SELECT qid FROM records WHERE seq > ?", (top,))}
@@ -628,7 +643,7 @@ class SQLiteStore:
         db.executemany(_UPSERT_DEVICE, core.device_stats((row[1], row[2], row[4]) for row in rows))
         db.executemany(_UPSERT_VOLUME, [(minute, level, n)
                                         for (minute, level), n in volume.items()])
-        return len(rows)
+        return len(rows), appended
 
     # -- reads ----------------------------------------------------------------
 

@@ -309,7 +309,7 @@ class Worker:
                 log.warning("batch rejected (%s); storing its records one by one", exc)
                 stored = self._store_one_by_one(pending, dead)
             if self.files is not None:
-                self.files.export(self.store)
+                self.files.export(self.store, appended=self.store.appended)
             # Last look before the ack: a batch that went into a removed or
             # replaced file is not stored where anyone will ever read it.
             if not self.store.replaced():
