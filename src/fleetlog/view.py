@@ -10,7 +10,7 @@ through :func:`safe_text`, and JSON output guarantees one object per line
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import Final
 
 import orjson
 
@@ -74,35 +74,34 @@ def record_line(record: StoredRecord, *, fields: bool = True, qid: bool = False)
     them out, since ``data`` holds them already, and add ``qid`` instead, the
     record's queue identity that makes their export exactly-once.
     """
-    head: dict[str, Any] = {"seq": record.seq}
-    if qid:
-        head["qid"] = record.qid
-    head["device_id"] = record.device_id
-    head["received_at"] = iso_ms(record.received_at)
+    extracted = b""
     if fields:
         if record.ts is not None:
-            head["ts"] = iso_ms(record.ts)
+            extracted += b',"ts":"%b"' % iso_ms(record.ts).encode()
         if record.level is not None:
-            head["level"] = record.level
+            extracted += b',"level":' + _one_line_string(record.level)
         if record.message is not None:
-            head["message"] = record.message
-    line: bytes = orjson.dumps(head)
-    for char, escaped in _LINE_BREAKS_IN_STRINGS:
-        if char in line:
-            line = line.replace(char, escaped)
-    return line[:-1] + b',"data":' + _one_line(record.data) + b"}"
+            extracted += b',"message":' + _one_line_string(record.message)
+    return _line(record.seq, record.qid if qid else None, record.device_id, record.received_at,
+                 extracted, record.data)
 
 
 def file_line(seq: int, qid: str, device_id: str, received_at: int, data: str) -> bytes:
     """``record_line(record, fields=False, qid=True)`` from the columns themselves.
 
     What the daily files write for every record drained, so it is built without
-    a record object or a dict to serialise (a batch's rows go to the files as
-    they were written: :class:`~fleetlog.store.base.Appended`).
+    a record object (a batch's rows go to the files as they were written:
+    :class:`~fleetlog.store.base.Appended`).
     """
-    return b'{"seq":%d,"qid":%b,"device_id":%b,"received_at":"%b","data":%b}' % (
-        seq, _one_line_string(qid), _one_line_string(device_id), iso_ms(received_at).encode(),
-        _one_line(data))
+    return _line(seq, qid, device_id, received_at, b"", data)
+
+
+def _line(seq: int, qid: str | None, device_id: str, received_at: int, extracted: bytes,
+          data: str) -> bytes:
+    """The one serializer of a record line: one format, each string escaped once."""
+    return b'{"seq":%d%b,"device_id":%b,"received_at":"%b"%b,"data":%b}' % (
+        seq, b"" if qid is None else b',"qid":' + _one_line_string(qid),
+        _one_line_string(device_id), iso_ms(received_at).encode(), extracted, _one_line(data))
 
 
 def _one_line_string(text: str) -> bytes:

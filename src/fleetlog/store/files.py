@@ -198,13 +198,14 @@ class FilesSink:
             with self._lock_path.open("a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 cursor = self._read_cursor()
-                fits = appended is not None and (limit is None or len(appended.rows) <= limit)
-                if cursor is None and fits and appended is not None and appended.after == 0 \
-                        and not any(self.directory.glob("????-??-??.log")):
+                if appended is not None and limit is not None and len(appended.rows) > limit:
+                    appended = None
+                if (appended is not None and cursor is None and appended.after == 0
+                        and not any(self.directory.glob("????-??-??.log"))):
                     return self._export_appended(appended)  # a new store into new files
                 if self._valid(cursor, store):
                     assert cursor is not None
-                    if (fits and appended is not None and appended.store_id == cursor.store_id
+                    if (appended is not None and appended.store_id == cursor.store_id
                             and appended.after == cursor.seq):
                         return self._export_appended(appended)
                     return self._export_after(store, cursor.seq, limit)
