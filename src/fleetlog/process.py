@@ -8,6 +8,7 @@ both supervisors: ``fleetlog up`` (embedded Redis, gateway, worker, API, alerter
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import resource
 import signal
@@ -24,6 +25,7 @@ __all__ = [
     "Child",
     "Supervisor",
     "big_buffers_outside_the_heap",
+    "freeze_start_up_objects",
     "give_memory_back",
     "parent_death_hook",
     "raise_descriptor_limit",
@@ -80,6 +82,22 @@ def give_memory_back() -> bool:
         return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+def freeze_start_up_objects() -> None:
+    """Keep what start-up made out of every later garbage collection (``gc.freeze``).
+
+    Imports, settings and the clients a process opens make some 300,000 objects
+    (modules, functions, pydantic's schemas, redis-py's command tables) that live
+    as long as the process and are never garbage, yet every full collection walks
+    all of them again, and so does the one at exit: a worker that drained 20,000
+    records spent 25-30 ms of its exit on it (a tenth of its run).  Frozen, they
+    are skipped (and, in a forked child, not written to, so their pages stay
+    shared).  Called once, when start-up is over; what is made later is collected
+    as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def raise_descriptor_limit() -> int:

@@ -63,6 +63,7 @@ from fleetlog.backoff import Backoff, retry
 from fleetlog.config import Settings, mask_url
 from fleetlog.lifecycle import EXIT_FORCED, Shutdown
 from fleetlog.metrics import SIZE_BUCKETS, Histogram, TallyCollector
+from fleetlog.process import freeze_start_up_objects
 from fleetlog.queue.connection import REDIS_DOWN, connect, is_cluster
 from fleetlog.queue.consumer import REDIS_REFUSING, Consumer, ListConsumer, StreamConsumer
 from fleetlog.queue.lease import LeasedListConsumer
@@ -458,6 +459,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         files = FilesSink(settings.files) if settings.files is not None else None
         worker = Worker(settings, consumer, store, files, stopping, CommitAnnouncer(client))
         metrics = _serve_metrics(settings, worker, client)
+        freeze_start_up_objects()
         log.info("worker draining %s into %s%s", settings.queue, mask_url(settings.store_url),
                  f" and {settings.files}" if files else "")
         try:
