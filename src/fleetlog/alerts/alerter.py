@@ -50,6 +50,7 @@ from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
 from fleetlog.errors import StoreMissing, StoreUnavailable
 from fleetlog.lifecycle import EXIT_FORCED, Shutdown
+from fleetlog.process import freeze_start_up_objects
 from fleetlog.queue.connection import REDIS_DOWN, connect
 from fleetlog.queue.lease import Lease
 from fleetlog.store import Store, open_store
@@ -559,4 +560,5 @@ def run_alerter(settings: Settings, redis_url: str) -> int:
     # A second Ctrl-C exits at once: its claims run out and are sent by the next holder.
     Shutdown(force_on={signal.SIGINT}, on_stop=alerter.stop,
              on_force=lambda: os._exit(EXIT_FORCED)).install()
+    freeze_start_up_objects()
     return alerter.run()

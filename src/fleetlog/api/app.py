@@ -38,6 +38,7 @@ from fleetlog.api.guard import StreamGuard, TailSlots
 from fleetlog.api.limits import BodyLimits
 from fleetlog.config import Settings, mask_url
 from fleetlog.lifecycle import Shutdown
+from fleetlog.process import freeze_start_up_objects
 from fleetlog.queue.connection import connect, connect_async
 from fleetlog.queue.stats import QueueCollector, queue_stats_for
 from fleetlog.reading import ReaderPool
@@ -196,6 +197,7 @@ def run_api(settings: Settings, redis_url: str, port: int) -> int:
     config = uvicorn.Config(app, host=settings.host, port=port, loop="uvloop", log_level="warning",
                             access_log=False, lifespan="on")
     server = _server(config)
+    freeze_start_up_objects()
     try:
         server.run()
     except OSError as exc:

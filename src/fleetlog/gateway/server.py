@@ -72,7 +72,7 @@ from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.wiring import GatewayParts, Shared, wire
 from fleetlog.metrics import CONTENT_TYPE, render
-from fleetlog.process import big_buffers_outside_the_heap, raise_descriptor_limit
+from fleetlog.process import big_buffers_outside_the_heap, freeze_start_up_objects, raise_descriptor_limit
 from fleetlog.queue.connection import REDIS_DOWN, fewest_replicas, initialize
 from fleetlog.queue.producer import IngestResult
 
@@ -777,6 +777,7 @@ async def _raise(exc: BaseException) -> None:
 async def serve(settings: Settings, redis_url: str, stop: asyncio.Event) -> None:
     gateway = Gateway(wire(settings, redis_url))
     await gateway.start()
+    freeze_start_up_objects()
     await stop.wait()
     log.info("gateway stopping")
     await gateway.stop()
