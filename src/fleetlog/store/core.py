@@ -29,7 +29,7 @@ import orjson
 from fleetlog.errors import InvalidRequest, RecordRejected, StoreUnavailable
 from fleetlog.records import QueuedRecord, StoredRecord
 from fleetlog.store.base import LogQuery
-from fleetlog.store.fields import ERROR_LEVELS, LEVELS, extract, normalise_level
+from fleetlog.store.fields import ERROR_LEVELS, LEVELS, columns, normalise_level
 
 __all__ = ["COLUMNS", "NEWEST_FIRST", "Dialect", "Row", "after_statement", "check_schema",
            "check_step", "device_stats", "order_of", "prepare", "row", "select_statement",
@@ -69,6 +69,10 @@ def row(values: tuple[Any, ...]) -> StoredRecord:
     return StoredRecord(*values)
 
 
+#: The columns of a record that is not a JSON object or string.
+_NO_COLUMNS: Final = (None, None, None)
+
+
 def prepare(record: QueuedRecord) -> Row:
     """The row of one record; :class:`RecordRejected` when its data cannot be stored.
 
@@ -79,13 +83,13 @@ def prepare(record: QueuedRecord) -> Row:
     made it U+FFFD in ``level`` and ``message``.
     """
     try:
-        fields = extract(orjson.loads(record.data)) if record.data[:1] in b'{"' else None
-        text = record.data.decode()
+        data = record.data
+        ts, level, message = columns(orjson.loads(data)) if data[:1] in b'{"' else _NO_COLUMNS
+        text = data.decode()
     except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
     if "\x00" in text:
         raise RecordRejected(f"record {record.qid}: a NUL character (not JSON; text cannot hold it)")
-    ts, level, message = fields if fields is not None else (None, None, None)
     return (record.qid, record.device_id, record.received_at, ts, level, message, text)
 
 

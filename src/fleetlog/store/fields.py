@@ -19,7 +19,7 @@ from typing import Any, Final, NamedTuple
 
 from fleetlog.errors import InvalidRequest
 
-__all__ = ["ERROR_LEVELS", "LEVELS", "Fields", "check_level", "column_text", "extract",
+__all__ = ["ERROR_LEVELS", "LEVELS", "Fields", "check_level", "column_text", "columns", "extract",
            "normalise_level"]
 
 _TIME_KEYS: Final = ("ts", "time", "timestamp")
@@ -90,15 +90,39 @@ def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 def extract(record: Any) -> Fields:
     """The record's own time (ms), level and message, where it has them."""
+    return Fields(*columns(record))
+
+
+#: Epoch milliseconds a time already is (1973 to 33658): the usual ``ts``, taken as it is.
+_MS_LOW: Final = 100_000_000_000
+_MS_HIGH: Final = 1_000_000_000_000_000
+
+
+def columns(record: Any) -> tuple[int | None, str | None, str | None]:
+    """:func:`extract` as a plain tuple: the worker's path, once per record stored.
+
+    The usual record (a dict with an integer ``ts`` in ms, a known ``level`` and a
+    ``msg``) goes through with a few lookups and no call per field; anything else
+    takes the general rules (:func:`_epoch_ms`, :func:`normalise_level`).
+    """
     if not isinstance(record, dict):
-        return Fields(None, None, column_text(record) if isinstance(record, str) else None)
-    level = record.get("level")
+        return None, None, column_text(record) if isinstance(record, str) else None
     # The first key of each kind that is there, even with a null value: the usual
     # spelling ("ts", "msg") is looked at first, without a loop.
     when = record["ts"] if "ts" in record else _first(record, _TIME_KEYS)
+    if type(when) is int and _MS_LOW <= when < _MS_HIGH:
+        ts = when
+    else:
+        ts = None if when is None else _epoch_ms(when)
+    level = record.get("level")
+    if isinstance(level, str):
+        level = _NORMAL.get(level) or column_text(normalise_level(level))
+    else:
+        level = None
     message = record["msg"] if "msg" in record else _first(record, _MESSAGE_KEYS)
-    return Fields(
-        None if when is None else _epoch_ms(when),
-        column_text(normalise_level(level)) if isinstance(level, str) else None,
-        column_text(message) if isinstance(message, str) else None,
-    )
+    if isinstance(message, str):
+        if "\x00" in message:
+            message = message.replace("\x00", "\ufffd")
+    else:
+        message = None
+    return ts, level, message
