@@ -115,10 +115,7 @@ def columns(record: Any) -> tuple[int | None, str | None, str | None]:
     else:
         ts = None if when is None else _epoch_ms(when)
     level = record.get("level")
-    if isinstance(level, str):
-        level = _NORMAL.get(level) or column_text(normalise_level(level))
-    else:
-        level = None
+    level = (_NORMAL.get(level) or column_text(normalise_level(level))) if isinstance(level, str) else None
     message = record["msg"] if "msg" in record else _first(record, _MESSAGE_KEYS)
     if isinstance(message, str):
         if "\x00" in message:
