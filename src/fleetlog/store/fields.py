@@ -110,6 +110,7 @@ def columns(record: Any) -> tuple[int | None, str | None, str | None]:
     # The first key of each kind that is there, even with a null value: the usual
     # spelling ("ts", "msg") is looked at first, without a loop.
     when = record["ts"] if "ts" in record else _first(record, _TIME_KEYS)
+    ts: int | None
     if type(when) is int and _MS_LOW <= when < _MS_HIGH:
         ts = when
     else:
