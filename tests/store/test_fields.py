@@ -40,6 +40,24 @@ def test_naive_iso_and_other_values_give_no_time(value: Any) -> None:
     assert extract({"ts": value}).ts is None
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (99_999_999_999, 99_999_999_999_000),  # the largest count of seconds: x1000
+        (100_000_000_000, 100_000_000_000),  # the smallest count of milliseconds: as it is
+        (10**15 - 1, 10**15 - 1),  # the largest time kept
+        (10**15, None),  # beyond: no time
+        (-(10**12), -(10**12)),  # milliseconds before 1970 (the general rule, not the fast path)
+        (-(10**15), None),
+        (2**70, None),
+    ],
+)
+def test_the_bounds_of_integer_times(value: int, expected: int | None) -> None:
+    """The usual ``ts`` (integer ms) takes a fast path; its bounds are the general rule's."""
+    assert extract({"ts": value}).ts == expected
+    assert extract({"time": value}).ts == expected  # the general path, through _first
+
+
 def test_time_key_priority_is_ts_then_time_then_timestamp() -> None:
     record = {"timestamp": T0_S + 2, "time": T0_S + 1, "ts": T0_S}
     assert extract(record).ts == T0_MS
