@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
+from bench.context import redis_cpu_seconds
 from bench.floor import FLOOR_STREAM
 from bench.runner import child_env
 from bench.systems import gateway_argv, record_json
@@ -38,11 +38,6 @@ _PY = sys.executable
 _INGEST = "cmdstat_evalsha"
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 def measure(root: Path, devices: int, messages: int, batch: int) -> dict[str, Any]:
     server = RedisServer(root / "redis", appendfsync="everysec")
     server.start()
@@ -52,31 +47,29 @@ def measure(root: Path, devices: int, messages: int, batch: int) -> dict[str, An
                                env=child_env(), stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, timeout=30)
-        assert server.process is not None
-        redis_process = psutil.Process(server.process.pid)
         client = redis.Redis(port=server.port)
         client.config_resetstat()
-        started = _cpu(redis_process)
+        started = redis_cpu_seconds(client)
         argv = [_PY, "-m", "fleetlog", "simulate", "--url", f"ws://127.0.0.1:{port}", "--devices",
                 str(devices), "--messages", str(messages), "--json", "--prefix", "calls-"]
         if batch:
             argv += ["--batch", str(batch)]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
-        spent = _cpu(redis_process) - started
+        spent = redis_cpu_seconds(client) - started
         acked = int(json.loads(out.strip().splitlines()[-1])["acked"])
         stats = client.info("commandstats")
         in_commands = sum(float(value["usec"]) for value in stats.values()) / 1e6
         calls = int(stats.get(_INGEST, {}).get("calls", 0))
 
         client.delete(FLOOR_STREAM)
-        floor_started = _cpu(redis_process)
+        floor_started = redis_cpu_seconds(client)
         for at in range(0, acked, 100):
             pipe = client.pipeline(transaction=False)
             for seq in range(at, min(at + 100, acked)):
                 device = f"floor-{seq % 100:04d}"
                 pipe.xadd(FLOOR_STREAM, {"d": device, "r": record_json(device, seq)})
             pipe.execute()
-        floor = _cpu(redis_process) - floor_started
+        floor = redis_cpu_seconds(client) - floor_started
         client.close()
         per_record = spent * 1e6 / acked
         return {

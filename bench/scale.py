@@ -45,6 +45,7 @@ from typing import Any
 
 import redis
 
+from bench.context import redis_cpu_seconds
 from bench.procs import Child, ChildFailed, Children, wait_for_port
 from bench.runner import child_env, machine_info
 from bench.systems import FLEETLOG_GATEWAY_FLAGS, WORKER_READY, record_json
@@ -135,11 +136,6 @@ def process_counts(cores: int | None = None) -> list[int]:
     return sorted({n for n in steps if n <= cores} | {cores})
 
 
-def _redis_cpu(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
 def ingest_processes(children: Children, redis_url: str, client: redis.Redis, scratch: Path,
                      scale: Scale, counts: list[int]) -> dict[str, Any]:
     results: dict[str, Any] = {"counts": counts}
@@ -148,9 +144,9 @@ def ingest_processes(children: Children, redis_url: str, client: redis.Redis, sc
             client.flushall()
             with _gateway(children, redis_url, scratch / f"gw-{processes}", "--processes",
                           str(processes)) as url:
-                before = _redis_cpu(client)
+                before = redis_cpu_seconds(client)
                 run = _ingest(children, url, scale, processes, v2=v2)
-                spent = _redis_cpu(client) - before
+                spent = redis_cpu_seconds(client) - before
                 run["redis_us_per_record"] = round(spent * 1e6 / run["acked"], 3) if run["acked"] else None
                 results[f"{'v2' if v2 else 'legacy'}_{processes}p"] = run
     return results
