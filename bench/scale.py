@@ -137,18 +137,29 @@ def process_counts(cores: int | None = None) -> list[int]:
 
 
 def ingest_processes(children: Children, redis_url: str, client: redis.Redis, scratch: Path,
-                     scale: Scale, counts: list[int]) -> dict[str, Any]:
-    results: dict[str, Any] = {"counts": counts}
-    for processes in counts:
-        for v2 in (False, True):
-            client.flushall()
-            with _gateway(children, redis_url, scratch / f"gw-{processes}", "--processes",
-                          str(processes)) as url:
-                before = redis_cpu_seconds(client)
-                run = _ingest(children, url, scale, processes, v2=v2)
-                spent = redis_cpu_seconds(client) - before
-                run["redis_us_per_record"] = round(spent * 1e6 / run["acked"], 3) if run["acked"] else None
-                results[f"{'v2' if v2 else 'legacy'}_{processes}p"] = run
+                     scale: Scale, counts: list[int], repeats: int = 1) -> dict[str, Any]:
+    """Each point ``repeats`` times, the counts interleaved (1, 2, 4 ..., then again), so that
+    a busy moment of the machine hits every count alike; each point is its median run."""
+    results: dict[str, Any] = {"counts": counts, "repeats": repeats}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(repeats):
+        for processes in counts:
+            for v2 in (False, True):
+                client.flushall()
+                with _gateway(children, redis_url, scratch / f"gw-{processes}", "--processes",
+                              str(processes)) as url:
+                    before = redis_cpu_seconds(client)
+                    run = _ingest(children, url, scale, processes, v2=v2)
+                    spent = redis_cpu_seconds(client) - before
+                    run["redis_us_per_record"] = (round(spent * 1e6 / run["acked"], 3) if run["acked"]
+                                                  else None)
+                    runs.setdefault(f"{'v2' if v2 else 'legacy'}_{processes}p", []).append(run)
+    for key, measured in runs.items():
+        rates = [float(run["records_per_s"]) for run in measured]
+        median = sorted(measured, key=lambda run: float(run["records_per_s"]))[len(measured) // 2]
+        results[key] = {**median, "rates": rates, "repeats": [
+            {k: run[k] for k in ("records_per_s", "redis_us_per_record", "ack_p99_ms")}
+            for run in measured]}
     return results
 
 
@@ -277,7 +288,10 @@ def markdown(results: dict[str, Any]) -> str:
         one = ingest.get(f"{kind}_1p", {})
         for n in ingest.get("counts", [1, 2])[1:]:
             other = ingest.get(f"{kind}_{n}p", {})
-            rows.append(_row(f"{kind} ingest records/s: 1 vs {n} gateway processes",
+            each = ", ".join(_ratio(b, a) for a, b in zip(one.get("rates", []), other.get("rates", []),
+                                                           strict=False))
+            repeats = f" (median of {ingest.get('repeats', 1)}; each repeat: {each})" if each else ""
+            rows.append(_row(f"{kind} ingest records/s: 1 vs {n} gateway processes{repeats}",
                              one.get("records_per_s"), other.get("records_per_s")))
             rows.append(_row(f"{kind} Redis CPU µs per record: 1 vs {n} gateway processes",
                              one.get("redis_us_per_record"), other.get("redis_us_per_record")))
@@ -303,7 +317,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[str] | None = None) -> int:
+def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[str] | None = None,
+        repeats: int = 1) -> int:
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     children = Children(scratch, child_env())
@@ -317,7 +332,7 @@ def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[
         results["machine"] = machine_info(client)
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("ingest_processes", lambda: ingest_processes(children, server.url, client, scratch, scale,
-                                                          counts or process_counts())),
+                                                          counts or process_counts(), repeats)),
             ("drain_workers", lambda: drain_workers(children, server.url, client, scratch, scale)),
             ("cluster_vs_single", lambda: cluster_vs_single(children, server.url, client, scratch, scale)),
             ("ack_replicas", lambda: ack_replicas(children, scratch, scale)),
@@ -354,12 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default=None,
                         help="Gateway process counts to measure, e.g. 1,2,4,8,12 (default: 1, 2, 4, 8, "
                              "12 ... up to the cores).")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Runs of each gateway process count, interleaved; the median is reported "
+                             "(default 3).")
     parser.add_argument("--only", default=None, help="Comma-separated steps: ingest_processes, "
                         "drain_workers, cluster_vs_single, ack_replicas (default: all).")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.processes.split(",")] if args.processes else None
     only = set(args.only.split(",")) if args.only else None
-    return run(QUICK if args.quick else FULL, args.out, counts, only)
+    return run(QUICK if args.quick else FULL, args.out, counts, only, max(1, args.repeats))
 
 
 if __name__ == "__main__":
