@@ -191,3 +191,28 @@ async def test_forgotten_state_only_ever_stores_again(producer: Producer, client
     recent = await send(producer, "D", [1], session=f"s{scripts.MAX_SESSIONS}")
     assert isinstance(recent, IngestResult)
     assert recent.duplicates == [1]
+
+
+async def test_a_frame_id_is_a_duplicate_within_the_window_only(redis_url: str, client: redis.Redis) -> None:
+    """The window decides by each id's time; ids past it are dropped only with the oldest, at the bound."""
+    producer = Producer(connect_async(redis_url, timeout=5.0), mode="stream", stream=STREAM,
+                        max_backlog=1_000_000, dedupe_window=0.3)
+    producer.start()
+    try:
+        first = await send(producer, "W", [None], frame_id="A")
+        again = await send(producer, "W", [None], frame_id="A")
+        assert isinstance(first, IngestResult) and not first.duplicate_frame
+        assert isinstance(again, IngestResult) and again.duplicate_frame
+        for n in range(5):  # 0.5 s: past A's window, while B frames keep the key from expiring
+            await asyncio.sleep(0.1)
+            fresh = await send(producer, "W", [None], frame_id=f"B{n}")
+            assert isinstance(fresh, IngestResult) and not fresh.duplicate_frame
+        assert client.zscore(keys.recent_frames("W"), "A") is not None, "A is still in the set"
+        late = await send(producer, "W", [None], frame_id="A")
+        assert isinstance(late, IngestResult) and not late.duplicate_frame, "past its window"
+        resent = await send(producer, "W", [None], frame_id="A")
+        assert isinstance(resent, IngestResult) and resent.duplicate_frame, "within its new window"
+        assert len(queued(client, STREAM)) == 1 + 5 + 1, "stored: A, B0..B4, A after the window"
+        assert client.zcard(keys.recent_frames("W")) == 6
+    finally:
+        await producer.close()

@@ -378,7 +378,7 @@ def test_the_fast_path_writes_what_the_whole_script_writes(sync_client: redis.Re
     head = [1_000_000, 86_400_000, "stream", scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
     seen = []
     for name, script, args in (
-            ("whole", scripts.INGEST, [*head, 0, "", 0, "", group[0], "", *group[1:]]),
+            ("whole", scripts.INGEST, [*head, group[3], 0, "", 0, "", group[0], "", *group[1:3]]),
             ("plain", scripts.INGEST_PLAIN, [head[0], *group])):
         stream = f"fleetlog:fast-{name}"
         counter = keys.queue_backlog(stream)
@@ -392,3 +392,52 @@ def test_the_fast_path_writes_what_the_whole_script_writes(sync_client: redis.Re
         assert run(keys=[stream, counter], args=over) == 6
         seen.append((first, sync_client.get(counter), sync_client.xlen(stream)))
     assert seen[0] == seen[1] == ({b"n": b"3", b"d": b"A\nB", b"c": b"2,1", b"r": group[3]}, b"6", 2)
+
+
+@pytest.mark.parametrize("duplicate", ["frame", "seq", "both", "none"])
+@pytest.mark.parametrize("mode", ["stream", "list"])
+async def test_one_call_leaves_out_only_its_duplicates(
+    redis_url: str, sync_client: redis.Redis, mode: Literal["stream", "list"], duplicate: str
+) -> None:
+    """The call's records go as one string; a duplicate frame or seq inside it is left out (each
+    alone too: one must not hide the other), every other record stored once, in the order sent."""
+    producer = await make_producer(redis_url, mode=mode)
+    try:
+        assert await submit(producer, "V", [b'{"v":0}'], frame_id="seen") == QUEUED
+        assert await submit(producer, "S", [b'{"seq":2}'], frame_id="s0", seqs=[2]) != QUEUED
+        before = sync_client.xlen(STREAM) if mode == "stream" else sync_client.llen(keys.LEGACY_LIST)
+        calls = producer.calls
+        outcomes = Outcomes()
+        frame = "seen" if duplicate in ("frame", "both") else "new"  # "seen": left out whole
+        seqs = [1, 2, 3] if duplicate in ("seq", "both") else [4, 5, 6]  # seq 2 is stored
+        submissions: list[tuple[str, list[bytes], str | None, list[int] | None]] = [
+            ("L1", [b'{"l":1}', b'{"l":2}'], None, None),
+            ("V", [b'{"v":"again"}'], frame, None),
+            ("S", [b'{"seq":%d}' % seq for seq in seqs], "s1", seqs),
+            ("L2", [b'{"l":3}'], None, None),
+            ("L2", [b'{"l":4}'], None, None)]
+        for device, records, frame_id, record_seqs in submissions:
+            producer.submit(device, records, outcomes.callback(), frame_id=frame_id, seqs=record_seqs)
+        results = await outcomes.results()
+        assert producer.calls == calls + 1, "the five submissions went in one call"
+        assert isinstance(results[1], IngestResult)
+        assert results[1].duplicate_frame is (frame == "seen")
+        assert isinstance(results[2], IngestResult)
+        assert results[2].duplicates == ([2] if seqs[0] == 1 else [])
+        kept = [(device, record) for device, records, frame_id, record_seqs in submissions
+                for record in records
+                if not (frame_id == "seen" or record == b'{"seq":2}')]
+        expected = [record for _, record in kept]
+        if mode == "stream":
+            assert sync_client.xlen(STREAM) == before + 1, "one entry for the call"
+            last = sync_client.xrevrange(STREAM, count=1)[0][1]
+            assert last[b"n"] == str(len(expected)).encode()
+            assert last[b"r"] == b"\n".join(expected)
+            assert [(device.decode(), record) for device, record in stream_entries(sync_client)][
+                -len(expected):] == kept
+        else:
+            pushed = sync_client.lrange(keys.LEGACY_LIST, 0, -1)[::-1]  # LPUSH: newest first
+            assert len(pushed) == before + len(expected)
+            assert pushed[-len(expected):] == expected
+    finally:
+        await producer.close()

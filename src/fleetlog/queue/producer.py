@@ -35,7 +35,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 import redis.asyncio
 import redis.exceptions
@@ -95,6 +95,8 @@ class _Submission:
     frames_key: str
     seqs_key: str
     args: list[ScriptArg]
+    #: Its records, joined by newlines: they go in the call's one string of records.
+    records: bytes
     size: int
     done: Done
 
@@ -116,8 +118,8 @@ def _result(raw: Any) -> IngestResult:
 def _group(plain: list[_Submission]) -> list[ScriptArg]:
     """One group of the ingest script for consecutive submissions without dedupe.
 
-    Their devices go as runs (a device and how many records in a row are its),
-    their records joined: the script copies them as one string.
+    Their devices go as runs (a device and how many records in a row are its);
+    their records are the next ones of the call's string of records.
     """
     if len(plain) == 1:
         return plain[0].args
@@ -129,8 +131,7 @@ def _group(plain: list[_Submission]) -> list[ScriptArg]:
         else:
             devices.append(submission.device_id)
             counts.append(submission.size)
-    records = b"\n".join([cast(bytes, submission.args[8]) for submission in plain])
-    return [0, "", 0, "", sum(counts), "", "\n".join(devices), ",".join(map(str, counts)), records]
+    return [0, "", 0, "", sum(counts), "", "\n".join(devices), ",".join(map(str, counts))]
 
 
 def _outcomes(call: list[_Submission], reply: list[Any]) -> list[IngestResult | FleetlogError]:
@@ -256,11 +257,10 @@ class Producer:
                 seqs_text = f"{first}-{first + count - 1}"  # the usual case: checked as one range
             else:
                 seqs_text = ",".join("-" if seq is None else str(seq) for seq in seqs)
-        args: list[ScriptArg] = [0, frame_id or "", 0, session, count, seqs_text, device_id,
-                                 count, blob]
+        args: list[ScriptArg] = [0, frame_id or "", 0, session, count, seqs_text, device_id, count]
         self._waiting.append(_Submission(
             device_id, shard, keys.recent_frames(device_id, tag) if frame_id is not None else "",
-            keys.stored_seqs(device_id, tag) if tracked else "", args, count, done))
+            keys.stored_seqs(device_id, tag) if tracked else "", args, blob, count, done))
         self._waiting_records[shard] += count
         self._wakeup.set()
 
@@ -326,7 +326,11 @@ class Producer:
             return index
 
         runner = self._ingest
-        args: list[ScriptArg] = [*self._head]
+        # Every submission's records, in the call's order, as one string (ARGV[7]): the
+        # script writes it as it is unless it leaves a duplicate out.
+        records = call[0].records if len(call) == 1 else b"\n".join(
+            [submission.records for submission in call])
+        args: list[ScriptArg] = [*self._head, records]
         plain: list[_Submission] = []  # consecutive submissions without dedupe: one group
         for submission in call:
             if not submission.frames_key and not submission.seqs_key:
@@ -344,7 +348,7 @@ class Producer:
         if plain:
             if len(plain) == len(call) and self._ingest_plain is not None:  # no dedupe at all
                 group = _group(plain)
-                runner, args = self._ingest_plain, [self._head[0], group[4], group[6], group[7], group[8]]
+                runner, args = self._ingest_plain, [self._head[0], group[4], group[6], group[7], records]
             else:
                 args += _group(plain)
         outcomes: list[IngestResult | FleetlogError]

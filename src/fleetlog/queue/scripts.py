@@ -27,22 +27,27 @@ MAX_RANGES: Final = 64
 #: key the call touches, each once: the script touches no key it was not given,
 #: so on a Redis Cluster one call is one slot (a shard's keys share its hash
 #: tag).  ARGV[1] max backlog (records), ARGV[2] dedupe window (ms), ARGV[3]
-#: 'stream' or 'list', ARGV[4..6] MAX_FRAMES, MAX_SESSIONS, MAX_RANGES; then 9
-#: per group of records: the index in KEYS of its recent-frames key (0: none),
-#: frame id, the index of its stored-seqs key (0: none), session, record count
-#: n, seqs ('' untracked; 'a-b' the n consecutive seqs a..b; else n
+#: 'stream' or 'list', ARGV[4..6] MAX_FRAMES, MAX_SESSIONS, MAX_RANGES; ARGV[7]
+#: the call's records, every group's in order, joined by newlines (a record is
+#: compact JSON, which holds no raw newline); then 8 per group of records: the
+#: index in KEYS of its recent-frames key (0: none), frame id, the index of its
+#: stored-seqs key (0: none), session, record count n (its records are the next n
+#: of ARGV[7]), seqs ('' untracked; 'a-b' the n consecutive seqs a..b; else n
 #: comma-separated seqs, '-' for a record without one), its devices (runs of
-#: records of one device: the runs' devices joined by newlines), the runs'
-#: record counts (comma-separated), and the n records joined by newlines (a
-#: record is compact JSON, which holds no raw newline).  A v2 frame is a group of
-#: one device; consecutive legacy submissions go as one group.
+#: records of one device: the runs' devices joined by newlines) and the runs'
+#: record counts (comma-separated).  A v2 frame is a group of one device;
+#: consecutive legacy submissions go as one group.
 #:
 #: Stream mode writes ONE entry for the whole call (the packed entry the worker
 #: splits, :mod:`fleetlog.queue.consumer`): ``n`` records, ``d`` the runs'
 #: devices, ``c`` their counts, ``r`` the records, newline-joined; and adds n to
 #: the backlog counter, which the worker takes them off when it acknowledges the
-#: entry.  The backlog is that counter, or XLEN if more (entries written before
-#: the counter existed count one each); an empty stream has none.  List mode
+#: entry.  When every group is kept whole (the usual call) ``r`` is ARGV[7] as
+#: it came: the records are not split, nor joined again, in Lua (joining a call's
+#: 180 KB there cost Redis three times what the rest of the call did); only a
+#: call with a duplicate frame or seq splits them to leave those out.  The
+#: backlog is that counter, or XLEN if more (entries written before the counter
+#: existed count one each); an empty stream has none.  List mode
 #: LPUSHes each record JSON, exactly the original design's write.
 #:
 #: Dedupe state records only what was stored: a seq is a duplicate only if it is
@@ -82,7 +87,7 @@ local function clock()
 end
 local function fmt(x) return string.format('%.0f', x) end
 
--- The records of a group, in order.
+-- The records of a blob, in order.
 local function split(blob)
   local out, at = {}, 1
   while true do
@@ -155,24 +160,38 @@ local function add(ranges, a, b)
   return true
 end
 
-local devices, counts, blobs, total = {}, {}, {}, 0
-local function keep(group_devices, group_counts, blob, n)
+local all, listed = ARGV[7], nil
+-- The n records of ARGV[7] from its first-th on (split once, when first needed).
+local function records_of(first, n)
+  if not listed then listed = split(all) end
+  local out = {}
+  for k = 1, n do out[k] = listed[first + k - 1] end
+  return out
+end
+
+-- What the entry gets: each kept part's devices, counts, and its records (a list,
+-- or false for the n records of ARGV[7] from first on); whole while no record was left out.
+local devices, counts, firsts, sizes, lists, total, whole = {}, {}, {}, {}, {}, 0, true
+local function keep(group_devices, group_counts, first, n, list)
   if stream then
-    devices[#devices + 1], counts[#counts + 1], blobs[#blobs + 1] = group_devices, group_counts, blob
+    local k = #devices + 1
+    devices[k], counts[k] = group_devices, group_counts
+    firsts[k], sizes[k], lists[k] = first, n, list or false
     total = total + n
   else
-    for _, record in ipairs(split(blob)) do redis.call('LPUSH', key, record) end
+    for _, record in ipairs(list or records_of(first, n)) do redis.call('LPUSH', key, record) end
   end
 end
 
 local out = {}
-local i = 7
+local i, at = 8, 1
 while i <= #ARGV do
   local frames_at, frame_id = tonumber(ARGV[i]), ARGV[i + 1]
   local seqs_at, session = tonumber(ARGV[i + 2]), ARGV[i + 3]
-  local n, seqs, group_devices, group_counts, blob =
-    tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
-  i = i + 9
+  local n, seqs, group_devices, group_counts =
+    tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local first = at
+  i, at = i + 8, at + n
   local frames_key, seqs_key = '', ''
   if frames_at > 0 then frames_key = KEYS[frames_at] end
   if seqs_at > 0 then seqs_key = KEYS[seqs_at] end
@@ -194,17 +213,18 @@ while i <= #ARGV do
     -- wrote nothing would be acked on an older one (the first copy may be on the
     -- master only: it was answered unconfirmed, and lost if the master fails now).
     redis.call('PEXPIRE', frames_key, window)
+    whole = false
   else
     local changed = false
     if ranges == nil or seqs == '' then
-      keep(group_devices, group_counts, blob, n)
+      keep(group_devices, group_counts, first, n)
     else
       local a, b = string.match(seqs, '^(%d+)%-(%d+)$')
       if a and add(ranges, tonumber(a), tonumber(b)) then  -- none stored yet: all at once
         changed = true
-        keep(group_devices, group_counts, blob, n)
+        keep(group_devices, group_counts, first, n)
       else
-        local records, list, kept = split(blob), seq_list(seqs, n), {}
+        local records, list, kept = records_of(first, n), seq_list(seqs, n), {}
         for k = 1, n do
           local s = list[k]
           if s and not add(ranges, s, s) then
@@ -214,13 +234,16 @@ while i <= #ARGV do
             kept[#kept + 1] = records[k]
           end
         end
-        if #kept > 0 then keep(group_devices, tostring(#kept), table.concat(kept, '\\n'), #kept) end
+        if #kept < n then whole = false end
+        if #kept > 0 then keep(group_devices, tostring(#kept), first, #kept, kept) end
       end
     end
     if frames_key ~= '' then
       local t = clock()
       redis.call('ZADD', frames_key, t, frame_id)
-      redis.call('ZREMRANGEBYSCORE', frames_key, '-inf', t - window)
+      -- An id older than the window is no duplicate (the ZSCORE check looks at its
+      -- time), only memory: it goes with the oldest once the set is over its bound,
+      -- not by a range removal on every frame (a call a frame, an eighth of a frame's).
       if redis.call('ZCARD', frames_key) > max_frames then
         redis.call('ZREMRANGEBYRANK', frames_key, 0, -(max_frames + 1))
       end
@@ -258,8 +281,16 @@ while i <= #ARGV do
   end
 end
 if total > 0 then
-  local blob = blobs[1]
-  if #blobs > 1 then blob = table.concat(blobs, '\\n') end
+  local blob = all
+  if not whole then
+    local records = {}
+    for k = 1, #devices do
+      for _, record in ipairs(lists[k] or records_of(firsts[k], sizes[k])) do
+        records[#records + 1] = record
+      end
+    end
+    blob = table.concat(records, '\\n')
+  end
   redis.call('XADD', key, '*', 'n', total, 'd', table.concat(devices, '\\n'),
              'c', table.concat(counts, ','), 'r', blob)
   if length == 0 then redis.call('SET', KEYS[2], total) else redis.call('INCRBY', KEYS[2], total) end
