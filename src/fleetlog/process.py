@@ -87,7 +87,7 @@ def give_memory_back() -> bool:
 def freeze_start_up_objects() -> None:
     """Keep what start-up made out of every later garbage collection (``gc.freeze``).
 
-    Imports, settings and the clients a process opens make some 300,000 objects
+    Imports, settings and the clients a process opens make 50,000-100,000 objects
     (modules, functions, pydantic's schemas, redis-py's command tables) that live
     as long as the process and are never garbage, yet every full collection walks
     all of them again, and so does the one at exit: a worker that drained 20,000
