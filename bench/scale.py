@@ -155,9 +155,8 @@ def ingest_processes(children: Children, redis_url: str, client: redis.Redis, sc
                                                   else None)
                     runs.setdefault(f"{'v2' if v2 else 'legacy'}_{processes}p", []).append(run)
     for key, measured in runs.items():
-        rates = [float(run["records_per_s"]) for run in measured]
         median = sorted(measured, key=lambda run: float(run["records_per_s"]))[len(measured) // 2]
-        results[key] = {**median, "rates": rates, "repeats": [
+        results[key] = {**median, "repeats": [
             {k: run[k] for k in ("records_per_s", "redis_us_per_record", "ack_p99_ms")}
             for run in measured]}
     return results
@@ -288,8 +287,8 @@ def markdown(results: dict[str, Any]) -> str:
         one = ingest.get(f"{kind}_1p", {})
         for n in ingest.get("counts", [1, 2])[1:]:
             other = ingest.get(f"{kind}_{n}p", {})
-            each = ", ".join(_ratio(b, a) for a, b in zip(one.get("rates", []), other.get("rates", []),
-                                                           strict=False))
+            each = ", ".join(_ratio(b["records_per_s"], a["records_per_s"])
+                             for a, b in zip(one.get("repeats", []), other.get("repeats", []), strict=False))
             repeats = f" (median of {ingest.get('repeats', 1)}; each repeat: {each})" if each else ""
             rows.append(_row(f"{kind} ingest records/s: 1 vs {n} gateway processes{repeats}",
                              one.get("records_per_s"), other.get("records_per_s")))

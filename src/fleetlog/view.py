@@ -58,7 +58,12 @@ def _one_line(data: str) -> bytes:
     raw = data.encode()
     if b"\n" in raw or b"\r" in raw:  # pretty-printed by some other producer
         raw = orjson.dumps(orjson.loads(raw))
-    if raw.isascii():
+    return _escape_line_breaks(raw)
+
+
+def _escape_line_breaks(raw: bytes) -> bytes:
+    """JSON ``raw`` with the line breaks JSON leaves raw in strings escaped."""
+    if raw.isascii():  # the usual id or record: none of them (each has a byte above 0x7f)
         return raw
     for char, escaped in _LINE_BREAKS_IN_STRINGS:
         if char in raw:
@@ -106,13 +111,7 @@ def _line(seq: int, qid: str | None, device_id: str, received_at: int, extracted
 
 def _one_line_string(text: str) -> bytes:
     """``text`` as a JSON string, the line breaks JSON leaves raw escaped."""
-    raw = orjson.dumps(text)
-    if raw.isascii():  # the usual id: none of them (each has a byte above 0x7f)
-        return raw
-    for char, escaped in _LINE_BREAKS_IN_STRINGS:
-        if char in raw:
-            raw = raw.replace(char, escaped)
-    return raw
+    return _escape_line_breaks(orjson.dumps(text))
 
 
 def record_json(record: StoredRecord) -> bytes:
