@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 
 from bench.context import redis_cpu_seconds
@@ -97,7 +98,8 @@ def _summary(child: Child, timeout: float) -> dict[str, Any]:
 
 
 @contextmanager
-def _gateway(children: Children, redis_url: str, data_dir: Path, *extra: str) -> Iterator[str]:
+def _gateway(children: Children, redis_url: str, data_dir: Path, *extra: str) -> Iterator[tuple[str, Child]]:
+    """A gateway (``fleetlog gateway`` with ``extra``) listening: its URL and its process."""
     port = free_port()
     child = children.start("gateway", [
         PY, "-m", "fleetlog", "gateway", "--redis-url", redis_url, "--port", str(port),
@@ -105,7 +107,7 @@ def _gateway(children: Children, redis_url: str, data_dir: Path, *extra: str) ->
     try:
         wait_for_port(port, child, timeout=60)
         time.sleep(0.5)  # every process of a pool listening, not just the first
-        yield f"ws://127.0.0.1:{port}/"
+        yield f"ws://127.0.0.1:{port}/", child
     finally:
         child.stop()
 
@@ -129,6 +131,19 @@ def _ingest(children: Children, url: str, scale: Scale, clients: int, *, v2: boo
     }
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (a gateway pool's processes), so far."""
+    parent = psutil.Process(pid)
+    total = 0.0
+    for process in (parent, *parent.children(recursive=True)):
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def process_counts(cores: int | None = None) -> list[int]:
     """1, 2, 4, 8, 12, 16, 24, 32 ... up to the machine's cores, and the cores themselves."""
     cores = cores or os.cpu_count() or 1
@@ -147,17 +162,20 @@ def ingest_processes(children: Children, redis_url: str, client: redis.Redis, sc
             for v2 in (False, True):
                 client.flushall()
                 with _gateway(children, redis_url, scratch / f"gw-{processes}", "--processes",
-                              str(processes)) as url:
-                    before = redis_cpu_seconds(client)
+                              str(processes)) as (url, gateway):
+                    before, gateway_before = redis_cpu_seconds(client), _tree_cpu(gateway.pid)
                     run = _ingest(children, url, scale, processes, v2=v2)
                     spent = redis_cpu_seconds(client) - before
-                    run["redis_us_per_record"] = (round(spent * 1e6 / run["acked"], 3) if run["acked"]
-                                                  else None)
+                    gateway_spent = _tree_cpu(gateway.pid) - gateway_before
+                    acked = run["acked"]
+                    run["redis_us_per_record"] = round(spent * 1e6 / acked, 3) if acked else None
+                    run["gateway_us_per_record"] = round(gateway_spent * 1e6 / acked, 2) if acked else None
                     runs.setdefault(f"{'v2' if v2 else 'legacy'}_{processes}p", []).append(run)
     for key, measured in runs.items():
         median = sorted(measured, key=lambda run: float(run["records_per_s"]))[len(measured) // 2]
         results[key] = {**median, "repeats": [
-            {k: run[k] for k in ("records_per_s", "redis_us_per_record", "ack_p99_ms")}
+            {k: run[k] for k in ("records_per_s", "redis_us_per_record", "gateway_us_per_record",
+                                 "ack_p99_ms")}
             for run in measured]}
     return results
 
@@ -223,13 +241,14 @@ def cluster_vs_single(children: Children, redis_url: str, client: redis.Redis, s
                       scale: Scale) -> dict[str, Any]:
     results: dict[str, Any] = {}
     client.flushall()
-    with _gateway(children, redis_url, scratch / "gw-single", "--processes", "1", "--shards", "4") as url:
+    with _gateway(children, redis_url, scratch / "gw-single", "--processes", "1",
+                  "--shards", "4") as (url, _):
         results["single"] = _ingest(children, url, scale, 1, v2=True)
     cluster = LocalCluster(scratch / "cluster", appendfsync="everysec")
     cluster.start()
     try:
         with _gateway(children, cluster.url, scratch / "gw-cluster", "--processes", "1",
-                      "--shards", "4") as url:
+                      "--shards", "4") as (url, _):
             results["cluster"] = _ingest(children, url, scale, 1, v2=True)
     finally:
         cluster.stop()
@@ -254,7 +273,7 @@ def ack_replicas(children: Children, scratch: Path, scale: Scale) -> dict[str, A
         for replicas in (0, 1):
             client.flushall()
             with _gateway(children, master.url, scratch / f"gw-ack{replicas}", "--processes", "1",
-                          "--ack-replicas", str(replicas)) as url:
+                          "--ack-replicas", str(replicas)) as (url, _):
                 if not rate:  # half of the closed-loop rate without WAIT
                     probe = _summary(_simulate(children, url, scale, prefix="probe-", messages=40),
                                      scale.timeout)
@@ -294,6 +313,8 @@ def markdown(results: dict[str, Any]) -> str:
                              one.get("records_per_s"), other.get("records_per_s")))
             rows.append(_row(f"{kind} Redis CPU µs per record: 1 vs {n} gateway processes",
                              one.get("redis_us_per_record"), other.get("redis_us_per_record")))
+            rows.append(_row(f"{kind} gateway CPU µs per record (all its processes): 1 vs {n}",
+                             one.get("gateway_us_per_record"), other.get("gateway_us_per_record")))
     drain = results.get("drain_workers", {})
     base = drain.get("1_workers", {}).get("records_per_s")
     for workers in (2, 4) if drain else ():
