@@ -16,6 +16,7 @@ from fleetlog.queue import scripts
 from fleetlog.queue.connection import connect_async
 from fleetlog.queue.consumer import StreamConsumer
 from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.script_runner import RedisAppend, ScriptRunner
 from tests.helpers import queued
 
 STREAM = "fleetlog:records"
@@ -371,27 +372,136 @@ async def test_a_record_with_a_raw_newline_is_refused_at_submit(producer: Produc
         producer.submit("D", [b'{"a":\n1}'], lambda outcome: None)
 
 
-def test_the_fast_path_writes_what_the_whole_script_writes(sync_client: redis.Redis) -> None:
-    """INGEST_PLAIN (a call without dedupe state) and INGEST, given the same group: the same entry,
-    the same counter, the same refusal over the limit."""
+async def test_the_fast_paths_write_what_the_whole_script_writes(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    """INGEST_PLAIN (a call without dedupe state), its write without Lua (plain_append, as a
+    transaction) and INGEST, given the same group: the same entry, the same counter; the two
+    scripts the same refusal over the limit."""
     group = [3, "A\nB", "2,1", b'{"a":1}\n{"a":2}\n{"b":1}']
     head = [1_000_000, 86_400_000, "stream", scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
+    client = connect_async(redis_url, timeout=5)
+    append: ScriptRunner = RedisAppend(client)
     seen = []
-    for name, script, args in (
-            ("whole", scripts.INGEST, [*head, group[3], 0, "", 0, "", group[0], "", *group[1:3]]),
-            ("plain", scripts.INGEST_PLAIN, [head[0], *group])):
-        stream = f"fleetlog:fast-{name}"
-        counter = keys.queue_backlog(stream)
-        run = sync_client.register_script(script)
-        assert run(keys=[stream, counter], args=args) == [0]
-        assert run(keys=[stream, counter], args=args) == [0]
-        [(_, first), (_, second)] = sync_client.xrange(stream)
-        assert first == second
-        over = list(args)
-        over[0] = 6  # the limit: 6 records are queued
-        assert run(keys=[stream, counter], args=over) == 6
-        seen.append((first, sync_client.get(counter), sync_client.xlen(stream)))
-    assert seen[0] == seen[1] == ({b"n": b"3", b"d": b"A\nB", b"c": b"2,1", b"r": group[3]}, b"6", 2)
+    try:
+        for name, script, args in (
+                ("whole", scripts.INGEST, [*head, group[3], 0, "", 0, "", group[0], "", *group[1:3]]),
+                ("plain", scripts.INGEST_PLAIN, [head[0], *group]),
+                ("append", None, group)):
+            stream = f"fleetlog:fast-{name}"
+            counter = keys.queue_backlog(stream)
+            if script is None:
+                assert (await append.run([stream, counter], args))[::2] == [0, 3]  # length, counter
+                assert (await append.run([stream, counter], args))[::2] == [1, 6]
+            else:
+                run = sync_client.register_script(script)
+                assert run(keys=[stream, counter], args=args) == ([0] if name == "whole" else [0, 3])
+                assert run(keys=[stream, counter], args=args) == ([0] if name == "whole" else [0, 6])
+                over = list(args)
+                over[0] = 6  # the limit: 6 records are queued
+                assert run(keys=[stream, counter], args=over) == 6
+            [(_, first), (_, second)] = sync_client.xrange(stream)
+            assert first == second
+            seen.append((first, sync_client.get(counter), sync_client.xlen(stream)))
+    finally:
+        await client.aclose()
+    entry = {b"n": b"3", b"d": b"A\nB", b"c": b"2,1", b"r": group[3]}
+    assert seen == [(entry, b"6", 2)] * 3
+
+
+async def test_under_its_limit_a_plain_call_skips_the_script_and_still_refuses_at_it(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    """The first call checks in Redis; then, while the backlog it read back plus the call stays
+    under the limit, calls go as the plain append; near the limit the script checks again, and
+    refuses at it; nothing refused reaches the stream."""
+    sync_client.script_load(scripts.INGEST_PLAIN)  # no NOSCRIPT round (a second EVALSHA) to count
+    sync_client.config_resetstat()
+    producer = await make_producer(redis_url, max_backlog=7)
+
+    def scripts_run() -> int:
+        return int(sync_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    try:
+        for n in range(3):  # 1 record (the script), then 2 and 3: 3 and 6, under 7 (appended)
+            outcomes = Outcomes()
+            for k in range(n + 1):
+                producer.submit(f"D{k}", [b"%d.%d" % (n, k)], outcomes.callback())
+            assert await outcomes.results() == [QUEUED] * (n + 1)
+        assert scripts_run() == 1 and producer.calls == 3, "only the first call checked in Redis"
+        assert await submit(producer, "D0", [b"fills"]) == QUEUED  # 6 + 1 = 7: the script, 6 < 7
+        assert isinstance(await submit(producer, "D0", [b"refused"]), QueueFull)  # 7: over
+        assert scripts_run() == 3
+        assert int(sync_client.get(keys.queue_backlog(STREAM)) or 0) == 7
+        worker = StreamConsumer(sync_client, stream=STREAM, group="g", consumer="w",
+                                dead_letter_stream="dead", claim_idle=30)
+        worker.ensure_group()
+        worker.ack(worker.fetch(1, None))  # the first entry's one record: backlog 6
+        assert await submit(producer, "D0", [b"again"]) == QUEUED  # checked in Redis: room for it
+        assert isinstance(await submit(producer, "D0", [b"over"]), QueueFull)
+    finally:
+        await producer.close()
+    # The first entry was acknowledged (and trimmed); nothing refused is there.
+    assert [record for _, record in stream_entries(sync_client)] == [
+        b"1.0", b"1.1", b"2.0", b"2.1", b"2.2", b"fills", b"again"]
+
+
+@pytest.mark.parametrize("bursts", [
+    (250, 100),  # a script call over the limit, then one that must not be appended after it
+    (150, 120, 60, 250, 30, 110),  # an append, then a call that would reach the limit: it waits
+    (60, 100, 20, 100, 100),  # two appends in flight together, then the limit
+])
+async def test_calls_in_flight_together_never_queue_past_the_limit(
+    redis_url: str, sync_client: redis.Redis, bursts: tuple[int, ...]
+) -> None:
+    """Two calls in flight on two connections may run in either order.  Whatever the mix of
+    appends and scripts, every entry was queued while the backlog before it was under the
+    limit (the script's rule), and every record is either in the stream or refused."""
+    producer = await make_producer(redis_url, max_backlog=200)
+    try:
+        assert await submit(producer, "seed", [b"seed"]) == QUEUED  # the backlog is known: 1
+        outcomes = Outcomes()
+        sent: list[bytes] = []
+        for burst, size in enumerate(bursts):
+            for k in range(size):
+                record = b"%d.%d" % (burst, k)
+                sent.append(record)
+                producer.submit(f"b{burst}-{k}", [record], outcomes.callback())
+            for _ in range(3):
+                await asyncio.sleep(0)  # the burst leaves as its own call, the next joins it in flight
+        results = await outcomes.results()
+    finally:
+        await producer.close()
+    refused = {record for record, result in zip(sent, results, strict=True)
+               if isinstance(result, QueueFull)}
+    assert all(result == QUEUED for result in results if not isinstance(result, QueueFull))
+    before = 0
+    for _, fields in sync_client.xrange(STREAM):
+        assert before < 200, f"an entry queued with {before} records already queued"
+        before += int(fields[b"n"])
+    stored = [record for _, record in stream_entries(sync_client)]
+    assert sorted(stored) == sorted({b"seed", *sent} - refused), "each record stored once or refused"
+    assert before >= 200, "the bursts reach the limit"
+
+
+async def test_a_counter_left_behind_by_a_deleted_stream_is_set_right(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    """A stream deleted under its counter (by hand): the script sets the counter when it writes
+    to an empty stream, and so does the plain append (RESET_BACKLOG) when it finds one."""
+    producer = await make_producer(redis_url, max_backlog=1000)
+    counter = keys.queue_backlog(STREAM)
+    try:
+        assert await submit(producer, "D", [b"1"]) == QUEUED  # the script: the backlog is known
+        sync_client.delete(STREAM)
+        sync_client.set(counter, 900)  # 900 records counted that are not there
+        assert await submit(producer, "D", [b"2", b"3"]) == QUEUED  # the plain append
+        assert int(sync_client.get(counter) or 0) == 2
+        for n in range(4, 104):  # 100 records more: 102 queued, far under 1000, none refused
+            assert await submit(producer, "D", [b"%d" % n]) == QUEUED
+        assert int(sync_client.get(counter) or 0) == 102
+    finally:
+        await producer.close()
 
 
 @pytest.mark.parametrize("duplicate", ["frame", "seq", "both", "none"])

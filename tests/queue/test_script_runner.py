@@ -12,7 +12,7 @@ from fleetlog.embedded import RedisServer
 from fleetlog.net import free_port
 from fleetlog.queue.connection import REDIS_DOWN, connect_async
 from fleetlog.queue.producer import IngestResult, Producer
-from fleetlog.queue.script_runner import RedisScript, ScriptRunner
+from fleetlog.queue.script_runner import RedisAppend, RedisScript, ScriptRunner
 from tests.helpers import queued
 
 _APPEND = "for i, v in ipairs(ARGV) do redis.call('RPUSH', KEYS[1], v) end return redis.call('LLEN', KEYS[1])"
@@ -84,3 +84,35 @@ def test_the_producer_queues_after_redis_restarted_empty(private_redis: RedisSer
     sync = redis.Redis.from_url(private_redis.url)
     assert [record for _, record in queued(sync, "fleetlog:records")] == [b"r1", b"r2", b"r3"]
     sync.close()
+
+
+def test_the_plain_append_refused_for_memory_writes_nothing_and_says_why(
+    private_redis: RedisServer,
+) -> None:
+    """Under maxmemory Redis refuses the transaction's XADD as it is queued: EXEC runs nothing,
+    the runner raises Redis's own OOM error (not EXECABORT) and its connection stays usable."""
+    sync = redis.Redis.from_url(private_redis.url)
+    stream, counter = "fleetlog:records", "fleetlog:records:backlog"
+
+    async def run() -> list[object]:
+        client = connect_async(private_redis.url, timeout=5)
+        try:
+            append: ScriptRunner = RedisAppend(client)
+            args = [2, "dev-1", 2, b'{"a":1}\n{"a":2}']
+            first = await append.run([stream, counter], args)
+            sync.config_set("maxmemory-policy", "noeviction")
+            sync.config_set("maxmemory", 1)
+            with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):
+                await append.run([stream, counter], args)
+            sync.config_set("maxmemory", 0)
+            again = await append.run([stream, counter], args)
+            return [first[0], first[2], again[0], again[2]]
+        finally:
+            await client.aclose()
+
+    try:
+        assert asyncio.run(run()) == [0, 2, 1, 4]  # length before, counter after: each call once
+        assert sync.xlen(stream) == 2 and sync.get(counter) == b"4"
+    finally:
+        sync.config_set("maxmemory", 0)
+        sync.close()

@@ -20,7 +20,7 @@ def queue(client: redis.Redis, stream: str, records: int) -> None:
     ingest = client.register_script(scripts.INGEST_PLAIN)
     blob = b"\n".join(b'{"n":%d}' % n for n in range(records))
     args = [1_000_000, records, "d", records, blob]
-    assert ingest(keys=[stream, keys.queue_backlog(stream)], args=args) == [0]
+    assert ingest(keys=[stream, keys.queue_backlog(stream)], args=args)[0] == 0  # queued
 
 
 def stats(client: redis.Redis, shards: int = 1, queue_mode: str = "stream") -> QueueStats:

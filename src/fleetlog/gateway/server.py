@@ -632,8 +632,8 @@ class Gateway:
         if chosen is None:
             self._replicas_unknown = False
             if replicas:
-                self.parts.ingest.wait_for(1)
-                self.parts.ingest_plain.wait_for(1)
+                for runner in (self.parts.ingest, self.parts.ingest_plain, self.parts.append):
+                    runner.wait_for(1)
                 log.info("every Redis master has a replica: acking a frame once one replica has "
                          "its records (--ack-replicas 0 acks on the master alone: faster, but a "
                          "failover can lose acked records)")

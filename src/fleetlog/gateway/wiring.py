@@ -38,7 +38,7 @@ from fleetlog.process import give_memory_back
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import connect_async, is_cluster
 from fleetlog.queue.producer import Done, Producer
-from fleetlog.queue.script_runner import ClusterScript, RedisScript
+from fleetlog.queue.script_runner import ClusterAppend, ClusterScript, RedisAppend, RedisScript
 from fleetlog.quietlog import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -149,9 +149,11 @@ class GatewayParts:
     addresses: AddressLimit
     buffered: BufferBudget
     limiters: DeviceLimiters
-    #: The ingest scripts, told to wait for replicas once the topology is known.
+    #: The ingest scripts and the plain append, told to wait for replicas once the
+    #: topology is known.
     ingest: ClusterScript | RedisScript
     ingest_plain: ClusterScript | RedisScript
+    append: ClusterAppend | RedisAppend
     producer: Producer
     registry: LinkRegistry
     devices: Devices[DeviceConnection]
@@ -171,15 +173,18 @@ def wire(settings: Settings, redis_url: str) -> GatewayParts:
         records_per_s=settings.rate_records, bytes_per_s=settings.rate_bytes,
         burst=settings.rate_burst, max_delay=settings.rate_max_delay,
     )
-    runner = ClusterScript if is_cluster(client) else RedisScript
-    ingest, ingest_plain = (runner(
-        client, script, replicas=settings.ack_replicas or 0,
-        # within the socket timeout, so WAIT's own answer comes back
-        replica_timeout=min(settings.ack_replicas_timeout, settings.redis_timeout / 2))
-        for script in (scripts.INGEST, scripts.INGEST_PLAIN))
+    cluster = is_cluster(client)
+    runner = ClusterScript if cluster else RedisScript
+    replicas = settings.ack_replicas or 0
+    # within the socket timeout, so WAIT's own answer comes back
+    replica_timeout = min(settings.ack_replicas_timeout, settings.redis_timeout / 2)
+    ingest, ingest_plain = (runner(client, script, replicas=replicas, replica_timeout=replica_timeout)
+                            for script in (scripts.INGEST, scripts.INGEST_PLAIN))
+    append = (ClusterAppend if cluster else RedisAppend)(
+        client, replicas=replicas, replica_timeout=replica_timeout)
     producer = Producer(
         client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
-        shards=settings.shards, runner=ingest, plain_runner=ingest_plain,
+        shards=settings.shards, runner=ingest, plain_runner=ingest_plain, append_runner=append,
         dedupe_window=int(settings.dedupe_window),
     )
     registry = LinkRegistry(
@@ -213,6 +218,7 @@ def wire(settings: Settings, redis_url: str) -> GatewayParts:
         limiters=limiters,
         ingest=ingest,
         ingest_plain=ingest_plain,
+        append=append,
         producer=producer,
         registry=registry,
         devices=devices,

@@ -11,6 +11,16 @@ before its next records go, so one device's records reach the stream in the
 order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
 
+A call of legacy frames only (no dedupe state) runs :data:`~.scripts.INGEST_PLAIN`,
+or, while the producer knows the shard stays under its backlog limit, the same
+write without Lua (:func:`~.scripts.plain_append`): the backlog it last read
+back, plus the records of its calls in flight and of this one, below the limit
+means the script's check could not refuse, whatever order Redis runs them in
+(a call that could take the shard to its limit waits for the appends in flight).
+Every call reads the backlog back.  With one gateway process the limit holds as
+exactly as the script's; with several, each may queue what it has in flight
+(``max_in_flight`` calls) before it sees what the others queued.
+
 With ``shards`` > 1 the queue is that many streams (``fleetlog:{s3}:records``);
 a device always goes to the same one (:func:`fleetlog.keys.shard_of`), and one
 call carries one shard's submissions only, with every key it touches declared
@@ -51,7 +61,7 @@ from fleetlog.errors import (
 )
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import REDIS_DOWN, REDIS_NOT_REPLICATED, public_reason
-from fleetlog.queue.script_runner import RedisScript, ScriptArg, ScriptRunner
+from fleetlog.queue.script_runner import RedisAppend, RedisScript, ScriptArg, ScriptRunner
 
 __all__ = ["Done", "IngestResult", "Producer"]
 
@@ -152,6 +162,10 @@ def _outcomes(call: list[_Submission], reply: list[Any]) -> list[IngestResult | 
     return outcomes
 
 
+#: What keeps :data:`~.scripts.RESET_BACKLOG` from running: Redis down or refusing.
+_RESET_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, redis.exceptions.ResponseError)
+
+
 class Producer:
     """Batches submissions into atomic Lua calls; see the module docstring."""
 
@@ -166,6 +180,7 @@ class Producer:
         max_in_flight: int = 2,
         runner: ScriptRunner | None = None,
         plain_runner: ScriptRunner | None = None,
+        append_runner: ScriptRunner | None = None,
         shards: int = 1,
     ) -> None:
         if shards < 1 or (shards > 1 and mode == "list"):
@@ -175,9 +190,13 @@ class Producer:
         self._ingest: ScriptRunner = runner or RedisScript(client, scripts.INGEST)
         #: Its fast path for calls without dedupe state, in stream mode (:data:`~.scripts.INGEST_PLAIN`).
         self._ingest_plain: ScriptRunner | None = None
+        #: And its write without the check, for a shard known to be under its limit.
+        self._append: ScriptRunner | None = None
         if mode == "stream":
             self._ingest_plain = plain_runner or (RedisScript(client, scripts.INGEST_PLAIN)
                                                   if runner is None else None)
+            self._append = append_runner or (RedisAppend(client) if runner is None else None)
+        self._client = client
         self._shards = shards
         #: KEYS that start each call: a shard's stream and its backlog counter, or the list.
         self._queue_keys: list[list[ScriptArg]] = [
@@ -186,13 +205,25 @@ class Producer:
         ] if mode == "stream" else [[keys.LEGACY_LIST]]
         self._tags = [keys.shard_tag(k, shards) for k in range(shards)]
         # The backlog limit is the whole queue's: each shard gets its part.
-        self._head = [-(-max_backlog // shards), int(dedupe_window * 1000), mode,
+        self._limit = -(-max_backlog // shards)
+        self._head = [self._limit, int(dedupe_window * 1000), mode,
                       scripts.MAX_FRAMES, scripts.MAX_SESSIONS, scripts.MAX_RANGES]
         self._waiting: deque[_Submission] = deque()
         self._waiting_records = [0] * shards  # records in ``_waiting`` per shard
         self._busy: Counter[str] = Counter()  # devices with a call in flight
         self._calls: set[asyncio.Task[None]] = set()
         self._in_flight = [0] * shards  # calls in flight per shard
+        #: Per shard, the backlog its last call read back (an upper bound: the workers
+        #: only lower it), and the records of its calls in flight; ``None``: not known
+        #: (no call yet, or the last failed), so the next plain call checks it in Redis.
+        self._backlog: list[int | None] = [None] * shards
+        self._sending = [0] * shards
+        #: Per shard: plain appends in flight, set once none is, and calls waiting for that.
+        self._appending = [0] * shards
+        self._appends_done = [asyncio.Event() for _ in range(shards)]
+        for event in self._appends_done:
+            event.set()
+        self._holding = [0] * shards
         self._max_in_flight = max_in_flight
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -314,7 +345,24 @@ class Producer:
         self._waiting = kept
         return taken
 
+    def _room(self, shard: int, size: int) -> bool:
+        """Whether the shard's backlog stays under its limit with ``size`` more records, whatever
+        order Redis runs the calls in flight in (``False`` when the backlog is not known)."""
+        known = self._backlog[shard]
+        return known is not None and known + self._sending[shard] + size < self._limit
+
     async def _call(self, shard: int, call: list[_Submission]) -> None:
+        size = sum(submission.size for submission in call)
+        # Sent after an append, a call may still run before it on Redis (another
+        # connection): only one that keeps the backlog under the limit may go before
+        # the appends in flight on its shard are done, or the appends could queue
+        # past the limit.  One waiting keeps further appends from starting meanwhile.
+        while self._appending[shard] and not self._room(shard, size):
+            self._holding[shard] += 1
+            try:
+                await self._appends_done[shard].wait()
+            finally:
+                self._holding[shard] -= 1
         declared: list[ScriptArg] = [*self._queue_keys[shard]]
         at: dict[str, int] = {}  # key -> its index in KEYS (1-based, as Lua counts)
 
@@ -348,9 +396,18 @@ class Producer:
         if plain:
             if len(plain) == len(call) and self._ingest_plain is not None:  # no dedupe at all
                 group = _group(plain)
-                runner, args = self._ingest_plain, [self._head[0], group[4], group[6], group[7], records]
+                if self._append is not None and not self._holding[shard] and self._room(shard, size):
+                    runner, args = self._append, [group[4], group[6], group[7], records]
+                else:
+                    runner, args = self._ingest_plain, [self._limit, group[4], group[6], group[7],
+                                                        records]
             else:
                 args += _group(plain)
+        self._sending[shard] += size
+        appending = runner is self._append
+        if appending:
+            self._appending[shard] += 1
+            self._appends_done[shard].clear()
         outcomes: list[IngestResult | FleetlogError]
         previous = self.last_error
         try:
@@ -360,8 +417,18 @@ class Producer:
             if isinstance(reply, int):
                 full = QueueFull(f"queue backlog is {reply} records, over its limit")
                 outcomes = [full] * len(call)
+                self._backlog[shard] = reply
+            elif appending:
+                outcomes = [_QUEUED] * len(call)
+                self._backlog[shard] = await self._appended(declared, size, reply)
+            elif runner is self._ingest_plain:
+                outcomes = [_QUEUED] * len(call)
+                self._backlog[shard] = int(reply[1])
             else:
                 outcomes = _outcomes(call, reply)
+                known = self._backlog[shard]
+                if known is not None:  # what it queued, at most: the next plain call's bound
+                    self._backlog[shard] = known + size
         except REDIS_DOWN as exc:
             self.last_error = f"Redis unavailable: {exc}"
             self.last_problem = public_reason(exc)
@@ -388,7 +455,13 @@ class Producer:
             self.unconfirmed += sum(submission.size for submission in call)
             outcomes = [WriteUnconfirmed(self.last_error)] * len(call)
         finally:
+            self._sending[shard] -= size
+            if appending:
+                self._appending[shard] -= 1
+                if not self._appending[shard]:
+                    self._appends_done[shard].set()
             if self.last_error is not None:
+                self._backlog[shard] = None  # whatever happened, the next plain call checks
                 self.failed_at = time.monotonic()
                 if self.last_error != previous:  # the detail, once per change: not per call
                     log.warning("queueing failed: %s", self.last_error)
@@ -408,6 +481,25 @@ class Producer:
                 submission.done(outcome)
             except Exception:  # one connection's bug must not stall the others
                 log.exception("producer callback failed")
+
+    async def _appended(self, declared: list[ScriptArg], size: int, reply: list[Any]) -> int:
+        """The backlog after a :func:`~.scripts.plain_append`, from ``EXEC``'s reply.
+
+        An empty stream's counter must have been its records: one left behind
+        by a stream deleted under it is set right (:data:`~.scripts.RESET_BACKLOG`).
+        """
+        length, _, counter = reply
+        if length:
+            return max(int(counter), int(length) + 1)
+        if int(counter) != size:
+            try:
+                await self._client.eval(scripts.RESET_BACKLOG, 2, *declared[:2], counter, size)
+            except _RESET_FAILED as exc:
+                log.warning("could not set the backlog counter right (%s): it counts %d more "
+                            "records than the stream holds until the stream is empty", exc,
+                            int(counter) - size)
+                return int(counter)
+        return size
 
     async def close(self) -> None:
         """Flush what is pending (callbacks included), then stop the flusher.

@@ -5,6 +5,9 @@ of arguments.  :class:`ScriptRunner` is all it needs from Redis, so the
 topology stays out of it: :class:`RedisScript` runs the script on a single
 Redis (or Valkey); a Redis Cluster client implements the same method per
 shard (all of one call's keys must then hash to the same slot).
+:class:`RedisAppend` and :class:`ClusterAppend` send the same way a call that
+needs no Lua: the plain append of :func:`fleetlog.queue.scripts.plain_append`,
+as one ``MULTI``/``EXEC`` transaction.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import redis.asyncio
 import redis.exceptions
 
 from fleetlog.errors import NotReplicated, WriteUnconfirmed
+from fleetlog.queue.scripts import ScriptArg, plain_append
 
-__all__ = ["ClusterScript", "RedisScript", "ScriptArg", "ScriptRunner"]
+__all__ = ["ClusterAppend", "ClusterScript", "RedisAppend", "RedisScript", "ScriptArg", "ScriptRunner"]
 
-#: One key or argument of a script call, as Redis takes them.
-ScriptArg = bytes | str | int
 
 
 class ScriptRunner(Protocol):
@@ -45,6 +47,10 @@ class _Script:
 
     __slots__ = ("_client", "_script", "_timeout_ms", "_wait", "replicas", "sha")
 
+    #: Replies Redis sends before the one :meth:`_exchange` returns: none for an
+    #: ``EVALSHA``; a transaction's ``+OK`` and each command's ``+QUEUED``.
+    _queued = 0
+
     def __init__(self, client: redis.asyncio.Redis, script: str, *, replicas: int = 0,
                  replica_timeout: float = 1.0) -> None:
         self._client = client
@@ -61,9 +67,14 @@ class _Script:
         wait = ("WAIT", replicas, self._timeout_ms)
         self._wait = hiredis.pack_command(wait)  # type: ignore[arg-type]  # hiredis stubs: 1-tuples only
 
-    def _packed(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> bytes:
+    def _call(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> bytes:
+        """The call, packed: one ``EVALSHA``."""
         packed: bytes = hiredis.pack_command(
             ("EVALSHA", self.sha, len(keys), *keys, *args))  # type: ignore[arg-type]
+        return packed
+
+    def _packed(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> bytes:
+        packed = self._call(keys, args)
         return packed + self._wait if self.replicas else packed
 
     async def _exchange(self, connection: Any, packed: bytes) -> Any:
@@ -83,7 +94,19 @@ class _Script:
         """
         try:
             await connection.send_packed_command(packed, check_health=False)
-            reply = await connection.read_response()
+            refused: redis.exceptions.ResponseError | None = None
+            for _ in range(self._queued):  # a command refused here (OOM) makes EXEC refuse all
+                try:
+                    await connection.read_response()
+                except redis.exceptions.ResponseError as exc:
+                    refused = refused or exc
+            try:
+                reply = await connection.read_response()
+            except redis.exceptions.ResponseError:
+                if refused is None:
+                    raise
+            if refused is not None:
+                raise refused  # what Redis said of the command it refused, not EXECABORT
         except redis.exceptions.BusyLoadingError:
             raise  # a LOADING reply: refused before running
         except _LOST as exc:
@@ -218,3 +241,39 @@ class RedisScript(_Script):
             finally:
                 await pool.release(connection)
         raise AssertionError("unreachable")
+
+
+class _Append(_Script):
+    """The plain append (:func:`~fleetlog.queue.scripts.plain_append`) in place of a script.
+
+    One ``MULTI``/``EXEC`` with the call's keys (the stream, its backlog
+    counter) and arguments (records, devices, counts, the records' string); the
+    reply is ``EXEC``'s.  Sent, failed and confirmed exactly as a script call is.
+    """
+
+    __slots__ = ()
+
+    #: ``MULTI``'s ``+OK`` and the ``+QUEUED`` of its three commands.
+    _queued = 4
+
+    def __init__(self, client: redis.asyncio.Redis, *, replicas: int = 0,
+                 replica_timeout: float = 1.0) -> None:
+        super().__init__(client, "", replicas=replicas, replica_timeout=replica_timeout)
+
+    def _call(self, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]) -> bytes:
+        stream, counter = keys
+        count, devices, counts, records = args
+        return b"".join(hiredis.pack_command(command)  # type: ignore[arg-type]
+                        for command in plain_append(stream, counter, count, devices, counts, records))
+
+
+class RedisAppend(_Append, RedisScript):
+    """:class:`ScriptRunner` for the plain append on one Redis."""
+
+    __slots__ = ()
+
+
+class ClusterAppend(_Append, ClusterScript):
+    """:class:`ScriptRunner` for the plain append on a Redis Cluster (the stream's slot)."""
+
+    __slots__ = ()
