@@ -551,3 +551,22 @@ async def test_one_call_leaves_out_only_its_duplicates(
             assert pushed[-len(expected):] == expected
     finally:
         await producer.close()
+
+
+async def test_a_backlog_counter_of_another_type_never_hides_what_was_stored(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    """A misconfigured counter key (a hash): the append's XADD runs, its INCRBY fails inside the
+    transaction, and the records are acked (they are queued); the next call checks in Redis,
+    whose script refuses before writing: unavailable, and nothing of it in the stream."""
+    producer = await make_producer(redis_url)
+    counter = keys.queue_backlog(STREAM)
+    try:
+        assert await submit(producer, "D", [b"1"]) == QUEUED  # the script: the backlog is known
+        sync_client.delete(counter)
+        sync_client.hset(counter, "x", "y")
+        assert await submit(producer, "D", [b"2"]) == QUEUED  # the append: XADD ran
+        assert isinstance(await submit(producer, "D", [b"3"]), QueueUnavailable)
+    finally:
+        await producer.close()
+    assert [record for _, record in stream_entries(sync_client)] == [b"1", b"2"]

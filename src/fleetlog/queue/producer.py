@@ -482,24 +482,32 @@ class Producer:
             except Exception:  # one connection's bug must not stall the others
                 log.exception("producer callback failed")
 
-    async def _appended(self, declared: list[ScriptArg], size: int, reply: list[Any]) -> int:
+    async def _appended(self, declared: list[ScriptArg], size: int, reply: list[Any]) -> int | None:
         """The backlog after a :func:`~.scripts.plain_append`, from ``EXEC``'s reply.
 
-        An empty stream's counter must have been its records: one left behind
-        by a stream deleted under it is set right (:data:`~.scripts.RESET_BACKLOG`).
+        Raises Redis's error if the ``XADD`` failed (nothing was written).  An
+        empty stream's counter must have been its records: one left behind by a
+        stream deleted under it is set right (:data:`~.scripts.RESET_BACKLOG`).
         """
-        length, _, counter = reply
+        length, entry, counter = reply
+        if isinstance(entry, Exception):
+            raise entry
+        if isinstance(length, Exception) or isinstance(counter, Exception):  # a key of another type
+            log.warning("the backlog counter of %s could not be read or updated: %s", declared[0],
+                        length if isinstance(length, Exception) else counter)
+            return None  # the records are queued; the next call checks in Redis
         if length:
             return max(int(counter), int(length) + 1)
-        if int(counter) != size:
-            try:
-                await self._client.eval(scripts.RESET_BACKLOG, 2, *declared[:2], counter, size)
-            except _RESET_FAILED as exc:
-                log.warning("could not set the backlog counter right (%s): it counts %d more "
-                            "records than the stream holds until the stream is empty", exc,
-                            int(counter) - size)
-                return int(counter)
-        return size
+        if int(counter) == size:
+            return size
+        try:
+            if await self._client.eval(scripts.RESET_BACKLOG, 2, *declared[:2], counter, size):
+                return size
+        except _RESET_FAILED as exc:
+            log.warning("could not set the backlog counter of %s right (%s): it counts %d records "
+                        "more than the stream holds until the stream is empty", declared[0], exc,
+                        int(counter) - size)
+        return int(counter)
 
     async def close(self) -> None:
         """Flush what is pending (callbacks included), then stop the flusher.

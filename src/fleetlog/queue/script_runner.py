@@ -26,7 +26,6 @@ from fleetlog.queue.scripts import ScriptArg, plain_append
 __all__ = ["ClusterAppend", "ClusterScript", "RedisAppend", "RedisScript", "ScriptArg", "ScriptRunner"]
 
 
-
 class ScriptRunner(Protocol):
     """Runs one fixed Lua script; implementations own connections and script loading."""
 
@@ -248,7 +247,8 @@ class _Append(_Script):
 
     One ``MULTI``/``EXEC`` with the call's keys (the stream, its backlog
     counter) and arguments (records, devices, counts, the records' string); the
-    reply is ``EXEC``'s.  Sent, failed and confirmed exactly as a script call is.
+    reply is ``EXEC``'s (a command that failed as it ran is an exception in it,
+    as redis-py reads it).  Sent, failed and confirmed exactly as a script call is.
     """
 
     __slots__ = ()
