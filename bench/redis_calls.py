@@ -3,7 +3,7 @@
 One legacy (or ``--batch N`` v2) closed-loop run against one gateway and a
 private Valkey (``appendfsync everysec``, as the other benchmarks), with the
 server's ``INFO commandstats`` reset before it: records per ingest call, the
-Redis CPU per record (``/proc`` of the server), the part of it spent inside
+Redis CPU per record (``INFO cpu``), the part of it spent inside
 commands, and so the part spent around them (event loop, socket reads and
 writes, the AOF write of each loop turn); then the floor of
 :mod:`bench.floor` on the same server.  It explains ``redis_vs_plain_xadd``:
@@ -34,8 +34,10 @@ from fleetlog.net import free_port, wait_for_port
 __all__ = ["main", "measure"]
 
 _PY = sys.executable
-#: The calls the gateway makes per ingest call (the scripts, by SHA).
+#: The calls the gateway makes per ingest call: the scripts (by SHA), and the legacy
+#: calls it knows are under the backlog limit, as a MULTI/EXEC (scripts.plain_append).
 _INGEST = "cmdstat_evalsha"
+_APPEND = "cmdstat_exec"
 
 
 def measure(root: Path, devices: int, messages: int, batch: int) -> dict[str, Any]:
@@ -59,7 +61,9 @@ def measure(root: Path, devices: int, messages: int, batch: int) -> dict[str, An
         acked = int(json.loads(out.strip().splitlines()[-1])["acked"])
         stats = client.info("commandstats")
         in_commands = sum(float(value["usec"]) for value in stats.values()) / 1e6
-        calls = int(stats.get(_INGEST, {}).get("calls", 0))
+        scripts = int(stats.get(_INGEST, {}).get("calls", 0))
+        appends = int(stats.get(_APPEND, {}).get("calls", 0))
+        calls = scripts + appends
 
         client.delete(FLOOR_STREAM)
         floor_started = redis_cpu_seconds(client)
@@ -75,6 +79,7 @@ def measure(root: Path, devices: int, messages: int, batch: int) -> dict[str, An
         return {
             "acked": acked,
             "ingest_calls": calls,
+            "of_them_appends": appends,
             "records_per_call": round(acked / calls, 1) if calls else None,
             "redis_us_per_record": round(per_record, 2),
             "in_commands_us_per_record": round(in_commands * 1e6 / acked, 2),
