@@ -436,12 +436,12 @@ class Producer:
         except NotReplicated as exc:  # --ack-replicas: on the master, not confirmed on enough replicas
             self.last_error = f"Redis replicas did not confirm the write: {exc}"
             self.last_problem = REDIS_NOT_REPLICATED
-            self.unconfirmed += sum(submission.size for submission in call)
+            self.unconfirmed += size
             outcomes = [exc] * len(call)
         except WriteUnconfirmed as exc:  # sent, then the connection failed: it may have run
             self.last_error = f"Redis did not confirm the write: {exc}"
             self.last_problem = public_reason(exc.__cause__ or exc)
-            self.unconfirmed += sum(submission.size for submission in call)
+            self.unconfirmed += size
             outcomes = [exc] * len(call)
         except redis.exceptions.ResponseError as exc:  # OOM, MISCONF (disk), READONLY ...
             self.last_error = f"Redis refused the write: {exc}"
@@ -452,7 +452,7 @@ class Producer:
             self.last_error = f"queueing failed: {type(exc).__name__}: {exc}"
             self.last_problem = public_reason(exc)
             # Whether the call had left is unknown here: "not stored" could be a lie.
-            self.unconfirmed += sum(submission.size for submission in call)
+            self.unconfirmed += size
             outcomes = [WriteUnconfirmed(self.last_error)] * len(call)
         finally:
             self._sending[shard] -= size
