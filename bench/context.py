@@ -23,11 +23,15 @@ from bench.procs import Child, ChildFailed, Children, wait_for_port
 from bench.profile import Profile
 from fleetlog.embedded import RedisServer, free_port
 
-__all__ = ["ECHO_SERVERS", "PY", "Bench", "Server", "start_server"]
+__all__ = ["ECHO_SERVERS", "INSTANT_ACK", "PY", "Bench", "Server", "start_server"]
 
 PY = sys.executable
 #: Bare echo servers by name: the library each gateway is built on.
 ECHO_SERVERS = {"echo-websockets": "websockets", "echo-picows": "picows"}
+#: A picows server that answers every frame with the legacy ack pair at once (``bench.echo
+#: serve --reply legacy-ack``): ``fleetlog simulate`` drives it like a gateway, and its ack
+#: latency is the floor that the machine and the load generator set under a gateway's.
+INSTANT_ACK = "instant-ack"
 
 
 @dataclass
@@ -104,12 +108,15 @@ def _argv(bench: Bench, name: str) -> Callable[[int], list[str]]:
     if name in ECHO_SERVERS:
         lib = ECHO_SERVERS[name]
         return lambda port: [PY, "-m", "bench.echo", "serve", "--lib", lib, "--port", str(port)]
+    if name == INSTANT_ACK:
+        return lambda port: [PY, "-m", "bench.echo", "serve", "--lib", "picows", "--reply",
+                             "legacy-ack", "--port", str(port)]
     data_dir = bench.fresh_dir(f"gateway-{name}")
     return lambda port: systems.gateway_argv(name, port, bench.redis_server.url, data_dir)
 
 
 def start_server(bench: Bench, name: str) -> Server:
-    """Start a gateway (``baseline``, ``fleetlog``) or echo server and wait until it listens."""
+    """Start a gateway (``baseline``, ``fleetlog``), echo or instant-ack server; wait until it listens."""
     port = free_port()
     child = bench.children.start(name, _argv(bench, name)(port))
     wait_for_port(port, child)

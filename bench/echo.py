@@ -5,7 +5,12 @@ the rate at which a server that does nothing but echo can answer the same
 load.  Both servers run on uvloop like the gateways:
 
 * ``serve --lib picows``: picows, the library under fleetlog's gateway;
-* ``serve --lib websockets``: the library under the baseline gateway.
+* ``serve --lib websockets``: the library under the baseline gateway;
+* ``serve --lib picows --reply legacy-ack``: no echo, the legacy pair
+  (``server receive a message!`` + ``log_upload_response``) in one write, as
+  the gateway answers a stored record, but at once: ``fleetlog simulate``
+  against it measures the ack latency that the machine, the kernel and the
+  load generator alone give at a rate (the floor under the gateway's).
 
 ``load`` is the echo counterpart of ``fleetlog simulate``: C picows
 connections, each sending M frames shaped like a legacy record, the next one
@@ -28,6 +33,7 @@ import orjson
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
+from fleetlog.gateway.connection import RECEIVED_AND_STORED
 from fleetlog.simulate import connect_with_backoff
 
 
@@ -40,8 +46,19 @@ class _EchoListener(WSListener):
             transport.send(frame.msg_type, frame.get_payload_as_bytes())
 
 
-async def _serve_picows(host: str, port: int, stop: asyncio.Event) -> None:
-    server = await ws_create_server(lambda _request: _EchoListener(), host, port)
+class _InstantAckListener(WSListener):
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+        elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            frame.get_payload_as_bytes()  # read it as the gateway does
+            transport.underlying_transport.write(RECEIVED_AND_STORED)
+
+
+async def _serve_picows(host: str, port: int, stop: asyncio.Event, reply: str = "echo") -> None:
+    listener = _InstantAckListener if reply == "legacy-ack" else _EchoListener
+    server = await ws_create_server(lambda _request: listener(), host, port)
     await stop.wait()
     server.close()
 
@@ -61,12 +78,15 @@ async def _serve_websockets(host: str, port: int, stop: asyncio.Event) -> None:
         await stop.wait()
 
 
-async def serve_echo(lib: str, host: str, port: int) -> None:
+async def serve_echo(lib: str, host: str, port: int, reply: str = "echo") -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await (_serve_picows if lib == "picows" else _serve_websockets)(host, port, stop)
+    if lib == "picows":
+        await _serve_picows(host, port, stop, reply)
+    else:
+        await _serve_websockets(host, port, stop)
 
 
 class _Echoed(WSListener):
@@ -135,6 +155,8 @@ def main() -> int:
     server.add_argument("--lib", choices=["picows", "websockets"], required=True)
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, required=True)
+    server.add_argument("--reply", choices=["echo", "legacy-ack"], default="echo",
+                        help="legacy-ack (picows only): answer every frame with the legacy pair")
     client = commands.add_parser("load")
     client.add_argument("--url", required=True)
     client.add_argument("--connections", type=int, required=True)
@@ -142,7 +164,9 @@ def main() -> int:
     client.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
     if args.command == "serve":
-        uvloop.run(serve_echo(args.lib, args.host, args.port))
+        if args.reply != "echo" and args.lib != "picows":
+            parser.error("--reply legacy-ack needs --lib picows")
+        uvloop.run(serve_echo(args.lib, args.host, args.port, args.reply))
         return 0
     summary = uvloop.run(load(args.url, args.connections, args.messages, args.timeout))
     sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")

@@ -123,6 +123,13 @@ def rows(results: dict[str, Any]) -> list[Row]:
             "<= 5 ms" if is_p99 else "",
             (lambda value, _r: value <= 5) if is_p99 else None,
         ))
+    # The floor under the p99: the same load at the same rate against a server that acks at once.
+    table.append(Row(
+        "ack latency p99 at fleetlog's half rate (ms; a picows server that acks at once, the "
+        "machine's and load generator's floor | fleetlog)",
+        _get(results, "ingest", "fleetlog", "half_load_floor", "ack_p99_ms"),
+        _get(results, "ingest", "fleetlog", "half_load", "ack_p99_ms"),
+    ))
     base_drain = _get(results, "drain", "baseline_files", "records_per_s")
     table.append(Row(
         "worker drain, fleetlog into SQLite (FTS built after commit) vs baseline into files (records/s)",

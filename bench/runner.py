@@ -104,6 +104,8 @@ def _sweep_into(results: dict[str, Any], bench: Bench) -> list[str]:
             results.setdefault("ingest", {})[name] = result
         if "error" in result:
             errors.append(f"load/{name}: {result['error']}")
+        if "error" in (result.get("half_load_floor") or {}):
+            errors.append(f"load/{name} latency floor: {result['half_load_floor']['error']}")
     return errors
 
 

@@ -7,7 +7,11 @@ machine lands on all of them alike instead of on one system's whole series;
 the median run per server and connection count is reported.
 
 Then, per system, ack latency at half of its own max rate, and fleetlog's v2
-batched ingest when its simulator speaks v2.
+batched ingest when its simulator speaks v2.  Right after fleetlog's latency
+run, the same load (rate, devices, records) against a server that acks every
+frame at once (``instant-ack``): the latency the machine and the load
+generator give on their own, so that what the gateway and Redis add can be
+read off on any machine.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from typing import Any
 
 import orjson
 
-from bench.context import PY, Bench, Server, start_server
+from bench.context import INSTANT_ACK, PY, Bench, Server, start_server
 from bench.floor import add_floor
 from bench.procs import ChildFailed
 from bench.systems import SYSTEMS
 from bench.usage import Usage
 
-__all__ = ["LOADS", "V2_BATCH", "half_load", "legacy_load", "probe", "run_load", "sweep", "v2_load"]
+__all__ = ["LOADS", "V2_BATCH", "half_load", "instant_ack_floor", "legacy_load", "probe", "run_load", "sweep",
+           "v2_load"]
 
 #: Every server the sweep drives, in the order each repeat runs them.
 LOADS = ("baseline", "fleetlog", "echo-websockets", "echo-picows")
@@ -105,6 +110,15 @@ def half_load(bench: Bench, server: Server, max_rate: float) -> dict[str, Any]:
     return result
 
 
+def instant_ack_floor(bench: Bench, max_rate: float) -> dict[str, Any]:
+    """:func:`half_load` against a server that acks at once: the latency floor at that rate."""
+    server = start_server(bench, INSTANT_ACK)
+    try:
+        return half_load(bench, server, max_rate)
+    finally:
+        server.stop()
+
+
 def v2_load(bench: Bench, server: Server, legacy_rate: float) -> dict[str, Any]:
     """Batched v2 ingest (``V2_BATCH`` records per frame), sized from a legacy rate."""
     profile = bench.profile
@@ -163,6 +177,11 @@ def sweep(bench: Bench) -> dict[str, dict[str, Any]]:
             max_rate = float(reference["records_per_s"])
             results[name]["half_load"] = attempt(
                 name, lambda s=servers[name], r=max_rate: half_load(bench, s, r))
+            if name == "fleetlog" and results[name]["half_load"] is not None:
+                try:  # context for the row above, not fleetlog's: a failure here is only noted
+                    results[name]["half_load_floor"] = instant_ack_floor(bench, max_rate)
+                except Exception as exc:
+                    results[name]["half_load_floor"] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
             if name == "fleetlog" and v2_supported():
                 results[name]["v2"] = attempt(name, lambda s=servers[name], r=max_rate: add_floor(
                     bench, v2_load(bench, s, r)))
