@@ -194,6 +194,17 @@ def _spread(results: dict[str, Any]) -> list[str]:
     return found
 
 
+def _latency_spread(results: dict[str, Any]) -> list[str]:
+    """Every repeat's p99 of the half-load runs (full mode), per system and the floor."""
+    found = []
+    for name, result in (results.get("ingest") or {}).items():
+        for key, label in (("half_load", name), ("half_load_floor", "floor")):
+            p99s = (result.get(key) or {}).get("repeats_ack_p99_ms") or []
+            if len(p99s) > 1:
+                found.append(f"{label} " + ", ".join(f"{value:g}" for value in p99s))
+    return found
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -226,6 +237,10 @@ def markdown(results: dict[str, Any]) -> str:
     if spread:
         lines += ["", "Ingest is the median of repeated runs; their spread (records/s): "
                   + "; ".join(spread) + "."]
+    latency = _latency_spread(results)
+    if latency:
+        lines += ["", "Ack latency at half load is the run with the median p99 of its repeats; "
+                  "their p99 (ms): " + "; ".join(latency) + "."]
     if results.get("errors"):
         lines += ["", "Failed components:", *(f"- {error}" for error in results["errors"])]
     return "\n".join(lines) + "\n"
