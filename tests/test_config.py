@@ -41,26 +41,6 @@ def test_defaults() -> None:
     assert settings.store_url == f"sqlite:///{Path('fleetlog-data') / 'fleetlog.db'}"
 
 
-def test_by_default_the_gateway_leaves_a_core_to_a_redis_on_this_machine() -> None:
-    cores = len(os.sched_getaffinity(0))
-    for url in (None, "redis://127.0.0.1:6379", "redis://localhost/0", "unix:///tmp/redis.sock",
-                "redis+cluster://127.0.0.1:7000"):
-        assert load_settings(redis_url=url).gateway_processes == max(1, cores - 1), url
-    for url in ("redis://10.0.0.5:6379", "rediss://cache.example.com:6380"):
-        assert load_settings(redis_url=url).gateway_processes == cores, url
-    assert load_settings(redis_url="redis://127.0.0.1:6379", processes=3).gateway_processes == 3
-
-
-def test_one_core_still_gets_one_gateway_process() -> None:
-    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from fleetlog.config import load_settings; "
-            "print(load_settings(redis_url='redis://127.0.0.1:6379').gateway_processes, "
-            "load_settings(redis_url='redis://10.0.0.5:6379').gateway_processes)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         timeout=60).stdout
-    assert out.split() == ["1", "1"]
-
-
 def test_each_source_beats_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = write_toml(tmp_path / "c.toml", "ws_port = 9001\nhttp_port = 9002\nbatch = 7\nqueue = 'list'\n")
     monkeypatch.setenv("FLEETLOG_WS_PORT", "9101")

@@ -78,8 +78,7 @@ def _gateway_options(function: F) -> F:
                      help="Connections per client address, per gateway process, handshakes "
                           "included (10000)."),
         click.option("--processes", type=click.IntRange(min=1, max=1024), default=None,
-                     help="Gateway processes sharing the port (default: one per core, less "
-                          "one when Redis is on this machine)."),
+                     help="Gateway processes sharing the port (default: one per core)."),
         click.option("--gateway-metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                      help="Serve the gateway's /metrics and detailed /healthz here, on "
                           "--metrics-host (127.0.0.1); 0: off (default; up: HTTP port + 2)."),

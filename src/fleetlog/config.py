@@ -27,7 +27,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from fleetlog.net import is_on_this_machine
 from fleetlog.timeparse import parse_duration
 
 __all__ = ["CLUSTER_SCHEMES", "MASK", "Settings", "load_settings", "mask_url"]
@@ -143,8 +142,7 @@ class Settings(BaseSettings):
     rate_burst: float = Field(default=10.0, gt=0)
     rate_max_delay: float = Field(default=5.0, ge=0)
     redis_timeout: float = Field(default=5.0, gt=0)
-    # Gateway processes on one port (SO_REUSEPORT) under one parent; None: one per core, less one
-    # when Redis runs on this machine (see gateway_processes).
+    # Gateway processes on one port (SO_REUSEPORT) under one parent; None: one per core.
     processes: int | None = Field(default=None, ge=1, le=1024)
     # Set by that parent for its children: listen with SO_REUSEPORT, sharing the port.
     reuse_port: bool = False
@@ -215,22 +213,8 @@ class Settings(BaseSettings):
 
     @property
     def gateway_processes(self) -> int:
-        """How many gateway processes ``fleetlog gateway`` runs.
-
-        ``processes`` when set; else one per core this process may run on, less one
-        when Redis runs on this machine (``up``'s embedded one, a loopback address,
-        ``localhost`` or a Unix socket).  Redis is a shard's ceiling and works on
-        one core: a gateway process on every core besides takes CPU from it and
-        from each other, and each process's calls carry fewer records.  Measured on
-        2 cores, Redis local, 100 legacy devices: one process acked 1.3x the records
-        of two, in calls three times as large (docs/performance.md).
-        """
-        if self.processes:
-            return self.processes
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if self.redis_url is None or is_on_this_machine(self.redis_url):
-            return max(1, cores - 1)
-        return cores
+        """How many gateway processes ``fleetlog gateway`` runs: ``processes``, else the cores."""
+        return self.processes or os.cpu_count() or 1
 
     @property
     def store_url(self) -> str:

@@ -1,4 +1,4 @@
-"""Local TCP ports: pick a free one, wait until a server listens on one; local URLs.
+"""Local TCP ports: pick a free one, and wait until a server listens on one.
 
 ``fleetlog up``, the tests and the benchmarks all start a server process and
 must wait until it accepts connections, giving up early if the process died;
@@ -7,15 +7,13 @@ this is the one way they do it.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
-import urllib.parse
 from collections.abc import Callable
 from enum import Enum
 from typing import Final
 
-__all__ = ["PortWait", "free_port", "is_on_this_machine", "listening", "wait_for_port"]
+__all__ = ["PortWait", "free_port", "listening", "wait_for_port"]
 
 #: Between two connection attempts: short next to a server's start (tenths of a
 #: second), long enough not to spin.
@@ -72,24 +70,3 @@ def wait_for_port(
         if time.monotonic() >= deadline:
             return PortWait.TIMED_OUT
         time.sleep(_POLL_INTERVAL)
-
-
-def is_on_this_machine(url: str) -> bool:
-    """Whether the server ``url`` names runs here: a Unix socket, ``localhost`` or a loopback address.
-
-    Told from the URL alone (no name is looked up): a name of this machine's
-    other than ``localhost``, or one of its own non-loopback addresses, counts as
-    elsewhere.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "unix":
-        return True
-    host = parts.hostname
-    if not host:
-        return False
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name
-        return False
