@@ -41,6 +41,16 @@ def test_defaults() -> None:
     assert settings.store_url == f"sqlite:///{Path('fleetlog-data') / 'fleetlog.db'}"
 
 
+def test_by_default_one_gateway_process_per_core_this_process_may_use() -> None:
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from fleetlog.config import load_settings; "
+            "print(load_settings().gateway_processes, load_settings(processes=3).gateway_processes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    assert out.split() == ["1", "3"]
+    assert load_settings().gateway_processes == len(os.sched_getaffinity(0))
+
+
 def test_each_source_beats_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = write_toml(tmp_path / "c.toml", "ws_port = 9001\nhttp_port = 9002\nbatch = 7\nqueue = 'list'\n")
     monkeypatch.setenv("FLEETLOG_WS_PORT", "9101")

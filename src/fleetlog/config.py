@@ -213,8 +213,16 @@ class Settings(BaseSettings):
 
     @property
     def gateway_processes(self) -> int:
-        """How many gateway processes ``fleetlog gateway`` runs: ``processes``, else the cores."""
-        return self.processes or os.cpu_count() or 1
+        """How many gateway processes ``fleetlog gateway`` runs: ``processes``, else the cores.
+
+        The cores this process may run on (its affinity mask: ``taskset``, a
+        container's cpuset), not all the machine has.
+        """
+        if self.processes:
+            return self.processes
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0)) or 1
+        return os.cpu_count() or 1
 
     @property
     def store_url(self) -> str:
