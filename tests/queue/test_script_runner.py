@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 
 import pytest
 import redis
 import redis.exceptions
 
 from fleetlog.embedded import RedisServer
+from fleetlog.errors import WriteUnconfirmed
 from fleetlog.net import free_port
 from fleetlog.queue.connection import REDIS_DOWN, connect_async
 from fleetlog.queue.producer import IngestResult, Producer
@@ -116,3 +119,46 @@ def test_the_plain_append_refused_for_memory_writes_nothing_and_says_why(
     finally:
         sync.config_set("maxmemory", 0)
         sync.close()
+
+
+@pytest.mark.parametrize("runner", ["script", "append"])
+def test_a_call_that_redis_stops_answering_ends_at_the_timeout_as_unconfirmed(
+    private_redis: RedisServer, runner: str,
+) -> None:
+    """The whole exchange has the socket timeout once: a Redis stopped after taking the call
+    makes it :class:`WriteUnconfirmed` (it may have run) about then, not a timeout per reply;
+    the connection's own timeout is back for its other commands, and once Redis runs again
+    the next call goes through and the one cut off was written once."""
+    sync = redis.Redis.from_url(private_redis.url)
+    stream, counter = "fleetlog:records", "fleetlog:records:backlog"
+    assert private_redis.process is not None
+
+    async def run() -> tuple[float, list[float | None]]:
+        client = connect_async(private_redis.url, timeout=1)
+        try:
+            call: ScriptRunner = RedisAppend(client) if runner == "append" else RedisScript(client, _APPEND)
+            keys, args = ([stream, counter], [1, "dev-1", 1, b'{"a":1}']) if runner == "append" else (
+                ["list"], ["x"])
+            await call.run(keys, args)
+            private_redis.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+            started = time.monotonic()
+            try:
+                with pytest.raises(WriteUnconfirmed, match="within 1 s"):
+                    await call.run(keys, args)
+            finally:
+                waited = time.monotonic() - started
+                private_redis.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            await call.run(keys, args)
+            pool = client.connection_pool
+            return waited, [connection.socket_timeout for connection in pool._available_connections]
+        finally:
+            await client.aclose()
+
+    waited, timeouts = asyncio.run(run())
+    assert 0.9 <= waited < 2.5
+    assert timeouts and all(timeout == 1 for timeout in timeouts)
+    if runner == "append":  # the call cut off ran once Redis did: three entries, counted
+        assert sync.xlen(stream) == 3 and sync.get(counter) == b"3"
+    else:
+        assert sync.lrange("list", 0, -1) == [b"x", b"x", b"x"]
+    sync.close()
