@@ -10,7 +10,9 @@ servers it starts and always stops:
   per gateway process, so the load side grows with the server side; with the
   Redis CPU per record of each point (``INFO cpu``), since one Redis core is
   what a shard is bounded by.  Run unchanged on a machine with many cores, it
-  gives the whole curve;
+  gives the whole curve.  ``--fixed-load``: one simulator for every count, the
+  same 100 devices split over more processes (each process's calls then carry
+  fewer records);
 * **drain, 1, 2 and 4 workers over 4 shards**: records preloaded into the 4
   shard streams the way a gateway queues them, then the time from the first
   worker's ``worker draining`` line until the shared SQLite store holds them
@@ -152,10 +154,12 @@ def process_counts(cores: int | None = None) -> list[int]:
 
 
 def ingest_processes(children: Children, redis_url: str, client: redis.Redis, scratch: Path,
-                     scale: Scale, counts: list[int], repeats: int = 1) -> dict[str, Any]:
+                     scale: Scale, counts: list[int], repeats: int = 1,
+                     fixed_load: bool = False) -> dict[str, Any]:
     """Each point ``repeats`` times, the counts interleaved (1, 2, 4 ..., then again), so that
-    a busy moment of the machine hits every count alike; each point is its median run."""
-    results: dict[str, Any] = {"counts": counts, "repeats": repeats}
+    a busy moment of the machine hits every count alike; each point is its median run.
+    One simulator per gateway process, or one for all with ``fixed_load``."""
+    results: dict[str, Any] = {"counts": counts, "repeats": repeats, "fixed_load": fixed_load}
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(repeats):
         for processes in counts:
@@ -164,7 +168,7 @@ def ingest_processes(children: Children, redis_url: str, client: redis.Redis, sc
                 with _gateway(children, redis_url, scratch / f"gw-{processes}", "--processes",
                               str(processes)) as (url, gateway):
                     before, gateway_before = redis_cpu_seconds(client), _tree_cpu(gateway.pid)
-                    run = _ingest(children, url, scale, processes, v2=v2)
+                    run = _ingest(children, url, scale, 1 if fixed_load else processes, v2=v2)
                     spent = redis_cpu_seconds(client) - before
                     gateway_spent = _tree_cpu(gateway.pid) - gateway_before
                     acked = run["acked"]
@@ -309,7 +313,8 @@ def markdown(results: dict[str, Any]) -> str:
             each = ", ".join(_ratio(b["records_per_s"], a["records_per_s"])
                              for a, b in zip(one.get("repeats", []), other.get("repeats", []), strict=False))
             repeats = f" (median of {ingest.get('repeats', 1)}; each repeat: {each})" if each else ""
-            rows.append(_row(f"{kind} ingest records/s: 1 vs {n} gateway processes{repeats}",
+            load = ", one simulator for all" if ingest.get("fixed_load") else ""
+            rows.append(_row(f"{kind} ingest records/s: 1 vs {n} gateway processes{load}{repeats}",
                              one.get("records_per_s"), other.get("records_per_s")))
             rows.append(_row(f"{kind} Redis CPU µs per record: 1 vs {n} gateway processes",
                              one.get("redis_us_per_record"), other.get("redis_us_per_record")))
@@ -338,7 +343,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[str] | None = None,
-        repeats: int = 1) -> int:
+        repeats: int = 1, fixed_load: bool = False) -> int:
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     children = Children(scratch, child_env())
@@ -352,7 +357,8 @@ def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[
         results["machine"] = machine_info(client)
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("ingest_processes", lambda: ingest_processes(children, server.url, client, scratch, scale,
-                                                          counts or process_counts(), repeats)),
+                                                          counts or process_counts(), repeats,
+                                                          fixed_load)),
             ("drain_workers", lambda: drain_workers(children, server.url, client, scratch, scale)),
             ("cluster_vs_single", lambda: cluster_vs_single(children, server.url, client, scratch, scale)),
             ("ack_replicas", lambda: ack_replicas(children, scratch, scale)),
@@ -374,7 +380,8 @@ def run(scale: Scale, out_dir: Path, counts: list[int] | None = None, only: set[
     results["errors"] = errors
     results["wall_s"] = round(time.perf_counter() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"scale-{results['date']}" + ("-quick" if scale is QUICK else "")
+    stem = (f"scale-{results['date']}" + ("-quick" if scale is QUICK else "")
+            + ("-fixed-load" if fixed_load else ""))
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (out_dir / f"{stem}.md").write_text(table)
@@ -392,12 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="Runs of each gateway process count, interleaved; the median is reported "
                              "(default 3).")
+    parser.add_argument("--fixed-load", action="store_true",
+                        help="ingest_processes: one simulator for every process count (the same load "
+                             "split over more processes), instead of one per process.")
     parser.add_argument("--only", default=None, help="Comma-separated steps: ingest_processes, "
                         "drain_workers, cluster_vs_single, ack_replicas (default: all).")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.processes.split(",")] if args.processes else None
     only = set(args.only.split(",")) if args.only else None
-    return run(QUICK if args.quick else FULL, args.out, counts, only, max(1, args.repeats))
+    return run(QUICK if args.quick else FULL, args.out, counts, only, max(1, args.repeats),
+               args.fixed_load)
 
 
 if __name__ == "__main__":
