@@ -38,27 +38,26 @@ from fleetlog.simulate import connect_with_backoff
 
 
 class _EchoListener(WSListener):
+    """Echoes each data frame, or with ``reply`` writes those bytes instead (read it all the same)."""
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.reply = reply
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
         elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            transport.send(frame.msg_type, frame.get_payload_as_bytes())
-
-
-class _InstantAckListener(WSListener):
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
-            transport.disconnect()
-        elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            frame.get_payload_as_bytes()  # read it as the gateway does
-            transport.underlying_transport.write(RECEIVED_AND_STORED)
+            payload = frame.get_payload_as_bytes()
+            if self.reply is None:
+                transport.send(frame.msg_type, payload)
+            else:
+                transport.underlying_transport.write(self.reply)
 
 
 async def _serve_picows(host: str, port: int, stop: asyncio.Event, reply: str = "echo") -> None:
-    listener = _InstantAckListener if reply == "legacy-ack" else _EchoListener
-    server = await ws_create_server(lambda _request: listener(), host, port)
+    wire = RECEIVED_AND_STORED if reply == "legacy-ack" else None
+    server = await ws_create_server(lambda _request: _EchoListener(wire), host, port)
     await stop.wait()
     server.close()
 
