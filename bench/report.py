@@ -194,6 +194,16 @@ def _spread(results: dict[str, Any]) -> list[str]:
     return found
 
 
+def _ratio_spread(results: dict[str, Any]) -> list[str]:
+    """Every repeat's Redis ratio of the runs that measured one (full mode)."""
+    found = []
+    for run in _get(results, "ingest", "fleetlog", "runs") or []:
+        ratios = run.get("repeats_redis_vs_plain_xadd") or []
+        if len(ratios) > 1:
+            found.append(f"{run['connections']} connections " + ", ".join(f"{r:g}" for r in ratios))
+    return found
+
+
 def _latency_spread(results: dict[str, Any]) -> list[str]:
     """Every repeat's p99 of the half-load runs (full mode), per system and the floor."""
     found = []
@@ -237,6 +247,10 @@ def markdown(results: dict[str, Any]) -> str:
     if spread:
         lines += ["", "Ingest is the median of repeated runs; their spread (records/s): "
                   + "; ".join(spread) + "."]
+    ratios = _ratio_spread(results)
+    if ratios:
+        lines += ["", "The legacy Redis ratio is the median of the repeats' own ratios: "
+                  + "; ".join(ratios) + "."]
     latency = _latency_spread(results)
     if latency:
         lines += ["", "Ack latency at half load is the run with the median p99 of its repeats; "
