@@ -128,6 +128,43 @@ async def test_revoke_and_rotate_close_connections(
     client.close()
 
 
+async def test_list_mode_files_an_authenticated_devices_records_under_it_only(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """``--queue list`` pushes the record alone and the worker reads the device from inside
+    it: a token must not let one device file records under another, nor under ``unknown``."""
+    data_dir = tmp_path / "data"
+    token = _add(redis_url, "door-1")
+    _add(redis_url, "door-2")
+    _, port = processes.gateway(redis_url, data_dir, "--queue", "list", auth="token")
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?token={token}") as ws:
+        forged = {"deviceId": "door-1", "type": 4, "data": {"deviceId": "door-2", "msg": "door forced"}}
+        replies = await send_legacy(ws, json.dumps(forged))
+        assert replies[0] == RECEIVED and replies[1]["code"] == "forbidden"
+        for data in ({"msg": "plain"}, {"deviceId": "door-1", "msg": "own"}, "text"):
+            assert (await send_legacy(ws, json.dumps({"type": 4, "data": data})))[1] == STORED
+        # A v2 frame with one forged record is refused whole; sent again without it, stored.
+        frame = {"type": "log", "id": "f1",
+                 "records": [{"msg": "v2 ok"}, {"deviceId": "door-2", "msg": "v2 forged"}]}
+        await ws.send(json.dumps(frame))
+        refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert refused["type"] == "error" and refused["code"] == "forbidden" and refused["id"] == "f1"
+        await ws.send(json.dumps({**frame, "records": [{"msg": "v2 ok"}]}))
+        ack = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert ack["type"] == "ack" and ack["id"] == "f1" and not ack.get("duplicate")
+    client = redis.Redis.from_url(redis_url)
+    pushed = [json.loads(item) for item in reversed(client.lrange("device:log:list", 0, -1))]
+    client.close()
+    assert pushed == [{"deviceId": "door-1", "msg": "plain"}, {"deviceId": "door-1", "msg": "own"}, "text",
+                      {"deviceId": "door-1", "msg": "v2 ok"}]
+    processes.worker(redis_url, data_dir, "--queue", "list")
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 4, timeout=30)
+    rows = stored_rows(data_dir)
+    assert [(device, json.loads(data)) for _, device, _, data in rows] == [
+        ("door-1", {"deviceId": "door-1", "msg": "plain"}), ("door-1", {"deviceId": "door-1", "msg": "own"}),
+        ("unknown", "text"), ("door-1", {"deviceId": "door-1", "msg": "v2 ok"})]
+
+
 async def test_second_connection_takes_over_on_any_node(
     redis_url: str, processes: Processes, tmp_path: Path
 ) -> None:

@@ -178,3 +178,28 @@ async def test_a_bad_device_id_is_refused_and_nothing_is_queued(
         assert await send_legacy(ws, legacy_frame("good:id", 1)) == [RECEIVED, STORED]
     assert client.xlen("fleetlog:records") == 1
     client.close()
+
+
+async def test_records_orjson_cannot_write_back_are_refused_and_the_rest_stored(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """Nesting orjson reads but cannot write (255-1,024 levels) is ``bad_json``, the
+    connection stays open; an integer no double holds is acked and stored exactly."""
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_url, data_dir)
+    processes.worker(redis_url, data_dir)
+    deep = "[" * 990 + "1" + "]" * 990
+    huge = "9" * 400
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        # Sent together: the replies come in frame order, each frame's pair.
+        await ws.send(legacy_frame("D", 0))
+        await ws.send('{"deviceId": "D", "type": 4, "data": ' + deep + "}")
+        await ws.send('{"deviceId": "D", "type": 4, "data": {"seq": 1, "n": ' + huge + "}}")
+        replies = [await asyncio.wait_for(ws.recv(), 10) for _ in range(6)]
+    assert replies[:3] == [RECEIVED, STORED, RECEIVED]
+    assert json.loads(replies[3])["code"] == "bad_json"
+    assert replies[4:] == [RECEIVED, STORED]
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 2, timeout=30)
+    rows = stored_rows(data_dir)
+    assert [seq for _, _, seq, _ in rows] == [0, 1]
+    assert rows[1][3] == '{"seq":1,"n":' + huge + "}"

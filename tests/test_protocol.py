@@ -14,13 +14,15 @@ from websockets.streams import StreamReader
 
 from fleetlog.device_id import device_id_problem
 from fleetlog.errors import ErrorCode, FrameError
+from fleetlog.exactjson import MAX_DEPTH
+from fleetlog.exactjson import dumps as encode_json
+from fleetlog.exactjson import loads as decode_json
 from fleetlog.protocol import (
     LOG_UPLOAD_RESPONSE,
     SERVER_RECEIVED,
     LegacyFrame,
-    decode_json,
-    encode_json,
     error_frame,
+    owned_record,
     parse_frame,
     parse_legacy,
     server_text_frame,
@@ -142,6 +144,33 @@ def test_deep_nesting_is_bad_json_not_a_crash(long_tail: bytes) -> None:
     depth = 100_000
     payload = b'{"type": 4, "data": ' + b"[" * depth + long_tail + b"]" * depth + b"}"
     assert rejected(payload) == ErrorCode.BAD_JSON
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 990, 1024])
+@pytest.mark.parametrize("long_tail", [b"1", b"123456789012345678901234567890"])
+def test_nesting_orjson_reads_but_cannot_write_is_bad_json(depth: int, long_tail: bytes) -> None:
+    """Between orjson's write limit (254) and its read limit (1,024): refused, never a crash."""
+    nested = b"[" * depth + long_tail + b"]" * depth
+    assert rejected(b'{"type": 4, "data": ' + nested + b"}") == ErrorCode.BAD_JSON
+    with pytest.raises(FrameError) as info:
+        parse_frame(b'{"type": "log", "id": "f1", "records": [' + nested + b"]}", 100)
+    assert info.value.code == ErrorCode.BAD_JSON
+    if depth < 1000:  # deeper, orjson's reader refuses it first, in its own words
+        assert f"nested deeper than {MAX_DEPTH} levels" in info.value.message
+
+
+def test_nesting_at_the_limit_is_accepted_and_written_back_the_same() -> None:
+    for tail in (b"1", b"123456789012345678901234567890"):
+        nested = b"[" * MAX_DEPTH + tail + b"]" * MAX_DEPTH
+        assert parse_legacy(b'{"type": 4, "data": ' + nested + b"}").record == nested
+
+
+def test_an_integer_no_double_can_hold_is_kept_exact() -> None:
+    number = int("9" * 400)
+    record = parse_legacy(b'{"type": 4, "data": {"n": ' + str(number).encode() + b"}}").record
+    assert record is not None
+    assert decode_json(record) == {"n": number}
+    assert encode_json(decode_json(record)) == record
 
 
 def test_nesting_within_reason_is_accepted() -> None:
@@ -322,3 +351,33 @@ def test_decode_json_keeps_every_integer_exact(value: object) -> None:
     """Whatever the digits around it, an integer beyond 64 bits is never turned into a float."""
     payload = json.dumps(value).encode()
     assert json.dumps(decode_json(payload)) == json.dumps(json.loads(payload))  # types too: 1 is not 1.0
+
+
+# -- list mode under device authentication ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "pushed"),
+    [
+        (b'{"msg":"m"}', b'{"deviceId":"door-1","msg":"m"}'),
+        (b"{}", b'{"deviceId":"door-1"}'),
+        (b'{"deviceId":"door-1","msg":"m"}', b'{"deviceId":"door-1","msg":"m"}'),
+        (b'"text"', b'"text"'),
+        (b"[1,2]", b"[1,2]"),
+    ],
+)
+def test_an_owned_record_names_its_device(record: bytes, pushed: bytes) -> None:
+    assert owned_record(record, "door-1") == pushed
+    assert decode_json(pushed) is not None
+
+
+def test_an_owned_record_keeps_a_numeric_id_of_the_same_device() -> None:
+    assert owned_record(b'{"deviceId":42}', "42") == b'{"deviceId":42}'
+    assert owned_record(b'{"n":1}', "x:{y}") == b'{"deviceId":"x:{y}","n":1}'
+
+
+@pytest.mark.parametrize("named", [b'"door-2"', b"2", b"null", b'""', b"true", b'["door-1"]'])
+def test_a_record_naming_another_device_is_forbidden(named: bytes) -> None:
+    with pytest.raises(FrameError) as info:
+        owned_record(b'{"deviceId":' + named + b',"msg":"m"}', "door-1")
+    assert info.value.code == ErrorCode.FORBIDDEN

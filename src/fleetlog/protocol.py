@@ -23,8 +23,6 @@ apart by ``type``.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -32,6 +30,7 @@ import orjson
 
 from fleetlog.device_id import device_id_problem
 from fleetlog.errors import ErrorCode, FrameError
+from fleetlog.exactjson import dumps, loads
 
 __all__ = [
     "LOG_UPLOAD_RESPONSE",
@@ -41,9 +40,8 @@ __all__ = [
     "LogBatch",
     "ack_frame",
     "command_frame",
-    "decode_json",
-    "encode_json",
     "error_frame",
+    "owned_record",
     "parse_frame",
     "parse_legacy",
     "server_text_frame",
@@ -54,15 +52,6 @@ LOG_UPLOAD_RESPONSE: Final = b"log_upload_response"
 
 #: ``type`` values that carry a record ("the device pushes information").
 _LOG_TYPES: Final = (4, "4")
-
-#: Integers of 19 digits or more may not fit in 64 bits; orjson would turn them
-#: into floats and silently change the record, the stdlib keeps them exact.  To
-#: find one, every ASCII digit becomes "0" and every other byte a space, and the
-#: run of 19 zeros is looked for: two passes at C speed, where a regex (\d{19})
-#: tried every digit as a start and took a tenth of the gateway's time on v2 frames.
-_DIGITS_AS_ZEROS: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
-_LONG_INTEGER: Final = b"0" * 19
-
 
 @dataclass(frozen=True, slots=True)
 class LegacyFrame:
@@ -104,46 +93,10 @@ class CommandResult:
     payload: bytes
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (math.inf, -math.inf):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def decode_json(payload: bytes) -> Any:
-    """Decode JSON exactly: fast with orjson, exact for integers beyond 64 bits.
-
-    Raises :class:`ValueError` (and :class:`RecursionError` for absurd
-    nesting) on anything that is not strict JSON.
-    """
-    if _LONG_INTEGER not in payload.translate(_DIGITS_AS_ZEROS):
-        return orjson.loads(payload)
-    return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
-
-
-def encode_json(value: Any) -> bytes:
-    """Encode JSON compactly with Unicode unescaped, as the original did.
-
-    Raises :class:`ValueError` for what has no UTF-8 form (a lone surrogate
-    that the stdlib decoder let through).
-    """
-    try:
-        # orjson's bytes keep a 4 KiB allocation however short they are; records
-        # wait in memory until Redis has them, so keep an exact-size copy.
-        return memoryview(orjson.dumps(value)).tobytes()
-    except TypeError:  # an integer beyond 64 bits, decoded by the stdlib
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 def _encode_record(value: Any) -> bytes:
     try:
-        return encode_json(value)
-    except ValueError as exc:  # UnicodeEncodeError: a lone surrogate
+        return dumps(value)
+    except ValueError as exc:  # a lone surrogate, or nested too deep
         raise FrameError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
 
 
@@ -170,8 +123,8 @@ def _device_id(value: Any) -> str | None:
 
 def _decode_object(payload: bytes) -> dict[str, Any]:
     try:
-        message = decode_json(payload)
-    except (ValueError, RecursionError) as exc:
+        message = loads(payload)
+    except ValueError as exc:
         raise FrameError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise FrameError(ErrorCode.BAD_FRAME, "frame must be a JSON object")
@@ -260,6 +213,31 @@ def _legacy(message: dict[str, Any]) -> LegacyFrame:
     return LegacyFrame(device_id, _encode_record(data))
 
 
+def owned_record(record: bytes, device_id: str) -> bytes:
+    """A record of an authenticated device as ``--queue list`` pushes it: naming its device.
+
+    In list mode the record alone is pushed, as the original did, and a worker
+    takes its device from a ``deviceId`` inside it (else ``unknown``).  When the
+    gateway knows the device from its credential, that must not let a device
+    file records under another one, nor leave its own as ``unknown``: a record
+    naming another device is refused (``forbidden``, as a frame naming one is),
+    and an object without ``deviceId`` gets the device's, as its first key.
+    A record that is not an object (a string, an array) names no device and
+    goes as it is.
+    """
+    if not record.startswith(b"{"):
+        return record
+    value = loads(record)
+    if "deviceId" not in value:
+        rest = record[1:]
+        return b'{"deviceId":' + dumps(device_id) + (rest if rest == b"}" else b"," + rest)
+    named = value["deviceId"]
+    if isinstance(named, bool) or not isinstance(named, str | int) or str(named) != device_id:
+        raise FrameError(ErrorCode.FORBIDDEN,
+                         "a record's deviceId must be this connection's device")
+    return record
+
+
 def error_frame(code: ErrorCode, message: str, **extra: Any) -> bytes:
     """The JSON error frame sent to a device (docs/CONTRACT.md); ``extra`` may hold ``id``."""
     return orjson.dumps({"type": "error", "code": str(code), "message": message, **extra})
@@ -303,11 +281,11 @@ def command_frame(command_id: str, body: Any, *, v2: bool) -> bytes:
     with a ``command_result`` frame carrying the same ``id``.
     """
     if not v2:
-        return encode_json(body)
+        return dumps(body)
     if isinstance(body, dict):
         fields = {key: value for key, value in body.items() if key not in ("type", "id")}
-        return encode_json({"type": "command", "id": command_id, **fields})
-    return encode_json({"type": "command", "id": command_id, "body": body})
+        return dumps({"type": "command", "id": command_id, **fields})
+    return dumps({"type": "command", "id": command_id, "body": body})
 
 
 def server_text_frame(payload: bytes) -> bytes:

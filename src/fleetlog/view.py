@@ -14,6 +14,7 @@ from typing import Final
 
 import orjson
 
+from fleetlog import exactjson
 from fleetlog.records import StoredRecord, iso_ms
 
 __all__ = ["file_line", "record_json", "record_line", "record_text", "safe_text"]
@@ -57,7 +58,7 @@ def _one_line(data: str) -> bytes:
     """The stored JSON as one line: the same value, never a line break inside."""
     raw = data.encode()
     if b"\n" in raw or b"\r" in raw:  # pretty-printed by some other producer
-        raw = orjson.dumps(orjson.loads(raw))
+        raw = exactjson.dumps(exactjson.loads(raw))
     return _escape_line_breaks(raw)
 
 

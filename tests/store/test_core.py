@@ -50,6 +50,15 @@ def test_prepare_refuses_what_no_store_can_hold(data: bytes) -> None:
         core.prepare(QueuedRecord("1-0", "D1", T0, data))
 
 
+@pytest.mark.parametrize("number", ["123456789012345678901234567890", "9" * 400])
+def test_prepare_takes_every_integer_the_gateway_takes(number: str) -> None:
+    """The gateway keeps integers beyond 64 bits exact; the store must take them too
+    (orjson reads a 400-digit one as an infinite double and refuses it)."""
+    data = b'{"level": "warn", "msg": "m", "n": ' + number.encode() + b"}"
+    assert core.prepare(QueuedRecord("1-0", "D1", T0, data)) == (
+        "1-0", "D1", T0, None, "warn", "m", data.decode())
+
+
 def test_prepare_makes_the_row() -> None:
     record = QueuedRecord("1-0", "D1", T0, b'{"ts": 1700000000, "level": "ERR", "msg": "a\\u0000b"}')
     assert core.prepare(record) == ("1-0", "D1", T0, 1_700_000_000_000, "error", "a\ufffdb",

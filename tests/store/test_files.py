@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from fleetlog.protocol import decode_json, encode_json
+from fleetlog.exactjson import dumps as encode_json
+from fleetlog.exactjson import loads as decode_json
 from fleetlog.records import QueuedRecord
 from fleetlog.store.base import LogQuery
 from fleetlog.store.files import FilesSink, format_line

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from fleetlog.protocol import encode_json
+from fleetlog.exactjson import dumps as encode_json
 from fleetlog.records import QueuedRecord
 from fleetlog.store import (
     LogQuery,

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fleetlog.protocol import encode_json
+from fleetlog.exactjson import dumps as encode_json
 from fleetlog.records import DeviceStats, QueuedRecord
 from fleetlog.store import (
     LogQuery,

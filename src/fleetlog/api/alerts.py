@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from fleetlog import exactjson
 from fleetlog.alerts.book import AlertBook
 from fleetlog.alerts.delivery import send_test
 from fleetlog.alerts.engine import Firing, Note, preview
@@ -196,7 +196,7 @@ async def preview_condition(body: PreviewIn, _token: ReadToken, found: Found, re
                               lambda: nothing)
     return PreviewOut(checked=found_.checked, matched=len(found_.matched), errors=found_.errors,
                       first_error=found_.first_error,
-                      records=[orjson.loads(record_row(r)) for r in found_.matched[:_PREVIEW_ROWS]])
+                      records=[exactjson.loads(record_row(r)) for r in found_.matched[:_PREVIEW_ROWS]])
 
 
 @router.get("/api/alerts/{name}", response_model=AlertDetail, responses=_NOT_FOUND,

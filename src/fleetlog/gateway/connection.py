@@ -216,13 +216,14 @@ class Connection:
 
     __slots__ = (
         "_actions", "_delayed", "_inbox", "_limiter_for", "_linked_at", "_max_records", "_paused",
-        "_reassembler", "_replies", "_state", "_stopped", "_write_blocked", "device_id",
+        "_reassembler", "_records_name_device", "_replies", "_state", "_stopped", "_write_blocked",
+        "device_id",
         "identity", "last_activity", "linked", "v2",
     )
 
     def __init__(self, identity: Identity | None, *, max_message_bytes: int,
                  max_records_per_frame: int, limiter_for: LimiterFor, now: float,
-                 budget: BufferBudget | None = None) -> None:
+                 budget: BufferBudget | None = None, records_name_device: bool = False) -> None:
         self.identity = identity
         #: The device this connection speaks for so far (``None``: none named yet).
         self.device_id: str | None = identity.device_id if identity else None
@@ -237,6 +238,9 @@ class Connection:
         self._linked_at = now
         self._limiter_for = limiter_for
         self._max_records = max_records_per_frame
+        #: ``--queue list`` with authenticated devices: each record must name the
+        #: connection's device (:func:`~fleetlog.protocol.owned_record`).
+        self._records_name_device = records_name_device and identity is not None
         self._reassembler = Reassembler(max_message_bytes, budget)
         self._actions: list[Action] = []
         # Replies in frame order: bytes are known, a Submission's wait for Redis.
@@ -412,6 +416,12 @@ class Connection:
         if not records:  # a legacy frame that only names its device
             self._reply(RECEIVED)
             return
+        if self._records_name_device:
+            try:
+                records = [protocol.owned_record(record, device_id) for record in records]
+            except FrameError as exc:
+                self._refuse(exc.code, exc.message, frame_id, legacy=frame_id is None)
+                return
         decision = self._limiter_for(device_id, now).admit(len(records), len(payload), now)
         if decision.refused:
             self._refuse(ErrorCode.RATE_LIMITED, "over this device's rate limit", frame_id,

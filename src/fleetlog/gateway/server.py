@@ -119,7 +119,7 @@ class DeviceConnection(WSListener):
         self.conn = Connection(identity, max_message_bytes=shared.max_message_bytes,
                                max_records_per_frame=shared.max_records_per_frame,
                                limiter_for=shared.limiter_for, now=time.monotonic(),
-                               budget=shared.budget)
+                               budget=shared.budget, records_name_device=shared.records_name_device)
         #: What the producer calls with a submission's outcome (bound once, not per frame).
         self.on_outcome = self._on_outcome
         self._transport: WSTransport | None = None

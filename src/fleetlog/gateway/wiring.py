@@ -129,6 +129,9 @@ class Shared:
     count_refusal: Callable[[str | None, str], None]
     #: Relays a device's ``command_result``.
     answer: Callable[[CommandAnswer], None]
+    #: ``--queue list`` with device authentication: the record alone is pushed, so
+    #: it must name its device (:func:`~fleetlog.protocol.owned_record`).
+    records_name_device: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +232,8 @@ def wire(settings: Settings, redis_url: str) -> GatewayParts:
                       max_records_per_frame=settings.max_records_per_frame,
                       limiter_for=limiters.get, budget=buffered, counts=counts, devices=devices,
                       submit=producer.submit, count_refusal=registry.count_refusal,
-                      answer=relay.answer),
+                      answer=relay.answer,
+                      records_name_device=settings.queue == "list" and settings.auth != "none"),
         metrics=_metrics(devices, counts, buffered, producer, relay),
     )
 

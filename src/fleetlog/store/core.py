@@ -24,8 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
-
+from fleetlog import exactjson
 from fleetlog.errors import InvalidRequest, RecordRejected, StoreUnavailable
 from fleetlog.records import QueuedRecord, StoredRecord
 from fleetlog.store.base import LogQuery
@@ -84,9 +83,9 @@ def prepare(record: QueuedRecord) -> Row:
     """
     try:
         data = record.data
-        ts, level, message = columns(orjson.loads(data)) if data[:1] in b'{"' else _NO_COLUMNS
+        ts, level, message = columns(exactjson.loads(data)) if data[:1] in b'{"' else _NO_COLUMNS
         text = data.decode()
-    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON (orjson's or the stdlib's error), or not UTF-8
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc
     if "\x00" in text:
         raise RecordRejected(f"record {record.qid}: a NUL character (not JSON; text cannot hold it)")

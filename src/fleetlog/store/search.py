@@ -17,11 +17,9 @@ finds the records whose text holds one there, on every store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Final
 
-import orjson
-
+from fleetlog import exactjson
 from fleetlog.store.fields import column_text
 
 __all__ = ["SEPARATOR", "search_needle", "search_text"]
@@ -31,18 +29,24 @@ __all__ = ["SEPARATOR", "search_needle", "search_text"]
 SEPARATOR: Final = "\x1f"
 
 
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-    elif value is not None:  # numbers and booleans as JSON writes them
-        yield orjson.dumps(value).decode()
+def _strings(value: Any) -> list[str]:
+    """The strings of a decoded record in document order: keys, values, and numbers
+    and booleans as JSON writes them; without recursion, however deep the record."""
+    strings: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack.append(child)
+                stack.append(key)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif item is not None:
+            strings.append(exactjson.dumps(item).decode())
+    return strings
 
 
 def search_text(data: str | bytes) -> str:
@@ -52,8 +56,8 @@ def search_text(data: str | bytes) -> str:
     as it is.
     """
     try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        value = exactjson.loads(data)
+    except ValueError:
         text = data.decode(errors="replace") if isinstance(data, bytes) else data
         return column_text(text.casefold())
     return column_text(SEPARATOR.join(_strings(value)).casefold())
