@@ -193,6 +193,26 @@ async def test_forgotten_state_only_ever_stores_again(producer: Producer, client
     assert recent.duplicates == [1]
 
 
+async def test_past_the_range_bound_stored_through_never_passes_a_gap(
+        producer: Producer, client: redis.Redis) -> None:
+    """66 runs of stored seqs (1, 3, 5, ... 131) in one frame: 2 was never received, so
+    stored_through stays 1 and every gap stays listed; what was forgotten to stay within
+    the bound shows as missing (a resend stores it again), never as stored."""
+    seqs = list(range(1, 132, 2))
+    result = await send(producer, "D", seqs, session="boot")
+    assert isinstance(result, IngestResult)
+    assert result.stored_through == 1
+    assert result.missing[0][0] == 2  # (2, 6): 3 and 5 forgotten, so listed too
+    # Every seq never received is inside a listed gap.
+    assert all(any(a <= seq <= b for a, b in result.missing) for seq in range(2, 131, 2))
+    # A device resending what is listed fills every gap; nothing it sent is dropped.
+    listed = sorted({seq for a, b in result.missing for seq in range(a, b + 1)})
+    again = await send(producer, "D", listed, session="boot", frame_id="again")
+    assert isinstance(again, IngestResult)
+    assert again.stored_through == 131 and again.missing == []
+    assert set(queued_seqs(client, "D")) == set(range(1, 132)), "stored, some twice, none lost"
+
+
 async def test_a_frame_id_is_a_duplicate_within_the_window_only(redis_url: str, client: redis.Redis) -> None:
     """The window decides by each id's time; ids past it are dropped only with the oldest, at the bound."""
     producer = Producer(connect_async(redis_url, timeout=5.0), mode="stream", stream=STREAM,

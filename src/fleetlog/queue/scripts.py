@@ -17,8 +17,9 @@ ScriptArg = bytes | str | int
 MAX_FRAMES: Final = 512
 
 #: Sessions remembered per device (least recently used forgotten first), and
-#: ranges of stored seqs per session (lowest forgotten first).  Forgetting only
-#: ever makes a resend be stored again, never makes a record look stored.
+#: ranges of stored seqs per session (the lowest kept, those just above it
+#: forgotten first).  Forgetting only ever makes a resend be stored again, never
+#: makes a record look stored: ``stored_through`` never passes a gap.
 MAX_SESSIONS: Final = 8
 MAX_RANGES: Final = 64
 
@@ -253,7 +254,10 @@ while i <= #ARGV do
       redis.call('PEXPIRE', frames_key, window)
     end
     if changed then
-      while #ranges > max_ranges do table.remove(ranges, 1) end
+      -- Over the bound, the ranges just above the lowest are forgotten: their gaps
+      -- merge, so their seqs show as missing (a resend stores them again) and
+      -- stored_through, the lowest range's end, never passes a seq not stored.
+      while #ranges > max_ranges do table.remove(ranges, 2) end
       redis.call('HSET', seqs_key, session, serialise(ranges))
       if not known and redis.call('HLEN', seqs_key) > max_sessions then
         local oldest, oldest_use = nil, nil
