@@ -203,3 +203,25 @@ async def test_records_orjson_cannot_write_back_are_refused_and_the_rest_stored(
     rows = stored_rows(data_dir)
     assert [seq for _, _, seq, _ in rows] == [0, 1]
     assert rows[1][3] == '{"seq":1,"n":' + huge + "}"
+
+
+async def test_a_message_too_large_is_refused_after_the_acks_owed(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """A stored frame, then a fragmented one over the limit, sent together: the device
+    gets the first frame's pair, then ``too_large``, then close 1009; one record stored."""
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_url, data_dir, "--max-frame-bytes", "4096")
+    processes.worker(redis_url, data_dir)
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        await ws.send(legacy_frame("D", 0))
+        await ws.send(iter(["x" * 3000, "x" * 3000]))  # one message in two fragments
+        replies = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            for _ in range(5):
+                replies.append(await asyncio.wait_for(ws.recv(), 10))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    assert replies[:2] == [RECEIVED, STORED]
+    assert [json.loads(reply)["code"] for reply in replies[2:]] == ["too_large"]
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 1, timeout=30)
+    assert [seq for _, _, seq, _ in stored_rows(data_dir)] == [0]

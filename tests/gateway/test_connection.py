@@ -382,6 +382,44 @@ def test_reserved_bits_close_with_protocol_error_and_no_reply() -> None:
     assert conn.actions_to_take() == [Close(1002, "reserved bits set; no extension was negotiated")]
 
 
+def test_a_close_for_a_bad_message_waits_for_the_replies_owed_to_earlier_frames() -> None:
+    """A stored frame, then one over the limit: its ack, then ``too_large``, then the close."""
+    conn = connect(max_message_bytes=100)
+    (stored,) = submissions(send(conn, legacy("dev-1", 0)))
+    conn.receive_frame(Opcode.TEXT, False, b"x" * 60, 0, 0.0)
+    conn.receive_frame(Opcode.CONTINUATION, True, b"x" * 60, 0, 0.0)
+    assert conn.actions_to_take() == [Refusal("dev-1", "too_large")], "nothing written yet"
+    assert send(conn, legacy("dev-1", 1)) == [], "frames after the bad one are dropped"
+    actions = answer(conn, stored)
+    assert len(actions) == 2 and isinstance(actions[0], bytes)
+    assert actions[0].startswith(RECEIVED_AND_STORED)
+    assert orjson.loads(actions[0][len(RECEIVED_AND_STORED) + 2:])["code"] == "too_large"
+    assert actions[1] == Close(1009, "message over the 100-byte limit")
+
+
+def test_a_protocol_error_closes_after_the_acks_owed() -> None:
+    conn = connect()
+    (first,) = submissions(send(conn, v2("f0", 3, "dev-1")))
+    conn.receive_frame(Opcode.TEXT, True, legacy("dev-1"), 4, 0.0)
+    assert conn.actions_to_take() == []
+    conn.close(1001, "gateway shutting down")  # a second close changes nothing
+    actions = answer(conn, first)
+    assert one_write(actions[:1])[0]["type"] == "ack"
+    assert actions[1:] == [Close(1002, "reserved bits set; no extension was negotiated")]
+
+
+def test_a_close_drops_frames_waiting_out_a_delay_unanswered() -> None:
+    """Not handed to the producer, so not stored: no reply, and nothing submitted later."""
+    conn = connect(records_per_s=10, burst=1)
+    (first,) = submissions(send(conn, v2("f0", 10, "dev-1")))
+    assert SetTimer(0.5) in send(conn, v2("f1", 5, "dev-1"))
+    conn.close(1008, "revoked")
+    assert conn.actions_to_take() == [Reading.RESUME]
+    assert one_write(answer(conn, first)[:1])[0]["id"] == "f0"
+    conn.delay_elapsed(0.5)
+    assert conn.actions_to_take() == []
+
+
 def test_after_close_replies_are_not_written_but_admitted_records_are_submitted() -> None:
     conn = connect(records_per_s=10, burst=1)
     (first,) = submissions(send(conn, v2("f0", 10, "dev-1")))

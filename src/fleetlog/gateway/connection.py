@@ -178,7 +178,9 @@ Action = bytes | Submission | Link | Unlink | Refusal | SetTimer | Close | Readi
 #: shared by all its connections, so the gateway keeps them.
 LimiterFor = Callable[[str, float], DeviceLimiter]
 
-_OPEN, _CLOSING, _CLOSED = range(3)
+#: Open; closing once the replies already owed are out (data frames are dropped);
+#: close frame sent (nothing more is written); socket gone.
+_OPEN, _DRAINING, _CLOSING, _CLOSED = range(4)
 
 
 def error_reply(code: ErrorCode, message: str, frame_id: str | None = None, **extra: Any) -> bytes:
@@ -215,7 +217,7 @@ class Connection:
     """
 
     __slots__ = (
-        "_actions", "_delayed", "_inbox", "_limiter_for", "_linked_at", "_max_records", "_paused",
+        "_actions", "_close", "_delayed", "_inbox", "_limiter_for", "_linked_at", "_max_records", "_paused",
         "_reassembler", "_records_name_device", "_replies", "_state", "_stopped", "_write_blocked",
         "device_id",
         "identity", "last_activity", "linked", "v2",
@@ -256,6 +258,7 @@ class Connection:
         self._stopped = False  # reading stopped for good: the gateway is shutting down
         self._write_blocked = False  # the device is not reading our replies
         self._state = _OPEN
+        self._close: Close | None = None  # the close waiting for the replies owed (draining)
 
     # -- output ----------------------------------------------------------------
 
@@ -290,9 +293,9 @@ class Connection:
         try:
             message = self._reassembler.feed(opcode, fin, payload, reserved)
         except MessageError as exc:
-            if exc.code == CloseCode.MESSAGE_TOO_BIG:
+            if exc.code == CloseCode.MESSAGE_TOO_BIG:  # after the replies owed to earlier frames
                 self._actions.append(Refusal(self.device_id, ErrorCode.TOO_LARGE))
-                self._send(error_reply(ErrorCode.TOO_LARGE, exc.reason))
+                self._reply(error_reply(ErrorCode.TOO_LARGE, exc.reason))
             self.close(exc.code, exc.reason)
             return
         if message is None:
@@ -360,18 +363,30 @@ class Connection:
         self._pause_reading()
 
     def close(self, code: int, reason: str) -> None:
-        """Close with ``code``: a :class:`Close` action, then reading resumes if it was paused.
+        """Close with ``code``: a :class:`Close` action once every reply owed is out.
 
-        The caller must keep reading until the device answers the close frame
+        Frames read before the close were answered in order, so their replies
+        (acks of records Redis is still confirming) go first, then the close
+        frame: a device closed for a bad frame still learns that the frames
+        before it were stored.  Frames waiting out a rate-limit delay were not
+        handed to the producer: they are dropped unanswered (not stored).  The
+        caller must keep reading until the device answers the close frame
         (hanging up with its data unread makes the kernel send a reset, which
         can destroy the close frame), so a paused reader is resumed; data
-        frames read from now on are dropped, and nothing more is written.
+        frames read from now on are dropped, and once the close is sent nothing
+        more is written.
         """
         if self._state != _OPEN:
             return
-        self._state = _CLOSING
         self._reassembler.discard()  # frames read from now on are dropped: so is what is held
-        self._actions.append(Close(code, reason))
+        self._inbox = None
+        self._delayed = False
+        if self._replies:
+            self._state = _DRAINING
+            self._close = Close(code, reason)
+        else:
+            self._state = _CLOSING
+            self._actions.append(Close(code, reason))
         if self._paused:
             self._paused = False
             self._actions.append(Reading.RESUME)
@@ -525,11 +540,15 @@ class Connection:
             del replies[:ready]  # all of them: the list frees its storage
         if first is not None:
             self._send(first if more is None else b"".join(more))
+        if self._state == _DRAINING and not replies:
+            assert self._close is not None  # set when draining started
+            self._state = _CLOSING
+            self._actions.append(self._close)
         if self._paused:
             self._maybe_resume_reading()
 
     def _send(self, wire: bytes) -> None:
-        if self._state == _OPEN:
+        if self._state <= _DRAINING:
             self._actions.append(wire)
 
     def _pause_reading(self) -> None:
