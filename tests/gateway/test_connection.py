@@ -17,6 +17,7 @@ from fleetlog.errors import QueueClosed, QueueFull, QueueUnavailable
 from fleetlog.gateway.auth import Identity
 from fleetlog.gateway.connection import (
     MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_BYTES,
     RECEIVED,
     RECEIVED_AND_STORED,
     Action,
@@ -334,6 +335,21 @@ def test_too_many_frames_in_flight_pause_reading_until_half_drained() -> None:
         if Reading.RESUME in actions:
             resumed.append(n)
     assert resumed == [MAX_IN_FLIGHT // 2], "resumed once fewer than half are left, and only once"
+
+
+def test_too_many_bytes_in_flight_pause_reading_until_half_drained() -> None:
+    """Frames of ~1 MiB: reading stops once 8 MiB await Redis, far below 256 frames."""
+    conn = connect(max_message_bytes=2 * MiB)
+    frame = legacy("dev-1")[:-1] + b', "blob": "' + b"x" * MiB + b'"}'
+    pending: list[Submission] = []
+    while Reading.PAUSE not in (actions := send(conn, frame)):
+        pending += submissions(actions)
+    pending += submissions(actions)
+    assert len(pending) == MAX_IN_FLIGHT_BYTES // len(frame) + 1
+    resumed = [n for n, submission in enumerate(pending) if Reading.RESUME in answer(conn, submission)]
+    assert len(resumed) == 1
+    left = sum(len(frame) for _ in pending[resumed[0] + 1:])
+    assert left < MAX_IN_FLIGHT_BYTES // 2 <= left + len(frame)
 
 
 def test_a_device_that_does_not_read_is_not_read_from() -> None:

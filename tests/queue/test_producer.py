@@ -15,7 +15,7 @@ from fleetlog.errors import FleetlogError, QueueClosed, QueueFull, QueueUnavaila
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import connect_async
 from fleetlog.queue.consumer import StreamConsumer
-from fleetlog.queue.producer import IngestResult, Producer
+from fleetlog.queue.producer import _MAX_CALL_BYTES, IngestResult, Producer
 from fleetlog.queue.script_runner import RedisAppend, ScriptRunner
 from tests.helpers import queued
 
@@ -329,6 +329,28 @@ async def test_one_call_is_one_packed_entry(redis_url: str, sync_client: redis.R
         (b"A", b'{"a":1}'), (b"A", b'{"a":2}'), (b"B", b'{"b":1}'), (b"C", b'{"seq":1}'),
         (b"C", b'{"seq":2}'), (b"", b'{"none":1}')]
     assert int(sync_client.get(keys.queue_backlog(STREAM)) or 0) == 6
+
+
+async def test_a_call_is_bounded_in_bytes_too(redis_url: str, sync_client: redis.Redis) -> None:
+    """Records of 1 MiB from 20 devices in one loop turn: calls (stream entries) of at most
+    ``_MAX_CALL_BYTES`` each, every record queued once and in order; one record over the
+    bound still goes, alone."""
+    big = 1024 * 1024
+    producer = await make_producer(redis_url)
+    try:
+        outcomes = Outcomes()
+        for n in range(20):
+            producer.submit(f"D{n}", [b'"' + bytes([97 + n]) * big + b'"'], outcomes.callback())
+        producer.submit("huge", [b'"' + b"z" * (_MAX_CALL_BYTES + 10) + b'"'], outcomes.callback())
+        assert await outcomes.results() == [QUEUED] * 21
+    finally:
+        await producer.close()
+    entries = sync_client.xrange(STREAM)
+    sizes = [len(fields[b"r"]) for _, fields in entries]
+    assert len(entries) >= 4 and max(sizes[:-1]) <= _MAX_CALL_BYTES
+    assert sizes[-1] == _MAX_CALL_BYTES + 12, "the oversized record alone in its call"
+    assert [device for device, _ in stream_entries(sync_client)] == [
+        f"D{n}".encode() for n in range(20)] + [b"huge"]
 
 
 async def test_the_backlog_limit_counts_records_not_entries(

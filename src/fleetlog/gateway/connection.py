@@ -61,6 +61,7 @@ from fleetlog.queue.producer import IngestResult
 
 __all__ = [
     "MAX_IN_FLIGHT",
+    "MAX_IN_FLIGHT_BYTES",
     "RECEIVED",
     "RECEIVED_AND_STORED",
     "Action",
@@ -83,6 +84,9 @@ RECEIVED_AND_STORED: Final = RECEIVED + protocol.server_text_frame(protocol.LOG_
 #: Frames a device may have awaiting Redis before the gateway stops reading from it;
 #: reading resumes once fewer than half are left.
 MAX_IN_FLIGHT: Final = 256
+#: The same for the bytes of those frames: 256 frames of 1 MiB would hold 256 MiB
+#: of one device's records in the gateway while Redis is slow.
+MAX_IN_FLIGHT_BYTES: Final = 8 * 1024 * 1024
 
 #: The device a legacy frame's record belongs to when no frame has named one yet
 #: (``--auth none``, as the original stored it).
@@ -101,11 +105,13 @@ class Submission:
     object.  ``wire`` is the frame's reply once the outcome is known.
     """
 
-    __slots__ = ("device_id", "frame_id", "queued_at", "records", "seqs", "session", "wire")
+    __slots__ = ("device_id", "frame_id", "nbytes", "queued_at", "records", "seqs", "session", "wire")
 
     def __init__(self, device_id: str, records: list[bytes], frame_id: str | None = None,
-                 seqs: list[int | None] | None = None, session: str = "") -> None:
+                 seqs: list[int | None] | None = None, session: str = "", nbytes: int = 0) -> None:
         self.device_id = device_id
+        #: The size of its frame (bytes), held by the gateway until the reply goes.
+        self.nbytes = nbytes
         self.records = records
         self.frame_id = frame_id  # None: a legacy frame
         self.seqs = seqs
@@ -217,10 +223,9 @@ class Connection:
     """
 
     __slots__ = (
-        "_actions", "_close", "_delayed", "_inbox", "_limiter_for", "_linked_at", "_max_records", "_paused",
-        "_reassembler", "_records_name_device", "_replies", "_state", "_stopped", "_write_blocked",
-        "device_id",
-        "identity", "last_activity", "linked", "v2",
+        "_actions", "_close", "_delayed", "_in_flight_bytes", "_inbox", "_limiter_for", "_linked_at",
+        "_max_records", "_paused", "_reassembler", "_records_name_device", "_replies", "_state",
+        "_stopped", "_write_blocked", "device_id", "identity", "last_activity", "linked", "v2",
     )
 
     def __init__(self, identity: Identity | None, *, max_message_bytes: int,
@@ -249,6 +254,7 @@ class Connection:
         # A list, not a deque: an empty list holds no block (an empty deque holds
         # 760 bytes), and a flush drops its ready head in one slice.
         self._replies: list[bytes | Submission] = []
+        self._in_flight_bytes = 0  # of the Submissions in _replies
         # While a rate-limit delay runs: the delayed frame's Submission first,
         # then every message that came after it, handled once the delay ends.
         # Only while a delay runs (``None`` otherwise): most devices are never slowed.
@@ -443,10 +449,11 @@ class Connection:
                          legacy=frame_id is None, retry_after_ms=int(decision.retry_after * 1000) + 1)
             return
         if frame_id is None:
-            submission = Submission(device_id, records)
+            submission = Submission(device_id, records, nbytes=len(payload))
         else:
             assert isinstance(frame, protocol.LogBatch)
-            submission = Submission(device_id, records, frame_id, frame.seqs, frame.session)
+            submission = Submission(device_id, records, frame_id, frame.seqs, frame.session,
+                                    len(payload))
         if decision.delay:
             # Slowed, not refused: this frame and every later message wait.
             self._delayed = True
@@ -464,7 +471,8 @@ class Connection:
         replies = self._replies
         replies.append(submission)
         self._actions.append(submission)
-        if len(replies) >= MAX_IN_FLIGHT:
+        self._in_flight_bytes += submission.nbytes
+        if len(replies) >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES:
             self._pause_reading()
 
     def _device_for(self, claimed: str | None, frame_id: str | None) -> str | None:
@@ -526,8 +534,12 @@ class Connection:
         more: list[bytes] | None = None
         ready = 0
         for head in replies:
-            wire = head if isinstance(head, bytes) else head.wire
-            if wire is None:
+            if isinstance(head, bytes):
+                wire = head
+            elif head.wire is not None:
+                wire = head.wire
+                self._in_flight_bytes -= head.nbytes
+            else:
                 break
             ready += 1
             if first is None:
@@ -559,6 +571,7 @@ class Connection:
     def _maybe_resume_reading(self) -> None:
         """Read again once nothing holds us: replies drained, no delay, device reading."""
         if (self._paused and not self._write_blocked and not self._delayed and not self._stopped
-                and len(self._replies) < MAX_IN_FLIGHT // 2 and self._state == _OPEN):
+                and len(self._replies) < MAX_IN_FLIGHT // 2
+                and self._in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2 and self._state == _OPEN):
             self._paused = False
             self._actions.append(Reading.RESUME)

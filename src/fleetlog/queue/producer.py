@@ -86,6 +86,10 @@ Done = Callable[[IngestResult | FleetlogError], None]
 #: Records per Lua call: big enough to amortise the round trip, small enough
 #: that one call does not stall Redis for other clients.
 _MAX_PER_CALL: Final = 2000
+#: And bytes of records per call (one submission alone may be more): a call, and
+#: its one stream entry, of 2,000 records of 1 MiB each would be 2 GiB, past what
+#: Redis takes in one argument (512 MiB) and its socket timeout to read.
+_MAX_CALL_BYTES: Final = 8 * 1024 * 1024
 
 #: While a shard has a call in flight, a second one goes only once this many
 #: records wait for it; fewer wait for the first call to finish and go with
@@ -309,7 +313,8 @@ class Producer:
             self._wakeup.clear()
 
     def _take(self) -> list[_Submission]:
-        """Whole submissions of one shard for one call, up to about ``_MAX_PER_CALL`` records.
+        """Whole submissions of one shard for one call, up to ``_MAX_PER_CALL`` records and
+        ``_MAX_CALL_BYTES`` (or one submission, whatever its size).
 
         The shard is that of the first submission that may go (its shard has
         room for a call, and for a second one only with
@@ -323,20 +328,22 @@ class Producer:
         busy = self._busy
         in_flight, most, waiting = self._in_flight, self._max_in_flight, self._waiting_records
         shard = -1
-        records = 0
+        records = nbytes = 0
         for submission in self._waiting:
             device = submission.device_id
             if (device in busy or device in held or (submission.shard != shard and (
                     shard >= 0 or in_flight[submission.shard] >= most or (
                         in_flight[submission.shard] and waiting[submission.shard]
                         < _SECOND_CALL_RECORDS)))
-                    or (taken and records + submission.size > _MAX_PER_CALL)):
+                    or (taken and (records + submission.size > _MAX_PER_CALL
+                                   or nbytes + len(submission.records) > _MAX_CALL_BYTES))):
                 held.add(device)
                 kept.append(submission)
                 continue
             shard = submission.shard
             taken.append(submission)
             records += submission.size
+            nbytes += len(submission.records)
         for submission in taken:
             busy[submission.device_id] += 1
         if taken:
