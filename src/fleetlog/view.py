@@ -55,10 +55,25 @@ _LINE_BREAKS_IN_STRINGS: Final = (
 
 
 def _one_line(data: str) -> bytes:
-    """The stored JSON as one line: the same value, never a line break inside."""
+    """The stored data as one line of JSON: the same value, never a line break inside.
+
+    The store keeps what does not look like JSON (not an object or a string:
+    a list-mode record pushed as plain text) as text: such data that does not
+    parse is written as a JSON string.  An object or a string was parsed when
+    it was stored, so it is spliced in as it is (re-encoded only if another
+    producer pretty-printed it).
+    """
     raw = data.encode()
-    if b"\n" in raw or b"\r" in raw:  # pretty-printed by some other producer
-        raw = exactjson.dumps(exactjson.loads(raw))
+    if raw[:1] not in (b"{", b'"'):
+        try:
+            exactjson.loads(raw)
+        except ValueError:
+            return _one_line_string(data)
+    if b"\n" in raw or b"\r" in raw:
+        try:
+            raw = exactjson.dumps(exactjson.loads(raw))
+        except ValueError:  # not what the store keeps: the file was changed underneath
+            return _one_line_string(data)
     return _escape_line_breaks(raw)
 
 

@@ -300,3 +300,43 @@ def test_a_new_store_into_files_that_hold_another_stores_lines_is_matched_by_qid
         assert [line["qid"] for line in lines(sink, DAY1)] == ["1-0", "1-1", "2-0"]
     finally:
         new.close()
+
+
+@pytest.mark.parametrize(("data", "written"), [
+    (b"first line\nsecond line", "first line\nsecond line"),  # list mode: a script's plain text
+    (b"door 3 opened", "door 3 opened"),
+    (b"123 apples", "123 apples"),
+    (b"[1, 2]", [1, 2]),
+    (b"12345678901234567890123", 12345678901234567890123),
+])
+def test_data_kept_as_text_is_a_json_string_in_the_files(
+        store: SQLiteStore, sink: FilesSink, data: bytes, written: Any) -> None:
+    """The store keeps data that does not look like JSON as text; every file line is still
+    one JSON object, and the next export (a resync included) reads it back."""
+    write(store, "1-0", DAY1_LATE, data)
+    assert sink.export(store) == 1
+    assert [line["data"] for line in lines(sink, DAY1)] == [written]
+    (sink.directory / ".cursor").unlink()
+    write(store, "1-1", DAY1_LATE, {"n": 1})
+    assert sink.export(store) == 1
+    assert seqs(sink, DAY1) == [1, 2]
+
+
+def test_lines_that_are_not_records_are_passed_over(store: SQLiteStore, sink: FilesSink) -> None:
+    """An operator's note appended to a day file, the cursor lost: the export goes on where
+    the file's records stop, nothing written twice, nothing missed."""
+    for n in range(3):
+        write(store, f"1-{n}", DAY1_LATE, {"n": n})
+    assert sink.export(store) == 3
+    day_file = sink.directory / f"{DAY1}.log"
+    with day_file.open("ab") as handle:
+        handle.write(b"-- checked by ops, 26 Nov --\n" + b'{"note": "no seq"}\n' * 300)
+    (sink.directory / ".cursor").unlink()
+    for n in range(3, 5):
+        write(store, f"1-{n}", DAY1_LATE, {"n": n})
+    assert sink.export(store) == 2
+    records = [raw for raw in day_file.read_bytes().splitlines() if raw.startswith(b'{"seq"')]
+    assert [json.loads(raw)["seq"] for raw in records] == [1, 2, 3, 4, 5]
+    # A store restored from a backup: matched by qid, the notes skipped there too.
+    (sink.directory / ".cursor").write_text('{"store": "another", "seq": 9, "qid": "x"}')
+    assert sink.export(store) == 0

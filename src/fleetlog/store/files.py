@@ -87,8 +87,23 @@ def format_line(record: StoredRecord) -> bytes:
                      record.data) + b"\n"
 
 
+def _record_line(raw: bytes) -> dict[str, Any] | None:
+    """A line of a daily file parsed, if it is a record's (``None`` for anything else: a
+    note an operator appended, a line some other tool wrote)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("qid", value.get("seq")),
+                                                            str | int) else None
+
+
 def _last_line(path: Path) -> dict[str, Any] | None:
-    """The last complete line of ``path``, parsed; truncates a torn tail."""
+    """The last record line of ``path``, parsed; truncates a torn tail.
+
+    Lines that are not a record's are passed over, never an error: a file
+    someone appended a note to still says where its records stop.
+    """
     try:
         handle = path.open("r+b")
     except FileNotFoundError:
@@ -114,14 +129,21 @@ def _last_line(path: Path) -> dict[str, Any] | None:
             os.fsync(handle.fileno())
             tail = tail[:cut]
         lines = tail.splitlines()
-        if not lines:
+        whole = lines if position == 0 else lines[1:]  # the first may be the end of a line
+        for raw in reversed(whole):
+            if (line := _record_line(raw)) is not None:
+                return line
+        if position == 0:
             return None
-        line: dict[str, Any] = orjson.loads(lines[-1])
-        return line
+        handle.seek(0)  # the tail is all notes: the last record line in the whole file
+        last = None
+        for raw in handle:
+            last = _record_line(raw) or last
+        return last
 
 
 def _qids_in(path: Path) -> Iterator[str]:
-    """The qid of every line of ``path`` (lines without one are skipped)."""
+    """The qid of every record line of ``path`` (lines without one are skipped)."""
     try:
         handle = path.open("rb")
     except FileNotFoundError:
@@ -130,7 +152,8 @@ def _qids_in(path: Path) -> Iterator[str]:
         for raw in handle:
             if not raw.endswith(b"\n"):
                 break  # a torn tail: cut off before anything is appended
-            qid = orjson.loads(raw).get("qid")
+            line = _record_line(raw)
+            qid = None if line is None else line.get("qid")
             if isinstance(qid, str):
                 yield qid
 
@@ -231,8 +254,8 @@ class FilesSink:
             return 0
         qid = line.get("qid")
         if not isinstance(qid, str):
-            seq: int = line["seq"]  # written before lines had a qid
-            return seq
+            seq = line.get("seq")  # written before lines had a qid
+            return seq if isinstance(seq, int) else 0
         return store.seqs_of([qid]).get(qid, 0)
 
     def _append(self, by_day: dict[str, list[bytes]]) -> int:
