@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,6 +17,7 @@ from fleetlog.queue.connection import connect, connect_async
 from fleetlog.queue.consumer import ListConsumer, StreamConsumer
 from fleetlog.queue.producer import Producer
 from fleetlog.records import QueuedRecord
+from fleetlog.store.sqlite import SQLiteStore
 
 STREAM = "fleetlog:records"
 GROUP = "fleetlog:workers"
@@ -281,6 +283,26 @@ def test_list_records_come_out_oldest_first(client: redis.Redis) -> None:
     assert {record.device_id for record in first + rest} == {"D1"}
     assert all(record.deliveries == 1 for record in first + rest)
     assert client.llen(keys.LEGACY_LIST) == 0
+
+
+def test_list_ids_are_not_handed_out_again_after_redis_lost_its_data(
+        client: redis.Redis, tmp_path: Path) -> None:
+    """A Redis without persistence restarts empty (or a snapshot is restored, or FLUSHALL):
+    the batches' counter must not start again at 1, or the store, which keeps a qid
+    once, would drop the new records as already stored."""
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    try:
+        for round_ in range(2):
+            consumer = list_consumer(client)
+            for n in range(5):
+                push(client, f'{{"deviceId":"D1","round":{round_},"n":{n}}}'.encode())
+                records = consumer.fetch(10, 100)
+                assert store.write_batch(records) == len(records) == 1
+                consumer.ack(records)
+            client.flushdb()  # Redis comes back empty
+        assert len(store.after(0, 100)) == 10
+    finally:
+        store.close()
 
 
 def test_list_device_id_comes_from_the_record(client: redis.Redis) -> None:

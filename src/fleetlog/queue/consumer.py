@@ -397,6 +397,7 @@ class ListConsumer:
         self._dead = dead_letter_stream
         self._claim_idle_ms = int(claim_idle * 1000)
         self._take = client.register_script(scripts.LIST_TAKE)
+        self._next_batch = client.register_script(scripts.LIST_BATCH)
         self._claim_script = client.register_script(scripts.LIST_CLAIM)
         self._open: dict[int, set[str]] = {}
         #: After :meth:`take_over`: claim every batch in flight, however recent, once;
@@ -421,7 +422,7 @@ class ListConsumer:
         if claimed is not None:
             return claimed
         client = self._client
-        batch = int(client.incr(keys.LEGACY_BATCH_SEQ))
+        batch = int(self._next_batch(keys=[keys.LEGACY_BATCH_SEQ], args=[_now_ms() * 1000]))
         processing = keys.legacy_processing(batch)
         client.zadd(keys.LEGACY_INFLIGHT, {str(batch): _now_ms()})
         # Never block for as long as a batch may sit before others claim it: an

@@ -416,6 +416,22 @@ end
 return 0
 """
 
+#: KEYS[1] the list batches' counter; ARGV[1] the current time in µs.  The next batch
+#: id.  A batch's records are stored as ``L<batch>-<index>``, and a store keeps a
+#: qid once: a counter that Redis lost (no persistence, a restored snapshot,
+#: FLUSHALL) must not start again at 1 and hand out ids already stored, or the new
+#: records would be taken, acknowledged and never stored.  So a counter starts
+#: at the time in µs, above every id it handed out before (that would take more
+#: than a batch a µs), as a stream's entry ids start again at the time.
+LIST_BATCH: Final = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  n = tonumber(ARGV[1])
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return n
+"""
+
 #: KEYS[1] legacy list, KEYS[2] processing list; ARGV[1] how many more to move.
 #: Moves up to ARGV[1] records, oldest first, from the legacy list onto a batch.
 LIST_TAKE: Final = """
