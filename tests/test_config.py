@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from fleetlog.config import load_settings, mask_url
+from tests.helpers import run_fleetlog
 
 
 @pytest.fixture(autouse=True)
@@ -266,3 +267,19 @@ def test_config_command_shows_unset_secrets_as_unset(tmp_path: Path) -> None:
 )
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("retention = 30d\n", "is not valid TOML"),
+    ("batch = 1\nbatch = 2\n", "is not valid TOML"),
+    ('retension = "30d"\n', "no such setting: 'retension' (did you mean 'retention'?)"),
+])
+def test_a_config_file_that_cannot_be_what_was_meant_is_refused_by_every_command(
+        tmp_path: Path, text: str, says: str) -> None:
+    """Exit 2 with the file and the reason, never a traceback; a misspelt key is not ignored."""
+    config = write_toml(tmp_path / "c.toml", text)
+    for command in (["config"], ["devices", "--data-dir", str(tmp_path)]):
+        result = run_fleetlog(*command, "--config", str(config))
+        assert result.returncode == 2, result.stderr
+        assert str(config) in result.stderr and says in result.stderr
+        assert "Traceback" not in result.stderr

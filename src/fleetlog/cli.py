@@ -50,7 +50,7 @@ def _settings(config: str | None, **flags: Any) -> Settings:
             for error in exc.errors()
         )
         _fail(f"invalid configuration: {problems}")
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         _fail(str(exc))
 
 

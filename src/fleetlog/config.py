@@ -12,9 +12,11 @@ exactly what a gateway or worker started with the same inputs would use.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -27,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fleetlog.errors import ConfigError
 from fleetlog.timeparse import parse_duration
 
 __all__ = ["CLUSTER_SCHEMES", "MASK", "Settings", "load_settings", "mask_url"]
@@ -318,16 +321,39 @@ def _config_path(config_file: str | Path | None) -> Path | None:
     return default if default.is_file() else None
 
 
+def _check_config_file(path: Path) -> None:
+    """A TOML file that does not parse, or names a setting fleetlog does not have, is an error.
+
+    A misspelt key (``retension = "30d"``) would otherwise be ignored without a
+    word and the setting left at its default; environment variables are not
+    checked this way (``FLEETLOG_*`` may hold other tools' variables).
+    """
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(table) - set(Settings.model_fields))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ConfigError(f"config file {path}: no such setting: {', '.join(hints)}")
+
+
 def load_settings(config_file: str | Path | None = None, **flags: Any) -> Settings:
     """Build the effective settings; ``flags`` holds only the flags a user gave.
 
-    Raises :class:`pydantic.ValidationError` for a bad value (from any source)
-    and :class:`FileNotFoundError` for a missing ``--config`` file.
+    Raises :class:`pydantic.ValidationError` for a bad value (from any source),
+    :class:`FileNotFoundError` for a missing ``--config`` file and
+    :class:`~fleetlog.errors.ConfigError` for a config file that does not parse
+    or names an unknown setting.
     """
     given = {key: value for key, value in flags.items() if value is not None}
     path = _config_path(config_file)
     if path is None:
         return Settings(**given)
+    _check_config_file(path)
     with_file = type(
         "Settings",
         (Settings,),
