@@ -69,6 +69,12 @@ def test_the_api_adds_lists_shows_mutes_tests_and_removes_rules(
     muted = http.post("/api/alerts/door-forced/mute", json={"for": "1h"}, headers=auth(admin)).json()
     assert muted["muted"] is True and muted["muted_until"]
     assert http.delete("/api/alerts/door-forced/mute", headers=auth(admin)).json()["muted"] is False
+    # A mute past year 9999 would break every listing of the rules: refused, nothing saved.
+    too_long = http.post("/api/alerts/door-forced/mute", json={"for": "417000w"}, headers=auth(admin))
+    assert too_long.status_code == 422 and "ten years" in too_long.text
+    assert http.get("/api/alerts", headers=auth(reader)).status_code == 200
+    assert http.get("/api/alerts/door-forced", headers=auth(reader)).status_code == 200
+    assert [rule["muted"] for rule in http.get("/api/alerts", headers=auth(reader)).json()] == [False]
 
     # The sample goes to the local webhook only (the ntfy destination is left out of this rule).
     http.post("/api/alerts?replace=true", json={**rule, "to": [receiver.url]}, headers=auth(admin))

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetlog.alerts.engine import Engine, Firing, preview
-from fleetlog.alerts.rules import InvalidRule, Rule, Selector, compile_condition, display_url, parse_spec
+from fleetlog.alerts.rules import (
+    MAX_MUTE_MS,
+    InvalidRule,
+    Rule,
+    Selector,
+    compile_condition,
+    display_url,
+    mute_length,
+    parse_spec,
+)
 from fleetlog.records import StoredRecord
 
 HOOK = "http://127.0.0.1:9/hook"
@@ -54,6 +63,46 @@ def test_unknown_names_and_non_boolean_conditions_are_refused() -> None:
         compile_condition("nosuchfunction(level)")
     # Depends on the record's data: valid (a record without the field does not match).
     assert compile_condition("data.temp > 80").execute({"data": {"temp": 81}}) is True
+
+
+@pytest.mark.parametrize("expression", [
+    "int(message) > 5", "double(message) > 1.5",
+    'timestamp(message) > timestamp("2020-01-01T00:00:00Z")', "int(data.code) > 5",
+])
+def test_a_function_that_fails_on_some_records_is_valid(expression: str) -> None:
+    """The trial record's empty message makes int() fail: that record does not match,
+    the condition is not refused (only a function CEL does not have is)."""
+    compile_condition(expression)
+    assert compile_condition("int(message) > 5").execute({"message": "9"}) is True
+
+
+@pytest.mark.parametrize("expression", [
+    "data.a.all(x, data.b.exists(y, y == x))",
+    "[0,1,2].all(a, [0,1,2].all(b, [0,1,2].all(c, true)))",
+    'data.a.map(x, ("(" + x) + ")").filter(y, data.b.exists(z, z == y)).size() > 0',
+])
+def test_a_comprehension_inside_another_is_refused(expression: str) -> None:
+    """Nested, their cost is the product of the lists' lengths on every record; the CEL
+    library has no time limit and holds the interpreter (eight deep took the API a minute)."""
+    with pytest.raises(InvalidRule, match="inside another"):
+        compile_condition(expression)
+
+
+@pytest.mark.parametrize("expression", [
+    "data.a.all(x, x > 1) && data.b.exists(y, y > 2)",
+    'message == ".all(" && data.a.exists(x, (x > 1) || (x < -1))',
+    "data.a.map(x, x * 2).exists(y, y > 3)",
+])
+def test_comprehensions_one_after_the_other_are_valid(expression: str) -> None:
+    """Their own names (``x``, ``y``) are no unknown names."""
+    program = compile_condition(expression)
+    assert program.execute({"message": ".all(", "data": {"a": [1, 5], "b": [3]}}) in (True, False)
+
+
+def test_a_mute_is_at_most_ten_years() -> None:
+    assert mute_length("3650d") == MAX_MUTE_MS
+    with pytest.raises(ValueError, match="ten years"):
+        mute_length("417000w")
 
 
 @settings(max_examples=300, deadline=None)

@@ -217,11 +217,11 @@ def alert_test(config: str | None, name: str, **flags: Any) -> None:
 def alert_mute(config: str | None, name: str, duration: str, **flags: Any) -> None:
     """Send nothing for NAME for a while (its firings are still recorded, as muted)."""
     from fleetlog.alerts.book import UnknownRule
+    from fleetlog.alerts.rules import mute_length
     from fleetlog.records import iso_ms
-    from fleetlog.timeparse import parse_duration
 
     try:
-        until = _now() + parse_duration(duration)
+        until = _now() + mute_length(duration)
     except ValueError as exc:
         _fail(f"--for: {exc}")
     try:

@@ -65,6 +65,20 @@ def _caret(expression: str, line: int, column: int) -> str:
     return f"\n  {text}\n  {' ' * max(0, column - 1)}^"
 
 
+#: The longest mute: ten years.  Longer ones reached past year 9999, which no date
+#: can show: the rule could no longer be listed, by the API or the CLI.
+MAX_MUTE_MS: Final = 3650 * 86_400_000
+
+
+def mute_length(text: str) -> int:
+    """Milliseconds of a mute's ``--for``/``for``; ValueError if not a duration or over ten years."""
+    length = parse_duration(text)
+    if length > MAX_MUTE_MS:
+        raise ValueError(f"{text!r} is longer than a mute may be (3650d, ten years); "
+                         "remove the rule to silence it for good")
+    return length
+
+
 def compile_condition(expression: str) -> cel.Program:
     """The compiled CEL program of a record condition; :class:`InvalidRule` when it is not one.
 
@@ -76,6 +90,10 @@ def compile_condition(expression: str) -> cel.Program:
     """
     if not expression.strip():
         raise InvalidRule("when: an empty expression", "when")
+    if _comprehension_depth(expression) > 1:
+        raise InvalidRule("when: a comprehension (all, exists, exists_one, map, filter) inside "
+                          "another: its cost is the product of the lists' lengths, on every "
+                          "record; write them one after the other", "when")
     try:
         program = cel.compile(expression)
     except ValueError as exc:
@@ -85,8 +103,9 @@ def compile_condition(expression: str) -> cel.Program:
         line, column = int(found.group(1)), int(found.group(2))
         raise InvalidRule(f"when: {found.group(3).strip()} at line {line}, column {column}"
                           f"{_caret(expression, line, column)}", "when", (line, column)) from None
+    bound = set(_BOUND.findall(_STRING.sub('""', expression)))  # a comprehension's own names
     for name in program.variables():
-        if name not in RECORD_VARIABLES:
+        if name not in RECORD_VARIABLES and name not in bound:
             at = _find_name(expression, name)
             where = f" at line {at[0]}, column {at[1]}" if at else ""
             raise InvalidRule(
@@ -96,8 +115,10 @@ def compile_condition(expression: str) -> cel.Program:
     sample = {"level": "info", "message": "", "device_id": "d", "received_at": 0, "data": {}}
     try:
         value = program.execute(sample)
-    except RuntimeError as exc:  # an unknown function
-        raise InvalidRule(f"when: {exc}", "when") from None
+    except RuntimeError as exc:
+        if str(exc).startswith(_UNDEFINED):
+            raise InvalidRule(f"when: {exc}", "when") from None
+        return program  # a function that failed on this record (int("")): valid
     except TypeError as exc:
         if "data" not in program.variables():
             raise InvalidRule(f"when: {exc}", "when") from None
@@ -108,6 +129,42 @@ def compile_condition(expression: str) -> cel.Program:
         raise InvalidRule(f"when: the expression gives {type(value).__name__} {value!r}, "
                           "not true or false", "when")
     return program
+
+
+#: How the CEL library says a function (or name) does not exist.
+_UNDEFINED: Final = "Undefined variable or function"
+#: A CEL comprehension macro's call, and a string literal (whose text is not code).
+_MACRO: Final = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(")
+#: The name a comprehension binds: ``x`` in ``data.items.exists(x, x > 1)``.
+_BOUND: Final = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+_STRING: Final = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'')
+
+
+def _comprehension_depth(expression: str) -> int:
+    """How deep comprehensions (``list.all(x, ...)`` and the like) nest in ``expression``.
+
+    The CEL library evaluates without a time limit and holds the interpreter
+    while it does: ``[0..9].all(a, [0..9].all(b, ...))`` eight deep took a
+    minute, and the API with it.  One level costs a record's size at most.
+    """
+    text = _STRING.sub('""', expression)
+    opened: list[bool] = []  # per open parenthesis: whether a comprehension opened it
+    depth = deepest = 0
+    at = 0
+    while at < len(text):
+        macro = _MACRO.match(text, at)
+        if macro is not None:
+            opened.append(True)
+            depth += 1
+            deepest = max(deepest, depth)
+            at = macro.end()
+            continue
+        if text[at] == "(":
+            opened.append(False)
+        elif text[at] == ")" and opened and opened.pop():
+            depth -= 1
+        at += 1
+    return deepest
 
 
 def _find_name(expression: str, name: str) -> tuple[int, int] | None:

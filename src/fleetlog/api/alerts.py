@@ -18,12 +18,11 @@ from fleetlog import exactjson
 from fleetlog.alerts.book import AlertBook
 from fleetlog.alerts.delivery import send_test
 from fleetlog.alerts.engine import Firing, Note, preview
-from fleetlog.alerts.rules import Rule, RuleSpec, Selector, parse_spec
+from fleetlog.alerts.rules import Rule, RuleSpec, Selector, mute_length, parse_spec
 from fleetlog.api.deps import ERRORS, AdminToken, Found, ReadToken
 from fleetlog.api.reads import read_store, record_row
 from fleetlog.reading import LogsRequest
 from fleetlog.records import iso_ms
-from fleetlog.timeparse import parse_duration
 
 __all__ = ["router"]
 
@@ -227,7 +226,7 @@ def _mute(found: Found, name: str, until: int | None) -> AlertOut:
              summary="Mute a rule for a while: its firings are recorded, not sent")
 def mute_alert(name: Name, mute: Mute, _token: AdminToken, found: Found) -> AlertOut:
     try:
-        length = parse_duration(mute.duration)
+        length = mute_length(mute.duration)
     except ValueError as exc:
         raise HTTPException(422, [{"loc": ["body", "for"], "msg": str(exc), "type": "value_error"}]) from exc
     return _mute(found, name, _now() + length)
