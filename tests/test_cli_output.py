@@ -102,3 +102,35 @@ def test_safe_text_and_record_line_units() -> None:
     assert json.loads(line)["data"] == {"a": "\u2029"}
     assert json.loads(line)["device_id"] == "d\u2028x"
     assert len(record_text(record).splitlines()) == 1
+
+
+def test_send_says_what_went_wrong_with_its_exit_code_never_a_traceback() -> None:
+    """``--wait nan`` is a usage error (64); an ``--api-url`` answering 2xx with a page that
+    is not JSON (a proxy's login page) is "the API could not be asked" (3)."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"<html>please log in</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        usage = run_fleetlog("send", "--api-url", url, "--api-token", "t", "d", "{}", "--wait", "nan")
+        assert usage.returncode == 64 and "not a finite number" in usage.stderr
+        page = run_fleetlog("send", "--api-url", url, "--api-token", "t", "d", "{}")
+        assert page.returncode == 3 and "not JSON" in page.stderr
+        assert "Traceback" not in usage.stderr + page.stderr
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -9,6 +9,7 @@ anything are listed.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,19 @@ def test_devices_lists_provisioned_devices_that_sent_nothing(data_dir: Path, red
     assert rows["silent-1"]["last_seen"] is None
     assert rows["silent-1"]["online"] is False
     assert rows["D1"]["records"] == 3
+
+
+def test_devices_into_a_pipe_prints_every_cell_whole(tmp_path: Path) -> None:
+    """Piped (80 columns to rich by default), long ids were cut to ``door-controlle…``:
+    a grep for one found nothing.  Each device is one line, its id and times whole."""
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    ids = [f"door-controller-building-A-floor-3-unit-{n:03d}" for n in range(2)]
+    store.write_batch([QueuedRecord(f"1-{n}", device, T0 + n, b'{"msg": "m"}')
+                       for n, device in enumerate(ids)])
+    store.close()
+    done = run_fleetlog("devices", "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    for device in ids:
+        [line] = [line for line in done.stdout.splitlines() if device in line]
+        assert "…" not in line
+        assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", line), "last_seen whole"

@@ -71,9 +71,10 @@ def _gateway_options(function: F) -> F:
         click.option("--max-records-per-frame", type=int, default=None,
                      help="Records per v2 frame (500)."),
         click.option("--max-backlog", type=int, default=None, help="Answer busy above this backlog."),
-        click.option("--rate-records", type=float, default=None,
+        click.option("--rate-records", type=options.Seconds(), default=None,
                      help="Per-device records/s (2000)."),
-        click.option("--rate-bytes", type=float, default=None, help="Per-device bytes/s (2 MiB)."),
+        click.option("--rate-bytes", type=options.Seconds(), default=None,
+                     help="Per-device bytes/s (2 MiB)."),
         click.option("--max-connections-per-ip", type=int, default=None,
                      help="Connections per client address, per gateway process, handshakes "
                           "included (10000)."),
@@ -200,10 +201,10 @@ def gateway(config: str | None, **flags: Any) -> int:
 @options.STORE
 @options.FILES
 @click.option("--batch", type=int, default=None, help="Records per batch (default 500).")
-@click.option("--max-runtime", type=float, default=None, help="Planned exit after S seconds.")
+@click.option("--max-runtime", type=options.Seconds(), default=None, help="Planned exit after S seconds.")
 @click.option("--max-messages", type=int, default=None, help="Planned exit after N records.")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter after N failures.")
-@click.option("--claim-idle", type=float, default=None,
+@click.option("--claim-idle", type=options.Seconds(), default=None,
               help="Claim records idle this long on a dead worker (default 30 s).")
 @options.QUEUE
 @click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")
@@ -313,14 +314,18 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
 
     from fleetlog.view import safe_text
 
-    table = Table("device_id", "online", "node", "connected_since", "last_seen", "records")
+    # Nothing is ever cut short ("door-controlle…" matched no grep): on a terminal a
+    # long cell wraps inside its column; into a pipe each row is one line, however wide.
+    table = Table()
+    for name in ("device_id", "online", "node", "connected_since", "last_seen", "records"):
+        table.add_column(name, overflow="fold")
     for row in rows:
         # Text cells: a device id is printed as it is, never read as rich markup.
         table.add_row(*(Text(safe_text(str(cell))) for cell in (
             row.device_id, "yes" if row.online else "no", row.node or "-",
             row.connected_since or "-", row.last_seen or "-", row.records,
         )))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 100_000).print(table)
 
 
 @cli.command()
@@ -329,7 +334,7 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
               show_default=True)
 @click.option("--messages", type=click.IntRange(min=1), default=100, show_default=True,
               help="Records per device.")
-@click.option("--rate", type=float, default=0.0, help="Total records/s (0: as fast as acks).")
+@click.option("--rate", type=options.Seconds(), default=0.0, help="Total records/s (0: as fast as acks).")
 @click.option("--prefix", default="sim-", show_default=True, help="Device id prefix.")
 @click.option("--pad", type=click.IntRange(min=0), default=0, help="Extra bytes per record.")
 @click.option("--batch", type=click.IntRange(min=0), default=0, show_default=True,
@@ -338,7 +343,7 @@ def devices(config: str | None, as_json: bool, **flags: Any) -> None:
               help="Create (or rotate) a token for each simulated device; needs Redis.")
 @options.common
 @options.REDIS_URL
-@click.option("--timeout", type=float, default=600.0, show_default=True,
+@click.option("--timeout", type=options.Seconds(), default=600.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
 @click.option("--acked-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -522,7 +527,10 @@ def dlq_list(config: str | None, as_json: bool, **flags: Any) -> None:
 @click.argument("entry_id")
 def dlq_show(config: str | None, entry_id: str, **flags: Any) -> None:
     """One dead letter in full, with its record."""
-    letter = _dead_letters(config, flags).show(entry_id)
+    try:
+        letter = _dead_letters(config, flags).show(entry_id)
+    except ValueError as exc:
+        _fail(str(exc))
     if letter is None:
         _fail(f"no dead letter {entry_id}")
     sys.stdout.buffer.write(orjson.dumps(letter.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
@@ -538,8 +546,12 @@ def dlq_replay(config: str | None, entry_ids: tuple[str, ...], replay_all: bool,
     """Queue dead letters again (after fixing what rejected them)."""
     if not entry_ids and not replay_all:
         _fail("name dead letter ids, or --all")
-    count = _dead_letters(config, flags).replay(None if replay_all else list(entry_ids))
+    try:
+        count = _dead_letters(config, flags).replay(None if replay_all else list(entry_ids))
+    except ValueError as exc:
+        _fail(str(exc))
     click.echo(f"replayed {count}")
+    _named_but_not_found(entry_ids, count)
 
 
 @dlq.command("purge")
@@ -551,8 +563,20 @@ def dlq_purge(config: str | None, entry_ids: tuple[str, ...], purge_all: bool,
     """Delete dead letters for good."""
     if not entry_ids and not purge_all:
         _fail("name dead letter ids, or --all")
-    count = _dead_letters(config, flags).purge(None if purge_all else list(entry_ids))
+    try:
+        count = _dead_letters(config, flags).purge(None if purge_all else list(entry_ids))
+    except ValueError as exc:
+        _fail(str(exc))
     click.echo(f"purged {count}")
+    _named_but_not_found(entry_ids, count)
+
+
+def _named_but_not_found(entry_ids: tuple[str, ...], done: int) -> None:
+    """Exit 2 when some of the named dead letters were not there (as ``dlq show`` does)."""
+    missing = len(set(entry_ids)) - done
+    if entry_ids and missing > 0:
+        _fail(f"{missing} of the {len(set(entry_ids))} ids named no dead letter "
+              "(replayed or purged already?)")
 
 
 @cli.command()
@@ -647,7 +671,7 @@ class _SendCommand(click.Command):
 @options.common
 @click.argument("device_id")
 @click.argument("body")
-@click.option("--wait", type=click.FloatRange(0, 60), default=0.0, show_default=True,
+@click.option("--wait", type=options.Seconds(0, 60), default=0.0, show_default=True,
               help="Seconds to wait for a v2 device's command_result (printed).")
 @click.option("--api-url", default=None, help="The API (default http://HOST:HTTP_PORT).")
 @click.option("--api-token", default=None, help="An admin token (or FLEETLOG_API_TOKEN).")

@@ -10,6 +10,7 @@ them without importing :mod:`fleetlog.cli`, which imports it.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -17,9 +18,24 @@ from typing import Any, Final, TypeVar
 import click
 
 __all__ = ["CONFIG", "DATA_DIR", "FILES", "HOST", "QUEUE", "REDIS_CLUSTER", "REDIS_URL", "RETENTION",
-           "RETENTION_BYTES", "SHARDS", "STORE", "common", "redis_command"]
+           "RETENTION_BYTES", "SHARDS", "STORE", "Seconds", "common", "redis_command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds (or a rate): a float, never NaN or infinite (``--wait nan``
+    passed click's range check and then failed as a socket timeout, with a traceback)."""
+
+    def __init__(self, low: float | None = 0, high: float | None = None) -> None:
+        super().__init__(low, high)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
 
 CONFIG: Final = click.option(
     "--config", "config", type=click.Path(dir_okay=False), default=None,

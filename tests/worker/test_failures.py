@@ -32,7 +32,7 @@ from fleetlog.store.files import FilesSink
 from fleetlog.store.sqlite import SQLiteStore
 from fleetlog.worker.runner import Worker
 from tests.conftest import Processes
-from tests.helpers import file_lines, legacy_device, produce, run_fleetlog, stored_rows, wait_until
+from tests.helpers import file_lines, legacy_device, produce, queued, run_fleetlog, stored_rows, wait_until
 
 STREAM, GROUP, DEAD = "fleetlog:records", "fleetlog:workers", "fleetlog:dead"
 
@@ -392,3 +392,33 @@ def test_entries_of_the_previous_version_drain_with_packed_ones(
         *(("old", n) for n in range(5)), *(("new", n) for n in range(5, 9)), ("old", 9), ("old", 10)]
     assert sum("." in qid for qid, *_ in rows) == 4, "old entries keep their qid: the entry id"
     assert _pending(client) == 0
+
+
+def test_two_replays_at_once_queue_each_dead_letter_once(client: redis.Redis) -> None:
+    """Two operators replaying the same letters at the same time (and a worker adding new
+    ones meanwhile): every letter is queued exactly once, and leaves the dead letters."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleetlog.queue.deadletter import DeadLetters
+
+    ids = [client.xadd(DEAD, {"qid": f"1-{n}", "d": "D1", "r": f'{{"n":{n}}}', "error": "e",
+                              "deliveries": 5, "failed_at": 0}).decode() for n in range(40)]
+
+    def replay(_: int) -> int:
+        letters = DeadLetters(redis.Redis(connection_pool=client.connection_pool),
+                              dead_letter_stream=DEAD, stream=STREAM)
+        return letters.replay(ids)
+
+    def dead_letter_more(_: int) -> int:
+        for n in range(40, 60):
+            client.xadd(DEAD, {"qid": f"1-{n}", "d": "D1", "r": "{}", "error": "e"})
+        return 0
+
+    with ThreadPoolExecutor(3) as pool:
+        counts = list(pool.map(lambda job: job(0), [replay, replay, dead_letter_more]))
+    assert counts[0] + counts[1] == 40
+    queued_records = [record for _, record in queued(client, STREAM)]
+    assert sorted(queued_records) == sorted(f'{{"n":{n}}}'.encode() for n in range(40))
+    assert client.xlen(DEAD) == 20, "only the new letters are left"
+    with pytest.raises(ValueError, match="not a dead letter id"):
+        DeadLetters(client, dead_letter_stream=DEAD, stream=STREAM).replay(["1-0; DEL x"])

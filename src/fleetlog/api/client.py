@@ -28,6 +28,8 @@ def send_command(url: str, token: str, device_id: str, body: Any, *, wait: float
         raise ApiError(f"the API answered {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise ApiError(f"cannot reach the API at {url}: {exc}") from None
+    except orjson.JSONDecodeError:  # a 2xx page from something else (a proxy's login page)
+        raise ApiError(f"the answer from {url} is not JSON: is it fleetlog's API?") from None
     if not isinstance(outcome, dict):
         raise ApiError("the API's answer is not an object")
     return outcome

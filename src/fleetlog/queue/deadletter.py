@@ -12,10 +12,14 @@ so a list worker takes it like any other).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import redis
+
 from fleetlog import keys
+from fleetlog.errors import FleetlogError
 from fleetlog.records import iso_ms
 
 __all__ = ["DeadLetter", "DeadLetters"]
@@ -73,31 +77,64 @@ class DeadLetters:
         return [_letter(i, f) for i, f in self._client.xrange(self._dead, count=limit)]
 
     def show(self, entry_id: str) -> DeadLetter | None:
-        found = self._client.xrange(self._dead, min=entry_id, max=entry_id)
+        """The dead letter ``entry_id``, or ``None``; ValueError for what is no entry id."""
+        found = self._client.xrange(self._dead, min=_entry_id(entry_id), max=entry_id)
         return _letter(*found[0]) if found else None
 
     def replay(self, entry_ids: list[str] | None = None) -> int:
-        """Queue dead letters again (all when ``entry_ids`` is None); return how many."""
-        letters = self.letters(limit=_REPLAY_LIMIT) if entry_ids is None else [
-            letter for letter in map(self.show, entry_ids) if letter is not None
-        ]
-        for letter in letters:
-            with self._client.pipeline(transaction=True) as pipe:
-                if self._queue == "list":
-                    pipe.lpush(keys.LEGACY_LIST, letter.record)
-                else:
-                    stream = keys.shard_stream(
-                        self._stream, keys.shard_of(letter.device_id, self._shards), self._shards)
-                    pipe.xadd(stream, {"d": letter.device_id, "r": letter.record})
-                pipe.xdel(self._dead, letter.id)
-                pipe.execute()
-        return len(letters)
+        """Queue dead letters again (all when ``entry_ids`` is None); return how many.
+
+        Each goes back to its queue and leaves the dead-letter stream in one
+        transaction, which runs only if the stream did not change since the
+        letter was read (``WATCH``): two replays at once queue a letter once.
+        ValueError for what is no entry id.
+        """
+        ids = [letter.id for letter in self.letters(limit=_REPLAY_LIMIT)] if entry_ids is None \
+            else [_entry_id(entry_id) for entry_id in entry_ids]
+        return sum(self._replay_one(entry_id) for entry_id in ids)
+
+    def _replay_one(self, entry_id: str) -> bool:
+        with self._client.pipeline(transaction=True) as pipe:
+            for _ in range(_REPLAY_TRIES):
+                try:
+                    pipe.watch(self._dead)
+                    found = pipe.xrange(self._dead, min=entry_id, max=entry_id)
+                    if not found:
+                        return False  # replayed or purged meanwhile, or never there
+                    letter = _letter(*found[0])
+                    pipe.multi()
+                    if self._queue == "list":
+                        pipe.lpush(keys.LEGACY_LIST, letter.record)
+                    else:
+                        stream = keys.shard_stream(
+                            self._stream, keys.shard_of(letter.device_id, self._shards), self._shards)
+                        pipe.xadd(stream, {"d": letter.device_id, "r": letter.record})
+                    pipe.xdel(self._dead, letter.id)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue  # the stream changed (a new dead letter, another replay): read again
+        raise FleetlogError(f"dead letter {entry_id}: the dead-letter stream keeps changing; try again")
 
     def purge(self, entry_ids: list[str] | None = None) -> int:
-        """Delete dead letters for good (all when ``entry_ids`` is None)."""
+        """Delete dead letters for good (all when ``entry_ids`` is None); ValueError for what
+        is no entry id."""
         if entry_ids is None:
             count: int = self._client.xlen(self._dead)
             self._client.delete(self._dead)
             return count
-        deleted: int = self._client.xdel(self._dead, *entry_ids) if entry_ids else 0
+        ids = [_entry_id(entry_id) for entry_id in entry_ids]
+        deleted: int = self._client.xdel(self._dead, *ids) if ids else 0
         return deleted
+
+
+#: Reads of the dead-letter stream one replay may need while it keeps changing.
+_REPLAY_TRIES = 20
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+def _entry_id(text: str) -> str:
+    """``text`` if it is a stream entry id (``1733480000000-0``); ValueError otherwise."""
+    if not _ENTRY_ID.fullmatch(text):
+        raise ValueError(f"{text!r} is not a dead letter id (like 1733480000000-0: see `fleetlog dlq list`)")
+    return text
