@@ -283,3 +283,18 @@ def test_a_config_file_that_cannot_be_what_was_meant_is_refused_by_every_command
         assert result.returncode == 2, result.stderr
         assert str(config) in result.stderr and says in result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("redis_url", "notaurl", "is not a Redis URL"),
+    ("redis_url", "http://127.0.0.1:6379", "is not a Redis URL"),
+    ("store", "bogus://x", "is not a store URL"),
+    ("store", "sqlite://relative.db", "is not a store URL"),
+])
+def test_a_url_of_the_wrong_kind_is_refused_with_what_to_write(flag: str, value: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        load_settings(**{flag: value})
+    for good in ("redis://127.0.0.1:6379/15", "rediss://h:6380/0", "unix:///run/redis.sock",
+                 "redis+cluster://h:7000"):
+        assert load_settings(redis_url=good).redis_url == good
+    assert load_settings(store="postgresql://u@h:5432/db").store_url == "postgresql://u@h:5432/db"

@@ -38,6 +38,10 @@ MiB = 1024 * 1024
 
 #: URL schemes that mean a Redis Cluster (the rest of the URL names any one node).
 CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
+#: What a Redis URL may start with (redis-py's schemes, and the cluster ones).
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
+#: What a store URL may start with (:func:`fleetlog.store.open_store`).
+STORE_SCHEMES: Final = ("sqlite:///", "postgresql://", "postgres://")
 
 #: What ``fleetlog config``, logs and banners show instead of a secret.
 MASK: Final = "********"
@@ -249,6 +253,22 @@ class Settings(BaseSettings):
             raise ValueError("queue = list cannot run on a Redis Cluster (its scripts span keys of "
                              "several slots); use queue = stream")
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_has_a_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"{mask_url(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
+                             "rediss:// (TLS), unix:///PATH or redis+cluster://HOST:PORT")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_url_names_a_store(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(STORE_SCHEMES):
+            raise ValueError(f"{mask_url(value)!r} is not a store URL: use sqlite:///PATH or "
+                             "postgresql://USER@HOST:PORT/DB")
+        return value
 
     @field_validator("retention")
     @classmethod
