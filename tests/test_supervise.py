@@ -66,3 +66,24 @@ def test_the_banner_says_where_to_look_and_masks_the_password(tmp_path: Path) ->
     assert _worker_metrics_port(settings) == 8081  # next to the API unless set
     assert _worker_metrics_port(Settings(http_port=8080, metrics_port=9999)) == 9999
     assert _worker_metrics_port(Settings(http_port=0)) == 0
+
+
+def test_a_part_state_that_cannot_be_written_is_said_and_up_goes_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk (Valkey exits on its short AOF write) made writing the up file raise, and
+    ``up`` stopped every part: the state change is printed, the file left as it was."""
+    from fleetlog.embedded import RedisServer
+    from fleetlog.process import Child
+    from fleetlog.supervise import Up
+
+    up = Up(Settings(data_dir=tmp_path), None)
+    up.redis = RedisServer(tmp_path)
+    up.redis.process = subprocess.Popen([sys.executable, "-c", "pass"])
+    up.redis.process.wait()
+    (tmp_path / "fleetlog-up.tmp").mkdir()  # where the file is written first: now an error
+    worker = Child("worker", ["true"])
+    up._note(worker, "down (exit 1)", 0.0)
+    up._note(worker, "ok", 1.0)
+    said = capsys.readouterr().out
+    assert "worker is down" in said and "cannot record the parts' state" in said
+    assert up.parts["worker"] == "ok"

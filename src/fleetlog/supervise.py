@@ -344,7 +344,11 @@ class Up(Supervisor):
             print(f"fleetlog: {child.name} is back (down "
                   f"{now - self.down_since.pop(child.name):.1f} s).", flush=True)
         if self.redis is not None and self.redis.process is not None:
-            self.redis.write_up_file(self.parts)
+            try:
+                self.redis.write_up_file(self.parts)
+            except OSError as exc:  # a full disk (the one Redis just failed on, likely)
+                print(f"fleetlog: cannot record the parts' state in {self.redis.directory} "
+                      f"({exc}); /readyz shows the last one written until it can be.", flush=True)
 
     def _shutdown(self) -> None:
         """Stop in dependency order: gateway, worker (``self.children``'s order), then Redis.
