@@ -163,3 +163,16 @@ def test_a_second_sigint_exits_at_once_acking_nothing_unstored(redis_url: str, t
     assert client.xpending("fleetlog:records", "fleetlog:workers")["pending"] >= 1, "a batch in hand"
     assert client.xlen("fleetlog:records") == 30, "nothing acked (acked entries are trimmed)"
     client.close()
+
+
+def test_max_runtime_counts_the_wait_for_redis_at_start(tmp_path: Path) -> None:
+    """A recycling wrapper's worker with Redis down at start: still a planned exit (0) at
+    --max-runtime, not retrying until killed."""
+    from fleetlog.embedded import free_port
+
+    started = time.monotonic()
+    done = run_fleetlog("worker", "--redis-url", f"redis://127.0.0.1:{free_port()}/0",
+                        "--data-dir", str(tmp_path), "--max-runtime", "2", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 15
+    assert "Redis unavailable at start" in done.stderr

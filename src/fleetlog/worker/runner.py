@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -177,15 +178,16 @@ class Worker:
         except StoreUnavailable:
             self._owed = 1  # find out at the first upkeep
 
-    def run(self) -> int:
-        runtime = self.settings.max_runtime
-        self._deadline = time.monotonic() + runtime if runtime is not None else float("inf")
+    def run(self, deadline: float | None = None) -> int:
+        """Drain until stopped, ``max_messages`` or ``max_runtime`` (counted from now, or
+        until ``deadline``: the process' start, when it waited for Redis or the store)."""
+        self._deadline = deadline if deadline is not None else _deadline(self.settings)
         limit = self.settings.max_messages
         backoff = Backoff(*_REDIS_BACKOFF)
         batch = self.settings.batch
         while not self.stopping.is_set():
             if time.monotonic() >= self._deadline:
-                log.info("max runtime of %ss reached: planned exit", runtime)
+                log.info("max runtime of %ss reached: planned exit", self.settings.max_runtime)
                 break
             if limit is not None and self.stored + self.dead_lettered >= limit:
                 log.info("max messages (%d) reached: planned exit", limit)
@@ -425,6 +427,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
     of its holder dying (claiming what it left pending first).  Parallelism comes from
     ``--shards``.  The leases are given back on the way out.
     """
+    deadline = _deadline(settings)  # --max-runtime counts the wait for Redis and the store too
     try:
         client = connect(redis_url, timeout=max(settings.redis_timeout,
                                                   settings.block_ms / 1000 + _BLOCK_TIMEOUT_MARGIN))
@@ -444,7 +447,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
             if settings.shards == 1 and not _ensure_group(StreamConsumer(
                     client, stream=settings.stream, group=settings.group, consumer=name,
                     dead_letter_stream=settings.dead_letter_stream,
-                    claim_idle=settings.claim_idle), stopping):
+                    claim_idle=settings.claim_idle), stopping, deadline):
                 return EXIT_PLANNED
             consumer = sharded = ShardedConsumer(
                 client, stream=settings.stream, shards=settings.shards, group=settings.group,
@@ -452,7 +455,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
                 claim_idle=settings.claim_idle, lease=settings.shard_lease,
                 multi_stream_reads=not is_cluster(client),
             )
-        opened = _open_store(settings.store_url, stopping)
+        opened = _open_store(settings.store_url, stopping, deadline)
         if opened is None:
             return EXIT_PLANNED
         store = opened
@@ -463,7 +466,7 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
         log.info("worker draining %s into %s%s", settings.queue, mask_url(settings.store_url),
                  f" and {settings.files}" if files else "")
         try:
-            return worker.run()
+            return worker.run(deadline)
         finally:
             _release_shards(sharded)
             if metrics is not None:
@@ -514,17 +517,26 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
     return server
 
 
-def _open_store(url: str, stopping: threading.Event) -> Store | None:
-    """Open the store, waiting while it is unavailable (locked); None if told to stop."""
+def _deadline(settings: Settings) -> float:
+    """When ``--max-runtime`` ends (``time.monotonic()``), counted from now."""
+    runtime = settings.max_runtime
+    return time.monotonic() + runtime if runtime is not None else math.inf
+
+
+def _open_store(url: str, stopping: threading.Event, deadline: float = math.inf) -> Store | None:
+    """Open the store, waiting while it is unavailable (locked); None if told to stop or
+    past ``deadline``."""
     if stopping.is_set():
         return None
     return retry(lambda: open_store(url), (StoreUnavailable,), Backoff(*_STORE_START_BACKOFF), stopping,
                  lambda exc, delay: log.error("store unavailable at start (%s); retrying in %.1fs",
-                                              exc, delay))
+                                              exc, delay), deadline=deadline)
 
 
-def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
-    """Create the consumer group, waiting out a Redis outage; False if told to stop.
+def _ensure_group(consumer: StreamConsumer, stopping: threading.Event,
+                  deadline: float = math.inf) -> bool:
+    """Create the consumer group, waiting out a Redis outage; False if told to stop or past
+    ``deadline``.
 
     A group that exists needs no write, so a Redis that refuses writes (out of
     memory) does not keep the worker that would free it from starting.
@@ -543,4 +555,5 @@ def _ensure_group(consumer: StreamConsumer, stopping: threading.Event) -> bool:
             log.warning("Redis refuses writes (%s) and group %s of %s does not exist yet; "
                         "retrying in %.1fs", exc, consumer.group, consumer.stream, delay)
 
-    return retry(ensure, _REDIS_ERRORS, Backoff(*_REDIS_START_BACKOFF), stopping, trouble) is not None
+    return retry(ensure, _REDIS_ERRORS, Backoff(*_REDIS_START_BACKOFF), stopping, trouble,
+                 deadline=deadline) is not None
