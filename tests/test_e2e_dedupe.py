@@ -87,3 +87,23 @@ async def test_one_device_cannot_suppress_another(redis_url: str, processes: Pro
     for device in awkward:
         sent = sum(1 for name, _, _ in frames if name == device)
         assert stored[device] == [1, 2, 3] * sent, device
+
+
+async def test_a_second_simulate_run_is_stored_too(
+        redis_url: str, processes: Processes, tmp_path: Path) -> None:
+    """Frame ids and seqs are remembered per device for a day: a run reusing the last run's
+    (ids restarting at 0, no session) was acked as duplicates and stored nothing, while its
+    summary said every record was acked."""
+    from tests.helpers import run_fleetlog
+
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_url, data_dir)
+    processes.worker(redis_url, data_dir)
+    for run in (1, 2):
+        done = run_fleetlog("simulate", "--url", f"ws://127.0.0.1:{port}", "--devices", "3",
+                            "--messages", "20", "--batch", "5", "--json", "--timeout", "60")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["acked"] == 60
+        assert wait_until(lambda run=run: len(stored_rows(data_dir)) >= 60 * run, timeout=30)
+    await asyncio.sleep(0.5)
+    assert len(stored_rows(data_dir)) == 120, "each run's records stored once"

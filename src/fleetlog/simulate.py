@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import socket
 import statistics
 import time
@@ -169,13 +170,18 @@ def _record(device_id: str, index: int, pad: int) -> dict[str, Any]:
     return data
 
 
-def _frame(device_id: str, index: int, count: int, pad: int) -> bytes:
-    """A legacy frame (``count`` 0) or a v2 log frame of ``count`` records from ``index``."""
+def _frame(device_id: str, index: int, count: int, pad: int, session: str = "") -> bytes:
+    """A legacy frame (``count`` 0) or a v2 log frame of ``count`` records from ``index``.
+
+    A v2 frame belongs to the run's ``session``: its id and its seqs are new in each
+    run, as a rebooted device's are (ids and seqs are remembered per device for a day:
+    a second run reusing the first's would be acked as duplicates and store nothing).
+    """
     if count == 0:
         return orjson.dumps({"deviceId": device_id, "type": 4, "data": _record(device_id, index, pad)})
     records = [_record(device_id, index + n, pad) for n in range(count)]
-    return orjson.dumps({"type": "log", "id": f"{device_id}-{index}", "deviceId": device_id,
-                         "records": records})
+    return orjson.dumps({"type": "log", "id": f"{session}-{index}", "session": session,
+                         "deviceId": device_id, "records": records})
 
 
 L = TypeVar("L", bound=WSListener)
@@ -219,6 +225,7 @@ async def _run_device(
     batch: int,
     deadline: float,
     progress: Any,
+    session: str,
 ) -> None:
     index = 0
     next_send = time.monotonic()
@@ -240,7 +247,7 @@ async def _run_device(
                 device.waiter = asyncio.get_running_loop().create_future()
                 count = min(batch, summary.messages - index) if batch else 0
                 started = time.perf_counter()
-                transport.send(WSMsgType.TEXT, _frame(device_id, index, count, pad))
+                transport.send(WSMsgType.TEXT, _frame(device_id, index, count, pad, session))
                 summary.sent += count or 1
                 outcome = await asyncio.wait_for(device.waiter, timeout=30)
                 if outcome is None:
@@ -292,6 +299,7 @@ async def simulate(
     deadline = time.monotonic() + timeout
     started = time.perf_counter()
     ids = device_ids(prefix, devices)
+    session = f"sim-{secrets.token_hex(6)}"  # this run's: see _frame
 
     def device_url(device_id: str) -> str:
         if not tokens:
@@ -313,7 +321,7 @@ async def simulate(
     results = await asyncio.gather(
         *(
             _run_device(device_url(device_id), device_id, summary, interval, pad, batch, deadline,
-                        progress)
+                        progress, session)
             for device_id in ids
         ),
         return_exceptions=True,
