@@ -176,3 +176,17 @@ def test_max_runtime_counts_the_wait_for_redis_at_start(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 15
     assert "Redis unavailable at start" in done.stderr
+
+
+def test_max_messages_stops_within_one_entry_of_its_count(redis_url: str, tmp_path: Path) -> None:
+    """Entries are packed (a gateway call's records): three of 500 records queued, and
+    ``--max-messages 10`` read them all at its first read (1,500 stored).  It reads one
+    entry first now, and stops once its count is reached."""
+    from tests.helpers import produce
+
+    for n in range(3):
+        produce(redis_url, [(f"D{n}", [b'{"seq":%d}' % k for k in range(500)])])
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                        "--max-messages", "10", "--max-runtime", "20", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(stored_rows(tmp_path)) == 500

@@ -40,6 +40,7 @@ import redis
 from fleetlog import keys
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import is_cluster
+from fleetlog.queue.producer import MAX_PER_CALL
 from fleetlog.records import QueuedRecord
 
 __all__ = ["REDIS_REFUSING", "Consumer", "ListConsumer", "StreamConsumer"]
@@ -54,10 +55,6 @@ _MAX_REASON_CHARS = 2000
 #: Never look for idle records to claim more often than this (seconds), however
 #: short ``claim_idle`` is: XAUTOCLAIM scans the pending list.
 _MIN_CLAIM_EVERY = 0.2
-#: Entries a reader asks for before it knows their size: entries are packed (a
-#: gateway call's records, up to 2,000), so ``count`` entries could be thousands
-#: of times ``count`` records.
-_FIRST_ENTRIES = 256
 #: The shortest blocking read of the legacy list (ms): BLMOVE with a smaller
 #: timeout would spin.
 _MIN_LEGACY_BLOCK_MS = 10
@@ -236,12 +233,14 @@ class StreamConsumer:
     def entries_for(self, count: int) -> int:
         """How many entries to read for about ``count`` records (entries hold several).
 
-        Before the first read the size of an entry is unknown: at most
-        :data:`_FIRST_ENTRIES` entries then, so a queue of big entries does not
-        bring in thousands of times ``count`` records at once.
+        Before the first read the size of an entry is unknown: as many as hold
+        ``count`` records if each is as big as one may be (a gateway call's,
+        :data:`~fleetlog.queue.producer.MAX_PER_CALL`), one at least, so a queue
+        of big entries does not bring in thousands of times ``count`` records
+        (``--max-messages 10`` stored 1,500).
         """
         if not self.per_entry:
-            return max(1, min(count, _FIRST_ENTRIES))
+            return max(1, count // MAX_PER_CALL)
         return max(1, count // self.per_entry)
 
     def take_over(self) -> None:
