@@ -55,13 +55,18 @@ def test_sigterm_finishes_the_batch_and_exits_zero(redis_url: str, tmp_path: Pat
 
 
 def test_fatal_error_writes_a_record_and_exits_one(redis_url: str, tmp_path: Path) -> None:
-    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
-                     "--store", "mysql://nope")
+    (tmp_path / "fleetlog.db").write_bytes(b"not a database, " * 512)  # what no retry mends
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path))
     assert done.returncode == 1
     [log] = list((tmp_path / "logs" / "device" / "fatal_error").glob("*.log"))
     record = json.loads(log.read_text().splitlines()[-1])
-    assert "unsupported store URL" in record["error"]
+    assert "file is not a database" in record["error"]
     assert "Traceback" in record["stack_trace"]
+    # A store URL of no known kind is refused before anything starts (exit 2, no record).
+    refused = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path / "b"),
+                           "--store", "mysql://nope")
+    assert refused.returncode == 2 and "is not a store URL" in refused.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_retention_prunes_store_and_daily_files(tmp_path: Path) -> None:

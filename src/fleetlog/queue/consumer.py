@@ -40,7 +40,6 @@ import redis
 from fleetlog import keys
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import is_cluster
-from fleetlog.queue.producer import MAX_PER_CALL
 from fleetlog.records import QueuedRecord
 
 __all__ = ["REDIS_REFUSING", "Consumer", "ListConsumer", "StreamConsumer"]
@@ -55,6 +54,8 @@ _MAX_REASON_CHARS = 2000
 #: Never look for idle records to claim more often than this (seconds), however
 #: short ``claim_idle`` is: XAUTOCLAIM scans the pending list.
 _MIN_CLAIM_EVERY = 0.2
+#: Entries a reader asks for when it cannot know their size (an empty stream).
+_FIRST_ENTRIES = 256
 #: The shortest blocking read of the legacy list (ms): BLMOVE with a smaller
 #: timeout would spin.
 _MIN_LEGACY_BLOCK_MS = 10
@@ -233,14 +234,16 @@ class StreamConsumer:
     def entries_for(self, count: int) -> int:
         """How many entries to read for about ``count`` records (entries hold several).
 
-        Before the first read the size of an entry is unknown: as many as hold
-        ``count`` records if each is as big as one may be (a gateway call's,
-        :data:`~fleetlog.queue.producer.MAX_PER_CALL`), one at least, so a queue
-        of big entries does not bring in thousands of times ``count`` records
+        Before the first read the size of an entry is that of the stream's
+        first entry (a gateway call's records, up to 2,000): reading ``count``
+        entries would bring in thousands of times ``count`` records
         (``--max-messages 10`` stored 1,500).
         """
         if not self.per_entry:
-            return max(1, count // MAX_PER_CALL)
+            first = self._client.xrange(self.stream, count=1)
+            if not first:
+                return max(1, min(count, _FIRST_ENTRIES))
+            self.per_entry = max(1, int(first[0][1].get(b"n", 1)))
         return max(1, count // self.per_entry)
 
     def take_over(self) -> None:
