@@ -98,3 +98,11 @@ def test_devices_into_a_pipe_prints_every_cell_whole(tmp_path: Path) -> None:
         [line] = [line for line in done.stdout.splitlines() if device in line]
         assert "…" not in line
         assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", line), "last_seen whole"
+
+
+def test_a_bad_reading_flag_is_named_as_the_user_typed_it(data_dir: Path) -> None:
+    done = run_fleetlog("logs", "D1", "--data-dir", str(data_dir), "--grep", "a" * 300)
+    assert done.returncode == 2
+    assert done.stderr.startswith("fleetlog: --grep: 300 characters"), done.stderr
+    since = run_fleetlog("logs", "D1", "--data-dir", str(data_dir), "--since", "yesterday-ish")
+    assert since.returncode == 2 and since.stderr.startswith("fleetlog: --since: "), since.stderr

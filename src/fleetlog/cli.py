@@ -251,8 +251,11 @@ def logs(config: str | None, device_id: str, since: str | None, until: str | Non
     try:
         request = logs_request(device_id, now_ms=int(time.time() * 1000), since=since,
                                until=until, q=grep, level=level, limit=limit)
-    except InvalidRequest as exc:
-        _fail(str(exc))
+    except InvalidRequest as exc:  # named as the API names it: say the flag instead
+        message, field = str(exc), exc.field
+        if field and message.startswith(f"{field}:"):
+            message = ("--grep" if field == "q" else f"--{field}") + message[len(field):]
+        _fail(message)
     out = sys.stdout.buffer
 
     def emit(records: list[Any]) -> None:

@@ -96,13 +96,11 @@ def record_line(record: StoredRecord, *, fields: bool = True, qid: bool = False)
     record's queue identity that makes their export exactly-once.
     """
     extracted = b""
-    if fields:
-        if record.ts is not None:
-            extracted += b',"ts":"%b"' % iso_ms(record.ts).encode()
-        if record.level is not None:
-            extracted += b',"level":' + _one_line_string(record.level)
-        if record.message is not None:
-            extracted += b',"message":' + _one_line_string(record.message)
+    if fields:  # each key always there, null when the record has none (as the API documents)
+        extracted = b',"ts":%b,"level":%b,"message":%b' % (
+            b"null" if record.ts is None else b'"%b"' % iso_ms(record.ts).encode(),
+            b"null" if record.level is None else _one_line_string(record.level),
+            b"null" if record.message is None else _one_line_string(record.message))
     return _line(record.seq, record.qid if qid else None, record.device_id, record.received_at,
                  extracted, record.data)
 
