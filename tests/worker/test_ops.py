@@ -195,3 +195,19 @@ def test_max_messages_stops_within_one_entry_of_its_count(redis_url: str, tmp_pa
                         "--max-messages", "10", "--max-runtime", "20", timeout=60)
     assert done.returncode == 0, done.stderr
     assert len(stored_rows(tmp_path)) == 500
+
+
+def test_records_in_another_shard_count_s_streams_are_warned_of(redis_url: str, tmp_path: Path) -> None:
+    """A gateway on --shards 4, a worker on --shards 1: acked records wait where no worker of
+    that count reads; the worker says so at start."""
+    from tests.helpers import produce
+
+    produce(redis_url, [("D", [b'{"n":1}'])], stream="fleetlog:{s1}:records")
+    done = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                        "--max-runtime", "1", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "records wait in fleetlog:{s1}:records, which a worker with --shards 1 does not read" \
+        in done.stderr
+    quiet = run_fleetlog("worker", "--redis-url", redis_url, "--data-dir", str(tmp_path),
+                         "--shards", "4", "--max-runtime", "1", timeout=60)
+    assert quiet.returncode == 0 and "records wait in" not in quiet.stderr

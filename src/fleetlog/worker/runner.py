@@ -60,6 +60,7 @@ from wsgiref.simple_server import WSGIServer
 import orjson
 from prometheus_client import CollectorRegistry, start_http_server
 
+from fleetlog import keys
 from fleetlog.backoff import Backoff, retry
 from fleetlog.config import Settings, mask_url
 from fleetlog.lifecycle import EXIT_FORCED, Shutdown
@@ -455,6 +456,8 @@ def _drain(settings: Settings, redis_url: str, stopping: threading.Event) -> int
                 claim_idle=settings.claim_idle, lease=settings.shard_lease,
                 multi_stream_reads=not is_cluster(client),
             )
+        if settings.queue == "stream" and not is_cluster(client):
+            _warn_of_other_shards(client, settings)
         opened = _open_store(settings.store_url, stopping, deadline)
         if opened is None:
             return EXIT_PLANNED
@@ -515,6 +518,32 @@ def _serve_metrics(settings: Settings, worker: Worker, client: Any) -> WSGIServe
         return None
     log.info("worker metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     return server
+
+
+#: Shard streams looked for at start that this worker's ``--shards`` does not read.
+_SHARDS_LOOKED_AT = 256
+
+
+def _warn_of_other_shards(client: Any, settings: Settings) -> None:
+    """Say so when records wait in streams of another ``--shards`` (a gateway started with
+    another count): no worker of this count will ever read them."""
+    ours = {keys.shard_stream(settings.stream, shard, settings.shards)
+            for shard in range(settings.shards)}
+    candidates = [settings.stream, *(keys.shard_stream(settings.stream, shard, _SHARDS_LOOKED_AT)
+                                     for shard in range(_SHARDS_LOOKED_AT))]
+    candidates = [stream for stream in candidates if stream not in ours]
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for stream in candidates:
+                pipe.xlen(stream)  # not EXISTS: a drained stream with its group is no news
+            found = [stream for stream, length in zip(candidates, pipe.execute(raise_on_error=False),
+                                                      strict=True) if isinstance(length, int) and length]
+    except (*REDIS_DOWN, *REDIS_REFUSING):
+        return  # the drain's own retries say what is wrong with Redis
+    if found:
+        log.warning("records wait in %s, which a worker with --shards %d does not read: gateways "
+                    "and workers must be given the same --shards", ", ".join(found[:4])
+                    + (f" and {len(found) - 4} more" if len(found) > 4 else ""), settings.shards)
 
 
 def _deadline(settings: Settings) -> float:
