@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["MAX_DEPTH", "dumps", "loads"]
+__all__ = ["MAX_DEPTH", "dumps", "loads", "may_change"]
 
 #: Levels of arrays and objects a value may have: what orjson can write back.
 MAX_DEPTH: Final = 254
@@ -65,6 +65,15 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def may_change(raw: bytes) -> bool:
+    """Whether orjson could read a number of ``raw`` as another (an integer of 19+ digits).
+
+    For a reader that decodes with orjson first and needs the exact value only
+    where it differs (two passes at C speed over the bytes).
+    """
+    return _LONG_INTEGER in raw.translate(_DIGITS_AS_ZEROS)
+
+
 def loads(data: bytes | str) -> Any:
     """Decode strict JSON exactly: fast with orjson, exact for integers beyond 64 bits.
 
@@ -73,7 +82,7 @@ def loads(data: bytes | str) -> Any:
     refuses).
     """
     raw = data.encode() if isinstance(data, str) else data
-    if _LONG_INTEGER not in raw.translate(_DIGITS_AS_ZEROS):
+    if not may_change(raw):
         return orjson.loads(raw)
     try:
         return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)

@@ -77,3 +77,13 @@ def test_a_step_must_be_positive() -> None:
     with pytest.raises(InvalidRequest, match="step") as info:
         core.check_step(0)
     assert info.value.field == "step"
+
+
+def test_search_text_holds_every_integer_as_written() -> None:
+    """Read with orjson first, a 23-digit integer would be searched as 1.2345678901234568e+22."""
+    from fleetlog.store.search import search_text
+
+    assert search_text(b'{"id": 12345678901234567890123, "t": 1.5}') == \
+        "id\x1f12345678901234567890123\x1ft\x1f1.5"
+    assert search_text(b'{"n": ' + b"9" * 400 + b"}") == "n\x1f" + "9" * 400
+    assert search_text(b"not JSON at all") == "not json at all"

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 from fleetlog import exactjson
 from fleetlog.errors import InvalidRequest, RecordRejected, StoreUnavailable
 from fleetlog.records import QueuedRecord, StoredRecord
@@ -72,6 +74,19 @@ def row(values: tuple[Any, ...]) -> StoredRecord:
 _NO_COLUMNS: Final = (None, None, None)
 
 
+def _decoded(data: bytes) -> Any:
+    """A record's JSON for its columns: orjson, or the exact decoder where orjson cannot
+    read a number (an integer past a double's range, which the gateway accepts).
+
+    An integer orjson reads as a nearby double changes no column (``ts`` that big
+    is out of range either way), so only orjson's refusal takes the slower path.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return exactjson.loads(data)
+
+
 def prepare(record: QueuedRecord) -> Row:
     """The row of one record; :class:`RecordRejected` when its data cannot be stored.
 
@@ -83,7 +98,7 @@ def prepare(record: QueuedRecord) -> Row:
     """
     try:
         data = record.data
-        ts, level, message = columns(exactjson.loads(data)) if data[:1] in b'{"' else _NO_COLUMNS
+        ts, level, message = columns(_decoded(data)) if data[:1] in b'{"' else _NO_COLUMNS
         text = data.decode()
     except ValueError as exc:  # not JSON (orjson's or the stdlib's error), or not UTF-8
         raise RecordRejected(f"record {record.qid}: {type(exc).__name__}: {exc}") from exc

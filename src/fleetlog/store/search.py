@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import orjson
+
 from fleetlog import exactjson
 from fleetlog.store.fields import column_text
 
@@ -29,38 +31,51 @@ __all__ = ["SEPARATOR", "search_needle", "search_text"]
 SEPARATOR: Final = "\x1f"
 
 
-def _strings(value: Any) -> list[str]:
-    """The strings of a decoded record in document order: keys, values, and numbers
-    and booleans as JSON writes them; without recursion, however deep the record."""
+def _strings(value: Any) -> tuple[list[str], bool]:
+    """The strings of a decoded record in document order (keys, values, and numbers and
+    booleans as JSON writes them), and whether it holds a float; without recursion,
+    however deep the record."""
     strings: list[str] = []
+    append = strings.append
+    floats = False
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
-            strings.append(item)
-        elif isinstance(item, dict):
+        kind = type(item)
+        if kind is str:
+            append(item)
+        elif kind is dict:
             for key, child in reversed(item.items()):
                 stack.append(child)
                 stack.append(key)
-        elif isinstance(item, list):
+        elif kind is list:
             stack.extend(reversed(item))
         elif item is not None:
-            strings.append(exactjson.dumps(item).decode())
-    return strings
+            floats = floats or kind is float
+            append(exactjson.dumps(item).decode() if kind is int and item.bit_length() > 63
+                   else orjson.dumps(item).decode())
+    return strings, floats
 
 
 def search_text(data: str | bytes) -> str:
     """The case-folded text a search looks in: a record's decoded strings, joined.
 
     ``data`` is the record's JSON as stored; text that is not JSON is searched
-    as it is.
+    as it is.  Decoded with orjson, and again exactly only when a float in it
+    may be an integer orjson could not hold (:func:`fleetlog.exactjson.may_change`).
     """
+    raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
     try:
-        value = exactjson.loads(data)
-    except ValueError:
-        text = data.decode(errors="replace") if isinstance(data, bytes) else data
-        return column_text(text.casefold())
-    return column_text(SEPARATOR.join(_strings(value)).casefold())
+        strings, floats = _strings(orjson.loads(raw))
+        if floats and exactjson.may_change(raw):
+            strings, _ = _strings(exactjson.loads(raw))
+    except ValueError:  # not JSON (or an integer no double holds: the exact path reads it)
+        try:
+            strings, _ = _strings(exactjson.loads(raw))
+        except ValueError:
+            text = data if isinstance(data, str) else raw.decode(errors="replace")
+            return column_text(text.casefold())
+    return column_text(SEPARATOR.join(strings).casefold())
 
 
 def search_needle(text: str) -> str:
