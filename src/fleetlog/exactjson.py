@@ -74,18 +74,17 @@ def may_change(raw: bytes) -> bool:
     return _LONG_INTEGER in raw.translate(_DIGITS_AS_ZEROS)
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes) -> Any:
     """Decode strict JSON exactly: fast with orjson, exact for integers beyond 64 bits.
 
     Raises :class:`ValueError` on anything that is not strict JSON (NaN,
     Infinity, a number out of range, bytes that are not UTF-8, nesting orjson
     refuses).
     """
-    raw = data.encode() if isinstance(data, str) else data
-    if not may_change(raw):
-        return orjson.loads(raw)
+    if not may_change(data):
+        return orjson.loads(data)
     try:
-        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise _too_deep() from None
 

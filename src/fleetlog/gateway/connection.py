@@ -471,8 +471,8 @@ class Connection:
         replies = self._replies
         replies.append(submission)
         self._actions.append(submission)
-        self._in_flight_bytes += submission.nbytes
-        if len(replies) >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES:
+        held = self._in_flight_bytes = self._in_flight_bytes + submission.nbytes
+        if held >= MAX_IN_FLIGHT_BYTES or len(replies) >= MAX_IN_FLIGHT:
             self._pause_reading()
 
     def _device_for(self, claimed: str | None, frame_id: str | None) -> str | None:
@@ -532,13 +532,13 @@ class Connection:
         replies = self._replies
         first: bytes | None = None
         more: list[bytes] | None = None
-        ready = 0
+        ready = freed = 0
         for head in replies:
             if isinstance(head, bytes):
                 wire = head
             elif head.wire is not None:
                 wire = head.wire
-                self._in_flight_bytes -= head.nbytes
+                freed += head.nbytes
             else:
                 break
             ready += 1
@@ -550,6 +550,7 @@ class Connection:
                 more.append(wire)
         if ready:
             del replies[:ready]  # all of them: the list frees its storage
+            self._in_flight_bytes -= freed
         if first is not None:
             self._send(first if more is None else b"".join(more))
         if self._state == _DRAINING and not replies:
