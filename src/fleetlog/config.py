@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,6 +42,12 @@ CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
 #: What a store URL may start with (:func:`fleetlog.store.open_store`).
 STORE_SCHEMES: Final = ("sqlite:///", "postgresql://", "postgres://")
+#: Per URL setting: its schemes, what it is, and what to write instead of a wrong one.
+_URL_KINDS: Final = {
+    "redis_url": (REDIS_SCHEMES, "a Redis URL",
+                  "redis://HOST:PORT/DB, rediss:// (TLS), unix:///PATH or redis+cluster://HOST:PORT"),
+    "store": (STORE_SCHEMES, "a store URL", "sqlite:///PATH or postgresql://USER@HOST:PORT/DB"),
+}
 
 #: What ``fleetlog config``, logs and banners show instead of a secret.
 MASK: Final = "********"
@@ -254,20 +260,12 @@ class Settings(BaseSettings):
                              "several slots); use queue = stream")
         return self
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "store")
     @classmethod
-    def _redis_url_has_a_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(REDIS_SCHEMES):
-            raise ValueError(f"{mask_url(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
-                             "rediss:// (TLS), unix:///PATH or redis+cluster://HOST:PORT")
-        return value
-
-    @field_validator("store")
-    @classmethod
-    def _store_url_names_a_store(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(STORE_SCHEMES):
-            raise ValueError(f"{mask_url(value)!r} is not a store URL: use sqlite:///PATH or "
-                             "postgresql://USER@HOST:PORT/DB")
+    def _url_of_a_known_kind(cls, value: str | None, info: ValidationInfo) -> str | None:
+        schemes, kind, use = _URL_KINDS[info.field_name or ""]
+        if value is not None and not value.startswith(schemes):
+            raise ValueError(f"{mask_url(value)!r} is not {kind}: use {use}")
         return value
 
     @field_validator("retention")
