@@ -85,7 +85,7 @@ Done = Callable[[IngestResult | FleetlogError], None]
 
 #: Records per Lua call: big enough to amortise the round trip, small enough
 #: that one call does not stall Redis for other clients.
-MAX_PER_CALL: Final = 2000
+_MAX_PER_CALL: Final = 2000
 #: And bytes of records per call (one submission alone may be more): a call, and
 #: its one stream entry, of 2,000 records of 1 MiB each would be 2 GiB, past what
 #: Redis takes in one argument (512 MiB) and its socket timeout to read.
@@ -313,7 +313,7 @@ class Producer:
             self._wakeup.clear()
 
     def _take(self) -> list[_Submission]:
-        """Whole submissions of one shard for one call, up to ``MAX_PER_CALL`` records and
+        """Whole submissions of one shard for one call, up to ``_MAX_PER_CALL`` records and
         ``_MAX_CALL_BYTES`` (or one submission, whatever its size).
 
         The shard is that of the first submission that may go (its shard has
@@ -335,7 +335,7 @@ class Producer:
                     shard >= 0 or in_flight[submission.shard] >= most or (
                         in_flight[submission.shard] and waiting[submission.shard]
                         < _SECOND_CALL_RECORDS)))
-                    or (taken and (records + submission.size > MAX_PER_CALL
+                    or (taken and (records + submission.size > _MAX_PER_CALL
                                    or nbytes + len(submission.records) > _MAX_CALL_BYTES))):
                 held.add(device)
                 kept.append(submission)

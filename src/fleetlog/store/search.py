@@ -52,8 +52,7 @@ def _strings(value: Any) -> tuple[list[str], bool]:
             stack.extend(reversed(item))
         elif item is not None:
             floats = floats or kind is float
-            append(exactjson.dumps(item).decode() if kind is int and item.bit_length() > 63
-                   else orjson.dumps(item).decode())
+            append(str(item) if kind is int else orjson.dumps(item).decode())  # any size
     return strings, floats
 
 
