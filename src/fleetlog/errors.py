@@ -268,6 +268,14 @@ class InvalidRule(FleetlogError, ValueError):
         self.position = position
 
 
+class ConditionTooCostly(InvalidRule):
+    """Raised when a condition tried on records ran past its time or memory (the API's preview:
+    :mod:`fleetlog.alerts.sandbox`); answered as an invalid rule's ``when``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "when")
+
+
 class UnknownRule(FleetlogError):
     """Raised when no alert rule has that name."""
 

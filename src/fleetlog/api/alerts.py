@@ -8,6 +8,7 @@ rule's webhook secret is never shown.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any, Literal
 
@@ -17,8 +18,9 @@ from pydantic import BaseModel, Field
 from fleetlog import exactjson
 from fleetlog.alerts.book import AlertBook
 from fleetlog.alerts.delivery import send_test
-from fleetlog.alerts.engine import Firing, Note, preview
+from fleetlog.alerts.engine import Firing, Note, Preview, preview
 from fleetlog.alerts.rules import Rule, RuleSpec, Selector, mute_length, parse_spec
+from fleetlog.alerts.sandbox import preview_in_child
 from fleetlog.api.deps import ERRORS, AdminToken, Found, ReadToken
 from fleetlog.api.reads import read_store, record_row
 from fleetlog.reading import LogsRequest
@@ -176,23 +178,37 @@ def add_alert(_token: AdminToken, found: Found,
 
 #: Matching records a preview returns at most (it counts them all).
 _PREVIEW_ROWS = 50
+#: Seconds a preview's condition may run on its records, without a read budget (``read_timeout``).
+_PREVIEW_SECONDS = 5.0
 
 
 @router.post("/api/alerts/preview", response_model=PreviewOut,
-             responses={422: {"description": "The condition could not be saved: as for POST /api/alerts."}},
+             responses={422: {"description": "The condition could not be saved: as for POST /api/alerts; "
+                                             "or it ran past `read_timeout` or 1 GiB on the records."}},
              summary="Which recent records a record condition matches (the console's live preview)")
 async def preview_condition(body: PreviewIn, _token: ReadToken, found: Found, request: Request) -> PreviewOut:
     """The newest ``recent`` records, tried with the same compile, selector and variables as the alerter.
 
     A read token may ask: it shows only records the token can read anyway.
-    The read runs on the reader pool under the read budget, like every read.
+    The read runs on the reader pool under the read budget, like every read;
+    the condition in a child process with as long again (``read_timeout``) and
+    1 GiB, killed past either (422: :mod:`fleetlog.alerts.sandbox`), so that no
+    condition holds the API.
     """
     devices = body.devices.strip() or "*"
     nothing = preview(body.when, devices, [])  # refuse an invalid condition before reading anything
     wanted = LogsRequest(Selector(devices).device, limit=body.recent)
-    found_ = await read_store(request, found,
-                              lambda reader: preview(body.when, devices, reader.page(wanted).records),
-                              lambda: nothing)
+    records = await read_store(request, found, lambda reader: reader.page(wanted).records,
+                               lambda: [])
+    if not records:
+        return _preview_out(nothing)
+    # The condition runs in a child process with a time and memory limit: see alerts.sandbox.
+    seconds = found.readers.read_timeout or _PREVIEW_SECONDS
+    return _preview_out(await asyncio.to_thread(preview_in_child, body.when, devices, records,
+                                                seconds=seconds))
+
+
+def _preview_out(found_: Preview) -> PreviewOut:
     return PreviewOut(checked=found_.checked, matched=len(found_.matched), errors=found_.errors,
                       first_error=found_.first_error,
                       records=[exactjson.loads(record_row(r)) for r in found_.matched[:_PREVIEW_ROWS]])
