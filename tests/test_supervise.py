@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from fleetlog.config import Settings
-from fleetlog.supervise import _banner, _how, _lock_data_dir, _port_taken, _worker_metrics_port
+from fleetlog.embedded import free_port
+from fleetlog.supervise import (
+    _banner,
+    _how,
+    _lock_data_dir,
+    _metrics_ports,
+    _port_taken,
+    _worker_metrics_port,
+)
 
 
 def test_one_up_per_data_dir_and_the_second_is_told_who_holds_it(
@@ -58,7 +66,7 @@ def test_an_exit_in_words() -> None:
 
 def test_the_banner_says_where_to_look_and_masks_the_password(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "d", http_port=8080, ws_port=9502, auth="token")
-    text = _banner(settings, "redis://:s3cret@127.0.0.1:6380/0", embedded=True)
+    text = _banner(settings, "redis://:s3cret@127.0.0.1:6380/0", embedded=True, metrics=(8082, 8081))
     assert text.startswith("fleetlog is up.")
     assert "ws://" in text and ":9502" in text and "http://" in text and ":8080/" in text
     assert "s3cret" not in text and "(embedded, AOF on)" in text
@@ -66,6 +74,25 @@ def test_the_banner_says_where_to_look_and_masks_the_password(tmp_path: Path) ->
     assert _worker_metrics_port(settings) == 8081  # next to the API unless set
     assert _worker_metrics_port(Settings(http_port=8080, metrics_port=9999)) == 9999
     assert _worker_metrics_port(Settings(http_port=0)) == 0
+    assert ":8082/metrics (gateway)" in text and ":8081/metrics (worker)" in text
+
+
+def test_a_metrics_port_another_program_holds_is_off_and_not_in_the_banner(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The banner printed the gateway's metrics address although another program held the
+    port (the gateway only logged that it could not serve there)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        settings = Settings(data_dir=tmp_path, http_port=8080, gateway_metrics_port=held,
+                            metrics_port=free_port())
+        gateway, worker = _metrics_ports(settings)
+        assert gateway == 0 and worker == settings.metrics_port
+        assert f"port {held} on 127.0.0.1 is already in use" in caplog.text
+        assert "--gateway-metrics-port" in caplog.text
+        text = _banner(settings, "redis://127.0.0.1:6380/0", embedded=True, metrics=(gateway, worker))
+        assert f":{held}/" not in text and f":{worker}/metrics (worker)" in text
 
 
 def test_a_part_state_that_cannot_be_written_is_said_and_up_goes_on(

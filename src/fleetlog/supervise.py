@@ -149,12 +149,29 @@ def _gateway_metrics_port(settings: Settings) -> int:
     return settings.http_port + 2
 
 
-def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
+def _metrics_ports(settings: Settings) -> tuple[int, int]:
+    """The gateway's and the worker's ``/metrics`` ports under ``up``; 0 (off, said in the log)
+    for one that cannot be listened on, so that the banner never shows an address that is not
+    fleetlog's (the part itself would only log that it could not serve there)."""
+    ports = []
+    for part, port, host, flag in (
+            ("gateway", _gateway_metrics_port(settings), settings.metrics_host, "--gateway-metrics-port"),
+            ("worker", _worker_metrics_port(settings), settings.host, "--metrics-port")):
+        taken = _port_taken(host, port) if port else None
+        if taken:
+            log.warning("%s metrics off: %s (choose another with %s)", part, taken, flag)
+            port = 0
+        ports.append(port)
+    return ports[0], ports[1]
+
+
+def _banner(settings: Settings, redis_url: str, embedded: bool, metrics: tuple[int, int]) -> str:
     data_dir = settings.data_dir
     fleetlog = _command()
     ws = f"{'wss' if settings.tls_cert else 'ws'}://{settings.host}:{settings.ws_port}"
     flag = f" --data-dir {data_dir}" if data_dir != Path("fleetlog-data") else ""
     files = "off" if settings.no_files else str(data_dir / "logs" / "device" / "log")
+    gateway_metrics, worker_metrics = metrics
     return "\n".join([
         "fleetlog is up.",
         f"  devices connect to   {ws}   (health: http://{settings.host}:{settings.ws_port}/healthz)",
@@ -163,11 +180,9 @@ def _banner(settings: Settings, redis_url: str, embedded: bool) -> str:
         f"  daily files          {files}",
         f"  API and console      http://{settings.host}:{settings.http_port}/   "
         f"(token: {fleetlog} api-token add NAME --role admin{flag})",
-        f"  metrics              http://{settings.host}:{settings.http_port}/metrics (API, with a token), "
-        + (f"http://{settings.metrics_host}:{_gateway_metrics_port(settings)}/metrics (gateway)"
-           if _gateway_metrics_port(settings) else "")
-        + (f", http://{settings.host}:{_worker_metrics_port(settings)}/metrics (worker)"
-           if _worker_metrics_port(settings) else ""),
+        f"  metrics              http://{settings.host}:{settings.http_port}/metrics (API, with a token)"
+        + (f", http://{settings.metrics_host}:{gateway_metrics}/metrics (gateway)" if gateway_metrics else "")
+        + (f", http://{settings.host}:{worker_metrics}/metrics (worker)" if worker_metrics else ""),
         "",
         f"  device auth          {settings.auth}",
         "",
@@ -232,9 +247,10 @@ class Up(Supervisor):
             self.parts = {"redis": OK, "gateway": OK, "worker": OK, "api": OK, "alerter": OK}
             self.redis.write_up_file(self.parts)
             redis_url = self.redis.url
+        metrics = gateway_metrics, worker_metrics = _metrics_ports(settings)
         try:
             worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}",
-                            "--metrics-port", str(_worker_metrics_port(settings))]
+                            "--metrics-port", str(worker_metrics)]
             if not settings.no_files:
                 worker_extra += ["--files", str(settings.data_dir / "logs")]
             env = {**os.environ, **settings.as_env()}
@@ -242,7 +258,7 @@ class Up(Supervisor):
                 Child("gateway", self._argv(
                     "gateway", "--redis-url", redis_url, "--port", str(settings.ws_port),
                     "--node-id", settings.node_id,
-                    "--gateway-metrics-port", str(_gateway_metrics_port(settings)),
+                    "--gateway-metrics-port", str(gateway_metrics),
                 ), env=env),
                 Child("worker", self._argv("worker", *worker_extra), env=env),
                 Child("api", _niced(API_NICE, self._argv(
@@ -258,7 +274,7 @@ class Up(Supervisor):
             if problem:
                 log.error("%s; stopping", problem)
                 return EXIT_REFUSED
-            print(_banner(settings, redis_url, self.redis is not None), flush=True)
+            print(_banner(settings, redis_url, self.redis is not None, metrics), flush=True)
             self.watch()
         finally:
             self._shutdown()
