@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 
-from fleetlog.alerts.book import AlertBook
+from fleetlog.alerts.book import RULES, AlertBook
 from fleetlog.alerts.rules import parse_spec
 from fleetlog.api.auth import OperatorTokens
 from fleetlog.net import free_port
 from tests.alerts.receiver import Receiver
+from tests.alerts.test_rules_engine import SLOW_REGEX
 from tests.conftest import Processes, wait_for_port
 from tests.helpers import run_fleetlog
 
@@ -123,6 +127,40 @@ def test_the_cli_refuses_bad_rules_with_the_position_and_sends_samples(
     assert code == 0 and "muted until" in out
     assert fleetlog("alert", "remove", "x")[0] == 0
     assert fleetlog("alert", "remove", "x")[0] == 1
+
+
+def test_a_costly_condition_is_tried_away_from_the_api_and_a_stored_one_is_not_tried_again(
+        api: tuple[httpx.Client, str, str], redis_url: str) -> None:
+    """The trial of a condition held the API (the CEL library holds the interpreter): 129
+    slow regular expressions froze every route for 4.4 s per try, and every listing of the
+    rules tried each rule again."""
+    http, admin, reader = api
+    slow = " || ".join([SLOW_REGEX] * 40)  # ~2 s on an empty record
+    rule = {"name": "slow", "when": slow, "to": ["https://example.com/hook"]}
+    with ThreadPoolExecutor(2) as pool:
+        added = pool.submit(http.post, "/api/alerts", json=rule, headers=auth(admin))
+        previewed = pool.submit(http.post, "/api/alerts/preview", json={"when": slow},
+                                headers=auth(reader))
+        time.sleep(0.3)
+        for _ in range(4):
+            asked = time.monotonic()
+            assert http.get("/healthz").status_code == 200 and time.monotonic() - asked < 1.0
+        for answer in (added.result(30), previewed.result(30)):
+            assert answer.status_code == 422, answer.text
+            [problem] = answer.json()["detail"]
+            assert problem["loc"] == ["body", "when"] and "on an empty record" in problem["msg"]
+    assert http.get("/api/alerts", headers=auth(reader)).json() == []
+    # A rule saved before this check (written as it is in Redis) is read back without a trial.
+    client = redis.Redis.from_url(redis_url)
+    book = AlertBook(client)
+    book.add(parse_spec({**rule, "when": "true"}))
+    stored = orjson.loads(client.hget(RULES, "slow") or b"{}")
+    client.hset(RULES, "slow", orjson.dumps({**stored, "when": slow}))
+    started = time.perf_counter()
+    [listed] = book.rules()
+    assert listed.when == slow and book.get("slow").when == slow
+    assert time.perf_counter() - started < 1.0  # one trial alone is ~2 s
+    client.close()
 
 
 def test_the_book_fences_commits_by_the_lease_and_adds_each_notification_once(redis_url: str) -> None:

@@ -88,6 +88,18 @@ def test_a_comprehension_inside_another_is_refused(expression: str) -> None:
         compile_condition(expression)
 
 
+#: ~50 ms a call in the CEL library, which compiles a regular expression again on every call.
+SLOW_REGEX = 'message.matches("\\\\w{150,189}")'
+
+
+def test_a_condition_slow_on_an_empty_record_is_refused() -> None:
+    """129 of :data:`SLOW_REGEX` took 4.4 s on every record (and held the API while tried)."""
+    with pytest.raises(InvalidRule, match=r"took \d+ ms on an empty record") as refused:
+        compile_condition(" || ".join([SLOW_REGEX] * 10))
+    assert refused.value.field == "when"
+    compile_condition('message.matches("^door (forced|held)") || message.matches("[0-9]{3}")')
+
+
 @pytest.mark.parametrize("expression", [
     "data.a.all(x, x > 1) && data.b.exists(y, y > 2)",
     'message == ".all(" && data.a.exists(x, (x > 1) || (x < -1))',

@@ -37,7 +37,7 @@ from typing import Any, Final
 import orjson
 
 from fleetlog.alerts.engine import Changes, Firing, Note
-from fleetlog.alerts.rules import Rule, RuleSpec
+from fleetlog.alerts.rules import STORED, Rule, RuleSpec
 from fleetlog.errors import FleetlogError, RuleExists, UnknownRule
 
 __all__ = ["HISTORY_KEPT", "AlertBook", "Cursor", "RuleExists", "UnknownRule"]
@@ -231,20 +231,22 @@ class AlertBook:
     def rules(self) -> list[Rule]:
         """Every rule, by name."""
         raw = self.client.hgetall(RULES)
-        return sorted((Rule.model_validate_json(value) for value in raw.values()), key=lambda r: r.name)
+        return sorted((Rule.model_validate_json(value, context=STORED) for value in raw.values()),
+                      key=lambda r: r.name)
 
     def get(self, name: str) -> Rule:
         raw = self.client.hget(RULES, name)
         if raw is None:
             raise UnknownRule(f"no alert rule named {name!r}")
-        return Rule.model_validate_json(raw)
+        return Rule.model_validate_json(raw, context=STORED)
 
     def version(self) -> int:
         return int(self.client.get(VERSION) or 0)
 
     def add(self, spec: RuleSpec, *, replace: bool = False, now: int | None = None) -> Rule:
         """Save a new rule (a new id; with ``replace``, in place of the one of that name and its history)."""
-        rule = Rule(**spec.model_dump(), id=secrets.token_hex(8), created_at=now or now_ms())
+        rule = Rule.model_validate({**spec.model_dump(), "id": secrets.token_hex(8),
+                                    "created_at": now or now_ms()}, context=STORED)  # checked as a spec
         if replace:
             self._remove(keys=[RULES, VERSION, HISTORY, FIRINGS, NOTES, OUTBOX, STATS], args=[spec.name])
         added = self._add(keys=[RULES, VERSION],

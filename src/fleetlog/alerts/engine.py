@@ -44,7 +44,7 @@ from typing import Any, Final
 import cel
 import orjson
 
-from fleetlog.alerts.rules import SAMPLES, Rule, Selector, compile_condition
+from fleetlog.alerts.rules import SAMPLES, Rule, Selector, compile_condition, stored_program
 from fleetlog.records import StoredRecord, iso_ms
 
 __all__ = ["FLEET", "Changes", "Engine", "Firing", "Note", "Preview", "firing_id", "preview", "sample"]
@@ -195,7 +195,7 @@ class _Compiled:
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
         self.selector = Selector(rule.devices)
-        self.program: cel.Program | None = compile_condition(rule.when) if rule.when is not None else None
+        self.program: cel.Program | None = stored_program(rule.when) if rule.when is not None else None
         self.uses_data = self.program is not None and "data" in self.program.variables()
         self.within = rule.within_ms
         self.group_wait = rule.group_wait_ms

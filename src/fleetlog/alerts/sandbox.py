@@ -24,10 +24,11 @@ import multiprocessing.connection
 import resource
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from fleetlog.alerts.engine import Preview, preview
-from fleetlog.errors import ConditionTooCostly
+from fleetlog.errors import ConditionTooCostly, InvalidRule
 from fleetlog.records import StoredRecord
 
 __all__ = ["AT_ONCE", "MEMORY", "preview_in_child"]
@@ -41,8 +42,23 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["fleetlog.alerts.engine"])
 _SLOTS = threading.BoundedSemaphore(AT_ONCE)
 
-#: What a child sends back: the preview's counts and the indexes of the records it matched.
-_Answer = tuple[int, list[int], int, str | None]
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A child's answer: the preview's counts, and the indexes of the records it matched."""
+
+    checked: int
+    indexes: list[int]
+    errors: int
+    first_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Invalid:
+    """A child's answer for a condition that cannot be saved (:class:`InvalidRule`'s parts)."""
+
+    message: str
+    field: str | None
+    position: tuple[int, int] | None
 
 
 def _address_space() -> int:
@@ -56,18 +72,22 @@ def _address_space() -> int:
 
 def _trial(answer: multiprocessing.connection.Connection, when: str, devices: str,
            records: Sequence[StoredRecord], memory: int) -> None:
-    """The child: set its memory limit, run the preview, send the answer (nothing on failure)."""
+    """The child: set its memory limit, compile and run the preview, send the answer (nothing
+    when it ran out of memory)."""
     started_with = _address_space()
     if started_with:
         limit = started_with + memory
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         found = preview(when, devices, records)
+    except InvalidRule as exc:
+        answer.send(_Invalid(str(exc), exc.field, exc.position))
+        return
     except MemoryError:
         return  # the parent reads the closed pipe as "past its memory"
     matched = {id(record) for record in found.matched}
     indexes = [n for n, record in enumerate(records) if id(record) in matched]
-    answer.send((found.checked, indexes, found.errors, found.first_error))
+    answer.send(_Found(found.checked, indexes, found.errors, found.first_error))
     answer.close()
 
 
@@ -75,11 +95,11 @@ def preview_in_child(when: str, devices: str, records: Sequence[StoredRecord], *
                      memory: int = MEMORY) -> Preview:
     """:func:`~fleetlog.alerts.engine.preview` of ``records``, run in a child process.
 
-    The condition must compile (the caller tries :func:`preview` on no records
-    first, so that an invalid one is refused without a process).  Raises
-    :class:`ConditionTooCostly` when the trial does not answer within
-    ``seconds`` (the wait for a free slot included), or its child dies (past
-    ``memory`` bytes, or killed).  Blocking: call it off the event loop.
+    Its compile too (with no records, this only checks the condition): raises
+    :class:`InvalidRule` for one that cannot be saved, and
+    :class:`ConditionTooCostly` when the child does not answer within
+    ``seconds`` (the wait for a free slot included), or dies (past ``memory``
+    bytes, or killed).  Blocking: call it off the event loop.
     """
     if not _SLOTS.acquire(timeout=seconds):
         raise ConditionTooCostly(f"when: {AT_ONCE} previews are running; none ended within "
@@ -96,7 +116,8 @@ def _run(when: str, devices: str, records: Sequence[StoredRecord], seconds: floa
                              name="fleetlog-condition-trial", daemon=True)
     child.start()
     send.close()
-    answer: _Answer | None = None
+    answer: _Found | _Invalid | None = None
+    on = f"on the {len(records)} newest records" if records else "on an empty record"
     try:
         if receive.poll(seconds):
             try:
@@ -106,12 +127,12 @@ def _run(when: str, devices: str, records: Sequence[StoredRecord], seconds: floa
             if answer is None:
                 child.join(1)
                 raise ConditionTooCostly(
-                    f"when: the condition used more than {memory // (1024 * 1024)} MiB on the "
-                    f"{len(records)} newest records (exit {child.exitcode}); the alerter would too")
+                    f"when: the condition used more than {memory // (1024 * 1024)} MiB {on} "
+                    f"(exit {child.exitcode}); the alerter would too")
         else:
             raise ConditionTooCostly(
-                f"when: the condition took longer than {seconds:g} s on the {len(records)} newest "
-                "records; the alerter would take as long (a comprehension whose body walks a "
+                f"when: the condition took longer than {seconds:g} s {on}; the alerter would take "
+                "as long (a comprehension whose body walks a "
                 "list again, `x in data.list` inside `data.list.all(x, ...)`, costs its square)")
     finally:
         receive.close()
@@ -119,6 +140,8 @@ def _run(when: str, devices: str, records: Sequence[StoredRecord], seconds: floa
             child.kill()
         child.join(5)
         child.close()
+    if isinstance(answer, _Invalid):
+        raise InvalidRule(answer.message, answer.field, answer.position)
     assert answer is not None
-    checked, indexes, errors, first_error = answer
-    return Preview(checked, [records[n] for n in indexes], errors, first_error)
+    return Preview(answer.checked, [records[n] for n in answer.indexes], answer.errors,
+                   answer.first_error)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from fleetlog import exactjson
 from fleetlog.alerts.book import AlertBook
 from fleetlog.alerts.delivery import send_test
-from fleetlog.alerts.engine import Firing, Note, Preview, preview
+from fleetlog.alerts.engine import Firing, Note
 from fleetlog.alerts.rules import Rule, RuleSpec, Selector, mute_length, parse_spec
 from fleetlog.alerts.sandbox import preview_in_child
 from fleetlog.api.deps import ERRORS, AdminToken, Found, ReadToken
@@ -172,6 +172,9 @@ def add_alert(_token: AdminToken, found: Found,
               spec: Annotated[dict[str, Any], Body(description="A rule (the RuleSpec schema).")],
               replace: Annotated[bool, Query(description="Replace the rule of that name.")] = False,
               ) -> AlertOut:
+    when = spec.get("when")
+    if isinstance(when, str):  # its trial first in a child process (alerts.sandbox), as a preview's
+        preview_in_child(when, "*", [], seconds=_trial_seconds(found))
     rule = _book(found).add(parse_spec(spec), replace=replace)
     return _out(rule, 0, _now())
 
@@ -180,6 +183,10 @@ def add_alert(_token: AdminToken, found: Found,
 _PREVIEW_ROWS = 50
 #: Seconds a preview's condition may run on its records, without a read budget (``read_timeout``).
 _PREVIEW_SECONDS = 5.0
+
+
+def _trial_seconds(found: Found) -> float:
+    return found.readers.read_timeout or _PREVIEW_SECONDS
 
 
 @router.post("/api/alerts/preview", response_model=PreviewOut,
@@ -196,19 +203,15 @@ async def preview_condition(body: PreviewIn, _token: ReadToken, found: Found, re
     condition holds the API.
     """
     devices = body.devices.strip() or "*"
-    nothing = preview(body.when, devices, [])  # refuse an invalid condition before reading anything
+    seconds = _trial_seconds(found)
+    # Refuse an invalid condition before reading anything.  Even its compile and its trial
+    # run in a child process with a time and memory limit (see alerts.sandbox), as the
+    # records do: the CEL library holds the interpreter while it runs.
+    await asyncio.to_thread(preview_in_child, body.when, devices, [], seconds=seconds)
     wanted = LogsRequest(Selector(devices).device, limit=body.recent)
     records = await read_store(request, found, lambda reader: reader.page(wanted).records,
                                lambda: [])
-    if not records:
-        return _preview_out(nothing)
-    # The condition runs in a child process with a time and memory limit: see alerts.sandbox.
-    seconds = found.readers.read_timeout or _PREVIEW_SECONDS
-    return _preview_out(await asyncio.to_thread(preview_in_child, body.when, devices, records,
-                                                seconds=seconds))
-
-
-def _preview_out(found_: Preview) -> PreviewOut:
+    found_ = await asyncio.to_thread(preview_in_child, body.when, devices, records, seconds=seconds)
     return PreviewOut(checked=found_.checked, matched=len(found_.matched), errors=found_.errors,
                       first_error=found_.first_error,
                       records=[exactjson.loads(record_row(r)) for r in found_.matched[:_PREVIEW_ROWS]])
