@@ -302,16 +302,15 @@ def test_a_second_reader_sees_committed_records_in_seq_order(store_factory: Back
 # -- retention -------------------------------------------------------------------
 
 
-def test_prune_by_age_and_size(store_factory: Backend) -> None:
+def test_prune_by_age(store_factory: Backend) -> None:
     store = store_factory.open()
     store.write_batch([rec(f"1-{n}", received_at=T0 + n) for n in range(10)])
     catch_up(store)
     assert store.prune(before=T0 + 4, max_bytes=None, limit=100) == 4
     assert qids(store.after(0, 100)) == [f"1-{n}" for n in range(4, 10)]
     assert [(d.device_id, d.records) for d in store.devices()] == [("D1", 6)]
-    assert store.prune(before=None, max_bytes=1, limit=2) == 2
-    assert qids(store.query(LogQuery("D1", grep="1-"))) == [f"1-{n}" for n in range(6, 10)]
     assert store.prune(before=None, max_bytes=None, limit=100) == 0
+    # (By size, each backend as it frees disk: test_sqlite.py by row, test_postgres.py by day.)
 
 
 def test_retention_by_age_across_days_and_a_redelivery_after_it(store_factory: Backend) -> None:

@@ -667,24 +667,20 @@ class PostgresStore:
             (before if before is not None else 2**62, limit)).fetchall()
         return self._forget(conn, gone)
 
-    @staticmethod
-    def _empty(conn: psycopg.Connection[Any], name: str) -> bool:
-        return conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT FROM {})")
-                            .format(sql.Identifier(name))).fetchone() == (True,)
-
     def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
         """Delete records past retention, oldest first; return how many went.
 
         By age (``before``): every day partition that ends at or before it goes
         in one cheap ``DROP`` whatever its size (so ``limit``, meant to keep row
         deletes short, does not bound those), then up to ``limit`` records of
-        the day it falls in, by row.  By size (``max_bytes``): up to ``limit``
-        of the oldest records while the store is over, by row; a past day's
-        partition left empty is dropped, which is when its disk space returns
-        (a row delete only frees space for reuse): size retention on
-        PostgreSQL costs a delete per record, age retention one ``DROP`` a day.
-        ``seq`` never goes back (it is a transaction id).  The lock a ``DROP``
-        needs is waited for at most :data:`_UPKEEP_LOCK_TIMEOUT`.
+        the day it falls in, by row.  By size (``max_bytes``): the oldest past
+        days' partitions, whole, while the store is over.  Not rows: a row
+        delete frees space for reuse, never on disk, so the size measured after
+        it is the same, and deleting "while over" went on until the store was
+        empty (acked records just stored included).  Today's partition is never
+        dropped: a cap below one day's records is said in the log.  ``seq``
+        never goes back (it is a transaction id).  The lock a ``DROP`` needs is
+        waited for at most :data:`_UPKEEP_LOCK_TIMEOUT`.
         """
         if self.readonly:
             raise StoreUnavailable(f"{mask_url(self.url)} is open read-only: no writes")
@@ -704,14 +700,19 @@ class PostgresStore:
                         break
                     else:
                         break
-            elif max_bytes is not None and self._size(conn) > max_bytes:
+            elif max_bytes is not None:
                 for day, name in partitions:
-                    if deleted >= limit:
+                    size = self._size(conn)
+                    if size <= max_bytes:
                         break
-                    deleted += self._delete(conn, name, None, limit - deleted)
-                    if day < today and self._empty(conn, name):
-                        self._drop(conn, name)
-                        self._days.discard(day)
+                    if day >= today:
+                        log.warning("retention: the store is %d bytes, over --retention-bytes %d, "
+                                    "with only today's records left: on PostgreSQL size retention "
+                                    "drops whole past days (raise the cap, or use --retention)",
+                                    size, max_bytes)
+                        break
+                    deleted += self._drop(conn, name)
+                    self._days.discard(day)
         return deleted
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from fleetlog.errors import StoreUnavailable
 from fleetlog.store import Store
 from fleetlog.store.files import FilesSink
 
@@ -53,9 +54,15 @@ class Pruner:
         if not self.enabled or now < self._next:
             return 0
         cutoff = self._cutoff()
-        deleted = self.store.prune(before=cutoff, max_bytes=None, limit=self.batch)
-        if not deleted:
-            deleted = self.store.prune(before=None, max_bytes=self.max_bytes, limit=self.batch)
+        try:
+            deleted = self.store.prune(before=cutoff, max_bytes=None, limit=self.batch)
+            if not deleted:
+                deleted = self.store.prune(before=None, max_bytes=self.max_bytes, limit=self.batch)
+        except StoreUnavailable:
+            # A lock it could not get in time (pg_dump holds one for its whole run), a store
+            # down: tried again after the interval, not after every batch (each try waited).
+            self._next = now + self.interval
+            raise
         if deleted < self.batch:  # caught up: look again after a pause
             self._next = now + self.interval
             if cutoff is not None and self.files is not None:
