@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -310,6 +311,24 @@ def test_list_device_id_comes_from_the_record(client: redis.Redis) -> None:
     records = list_consumer(client).fetch(10, 100)
     assert [record.device_id for record in records] == ["42", "unknown", "unknown", "unknown"]
     assert records[-1].data == b"not json at all", "bytes are passed on as they are"
+
+
+def test_a_list_record_naming_no_valid_device_is_filed_under_unknown_whole(
+        client: redis.Redis, tmp_path: Path) -> None:
+    """A 4,000-character deviceId in a record (the gateway pushes list records as sent) became
+    a row's device id: PostgreSQL's index refused it and the worker retried for good."""
+    pushed = [orjson.dumps({"deviceId": "d" * 4000, "msg": "long"}),
+              b'{"deviceId":"door\\u00001","msg":"nul"}', b'{"deviceId":"D1","msg":"ok"}']
+    push(client, *pushed)
+    records = list_consumer(client).fetch(10, 100)
+    assert [record.device_id for record in records] == ["unknown", "unknown", "D1"]
+    assert [record.data for record in records] == pushed  # the record whole, its deviceId in it
+    store = SQLiteStore(tmp_path / "fleetlog.db")
+    try:
+        assert store.write_batch(records) == 3
+        assert [r.device_id for r in store.after(0, 10)] == ["unknown", "unknown", "D1"]
+    finally:
+        store.close()
 
 
 def test_list_fetch_returns_empty_when_idle(client: redis.Redis) -> None:

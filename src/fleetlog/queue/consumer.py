@@ -38,6 +38,7 @@ import orjson
 import redis
 
 from fleetlog import keys
+from fleetlog.device_id import device_id_problem
 from fleetlog.queue import scripts
 from fleetlog.queue.connection import is_cluster
 from fleetlog.records import QueuedRecord
@@ -492,7 +493,10 @@ class ListConsumer:
             device_id = "unknown"
             try:
                 value = orjson.loads(item)
-                if isinstance(value, dict) and isinstance(value.get("deviceId"), str | int):
+                if isinstance(value, dict) and isinstance(value.get("deviceId"), str | int) and (
+                        device_id_problem(str(value["deviceId"])) is None):
+                    # (Not a valid id, 4,000 characters or a NUL: under "unknown", its data whole;
+                    # as the device id of a row it stopped PostgreSQL's worker for good.)
                     device_id = str(value["deviceId"])
             except orjson.JSONDecodeError:
                 pass

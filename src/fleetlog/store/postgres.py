@@ -341,6 +341,8 @@ class PostgresStore:
             try:
                 with self._pool.connection() as conn:
                     yield conn
+            except psycopg.errors.ProgramLimitExceeded:
+                raise  # the statement's data past a limit (an index row): the same on every try
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
             return
@@ -357,6 +359,8 @@ class PostgresStore:
             if limit.stopped() or isinstance(exc, psycopg.errors.QueryCanceled):
                 raise limit.error() from exc
             raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
+        except psycopg.errors.ProgramLimitExceeded:
+            raise
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
 
@@ -490,7 +494,9 @@ class PostgresStore:
                 new = self._copy(rows)
             except psycopg.errors.UniqueViolation:
                 new = self._merge(rows)  # some are stored already (a redelivery)
-        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded) as exc:
+            # (A value too long for an index, "index row size 4032 exceeds ... 2704", is a
+            # limit of the record's data: retried as unavailable, it stopped the worker for good.)
             raise RecordRejected(f"PostgreSQL refused the record: {exc}") from exc
         self._lag_counted += new
         return new
