@@ -402,3 +402,25 @@ def test_a_value_past_an_index_limit_is_a_rejected_record_not_an_unavailable_sto
     with pytest.raises(RecordRejected, match="index row size"):
         store.write_batch([rec(sid(T0), secrets.token_urlsafe(3000)), rec(sid(T0, 1))])  # no compressing
     assert store.write_batch([rec(sid(T0, 1))]) == 1  # its neighbour, alone (the worker's retry)
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_a_database_that_is_not_utf8_is_refused_at_open_by_its_encoding(
+        pg_url: str, encoding: str) -> None:
+    """A LATIN1 database made the worker exit on a record in Chinese (on every restart, the
+    whole batch pending); a SQL_ASCII one gave readers bytes (``logs`` crashed)."""
+    base, _, name = pg_url.rpartition("/")
+    other = f"{name}_{encoding.lower()}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {other} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+                     " TEMPLATE template0")
+    try:
+        for readonly in (False, True):
+            with pytest.raises(StoreUnavailable, match=f"has encoding {encoding}: fleetlog stores UTF-8"):
+                open_store(f"{base}/{other}", readonly=readonly)
+        with psycopg.connect(f"{base}/{other}") as conn:  # nothing was created in it
+            assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                                ).fetchone() == (0,)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {other}")

@@ -310,6 +310,15 @@ class PostgresStore:
                     "pass --store URL to read the store you mean") from exc
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {where}: {exc}") from exc
         try:
+            # Records are UTF-8 text: a LATIN1 database refuses some (the worker exited on
+            # them, again on every restart), a SQL_ASCII one gives bytes back to readers.
+            row = conn.execute("SHOW server_encoding").fetchone()
+            value = row[0] if row is not None else "?"
+            encoding = value.decode() if isinstance(value, bytes) else str(value)  # SQL_ASCII: bytes
+            if encoding.upper().replace("-", "") != "UTF8":
+                raise StoreUnavailable(
+                    f"{where} has encoding {encoding}: fleetlog stores UTF-8 text; create the "
+                    "database with ENCODING 'UTF8' (createdb -E UTF8 -T template0 ...)")
             if not self.readonly:
                 return
             version = self._version(conn)
