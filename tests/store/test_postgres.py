@@ -32,6 +32,7 @@ from fleetlog.store.postgres import DAYS_AHEAD, MIGRATIONS, PostgresStore, day_o
 from fleetlog.store.sqlite import SQLiteStore
 from fleetlog.worker.retention import Pruner
 from tests.pg import PostgresServer, held_write
+from tests.store.test_contract import catch_up
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
 DAY = 86_400_000
@@ -424,3 +425,33 @@ def test_a_database_that_is_not_utf8_is_refused_at_open_by_its_encoding(
     finally:
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {other}")
+
+
+def test_seq_stays_ahead_of_the_records_after_a_restore_into_a_new_cluster(
+        store: PostgresStore, pg_url: str) -> None:
+    """Restored (``pg_dump``) into a fresh ``initdb``, the store's records held transaction
+    ids far ahead of the new cluster's: new records got smaller seqs, and the daily files,
+    ``--follow`` and the search index, which read after their cursor, never had them."""
+    store.write_batch([rec(sid(T0), data={"msg": "before the restore"})])
+    catch_up(store)
+    with psycopg.connect(pg_url) as conn:  # the old cluster's ids: a billion transactions ahead
+        conn.execute("UPDATE records SET seq = seq + (1000000000::bigint << 20)")
+        conn.execute("UPDATE search SET seq = seq + (1000000000::bigint << 20)")
+        conn.execute("UPDATE meta SET value = (SELECT max(seq) FROM records)::text"
+                     " WHERE key = 'search_through'")
+        cursor = int(conn.execute("SELECT max(seq) FROM records").fetchone()[0])  # the files' cursor
+    restarted = PostgresStore(pg_url)  # the worker, started against the restored store
+    try:
+        restarted.write_batch([rec(sid(T0, 1), data={"msg": "after the restore"})])
+        catch_up(restarted)
+        assert [r.qid for r in restarted.after(cursor, 10)] == [sid(T0, 1)]
+        assert restarted.max_seq() > cursor
+        assert [r.qid for r in restarted.query(LogQuery("D1", grep="after the restore"))] == [sid(T0, 1)]
+        # Writers opened before and after agree, and a second open changes nothing.
+        store.write_batch([rec(sid(T0, 2))])
+        again = PostgresStore(pg_url)
+        again.write_batch([rec(sid(T0, 3))])
+        assert [r.qid for r in again.after(cursor, 10)] == [sid(T0, n) for n in (1, 2, 3)]
+        again.close()
+    finally:
+        restarted.close()

@@ -162,8 +162,15 @@ _LAST_ERROR_SCHEMA: Final = 2
 _STAGED: Final = "n, stream, qid, device_id, received_at, ts, level, message, data"
 _COPY: Final = ("COPY records (seq, stream, qid, device_id, received_at, ts, level, message, data)"
                 " FROM STDIN")
+#: What is added to transaction ids: 0 until the store is restored into a cluster whose ids
+#: are behind its records' (a ``pg_dump`` restored into a new ``initdb``), then what keeps
+#: ``seq`` ahead of every record it holds (:meth:`PostgresStore._keep_seq_ahead`).
+_XID_OFFSET: Final = "coalesce((SELECT value::bigint FROM meta WHERE key = 'xid_offset'), 0)"
+#: This transaction's id, as ``seq`` counts it.
+_XID: Final = f"(pg_current_xact_id()::text::bigint + {_XID_OFFSET})"
 #: Everything below it is final: no transaction with a lower id can still commit.
-_HORIZON: Final = f"(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {SEQ_SHIFT})"
+_HORIZON: Final = (f"((pg_snapshot_xmin(pg_current_snapshot())::text::bigint + {_XID_OFFSET})"
+                   f" << {SEQ_SHIFT})")
 #: How PostgreSQL spells the shared rules (:mod:`fleetlog.store.core`): a follow cursor
 #: reads only below the horizon (see the module docstring).
 DIALECT: Final = core.Dialect(param="%s", after_seq=f"seq > %s AND seq < {_HORIZON}",
@@ -178,7 +185,7 @@ _STAGING: Final = """
 _INSERT: Final = f"""
     WITH new AS (
         INSERT INTO records (seq, {_STAGED.removeprefix('n, ')})
-        SELECT (pg_current_xact_id()::text::bigint << {SEQ_SHIFT}) + n,
+        SELECT ({_XID} << {SEQ_SHIFT}) + n,
                {_STAGED.removeprefix('n, ')}
         FROM staging ORDER BY n
         ON CONFLICT DO NOTHING
@@ -289,6 +296,7 @@ class PostgresStore:
                 f"cannot connect to PostgreSQL at {mask_url(self.url)}: {exc}") from exc
         if not self.readonly:
             self._migrate()
+            self._keep_seq_ahead()
             self._ensure_ahead()
 
     def _probe(self, kwargs: dict[str, str]) -> None:
@@ -437,6 +445,31 @@ class PostgresStore:
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
                 log.info("PostgreSQL store migrated to schema version %d", number)
 
+    def _keep_seq_ahead(self) -> None:
+        """Make the next ``seq`` greater than every stored one, whatever the cluster.
+
+        ``seq`` is a transaction id: restored into a new cluster (``pg_dump``,
+        then ``pg_restore`` into a fresh ``initdb``, as for a major upgrade or
+        a lost server), the store's records hold ids far ahead of the new
+        cluster's, and new records got smaller seqs than theirs: every cursor
+        (the daily files, ``--follow``, the search index's) passed them over.
+        Once the ids are behind, :data:`_XID_OFFSET` is set to what puts them
+        ahead again, under the lock every writer takes to change the schema.
+        """
+        with self._connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            row = conn.execute(f"SELECT coalesce(max(seq), 0), pg_current_xact_id()::text::bigint,"
+                               f" {_XID_OFFSET} FROM records").fetchone()
+            assert row is not None
+            newest, xid, offset = (int(value) for value in row)
+            if (xid + offset) << SEQ_SHIFT > newest:
+                return
+            offset = (newest >> SEQ_SHIFT) + 1 - xid
+            conn.execute("INSERT INTO meta (key, value) VALUES ('xid_offset', %s)"
+                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(offset),))
+            log.warning("the store's records are ahead of this PostgreSQL's transaction ids (a "
+                        "restore into a new cluster?): seq now counts from %d on", newest + 1)
+
     def _ensure_days(self, days: set[int]) -> None:
         """Create the partitions of ``days`` that do not exist yet (own transaction)."""
         missing = days - self._days
@@ -518,7 +551,7 @@ class PostgresStore:
         the transaction stays.
         """
         with self._connection() as conn:
-            row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            row = conn.execute(f"SELECT {_XID}").fetchone()
             base = int(row[0]) << SEQ_SHIFT if row is not None else 0
             with conn.cursor() as cursor, cursor.copy(_COPY) as copy:
                 for values in rows:
