@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import websockets
 
 from fleetlog.embedded import free_port
 from fleetlog.supervise import API_NICE
@@ -408,3 +409,49 @@ def test_up_restarts_its_redis_killed_under_load_and_loses_nothing(tmp_path: Pat
     finally:
         if up.poll() is None:
             _stop(up)
+
+
+def test_a_device_on_a_killed_gateway_reads_offline_once_its_node_lapses(tmp_path: Path) -> None:
+    """``up`` restarted its killed gateway under the same node id: the new process renewed
+    that node's heartbeat, so the links the dead one left read online for good (``devices``,
+    the console, ``--offline`` alerts).  A restarted gateway is a new node (``-r1``)."""
+    from tests.helpers import legacy_frame, send_legacy
+
+    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "fleetlog", "up", "--data-dir", str(data_dir), "--ws-port", str(port),
+         "--http-port", str(free_port()), "--auth", "none"],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "FLEETLOG_HEARTBEAT_TTL": "2"})
+
+    def device(name: str) -> dict[str, Any]:
+        listed = run_fleetlog("devices", "--json", "--data-dir", str(data_dir))
+        assert listed.returncode == 0, listed.stderr
+        return next(d for d in json.loads(listed.stdout) if d["device_id"] == name)
+
+    async def connect_and_send(name: str) -> None:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}")  # left open: the kill ends it
+        await send_legacy(ws, legacy_frame(name, 0, msg="hello"))
+
+    try:
+        wait_for_port(port, timeout=30, process=up)
+        assert wait_until(lambda: "fleetlog is up." in log.read_text(), timeout=30)
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(connect_and_send("door-gone"))
+        assert wait_until(lambda: device("door-gone")["online"], timeout=10)
+        [gateway] = [p for p in psutil.Process(up.pid).children()
+                     if p.cmdline()[1:4] == ["-m", "fleetlog", "gateway"]]
+        first_node = device("door-gone")["node"]
+        gateway.kill()
+        assert wait_until(lambda: "gateway is down" in log.read_text(), timeout=10), log.read_text()[-2000:]
+        wait_for_port(port, timeout=30, process=up)
+        assert wait_until(lambda: not device("door-gone")["online"], timeout=15), device("door-gone")
+        loop.run_until_complete(connect_and_send("door-back"))  # the new process: a new node
+        back = device("door-back")
+        assert back["online"] and back["node"] != first_node and "-r1" in back["node"]
+        loop.close()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()

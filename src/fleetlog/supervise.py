@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -149,6 +150,14 @@ def _gateway_metrics_port(settings: Settings) -> int:
     return settings.http_port + 2
 
 
+def _gateway_node(node_id: str, start: int) -> dict[str, str]:
+    """The gateway's node id for its ``start``-th start: a restarted gateway is a new node
+    (``-r<n>``), as a pool's child is (:func:`~fleetlog.gateway.pool.child_node_id`), so that
+    the links its killed process left read offline once that node's heartbeat lapses (with
+    the same id, the new process renewed it, and they read online for good)."""
+    return {"FLEETLOG_NODE_ID": node_id if start == 0 else f"{node_id}-r{start}"}
+
+
 def _metrics_ports(settings: Settings) -> tuple[int, int]:
     """The gateway's and the worker's ``/metrics`` ports under ``up``; 0 (off, said in the log)
     for one that cannot be listened on, so that the banner never shows an address that is not
@@ -257,9 +266,8 @@ class Up(Supervisor):
             self.children = [
                 Child("gateway", self._argv(
                     "gateway", "--redis-url", redis_url, "--port", str(settings.ws_port),
-                    "--node-id", settings.node_id,
                     "--gateway-metrics-port", str(gateway_metrics),
-                ), env=env),
+                ), env=env, env_for_start=functools.partial(_gateway_node, settings.node_id)),
                 Child("worker", self._argv("worker", *worker_extra), env=env),
                 Child("api", _niced(API_NICE, self._argv(
                     "api", "--redis-url", redis_url, "--port", str(settings.http_port),
