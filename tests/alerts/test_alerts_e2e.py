@@ -8,8 +8,12 @@ receiver: one notification per firing, never more, never none.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 import signal
+import socket
+import threading
 import time
 
 import pytest
@@ -121,6 +125,82 @@ def test_a_destination_that_keeps_failing_is_recorded_as_failed(stack: Stack, re
         assert int(client.hget("fleetlog:{alerts}:stats", "deliveries:failed")) == 1
     finally:
         client.close()
+
+
+class Drip:
+    """A webhook receiver that reads the request, then sends its answer a byte every 0.5 s."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/drip"
+        self.ids: list[tuple[str, float, float]] = []  # note id, arrival, end (time.monotonic())
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        arrived = time.monotonic()
+        head = b""
+        with conn:
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                head += conn.recv(4096)
+            found = re.search(rb"(?i)x-fleetlog-id: *([^\r]+)", head)
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[:30]:  # never whole
+                    if self.closed.wait(0.5):
+                        break
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass
+        with self.lock:
+            self.ids.append((found.group(1).decode() if found else "?", arrived, time.monotonic()))
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.close()
+
+
+def test_a_receiver_that_never_finishes_its_answer_holds_no_sender_and_gets_no_copy_at_once(
+        stack: Stack, receiver: Receiver) -> None:
+    """A receiver sending its answer a byte every 2 s kept a send (httpx's timeouts are per
+    read), with one sender held per notification: another rule's notification waited 92 s,
+    and each of the slow one's notifications was claimed again and sent while still open."""
+    drip = Drip()
+    try:
+        stack.env.update({"FLEETLOG_ALERT_SEND_TIMEOUT": "1", "FLEETLOG_ALERT_SENDERS": "1",
+                          "FLEETLOG_ALERT_RETRY_INITIAL": "2", "FLEETLOG_ALERT_RETRY_CAP": "2"})
+        stack.start()
+        stack.add("slow", "--when", 'message == "drip"', "--group-wait", "0s", "--to", drip.url)
+        stack.add("fast", "--when", 'message == "fast"', "--group-wait", "0s", "--to", receiver.url)
+        stack.wait_lease()
+        stack.send("dev-a", [{"msg": "drip"}])
+        stack.send("dev-b", [{"msg": "drip"}])
+        assert wait_until(lambda: len(drip.ids) >= 2, 20)
+        sent_at = time.monotonic()
+        stack.send("dev-c", [{"msg": "fast"}])
+        receiver.wait(1, 20)
+        assert receiver.received[0].body["rule"]["name"] == "fast"
+        assert time.monotonic() - sent_at < 8  # not behind the slow sends (each cut at 1 s)
+        time.sleep(3)
+        notes = stack.show("slow")["firings"][0]["notifications"]
+        assert notes[0]["last_error"].startswith("no whole answer within 1 s"), notes
+    finally:
+        drip.close()
+    with drip.lock:
+        sends = list(drip.ids)
+    # Each try ended within its second (the connection cut), and no note was sent twice at once.
+    assert all(end - start < 2.5 for _, start, end in sends), sends
+    for note in {note for note, _, _ in sends}:
+        tries = sorted((start, end) for n, start, end in sends if n == note)
+        assert all(later[0] >= earlier[1] - 0.2 for earlier, later in itertools.pairwise(tries)), tries
 
 
 def test_an_alerter_killed_during_a_firing_delivers_it_once(stack: Stack, receiver: Receiver) -> None:

@@ -120,7 +120,8 @@ class Alerter:
         self._next_replaced = 0.0
         self._senders = ThreadPoolExecutor(max_workers=settings.alert_senders,
                                            thread_name_prefix="alert-send")
-        self._inflight: set[Future[None]] = set()
+        #: Sends running on the sender threads, and the notification each sends.
+        self._inflight: dict[Future[None], str] = {}
         self._pubsub: Any = None
         self._store_problem: str | None = None
 
@@ -438,7 +439,7 @@ class Alerter:
     _check_cursor: bool = True
 
     def _deliver(self) -> None:
-        self._inflight = {future for future in self._inflight if not future.done()}
+        self._inflight = {future: note for future, note in self._inflight.items() if not future.done()}
         free = self.settings.alert_senders - len(self._inflight)
         if free <= 0 or not self.held:
             return
@@ -450,6 +451,11 @@ class Alerter:
             return
         if not notes:
             return
+        # A send still running past its claim (an Apprise service slower than the claim's
+        # length) is claimed again: it is ours, and its outcome will be recorded; a second
+        # send of it at once would be a duplicate message.
+        sending = set(self._inflight.values())
+        notes = [note for note in notes if note.id not in sending]
         firings = self.book.firings({note.firing for note in notes})
         for note in notes:
             rule = self.rules.get(note.rule_id)
@@ -459,7 +465,7 @@ class Alerter:
             elif rule.muted(now):
                 self._finish(note, "muted", None)
             else:
-                self._inflight.add(self._senders.submit(self._send, rule, note, firing))
+                self._inflight[self._senders.submit(self._send, rule, note, firing)] = note.id
 
     def _send(self, rule: Rule, note: Note, firing: Firing) -> None:
         try:

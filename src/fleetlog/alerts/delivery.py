@@ -22,6 +22,7 @@ body; Apprise says only yes or no, so every failure is tried again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import random
@@ -124,19 +125,27 @@ def apprise_plugin(url: str) -> Any:
 
 
 _client: Any = None
+_loop: asyncio.AbstractEventLoop | None = None
 _client_lock = threading.Lock()
 
 
-def _http() -> Any:
-    """One HTTP client for the process (its connection pool and TLS context are reused: making
-    a client costs tens of milliseconds); httpx clients are safe to share between threads."""
-    global _client
+def _http() -> tuple[asyncio.AbstractEventLoop, Any]:
+    """One HTTP client for the process, on an event loop of its own thread (its connection pool
+    and TLS context are reused: making a client costs tens of milliseconds).
+
+    Async, so that a send has a deadline for the whole of it: httpx's timeouts are per
+    read, and a receiver that sends a byte of its headers every 2 s kept a send, and its
+    sender thread, for minutes (and its notification was claimed again and sent twice).
+    """
+    global _client, _loop
     with _client_lock:
-        if _client is None:
+        if _loop is None:
             import httpx
 
-            _client = httpx.Client(follow_redirects=False, limits=httpx.Limits(max_connections=64))
-        return _client
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="fleetlog-webhooks", daemon=True).start()
+            _client = httpx.AsyncClient(follow_redirects=False, limits=httpx.Limits(max_connections=64))
+        return _loop, _client
 
 
 def _webhook(url: str, payload: bytes, note_id: str, event: str, secret: str | None,
@@ -148,8 +157,14 @@ def _webhook(url: str, payload: bytes, note_id: str, event: str, secret: str | N
                "X-Fleetlog-Event": event, "X-Fleetlog-Timestamp": str(stamp)}
     if secret:
         headers[SIGNATURE_HEADER] = sign(secret, stamp, payload)
+    loop, client = _http()
+    sending = asyncio.run_coroutine_threadsafe(
+        asyncio.wait_for(client.post(url, content=payload, headers=headers, timeout=timeout), timeout),
+        loop)
     try:
-        answer = _http().post(url, content=payload, headers=headers, timeout=timeout)
+        answer = sending.result()
+    except TimeoutError:
+        return Attempt(False, f"no whole answer within {timeout:g} s (alert_send_timeout)")
     except httpx.HTTPError as exc:
         return Attempt(False, f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__)
     if 200 <= answer.status_code < 300:
