@@ -155,7 +155,15 @@ def test_selectors() -> None:
 
 def test_destinations_are_shown_without_their_secrets() -> None:
     assert display_url("https://user:pw@hooks.example.com/x?token=abc") == \
-        "https://user:********@hooks.example.com/x?token=********"
+        "https://hooks.example.com/x?token=********"
+    # A webhook whose path is its secret (Slack, Discord): its last 4 characters only; and
+    # every query value, whatever its name (sig=, code=, auth=).
+    slack = "https://hooks.slack.com/services/T0AAAA/B0BBBB/SuperSecretWebhookToken123"
+    assert display_url(slack) == "https://hooks.slack.com/…n123"
+    assert display_url("https://discord.com/api/webhooks/1234567/DiscordSecretToken_abc?wait=1") == \
+        "https://discord.com/…_abc?wait=********"
+    assert display_url("https://example.com/hook?sig=abc&code=def") == \
+        "https://example.com/hook?sig=********&code=********"
     shown = display_url("slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ")
     assert "TIiajkdnlazkcOXrIdevi7FQ" not in shown and shown.startswith("slack://")
     assert "secret" not in rule(when="true", secret="0123456789abcdef").public(T0)

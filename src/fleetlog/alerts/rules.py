@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import cel
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fleetlog.config import mask_url
+from fleetlog.config import MASK, mask_url
 from fleetlog.errors import InvalidRule
 from fleetlog.timeparse import parse_duration
 
@@ -257,11 +257,32 @@ def _check_destination(url: str) -> None:
                           "knows (slack://, discord://, tgram://, ntfy://, mailto://, msteams:// ...)", "to")
 
 
+def _shown_webhook(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return url.split("://", 1)[0] + "://..."
+    if ":" in host:
+        host = f"[{host}]"
+    path = parts.path if parts.path not in ("", "/") else ""
+    shown = f"{parts.scheme}://{host}{port}/" + (f"…{path[-4:]}" if len(path) > 8 else path.lstrip("/"))
+    if parts.query:
+        shown += "?" + "&".join(f"{piece.partition('=')[0]}={MASK}" for piece in parts.query.split("&"))
+    return shown
+
+
 def display_url(url: str) -> str:
-    """A destination as anyone may see it: webhook passwords and secret parameters masked,
-    an Apprise URL's tokens shortened (``slack://T...2/A...D/``)."""
+    """A destination as anyone may see it: a webhook's scheme and host with its path shortened to
+    its last 4 characters and every query value masked (``https://hooks.slack.com/…k9Qz``),
+    an Apprise URL's tokens shortened (``slack://T...2/A...D/``).
+
+    A webhook's path is often its secret (Slack's and Discord's incoming webhooks are
+    nothing but a path), and read tokens list the rules.
+    """
     if is_webhook(url):
-        return mask_url(url)
+        return _shown_webhook(url)
     try:
         from fleetlog.alerts.delivery import apprise_plugin
 
