@@ -212,8 +212,14 @@ def stored_seqs(device_id: str, tag: str = "") -> str:
     return f"{_tagged(tag)}seqs:{part(device_id)}"
 
 
+#: Whose refusals those of no known device are (a handshake without a valid token): the empty
+#: id, which no device can have (``-`` could, and a device named so got every stranger's 401s).
+ANONYMOUS: Final = ""
+
+
 def refusals(device_id: str) -> str:
-    """Hash: reason -> how many frames or handshakes of this device were refused."""
+    """Hash: reason -> how many frames or handshakes of this device (or :data:`ANONYMOUS`)
+    were refused."""
     return f"fleetlog:refusals:{part(device_id)}"
 
 

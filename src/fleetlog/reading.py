@@ -301,7 +301,7 @@ def list_devices(
         except REDIS_DOWN as exc:
             warning = f"Redis unavailable ({exc}); online state unknown (shown as offline)"
     stats = {row.device_id: row for row in store.devices()} if store is not None else {}
-    known = (stats.keys() | presence.links.keys() | (presence.refused.keys() - {"-"})
+    known = (stats.keys() | presence.links.keys() | (presence.refused.keys() - {keys.ANONYMOUS})
              | presence.provisioned)
     rows = []
     for device_id in known:

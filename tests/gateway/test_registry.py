@@ -111,7 +111,8 @@ async def test_refusals_are_counted_per_device_and_reason(client: redis.Redis, r
     registry.count_refusal(None, "unauthorized")
     await eventually(lambda: client.hget(keys.refusals("a:b"), "too_large") == b"1")
     assert client.hgetall(keys.refusals("a:b")) == {b"rate_limited": b"3", b"too_large": b"1"}
-    assert client.hgetall(keys.refusals("-")) == {b"unauthorized": b"1"}
+    assert client.hgetall(keys.refusals(keys.ANONYMOUS)) == {b"unauthorized": b"1"}
+    assert not client.exists(keys.refusals("-")), "a device may be named '-'"
     assert not client.exists("fleetlog:refusals:a:b"), "the device id is escaped in the key"
 
 

@@ -167,7 +167,7 @@ class LinkRegistry:
 
     def count_refusal(self, device_id: str | None, reason: str) -> None:
         """Count a refused frame or handshake; ``None`` for an unknown device."""
-        self._refusals[(device_id or "-", reason)] += 1
+        self._refusals[(device_id or keys.ANONYMOUS, reason)] += 1
         self._wakeup.set()
 
     async def _write(self) -> None:
