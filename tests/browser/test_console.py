@@ -23,7 +23,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.api.conftest import Api
 from tests.conftest import Processes
-from tests.helpers import RECEIVED, STORED, legacy_frame, stored_rows
+from tests.helpers import RECEIVED, STORED, legacy_frame, stored_rows, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +169,32 @@ def test_console_login_online_search_live_tail_command_export(
             browser.close()
     assert sorted(shot.name for shot in screens.glob("*.png")) == [
         "device-command.png", "device-live-tail.png", "fleet-search.png", "fleet.png", "phone-dark.png"]
+
+
+def test_a_device_named_dot_dot_shows_its_own_records(api: Api, processes: Processes) -> None:
+    """The page asked for /api/devices/../logs, which the browser made /api/logs: device ".."
+    showed every device's records as its own."""
+    _, port = processes.gateway(api.redis_url, api.data_dir)
+    processes.worker(api.redis_url, api.data_dir)
+    with connect(f"ws://127.0.0.1:{port}") as ws:
+        send(ws, legacy_frame("..", 0, level="info", msg="the dot-dot device"))
+    with connect(f"ws://127.0.0.1:{port}") as ws:
+        send(ws, legacy_frame("door-1", 0, level="info", msg="another device"))
+    assert wait_until(lambda: len(stored_rows(api.data_dir)) == 2, timeout=15)
+    with playwright_sync.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(api.url)
+            page.fill("#token", api.admin)
+            page.click("#login-form button[type=submit]")
+            page.locator('tr[data-device=".."] a').click()
+            rows = page.locator("#records .row")
+            rows.first.wait_for(timeout=10_000)
+            page.wait_for_timeout(500)
+            assert rows.count() == 1 and "the dot-dot device" in rows.first.inner_text()
+            page.click("details summary")
+            page.click("#command button[type=submit]")
+            page.locator("#command-result", has_text="use fleetlog send").wait_for(timeout=5_000)
+        finally:
+            browser.close()

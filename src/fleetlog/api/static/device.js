@@ -8,6 +8,10 @@ import { follow } from "./tail.js";
 export async function devicePage(main, crumbs, life, deviceId) {
   crumbs.replaceChildren(el("a", { href: "#/", text: "Fleet" }), document.createTextNode(" / "),
                          el("span", { class: "device-id", title: visible(deviceId), text: visible(deviceId) }));
+  // A browser resolves "." and ".." (escaped or not) in a path: "/api/devices/../logs" was
+  // "/api/logs", the whole fleet shown as device "..". Its records go by query string, and a
+  // command, which has only a path, is refused for such an id (fleetlog send reaches it).
+  const dotSegment = /^\.{1,2}$/.test(deviceId);
   const path = `/api/devices/${encodeURIComponent(deviceId)}`;
   const q = el("input", { type: "search", name: "q", placeholder: "Search this device  [/]", "aria-label": "search" });
   const level = levelSelect();
@@ -41,7 +45,7 @@ export async function devicePage(main, crumbs, life, deviceId) {
   const endTail = () => { if (stopTail) { stopTail(); stopTail = null; } };
   life.onStop(() => { pager.stop(); endTail(); });
   const load = () => {
-    pager.start((cursor) => json(`${path}/logs`, { ...filters(), cursor, limit: PAGE }),
+    pager.start((cursor) => json("/api/logs", { device: deviceId, ...filters(), cursor, limit: PAGE }),
                 (page) => { newest = page.records.length ? page.records[0].cursor : null; });
     if (stopTail) tail(true);
   };
@@ -80,6 +84,10 @@ export async function devicePage(main, crumbs, life, deviceId) {
   };
   const command = async () => {
     result.replaceChildren(el("p", { class: "muted", text: "Sending…" }));
+    if (dotSegment) {
+      result.replaceChildren(el("p", { class: "error", text: "A browser cannot address a device named \".\" or \"..\": use fleetlog send." }));
+      return;
+    }
     let parsed;
     try { parsed = JSON.parse(body.value); } catch (e) { result.replaceChildren(el("p", { class: "error", text: `Not JSON: ${e.message}` })); return; }
     try {
