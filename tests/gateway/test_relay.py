@@ -148,6 +148,33 @@ async def test_a_command_result_is_published_verbatim(client: redis.asyncio.Redi
     assert relay.counts == {"answered": 1}
 
 
+async def test_a_commands_replies_are_published_in_the_order_they_were_made(
+        client: redis.asyncio.Redis) -> None:
+    """A device's quick result overtook its delivered (separate connections of the pool, the
+    first one still connecting): the API took the result for a missed delivery and sent the
+    command again.  With a cold pool and many commands at once, order is kept per command."""
+    devices = {f"d{n}": Device(f"d{n}") for n in range(50)}
+    relay = _relay(client, devices)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(*(keys.command_reply(f"k{n}") for n in range(50)))
+    try:
+        for n in range(50):
+            relay.deliver(_command({"op": "command", "id": f"k{n}", "device": f"d{n}", "conn": "x",
+                                    "body": {}}))
+            relay.answer(CommandAnswer(f"d{n}", f"k{n}", b'{"type":"command_result","id":"k%d"}' % n))
+        order: dict[str, list[str]] = {}
+        async with asyncio.timeout(10):
+            while sum(map(len, order.values())) < 100:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    reply = json.loads(message["data"])
+                    order.setdefault(reply["id"], []).append(reply["status"])
+    finally:
+        await pubsub.aclose()
+    assert order == {f"k{n}": ["delivered", "result"] for n in range(50)}
+    assert relay._last == {}, "nothing kept once published"
+
+
 async def test_redis_down_loses_the_reply_not_the_relay(private_redis: RedisServer,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     client = connect_async(private_redis.url, timeout=1)

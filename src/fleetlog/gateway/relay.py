@@ -10,7 +10,10 @@ connection on this node) and publishes on the command's reply channel
 
 Publishing runs in the background, bounded: a reply that is lost (Redis down,
 too many in flight) is the sender's timeout, nothing worse, and a device's
-frames are never held up by it.
+frames are never held up by it.  A command's replies go out in the order they
+were made: on separate connections of the pool, a device's quick ``result``
+overtook its ``delivered``, and the API, which took the ``result`` for a
+missed delivery, sent the command a second time.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class CommandRelay:
         self._find = find
         self._max_publishing = max_publishing
         self._publishing: set[asyncio.Task[None]] = set()
+        #: Per reply channel, its newest publish: the next one on it waits for it.
+        self._last: dict[str, asyncio.Task[None]] = {}
         #: Publishes on the wire at once: the client's pool is shared with ingest and links,
         #: and 300 replies at once took all its connections ("Too many connections").
         self._connections = asyncio.Semaphore(PUBLISHING_CONNECTIONS)
@@ -99,7 +104,11 @@ class CommandRelay:
             log.warning("too many command replies in flight; dropping one for %s", channel)
             return
 
+        before = self._last.get(channel)
+
         async def publish() -> None:
+            if before is not None:
+                await asyncio.wait([before])  # the reply made before it goes first, whatever became of it
             try:
                 async with self._connections:  # a burst queues here, not in the shared pool
                     await self._client.publish(channel, message)
@@ -108,4 +117,10 @@ class CommandRelay:
 
         task = asyncio.get_running_loop().create_task(publish())
         self._publishing.add(task)
+        self._last[channel] = task
         task.add_done_callback(self._publishing.discard)
+        task.add_done_callback(lambda done: self._forget(channel, done))
+
+    def _forget(self, channel: str, done: asyncio.Task[None]) -> None:
+        if self._last.get(channel) is done:
+            del self._last[channel]
