@@ -146,6 +146,18 @@ def test_deep_nesting_is_bad_json_not_a_crash(long_tail: bytes) -> None:
     assert rejected(payload) == ErrorCode.BAD_JSON
 
 
+@pytest.mark.parametrize("long_tail", [b"1", b"123456789012345678901234567890"])
+def test_a_lone_surrogate_is_bad_json_whichever_reader_reads_it(long_tail: bytes) -> None:
+    """orjson refused ``"\\ud800"``; with a long integer in the frame the stdlib read it, and the
+    record was acked, then refused by every store (no UTF-8 form)."""
+    frame = b'{"type": 4, "data": {"s": "a\\ud800b", "n": ' + long_tail + b"}}"
+    assert rejected(frame) == ErrorCode.BAD_JSON
+    with pytest.raises(ValueError, match="surrogate"):
+        decode_json(frame)
+    pair = b'{"s": "\\ud83d\\ude00", "n": ' + long_tail + b"}"  # a pair is a character: kept
+    assert decode_json(pair)["s"] == "\U0001f600"
+
+
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 990, 1024])
 @pytest.mark.parametrize("long_tail", [b"1", b"123456789012345678901234567890"])
 def test_nesting_orjson_reads_but_cannot_write_is_bad_json(depth: int, long_tail: bytes) -> None:

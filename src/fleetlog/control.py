@@ -19,6 +19,9 @@ the API:
 - ``{"id", "device", "status": "result", "result"}``: a v2 device's ``command_result``
   frame, verbatim (:func:`result_reply`).
 
+The API's reader adds one of its own, ``{"status": "unreadable", "error"}``, for
+a reply it could not read (:mod:`fleetlog.api.bus`).
+
 The API reads both as a :class:`Reply` (:func:`parse_reply`).  Messages arrive as
 JSON objects already decoded (:mod:`fleetlog.gateway.registry`, :mod:`fleetlog.api.bus`);
 the parsers take what they find there and never trust its types.
@@ -31,11 +34,14 @@ from typing import Any, Literal
 
 import orjson
 
+from fleetlog import exactjson
+
 __all__ = [
     "Command",
     "DeliveryStatus",
     "Reply",
     "Takeover",
+    "command_body",
     "command_message",
     "delivery_reply",
     "parse_control",
@@ -73,22 +79,50 @@ class Reply:
 
     command_id: str | None
     device_id: str | None
-    #: ``delivered``, ``offline`` or ``result``.
+    #: ``delivered``, ``offline``, ``result`` or ``unreadable``.
     status: str | None
     #: The node that answered (``delivered`` and ``offline``).
     node: str | None = None
     #: The device's ``command_result`` frame (``result``).
     result: Any = None
+    #: Why the reply could not be read (``unreadable``).
+    error: str | None = None
 
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def command_body(body: Any) -> bytes:
+    """``body`` as a node will read it back exactly: a node reads control messages with orjson.
+
+    Raises :class:`ValueError`, saying why, for a body orjson cannot carry: nested
+    deeper than :data:`fleetlog.exactjson.MAX_DEPTH`, a string with a lone surrogate,
+    an integer beyond 64 bits (the node would read it as a double).  The API
+    answers it 422, and nothing is sent.
+    """
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        pass
+    # orjson says only "Recursion limit reached" and the like: exactjson tells the cases apart.
+    try:
+        exactjson.dumps(body)
+    except UnicodeEncodeError:
+        raise ValueError("a string or key holds a lone surrogate (\\ud800 to \\udfff): not Unicode") from None
+    except ValueError as exc:  # nested too deep
+        raise ValueError(str(exc)) from None
+    raise ValueError("an integer is beyond 64 bits, which a gateway would read as another number "
+                     "(send it as a string)")
+
+
 def command_message(command_id: str, device_id: str, conn: str | None, body: Any) -> bytes:
-    """The API's command for the node whose connection ``conn`` holds ``device_id``."""
+    """The API's command for the node whose connection ``conn`` holds ``device_id``.
+
+    Raises :class:`ValueError` for a body :func:`command_body` refuses.
+    """
     return orjson.dumps({"op": "command", "id": command_id, "device": device_id,
-                         "conn": conn, "body": body})
+                         "conn": conn, "body": orjson.Fragment(command_body(body))})
 
 
 def parse_control(message: dict[str, Any]) -> Command | Takeover | None:
@@ -122,4 +156,5 @@ def result_reply(command_id: str, device_id: str, payload: bytes) -> bytes:
 def parse_reply(message: dict[str, Any]) -> Reply:
     """A reply as the API reads it (see the module docstring)."""
     return Reply(_text(message.get("id")), _text(message.get("device")),
-                 _text(message.get("status")), _text(message.get("node")), message.get("result"))
+                 _text(message.get("status")), _text(message.get("node")), message.get("result"),
+                 _text(message.get("error")))

@@ -11,6 +11,9 @@ another way or are refused up front:
 * nesting deeper than :data:`MAX_DEPTH`: orjson reads 1,024 levels but writes
   254, and the stdlib recurses in Python; a record nested deeper is refused with
   a :class:`ValueError` that says so, never a :class:`RecursionError`.
+
+Either way a lone surrogate escape (``"\\ud800"``) is refused, as orjson refuses
+it: it has no UTF-8 form, and no store could keep it.
 """
 
 from __future__ import annotations
@@ -84,9 +87,15 @@ def loads(data: bytes) -> Any:
     if not may_change(data):
         return orjson.loads(data)
     try:
-        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise _too_deep() from None
+    if b"\\u" in data:  # the stdlib reads a lone surrogate escape (\ud800), orjson refuses it
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate (\\ud800 to \\udfff) is not Unicode") from None
+    return value
 
 
 def dumps(value: Any) -> bytes:

@@ -28,6 +28,7 @@ and record each outcome with :data:`FINISH`.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterable
@@ -35,10 +36,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+from pydantic_core import PydanticSerializationError
 
 from fleetlog.alerts.engine import Changes, Firing, Note
 from fleetlog.alerts.rules import STORED, Rule, RuleSpec
-from fleetlog.errors import FleetlogError, RuleExists, UnknownRule
+from fleetlog.errors import FleetlogError, InvalidRule, RuleExists, UnknownRule
 
 __all__ = ["HISTORY_KEPT", "AlertBook", "Cursor", "RuleExists", "UnknownRule"]
 
@@ -247,10 +249,10 @@ class AlertBook:
         """Save a new rule (a new id; with ``replace``, in place of the one of that name and its history)."""
         rule = Rule.model_validate({**spec.model_dump(), "id": secrets.token_hex(8),
                                     "created_at": now or now_ms()}, context=STORED)  # checked as a spec
+        stored = _rule_json(rule)  # before anything is removed: a rule that cannot be saved changes nothing
         if replace:
             self._remove(keys=[RULES, VERSION, HISTORY, FIRINGS, NOTES, OUTBOX, STATS], args=[spec.name])
-        added = self._add(keys=[RULES, VERSION],
-                          args=[rule.name, rule.model_dump_json(), "1" if replace else "0"])
+        added = self._add(keys=[RULES, VERSION], args=[rule.name, stored, "1" if replace else "0"])
         if not added:
             raise RuleExists(f"an alert rule named {rule.name!r} exists already (remove it, or --replace)")
         return rule
@@ -373,6 +375,29 @@ class AlertBook:
         ``failed``, ``muted`` or ``cancelled``."""
         return bool(self._finish(keys=[OUTBOX, NOTES, STATS],
                                  args=[note.id, note.to_json(), outcome, "" if next_at is None else next_at]))
+
+
+def _is_unicode(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _rule_json(rule: Rule) -> str:
+    """The rule as stored; :class:`InvalidRule` naming the field for a text that is not Unicode.
+
+    A JSON body (or a command line) can carry a lone surrogate (``\\ud800``), which
+    pydantic validates as text but cannot write: that was a 500 from the API.
+    """
+    try:
+        return rule.model_dump_json()
+    except PydanticSerializationError:
+        field = next((name for name, value in rule.model_dump().items() if not _is_unicode(value)), None)
+        if field is None:
+            raise
+        raise InvalidRule(f"{field}: a lone surrogate (\\ud800 to \\udfff) is not Unicode", field) from None
 
 
 def _stamped(note: Note, created: int) -> Note:

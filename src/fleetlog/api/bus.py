@@ -16,6 +16,12 @@ One connection per API process (:class:`Bus`), however many requests it serves:
   request needs.  The command is published only once Redis has confirmed that
   subscription, so no reply can come before it is listened for.
 
+A reply is read exactly (:func:`fleetlog.exactjson.loads`: a device's
+``command_result`` comes back whole, an integer beyond 64 bits included), and
+a reply that cannot be read is never dropped: it reaches its command as
+``{"status": "unreadable", "error": ...}``, so that the caller is told rather
+than left to time out.
+
 When the connection is lost, every waiting command is told so
 (:class:`redis.ConnectionError`, a 503 for its caller), and the bus subscribes
 again after :data:`RESUBSCRIBE_DELAY` seconds.
@@ -30,11 +36,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Final
 
-import orjson
 import redis
 import redis.asyncio
 
-from fleetlog import keys
+from fleetlog import exactjson, keys
 from fleetlog.api.auth import known_entry
 from fleetlog.queue.connection import REDIS_DOWN, initialize, is_cluster
 from fleetlog.queue.subscription import Messages
@@ -208,9 +213,9 @@ class Bus:
                 self._end(_text(message["data"]))
             elif (replies := self._replies.get(name)) is not None:
                 try:
-                    value = orjson.loads(message["data"])
-                except orjson.JSONDecodeError:
-                    return False
+                    value = exactjson.loads(message["data"])
+                except ValueError as exc:
+                    value = {"status": "unreadable", "error": str(exc)}
                 if isinstance(value, dict):
                     replies.put(value)
         elif kind == "subscribe":

@@ -10,6 +10,13 @@ through; the handler here answers it, the same for every route:
 - :class:`~fleetlog.errors.InvalidRule`: the same, with a CEL error's line and column;
 - ``UnknownRule``, ``UnknownDevice``: 404; ``RuleExists``, ``DeviceExists``: 409 (the message).
 
+FastAPI's own answers are here too, written the same way: a request that fails
+validation (422, each error's ``input`` echoed) and an ``HTTPException``.  Every
+answer here can echo what a client sent, and a JSON body may carry a lone
+surrogate (``"\\ud800"``) that has no UTF-8 form: Starlette's ``JSONResponse``
+raised on it, a 500 in place of the 422 naming the field.  :class:`Answer`
+writes it as U+FFFD.
+
 :class:`~fleetlog.errors.StoreMissing` is not here: what "nothing stored yet"
 answers depends on the route (an empty page, the devices Redis knows), so
 each says it where it reads (:func:`fleetlog.api.reads.read_store`).
@@ -17,12 +24,16 @@ each says it where it reads (:func:`fleetlog.api.reads.read_store`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
 from fastapi import FastAPI, Request, Response
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.utils import is_body_allowed_for_status_code
+from starlette.exceptions import HTTPException
 
 from fleetlog.api.deps import invalid
 from fleetlog.errors import (
@@ -37,7 +48,7 @@ from fleetlog.errors import (
 )
 from fleetlog.queue.connection import REDIS_DOWN
 
-__all__ = ["REDIS_NOT_ANSWERING", "install"]
+__all__ = ["REDIS_NOT_ANSWERING", "Answer", "install"]
 
 #: The ``detail`` of a 503 when Redis does not answer (the routes', and the body limits').
 REDIS_NOT_ANSWERING: Final = "Redis is not answering; try again"
@@ -45,30 +56,52 @@ REDIS_NOT_ANSWERING: Final = "Redis is not answering; try again"
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
+class Answer(JSONResponse):
+    """A JSON answer that may echo anything a client sent: a lone surrogate is written as U+FFFD."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:  # a lone surrogate: UTF-16 carries it, and decodes it as U+FFFD
+            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+
+
 def _detail(status: int) -> Handler:
     async def answer(_request: Request, exc: Exception) -> Response:
-        return JSONResponse({"detail": str(exc)}, status)
+        return Answer({"detail": str(exc)}, status)
 
     return answer
 
 
 async def _redis_down(_request: Request, _exc: Exception) -> Response:
-    return JSONResponse({"detail": REDIS_NOT_ANSWERING}, 503)
+    return Answer({"detail": REDIS_NOT_ANSWERING}, 503)
 
 
 async def _read_timeout(_request: Request, exc: ReadTimeout) -> Response:
-    return JSONResponse({"detail": f"{exc}: narrow the search (one device, a shorter since/until, "
-                                   "a level, a longer or rarer q)"}, 503)
+    return Answer({"detail": f"{exc}: narrow the search (one device, a shorter since/until, "
+                             "a level, a longer or rarer q)"}, 503)
 
 
 async def _store_unavailable(_request: Request, exc: StoreUnavailable) -> Response:
-    return JSONResponse({"detail": f"the store is not answering: {exc}"}, 503)
+    return Answer({"detail": f"the store is not answering: {exc}"}, 503)
+
+
+async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's own 422 (``fastapi.exception_handlers``), written by :class:`Answer`."""
+    return Answer({"detail": jsonable_encoder(exc.errors())}, 422)
+
+
+async def _http_error(_request: Request, exc: HTTPException) -> Response:
+    """FastAPI's own answer to an ``HTTPException``, written by :class:`Answer`."""
+    if not is_body_allowed_for_status_code(exc.status_code):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return Answer({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
 async def _invalid_request(request: Request, exc: InvalidRequest) -> Response:
     # Every read's parameters are in the query string (a Last-Event-ID header is the route's).
-    return await request_validation_exception_handler(
-        request, invalid("query", exc.field or "query", str(exc)))
+    return await _invalid(request, invalid("query", exc.field or "query", str(exc)))
 
 
 def _rule_problem(exc: InvalidRule) -> dict[str, Any]:
@@ -80,13 +113,15 @@ def _rule_problem(exc: InvalidRule) -> dict[str, Any]:
 
 
 async def _invalid_rule(_request: Request, exc: InvalidRule) -> Response:
-    return JSONResponse({"detail": [_rule_problem(exc)]}, 422)
+    return Answer({"detail": [_rule_problem(exc)]}, 422)
 
 
 def install(app: FastAPI) -> None:
     """Answer fleetlog's errors on ``app`` as the module docstring's table says."""
     redis_down = cast("tuple[type[Exception], ...]", REDIS_DOWN)
     handlers: dict[type[Exception], Handler] = {
+        RequestValidationError: _invalid,
+        HTTPException: _http_error,
         **{error: _redis_down for error in redis_down},
         ReadTimeout: _read_timeout,
         StoreUnavailable: _store_unavailable,
