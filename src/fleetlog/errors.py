@@ -36,6 +36,7 @@ still work)::
      │    ├── BodyTooLarge     over ``max_command_bytes`` (HTTP 413)
      │    └── BodyTimeout      not sent whole within ``body_timeout`` (HTTP 408)
      ├── InvalidRule           an alert rule that cannot be saved (also a ValueError)
+     │    └── ConditionTooCostly  its condition ran past its time or memory on records (preview)
      ├── UnknownRule           no alert rule of that name
      └── RuleExists            an alert rule of that name exists already
 """

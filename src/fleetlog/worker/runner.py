@@ -310,8 +310,8 @@ class Worker:
                 self.batch_sizes.observe(len(pending))
                 stored = list(pending)
             except RecordRejected as exc:
-                log.warning("batch rejected (%s); storing its records one by one", exc)
-                stored = self._store_one_by_one(pending, dead)
+                log.warning("batch rejected (%s); storing it in halves to find the records rejected", exc)
+                stored = self._store_apart(pending, dead, exc)
             if self.files is not None:
                 self.files.export(self.store, appended=self.store.appended)
             # Last look before the ack: a batch that went into a removed or
@@ -332,36 +332,46 @@ class Worker:
                     self.settings.store_url, self.store.store_id, self.store.max_seq())
         self._owed = 1
 
-    def _store_one_by_one(
-        self, records: Sequence[QueuedRecord], dead: list[QueuedRecord]
-    ) -> list[QueuedRecord]:
-        """Store each record alone; dead-letter (into ``dead``) those rejected too often.
+    def _store_apart(self, records: Sequence[QueuedRecord], dead: list[QueuedRecord],
+                     rejection: RecordRejected) -> list[QueuedRecord]:
+        """Store a rejected batch in halves, each rejected half in halves again, down to the
+        records rejected alone (``rejection``: why ``records`` were); returns those stored.
 
-        Returns the records stored.
+        In order, so a device's records are written in the order they came.  A
+        transaction per record cost a batch of 6,000 with 3 bad records 15 s on
+        PostgreSQL; halves cost a few dozen transactions (about 2 log2(n) a bad record).
         """
-        stored = []
-        for record in records:
+        if len(records) == 1:
+            self._rejected(records[0], rejection, dead)
+            return []
+        stored: list[QueuedRecord] = []
+        middle = len(records) // 2
+        for half in (records[:middle], records[middle:]):
             try:
-                self.store.write_batch([record])
+                self.store.write_batch(half)
             except RecordRejected as exc:
-                reason = f"{type(exc.__cause__ or exc).__name__}: {exc}"
-                if record.deliveries < self.settings.max_deliveries:
-                    log.warning("record %s rejected (delivery %d of %d): %s",
-                                record.qid, record.deliveries, self.settings.max_deliveries, reason)
-                    continue
-                try:
-                    self.consumer.dead_letter(record, reason)
-                except (*REDIS_DOWN, *REDIS_REFUSING) as error:
-                    log.warning("record %s not dead-lettered now (%s): it stays pending",
-                                record.qid, error)
-                    continue
-                log.error("record %s dead-lettered after %d deliveries: %s",
-                          record.qid, record.deliveries, reason)
-                self.dead_lettered += 1
-                dead.append(record)
+                stored.extend(self._store_apart(half, dead, exc))
                 continue
-            stored.append(record)
+            stored.extend(half)
         return stored
+
+    def _rejected(self, record: QueuedRecord, rejection: RecordRejected, dead: list[QueuedRecord]) -> None:
+        """A record the store rejects alone: left pending for its next delivery, or, after
+        ``max_deliveries``, dead-lettered (into ``dead``)."""
+        reason = f"{type(rejection.__cause__ or rejection).__name__}: {rejection}"
+        if record.deliveries < self.settings.max_deliveries:
+            log.warning("record %s rejected (delivery %d of %d): %s",
+                        record.qid, record.deliveries, self.settings.max_deliveries, reason)
+            return
+        try:
+            self.consumer.dead_letter(record, reason)
+        except (*REDIS_DOWN, *REDIS_REFUSING) as error:
+            log.warning("record %s not dead-lettered now (%s): it stays pending", record.qid, error)
+            return
+        log.error("record %s dead-lettered after %d deliveries: %s",
+                  record.qid, record.deliveries, reason)
+        self.dead_lettered += 1
+        dead.append(record)
 
 
 def write_fatal_error(settings: Settings, exc: BaseException) -> None:
