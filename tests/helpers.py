@@ -41,17 +41,17 @@ async def legacy_device(url: str, device_id: str, count: int) -> list[int]:
     return acked
 
 
-def _read_only(data_dir: Path) -> sqlite3.Connection:
+def read_only(data_dir: Path, timeout: float = 5.0) -> sqlite3.Connection:
     """The store, read-only: never a file created at the path.  (A plain connect between an
     ``rm`` of the store and the worker's reopen made a new file there, applied the removed
     store's WAL to it, and the worker then wrote into that resurrected store.)"""
-    return sqlite3.connect(f"file:{data_dir / 'fleetlog.db'}?mode=ro", uri=True)
+    return sqlite3.connect(f"file:{data_dir / 'fleetlog.db'}?mode=ro", uri=True, timeout=timeout)
 
 
 def stored_count(data_dir: Path) -> int:
     """How many records the store holds: cheap enough to poll while a worker drains."""
     try:
-        db = _read_only(data_dir)
+        db = read_only(data_dir)
     except sqlite3.OperationalError:
         return 0
     try:
@@ -65,7 +65,7 @@ def stored_count(data_dir: Path) -> int:
 def stored_rows(data_dir: Path) -> list[tuple[str, str, int, str]]:
     """(qid, device_id, seq, data) of every stored record, in store order."""
     try:
-        db = _read_only(data_dir)
+        db = read_only(data_dir)
     except sqlite3.OperationalError:
         return []
     try:

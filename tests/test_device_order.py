@@ -38,7 +38,7 @@ from fleetlog.embedded import free_port
 from fleetlog.reading import LogsRequest, Reader
 from fleetlog.simulate import device_ids
 from tests.conftest import Processes, wait_for_port
-from tests.helpers import STORED, file_lines, send_legacy, wait_until
+from tests.helpers import STORED, file_lines, read_only, send_legacy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -84,10 +84,10 @@ class Fleet:
         """(device, sent seq) of every stored record, in store order (``seq``)."""
         rows: list[tuple[str, Any]]
         if self.store_url.startswith("sqlite"):
-            path = self.data_dir / "fleetlog.db"
-            if not path.exists():
+            try:
+                db = read_only(self.data_dir, timeout=30)
+            except sqlite3.OperationalError:
                 return []
-            db = sqlite3.connect(path, timeout=30)
             try:
                 rows = db.execute("SELECT device_id, data FROM records ORDER BY seq").fetchall()
             except sqlite3.OperationalError:

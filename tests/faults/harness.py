@@ -32,6 +32,7 @@ import redis
 
 from fleetlog.embedded import RedisServer, free_port
 from tests.conftest import Processes, wait_for_port
+from tests.helpers import read_only
 
 
 @dataclass
@@ -152,10 +153,10 @@ class Fleet:
         """(device, seq) of every stored record, with how many times each is there."""
         if self.store_url is not None:
             return self._stored_postgresql(self.store_url)
-        path = self.data_dir / "fleetlog.db"
-        if not path.exists():
+        try:  # read-only: never a file created at the path (see tests.helpers.read_only)
+            db = read_only(self.data_dir, timeout=30)
+        except sqlite3.OperationalError:
             return Counter()
-        db = sqlite3.connect(path, timeout=30)
         try:
             rows = db.execute("SELECT device_id, json_extract(data, '$.seq') FROM records").fetchall()
         except sqlite3.OperationalError:
