@@ -42,6 +42,7 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["fleetlog.alerts.engine"])
 _SLOTS = threading.BoundedSemaphore(AT_ONCE)
 
+
 @dataclass(frozen=True, slots=True)
 class _Found:
     """A child's answer: the preview's counts, and the indexes of the records it matched."""
