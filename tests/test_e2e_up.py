@@ -19,7 +19,7 @@ import psutil
 import websockets
 
 from fleetlog.embedded import free_port
-from fleetlog.supervise import API_NICE
+from fleetlog.supervise import API_NICE, _port_taken
 from tests.conftest import wait_for_port
 from tests.faults.harness import Outcome
 from tests.helpers import legacy_device, run_fleetlog, stored_rows, wait_until
@@ -245,8 +245,14 @@ def test_a_second_sigint_forces_up_to_exit(tmp_path: Path) -> None:
 def test_up_serves_the_api_on_http_port(tmp_path: Path) -> None:
     import httpx
 
-    data_dir, log, http_port = tmp_path / "data", tmp_path / "up.log", free_port()
-    up = _up(data_dir, free_port(), log, "--http-port", str(http_port))
+    data_dir, log, ws_port = tmp_path / "data", tmp_path / "up.log", free_port()
+    # The worker's metrics go next to the API (+1) unless set: a port whose next two are free
+    # (free_port hands out neighbours: +1 was once the device port, and up leaves a metrics
+    # port it cannot have off, out of its banner).
+    http_port = next(port for port in (free_port() for _ in range(100))
+                     if ws_port not in (port + 1, port + 2) and not _port_taken("127.0.0.1", port + 1)
+                     and not _port_taken("127.0.0.1", port + 2))
+    up = _up(data_dir, ws_port, log, "--http-port", str(http_port))
     try:
         wait_for_port(http_port, timeout=30, process=up)
         assert httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=10).json() == {"status": "ok"}
