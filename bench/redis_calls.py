@@ -40,13 +40,15 @@ _INGEST = "cmdstat_evalsha"
 _APPEND = "cmdstat_exec"
 
 
-def measure(root: Path, devices: int, messages: int, batch: int) -> dict[str, Any]:
+def measure(root: Path, devices: int, messages: int, batch: int, linger: float = 0.0) -> dict[str, Any]:
     server = RedisServer(root / "redis", appendfsync="everysec")
     server.start()
     port = free_port()
     # One gateway process, as the other benchmarks (child_env): two would each make smaller calls.
-    gateway = subprocess.Popen(gateway_argv("fleetlog", port, server.url, root / "data"),
-                               env=child_env(), stderr=subprocess.DEVNULL)
+    argv = gateway_argv("fleetlog", port, server.url, root / "data")
+    if linger:
+        argv += ["--ingest-linger", str(linger)]
+    gateway = subprocess.Popen(argv, env=child_env(), stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, timeout=30)
         client = redis.Redis(port=server.port)
@@ -99,10 +101,12 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--messages", type=int, default=1000, help="Frames per device.")
     parser.add_argument("--batch", type=int, default=0, help="Records per v2 frame (0: legacy).")
+    parser.add_argument("--linger", type=float, default=0.0,
+                        help="The gateway's --ingest-linger (seconds; 0: its default, off).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetlog-redis-calls-") as directory:
         started = time.monotonic()
-        result = measure(Path(directory), args.devices, args.messages, args.batch)
+        result = measure(Path(directory), args.devices, args.messages, args.batch, args.linger)
     result["wall_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result, indent=2))
     return 0

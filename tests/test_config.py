@@ -119,7 +119,8 @@ def test_missing_fleetlog_config_file_raises_file_not_found(
 
 @pytest.mark.parametrize(
     "flags",
-    [{"ws_port": 70000}, {"batch": 0}, {"queue": "kafka"}, {"max_backlog": 0}, {"ws_port": "eighty"}],
+    [{"ws_port": 70000}, {"batch": 0}, {"queue": "kafka"}, {"max_backlog": 0}, {"ws_port": "eighty"},
+     {"ingest_linger": 0.5}, {"ingest_linger": -0.001}],
 )
 def test_invalid_flag_raises_validation_error(flags: dict[str, object]) -> None:
     with pytest.raises(ValidationError):

@@ -88,6 +88,10 @@ def _gateway_options(function: F) -> F:
                      help="Ack only once N replicas have the records (WAIT). Default: 1 when every "
                           "master has a replica, else 0; 0 acks on the master alone (a failover "
                           "can lose acked records)."),
+        click.option("--ingest-linger", type=options.Seconds(0, 0.1), default=None,
+                     help="Seconds (at most 0.1) an idle queue shard may hold a Redis call for "
+                          "more records: less Redis CPU per record, up to that much more ack "
+                          "latency (default 0: none)."),
     ]
     for option in reversed(declared):
         function = option(function)

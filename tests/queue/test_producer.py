@@ -592,3 +592,108 @@ async def test_a_backlog_counter_of_another_type_never_hides_what_was_stored(
     finally:
         await producer.close()
     assert [record for _, record in stream_entries(sync_client)] == [b"1", b"2"]
+
+
+async def _linger_producer(url: str, linger: float, shards: int = 1) -> Producer:
+    producer = Producer(connect_async(url), mode="stream", stream=STREAM, max_backlog=1_000_000,
+                        linger=linger, shards=shards)
+    producer.start()
+    return producer
+
+
+async def _answer_then_resend(producer: Producer, devices: list[str], gap: float) -> list[Outcome]:
+    """Each device sends a record; once all are acked, each sends its next, ``gap`` apart:
+    a closed-loop fleet whose devices answer their acks one after another."""
+    first = Outcomes()
+    for device in devices:
+        producer.submit(device, [f"{device} 1".encode()], first.callback())
+    assert await first.results() == [QUEUED] * len(devices)
+    second = Outcomes()
+    for device in devices:
+        producer.submit(device, [f"{device} 2".encode()], second.callback())
+        await asyncio.sleep(gap)
+    return await second.results()
+
+
+@pytest.mark.parametrize("linger", [0.0, 1.0])
+async def test_a_linger_gathers_the_answered_devices_into_one_call(
+    redis_url: str, sync_client: redis.Redis, linger: float
+) -> None:
+    """With --ingest-linger an idle shard waits for the devices its last call answered,
+    so their next records go as one call (one stream entry) instead of one call each."""
+    devices = [f"D{n}" for n in range(10)]
+    producer = await _linger_producer(redis_url, linger)
+    try:
+        assert await _answer_then_resend(producer, devices, gap=0.01) == [QUEUED] * 10
+    finally:
+        await producer.close()
+    expected = [(device.encode(), f"{device} 1".encode()) for device in devices]
+    expected += [(device.encode(), f"{device} 2".encode()) for device in devices]
+    assert stream_entries(sync_client) == expected
+    if linger:
+        assert producer.calls == 2 and sync_client.xlen(STREAM) == 2
+    else:
+        assert producer.calls > 2, "without a linger each late record makes its own call"
+
+
+async def test_a_linger_ends_at_its_limit(redis_url: str, sync_client: redis.Redis) -> None:
+    """When the answered devices do not send again, the record that waits goes after
+    ``linger`` seconds, not later; and the one after it goes at once (its target: one)."""
+    producer = await _linger_producer(redis_url, 0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        first = Outcomes()
+        for n in range(10):
+            producer.submit(f"D{n}", [b"first"], first.callback())
+        await first.results()
+        started = loop.time()
+        assert await submit(producer, "D0", [b"alone"]) == QUEUED
+        waited = loop.time() - started
+        assert 0.25 <= waited < 3, waited
+        started = loop.time()
+        assert await submit(producer, "D0", [b"after"]) == QUEUED
+        assert loop.time() - started < 0.25, "a call of one sets the next call's target to one"
+    finally:
+        await producer.close()
+    assert [record for _, record in stream_entries(sync_client)][-2:] == [b"alone", b"after"]
+    assert producer.calls == 3
+
+
+async def test_close_does_not_wait_out_a_linger(redis_url: str, sync_client: redis.Redis) -> None:
+    producer = await _linger_producer(redis_url, 60.0)
+    first = Outcomes()
+    for n in range(10):
+        producer.submit(f"D{n}", [b"first"], first.callback())
+    await first.results()
+    late = Outcomes()
+    producer.submit("D0", [b"late"], late.callback())
+    await asyncio.sleep(0.05)
+    assert not late.futures[0].done(), "it lingers"
+    await asyncio.wait_for(producer.close(), 5)
+    assert await late.results() == [QUEUED]
+    assert stream_entries(sync_client)[-1] == (b"D0", b"late")
+
+
+async def test_a_lingering_shard_does_not_hold_another(
+    redis_url: str, sync_client: redis.Redis
+) -> None:
+    producer = await _linger_producer(redis_url, 60.0, shards=2)
+    on = {shard: [f"D{n}" for n in range(40) if keys.shard_of(f"D{n}", 2) == shard] for shard in (0, 1)}
+    try:
+        first = Outcomes()
+        for device in on[0][:5]:
+            producer.submit(device, [b"first"], first.callback())
+        await first.results()
+        late = Outcomes()
+        producer.submit(on[0][0], [b"late"], late.callback())  # shard 0 lingers for 4 more
+        assert await asyncio.wait_for(submit(producer, on[1][0], [b"other"]), 5) == QUEUED
+        assert not late.futures[0].done()
+        for device in on[0][1:5]:  # the devices it waits for: it goes once they are there
+            producer.submit(device, [b"second"], late.callback())
+        assert await late.results() == [QUEUED] * 5
+    finally:
+        await producer.close()
+    assert queued(sync_client, keys.shard_stream(STREAM, 1, 2)) == [(on[1][0].encode(), b"other")]
+    assert [record for _, record in queued(sync_client, keys.shard_stream(STREAM, 0, 2))] == [
+        b"first"] * 5 + [b"late"] + [b"second"] * 4
+    assert producer.calls == 3

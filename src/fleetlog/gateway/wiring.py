@@ -189,6 +189,7 @@ def wire(settings: Settings, redis_url: str) -> GatewayParts:
         client, mode=settings.queue, stream=settings.stream, max_backlog=settings.max_backlog,
         shards=settings.shards, runner=ingest, plain_runner=ingest_plain, append_runner=append,
         dedupe_window=int(settings.dedupe_window),
+        linger=settings.ingest_linger,
     )
     registry = LinkRegistry(
         client,

@@ -11,6 +11,16 @@ before its next records go, so one device's records reach the stream in the
 order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
 
+With ``linger`` (0 by default: ``--ingest-linger``), a shard with no call in
+flight holds its next call up to that many seconds while fewer records wait
+than its last call carried plus those that waited when it came back: the
+devices it answered send again at once when they are busy.  What a call costs
+Redis is mostly the call, not its records, and a closed-loop legacy fleet
+otherwise settles into two calls of half its devices each (``bench.redis_calls``
+shows the calls' size).  The hold is once per call and ends when the records
+come, so a device alone after a call of one goes at once; the event loop's
+timers bound it from below (uvloop counts milliseconds).
+
 A call of legacy frames only (no dedupe state) runs :data:`~.scripts.INGEST_PLAIN`,
 or, while the producer knows the shard stays under its backlog limit, the same
 write without Lua (:func:`~.scripts.plain_append`): the backlog it last read
@@ -182,6 +192,7 @@ class Producer:
         max_backlog: int,
         dedupe_window: float = 86_400,
         max_in_flight: int = 2,
+        linger: float = 0.0,
         runner: ScriptRunner | None = None,
         plain_runner: ScriptRunner | None = None,
         append_runner: ScriptRunner | None = None,
@@ -229,6 +240,12 @@ class Producer:
             event.set()
         self._holding = [0] * shards
         self._max_in_flight = max_in_flight
+        self._linger = linger
+        #: Per shard: the records its next call waits for (``linger`` at most), and until
+        #: when (``loop.time()``) it has waited for them, 0.0 when it is not waiting.
+        self._target = [0] * shards
+        self._linger_until = [0.0] * shards
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -303,22 +320,47 @@ class Producer:
         loop = asyncio.get_running_loop()
         while True:
             if self._waiting and len(self._calls) < self._max_in_flight * self._shards:
-                call = self._take()
+                call = self._take(loop.time())
                 if call:
                     self._calls.add(loop.create_task(self._call(call[0].shard, call)))
                     continue
+                self._wake_at(loop, min(filter(None, self._linger_until), default=0.0))
             if self._closing and not self._waiting and not self._calls:
                 return
             await self._wakeup.wait()
             self._wakeup.clear()
 
-    def _take(self) -> list[_Submission]:
+    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Wake the flusher at ``when`` (when a lingering shard's call is due; 0.0: none)."""
+        timer = self._linger_timer
+        if timer is not None and (not when or timer.when() != when):
+            timer.cancel()
+            self._linger_timer = timer = None
+        if when and timer is None:
+            self._linger_timer = loop.call_at(when, self._linger_over)
+
+    def _linger_over(self) -> None:
+        # A loop's timers may fire a little early (uvloop's clock counts milliseconds): the
+        # flusher then finds the shard still lingering and sets another.
+        self._linger_timer = None
+        self._wakeup.set()
+
+    def _lingering(self, shard: int, now: float) -> bool:
+        """Whether an idle shard's call waits for more records (see the module docstring)."""
+        if self._waiting_records[shard] >= self._target[shard] or self._closing:
+            return False
+        until = self._linger_until[shard]
+        if not until:
+            until = self._linger_until[shard] = now + self._linger
+        return now < until
+
+    def _take(self, now: float) -> list[_Submission]:
         """Whole submissions of one shard for one call, up to ``_MAX_PER_CALL`` records and
         ``_MAX_CALL_BYTES`` (or one submission, whatever its size).
 
         The shard is that of the first submission that may go (its shard has
         room for a call, and for a second one only with
-        ``_SECOND_CALL_RECORDS`` waiting).  A device with a call in flight waits
+        ``_SECOND_CALL_RECORDS`` waiting; an idle one may linger).  A device with a call in flight waits
         for it: calls may complete in any order, and one device's records must
         reach the stream in order.
         """
@@ -327,14 +369,15 @@ class Producer:
         held: set[str] = set()  # devices with a submission kept back in this pass
         busy = self._busy
         in_flight, most, waiting = self._in_flight, self._max_in_flight, self._waiting_records
+        linger = self._linger
         shard = -1
         records = nbytes = 0
         for submission in self._waiting:
             device = submission.device_id
             if (device in busy or device in held or (submission.shard != shard and (
                     shard >= 0 or in_flight[submission.shard] >= most or (
-                        in_flight[submission.shard] and waiting[submission.shard]
-                        < _SECOND_CALL_RECORDS)))
+                        waiting[submission.shard] < _SECOND_CALL_RECORDS if in_flight[submission.shard]
+                        else linger and self._lingering(submission.shard, now))))
                     or (taken and (records + submission.size > _MAX_PER_CALL
                                    or nbytes + len(submission.records) > _MAX_CALL_BYTES))):
                 held.add(device)
@@ -349,6 +392,7 @@ class Producer:
         if taken:
             in_flight[shard] += 1
             waiting[shard] -= records
+            self._linger_until[shard] = 0.0
         self._waiting = kept
         return taken
 
@@ -473,6 +517,8 @@ class Producer:
                 if self.last_error != previous:  # the detail, once per change: not per call
                     log.warning("queueing failed: %s", self.last_error)
             self._in_flight[shard] -= 1
+            # What its next call waits for: these devices' next records, and those waiting now.
+            self._target[shard] = size + self._waiting_records[shard]
             for submission in call:
                 left = self._busy[submission.device_id] - 1
                 if left:
