@@ -10,6 +10,10 @@ before side).  The median of the repeats is reported, with their spread, as
 after / before.  Exit status 0 when everything ran (a slower number is not an
 error), 1 when a component failed; every process and the temporary worktrees
 are gone by the end either way.
+
+``--after-env FLEETLOG_X=V`` (repeatable) sets a setting for the after side's
+gateways and workers only: with ``--after`` the same revision as ``--before``,
+the table is what the setting does against its default.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shutil
 import signal
 import statistics
@@ -176,7 +181,7 @@ def _side_info(side: Side, env: dict[str, str], cwd: Path) -> dict[str, Any]:
 
 
 def compare(before: str, after: str, quick: bool, repeats: int, only: list[str],
-            out_dir: Path) -> int:
+            out_dir: Path, after_env: dict[str, str] | None = None) -> int:
     """Measure both sides, write the results, print the table; return the exit code."""
     started = time.perf_counter()
     profile = QUICK if quick else FULL
@@ -190,7 +195,8 @@ def compare(before: str, after: str, quick: bool, repeats: int, only: list[str],
         "date": datetime.date.today().isoformat(), "mode": profile.name, "repeats": repeats,
         "only": only, "profile": {key: getattr(profile, key) for key in PROFILE_KEYS},
         "config": {"appendfsync": "everysec", "loadgen": "the after side's fleetlog simulate",
-                   "order": "per metric, each repeat runs before then after"},
+                   "order": "per metric, each repeat runs before then after",
+                   "after_env": after_env or {}},
     }
     errors: list[str] = []
     try:
@@ -198,6 +204,8 @@ def compare(before: str, after: str, quick: bool, repeats: int, only: list[str],
         for name, spec in zip(SIDES, (before, after), strict=True):
             side = checkouts.side(name, spec)
             env, cwd = child_env(side.src), root / f"run-{name}"
+            if name == "after":
+                env.update(after_env or {})
             cwd.mkdir()
             results["sides"][name] = _side_info(side, env, cwd)
             groups[name] = Children(cwd, env)
@@ -253,7 +261,9 @@ def markdown(results: dict[str, Any]) -> str:
 
     def describe(name: str) -> str:
         side = sides.get(name)
-        return f"`{side['short']}` (`{side['spec']}`)" if side else "n/a"
+        settings = results.get("config", {}).get("after_env", {}) if name == "after" else {}
+        extra = "".join(f" with `{key}={value}`" for key, value in sorted(settings.items()))
+        return f"`{side['short']}` (`{side['spec']}`){extra}" if side else "n/a"
 
     where = (f" {machine['cpu_count']} CPUs, Python {machine['python']}, {machine['redis_server']} "
              f"{machine['redis_version']} (appendfsync everysec); the load generator shares the cores."
@@ -287,6 +297,8 @@ def _write(results: dict[str, Any], table: str, directory: Path) -> tuple[Path, 
     directory.mkdir(parents=True, exist_ok=True)
     shorts = [results.get("sides", {}).get(name, {}).get("short", name) for name in SIDES]
     stem = f"compare-{results['date']}-{shorts[0]}-{shorts[1]}"
+    for key, value in sorted(results.get("config", {}).get("after_env", {}).items()):
+        stem += "-" + re.sub(r"[^a-z0-9.]+", "_", f"{key.removeprefix('FLEETLOG_')}={value}".lower())
     md_path, json_path = directory / f"{stem}.md", directory / f"{stem}.json"
     md_path.write_text(table)
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
@@ -304,6 +316,13 @@ def _metric_list(text: str) -> list[str]:
     return [name for name in METRICS if name in chosen]
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("FLEETLOG_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write FLEETLOG_NAME=VALUE")
+    return key, value
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> NoReturn:
     raise SystemExit(128 + signum)  # unwinds through the cleanup in compare()
 
@@ -319,13 +338,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="Runs per metric and side (default 3).")
     parser.add_argument("--only", type=_metric_list, default=list(METRICS),
                         help=f"Comma-separated subset of {','.join(METRICS)} (latency brings legacy).")
+    parser.add_argument("--after-env", action="append", default=[], type=_setting, metavar="FLEETLOG_X=V",
+                        help="A setting for the after side's gateways and workers only (repeatable).")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="Where compare-<date>-<before>-<after>.md and .json go.")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    return compare(args.before, args.after, args.quick, args.repeats, args.only, args.out)
+    return compare(args.before, args.after, args.quick, args.repeats, args.only, args.out,
+                   dict(args.after_env))
 
 
 if __name__ == "__main__":
