@@ -571,3 +571,5 @@ class Producer:
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
