@@ -52,6 +52,7 @@ __all__ = [
     "encode_cursor",
     "list_devices",
     "logs_request",
+    "position_cursor",
     "volume_request",
 ]
 
@@ -197,7 +198,16 @@ def volume_request(device_id: str | None, *, now_ms: int, since: str | None = No
 
 def encode_cursor(record: StoredRecord) -> str:
     """The opaque cursor of the page that starts just past ``record`` (older ones)."""
-    raw = f"{record.received_at}.{record.seq}".encode()
+    return _cursor(record.received_at, record.seq)
+
+
+def position_cursor(seq: int) -> str:
+    """A live tail's ``Last-Event-ID`` for "after the store's :meth:`Reader.position` ``seq``"."""
+    return _cursor(0, seq)
+
+
+def _cursor(received_at: int, seq: int) -> str:
+    raw = f"{received_at}.{seq}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

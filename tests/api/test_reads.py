@@ -11,15 +11,17 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import pytest
 import redis
 import websockets
 
 from fleetlog import keys
+from fleetlog.embedded import free_port
 from fleetlog.records import QueuedRecord
 from fleetlog.store.sqlite import SQLiteStore
 from tests.api.conftest import Api
-from tests.conftest import Processes
+from tests.conftest import Processes, wait_for_port
 from tests.helpers import STORED, legacy_frame, send_legacy, stored_rows, wait_until
 
 pytestmark = pytest.mark.slow
@@ -199,3 +201,59 @@ async def test_live_tail_gets_each_record_once_and_resumes_after_last_event_id(
             async with http.stream("GET", f"{api.url}/api/stream", params={"level": "error"},
                                    headers={**headers, "Last-Event-ID": "garbage!"}) as answer:
                 assert answer.status_code == 422
+
+
+async def test_a_tail_from_a_first_page_gets_a_record_a_slower_worker_commits_late_on_postgresql(
+        api: Api, processes: Processes, pg_url: str) -> None:
+    """A second worker's batch may commit after a later one: its records have lower seqs than
+    records a page already showed.  The console started its tail from the page's newest cursor
+    and never saw them; ``tail_from`` (the store's position before the page) brings them, and the
+    page's own records that come again are skipped by cursor."""
+    _, port = processes.gateway(api.redis_url, api.data_dir)
+    processes.worker(api.redis_url, api.data_dir, "--store", pg_url)
+    api_port = free_port()
+    process = processes.start("api", "--redis-url", api.redis_url, "--data-dir", str(api.data_dir),
+                              "--port", str(api_port), "--store", pg_url)
+    wait_for_port(api_port, process=process)
+    url, headers = f"http://127.0.0.1:{api_port}", {"Authorization": f"Bearer {api.reader}"}
+    device = "late-1"
+
+    def stored() -> list[str]:
+        with psycopg.connect(pg_url) as db:
+            return [m for (m,) in db.execute(
+                "SELECT message FROM records WHERE device_id = %s ORDER BY seq", (device,))]
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        assert (await send_legacy(ws, legacy_frame(device, 0, msg="first")))[1] == STORED
+        assert await asyncio.to_thread(wait_until, lambda: stored() == ["first"], 15)
+        # A slower worker: its batch's transaction is open, its record inserted (seq from its xid).
+        slow = await asyncio.to_thread(psycopg.connect, pg_url)
+        now = int(time.time() * 1000)
+        slow.execute(
+            "INSERT INTO records (seq, stream, qid, device_id, received_at, ts, level, message, data)"
+            " VALUES ((pg_current_xact_id()::text::bigint) << 20, 'fleetlog:records', %s, %s, %s, NULL,"
+            " 'info', 'late', %s)", (f"{now}-0.0", device, now, orjson.dumps({"msg": "late"}).decode()))
+        assert (await send_legacy(ws, legacy_frame(device, 1, msg="on time")))[1] == STORED
+        assert await asyncio.to_thread(wait_until, lambda: stored() == ["first", "on time"], 15)
+        async with httpx.AsyncClient(timeout=30) as http:
+            page = (await http.get(f"{url}/api/logs", params={"device": device}, headers=headers)).json()
+            assert [r["message"] for r in page["records"]] == ["on time", "first"]
+            assert page["tail_from"] is not None
+            later = (await http.get(f"{url}/api/logs", params={"device": device, "limit": 1},
+                                    headers=headers)).json()
+            assert (await http.get(f"{url}/api/logs", params={"device": device, "cursor": later[
+                "next_cursor"]}, headers=headers)).json()["tail_from"] is None, "first pages only"
+            shown = {r["cursor"] for r in page["records"]}
+            async with http.stream("GET", f"{url}/api/stream", params={"device": device},
+                                   headers={**headers, "Last-Event-ID": page["tail_from"]}) as answer:
+                stream = events(answer)
+                slow.commit()
+                slow.close()
+                assert (await send_legacy(ws, legacy_frame(device, 2, msg="after")))[1] == STORED
+                got: list[str] = []
+                while len(got) < 2:
+                    event_id, record = await next_event(stream, 15)
+                    if event_id not in shown:
+                        got.append(record["message"])
+    assert got == ["late", "after"]
+    assert stored() == ["first", "late", "on time", "after"]

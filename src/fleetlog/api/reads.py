@@ -46,6 +46,7 @@ from fleetlog.reading import (
     encode_cursor,
     list_devices,
     logs_request,
+    position_cursor,
     volume_request,
 )
 from fleetlog.records import StoredRecord, iso_ms
@@ -96,6 +97,10 @@ class RecordOut(BaseModel):
 class PageOut(BaseModel):
     records: list[RecordOut] = Field(description="Newest first.")
     next_cursor: str | None = Field(description="Pass as cursor= for the older ones; null: no more.")
+    tail_from: str | None = Field(description=(
+        "First pages only (no cursor=): the Last-Event-ID that starts a live tail of what comes "
+        "after this page, read before it. The tail may bring again records this page holds (skip "
+        "those by cursor); a record's cursor may miss one a slower worker commits late."))
 
 
 class BucketOut(BaseModel):
@@ -199,10 +204,19 @@ def read_now(found: Services, work: Callable[[Reader], T], missing: Callable[[],
 
 
 async def _page(request: Request, found: Services, logs: LogsRequest) -> Response:
-    page = await read_store(request, found, lambda reader: reader.page(logs), lambda: Page([], None))
+    first = logs.cursor is None
+
+    def read(reader: Reader) -> tuple[int | None, Page]:
+        # The tail's start is taken before the page: a worker slower than another may still
+        # commit records below the page's newest (PostgreSQL), and a tail from there gets them.
+        start = reader.position() if first else None
+        return start, reader.page(logs)
+
+    start, page = await read_store(request, found, read, lambda: (None, Page([], None)))
     cursor = b"null" if page.next_cursor is None else b'"' + page.next_cursor.encode() + b'"'
+    tail_from = b"null" if start is None else b'"' + position_cursor(start).encode() + b'"'
     body = (b'{"records":[' + b",".join(record_row(r) for r in page.records)
-            + b'],"next_cursor":' + cursor + b"}")
+            + b'],"next_cursor":' + cursor + b',"tail_from":' + tail_from + b"}")
     return Response(body, media_type="application/json")
 
 

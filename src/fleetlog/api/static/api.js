@@ -41,10 +41,20 @@ export async function call(path, params = {}, options = {}) {
   return answer;
 }
 
+// JSON with every integer as exact as its text: JSON.parse rounds one past 2^53 (a device's
+// counter, an id) to the nearest double, so such a number is kept as its text (JSON.rawJSON:
+// shown, and written by JSON.stringify, as it came).  Other numbers parse as usual.
+export function parseExact(text) {
+  if (typeof JSON.rawJSON !== "function") return JSON.parse(text);  // an older browser: rounded
+  return JSON.parse(text, (key, value, context) => (
+    typeof value === "number" && !Number.isSafeInteger(value) && context && /^-?\d+$/.test(context.source)
+      ? JSON.rawJSON(context.source) : value));
+}
+
 // The JSON of a 2xx answer; ApiError otherwise.
 export async function json(path, params, options) {
   const answer = await call(path, params, options);
-  const body = answer.status === 204 ? null : await answer.json().catch(() => null);
+  const body = answer.status === 204 ? null : await answer.text().then(parseExact).catch(() => null);
   if (!answer.ok) throw new ApiError(answer.status, body && body.detail);
   return body;
 }

@@ -1,5 +1,5 @@
 // One device: its chart, records (search, level, range), live tail, export, and commands.
-import { Unauthorized, call, json, send } from "./api.js";
+import { Unauthorized, call, json, parseExact, send } from "./api.js";
 import { chart } from "./chart.js";
 import { ago, colourJson, el, levelSelect, stamp, visible } from "./dom.js";
 import { PAGE, Pager, recordRow } from "./records.js";
@@ -41,13 +41,24 @@ export async function devicePage(main, crumbs, life, deviceId) {
 
   const filters = () => ({ q: q.value, level: level.value, since: since.value, until: until.value });
   const pager = new Pager(list);
-  let newest = null, held = [], stopTail = null;
+  // The tail starts where the first page was read (its tail_from: the store's position taken
+  // before the read) and skips the records that page already shows; turned off and on, it
+  // resumes after the last record it brought.  (From the page's newest cursor it could miss a
+  // record a slower worker committed late; restarted before the new page came, from the old
+  // page's newest, it showed the records tailed meanwhile twice.)
+  let resume = null, shown = new Set(), wanted = false, held = [], stopTail = null;
   const endTail = () => { if (stopTail) { stopTail(); stopTail = null; } };
   life.onStop(() => { pager.stop(); endTail(); });
   const load = () => {
+    endTail();
+    held = [];
+    newRows.hidden = true;
     pager.start((cursor) => json("/api/logs", { device: deviceId, ...filters(), cursor, limit: PAGE }),
-                (page) => { newest = page.records.length ? page.records[0].cursor : null; });
-    if (stopTail) tail(true);
+                (page) => {
+                  resume = page.tail_from ?? (page.records.length ? page.records[0].cursor : null);
+                  shown = new Set(page.records.map((r) => r.cursor));
+                  if (wanted) tail(true);
+                });
   };
   // New rows go on top; while the user has scrolled away from the top they wait, counted.
   const showHeld = () => {
@@ -58,6 +69,7 @@ export async function devicePage(main, crumbs, life, deviceId) {
   newRows.addEventListener("click", () => { showHeld(); window.scrollTo({ top: 0 }); });
   life.listen(window, "scroll", () => { if (window.scrollY < 40 && held.length) showHeld(); });
   const tail = (on) => {
+    wanted = on;
     tailButton.textContent = on ? "Live tail: on" : "Live tail: off";
     tailButton.classList.toggle("tail-on", on);
     tailButton.setAttribute("aria-pressed", String(on));
@@ -65,15 +77,17 @@ export async function devicePage(main, crumbs, life, deviceId) {
     status.textContent = "";
     if (!on) return;
     const { q: text, level: lvl } = filters();
-    stopTail = follow({ device: deviceId, q: text, level: lvl }, newest, {
-      onRecord: (record) => {
+    stopTail = follow({ device: deviceId, q: text, level: lvl }, resume, {
+      onRecord: (record, id) => {
+        if (id) resume = id;
+        if (shown.delete(record.cursor)) return;  // the first page has it already
         if (window.scrollY < 40) list.prepend(recordRow(record, { fresh: true }));
         else { held.push(record); newRows.hidden = false; newRows.textContent = `${held.length} new record(s) ↑`; }
       },
       onState: (state) => { status.textContent = state; },
     });
   };
-  tailButton.addEventListener("click", () => tail(!stopTail));
+  tailButton.addEventListener("click", () => tail(!wanted));
   const download = async (format) => {
     const answer = await call("/api/export", { device: deviceId, ...filters(), format });
     const blob = await answer.blob();
@@ -89,7 +103,8 @@ export async function devicePage(main, crumbs, life, deviceId) {
       return;
     }
     let parsed;
-    try { parsed = JSON.parse(body.value); } catch (e) { result.replaceChildren(el("p", { class: "error", text: `Not JSON: ${e.message}` })); return; }
+    // parseExact: an integer past 2^53 goes as typed, not rounded.
+    try { parsed = parseExact(body.value); } catch (e) { result.replaceChildren(el("p", { class: "error", text: `Not JSON: ${e.message}` })); return; }
     try {
       result.replaceChildren(colourJson(await send("POST", `${path}/commands`, parsed, { wait: wait.value })));
     } catch (e) { if (!(e instanceof Unauthorized)) result.replaceChildren(el("p", { class: "error", text: e.message })); }

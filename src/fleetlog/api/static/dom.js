@@ -48,6 +48,7 @@ export function colourJson(value) {
   const span = (cls, text) => el("span", { class: cls, text });
   const walk = (v, pad) => {
     if (v === null || typeof v === "boolean") out.push(span("b", String(v)));
+    else if (JSON.isRawJSON && JSON.isRawJSON(v)) out.push(span("n", v.rawJSON));  // an exact integer (api.js)
     else if (typeof v === "number") out.push(span("n", String(v)));
     else if (typeof v === "string") out.push(span("s", visible(JSON.stringify(v))));
     else if (Array.isArray(v)) {

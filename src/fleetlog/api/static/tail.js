@@ -1,6 +1,6 @@
 // The live tail: Server-Sent Events read with fetch() (EventSource cannot send the token in a
 // header), resumed after the last event received, with the server's `retry:`.
-import { ApiError, Unauthorized, call } from "./api.js";
+import { ApiError, Unauthorized, call, parseExact } from "./api.js";
 
 // Parse what arrived so far: the complete events in `text`, and the rest (an unfinished event).
 // The whole of the format: \n, \r\n or \r line ends, several `data:` lines joined with \n,
@@ -63,7 +63,7 @@ export function follow(params, lastId, { onRecord, onState }) {
           for (const e of events) {
             if (e.retry !== null) wait = e.retry;
             if (e.id) last = e.id;
-            if (e.event === "record" && e.data) onRecord(JSON.parse(e.data));
+            if (e.event === "record" && e.data) onRecord(parseExact(e.data), e.id);
           }
         }
       } catch (e) {
