@@ -205,17 +205,23 @@ async def test_records_orjson_cannot_write_back_are_refused_and_the_rest_stored(
     assert rows[1][3] == '{"seq":1,"n":' + huge + "}"
 
 
+@pytest.mark.parametrize("fragments", [2, 1])
 async def test_a_message_too_large_is_refused_after_the_acks_owed(
-    redis_url: str, processes: Processes, tmp_path: Path
+    redis_url: str, processes: Processes, tmp_path: Path, fragments: int
 ) -> None:
-    """A stored frame, then a fragmented one over the limit, sent together: the device
-    gets the first frame's pair, then ``too_large``, then close 1009; one record stored."""
+    """A stored frame, then a message over the limit (in two fragments, or one frame), sent
+    together: the device gets the first frame's pair, then ``too_large``, then close 1009; one
+    record stored.  (A single frame over the limit was closed by picows at its header, 1009
+    without ``too_large`` nor the pair owed: the record stored, its device told nothing.)"""
     data_dir = tmp_path / "data"
     _, port = processes.gateway(redis_url, data_dir, "--max-frame-bytes", "4096")
     processes.worker(redis_url, data_dir)
-    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+    async with websockets.connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
         await ws.send(legacy_frame("D", 0))
-        await ws.send(iter(["x" * 3000, "x" * 3000]))  # one message in two fragments
+        if fragments == 2:
+            await ws.send(iter(["x" * 3000, "x" * 3000]))  # one message in two fragments
+        else:
+            await ws.send("x" * 6000)
         replies = []
         with pytest.raises(websockets.ConnectionClosed) as closed:
             for _ in range(5):
@@ -224,4 +230,24 @@ async def test_a_message_too_large_is_refused_after_the_acks_owed(
     assert replies[:2] == [RECEIVED, STORED]
     assert [json.loads(reply)["code"] for reply in replies[2:]] == ["too_large"]
     assert wait_until(lambda: len(stored_rows(data_dir)) >= 1, timeout=30)
+    assert [seq for _, _, seq, _ in stored_rows(data_dir)] == [0]
+
+
+async def test_a_frame_far_over_the_limit_is_refused_at_its_header(
+    redis_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """A frame past what the read buffer of a frame at the limit holds (about 1.8 times the limit) is
+    never read: close 1009 at its header.  Nothing of it is stored, and a frame acked before
+    it stays stored once."""
+    data_dir = tmp_path / "data"
+    _, port = processes.gateway(redis_url, data_dir, "--max-frame-bytes", "4096")
+    processes.worker(redis_url, data_dir)
+    async with websockets.connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
+        assert await send_legacy(ws, legacy_frame("D", 0)) == [RECEIVED, STORED]
+        await ws.send(legacy_frame("D", 1, pad="x" * 100_000))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    assert wait_until(lambda: len(stored_rows(data_dir)) >= 1, timeout=30)
+    await asyncio.sleep(0.5)
     assert [seq for _, _, seq, _ in stored_rows(data_dir)] == [0]

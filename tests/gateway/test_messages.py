@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlog.gateway.messages import CloseCode, Message, MessageError, Opcode, Reassembler
+from fleetlog.gateway.messages import (
+    CloseCode,
+    Message,
+    MessageError,
+    Opcode,
+    Reassembler,
+    frame_cap,
+    read_buffer_for,
+)
 
 TEXT, BINARY, CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION
 
@@ -189,3 +197,13 @@ def test_fragments_per_message_are_bounded() -> None:
     with pytest.raises(MessageError) as info:
         reassembler.feed(CONT, True, b"}")  # the 101st frame of one message
     assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest.mark.parametrize("limit", [64, 4096, 1024 * 1024, 3_000_000])
+def test_picows_reads_every_frame_that_fits_the_buffer_a_frame_at_the_limit_grows(limit: int) -> None:
+    """Frames between the limit and the cap are refused by the gateway (too_large after the
+    replies owed), at no more memory than a frame at the limit."""
+    cap = frame_cap(limit)
+    assert cap >= limit
+    assert read_buffer_for(cap) == read_buffer_for(limit)
+    assert read_buffer_for(cap + 1) > read_buffer_for(limit)

@@ -17,7 +17,8 @@ from enum import IntEnum
 
 from fleetlog.errors import CloseCode, MessageError
 
-__all__ = ["MAX_FRAGMENTS", "BufferBudget", "CloseCode", "Message", "MessageError", "Opcode", "Reassembler"]
+__all__ = ["MAX_FRAGMENTS", "BufferBudget", "CloseCode", "Message", "MessageError", "Opcode", "Reassembler",
+           "frame_cap", "read_buffer_for"]
 
 
 class Opcode(IntEnum):
@@ -70,6 +71,29 @@ class BufferBudget:
 
 #: The read buffer picows gives a connection at first (``read_buffer_init_size``).
 _FIRST_READ_BUFFER = 2048
+
+def read_buffer_for(frame: int) -> int:
+    """The read buffer picows keeps for a connection once a frame of ``frame`` bytes came:
+    it starts at 2 KiB and doubles whenever a read leaves it over 90% full, so it ends at the
+    smallest such doubling that holds the frame (14: the longest header) with room to spare."""
+    size = _FIRST_READ_BUFFER
+    while size * 0.9 < frame + 14:
+        size *= 2
+    return size
+
+
+def frame_cap(max_message_bytes: int) -> int:
+    """The largest frame picows is let read (its ``max_frame_size``), given the message limit.
+
+    picows closes a connection with 1009 at the header of a frame over its limit, in its
+    compiled code, before the gateway hears of it: no ``too_large``, and the replies owed to
+    the frames before it (records already queued) never go out.  So the gateway lets it read
+    every frame that fits the read buffer a frame at the limit grows, and refuses those over
+    the limit itself, after the replies owed: a frame past the limit costs no more memory than
+    one at it.  Only a frame past that (about 1.8 times the limit) meets picows' bare 1009.
+    """
+    return max(max_message_bytes, int(read_buffer_for(max_message_bytes) * 0.9) - 14)
+
 
 #: The most frames one message may be split into.  Each frame costs a call and
 #: a little memory whatever its size: a 200 KiB message in 2-byte frames was
@@ -163,16 +187,9 @@ class Reassembler:
         self._buffer = 0
 
     def _grow_buffer(self, frame: int) -> None:
-        """Account for the read buffer a frame of ``frame`` bytes made the library keep.
-
-        picows starts at 2 KiB and doubles its buffer whenever a read leaves it
-        over 90% full, so a frame of ``frame`` bytes leaves it at the smallest
-        such doubling that holds it with room to spare.
-        """
-        size = _FIRST_READ_BUFFER
-        while size * 0.9 < frame + 14:  # 14: the longest frame header
-            size *= 2
-        grown = size - _FIRST_READ_BUFFER - self._buffer
+        """Account for the read buffer a frame of ``frame`` bytes made the library keep
+        (:func:`read_buffer_for`)."""
+        grown = read_buffer_for(frame) - _FIRST_READ_BUFFER - self._buffer
         if grown <= 0:
             return
         budget = self._budget

@@ -67,7 +67,7 @@ from fleetlog.gateway.connection import (
 )
 from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
 from fleetlog.gateway.listener import Listener, listen
-from fleetlog.gateway.messages import CloseCode
+from fleetlog.gateway.messages import CloseCode, frame_cap
 from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.wiring import GatewayParts, Shared, wire
@@ -524,7 +524,7 @@ class Gateway:
             False, settings.ping_interval, settings.ping_interval,
             WSAutoPingStrategy.PING_WHEN_IDLE,
             True,  # enable_auto_pong
-            settings.max_frame_bytes,
+            frame_cap(settings.max_frame_bytes),  # larger frames: the Reassembler refuses them
             None,  # extra_headers: client side only
             # Most connections sit idle between small frames; picows grows the
             # buffer for big ones.  16 KiB per connection was most of its memory.
