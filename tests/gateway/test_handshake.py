@@ -3,7 +3,12 @@ what a connection's protocol keeps once its handshake is over."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import logging
+import os
+import struct
 
 import pytest
 import redis
@@ -13,6 +18,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 from fleetlog.config import Settings
 from fleetlog.credentials import Credentials
 from fleetlog.gateway.handshake import token_in_head
+from fleetlog.gateway.messages import FIRST_READ_SIZE, read_buffer_for
 from fleetlog.gateway.server import Gateway
 from fleetlog.gateway.wiring import wire
 from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy
@@ -60,10 +66,22 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
             assert await send_legacy(ws, legacy_frame("handshake-door", 0)) == [RECEIVED, STORED]
             (connection,) = gateway.connections
             protocol = connection._transport.underlying_transport.get_protocol()
-            # No Python call per read: the transport finds picows' own methods.
+            # One Python call per read, the read buffer's budget; picows' own get_buffer.
             assert type(protocol).get_buffer is WSProtocol.get_buffer
-            assert type(protocol).buffer_updated is WSProtocol.buffer_updated
+            assert type(protocol).buffer_updated is not WSProtocol.buffer_updated
             assert not hasattr(protocol, "__dict__"), "one per connection: slots only"
+            # The protocol's idea of picows' read buffer is picows' buffer: with nothing
+            # unread, its free space is all of it; what it grew by is taken from the budget.
+            budget = gateway.parts.shared.budget
+            assert len(WSProtocol.get_buffer(protocol, -1)) == protocol.read_size == FIRST_READ_SIZE
+            largest = 0
+            for seq, size in enumerate((1_000, 5_000, 300_000, 10), start=1):
+                frame = legacy_frame("handshake-door", seq, pad="x" * size)
+                largest = max(largest, len(frame))
+                assert await send_legacy(ws, frame) == [RECEIVED, STORED]
+                assert len(WSProtocol.get_buffer(protocol, -1)) == protocol.read_size
+                assert protocol.read_size == read_buffer_for(largest)
+                assert budget.held == protocol.read_size - FIRST_READ_SIZE
             assert protocol.lookup is None and protocol._head is None
             assert protocol._deferred is None, "the lookup's task is let go once it ended"
             # The upgrade's headers: handshake-only, but picows keeps both messages.
@@ -73,5 +91,51 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
             # (A Logger, unlike an adapter, is registered with the logging manager.)
             assert not [name for name in logging.Logger.manager.loggerDict
                         if name.startswith("picows.server.")]
+    finally:
+        await gateway.stop()
+    assert budget.held == 0, "a connection that goes gives its read buffer back"
+
+
+async def _unfinished_frame(port: int, size: int, sent: int
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket connection that sends ``sent`` bytes of a ``size``-byte frame, and no more."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    writer.write(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", size) + b"\0\0\0\0" + b"x" * sent)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    return reader, writer
+
+
+async def test_unfinished_single_frames_are_held_within_the_budget(redis_url: str) -> None:
+    """A frame's bytes wait in picows' read buffer until the frame is whole: 200 connections that
+    each sent 1.8 MB of a frame held 345 MB beyond max_buffered_bytes.  Each doubling of a read
+    buffer is now taken from the budget first; past it the connection closes (1008), and the
+    budget comes back when connections go.  A device meanwhile is answered as usual."""
+    limit = 4 * 2**20
+    gateway = Gateway(wire(Settings(host="127.0.0.1", ws_port=0, auth="none", max_buffered_bytes=limit),
+                           redis_url))
+    await gateway.start()
+    budget = gateway.parts.shared.budget
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}") as canary:
+            attackers = [await _unfinished_frame(gateway.port, 1_000_000, 950_000) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            assert budget.held <= limit and budget.refused >= 2, (budget.held, budget.refused)
+            closed = 0
+            for reader, _ in attackers:
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                    data = await asyncio.wait_for(reader.read(64), 2)
+                    if data[:1] == b"\x88" and struct.unpack("!H", data[2:4])[0] == 1008:
+                        closed += 1
+            assert closed == budget.refused
+            assert await send_legacy(canary, legacy_frame("canary", 0)) == [RECEIVED, STORED]
+            for _, writer in attackers:
+                writer.close()
+            await asyncio.sleep(0.5)
+            assert budget.held == 0, "the connections gone, their buffers are given back"
     finally:
         await gateway.stop()

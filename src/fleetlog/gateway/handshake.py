@@ -24,6 +24,7 @@ from fleetlog import protocol
 from fleetlog.errors import ErrorCode, TooManyAuthFailures
 from fleetlog.gateway.addresses import AddressLimit
 from fleetlog.gateway.auth import token_from
+from fleetlog.gateway.messages import FIRST_READ_SIZE, BufferBudget, grows
 from fleetlog.queue.connection import REDIS_DOWN
 
 __all__ = ["MAX_REQUEST_HEAD", "HandshakeProtocol", "token_in_head"]
@@ -46,6 +47,11 @@ _503: Final = (b"HTTP/1.1 503 Service Unavailable\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(_LOOKUP_FAILED), _LOOKUP_FAILED))
 
 
+#: picows' own read methods, looked up once (the per-read path calls them).
+_get_buffer: Final = WSProtocol.get_buffer
+_buffer_updated: Final = WSProtocol.buffer_updated
+
+
 def _http_error(status: str, code: ErrorCode, message: str) -> bytes:
     body = protocol.error_frame(code, message)
     return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -54,6 +60,8 @@ def _http_error(status: str, code: ErrorCode, message: str) -> bytes:
 
 _408: Final = _http_error("408 Request Timeout", ErrorCode.BAD_FRAME,
                           "the request line and headers did not arrive in time")
+_BUFFERS_FULL: Final = _http_error("503 Service Unavailable", ErrorCode.UNAVAILABLE,
+                                   "the gateway holds too much for its connections; retry later")
 _TOO_MANY_CONNECTIONS: Final = _http_error(
     "429 Too Many Requests", ErrorCode.RATE_LIMITED,
     "too many connections from this address (max_connections_per_ip, per gateway process)")
@@ -75,8 +83,9 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     This subclass sees every byte before picows does (``get_buffer`` /
     ``buffer_updated`` are how the transport hands them over), keeps a copy
     until the headers end, and when they reach the limit writes the 431 and
-    closes instead of passing the bytes on.  Once the head has ended it costs
-    nothing: :meth:`_head_ended` hands the reads to picows directly.  It has
+    closes instead of passing the bytes on.  Once the head has ended
+    :meth:`_head_ended` hands the reads to picows with one check each (the read
+    buffer's budget, below).  It has
     ``__slots__`` (no instance ``__dict__``): one is held per connection.
 
     It also defers the upgrade while a token is looked up: picows decides it
@@ -84,10 +93,20 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
     :attr:`lookup` returns an awaitable (a token not in the gateway's cache),
     the last bytes are kept from picows, reading pauses, and once the lookup
     ends the bytes are handed over and picows answers from the cache.
+
+    And it keeps picows' read buffer within :attr:`read_budget` for the
+    connection's whole life (:meth:`_fits`): picows doubles the buffer whenever
+    a read leaves it over 90% full, and holds a frame's bytes there until the
+    frame is complete, so a connection that sends most of a big frame and
+    never the rest held up to twice the frame limit unseen (200 such
+    connections: 345 MB).  Each doubling is taken from the budget before the
+    read that causes it reaches picows; past the budget the connection's reads
+    are dropped and it closes (1008), as for unfinished fragmented messages.
+    That costs one Python call per read.
     """
 
     __slots__ = ("_admitted", "_deferred", "_head", "_peer_address", "_timer", "_view", "addresses",
-                 "counted", "head_timeout", "lookup")
+                 "counted", "head_timeout", "lookup", "read_budget", "read_size")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -108,6 +127,11 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         #: for a 429; anything else it raises is a 503 (it logs a Redis outage itself).
         self.lookup: Callable[[bytes, str | None], Awaitable[object] | None] | None = None
         self._deferred: asyncio.Task[None] | None = None
+        #: The process' budget for what connections hold (``None``: no limit), and the size
+        #: of picows' read buffer for this one, as picows grows it (what it took of the budget
+        #: is this less its first size).
+        self.read_budget: BufferBudget | None = None
+        self.read_size = FIRST_READ_SIZE
 
     def connection_made(self, transport: Any) -> None:
         """Count the connection against its address before anything is read (429 past the limit).
@@ -135,6 +159,9 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.read_budget is not None and self.read_size > FIRST_READ_SIZE:
+            self.read_budget.give(self.read_size - FIRST_READ_SIZE)
+        self.read_size = FIRST_READ_SIZE
         if self._admitted:
             self._admitted = False
             assert self.addresses is not None
@@ -181,17 +208,54 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
                     self.transport.underlying_transport.pause_reading()
                     self._deferred = asyncio.ensure_future(self._upgrade_after(pending, chunk))
                     return
-        super().buffer_updated(nbytes)
+        if self._fits(nbytes):
+            super().buffer_updated(nbytes)
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether picows may take the ``nbytes`` just read into its buffer's free space.
+
+        picows doubles its read buffer when a read leaves it more than 90%
+        full or within 256 bytes of full (``_maybe_grow_read_buffer``); the
+        doubling is taken from :attr:`read_budget` first.  Past the budget the
+        read is dropped, every later one too (the frame it was part of can
+        no longer be parsed), and the connection closes: see :meth:`_refuse_reads`.
+        """
+        size = self.read_size
+        return not grows(size, size - len(_get_buffer(self, -1)) + nbytes) or self._grow(size)
+
+    def _grow(self, size: int) -> bool:
+        """picows is about to double its read buffer of ``size`` bytes: take them from the
+        budget, or refuse the read (see :meth:`_fits`)."""
+        budget = self.read_budget
+        if budget is None or budget.take(size):
+            self.read_size = size * 2
+            return True
+        self._refuse_reads()
+        return False
+
+    def _refuse_reads(self) -> None:
+        """Drop every read from now on and close: 1008 after the replies owed once the
+        WebSocket is up (the connection's :meth:`buffer_refused`), else a 503."""
+        self.__class__ = _Dropping
+        transport = self.transport.underlying_transport
+        transport.set_protocol(self)
+        log.info("closed a connection: its read buffer would pass max_buffered_bytes")
+        refused = getattr(self.listener, "buffer_refused", None)
+        if refused is not None:
+            refused()
+        elif not transport.is_closing():
+            transport.write(_BUFFERS_FULL)
+            transport.close()
 
     def _peer(self) -> str | None:
         return self._peer_address
 
     def _head_ended(self) -> None:
-        """Hand every later read straight to picows: no Python call per read after the handshake.
+        """Hand every later read to picows, past the head's checks (the budget's stays).
 
-        The protocol becomes a :class:`_HeadEnded`, whose ``get_buffer`` and
-        ``buffer_updated`` are picows' own (same slots, so ``__class__`` can
-        change; nothing is stored per connection for it).  The protocol is set
+        The protocol becomes a :class:`_HeadEnded`, whose ``get_buffer`` is
+        picows' own (same slots, so ``__class__`` can change; nothing is
+        stored per connection for it).  The protocol is set
         again for a transport that binds those methods when the protocol is set
         (uvloop's; aiofastnet's looks them up on every read).
         """
@@ -239,6 +303,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
             view = WSProtocol.get_buffer(self, len(chunk) - offset)
             size = min(len(view), len(chunk) - offset)
             view[:size] = chunk[offset:offset + size]
+            if not self._fits(size):
+                return
             WSProtocol.buffer_updated(self, size)
             offset += size
         if not transport.is_closing():
@@ -246,12 +312,30 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
 
 
 class _HeadEnded(HandshakeProtocol):
-    """A :class:`HandshakeProtocol` whose request head has ended: picows reads directly."""
+    """A :class:`HandshakeProtocol` whose request head has ended: picows reads directly, each
+    read's growth of its buffer taken from the budget first (:meth:`HandshakeProtocol._fits`)."""
 
     __slots__ = ()
 
     get_buffer = WSProtocol.get_buffer
-    buffer_updated = WSProtocol.buffer_updated
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # HandshakeProtocol._fits inlined (grows() too): this runs on every read.
+        size = self.read_size
+        used = size - len(_get_buffer(self, -1)) + nbytes
+        if (used * 100 < size * 91 and size - used > 256) or self._grow(size):
+            _buffer_updated(self, nbytes)
+
+
+class _Dropping(HandshakeProtocol):
+    """A connection whose reads would have passed the budget: it reads nothing more."""
+
+    __slots__ = ()
+
+    get_buffer = WSProtocol.get_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass
 
 
 def token_in_head(head: bytes) -> str | None:

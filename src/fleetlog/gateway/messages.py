@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Final
 
 from fleetlog.errors import CloseCode, MessageError
 
-__all__ = ["MAX_FRAGMENTS", "BufferBudget", "CloseCode", "Message", "MessageError", "Opcode", "Reassembler",
-           "frame_cap", "read_buffer_for"]
+__all__ = ["FIRST_READ_BUFFER", "FIRST_READ_SIZE", "MAX_FRAGMENTS", "BufferBudget", "CloseCode", "Message",
+           "MessageError", "Opcode", "Reassembler", "frame_cap", "grows", "read_buffer_for"]
 
 
 class Opcode(IntEnum):
@@ -40,9 +41,11 @@ class BufferBudget:
     many connections hold one: 3,000 connections that each sent 900 KiB of a
     message and never finished it held 4.2 GB.  Every :class:`Reassembler`
     of a process takes from one budget the bytes of its unfinished message
-    (given back when the message ends) and what its connection's read buffer
-    grew to for big frames (given back when the connection goes); a frame
-    that would go past the budget closes its connection (1008) instead.
+    (given back when the message ends), and every connection's protocol what
+    its read buffer grows to, as it grows, before a frame is complete
+    (:class:`~fleetlog.gateway.handshake.HandshakeProtocol`; given back when the
+    connection goes): what would go past the budget closes its connection
+    (1008) instead.
     """
 
     __slots__ = ("given", "held", "limit", "refused")
@@ -69,15 +72,24 @@ class BufferBudget:
         self.given += size
 
 
-#: The read buffer picows gives a connection at first (``read_buffer_init_size``).
-_FIRST_READ_BUFFER = 2048
+#: The read buffer the gateway asks picows for (``read_buffer_init_size``), and what picows
+#: reads into of it at first: it keeps 256 bytes spare for its SIMD parsers.
+FIRST_READ_BUFFER: Final = 2048
+FIRST_READ_SIZE: Final = FIRST_READ_BUFFER - 256
+
+
+def grows(size: int, used: int) -> bool:
+    """Whether picows doubles its read buffer of ``size`` bytes once a read leaves ``used`` of
+    it taken (``WSProtocol._maybe_grow_read_buffer``: over 90% full, or 256 bytes left)."""
+    return used * 100 >= size * 91 or size - used <= 256
+
 
 def read_buffer_for(frame: int) -> int:
     """The read buffer picows keeps for a connection once a frame of ``frame`` bytes came:
-    it starts at 2 KiB and doubles whenever a read leaves it over 90% full, so it ends at the
-    smallest such doubling that holds the frame (14: the longest header) with room to spare."""
-    size = _FIRST_READ_BUFFER
-    while size * 0.9 < frame + 14:
+    the smallest doubling of its first one that holds the frame (14: the longest header)
+    without growing again."""
+    size = FIRST_READ_SIZE
+    while grows(size, frame + 14):
         size *= 2
     return size
 
@@ -92,7 +104,8 @@ def frame_cap(max_message_bytes: int) -> int:
     the limit itself, after the replies owed: a frame past the limit costs no more memory than
     one at it.  Only a frame past that (about 1.8 times the limit) meets picows' bare 1009.
     """
-    return max(max_message_bytes, int(read_buffer_for(max_message_bytes) * 0.9) - 14)
+    size = read_buffer_for(max_message_bytes)
+    return max(max_message_bytes, min((91 * size - 1) // 100, size - 257) - 14)
 
 
 #: The most frames one message may be split into.  Each frame costs a call and
@@ -110,8 +123,7 @@ class Reassembler:
     message ends or :meth:`discard` is called.
     """
 
-    __slots__ = ("_binary", "_budget", "_buffer", "_count", "_fragments", "_max_fragments", "_max_size",
-                 "_size")
+    __slots__ = ("_binary", "_budget", "_count", "_fragments", "_max_fragments", "_max_size", "_size")
 
     def __init__(self, max_size: int, budget: BufferBudget | None = None,
                  max_fragments: int = MAX_FRAGMENTS) -> None:
@@ -122,10 +134,6 @@ class Reassembler:
         self._binary = False
         self._size = 0  # bytes of the message so far (taken from the budget while fragmented)
         self._count = 0
-        #: What the WebSocket library's read buffer for this connection has grown to, as far
-        #: as frame sizes tell, beyond its first 2 KiB (taken from the budget until
-        #: :meth:`release`): it grows to hold the largest frame and never shrinks.
-        self._buffer = 0
 
     def feed(self, opcode: int, fin: bool, payload: bytes, reserved: int = 0) -> Message | None:
         """Take one data frame; return the message it completes, if any.
@@ -136,8 +144,6 @@ class Reassembler:
         too many frames, or the process' budget for unfinished messages spent;
         the caller must then close the connection with its code and feed nothing more.
         """
-        if len(payload) > self._buffer + _FIRST_READ_BUFFER // 2:
-            self._grow_buffer(len(payload))
         if reserved:
             self.discard()
             raise MessageError(CloseCode.PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
@@ -182,22 +188,6 @@ class Reassembler:
     def release(self) -> None:
         """The connection is gone: everything it held goes back to the budget."""
         self.discard()
-        if self._budget is not None:
-            self._budget.give(self._buffer)
-        self._buffer = 0
-
-    def _grow_buffer(self, frame: int) -> None:
-        """Account for the read buffer a frame of ``frame`` bytes made the library keep
-        (:func:`read_buffer_for`)."""
-        grown = read_buffer_for(frame) - _FIRST_READ_BUFFER - self._buffer
-        if grown <= 0:
-            return
-        budget = self._budget
-        if budget is not None and not budget.take(grown):
-            self.discard()
-            raise MessageError(CloseCode.POLICY_VIOLATION,
-                               "the gateway holds too much for its connections; send it again later")
-        self._buffer += grown
 
     def _check_size(self, size: int) -> None:
         if self._size + size > self._max_size:

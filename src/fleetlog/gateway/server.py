@@ -67,7 +67,7 @@ from fleetlog.gateway.connection import (
 )
 from fleetlog.gateway.handshake import HandshakeProtocol, token_in_head
 from fleetlog.gateway.listener import Listener, listen
-from fleetlog.gateway.messages import CloseCode, frame_cap
+from fleetlog.gateway.messages import FIRST_READ_BUFFER, CloseCode, frame_cap
 from fleetlog.gateway.registry import LinkRegistry, log_failure
 from fleetlog.gateway.tls import server_context
 from fleetlog.gateway.wiring import GatewayParts, Shared, wire
@@ -237,6 +237,12 @@ class DeviceConnection(WSListener):
         """Close the connection with ``code`` (see :meth:`Connection.close`)."""
         self.conn.close(code, reason)
         self._perform()
+
+    def buffer_refused(self) -> None:
+        """The protocol drops this connection's reads: its read buffer would pass the
+        process' budget (:class:`~fleetlog.gateway.handshake.HandshakeProtocol`)."""
+        self.close(CloseCode.POLICY_VIOLATION,
+                   "the gateway holds too much for its connections; send it again later")
 
     def send_command(self, wire: bytes) -> bool:
         """Write a command frame now; ``False`` if the connection is closing or gone."""
@@ -528,8 +534,9 @@ class Gateway:
             None,  # extra_headers: client side only
             # Most connections sit idle between small frames; picows grows the
             # buffer for big ones.  16 KiB per connection was most of its memory.
-            2048,
+            FIRST_READ_BUFFER,
         )
+        protocol.read_budget = self.parts.shared.budget
         protocol.lookup = self._lookup_first
         protocol.addresses = self.parts.addresses
         protocol.counted = self._watch_descriptors
