@@ -239,7 +239,8 @@ class HandshakeProtocol(WSProtocol):  # type: ignore[misc]  # picows' protocol i
         self.__class__ = _Dropping
         transport = self.transport.underlying_transport
         transport.set_protocol(self)
-        log.info("closed a connection: its read buffer would pass max_buffered_bytes")
+        # Counted (fleetlog_gateway_buffer_full_closes_total), not logged: an attack is thousands.
+        log.debug("closed a connection: its read buffer would pass max_buffered_bytes")
         refused = getattr(self.listener, "buffer_refused", None)
         if refused is not None:
             refused()
