@@ -71,9 +71,9 @@ def _gateway_options(function: F) -> F:
         click.option("--max-records-per-frame", type=int, default=None,
                      help="Records per v2 frame (500)."),
         click.option("--max-backlog", type=int, default=None, help="Answer busy above this backlog."),
-        click.option("--rate-records", type=options.Seconds(), default=None,
+        click.option("--rate-records", type=options.Seconds(above=True), default=None,
                      help="Per-device records/s (2000)."),
-        click.option("--rate-bytes", type=options.Seconds(), default=None,
+        click.option("--rate-bytes", type=options.Seconds(above=True), default=None,
                      help="Per-device bytes/s (2 MiB)."),
         click.option("--max-connections-per-ip", type=int, default=None,
                      help="Connections per client address, per gateway process, handshakes "
@@ -205,10 +205,11 @@ def gateway(config: str | None, **flags: Any) -> int:
 @options.STORE
 @options.FILES
 @click.option("--batch", type=int, default=None, help="Records per batch (default 500).")
-@click.option("--max-runtime", type=options.Seconds(), default=None, help="Planned exit after S seconds.")
+@click.option("--max-runtime", type=options.Seconds(above=True), default=None,
+              help="Planned exit after S seconds.")
 @click.option("--max-messages", type=int, default=None, help="Planned exit after N records.")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter after N failures.")
-@click.option("--claim-idle", type=options.Seconds(), default=None,
+@click.option("--claim-idle", type=options.Seconds(above=True), default=None,
               help="Claim records idle this long on a dead worker (default 30 s).")
 @options.QUEUE
 @click.option("--consumer", default=None, help="Consumer name in the group (default HOST-PID).")

@@ -27,8 +27,9 @@ class Seconds(click.FloatRange):
     """A number of seconds (or a rate): a float, never NaN or infinite (``--wait nan``
     passed click's range check and then failed as a socket timeout, with a traceback)."""
 
-    def __init__(self, low: float | None = 0, high: float | None = None) -> None:
-        super().__init__(low, high)
+    def __init__(self, low: float | None = 0, high: float | None = None, *, above: bool = False) -> None:
+        # above: more than ``low``, as the setting requires (``--help`` then says 0<x).
+        super().__init__(low, high, min_open=above)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)

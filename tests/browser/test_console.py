@@ -45,6 +45,16 @@ def send(ws: ClientConnection, frame: str) -> None:
     assert ws.recv(timeout=10) == STORED
 
 
+def device_page(browser: Any, api: Api, device: str) -> Any:
+    """A new page, logged in as admin, on ``device``'s page (from its row in the fleet table)."""
+    page = browser.new_page()
+    page.goto(api.url)
+    page.fill("#token", api.admin)
+    page.click("#login-form button[type=submit]")
+    page.locator(f'tr[data-device="{device}"] a').click()
+    return page
+
+
 def test_console_login_online_search_live_tail_command_export(
         api: Api, processes: Processes, screens: Path, tmp_path: Path) -> None:
     _, port = processes.gateway(api.redis_url, api.data_dir)
@@ -184,11 +194,7 @@ def test_a_device_named_dot_dot_shows_its_own_records(api: Api, processes: Proce
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page()
-            page.goto(api.url)
-            page.fill("#token", api.admin)
-            page.click("#login-form button[type=submit]")
-            page.locator('tr[data-device=".."] a').click()
+            page = device_page(browser, api, "..")
             rows = page.locator("#records .row")
             rows.first.wait_for(timeout=10_000)
             page.wait_for_timeout(500)
@@ -214,11 +220,7 @@ def test_the_live_tail_shows_each_record_once_across_apply_and_toggling(
             send(ws, legacy_frame(device, seq, level="info", msg=f"before {seq}", counter=big))
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page()
-            page.goto(api.url)
-            page.fill("#token", api.admin)
-            page.click("#login-form button[type=submit]")
-            page.locator(f'tr[data-device="{device}"] a').click()
+            page = device_page(browser, api, device)
             rows = page.locator("#records .row")
             rows.first.wait_for(timeout=10_000)
             rows.first.click()
