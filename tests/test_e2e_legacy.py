@@ -236,7 +236,7 @@ async def test_a_message_too_large_is_refused_after_the_acks_owed(
 async def test_a_frame_far_over_the_limit_is_refused_at_its_header(
     redis_url: str, processes: Processes, tmp_path: Path
 ) -> None:
-    """A frame past what the read buffer of a frame at the limit holds (about 1.8 times the limit) is
+    """A frame past what the read buffer of a frame at the limit holds (6,508 bytes here) is
     never read: close 1009 at its header.  Nothing of it is stored, and a frame acked before
     it stays stored once."""
     data_dir = tmp_path / "data"

@@ -102,7 +102,7 @@ def frame_cap(max_message_bytes: int) -> int:
     the frames before it (records already queued) never go out.  So the gateway lets it read
     every frame that fits the read buffer a frame at the limit grows, and refuses those over
     the limit itself, after the replies owed: a frame past the limit costs no more memory than
-    one at it.  Only a frame past that (about 1.8 times the limit) meets picows' bare 1009.
+    one at it.  Only a frame past that (1,669,843 bytes for a 1 MiB limit) meets picows' bare 1009.
     """
     size = read_buffer_for(max_message_bytes)
     return max(max_message_bytes, min((91 * size - 1) // 100, size - 257) - 14)
