@@ -130,8 +130,10 @@ class Settings(BaseSettings):
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
                          pattern=r"^[A-Za-z0-9._~-]{1,128}$")
     max_frame_bytes: int = Field(default=1 * MiB, ge=64)
-    # Bytes one gateway process holds in unfinished fragmented messages, all its
-    # connections together; a fragment past it closes its connection (1008).
+    # Bytes one gateway process holds for what devices send, all its connections
+    # together: unfinished fragmented messages, and read buffers as they grow past their
+    # first 1,792 bytes (a frame's bytes wait there until it is whole); what would go
+    # past it closes its connection (1008).
     max_buffered_bytes: int = Field(default=256 * MiB, ge=64)
     idle_timeout: float = Field(default=300.0, gt=0)
     ping_interval: float = Field(default=20.0, gt=0)

@@ -249,5 +249,14 @@ def test_the_live_tail_shows_each_record_once_across_apply_and_toggling(
             send(ws, legacy_frame(device, 6, level="info", msg="after"))
             shows(7)
             assert "after" in rows.first.inner_text()
+            # A first page that fails (a range the API refuses): the tail goes on all the same.
+            page.fill("#filters input[name=since]", "not a time")
+            page.click("#filters button[type=submit]")
+            page.locator("#records + p", has_text="Error").wait_for(timeout=10_000)
+            page.locator("#tail-state", has_text="live").wait_for(timeout=10_000)
+            send(ws, legacy_frame(device, 7, level="info", msg="after an error"))
+            playwright_sync.expect(rows).to_have_count(1, timeout=10_000)
+            assert "after an error" in rows.first.inner_text()
+            assert page.locator("#tail").get_attribute("aria-pressed") == "true"
         finally:
             browser.close()

@@ -252,7 +252,8 @@ def _metrics(devices: Devices[Any], counts: Counts, buffered: BufferBudget, prod
         ("counter", "fleetlog_gateway_errors_total|code",
          "Frames and connections refused, by error code.", lambda: counts.errors),
         ("gauge", "fleetlog_gateway_buffered_bytes",
-         "Bytes held in unfinished fragmented messages, all connections together.",
+         "Bytes held for what devices send: unfinished fragmented messages and the growth of "
+         "read buffers, all connections together.",
          lambda: buffered.held),
         ("counter", "fleetlog_gateway_buffer_full_closes_total",
          "Connections closed (1008) because max_buffered_bytes was held already.",

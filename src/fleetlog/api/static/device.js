@@ -40,23 +40,31 @@ export async function devicePage(main, crumbs, life, deviceId) {
        result));
 
   const filters = () => ({ q: q.value, level: level.value, since: since.value, until: until.value });
-  const pager = new Pager(list);
   // The tail starts where the first page was read (its tail_from: the store's position taken
-  // before the read) and skips the records that page already shows; turned off and on, it
-  // resumes after the last record it brought.  (From the page's newest cursor it could miss a
-  // record a slower worker committed late; restarted before the new page came, from the old
-  // page's newest, it showed the records tailed meanwhile twice.)
-  let resume = null, shown = new Set(), wanted = false, held = [], stopTail = null;
+  // before the read), once that page is in, and skips the records it shows; turned off and on,
+  // it resumes after the last record it brought; the older pages skip what it brought (a record
+  // a slower worker committed late is older than the page's newest).  (From the page's newest
+  // cursor it could miss that record; started before the new page came, it showed records twice.)
+  const tailed = new Set();
+  const pager = new Pager(list, { skip: (r) => tailed.has(r.cursor) });
+  let resume = null, shown = new Set(), wanted = false, loading = false, held = [], stopTail = null;
   const endTail = () => { if (stopTail) { stopTail(); stopTail = null; } };
   life.onStop(() => { pager.stop(); endTail(); });
   const load = () => {
     endTail();
+    loading = true;
     held = [];
+    tailed.clear();
     newRows.hidden = true;
     pager.start((cursor) => json("/api/logs", { device: deviceId, ...filters(), cursor, limit: PAGE }),
                 (page) => {
+                  loading = false;
                   resume = page.tail_from ?? (page.records.length ? page.records[0].cursor : null);
                   shown = new Set(page.records.map((r) => r.cursor));
+                  if (wanted) tail(true);
+                },
+                () => {  // no first page (the store busy, a bad range): the tail goes on from where it was
+                  loading = false;
                   if (wanted) tail(true);
                 });
   };
@@ -76,11 +84,13 @@ export async function devicePage(main, crumbs, life, deviceId) {
     endTail();
     status.textContent = "";
     if (!on) return;
+    if (loading) { status.textContent = "starting"; return; }  // the first page starts it
     const { q: text, level: lvl } = filters();
     stopTail = follow({ device: deviceId, q: text, level: lvl }, resume, {
       onRecord: (record, id) => {
         if (id) resume = id;
         if (shown.delete(record.cursor)) return;  // the first page has it already
+        tailed.add(record.cursor);
         if (window.scrollY < 40) list.prepend(recordRow(record, { fresh: true }));
         else { held.push(record); newRows.hidden = false; newRows.textContent = `${held.length} new record(s) ↑`; }
       },

@@ -27,19 +27,21 @@ export function recordRow(record, { showDevice = false, fresh = false } = {}) {
 // Pages of `fetchPage(cursor)` appended to `list` while the sentinel (put after the list) shows.
 // Starting again (new filters) stops the pager before.
 export class Pager {
-  constructor(list, { showDevice = false } = {}) {
+  // `skip(record)`: a record not to append (one already shown, above the pages).
+  constructor(list, { showDevice = false, skip = () => false } = {}) {
     this.list = list;
     this.showDevice = showDevice;
+    this.skip = skip;
     this.sentinel = el("p", { class: "muted" });
     list.after(this.sentinel);
     this.observer = new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) this.more(); });
     this.run = 0;
   }
 
-  // Start over with `fetchPage`; `onFirst(page)` sees the first page.
-  start(fetchPage, onFirst) {
+  // Start over with `fetchPage`; `onFirst(page)` sees the first page, `onFirstFailed(error)` its failure.
+  start(fetchPage, onFirst, onFirstFailed) {
     this.run += 1;
-    Object.assign(this, { fetchPage, onFirst, cursor: null, done: false, busy: false, first: true });
+    Object.assign(this, { fetchPage, onFirst, onFirstFailed, cursor: null, done: false, busy: false, first: true });
     this.list.replaceChildren();
     this.sentinel.textContent = "Loading…";
     this.observer.disconnect();
@@ -62,7 +64,8 @@ export class Pager {
       if (run !== this.run) return;  // started over meanwhile: this page belongs to nobody
       if (this.first && this.onFirst) this.onFirst(page);
       this.first = false;
-      this.list.append(...page.records.map((r) => recordRow(r, { showDevice: this.showDevice })));
+      this.list.append(...page.records.filter((r) => !this.skip(r))
+        .map((r) => recordRow(r, { showDevice: this.showDevice })));
       this.cursor = page.next_cursor;
       this.done = !this.cursor;
       this.sentinel.textContent = this.done ? (this.list.children.length ? "No older records." : "No records.") : "Loading…";
@@ -71,6 +74,7 @@ export class Pager {
       if (run !== this.run) return;
       if (!(e instanceof Unauthorized)) this.sentinel.textContent = `Error: ${e.message}`;
       this.done = true;
+      if (this.first && this.onFirstFailed) this.onFirstFailed(e);
     } finally {
       if (run === this.run) this.busy = false;
     }
