@@ -134,3 +134,15 @@ def test_send_says_what_went_wrong_with_its_exit_code_never_a_traceback() -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(("command", "flag"), [("gateway", "--rate-records"), ("gateway", "--rate-bytes"),
+                                               ("worker", "--max-runtime"), ("worker", "--claim-idle")])
+def test_a_flag_that_must_be_positive_says_so_in_help_and_refuses_zero(command: str, flag: str) -> None:
+    """``--help`` said x>=0 for these, then 0 was refused by the settings."""
+    helped = run_fleetlog(command, "--help")
+    assert helped.returncode == 0
+    line = " ".join(helped.stdout.split(flag, 1)[1].split("--", 1)[0].split())
+    assert "[x>0]" in line and "x>=0" not in line, line
+    refused = run_fleetlog(command, flag, "0", "--redis-url", "redis://127.0.0.1:1/0")
+    assert refused.returncode == 2 and "x>0" in refused.stderr and "Traceback" not in refused.stderr
