@@ -21,7 +21,7 @@ from fleetlog.gateway.handshake import token_in_head
 from fleetlog.gateway.messages import FIRST_READ_SIZE, read_buffer_for
 from fleetlog.gateway.server import Gateway
 from fleetlog.gateway.wiring import wire
-from tests.helpers import RECEIVED, STORED, legacy_frame, send_legacy
+from tests.helpers import RECEIVED, STORED, legacy_frame, queued, send_legacy
 
 
 def _head(target: str = "/", *headers: str) -> bytes:
@@ -137,5 +137,12 @@ async def test_unfinished_single_frames_are_held_within_the_budget(redis_url: st
                 writer.close()
             await asyncio.sleep(0.5)
             assert budget.held == 0, "the connections gone, their buffers are given back"
+            # A refused sender sends its record again, whole: acked, and queued once.
+            async with websockets.connect(f"ws://127.0.0.1:{gateway.port}", max_size=None) as again:
+                frame = legacy_frame("again", 0, pad="x" * 900_000)
+                assert await send_legacy(again, frame) == [RECEIVED, STORED]
     finally:
         await gateway.stop()
+    client = redis.Redis.from_url(redis_url)
+    assert [device for device, _ in queued(client)] == [b"canary", b"again"]
+    client.close()
