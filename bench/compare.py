@@ -12,7 +12,8 @@ error), 1 when a component failed; every process and the temporary worktrees
 are gone by the end either way.
 
 ``--after-env FLEETLOG_X=V`` (repeatable) sets a setting for the after side's
-gateways and workers only: with ``--after`` the same revision as ``--before``,
+processes only (its gateways and workers; also the load generator, which is the
+after side's for both and ignores server settings): with ``--after`` the same revision as ``--before``,
 the table is what the setting does against its default.
 """
 
@@ -339,7 +340,7 @@ def main() -> int:
     parser.add_argument("--only", type=_metric_list, default=list(METRICS),
                         help=f"Comma-separated subset of {','.join(METRICS)} (latency brings legacy).")
     parser.add_argument("--after-env", action="append", default=[], type=_setting, metavar="FLEETLOG_X=V",
-                        help="A setting for the after side's gateways and workers only (repeatable).")
+                        help="A setting for the after side's processes only (repeatable).")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="Where compare-<date>-<before>-<after>.md and .json go.")
     args = parser.parse_args()

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import contextlib
 import json
-import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from tests.helpers import closed_with, unfinished_frame
 
 from bench.revisions import Checkouts, Side
 from bench.runner import child_env
@@ -37,31 +34,6 @@ from fleetlog.net import free_port, wait_for_port
 __all__ = ["main"]
 
 _PY = sys.executable
-
-
-async def _attacker(port: int, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError(f"no upgrade: {head[:80]!r}")
-    writer.write(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", size) + b"\0\0\0\0")
-    chunk, left = b"x" * 65536, size - 1000
-    with contextlib.suppress(ConnectionError):
-        while left > 0:
-            writer.write(chunk[:min(left, len(chunk))])
-            left -= len(chunk)
-            await writer.drain()
-    return reader, writer
-
-
-async def _closed_by_gateway(reader: asyncio.StreamReader) -> bool:
-    with contextlib.suppress(TimeoutError, ConnectionError):
-        data = await asyncio.wait_for(reader.read(64), 1)
-        return data[:1] == b"\x88" and struct.unpack("!H", data[2:4])[0] == 1008
-    return False
 
 
 def once(side: Side, root: Path, connections: int, size: int, budget: int) -> dict[str, Any]:
@@ -80,10 +52,11 @@ def once(side: Side, root: Path, connections: int, size: int, budget: int) -> di
         before = process.memory_info().rss
 
         async def attack() -> tuple[int, int]:
-            held = await asyncio.gather(*(_attacker(port, size) for _ in range(connections)))
+            held = await asyncio.gather(*(unfinished_frame(port, size, size - 1000)
+                                          for _ in range(connections)))
             await asyncio.sleep(2)
             during = process.memory_info().rss
-            closed = sum(await asyncio.gather(*(_closed_by_gateway(reader) for reader, _ in held)))
+            closed = sum(await asyncio.gather(*(closed_with(reader, 1008, 1) for reader, _ in held)))
             for _, writer in held:
                 writer.close()
             return during, closed

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -15,6 +19,35 @@ import websockets
 
 RECEIVED = "server receive a message!"
 STORED = "log_upload_response"
+
+
+async def unfinished_frame(port: int, size: int, sent: int
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw WebSocket connection that sends ``sent`` bytes of a ``size``-byte text frame, and
+    no more (the bytes wait in the server's read buffer until the frame is whole)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"no upgrade: {head[:80]!r}")
+    writer.write(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", size) + b"\0\0\0\0")
+    chunk, left = b"x" * 65536, sent
+    with contextlib.suppress(ConnectionError):  # the server may close it meanwhile (1008)
+        while left > 0:
+            writer.write(chunk[:min(left, len(chunk))])
+            left -= len(chunk)
+            await writer.drain()
+    return reader, writer
+
+
+async def closed_with(reader: asyncio.StreamReader, code: int, timeout: float) -> bool:
+    """Whether the next bytes of a raw WebSocket connection are a close frame with ``code``."""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        data = await asyncio.wait_for(reader.read(64), timeout)
+        return data[:1] == b"\x88" and len(data) >= 4 and struct.unpack("!H", data[2:4])[0] == code
+    return False
 
 
 def legacy_frame(device_id: str, seq: int, **data: Any) -> str:

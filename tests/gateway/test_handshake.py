@@ -4,11 +4,7 @@ what a connection's protocol keeps once its handshake is over."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import logging
-import os
-import struct
 
 import pytest
 import redis
@@ -21,7 +17,7 @@ from fleetlog.gateway.handshake import token_in_head
 from fleetlog.gateway.messages import FIRST_READ_SIZE, read_buffer_for
 from fleetlog.gateway.server import Gateway
 from fleetlog.gateway.wiring import wire
-from tests.helpers import RECEIVED, STORED, legacy_frame, queued, send_legacy
+from tests.helpers import RECEIVED, STORED, closed_with, legacy_frame, queued, send_legacy, unfinished_frame
 
 
 def _head(target: str = "/", *headers: str) -> bytes:
@@ -96,20 +92,6 @@ async def test_after_the_head_picows_reads_directly_and_the_protocol_keeps_no_di
     assert budget.held == 0, "a connection that goes gives its read buffer back"
 
 
-async def _unfinished_frame(port: int, size: int, sent: int
-                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket connection that sends ``sent`` bytes of a ``size``-byte frame, and no more."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-    writer.write(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", size) + b"\0\0\0\0" + b"x" * sent)
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
-    return reader, writer
-
-
 async def test_unfinished_single_frames_are_held_within_the_budget(redis_url: str) -> None:
     """A frame's bytes wait in picows' read buffer until the frame is whole: 200 connections that
     each sent 1.8 MB of a frame held 345 MB beyond max_buffered_bytes.  Each doubling of a read
@@ -122,16 +104,11 @@ async def test_unfinished_single_frames_are_held_within_the_budget(redis_url: st
     budget = gateway.parts.shared.budget
     try:
         async with websockets.connect(f"ws://127.0.0.1:{gateway.port}") as canary:
-            attackers = [await _unfinished_frame(gateway.port, 1_000_000, 950_000) for _ in range(4)]
+            attackers = [await unfinished_frame(gateway.port, 1_000_000, 950_000) for _ in range(4)]
             await asyncio.sleep(0.5)
             assert budget.held <= limit and budget.refused >= 2, (budget.held, budget.refused)
-            closed = 0
-            for reader, _ in attackers:
-                with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                    data = await asyncio.wait_for(reader.read(64), 2)
-                    if data[:1] == b"\x88" and struct.unpack("!H", data[2:4])[0] == 1008:
-                        closed += 1
-            assert closed == budget.refused
+            closed = [await closed_with(reader, 1008, 2) for reader, _ in attackers]
+            assert sum(closed) == budget.refused
             assert await send_legacy(canary, legacy_frame("canary", 0)) == [RECEIVED, STORED]
             for _, writer in attackers:
                 writer.close()
