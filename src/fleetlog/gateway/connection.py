@@ -405,7 +405,7 @@ class Connection:
         saw no ack for.
         """
         self._state = _CLOSED
-        self._reassembler.release()
+        self._reassembler.discard()  # what it held goes back to the budget (the read buffer: the protocol's)
 
     # -- rules -----------------------------------------------------------------
 

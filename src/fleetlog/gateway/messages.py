@@ -185,10 +185,6 @@ class Reassembler:
         self._fragments = None
         self._size = 0
 
-    def release(self) -> None:
-        """The connection is gone: everything it held goes back to the budget."""
-        self.discard()
-
     def _check_size(self, size: int) -> None:
         if self._size + size > self._max_size:
             self.discard()
