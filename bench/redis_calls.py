@@ -40,13 +40,15 @@ _INGEST = "cmdstat_evalsha"
 _APPEND = "cmdstat_exec"
 
 
-def measure(root: Path, devices: int, messages: int, batch: int, linger: float = 0.0) -> dict[str, Any]:
+def measure(
+    root: Path, devices: int, messages: int, batch: int, linger: float | None = None
+) -> dict[str, Any]:
     server = RedisServer(root / "redis", appendfsync="everysec")
     server.start()
     port = free_port()
     # One gateway process, as the other benchmarks (child_env): two would each make smaller calls.
     argv = gateway_argv("fleetlog", port, server.url, root / "data")
-    if linger:
+    if linger is not None:
         argv += ["--ingest-linger", str(linger)]
     gateway = subprocess.Popen(argv, env=child_env(), stderr=subprocess.DEVNULL)
     try:
@@ -101,8 +103,8 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--messages", type=int, default=1000, help="Frames per device.")
     parser.add_argument("--batch", type=int, default=0, help="Records per v2 frame (0: legacy).")
-    parser.add_argument("--linger", type=float, default=0.0,
-                        help="The gateway's --ingest-linger (seconds; 0: its default, off).")
+    parser.add_argument("--linger", type=float, default=None,
+                        help="The gateway's --ingest-linger (seconds; 0: off; default: the gateway's).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetlog-redis-calls-") as directory:
         started = time.monotonic()

@@ -90,8 +90,9 @@ def _gateway_options(function: F) -> F:
                           "can lose acked records)."),
         click.option("--ingest-linger", type=options.Seconds(0, 0.1), default=None,
                      help="Seconds (at most 0.1) an idle queue shard may hold a Redis call for "
-                          "more records: less Redis CPU per record, up to that much more ack "
-                          "latency (default 0: none)."),
+                          "the devices it just acked, while they send again at once: less Redis "
+                          "CPU per record, up to that much more ack latency (default 0.002; 0: "
+                          "never)."),
     ]
     for option in reversed(declared):
         function = option(function)

@@ -158,9 +158,9 @@ class Settings(BaseSettings):
     rate_max_delay: float = Field(default=5.0, ge=0)
     redis_timeout: float = Field(default=5.0, gt=0)
     # Seconds an idle queue shard may hold its next Redis call for the records of the
-    # devices its last call answered (queue.producer): fewer, larger calls cost Redis
-    # less per record, and an ack may wait this long more.  0 (the default): at once.
-    ingest_linger: float = Field(default=0.0, ge=0, le=0.1)
+    # devices its last call answered, while they send again at once (queue.producer):
+    # fewer, larger calls cost Redis less per record; a paced fleet is not held.  0: never.
+    ingest_linger: float = Field(default=0.002, ge=0, le=0.1)
     # Gateway processes on one port (SO_REUSEPORT) under one parent; None: one per core.
     processes: int | None = Field(default=None, ge=1, le=1024)
     # Set by that parent for its children: listen with SO_REUSEPORT, sharing the port.

@@ -620,20 +620,44 @@ async def test_a_linger_gathers_the_answered_devices_into_one_call(
     redis_url: str, sync_client: redis.Redis, linger: float
 ) -> None:
     """With --ingest-linger an idle shard waits for the devices its last call answered,
-    so their next records go as one call (one stream entry) instead of one call each."""
+    so their next records go as one call (one stream entry) instead of one call each;
+    round after round, as long as they keep coming back within the linger."""
     devices = [f"D{n}" for n in range(10)]
     producer = await _linger_producer(redis_url, linger)
     try:
-        assert await _answer_then_resend(producer, devices, gap=0.01) == [QUEUED] * 10
+        for _ in range(3):
+            assert await _answer_then_resend(producer, devices, gap=0.01) == [QUEUED] * 10
     finally:
         await producer.close()
-    expected = [(device.encode(), f"{device} 1".encode()) for device in devices]
-    expected += [(device.encode(), f"{device} 2".encode()) for device in devices]
-    assert stream_entries(sync_client) == expected
+    expected = [(device.encode(), f"{device} {n}".encode()) for n in (1, 2) for device in devices]
+    assert stream_entries(sync_client) == expected * 3
     if linger:
-        assert producer.calls == 2 and sync_client.xlen(STREAM) == 2
+        assert producer.calls == 6 and sync_client.xlen(STREAM) == 6
     else:
-        assert producer.calls > 2, "without a linger each late record makes its own call"
+        assert producer.calls > 6, "without a linger each late record makes its own call"
+
+
+async def test_a_paced_fleet_is_not_held(redis_url: str, sync_client: redis.Redis) -> None:
+    """Devices that send on their own clock, later than the linger after their acks, are
+    not waited for: once a call's devices came back late, a lone record goes at once
+    (before that, :func:`test_a_linger_ends_at_its_limit`: it waits the linger out)."""
+    producer = await _linger_producer(redis_url, 0.3)
+    loop = asyncio.get_running_loop()
+    devices = [f"D{n}" for n in range(10)]
+    try:
+        for _ in range(2):
+            round_ = Outcomes()
+            for device in devices:  # all in one loop turn: one call, held for nothing
+                producer.submit(device, [b"paced"], round_.callback())
+            assert await round_.results() == [QUEUED] * 10
+            await asyncio.sleep(0.4)  # later than the linger: they did not come back at once
+        started = loop.time()
+        assert await submit(producer, "D0", [b"alone"]) == QUEUED
+        assert loop.time() - started < 0.2, "the devices answered came back late: not waited for"
+    finally:
+        await producer.close()
+    assert [record for _, record in stream_entries(sync_client)] == [b"paced"] * 20 + [b"alone"]
+    assert producer.calls == 3
 
 
 async def test_a_linger_ends_at_its_limit(redis_url: str, sync_client: redis.Redis) -> None:

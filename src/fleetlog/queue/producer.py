@@ -11,15 +11,18 @@ before its next records go, so one device's records reach the stream in the
 order it sent them.  The batch grows by itself when Redis is
 slower than the devices.
 
-With ``linger`` (0 by default: ``--ingest-linger``), a shard with no call in
-flight holds its next call up to that many seconds while fewer records wait
-than its last call carried plus those that waited when it came back: the
-devices it answered send again at once when they are busy.  What a call costs
-Redis is mostly the call, not its records, and a closed-loop legacy fleet
-otherwise settles into two calls of half its devices each (``bench.redis_calls``
-shows the calls' size).  The hold is once per call and ends when the records
-come, so a device alone after a call of one goes at once; the event loop's
-timers bound it from below (uvloop counts milliseconds).
+With ``linger`` (``--ingest-linger``, 2 ms by default), a shard with no call in
+flight holds its next call up to that many seconds for the devices its last
+call answered, when they are the kind that send again at once: it waits while
+fewer records wait than those that waited when the call came back plus the
+share of its records that the devices answered lately sent again within
+``linger`` of their acks (:class:`_Returns`).  What a call costs Redis is
+mostly the call, not its records, and a closed-loop legacy fleet otherwise
+settles into two calls of half its devices each (``bench.redis_calls`` shows
+the calls' size); a paced fleet, whose devices send on their own clock, shows a
+share near 0 and is not held at all, so its acks wait no longer.  The hold is
+once per call and ends when the records come; the event loop's timers bound it
+from below (uvloop counts milliseconds).
 
 A call of legacy frames only (no dedupe state) runs :data:`~.scripts.INGEST_PLAIN`,
 or, while the producer knows the shard stays under its backlog limit, the same
@@ -123,6 +126,55 @@ class _Submission:
     records: bytes
     size: int
     done: Done
+
+
+#: How much the calls before weigh in :class:`_Returns`' share, per call: about the
+#: last five count.
+_RETURNS_DECAY: Final = 0.8
+
+
+class _Returns:
+    """The share of answered records whose devices sent again within ``window`` of their ack.
+
+    A closed-loop device sends its next record as soon as it is acked; a paced one
+    on its own clock.  Holding a call for the first is worth it (they come within
+    the linger, and the call carries them as well: fewer, larger calls); for the
+    second it only delays what already waits.  Each device's last answer time is
+    kept while it may still count: for the devices answered within the last two
+    windows, so the memory is theirs, not the fleet's.
+    """
+
+    __slots__ = ("_answered", "_older", "_recent", "_returned", "_since", "_window")
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._recent: dict[str, float] = {}  # device -> when (time.monotonic()) it was answered
+        self._older: dict[str, float] = {}
+        self._since = 0.0  # when ``_recent`` was started
+        self._answered = 0.0  # records answered, each call's weighing _RETURNS_DECAY less per call
+        self._returned = 0.0  # records sent within the window of their device's answer, the same
+
+    def share(self) -> float:
+        """What the calls so far show; 1.0 before any (a device is taken to come back until it does not)."""
+        return min(1.0, self._returned / self._answered) if self._answered else 1.0
+
+    def answered(self, call: Sequence[_Submission], records: int, now: float) -> None:
+        """The devices of ``call`` (``records`` in all) are answered at ``now``."""
+        if now - self._since > self._window:
+            self._older, self._recent, self._since = self._recent, {}, now
+        recent = self._recent
+        for submission in call:
+            recent[submission.device_id] = now
+        self._answered = self._answered * _RETURNS_DECAY + records
+        self._returned *= _RETURNS_DECAY
+
+    def sent(self, device_id: str, records: int, now: float) -> None:
+        """``device_id`` submits ``records``: they count if it was answered within the window."""
+        at = self._recent.pop(device_id, None)
+        if at is None:
+            at = self._older.pop(device_id, None)
+        if at is not None and now - at <= self._window:
+            self._returned += records
 
 
 def _result(raw: Any) -> IngestResult:
@@ -241,6 +293,7 @@ class Producer:
         self._holding = [0] * shards
         self._max_in_flight = max_in_flight
         self._linger = linger
+        self._returns = _Returns(linger) if linger else None
         #: Per shard: the records its next call waits for (``linger`` at most), and until
         #: when (``loop.time()``) it has waited for them, 0.0 when it is not waiting.
         self._target = [0] * shards
@@ -314,6 +367,8 @@ class Producer:
             device_id, shard, keys.recent_frames(device_id, tag) if frame_id is not None else "",
             keys.stored_seqs(device_id, tag) if tracked else "", args, blob, count, done))
         self._waiting_records[shard] += count
+        if self._returns is not None:
+            self._returns.sent(device_id, count, time.monotonic())
         self._wakeup.set()
 
     async def _run(self) -> None:
@@ -517,8 +572,12 @@ class Producer:
                 if self.last_error != previous:  # the detail, once per change: not per call
                     log.warning("queueing failed: %s", self.last_error)
             self._in_flight[shard] -= 1
-            # What its next call waits for: these devices' next records, and those waiting now.
-            self._target[shard] = size + self._waiting_records[shard]
+            returns = self._returns
+            if returns is not None:
+                # What its next call waits for: those waiting now, and the records of the
+                # devices answered now that are likely to come back within the linger.
+                self._target[shard] = self._waiting_records[shard] + round(returns.share() * size)
+                returns.answered(call, size, time.monotonic())
             for submission in call:
                 left = self._busy[submission.device_id] - 1
                 if left:
