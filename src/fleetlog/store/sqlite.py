@@ -230,6 +230,9 @@ _MAX_TRIGRAMS: Final = 32
 _PROGRESS_STEPS: Final = 1000
 #: Records indexed per transaction at most (a few MiB of WAL).
 _INDEX_CHUNK: Final = 5_000
+#: Pages one step of :meth:`SQLiteStore._reclaim_search` may write (one transaction):
+#: ~256 x 4 KiB, a few milliseconds here.
+_RECLAIM_PAGES: Final = 256
 #: Seqs a fleet-wide read looks at per statement (FTS5 and the rowid seek to them): a
 #: few ms for a word in a fifth of the records.  Smaller slices cost a search nothing
 #: measurable (a million seqs in slices of 4,096 or 32,768: 285 ms either way), and
@@ -888,24 +891,59 @@ class SQLiteStore:
 
     def prune(self, *, before: int | None, max_bytes: int | None, limit: int) -> int:
         """Delete up to ``limit`` of the oldest records received before ``before``
-        or, when the store is over ``max_bytes``, the oldest records; return how many.
+        or, when the store is over ``max_bytes``, the oldest records until it is
+        not; return how many.
 
-        One short transaction per call, so a worker can interleave pruning with
-        ingestion without stalling it.  The newest record is always kept: SQLite
-        numbers a new row max(seq) + 1, so emptying the table would hand out seqs
-        again from 1, and every cursor (``--follow``, the daily files) holding an
-        old seq would skip the new records (see the cursor contract).
+        One short transaction per ``limit`` records, so a worker can interleave
+        pruning with ingestion without stalling it for long.  The newest record
+        is always kept: SQLite numbers a new row max(seq) + 1, so emptying the
+        table would hand out seqs again from 1, and every cursor (``--follow``,
+        the daily files) holding an old seq would skip the new records (see the
+        cursor contract).
+
+        By size, what a deleted record took is not all given back at once: its
+        table and index pages go to the free list (not counted), but the full-text
+        index only records that the record left, in pages of its own, until its
+        segments are merged.  Measured while those pages stay, the store looked
+        over the cap until nothing was left (20,000 records pruned to 1 by a cap
+        of half the store).  So a size pass first gives the full-text index's
+        pages back (:meth:`_reclaim_search`, when records left since), measures,
+        and deletes the oldest records in proportion to how far over it is (the
+        records' share of the store is their share of its bytes), then measures
+        again.
         """
         if before is not None:
             # The oldest records by seq (no index on received_at: it would slow every
             # insert); a record redelivered long after its peers goes a little later.
-            victims = ("SELECT seq FROM (SELECT seq, received_at FROM records ORDER BY seq LIMIT ?)"
-                       " WHERE received_at < ?")
-            params: tuple[int, ...] = (limit, before)
-        elif max_bytes is not None and self.used_bytes() > max_bytes:
-            victims, params = "SELECT seq FROM records ORDER BY seq LIMIT ?", (limit,)
-        else:
+            return self._delete_oldest(
+                "SELECT seq FROM (SELECT seq, received_at FROM records ORDER BY seq LIMIT ?)"
+                " WHERE received_at < ?", (limit, before))
+        if max_bytes is None:
             return 0
+        deleted = 0
+        while (used := self.used_bytes()) > max_bytes:
+            if self._reclaim_search():
+                continue  # measure again, without the pages the index gave back
+            live = self._live_records()
+            over = min(live - 1, max(1, -(-live * (used - max_bytes) // used)))
+            if over <= 0:
+                break  # only the newest record is left (kept: see above)
+            while over > 0:
+                done = self._delete_oldest("SELECT seq FROM records ORDER BY seq LIMIT ?",
+                                           (min(limit, over),))
+                if not done:
+                    return deleted
+                deleted += done
+                over -= done
+        return deleted
+
+    def _live_records(self) -> int:
+        with self._reading():
+            row = self._db.execute("SELECT coalesce(sum(records), 0) FROM devices").fetchone()
+        return int(row[0])
+
+    def _delete_oldest(self, victims: str, params: tuple[int, ...]) -> int:
+        """Delete the records ``victims`` selects (never the newest); return how many."""
         with self._transaction(upkeep=True) as db:
             gone: Counter[str] = Counter()
             volume: Counter[tuple[int, str | bytes]] = Counter()
@@ -924,8 +962,37 @@ class SQLiteStore:
             # Blocks wholly pruned; the rest stay an upper bound, which is all reads need.
             db.execute("DELETE FROM received_max WHERE block <"
                        f" (SELECT coalesce(min(seq), 0) FROM records) >> {_BLOCK_BITS}")
+            if gone:  # the full-text index holds pages for them until merged (_reclaim_search)
+                db.execute("INSERT INTO meta (key, value) VALUES ('search_reclaim', 1)"
+                           " ON CONFLICT (key) DO UPDATE SET value = 1")
         self._bound_wal()
         return sum(gone.values())
+
+    def _reclaim_search(self) -> bool:
+        """Merge the full-text index's segments until the records deleted from it are gone
+        from its pages too; whether there was anything to do.
+
+        FTS5 keeps a deleted row's entries, and a note that it left, until a merge
+        brings them together; ``merge`` with a negative count merges whatever the
+        segments' levels, a bounded amount of work per transaction (the WAL is
+        bounded after each), and changes nothing once the index is one segment
+        without deleted rows: the end of ``optimize``, in steps.
+        """
+        with self._reading():
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'search_reclaim'").fetchone()
+        if not row or not row[0]:
+            return False
+        while True:
+            with self._transaction(upkeep=True) as db:
+                before = db.total_changes
+                db.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('merge', ?)",
+                           (-_RECLAIM_PAGES,))
+                merged = db.total_changes - before > 1  # the command's own row counts one
+                if not merged:
+                    db.execute("UPDATE meta SET value = 0 WHERE key = 'search_reclaim'")
+            self._bound_wal()
+            if not merged:
+                return True
 
     def max_seq(self) -> int:
         with self._reading():

@@ -56,8 +56,8 @@ class Pruner:
         cutoff = self._cutoff()
         try:
             deleted = self.store.prune(before=cutoff, max_bytes=None, limit=self.batch)
-            if not deleted:
-                deleted = self.store.prune(before=None, max_bytes=self.max_bytes, limit=self.batch)
+            if deleted < self.batch:  # caught up by age: then the size cap, in the same step
+                deleted += self.store.prune(before=None, max_bytes=self.max_bytes, limit=self.batch)
         except StoreUnavailable:
             # A lock it could not get in time (pg_dump holds one for its whole run), a store
             # down: tried again after the interval, not after every batch (each try waited).
