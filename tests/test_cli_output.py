@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetlog.net import free_port
 from fleetlog.records import QueuedRecord, StoredRecord
 from fleetlog.store.sqlite import SQLiteStore
 from fleetlog.view import record_line, record_text, safe_text
@@ -146,3 +147,24 @@ def test_a_flag_that_must_be_positive_says_so_in_help_and_refuses_zero(command: 
     assert "[x>0]" in line and "x>=0" not in line, line
     refused = run_fleetlog(command, flag, "0", "--redis-url", "redis://127.0.0.1:1/0")
     assert refused.returncode == 2 and "x>0" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("command", [["device", "add", "door-1"], ["device", "list"], ["dlq", "list"],
+                                     ["alert", "list"], ["api-token", "add", "ops", "--role", "read"]])
+def test_an_admin_command_without_its_redis_says_so_in_one_line(command: list[str]) -> None:
+    """Redis down: one line naming Redis and exit 2, where a 70-line traceback was."""
+    free = str(free_port())  # nothing listens there
+    done = run_fleetlog(*command, "--redis-url", f"redis://127.0.0.1:{free}/0")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "Redis unavailable" in done.stderr and free in done.stderr
+
+
+def test_a_redis_url_whose_port_is_no_number_is_a_configuration_error() -> None:
+    """It passed the settings and failed at the first connection, as a worker's "fatal error"."""
+    for command in (["dlq", "list"], ["worker", "--max-runtime", "2"]):
+        done = run_fleetlog(*command, "--redis-url", "redis://127.0.0.1:notaport/0")
+        assert done.returncode == 2, done.stderr
+        assert "redis_url" in done.stderr and "notaport" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -151,6 +151,23 @@ def main() -> None:
         cli()
     except FleetlogError as exc:
         _fail(str(exc))
+    except Exception as exc:
+        problem = _redis_problem(exc)
+        if problem is None:
+            raise
+        _fail(problem)
+
+
+def _redis_problem(exc: Exception) -> str | None:
+    """One line for a Redis that cannot be reached or refused a command (an admin command's
+    only call failing: ``device add``, ``dlq list`` ...); ``None`` for anything else."""
+    import redis.exceptions
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"Redis unavailable: {exc}"
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return f"Redis refused the command: {exc}"
+    return None
 
 
 @cli.command()

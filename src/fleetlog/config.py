@@ -272,6 +272,11 @@ class Settings(BaseSettings):
         schemes, kind, use = _URL_KINDS[info.field_name or ""]
         if value is not None and not value.startswith(schemes):
             raise ValueError(f"{mask_url(value)!r} is not {kind}: use {use}")
+        if value is not None and info.field_name == "redis_url":
+            try:  # a port that is no number would fail at the first connection, as a traceback
+                _ = urlsplit(value).port
+            except ValueError as exc:
+                raise ValueError(f"{mask_url(value)!r}: {exc}") from None
         return value
 
     @field_validator("retention")
