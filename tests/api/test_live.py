@@ -20,6 +20,7 @@ from fleetlog.store import open_store
 from tests.api.conftest import Api
 from tests.conftest import Processes, wait_for_port
 from tests.helpers import STORED, legacy_frame, send_legacy
+from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +123,27 @@ def test_schemathesis_no_5xx_and_responses_match_the_schema(
         ran.append(op.label)
     assert len(ran) >= 13, ran
     assert len(negated) >= 7, negated
+
+
+def test_readyz_says_when_the_postgresql_store_is_down(
+        api: Api, processes: Processes, private_postgres: PostgresServer) -> None:
+    """It said ``store: ok`` (200) with PostgreSQL stopped, while every read was a 503."""
+    store = private_postgres.create_database()
+    open_store(store).close()  # the schema
+    port = free_port()
+    process = processes.start("api", "--redis-url", api.redis_url, "--data-dir", str(api.data_dir),
+                              "--port", str(port), "--store", store)
+    wait_for_port(port, process=process)
+    headers = {"Authorization": f"Bearer {api.reader}"}
+
+    def ready() -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers, timeout=10)
+
+    assert ready().status_code == 200 and ready().json()["checks"]["store"] == "ok"
+    private_postgres.stop()
+    down = ready()
+    assert down.status_code == 503, down.text
+    assert down.json()["checks"]["store"].startswith("cannot reach the store at postgresql://")
+    assert down.json()["checks"]["redis"] == "ok"
+    private_postgres.start()
+    assert ready().status_code == 200

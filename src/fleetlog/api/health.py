@@ -3,7 +3,8 @@
 Ready means: Redis answers, the store is writable, and the workers' consumer
 lag is under ``max_consumer_lag``.  For SQLite "writable" is tested for real:
 a write transaction begun and rolled back (taking the write lock for an
-instant), without ever creating the file.
+instant), without ever creating the file; PostgreSQL must take a new
+connection and be a primary.
 
 Under ``fleetlog up`` the checks also name the parts ``up`` runs (gateway,
 worker) and, when Redis or one of them is down, what ``up`` is doing about it
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from fleetlog.api.deps import ERRORS, Found, ReadToken, ReadTokenUnlessRedisDown, Services
+from fleetlog.config import mask_url
 from fleetlog.embedded import up_parts
 from fleetlog.metrics import CONTENT_TYPE, render
 from fleetlog.queue.stats import queue_stats_for
@@ -30,6 +32,9 @@ from fleetlog.queue.stats import queue_stats_for
 __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
+
+#: Seconds /readyz waits for PostgreSQL to answer (whole seconds: libpq's connect_timeout).
+_STORE_TIMEOUT_S = 2
 
 
 class Healthy(BaseModel):
@@ -48,7 +53,7 @@ def healthz() -> Healthy:
 
 def _store_problem(url: str) -> str | None:
     if not url.startswith("sqlite:///"):
-        return None  # other stores report through their own checks
+        return _postgres_problem(url)
     path = url.removeprefix("sqlite:///")
     try:
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=1.0, isolation_level=None)
@@ -61,6 +66,22 @@ def _store_problem(url: str) -> str | None:
         return f"the store is not writable: {exc}"
     finally:
         db.close()
+    return None
+
+
+def _postgres_problem(url: str) -> str | None:
+    """PostgreSQL answers on a connection of its own (the readers' pool may hold ones made
+    before it went down) and is a primary: a standby in recovery takes no writes."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=_STORE_TIMEOUT_S, autocommit=True,
+                             application_name="fleetlog-readyz") as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    except psycopg.Error as exc:
+        return f"cannot reach the store at {mask_url(url)}: {str(exc).strip().splitlines()[0]}"
+    if row is not None and row[0]:
+        return f"the store at {mask_url(url)} is a standby in recovery: it takes no writes"
     return None
 
 
