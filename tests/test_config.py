@@ -299,3 +299,18 @@ def test_a_url_of_the_wrong_kind_is_refused_with_what_to_write(flag: str, value:
                  "redis+cluster://h:7000"):
         assert load_settings(redis_url=good).redis_url == good
     assert load_settings(store="postgresql://u@h:5432/db").store_url == "postgresql://u@h:5432/db"
+
+
+def test_no_files_beats_files_from_the_file_and_the_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``up --no-files`` reaches its worker as FLEETLOG_NO_FILES; a ``files`` in the TOML file
+    or the environment was still used there, and the daily files were written."""
+    config = tmp_path / "fleetlog.toml"
+    config.write_text(f'files = "{tmp_path / "from-toml"}"\n')
+    assert load_settings(config).files == tmp_path / "from-toml"
+    assert load_settings(config, no_files=True).files is None
+    monkeypatch.setenv("FLEETLOG_FILES", str(tmp_path / "from-env"))
+    monkeypatch.setenv("FLEETLOG_NO_FILES", "true")
+    assert load_settings(config).files is None, "the worker's view: up's flag came as env"
+    monkeypatch.setenv("FLEETLOG_NO_FILES", "false")
+    assert load_settings(config).files == tmp_path / "from-env"

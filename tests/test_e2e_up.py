@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import websockets
 
+from fleetlog import keys
 from fleetlog.embedded import free_port
 from fleetlog.supervise import API_NICE, _port_taken
 from tests.conftest import wait_for_port
@@ -461,3 +462,27 @@ def test_a_device_on_a_killed_gateway_reads_offline_once_its_node_lapses(tmp_pat
             up.wait(30)
         except subprocess.TimeoutExpired:
             up.kill()
+
+
+def test_up_on_a_redis_of_its_own_is_found_from_its_data_dir(tmp_path: Path, redis_url: str) -> None:
+    """``up --redis-url``: the commands its banner prints (``device add ... --data-dir``) found no
+    Redis, since only an embedded one was recorded in the data dir."""
+    import redis
+
+    data_dir, log, ws_port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = _up(data_dir, ws_port, log, "--redis-url", redis_url)
+    try:
+        wait_for_port(ws_port, timeout=30, process=up)
+        assert wait_until(lambda: "fleetlog is up." in log.read_text(), timeout=30)
+        up_file = data_dir / "redis" / "fleetlog-up.json"
+        assert json.loads(up_file.read_text())["url"] == redis_url
+        assert up_file.stat().st_mode & 0o777 == 0o600, "its URL may hold a password"
+        added = run_fleetlog("device", "add", "door-1", "--data-dir", str(data_dir))
+        assert added.returncode == 0, added.stderr
+        assert redis.Redis.from_url(redis_url).exists(keys.device_credential("door-1")), "added there"
+        listed = run_fleetlog("devices", "--json", "--data-dir", str(data_dir))
+        assert listed.returncode == 0 and "no Redis found" not in listed.stderr, listed.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+    assert not (data_dir / "redis" / "fleetlog-up.json").exists(), "gone with up"

@@ -260,6 +260,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _no_files_means_none(self) -> Settings:
+        # ``up --no-files`` beats a ``files`` from the TOML file or the environment, in every
+        # process it starts (they get FLEETLOG_NO_FILES): a flag beats both.
+        if self.no_files and self.files is not None:
+            self.files = None
+        return self
+
+    @model_validator(mode="after")
     def _list_needs_one_redis(self) -> Settings:
         if self.queue == "list" and self.on_cluster:
             raise ValueError("queue = list cannot run on a Redis Cluster (its scripts span keys of "

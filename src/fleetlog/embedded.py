@@ -32,8 +32,8 @@ from fleetlog.errors import ConfigError, ServerNotFound, ServerNotReady
 from fleetlog.net import free_port
 from fleetlog.process import parent_death_hook
 
-__all__ = ["LocalCluster", "RedisServer", "find_server_binary", "free_port", "resolve_redis_url",
-           "up_parts"]
+__all__ = ["LocalCluster", "RedisServer", "find_server_binary", "free_port", "remove_up_file",
+           "resolve_redis_url", "up_parts", "write_up_file"]
 
 _UP_FILE: Final = "fleetlog-up.json"
 
@@ -178,14 +178,32 @@ class RedisServer:
         never sees half a file.
         """
         assert self.process is not None
-        path = self.directory / _UP_FILE
-        partial = path.with_suffix(".tmp")
-        partial.write_bytes(orjson.dumps({"url": self.url, "pid": self.process.pid,
-                                          "owner": os.getpid(), "parts": dict(parts or {})}))
-        os.replace(partial, path)
+        write_up_file(self.directory, self.url, parts, pid=self.process.pid)
 
     def remove_up_file(self) -> None:
-        (self.directory / _UP_FILE).unlink(missing_ok=True)
+        remove_up_file(self.directory)
+
+
+def write_up_file(directory: Path, url: str, parts: Mapping[str, str] | None = None, *,
+                  pid: int | None = None) -> None:
+    """Record, for the commands given ``up``'s data dir, the Redis URL it runs on (``pid``:
+    its embedded server's; ``owner``: ``up``'s own) and its parts' states.
+
+    Written whole and renamed into place, so a reader never sees half a file;
+    readable by its owner only (an external Redis's URL may hold a password).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _UP_FILE
+    partial = path.with_suffix(".tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(orjson.dumps({"url": url, "pid": pid, "owner": os.getpid(),
+                                "parts": dict(parts or {})}))
+    os.replace(partial, path)
+
+
+def remove_up_file(directory: Path) -> None:
+    (directory / _UP_FILE).unlink(missing_ok=True)
 
 
 def _cluster_port() -> int:

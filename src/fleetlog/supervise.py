@@ -48,7 +48,7 @@ from pathlib import Path
 
 from fleetlog.backoff import Backoff
 from fleetlog.config import Settings, mask_url
-from fleetlog.embedded import RedisServer
+from fleetlog.embedded import RedisServer, remove_up_file, write_up_file
 from fleetlog.lifecycle import EXIT_FORCED
 from fleetlog.net import PortWait, wait_for_port
 from fleetlog.process import Child, Supervisor, tend
@@ -174,12 +174,18 @@ def _metrics_ports(settings: Settings) -> tuple[int, int]:
     return ports[0], ports[1]
 
 
+def _files_dir(settings: Settings) -> Path:
+    """Where ``up``'s worker writes the daily files: ``files`` if set (flag, env or TOML),
+    else the data dir's ``logs``."""
+    return settings.files if settings.files is not None else settings.data_dir / "logs"
+
+
 def _banner(settings: Settings, redis_url: str, embedded: bool, metrics: tuple[int, int]) -> str:
     data_dir = settings.data_dir
     fleetlog = _command()
     ws = f"{'wss' if settings.tls_cert else 'ws'}://{settings.host}:{settings.ws_port}"
     flag = f" --data-dir {data_dir}" if data_dir != Path("fleetlog-data") else ""
-    files = "off" if settings.no_files else str(data_dir / "logs" / "device" / "log")
+    files = "off" if settings.no_files else str(_files_dir(settings) / "device" / "log")
     gateway_metrics, worker_metrics = metrics
     return "\n".join([
         "fleetlog is up.",
@@ -219,6 +225,10 @@ class Up(Supervisor):
         self.settings = settings
         self.config_file = config_file
         self.redis: RedisServer | None = None
+        #: The Redis given with --redis-url (None: the embedded one, ``redis``).
+        self.external_url: str | None = None
+        #: Where the up file goes (see :mod:`fleetlog.embedded`), whichever Redis.
+        self._up_dir = settings.data_dir / "redis"
         #: The embedded Redis as a :class:`Child`: restarted by :func:`tend`, like the others.
         self.redis_child: Child | None = None
         #: Whether the Redis started last has answered PING (loaded its AOF) since.
@@ -256,12 +266,16 @@ class Up(Supervisor):
             self.parts = {"redis": OK, "gateway": OK, "worker": OK, "api": OK, "alerter": OK}
             self.redis.write_up_file(self.parts)
             redis_url = self.redis.url
+        else:  # its own Redis: the other commands given this data dir find it the same way
+            self.external_url = redis_url
+            self.parts = {"gateway": OK, "worker": OK, "api": OK, "alerter": OK}
+            write_up_file(self._up_dir, redis_url, self.parts)
         metrics = gateway_metrics, worker_metrics = _metrics_ports(settings)
         try:
             worker_extra = ["--redis-url", redis_url, "--consumer", f"up-{settings.node_id}",
                             "--metrics-port", str(worker_metrics)]
             if not settings.no_files:
-                worker_extra += ["--files", str(settings.data_dir / "logs")]
+                worker_extra += ["--files", str(_files_dir(settings))]
             env = {**os.environ, **settings.as_env()}
             self.children = [
                 Child("gateway", self._argv(
@@ -367,12 +381,14 @@ class Up(Supervisor):
         elif state == OK and child.name in self.down_since:
             print(f"fleetlog: {child.name} is back (down "
                   f"{now - self.down_since.pop(child.name):.1f} s).", flush=True)
-        if self.redis is not None and self.redis.process is not None:
-            try:
+        try:
+            if self.redis is not None and self.redis.process is not None:
                 self.redis.write_up_file(self.parts)
-            except OSError as exc:  # a full disk (the one Redis just failed on, likely)
-                print(f"fleetlog: cannot record the parts' state in {self.redis.directory} "
-                      f"({exc}); /readyz shows the last one written until it can be.", flush=True)
+            elif self.external_url is not None:
+                write_up_file(self._up_dir, self.external_url, self.parts)
+        except OSError as exc:  # a full disk (the one Redis just failed on, likely)
+            print(f"fleetlog: cannot record the parts' state in {self._up_dir} "
+                  f"({exc}); /readyz shows the last one written until it can be.", flush=True)
 
     def _shutdown(self) -> None:
         """Stop in dependency order: gateway, worker (``self.children``'s order), then Redis.
@@ -385,6 +401,8 @@ class Up(Supervisor):
             self.redis.stop()
             self.redis.remove_up_file()
             log.info("stopped: redis")
+        elif self.external_url is not None:
+            remove_up_file(self._up_dir)
         print("fleetlog stopped.", flush=True)
 
 
