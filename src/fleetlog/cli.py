@@ -163,7 +163,11 @@ def _redis_problem(exc: Exception) -> str | None:
     only call failing: ``device add``, ``dlq list`` ...); ``None`` for anything else."""
     import redis.exceptions
 
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+    from fleetlog.queue.connection import REDIS_DOWN
+
+    if not isinstance(exc, redis.exceptions.RedisError):
+        return None  # (REDIS_DOWN also holds the built-in ConnectionError: not Redis's here)
+    if isinstance(exc, REDIS_DOWN):
         return f"Redis unavailable: {exc}"
     if isinstance(exc, redis.exceptions.ResponseError):
         return f"Redis refused the command: {exc}"

@@ -33,7 +33,8 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
 
-#: Seconds /readyz waits for PostgreSQL to answer (whole seconds: libpq's connect_timeout).
+#: Seconds /readyz waits for PostgreSQL to connect, and then to answer (whole seconds:
+#: libpq's connect_timeout).
 _STORE_TIMEOUT_S = 2
 
 
@@ -76,7 +77,8 @@ def _postgres_problem(url: str) -> str | None:
 
     try:
         with psycopg.connect(url, connect_timeout=_STORE_TIMEOUT_S, autocommit=True,
-                             application_name="fleetlog-readyz") as conn:
+                             application_name="fleetlog-readyz",
+                             options=f"-c statement_timeout={_STORE_TIMEOUT_S * 1000}") as conn:
             row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
     except psycopg.Error as exc:
         return f"cannot reach the store at {mask_url(url)}: {str(exc).strip().splitlines()[0]}"

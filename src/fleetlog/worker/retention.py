@@ -1,8 +1,12 @@
 """Retention: forget records past their age (``--retention 30d``) or size cap.
 
-Pruning runs inside the worker, one bounded batch at a time between ingest
-batches, so the store's write lock is never held long enough to stall
-ingestion; ``fleetlog prune`` runs it to completion once.  Daily files go by
+Pruning runs inside the worker between ingest batches, in transactions of at
+most ``batch`` records, so the store's write lock is never held long; by age
+one batch per step, by size (once the age is caught up) until the store is
+under its cap, which on SQLite first merges the full-text index (its cost
+grows with the index: the worker's ingest into the store waits that long, the
+queue holds what arrives meanwhile).  ``fleetlog prune`` runs it to completion
+once.  Daily files go by
 whole days, only once every record of the day is past retention.
 """
 
@@ -49,7 +53,8 @@ class Pruner:
         return int(time.time() * 1000) - self.retention_ms
 
     def step(self) -> int:
-        """One bounded batch of pruning if it is due; return how many records went."""
+        """One batch of pruning by age (at most ``batch`` records) if it is due, then, once the
+        age is caught up, the size cap (until the store is under it); how many records went."""
         now = time.monotonic()
         if not self.enabled or now < self._next:
             return 0
