@@ -109,12 +109,23 @@ async def test_newer_connection_keeps_its_link(
     _, port = processes.gateway(redis_url, tmp_path)
     client = redis.Redis.from_url(redis_url)
     url = f"ws://127.0.0.1:{port}"
+
+    async def link_other_than(conn: str | None) -> str:
+        """The device's link once it names a connection other than ``conn``: links are
+        written by their own Redis call, which may land after the record's ack."""
+        for _ in range(100):
+            raw = client.hget("device:links", "D1")
+            if raw is not None and json.loads(raw)["conn"] != conn:
+                return str(json.loads(raw)["conn"])
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"D1's link still {raw!r} after 5 s")
+
     async with websockets.connect(url) as old:
         await send_legacy(old, legacy_frame("D1", 0))
-        first = json.loads(client.hget("device:links", "D1"))["conn"]
+        first = await link_other_than(None)
         async with websockets.connect(url) as new:
             await send_legacy(new, legacy_frame("D1", 1))
-            second = json.loads(client.hget("device:links", "D1"))["conn"]
+            second = await link_other_than(first)
             assert second != first
             await old.close()
             await asyncio.sleep(0.5)
