@@ -72,7 +72,7 @@ class Scale:
     timeout: float
 
 
-QUICK = Scale("quick", devices=100, legacy_messages=100, v2_frames=10, drain_records=20_000,
+QUICK = Scale("quick", devices=100, legacy_messages=300, v2_frames=30, drain_records=20_000,
               latency_seconds=3, timeout=120)
 FULL = Scale("full", devices=100, legacy_messages=400, v2_frames=40, drain_records=100_000,
              latency_seconds=8, timeout=300)
