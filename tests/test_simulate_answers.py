@@ -60,3 +60,22 @@ async def test_an_unanswered_frame_is_sent_again_and_the_run_ends_in_time() -> N
     seqs = [frame["data"]["seq"] for frame in server.frames]  # type: ignore[index]
     assert seqs[0] == 0 and set(seqs[1:]) == {1} and len(seqs) >= 3, seqs
     assert summary.reconnects >= 2 and server.connections >= 3  # the probe, then one per answer timeout
+
+
+async def test_a_frame_in_flight_at_the_deadline_ends_the_run_then() -> None:
+    """The run's timeout is shorter than the answer timeout (30 s): the run still ends on time."""
+    server = _Server(answered=1)
+    listening = await ws_create_server(server.listener, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    started = time.monotonic()
+    try:
+        summary = await asyncio.wait_for(
+            simulate(f"ws://127.0.0.1:{port}/", 1, 3, prefix="late-", timeout=2.0), timeout=30)
+    finally:
+        listening.close()
+    took = time.monotonic() - started
+
+    assert took < 6, f"the run outlived its 2 s timeout: {took:.1f} s"
+    assert summary.acked == 1 and summary.reconnects == 0
+    assert summary.failure == "TimeoutError: simulation ran out of time"
+    assert [frame["data"]["seq"] for frame in server.frames] == [0, 1]  # type: ignore[index]

@@ -136,12 +136,15 @@ class _Device(WSListener):
     def __init__(self) -> None:
         self.waiter: asyncio.Future[str | None] | None = None
         self.closed = False
-        #: When (``time.perf_counter()``) the frame in flight is overdue; see :class:`_Watchdog`.
+        #: When (``time.monotonic()``) the frame in flight is overdue; see :class:`_Watchdog`.
         self.answer_by = math.inf
 
-    def overdue(self, now: float) -> None:
-        """Fail the frame in flight if its answer is past due (the connection is then made again)."""
-        if now > self.answer_by:
+    def overdue(self, now: float, out_of_time: bool) -> None:
+        """Fail the frame in flight if its answer is past due (the device sends it again on a
+        new connection), or if the run is out of time (the device stops)."""
+        if out_of_time:
+            self._resolve(TimeoutError("simulation ran out of time"))
+        elif now > self.answer_by:
             self._resolve(_NoAnswer())
 
     def _resolve(self, outcome: str | BaseException | None) -> None:
@@ -200,21 +203,24 @@ def _frame(device_id: str, index: int, count: int, pad: int, session: str = "") 
 
 
 class _Watchdog:
-    """Fails the frames that went unanswered too long: one sweep a second over the
-    connected devices, where ``asyncio.wait_for`` on each frame cost the load generator
-    a task, a timer and a callback per frame (an eighth of its CPU in a legacy run)."""
+    """Fails the frames that went unanswered too long, and every frame in flight once the
+    run is out of time: one sweep a second over the connected devices, where
+    ``asyncio.wait_for`` on each frame cost the load generator a task, a timer and a
+    callback per frame."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, deadline: float) -> None:
         self.timeout = timeout
+        self.deadline = deadline  # time.monotonic()
         self.devices: set[_Device] = set()
 
     async def run(self) -> None:
         interval = min(1.0, self.timeout / 4)
         while True:
             await asyncio.sleep(interval)
-            now = time.perf_counter()
+            now = time.monotonic()
+            out_of_time = now > self.deadline
             for device in self.devices:
-                device.overdue(now)
+                device.overdue(now, out_of_time)
 
 
 L = TypeVar("L", bound=WSListener)
@@ -282,7 +288,7 @@ async def _run_device(
                 device.waiter = asyncio.get_running_loop().create_future()
                 count = min(batch, summary.messages - index) if batch else 0
                 started = time.perf_counter()
-                device.answer_by = started + watchdog.timeout
+                device.answer_by = time.monotonic() + watchdog.timeout
                 transport.send(WSMsgType.TEXT, _frame(device_id, index, count, pad, session))
                 summary.sent += count or 1
                 outcome = await device.waiter
@@ -356,7 +362,7 @@ async def simulate(
         summary.elapsed = time.perf_counter() - started
         return summary
 
-    watchdog = _Watchdog(answer_timeout)
+    watchdog = _Watchdog(answer_timeout, deadline)
     watching = asyncio.get_running_loop().create_task(watchdog.run(), name="simulate-watchdog")
     try:
         results = await asyncio.gather(
