@@ -11,7 +11,7 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
 from fleetlog import protocol
-from fleetlog.simulate import simulate
+from fleetlog.simulate import SimulationSummary, simulate
 
 
 class _Server:
@@ -39,18 +39,22 @@ class _Server:
         return Listener()
 
 
-async def test_an_unanswered_frame_is_sent_again_and_the_run_ends_in_time() -> None:
-    server = _Server(answered=1)
+async def _run(server: _Server, **options: float) -> tuple[SimulationSummary, float]:
+    """One device sending 3 records to ``server``: the summary, and how long the run took."""
     listening = await ws_create_server(server.listener, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
     started = time.monotonic()
     try:
         summary = await asyncio.wait_for(
-            simulate(f"ws://127.0.0.1:{port}/", 1, 3, prefix="quiet-", timeout=3.0, answer_timeout=0.4),
-            timeout=30)
+            simulate(f"ws://127.0.0.1:{port}/", 1, 3, prefix="quiet-", **options), timeout=30)
     finally:
         listening.close()
-    took = time.monotonic() - started
+    return summary, time.monotonic() - started
+
+
+async def test_an_unanswered_frame_is_sent_again_and_the_run_ends_in_time() -> None:
+    server = _Server(answered=1)
+    summary, took = await _run(server, timeout=3.0, answer_timeout=0.4)
 
     assert took < 10, f"the run outlived its 3 s timeout: {took:.1f} s"
     assert summary.acked == 1 and summary.acked_through == {"quiet-0001": 1}
@@ -65,15 +69,7 @@ async def test_an_unanswered_frame_is_sent_again_and_the_run_ends_in_time() -> N
 async def test_a_frame_in_flight_at_the_deadline_ends_the_run_then() -> None:
     """The run's timeout is shorter than the answer timeout (30 s): the run still ends on time."""
     server = _Server(answered=1)
-    listening = await ws_create_server(server.listener, "127.0.0.1", 0)
-    port = listening.sockets[0].getsockname()[1]
-    started = time.monotonic()
-    try:
-        summary = await asyncio.wait_for(
-            simulate(f"ws://127.0.0.1:{port}/", 1, 3, prefix="late-", timeout=2.0), timeout=30)
-    finally:
-        listening.close()
-    took = time.monotonic() - started
+    summary, took = await _run(server, timeout=2.0)
 
     assert took < 6, f"the run outlived its 2 s timeout: {took:.1f} s"
     assert summary.acked == 1 and summary.reconnects == 0
