@@ -27,6 +27,10 @@ class Profile:
     #: Duration of the half-load latency run, seconds, and its connections.
     latency_seconds: float
     latency_connections: int
+    #: Half-load runs (each followed by the floor's); the median p99 is reported.  Quick
+    #: mode repeats them too: one 2-second run's p99 on a shared 2-core VM moved from
+    #: 4.3 to 9.0 ms between runs of one gateway within minutes (2026-12-07).
+    latency_repeats: int
     #: Records preloaded for each worker drain.
     drain_records: int
     #: Idle connections held open for the memory measurement.
@@ -47,6 +51,7 @@ QUICK = Profile(
     repeats=1,
     latency_seconds=2.0,
     latency_connections=100,
+    latency_repeats=3,
     drain_records=20_000,
     idle_connections=2_000,
     run_timeout=45.0,
@@ -59,6 +64,7 @@ FULL = Profile(
     repeats=3,
     latency_seconds=8.0,
     latency_connections=100,
+    latency_repeats=3,
     drain_records=100_000,
     idle_connections=10_000,
     run_timeout=240.0,

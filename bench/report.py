@@ -205,7 +205,7 @@ def _ratio_spread(results: dict[str, Any]) -> list[str]:
 
 
 def _latency_spread(results: dict[str, Any]) -> list[str]:
-    """Every repeat's p99 of the half-load runs (full mode), per system and the floor."""
+    """Every repeat's p99 of the half-load runs, per system and the floor."""
     found = []
     for name, result in (results.get("ingest") or {}).items():
         for key, label in (("half_load", name), ("half_load_floor", "floor")):

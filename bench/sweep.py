@@ -142,7 +142,7 @@ def _latency(bench: Bench, result: dict[str, Any], server: Server, max_rate: flo
     """``half_load``: the median p99 of the profile's repeats at half of ``max_rate``.
 
     A single p99 moves by a factor of two from run to run on a shared machine, so
-    full mode repeats it as it repeats the ingest runs.  With ``with_floor``, each
+    both modes repeat it (``Profile.latency_repeats``).  With ``with_floor``, each
     repeat is followed by the same load against an instant-ack server
     (``half_load_floor``, its median p99 too): a failure there is noted in it and
     does not count against the system.
@@ -153,7 +153,7 @@ def _latency(bench: Bench, result: dict[str, Any], server: Server, max_rate: flo
     try:
         if with_floor:
             floor = _noting(result, lambda: start_server(bench, INSTANT_ACK))
-        for _ in range(bench.profile.repeats):
+        for _ in range(bench.profile.latency_repeats):
             run = attempt(lambda: half_load(bench, server, max_rate))
             if run is None:
                 break
