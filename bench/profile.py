@@ -28,8 +28,8 @@ class Profile:
     latency_seconds: float
     latency_connections: int
     #: Half-load runs (each followed by the floor's); the median p99 is reported.  Quick
-    #: mode repeats them too: one 2-second run's p99 on a shared 2-core VM moved from
-    #: 4.3 to 9.0 ms between runs of one gateway within minutes (2026-12-07).
+    #: mode repeats them too: one run's p99 on a shared 2-core VM moved from 4.3 to 9.0 ms
+    #: between runs of one gateway within minutes (2026-12-07).
     latency_repeats: int
     #: Records preloaded for each worker drain.
     drain_records: int
