@@ -8,9 +8,7 @@ from typing import Final
 
 __all__ = ["parse_duration", "parse_time"]
 
-#: ASCII digits only: ``\d`` alone takes any script's (``١h``, ``１h``), which no one types
-#: on purpose and which a log line or a URL would show as something else.
-_RELATIVE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$", re.ASCII)
+_RELATIVE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
                    "w": 604_800_000}
 
