@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from fleetlog import keys
+from fleetlog.embedded import RedisServer
 from fleetlog.gateway.registry import LinkRegistry
 from fleetlog.links import is_online, parse_link
 from fleetlog.queue.connection import connect_async
@@ -33,8 +34,8 @@ async def registries(redis_url: str) -> AsyncIterator[Callable[..., LinkRegistry
     """Started registries (each with its own client and control messages), closed at the end."""
     made: list[tuple[LinkRegistry, Any]] = []
 
-    def make(node_id: str, *, take_over: bool = True,
-             control: list[dict[str, Any]] | None = None) -> LinkRegistry:
+    def make(node_id: str, *, take_over: bool = True, control: list[dict[str, Any]] | None = None,
+             redis_url: str = redis_url) -> LinkRegistry:
         async_client = connect_async(redis_url, timeout=5.0)
         registry = LinkRegistry(async_client, node_id=node_id, heartbeat_ttl=1.5,
                                 info={"host": "127.0.0.1", "port": 1}, take_over=take_over)
@@ -101,6 +102,61 @@ async def test_no_take_over_without_authentication(client: redis.Redis, registri
     await eventually(lambda: (link_of(client, "legacy") or {}).get("node") == "node-new")
     await asyncio.sleep(0.3)
     assert told == [], "auth none: a claim of a device id closes nothing elsewhere"
+
+
+def link_scripts_run(client: redis.Redis) -> int:
+    """How many link updates (``EVAL`` of LINK or UNLINK) the server ran since it started."""
+    return int(client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+
+
+async def test_a_link_that_moves_on_every_frame_is_written_once_per_round_trip(
+    client: redis.Redis, registries: Any
+) -> None:
+    """--auth none: two connections of one id take its link in turn, frame after frame."""
+    registry = registries("node-a")
+    await asyncio.sleep(0.1)
+    client.config_resetstat()
+    for frame in range(1000):  # one loop turn: the writer has not run yet
+        registry.link("gate:1/a", f"node-a/{frame % 2}")
+    assert registry.pending == 1
+    await eventually(lambda: (link_of(client, "gate:1/a") or {}).get("conn") == "node-a/1")
+    assert registry.pending == 0
+    assert link_scripts_run(client) == 1, "one write for the last word, not 1,000"
+
+
+async def test_an_outage_holds_a_few_link_updates_per_device_and_writes_their_outcome(
+    private_redis: RedisServer, registries: Any
+) -> None:
+    """While Redis is down, relinks and reconnects pile up per device, not per event; once
+    it is back, each device's link is what its last update said."""
+    registry = registries("node-a", redis_url=private_redis.url)
+    await asyncio.sleep(0.2)
+    private_redis.stop()
+    devices = [f"door:{n}/x" for n in range(20)]  # the link key's and the conn id's separators
+    for turn in range(300):  # relinks, two connections taking turns, reconnects
+        for device in devices:
+            registry.link(device, f"node-a/{device}/{turn % 2}")
+            if turn % 50 == 0:
+                registry.unlink(device, f"node-a/{device}/{turn % 2}")
+    for n, device in enumerate(devices):
+        if n % 2:  # its last connection closed
+            registry.unlink(device, f"node-a/{device}/1")
+            registry.unlink(device, f"node-a/{device}/1")
+    registry.link("last", "node-a/last")  # queued after all of them: written last
+    await asyncio.sleep(0.5)  # the writer fails meanwhile and keeps them
+    assert registry.pending == len(devices) + len(devices) // 2 + 1, "at most a link and an unlink each"
+    private_redis.start()
+    client = redis.Redis.from_url(private_redis.url)
+    await eventually(lambda: link_of(client, "last") is not None, timeout=10)
+    for n, device in enumerate(devices):
+        link = link_of(client, device)
+        if n % 2:
+            assert link is None, device
+        else:
+            assert link is not None and link["conn"] == f"node-a/{device}/1", device
+    assert link_scripts_run(client) == len(devices) + len(devices) // 2 + 1
+    assert registry.pending == 0
+    client.close()
 
 
 async def test_refusals_are_counted_per_device_and_reason(client: redis.Redis, registries: Any) -> None:

@@ -12,16 +12,22 @@ Each node keeps ``fleetlog:node:<id>`` alive with a TTL.  A node that dies
 without cleaning up leaves links behind, but they point at a node whose
 heartbeat key is gone: readers report them offline (:func:`fleetlog.links.is_online`).
 
-Link changes and refusal counts are queued and written by one task, in order,
-so a quick connect/disconnect can never be applied backwards; while Redis is
-down, or refuses writes (out of memory, read-only), they wait, and are written
-once it takes them again.  Every task here outlives any error: it logs it,
-backs off and carries on (:func:`log_failure`).
+Link changes and refusal counts are queued and written by one task, each
+device's in order, so a quick connect/disconnect can never be applied
+backwards; while Redis is down, or refuses writes (out of memory, read-only),
+they wait, and are written once it takes them again.  What waits is kept per
+device and only what can still change the outcome (:func:`_queue_link`): a
+device whose link moves on every frame (two connections of one id taking it in
+turn, with ``--auth none``) costs one write per round trip, not one per frame,
+and an outage of an hour holds a few updates per device, not every relink of
+the hour.  Every task here outlives any error: it logs it, backs off and
+carries on (:func:`log_failure`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -50,6 +56,30 @@ _MAX_BACKOFF = 2.0
 MAX_CONTROL_BYTES = 17 * 1024 * 1024
 #: Characters of a dropped control message that its log line shows.
 _SHOWN = 200
+#: Devices whose link updates go in one pipeline at most; the others wait for the next
+#: (after an outage every device of a node may have one waiting).
+_LINKS_PER_WRITE = 1000
+
+#: A link update: ``("link", connection id)`` or ``("unlink", connection id)``.
+_LinkOp = tuple[str, str]
+
+
+def _queue_link(pending: dict[str, list[_LinkOp]], device_id: str, op: _LinkOp) -> None:
+    """Add ``op`` to the device's updates waiting in ``pending``, keeping what can still matter.
+
+    A link sets the device's field whatever it held (:data:`~fleetlog.queue.scripts.LINK`),
+    so it replaces every update of the device still waiting: an unlink before it is
+    undone by it, a link before it overwritten.  What a take-over sends is the same
+    either way: the field still names the connection Redis last saw, here or on the
+    other node.  An unlink deletes the field only while it names that connection
+    (:data:`~fleetlog.queue.scripts.UNLINK`), so it goes after what waits, once.
+    """
+    if op[0] == "link":
+        pending[device_id] = [op]
+        return
+    ops = pending.setdefault(device_id, [])
+    if op not in ops:
+        ops.append(op)
 
 
 def _shown(data: object) -> str:
@@ -132,7 +162,8 @@ class LinkRegistry:
         self._ttl_ms = int(heartbeat_ttl * 1000)
         self._info = orjson.dumps({"node": node_id, **info})
         self._take_over = "1" if take_over else "0"
-        self._ops: list[tuple[str, str, str]] = []
+        #: Link updates waiting to be written, per device in order (:func:`_queue_link`).
+        self._links: dict[str, list[_LinkOp]] = {}
         self._refusals: Counter[tuple[str, str]] = Counter()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -158,12 +189,17 @@ class LinkRegistry:
         ]
 
     def link(self, device_id: str, conn_id: str) -> None:
-        self._ops.append(("link", device_id, conn_id))
+        _queue_link(self._links, device_id, ("link", conn_id))
         self._wakeup.set()
 
     def unlink(self, device_id: str, conn_id: str) -> None:
-        self._ops.append(("unlink", device_id, conn_id))
+        _queue_link(self._links, device_id, ("unlink", conn_id))
         self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        """Link updates waiting to be written."""
+        return sum(map(len, self._links.values()))
 
     def count_refusal(self, device_id: str | None, reason: str) -> None:
         """Count a refused frame or handshake; ``None`` for an unknown device."""
@@ -174,50 +210,74 @@ class LinkRegistry:
         backoff = Backoff(initial=0.1, cap=_MAX_BACKOFF)
         while True:
             _unless_cancelled()
-            if not self._ops and not self._refusals:
+            if not self._links and not self._refusals:
                 if self._closing:
                     return
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            ops = self._ops[:]
+            links = self._take_links()
             refusals = self._refusals.copy()
             try:
-                await self._write_batch(ops, refusals)
+                await self._write_batch(links, refusals)
                 backoff.reset()
             except Exception as exc:
                 _unless_cancelled()
                 log_failure("writing link updates", exc)
                 if self._closing:
-                    log.warning("dropping %d link updates at shutdown", len(self._ops))
+                    log.warning("dropping %d link updates at shutdown", self.pending)
                     return
                 await backoff.sleep()
 
-    async def _write_batch(self, ops: list[tuple[str, str, str]],
+    def _take_links(self) -> dict[str, list[_LinkOp]]:
+        """The updates of the first ``_LINKS_PER_WRITE`` devices waiting, out of the queue."""
+        if len(self._links) <= _LINKS_PER_WRITE:
+            links, self._links = self._links, {}
+            return links
+        links = dict(itertools.islice(self._links.items(), _LINKS_PER_WRITE))
+        for device_id in links:
+            del self._links[device_id]
+        return links
+
+    def _put_back(self, links: dict[str, list[_LinkOp]]) -> None:
+        """Queue updates that were not written again, before those queued meanwhile."""
+        for device_id, ops in self._links.items():
+            for op in ops:
+                _queue_link(links, device_id, op)
+        self._links = links
+
+    async def _write_batch(self, links: dict[str, list[_LinkOp]],
                            refusals: Counter[tuple[str, str]]) -> None:
-        """Write ``ops`` and ``refusals``; forget what was written, raise if anything was not.
+        """Write ``links`` and ``refusals``; forget what was written, raise if anything was not.
 
         A pipeline runs every command even when one fails (out of memory, say),
         so the refusal counts that were added are forgotten one by one.  Link
-        changes are forgotten only all together: replaying a link or an unlink
-        is harmless, and replaying all of them keeps their order.
+        updates are queued again all together if one failed, or if the write
+        did not finish (cancelled at shutdown): replaying a link or an unlink is
+        harmless, and replaying all of them keeps each device's order.
         """
-        async with self._client.pipeline(transaction=False) as pipe:
-            for action, device_id, conn_id in ops:
-                if action == "link":
-                    value = orjson.dumps({"node": self.node_id, "conn": conn_id,
-                                          "since": iso_ms(int(time.time() * 1000))})
-                    pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value,
-                              self.node_id, conn_id, keys.node_control(""), self._take_over)
-                else:
-                    pipe.eval(scripts.UNLINK, 1, keys.DEVICE_LINKS, device_id, conn_id)
-            for (device_id, reason), count in refusals.items():
-                pipe.hincrby(keys.refusals(device_id), reason, count)
-            results = await pipe.execute(raise_on_error=False)
+        written = False
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for device_id, ops in links.items():
+                    for action, conn_id in ops:
+                        if action == "link":
+                            value = orjson.dumps({"node": self.node_id, "conn": conn_id,
+                                                  "since": iso_ms(int(time.time() * 1000))})
+                            pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value,
+                                      self.node_id, conn_id, keys.node_control(""), self._take_over)
+                        else:
+                            pipe.eval(scripts.UNLINK, 1, keys.DEVICE_LINKS, device_id, conn_id)
+                sent = len(pipe)
+                for (device_id, reason), count in refusals.items():
+                    pipe.hincrby(keys.refusals(device_id), reason, count)
+                results = await pipe.execute(raise_on_error=False)
+            written = not any(isinstance(result, Exception) for result in results[:sent])
+        finally:
+            if not written:
+                self._put_back(links)
         errors = [result for result in results if isinstance(result, Exception)]
-        if not any(isinstance(result, Exception) for result in results[: len(ops)]):
-            del self._ops[: len(ops)]
-        for key, result in zip(refusals, results[len(ops):], strict=True):
+        for key, result in zip(refusals, results[sent:], strict=True):
             if not isinstance(result, Exception):
                 self._refusals[key] -= refusals[key]
         self._refusals = +self._refusals
