@@ -124,6 +124,18 @@ async def test_a_link_that_moves_on_every_frame_is_written_once_per_round_trip(
     assert link_scripts_run(client) == 1, "one write for the last word, not 1,000"
 
 
+async def test_a_node_full_of_devices_links_them_all_in_several_writes(
+    client: redis.Redis, registries: Any
+) -> None:
+    registry = registries("node-a")
+    for n in range(2500):  # more than one pipeline's worth (_LINKS_PER_WRITE)
+        registry.link(f"meter-{n}", f"node-a/{n}")
+    registry.unlink("meter-7", "node-a/7")
+    await eventually(lambda: registry.pending == 0 and client.hlen(keys.DEVICE_LINKS) == 2499)
+    assert link_of(client, "meter-7") is None
+    assert (link_of(client, "meter-2499") or {}).get("conn") == "node-a/2499"
+
+
 async def test_an_outage_holds_a_few_link_updates_per_device_and_writes_their_outcome(
     private_redis: RedisServer, registries: Any
 ) -> None:
