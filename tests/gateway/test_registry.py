@@ -184,6 +184,27 @@ async def test_refusals_are_counted_per_device_and_reason(client: redis.Redis, r
     assert not client.exists("fleetlog:refusals:a:b"), "the device id is escaped in the key"
 
 
+async def test_refusals_of_many_devices_during_an_outage_stay_bounded_and_add_up(
+    private_redis: RedisServer, registries: Any
+) -> None:
+    registry = registries("node-a", redis_url=private_redis.url)
+    await asyncio.sleep(0.2)
+    private_redis.stop()
+    for n in range(25_000):  # with --auth none a frame may name any device
+        registry.count_refusal(f"made-up:{n}", "bad_frame")
+    registry.count_refusal("made-up:3", "bad_frame")  # a device already waiting keeps its own
+    assert registry.pending_refusals == 10_000 + 1
+    private_redis.start()
+    client = redis.Redis.from_url(private_redis.url)
+    await eventually(lambda: registry.pending_refusals == 0, timeout=10)
+    counted = {key: int(client.hget(key, "bad_frame") or 0)
+               for key in client.scan_iter(match="fleetlog:refusals:*", count=1000)}
+    assert sum(counted.values()) == 25_001, "every refusal is counted"
+    assert client.hget(keys.refusals("made-up:3"), "bad_frame") == b"2"
+    assert client.hget(keys.refusals(keys.ANONYMOUS), "bad_frame") == b"15000"
+    client.close()
+
+
 async def test_heartbeat_lives_with_the_node(client: redis.Redis, redis_url: str) -> None:
     async_client = connect_async(redis_url, timeout=5.0)
     registry = LinkRegistry(async_client, node_id="node-hb", heartbeat_ttl=1.5,

@@ -60,6 +60,9 @@ _SHOWN = 200
 #: (after an outage every device of a node may have one waiting).
 _LINKS_PER_WRITE = 1000
 
+#: Devices and reasons whose refusal counts may wait to be written (see ``count_refusal``).
+_REFUSAL_KEYS = 10_000
+
 #: A link update: ``("link", connection id)`` or ``("unlink", connection id)``.
 _LinkOp = tuple[str, str]
 
@@ -201,9 +204,24 @@ class LinkRegistry:
         """Link updates waiting to be written."""
         return sum(map(len, self._links.values()))
 
+    @property
+    def pending_refusals(self) -> int:
+        """Refusal counts (per device and reason) waiting to be written."""
+        return len(self._refusals)
+
     def count_refusal(self, device_id: str | None, reason: str) -> None:
-        """Count a refused frame or handshake; ``None`` for an unknown device."""
-        self._refusals[(device_id or keys.ANONYMOUS, reason)] += 1
+        """Count a refused frame or handshake; ``None`` for an unknown device.
+
+        Counts wait per device and reason until they are written; past
+        ``_REFUSAL_KEYS`` waiting (an outage while many devices are refused:
+        with ``--auth none`` a frame may name any id) a new device's count goes
+        to the unknown device's, so the total stays exact and the memory bounded.
+        """
+        refusals = self._refusals
+        key = (device_id or keys.ANONYMOUS, reason)
+        if key not in refusals and len(refusals) >= _REFUSAL_KEYS:
+            key = (keys.ANONYMOUS, reason)
+        refusals[key] += 1
         self._wakeup.set()
 
     async def _write(self) -> None:
