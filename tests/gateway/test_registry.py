@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import redis
 
 from fleetlog import keys
 from fleetlog.embedded import RedisServer
-from fleetlog.gateway.registry import LinkRegistry
+from fleetlog.gateway.registry import _MOVE_INTERVAL, LinkRegistry
 from fleetlog.links import is_online, parse_link
 from fleetlog.queue.connection import connect_async
 
@@ -109,7 +110,7 @@ def link_scripts_run(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
 
 
-async def test_a_link_that_moves_on_every_frame_is_written_once_per_round_trip(
+async def test_a_link_that_moves_on_every_frame_is_written_once_per_interval(
     client: redis.Redis, registries: Any
 ) -> None:
     """--auth none: two connections of one id take its link in turn, frame after frame."""
@@ -120,8 +121,31 @@ async def test_a_link_that_moves_on_every_frame_is_written_once_per_round_trip(
         registry.link("gate:1/a", f"node-a/{frame % 2}")
     assert registry.pending == 1
     await eventually(lambda: (link_of(client, "gate:1/a") or {}).get("conn") == "node-a/1")
-    assert registry.pending == 0
     assert link_scripts_run(client) == 1, "one write for the last word, not 1,000"
+    started = time.monotonic()
+    for frame in range(300):  # moves between two live connections, a frame a millisecond
+        registry.move("gate:1/a", f"node-a/{frame % 2}")
+        await asyncio.sleep(0.001)
+    registry.move("gate:1/a", "node-a/last")
+    took = time.monotonic() - started
+    await eventually(lambda: (link_of(client, "gate:1/a") or {}).get("conn") == "node-a/last")
+    assert registry.pending == 0
+    moves_written = link_scripts_run(client) - 1
+    assert 1 <= moves_written <= took / _MOVE_INTERVAL + 2, (took, moves_written)
+
+
+async def test_a_waiting_move_goes_before_what_comes_after_it(client: redis.Redis, registries: Any) -> None:
+    registry = registries("node-a")
+    registry.link("kiosk/9", "node-a/1")
+    await eventually(lambda: link_of(client, "kiosk/9") is not None)
+    registry.move("kiosk/9", "node-a/2")  # within the interval of the link: it waits
+    assert registry.pending == 1
+    registry.unlink("kiosk/9", "node-a/2")  # then that connection closed: it goes after the move
+    await eventually(lambda: registry.pending == 0)
+    await eventually(lambda: link_of(client, "kiosk/9") is None)
+    registry.move("kiosk/9", "node-a/3")  # long after any write of it: at once, not waiting
+    assert registry.pending == 1
+    await eventually(lambda: (link_of(client, "kiosk/9") or {}).get("conn") == "node-a/3", timeout=1)
 
 
 async def test_a_node_full_of_devices_links_them_all_in_several_writes(

@@ -76,7 +76,9 @@ class Devices(Generic[C]):
         """``--auth none``: ``connection`` sent a frame as ``device_id``: the link is its now.
 
         The connection that held it here is told (so its next frame takes it
-        back); every connection that spoke for the device is remembered, so that
+        back), and the move is written as :meth:`.LinkRegistry.move` says (at
+        most once per interval: two devices with one id take it on every frame);
+        every connection that spoke for the device is remembered, so that
         the loss of one hands the link to another instead of marking the device
         offline while it still has a connection.
         """
@@ -84,10 +86,12 @@ class Devices(Generic[C]):
         claims.pop(connection, None)
         claims[connection] = None  # the latest to speak last
         holder = self._by_device.get(device_id)
+        self._by_device[device_id] = connection
         if holder is not None and holder is not connection:
             holder.linked = False
-        self._by_device[device_id] = connection
-        self._registry.link(device_id, connection.conn_id)
+            self._registry.move(device_id, connection.conn_id)  # may wait: two devices, one id
+        else:
+            self._registry.link(device_id, connection.conn_id)
 
     def unclaim(self, connection: C, device_id: str) -> None:
         """``connection`` no longer speaks for ``device_id`` (it claimed another id, or closed)."""

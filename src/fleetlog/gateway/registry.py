@@ -16,17 +16,19 @@ Link changes and refusal counts are queued and written by one task, each
 device's in order, so a quick connect/disconnect can never be applied
 backwards; while Redis is down, or refuses writes (out of memory, read-only),
 they wait, and are written once it takes them again.  What waits is kept per
-device and only what can still change the outcome (:func:`_queue_link`): a
-device whose link moves on every frame (two connections of one id taking it in
-turn, with ``--auth none``) costs one write per round trip, not one per frame,
-and an outage of an hour holds a few updates per device, not every relink of
-the hour.  Every task here outlives any error: it logs it, backs off and
-carries on (:func:`log_failure`).
+device and only what can still change the outcome (:func:`_queue_link`), so
+an outage of an hour holds a few updates per device, not every relink of the
+hour; and a link that moves between two live connections of this node (with
+``--auth none``, two devices sending as one id take it in turn, frame after
+frame) is written at most once per ``_MOVE_INTERVAL`` (:meth:`LinkRegistry.move`).
+Every task here outlives any error: it logs it, backs off and carries on
+(:func:`log_failure`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -62,6 +64,10 @@ _LINKS_PER_WRITE = 1000
 
 #: Devices and reasons whose refusal counts may wait to be written (see ``count_refusal``).
 _REFUSAL_KEYS = 10_000
+
+#: Seconds within which a device's link, once written, is not written again for a move
+#: between two live connections of this node (:meth:`LinkRegistry.move`).
+_MOVE_INTERVAL = 0.05
 
 #: A link update: ``("link", connection id)`` or ``("unlink", connection id)``.
 _LinkOp = tuple[str, str]
@@ -167,6 +173,14 @@ class LinkRegistry:
         self._take_over = "1" if take_over else "0"
         #: Link updates waiting to be written, per device in order (:func:`_queue_link`).
         self._links: dict[str, list[_LinkOp]] = {}
+        #: Moves waiting out ``_MOVE_INTERVAL``: device -> (connection, when it may go).
+        self._moves: dict[str, tuple[str, float]] = {}
+        #: When (``time.monotonic()``) each device's link was last written, for the devices
+        #: written since ``_written_since`` and in the interval before (two generations:
+        #: what is older no longer holds a move back, and is dropped).
+        self._written: dict[str, float] = {}
+        self._written_before: dict[str, float] = {}
+        self._written_since = 0.0
         self._refusals: Counter[tuple[str, str]] = Counter()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -192,17 +206,66 @@ class LinkRegistry:
         ]
 
     def link(self, device_id: str, conn_id: str) -> None:
-        _queue_link(self._links, device_id, ("link", conn_id))
-        self._wakeup.set()
+        """``conn_id`` speaks for the device now: written at once."""
+        self._queue(device_id, ("link", conn_id))
 
     def unlink(self, device_id: str, conn_id: str) -> None:
-        _queue_link(self._links, device_id, ("unlink", conn_id))
+        """``conn_id`` is gone: the device's link is deleted if it still names it."""
+        self._queue(device_id, ("unlink", conn_id))
+
+    def move(self, device_id: str, conn_id: str) -> None:
+        """The device's link moves to ``conn_id`` from another live connection of this node.
+
+        With ``--auth none`` two devices configured with one id take its link in
+        turn, frame after frame: written each time, that was a Redis script per
+        frame.  A move is written at once unless the device's link was written
+        less than ``_MOVE_INTERVAL`` ago; then the latest move waits out the rest
+        of it, and presence lags that much.  Only moves wait: a first link, a
+        reconnect's and an authenticated take-over are written at once, and any
+        other update of the device goes after the waiting move.
+        """
+        waiting = self._moves.get(device_id)
+        if waiting is not None:  # the latest move waits in its place
+            self._moves[device_id] = (conn_id, waiting[1])
+            return
+        if device_id not in self._links:  # else it goes with what waits
+            written = self._written.get(device_id) or self._written_before.get(device_id)
+            if written is not None and written + _MOVE_INTERVAL > time.monotonic():
+                self._moves[device_id] = (conn_id, written + _MOVE_INTERVAL)
+                self._wakeup.set()  # the writer's next wake-up is due earlier
+                return
+        self._queue(device_id, ("link", conn_id))
+
+    def _queue(self, device_id: str, op: _LinkOp) -> None:
+        moved = self._moves.pop(device_id, None)
+        if moved is not None:  # it goes first, as it came first
+            _queue_link(self._links, device_id, ("link", moved[0]))
+        _queue_link(self._links, device_id, op)
         self._wakeup.set()
+
+    def _release_moves(self, now: float) -> float | None:
+        """Queue the moves whose wait is over; when the next one's is (``None``: none waits)."""
+        due: float | None = None
+        for device_id, (conn_id, at) in list(self._moves.items()):
+            if at <= now or self._closing:
+                del self._moves[device_id]
+                _queue_link(self._links, device_id, ("link", conn_id))
+            elif due is None or at < due:
+                due = at
+        return due
+
+    def _wrote(self, links: dict[str, list[_LinkOp]], now: float) -> None:
+        """Note when the devices of ``links`` were written (see ``_written``)."""
+        if now - self._written_since >= _MOVE_INTERVAL:
+            self._written_before, self._written, self._written_since = self._written, {}, now
+        written = self._written
+        for device_id in links:
+            written[device_id] = now
 
     @property
     def pending(self) -> int:
-        """Link updates waiting to be written."""
-        return sum(map(len, self._links.values()))
+        """Link updates waiting to be written (moves waiting out their interval too)."""
+        return sum(map(len, self._links.values())) + len(self._moves)
 
     @property
     def pending_refusals(self) -> int:
@@ -228,16 +291,22 @@ class LinkRegistry:
         backoff = Backoff(initial=0.1, cap=_MAX_BACKOFF)
         while True:
             _unless_cancelled()
+            due = self._release_moves(time.monotonic()) if self._moves else None
             if not self._links and not self._refusals:
                 if self._closing:
                     return
-                await self._wakeup.wait()
+                if due is None:
+                    await self._wakeup.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), due - time.monotonic())
                 self._wakeup.clear()
                 continue
             links = self._take_links()
             refusals = self._refusals.copy()
             try:
                 await self._write_batch(links, refusals)
+                self._wrote(links, time.monotonic())
                 backoff.reset()
             except Exception as exc:
                 _unless_cancelled()
