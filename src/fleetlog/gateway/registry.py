@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import time
@@ -173,8 +174,10 @@ class LinkRegistry:
         self._take_over = "1" if take_over else "0"
         #: Link updates waiting to be written, per device in order (:func:`_queue_link`).
         self._links: dict[str, list[_LinkOp]] = {}
-        #: Moves waiting out ``_MOVE_INTERVAL``: device -> (connection, when it may go).
+        #: Moves waiting out ``_MOVE_INTERVAL``: device -> (connection, when it may go), and
+        #: the same times in a heap (an entry whose device no longer waits is skipped).
         self._moves: dict[str, tuple[str, float]] = {}
+        self._moves_due: list[tuple[float, str]] = []
         #: When (``time.monotonic()``) each device's link was last written, for the devices
         #: written since ``_written_since`` and in the interval before (two generations:
         #: what is older no longer holds a move back, and is dropped).
@@ -232,7 +235,8 @@ class LinkRegistry:
             written = self._written.get(device_id) or self._written_before.get(device_id)
             if written is not None and written + _MOVE_INTERVAL > time.monotonic():
                 self._moves[device_id] = (conn_id, written + _MOVE_INTERVAL)
-                self._wakeup.set()  # the writer's next wake-up is due earlier
+                heapq.heappush(self._moves_due, (written + _MOVE_INTERVAL, device_id))
+                self._wakeup.set()  # the writer's next wake-up may be due earlier
                 return
         self._queue(device_id, ("link", conn_id))
 
@@ -244,15 +248,16 @@ class LinkRegistry:
         self._wakeup.set()
 
     def _release_moves(self, now: float) -> float | None:
-        """Queue the moves whose wait is over; when the next one's is (``None``: none waits)."""
-        due: float | None = None
-        for device_id, (conn_id, at) in list(self._moves.items()):
-            if at <= now or self._closing:
-                del self._moves[device_id]
-                _queue_link(self._links, device_id, ("link", conn_id))
-            elif due is None or at < due:
-                due = at
-        return due
+        """Queue the moves whose wait is over (all of them once closing); when the next
+        one's is over (``None``: none waits)."""
+        heap, moves = self._moves_due, self._moves
+        while heap and (heap[0][0] <= now or self._closing):
+            at, device_id = heapq.heappop(heap)
+            waiting = moves.get(device_id)
+            if waiting is not None and waiting[1] == at:  # else released already, by _queue
+                del moves[device_id]
+                _queue_link(self._links, device_id, ("link", waiting[0]))
+        return heap[0][0] if heap else None
 
     def _wrote(self, links: dict[str, list[_LinkOp]], now: float) -> None:
         """Note when the devices of ``links`` were written (see ``_written``)."""
@@ -291,7 +296,7 @@ class LinkRegistry:
         backoff = Backoff(initial=0.1, cap=_MAX_BACKOFF)
         while True:
             _unless_cancelled()
-            due = self._release_moves(time.monotonic()) if self._moves else None
+            due = self._release_moves(time.monotonic()) if self._moves_due else None
             if not self._links and not self._refusals:
                 if self._closing:
                     return
