@@ -148,6 +148,28 @@ async def test_a_waiting_move_goes_before_what_comes_after_it(client: redis.Redi
     await eventually(lambda: (link_of(client, "kiosk/9") or {}).get("conn") == "node-a/3", timeout=1)
 
 
+async def test_a_move_never_replaces_a_link_another_node_wrote_since(
+    client: redis.Redis, registries: Any
+) -> None:
+    """A move comes from two connections of this node; a link another node wrote since is
+    the device's newer connection: it stays, even when the move waited out its interval."""
+    a, b = registries("node-a", take_over=False), registries("node-b", take_over=False)
+    a.link("pump/1", "node-a/1")
+    await eventually(lambda: (link_of(client, "pump/1") or {}).get("node") == "node-a")
+    b.link("pump/1", "node-b/1")  # the device connected to node B meanwhile
+    a.move("pump/1", "node-a/2")  # within the interval of A's link: it waits, then finds B's
+    await eventually(lambda: a.pending == 0 and b.pending == 0)
+    await asyncio.sleep(0.2)  # the move's write, had it been made, would be done by now
+    assert (link_of(client, "pump/1") or {}).get("conn") == "node-b/1"
+    a.move("fan/2", "node-a/5")  # nothing stored: the move links
+    await eventually(lambda: (link_of(client, "fan/2") or {}).get("conn") == "node-a/5")
+    b.link("vent/3", "node-b/1")
+    await eventually(lambda: link_of(client, "vent/3") is not None)
+    a.link("vent/3", "node-a/1")  # a link not written yet, then a move: they go as one link
+    a.move("vent/3", "node-a/2")
+    await eventually(lambda: (link_of(client, "vent/3") or {}).get("conn") == "node-a/2")
+
+
 async def test_a_node_full_of_devices_links_them_all_in_several_writes(
     client: redis.Redis, registries: Any
 ) -> None:

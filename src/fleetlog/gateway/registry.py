@@ -70,7 +70,8 @@ _REFUSAL_KEYS = 10_000
 #: between two live connections of this node (:meth:`LinkRegistry.move`).
 _MOVE_INTERVAL = 0.05
 
-#: A link update: ``("link", connection id)`` or ``("unlink", connection id)``.
+#: A link update: ``("link", connection id)``, ``("move", connection id)`` (from another
+#: live connection of this node) or ``("unlink", connection id)``.
 _LinkOp = tuple[str, str]
 
 
@@ -81,15 +82,21 @@ def _queue_link(pending: dict[str, list[_LinkOp]], device_id: str, op: _LinkOp) 
     so it replaces every update of the device still waiting: an unlink before it is
     undone by it, a link before it overwritten.  What a take-over sends is the same
     either way: the field still names the connection Redis last saw, here or on the
-    other node.  An unlink deletes the field only while it names that connection
-    (:data:`~fleetlog.queue.scripts.UNLINK`), so it goes after what waits, once.
+    other node.  A move does the same while the field names this node, and nothing
+    once another node took it: it replaces what waits as well, but a link waiting
+    (not written yet) still must be, so the two go as one link.  An unlink deletes
+    the field only while it names that connection (:data:`~fleetlog.queue.scripts.UNLINK`),
+    so it goes after what waits, once.
     """
-    if op[0] == "link":
+    kind, conn_id = op
+    if kind == "unlink":
+        ops = pending.setdefault(device_id, [])
+        if op not in ops:
+            ops.append(op)
+    elif kind == "move" and any(waiting == "link" for waiting, _ in pending.get(device_id, ())):
+        pending[device_id] = [("link", conn_id)]
+    else:
         pending[device_id] = [op]
-        return
-    ops = pending.setdefault(device_id, [])
-    if op not in ops:
-        ops.append(op)
 
 
 def _shown(data: object) -> str:
@@ -225,7 +232,9 @@ class LinkRegistry:
         less than ``_MOVE_INTERVAL`` ago; then the latest move waits out the rest
         of it, and presence lags that much.  Only moves wait: a first link, a
         reconnect's and an authenticated take-over are written at once, and any
-        other update of the device goes after the waiting move.
+        other update of the device goes after the waiting move.  A move never
+        replaces a link that another node wrote meanwhile (the device's newer
+        connection is there): see :data:`~fleetlog.queue.scripts.LINK`.
         """
         waiting = self._moves.get(device_id)
         if waiting is not None:  # the latest move waits in its place
@@ -238,12 +247,12 @@ class LinkRegistry:
                 heapq.heappush(self._moves_due, (written + _MOVE_INTERVAL, device_id))
                 self._wakeup.set()  # the writer's next wake-up may be due earlier
                 return
-        self._queue(device_id, ("link", conn_id))
+        self._queue(device_id, ("move", conn_id))
 
     def _queue(self, device_id: str, op: _LinkOp) -> None:
         moved = self._moves.pop(device_id, None)
         if moved is not None:  # it goes first, as it came first
-            _queue_link(self._links, device_id, ("link", moved[0]))
+            _queue_link(self._links, device_id, ("move", moved[0]))
         _queue_link(self._links, device_id, op)
         self._wakeup.set()
 
@@ -256,7 +265,7 @@ class LinkRegistry:
             waiting = moves.get(device_id)
             if waiting is not None and waiting[1] == at:  # else released already, by _queue
                 del moves[device_id]
-                _queue_link(self._links, device_id, ("link", waiting[0]))
+                _queue_link(self._links, device_id, ("move", waiting[0]))
         return heap[0][0] if heap else None
 
     def _wrote(self, links: dict[str, list[_LinkOp]], now: float) -> None:
@@ -353,13 +362,14 @@ class LinkRegistry:
             async with self._client.pipeline(transaction=False) as pipe:
                 for device_id, ops in links.items():
                     for action, conn_id in ops:
-                        if action == "link":
-                            value = orjson.dumps({"node": self.node_id, "conn": conn_id,
-                                                  "since": iso_ms(int(time.time() * 1000))})
-                            pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value,
-                                      self.node_id, conn_id, keys.node_control(""), self._take_over)
-                        else:
+                        if action == "unlink":
                             pipe.eval(scripts.UNLINK, 1, keys.DEVICE_LINKS, device_id, conn_id)
+                            continue
+                        value = orjson.dumps({"node": self.node_id, "conn": conn_id,
+                                              "since": iso_ms(int(time.time() * 1000))})
+                        pipe.eval(scripts.LINK, 1, keys.DEVICE_LINKS, device_id, value, self.node_id,
+                                  conn_id, keys.node_control(""), self._take_over,
+                                  "1" if action == "move" else "0")
                 sent = len(pipe)
                 for (device_id, reason), count in refusals.items():
                     pipe.hincrby(keys.refusals(device_id), reason, count)

@@ -385,15 +385,24 @@ return 0
 """
 
 #: KEYS[1] device:links; ARGV[1] device, ARGV[2] link JSON, ARGV[3] this node,
-#: ARGV[4] this connection, ARGV[5] control channel prefix, ARGV[6] '1' to take over.
+#: ARGV[4] this connection, ARGV[5] control channel prefix, ARGV[6] '1' to take over,
+#: ARGV[7] '1' for a move between two connections of this node.
 #: Points the device at this connection; with take-over, tells the node of the
 #: connection it replaces (if another node) to close that one: it publishes
 #: ``{"op": "takeover", "device": <ARGV[1]>, "conn": <the old link's conn>}`` (keys in
 #: any order) on that node's control channel, which the node reads with
 #: :func:`fleetlog.control.parse_control` (the one message of :mod:`fleetlog.control`
-#: built here, in Lua).
+#: built here, in Lua).  A move is made only while the link names this node (or
+#: none): one that another node took since is newer than the move, and stays.
+#: Returns 1 if it linked, 0 if a move found the link taken.
 LINK: Final = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and ARGV[7] == '1' then
+  local ok, link = pcall(cjson.decode, old)
+  if ok and type(link) == 'table' and link['node'] and link['node'] ~= ARGV[3] then
+    return 0
+  end
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if old and ARGV[6] == '1' then
   local ok, link = pcall(cjson.decode, old)
