@@ -185,7 +185,7 @@ class LinkRegistry:
         #: the same times in a heap (an entry whose device no longer waits is skipped).
         self._moves: dict[str, tuple[str, float]] = {}
         self._moves_due: list[tuple[float, str]] = []
-        #: When (``time.monotonic()``) each device's link was last written, for the devices
+        #: When (``time.monotonic()``) each device's link was last sent, for the devices
         #: written since ``_written_since`` and in the interval before (two generations:
         #: what is older no longer holds a move back, and is dropped).
         self._written: dict[str, float] = {}
@@ -228,7 +228,7 @@ class LinkRegistry:
 
         With ``--auth none`` two devices configured with one id take its link in
         turn, frame after frame: written each time, that was a Redis script per
-        frame.  A move is written at once unless the device's link was written
+        frame.  A move is written at once unless the device's link was sent
         less than ``_MOVE_INTERVAL`` ago; then the latest move waits out the rest
         of it, and presence lags that much.  Only moves wait: a first link, a
         reconnect's and an authenticated take-over are written at once, and any
@@ -268,8 +268,8 @@ class LinkRegistry:
                 _queue_link(self._links, device_id, ("move", waiting[0]))
         return heap[0][0] if heap else None
 
-    def _wrote(self, links: dict[str, list[_LinkOp]], now: float) -> None:
-        """Note when the devices of ``links`` were written (see ``_written``)."""
+    def _sent(self, links: dict[str, list[_LinkOp]], now: float) -> None:
+        """Note when the devices of ``links`` were sent to be written (see ``_written``)."""
         if now - self._written_since >= _MOVE_INTERVAL:
             self._written_before, self._written, self._written_since = self._written, {}, now
         written = self._written
@@ -317,10 +317,10 @@ class LinkRegistry:
                 self._wakeup.clear()
                 continue
             links = self._take_links()
+            self._sent(links, time.monotonic())  # a move that comes while they are on the way waits
             refusals = self._refusals.copy()
             try:
                 await self._write_batch(links, refusals)
-                self._wrote(links, time.monotonic())
                 backoff.reset()
             except Exception as exc:
                 _unless_cancelled()
